@@ -1,0 +1,205 @@
+//! The uplink hot path in process: CoAP parse, AES-decrypt and replay check of a 5682 uplink
+//! through the real endpoint and dialect, and group-committed persistence into a real RocksDB.
+//!
+//! `cargo bench --bench uplink`
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use nbhub::clock::Now;
+use nbhub::coap::endpoint::{Actions, Endpoint, EndpointConfig};
+use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
+use nbhub::config::{Config, SyncPolicy};
+use nbhub::dialect::alibaba::Alibaba;
+use nbhub::identity::{DeviceName, ProductKey};
+use nbhub::registry::{NewDevice, NewProduct, Registry};
+use nbhub::store::records::{AckMode, OtaProtocol, PortFamily, SessionRecord};
+use nbhub::store::{Completion, Job, Store, WriterThread};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    registry: Arc<Registry>,
+    writer: nbhub::store::Writer,
+    thread: Option<WriterThread>,
+    /// (token, key) of one 5682 session per device.
+    sessions: Vec<(String, nbhub::auth::cipher::SessionKey, ProductKey, DeviceName)>,
+}
+
+fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::load_with_env(None, Vec::new()).unwrap();
+    config.data_dir = dir.path().to_path_buf();
+    config.store.sync = sync;
+    // the bench measures the path, not flow control
+    config.device.max_per_second = u32::MAX;
+    config.device.max_per_minute = u32::MAX;
+    let config = Arc::new(config);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = Store::open(&dir.path().join("db")).unwrap();
+    let (writer, thread) = WriterThread::start(&store, sync, config.store.max_batch).unwrap();
+    let registry = Arc::new(runtime.block_on(Registry::load(config, store, writer.clone())).unwrap());
+    let pk = ProductKey::new("benchProduct").unwrap();
+    runtime
+        .block_on(registry.create_product(NewProduct {
+            name: "bench".into(),
+            product_key: Some(pk.clone()),
+            product_secret: None,
+            dynamic_registration: false,
+            ota_protocol: OtaProtocol::Pcp,
+            awake_window_s: 20,
+        }))
+        .unwrap();
+    let mut sessions = Vec::new();
+    for i in 0..devices {
+        let dn = DeviceName::new(format!("dev{i}")).unwrap();
+        let device = runtime
+            .block_on(registry.create_device(
+                &pk,
+                NewDevice { device_name: Some(dn.clone()), device_secret: None, node_id: None, psk_hex: None },
+            ))
+            .unwrap();
+        let random = format!("{:016x}", i);
+        let now = nbhub::clock::UnixMs::now();
+        let record = SessionRecord {
+            device_id: device.id,
+            family: PortFamily::Aes,
+            random: Some(random.clone()),
+            seq_offset: 1,
+            ack_mode: AckMode::Piggybacked,
+            created_at: now.0,
+            last_used: now.0,
+            replaced_until: None,
+        };
+        let (token, ops) = registry.open_session(&device, record, now);
+        runtime.block_on(writer.commit(ops)).unwrap();
+        let key = nbhub::auth::cipher::SessionKey::derive(device.secret.expose(), &random);
+        sessions.push((token.as_str().to_string(), key, pk.clone(), dn));
+    }
+    Fixture { _dir: dir, runtime, registry, writer, thread: Some(thread), sessions }
+}
+
+fn uplink(token: &str, key: &nbhub::auth::cipher::SessionKey, pk: &str, dn: &str, mid: u16, seq: u64) -> Vec<u8> {
+    MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes())
+        .option(OptionNumber::URI_PATH, b"topic")
+        .option(OptionNumber::URI_PATH, pk.as_bytes())
+        .option(OptionNumber::URI_PATH, dn.as_bytes())
+        .option(OptionNumber::URI_PATH, b"update")
+        .uint_option(OptionNumber::ACCEPT, 42)
+        .option(OptionNumber::ALI_TOKEN, token.as_bytes())
+        .option(OptionNumber::ALI_SEQ, &key.encrypt_seq(seq))
+        .payload(&key.encrypt(br#"{"temperature":21.5,"humidity":40,"battery":3.61}"#))
+        .build()
+}
+
+fn endpoint(f: &Fixture) -> Endpoint<Alibaba> {
+    Endpoint::new(
+        Alibaba::new(f.registry.clone(), PortFamily::Aes),
+        EndpointConfig {
+            max_payload: 1040,
+            announced_max_payload: 1024,
+            dedup_capacity: 1_000_000,
+            exchange_lifetime: Duration::from_secs(247),
+            ack_timeout: Duration::from_secs(10),
+            max_retransmit: 4,
+            max_pending_writes: usize::MAX,
+        },
+    )
+}
+
+fn bench(c: &mut Criterion) {
+    let mut f = fixture(1000, SyncPolicy::Wal);
+    let (token, key, pk, dn) = f.sessions[0].clone();
+    let sample = uplink(&token, &key, pk.as_str(), dn.as_str(), 1, 2);
+
+    let mut g = c.benchmark_group("uplink");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("coap_parse", |b| b.iter(|| black_box(Message::parse(black_box(&sample)).unwrap().options.len())));
+
+    // Endpoint + dialect: dedup, token lookup, seq and payload decryption, window, ops built.
+    let mut ep = endpoint(&f);
+    let peer: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+    let mut seq = 10u64;
+    let mut mid = 0u16;
+    let mut actions = Actions::default();
+    g.bench_function("handle_aes_uplink", |b| {
+        b.iter_custom(|iters| {
+            // datagrams are prepared outside the timed region
+            let datagrams: Vec<Vec<u8>> = (0..iters)
+                .map(|_| {
+                    seq += 1;
+                    mid = mid.wrapping_add(1);
+                    uplink(&token, &key, pk.as_str(), dn.as_str(), mid, seq)
+                })
+                .collect();
+            let now = Now::read();
+            let start = Instant::now();
+            for d in &datagrams {
+                ep.handle_datagram(now, peer, d, &mut actions);
+                actions.writes.clear();
+                actions.transmits.clear();
+            }
+            start.elapsed()
+        })
+    });
+
+    // Group commit: 1000 uplinks from 1000 devices queued at once, committed, all completions seen.
+    g.throughput(Throughput::Elements(1000));
+    for sync in [SyncPolicy::Wal, SyncPolicy::Fsync] {
+        let mut fx = fixture(1000, sync);
+        let mut ep = endpoint(&fx);
+        let mut seq = 10u64;
+        let mut mid = 0u16;
+        let (sink, mut done) = tokio::sync::mpsc::unbounded_channel();
+        let name = format!("persist_1000_{sync:?}").to_lowercase();
+        g.bench_function(&name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    seq += 1;
+                    let datagrams: Vec<Vec<u8>> = fx
+                        .sessions
+                        .iter()
+                        .map(|(t, k, p, d)| {
+                            mid = mid.wrapping_add(1);
+                            uplink(t, k, p.as_str(), d.as_str(), mid, seq)
+                        })
+                        .collect();
+                    let now = Now::read();
+                    let start = Instant::now();
+                    let mut actions = Actions::default();
+                    for (i, d) in datagrams.iter().enumerate() {
+                        let peer = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5000));
+                        ep.handle_datagram(now, peer, d, &mut actions);
+                    }
+                    let n = actions.writes.len();
+                    for (ticket, ops) in actions.writes.drain(..) {
+                        fx.writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket } });
+                    }
+                    fx.runtime.block_on(async {
+                        for _ in 0..n {
+                            let c: nbhub::store::Committed = done.recv().await.unwrap();
+                            ep.handle_committed(now, c.ticket, c.result, &mut actions);
+                        }
+                    });
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+        fx.thread.take().unwrap().stop();
+    }
+    g.finish();
+    f.thread.take().unwrap().stop();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5)).sample_size(20);
+    targets = bench
+}
+criterion_main!(benches);

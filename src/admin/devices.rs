@@ -1,0 +1,237 @@
+//! `/api/v1/products/{pk}/devices[...]`: devices and the uplinks they sent.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use super::AdminState;
+use super::error::{ApiError, ApiJson};
+use crate::clock::UnixMs;
+use crate::identity::{DeviceName, NodeId, ProductKey, Secret};
+use crate::registry::{Device, DevicePatch, NewDevice, Status};
+use crate::store::MessageId;
+use crate::store::records::Radio;
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/products/{product_key}/devices", get(list).post(create))
+        .route("/products/{product_key}/devices/{device_name}", get(show).patch(update).delete(remove))
+        .route("/products/{product_key}/devices/{device_name}/messages", get(messages))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDevice {
+    device_name: Option<DeviceName>,
+    device_secret: Option<Secret>,
+    node_id: Option<NodeId>,
+    psk_hex: Option<String>,
+}
+
+#[derive(Serialize)]
+struct DeviceCreated {
+    product_key: String,
+    device_name: String,
+    device_secret: String,
+    node_id: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct DeviceView {
+    product_key: String,
+    device_name: String,
+    node_id: Option<String>,
+    status: Status,
+    enabled: bool,
+    last_seen: Option<String>,
+    address: Option<String>,
+    version: Option<String>,
+    radio: Radio,
+}
+
+fn view(d: &Device, state: &AdminState) -> DeviceView {
+    let s = d.state();
+    DeviceView {
+        product_key: d.product_key.to_string(),
+        device_name: d.device_name.to_string(),
+        node_id: d.node_id.as_ref().map(ToString::to_string),
+        status: s.status(UnixMs::now(), &state.registry.config.device),
+        enabled: s.enabled,
+        last_seen: s.last_seen.map(UnixMs::rfc3339),
+        address: s.address.map(|a| a.to_string()),
+        version: None,
+        radio: s.radio.clone(),
+    }
+}
+
+fn device(state: &AdminState, pk: &str, dn: &str) -> Result<std::sync::Arc<Device>, ApiError> {
+    if state.registry.product(pk).is_none() {
+        return Err(ApiError::not_found(format!("product {pk} not found")));
+    }
+    state.registry.device(pk, dn).ok_or_else(|| ApiError::not_found(format!("device {dn} not found in product {pk}")))
+}
+
+async fn create(
+    State(state): State<AdminState>,
+    Path(pk): Path<String>,
+    ApiJson(body): ApiJson<CreateDevice>,
+) -> Result<(StatusCode, Json<DeviceCreated>), ApiError> {
+    let pk = ProductKey::new(pk).map_err(|e| ApiError::not_found(e.to_string()))?;
+    if let Some(psk) = &body.psk_hex {
+        let ok = hex::decode(psk).is_ok_and(|b| (1..=64).contains(&b.len()));
+        if !ok {
+            return Err(ApiError::bad_request("psk_hex must be 1 to 64 bytes written as hex"));
+        }
+    }
+    let d = state
+        .registry
+        .create_device(
+            &pk,
+            NewDevice {
+                device_name: body.device_name,
+                device_secret: body.device_secret,
+                node_id: body.node_id,
+                psk_hex: body.psk_hex.map(|p| p.to_ascii_lowercase()),
+            },
+        )
+        .await?;
+    tracing::info!(product_key = %d.product_key, device_name = %d.device_name, "device created");
+    Ok((
+        StatusCode::CREATED,
+        Json(DeviceCreated {
+            product_key: d.product_key.to_string(),
+            device_name: d.device_name.to_string(),
+            device_secret: d.secret.expose().to_string(),
+            node_id: d.node_id.as_ref().map(ToString::to_string),
+        }),
+    ))
+}
+
+async fn show(State(state): State<AdminState>, Path((pk, dn)): Path<(String, String)>) -> Result<Json<DeviceView>, ApiError> {
+    let d = device(&state, &pk, &dn)?;
+    Ok(Json(view(&d, &state)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateDevice {
+    enabled: Option<bool>,
+    radio: Option<RadioBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RadioBody {
+    rsrp: Option<f64>,
+    sinr: Option<f64>,
+    cell_id: Option<String>,
+}
+
+async fn update(
+    State(state): State<AdminState>,
+    Path((pk, dn)): Path<(String, String)>,
+    ApiJson(body): ApiJson<UpdateDevice>,
+) -> Result<Json<DeviceView>, ApiError> {
+    device(&state, &pk, &dn)?;
+    let radio = match body.radio {
+        Some(r) => {
+            if r.rsrp.is_some_and(|v| !(-160.0..=0.0).contains(&v)) {
+                return Err(ApiError::bad_request("radio.rsrp must be within -160..=0 dBm"));
+            }
+            if r.sinr.is_some_and(|v| !(-30.0..=50.0).contains(&v)) {
+                return Err(ApiError::bad_request("radio.sinr must be within -30..=50 dB"));
+            }
+            if r.cell_id.as_ref().is_some_and(|c| c.is_empty() || c.len() > 64) {
+                return Err(ApiError::bad_request("radio.cell_id must be 1 to 64 characters"));
+            }
+            Some(Radio { rsrp: r.rsrp, sinr: r.sinr, cell_id: r.cell_id })
+        }
+        None => None,
+    };
+    let d = state.registry.update_device(&pk, &dn, DevicePatch { enabled: body.enabled, radio }).await?;
+    Ok(Json(view(&d, &state)))
+}
+
+async fn remove(State(state): State<AdminState>, Path((pk, dn)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    device(&state, &pk, &dn)?;
+    state.registry.delete_device(&pk, &dn).await?;
+    tracing::info!(product_key = pk, device_name = dn, "device deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit.unwrap_or(DEFAULT_PAGE) {
+        l @ 1..=MAX_PAGE => Ok(l),
+        _ => Err(ApiError::bad_request(format!("limit must be within 1..={MAX_PAGE}"))),
+    }
+}
+
+async fn list(
+    State(state): State<AdminState>,
+    Path(pk): Path<String>,
+    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(page) = query?;
+    let limit = page_limit(page.limit)?;
+    if state.registry.product(&pk).is_none() {
+        return Err(ApiError::not_found(format!("product {pk} not found")));
+    }
+    let mut devices = state.registry.devices_of(&pk, page.after.as_deref(), limit + 1);
+    let next = (devices.len() > limit).then(|| {
+        devices.truncate(limit);
+        devices.last().map(|d| d.device_name.to_string())
+    });
+    let views: Vec<DeviceView> = devices.iter().map(|d| view(d, &state)).collect();
+    Ok(Json(serde_json::json!({ "devices": views, "next": next.flatten() })))
+}
+
+#[derive(Serialize)]
+struct MessageView {
+    id: String,
+    topic: String,
+    received_at: String,
+    payload_base64: String,
+}
+
+async fn messages(
+    State(state): State<AdminState>,
+    Path((pk, dn)): Path<(String, String)>,
+    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(page) = query?;
+    let limit = page_limit(page.limit)?;
+    let after = match page.after.as_deref() {
+        None | Some("") => None,
+        Some(a) => Some(MessageId(a.parse().map_err(|_| ApiError::bad_request("after must be a cursor from `next`"))?)),
+    };
+    let d = device(&state, &pk, &dn)?;
+    let store = state.registry.store().clone();
+    let (rows, more) = tokio::task::spawn_blocking(move || store.messages(d.id, after, limit))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let next = if more { rows.last().map(|(id, _)| id.0.to_string()) } else { None };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let messages: Vec<MessageView> = rows
+        .into_iter()
+        .map(|(id, m)| MessageView {
+            id: id.0.to_string(),
+            topic: m.topic,
+            received_at: m.received_at.rfc3339(),
+            payload_base64: b64.encode(&m.payload),
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "messages": messages, "next": next })))
+}

@@ -1,0 +1,84 @@
+//! The admin HTTP API (API.md): products, devices and their messages under `/api/v1` behind a
+//! bearer token, plus `/healthz` and `/metrics` without one.
+
+mod devices;
+pub mod error;
+mod products;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use subtle::ConstantTimeEq;
+
+use crate::registry::Registry;
+use error::ApiError;
+
+/// The published API description (kept beside the handlers it describes).
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub token: Arc<str>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/openapi.json", get(openapi))
+        .merge(products::routes())
+        .merge(devices::routes())
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(state.registry.config.admin.max_body_bytes))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AdminState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if bool::from(t.as_bytes().ct_eq(state.token.as_bytes())) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is wrong").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <admin token>` header",
+        )
+        .into_response(),
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    state.registry.export_gauges();
+    match &state.metrics {
+        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed in this process").into_response(),
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no resource at {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {}", uri.path()))
+}

@@ -1,0 +1,95 @@
+//! `/api/v1/products`: create, read, list.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::AdminState;
+use super::error::{ApiError, ApiJson};
+use crate::identity::{ProductKey, Secret};
+use crate::registry::NewProduct;
+use crate::store::records::{OtaProtocol, ProductRecord};
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/products", get(list).post(create))
+        .route("/products/{product_key}", get(show))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateProduct {
+    name: String,
+    product_key: Option<ProductKey>,
+    product_secret: Option<Secret>,
+    #[serde(default)]
+    dynamic_registration: bool,
+    #[serde(default)]
+    ota_protocol: OtaProtocol,
+    awake_window_s: Option<u32>,
+}
+
+/// The PSM active timer most modules ship with (SPEC §5).
+const DEFAULT_AWAKE_WINDOW_S: u32 = 20;
+
+#[derive(Serialize)]
+pub struct ProductView {
+    product_key: String,
+    product_secret: String,
+    name: String,
+    dynamic_registration: bool,
+    ota_protocol: OtaProtocol,
+    awake_window_s: u32,
+}
+
+impl From<&ProductRecord> for ProductView {
+    fn from(p: &ProductRecord) -> ProductView {
+        ProductView {
+            product_key: p.product_key.to_string(),
+            product_secret: p.product_secret.expose().to_string(),
+            name: p.name.clone(),
+            dynamic_registration: p.dynamic_registration,
+            ota_protocol: p.ota_protocol,
+            awake_window_s: p.awake_window_s,
+        }
+    }
+}
+
+async fn create(
+    State(state): State<AdminState>,
+    ApiJson(body): ApiJson<CreateProduct>,
+) -> Result<(StatusCode, Json<ProductView>), ApiError> {
+    let name = body.name.trim().to_string();
+    if name.is_empty() || name.chars().count() > 128 {
+        return Err(ApiError::bad_request("name must be 1 to 128 characters"));
+    }
+    let awake_window_s = body.awake_window_s.unwrap_or(DEFAULT_AWAKE_WINDOW_S);
+    if !(1..=86_400).contains(&awake_window_s) {
+        return Err(ApiError::bad_request("awake_window_s must be within 1..=86400"));
+    }
+    let product = state
+        .registry
+        .create_product(NewProduct {
+            name,
+            product_key: body.product_key,
+            product_secret: body.product_secret,
+            dynamic_registration: body.dynamic_registration,
+            ota_protocol: body.ota_protocol,
+            awake_window_s,
+        })
+        .await?;
+    tracing::info!(product_key = %product.product_key, "product created");
+    Ok((StatusCode::CREATED, Json(ProductView::from(&*product))))
+}
+
+async fn show(State(state): State<AdminState>, Path(pk): Path<String>) -> Result<Json<ProductView>, ApiError> {
+    let product = state.registry.product(&pk).ok_or_else(|| ApiError::not_found(format!("product {pk} not found")))?;
+    Ok(Json(ProductView::from(&*product)))
+}
+
+async fn list(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let products: Vec<ProductView> = state.registry.products().iter().map(|p| ProductView::from(&**p)).collect();
+    Json(serde_json::json!({ "products": products }))
+}

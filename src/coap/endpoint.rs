@@ -1,0 +1,337 @@
+//! The CoAP server endpoint of one socket, free of I/O and clocks (quinn-proto style): the shell
+//! feeds it datagrams, durable-write completions and timeouts, and carries out the [`Actions`] it
+//! returns. It owns the message layer (types, ids, dedup, RST/4.02 rules, separate responses and
+//! their retransmission); what a request means is up to the [`Resources`] it serves.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use super::dedup::{DedupCache, Seen};
+use super::message::{Code, FormatError, Header, Message, MessageType, empty};
+use super::option::OptionNumber;
+use super::resource::{Outcome, Request, Resources, Response, Undo};
+use crate::clock::Now;
+use crate::store::{MessageId, Op, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Largest request payload on the wire.
+    pub max_payload: usize,
+    /// The payload limit announced in Size1 with 4.13.
+    pub announced_max_payload: usize,
+    pub dedup_capacity: usize,
+    pub exchange_lifetime: Duration,
+    pub ack_timeout: Duration,
+    pub max_retransmit: u32,
+    pub max_pending_writes: usize,
+}
+
+pub struct Transmit {
+    pub peer: SocketAddr,
+    pub data: Bytes,
+}
+
+/// What the shell must do after a call into the endpoint.
+#[derive(Default)]
+pub struct Actions {
+    pub transmits: Vec<Transmit>,
+    /// Writes to commit; report each back with [`Endpoint::handle_committed`] and its ticket.
+    pub writes: Vec<(u64, SmallVec<[Op; 3]>)>,
+}
+
+impl Actions {
+    pub fn is_empty(&self) -> bool {
+        self.transmits.is_empty() && self.writes.is_empty()
+    }
+}
+
+/// Counters the shell exports as metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EndpointStats {
+    pub malformed: u64,
+    pub duplicates: u64,
+    pub retransmissions: u64,
+    pub separate_timeouts: u64,
+    pub pending_full: u64,
+}
+
+/// A request whose response waits for a durable write.
+struct PendingExchange {
+    peer: SocketAddr,
+    mtype: MessageType,
+    mid: u16,
+    token: SmallVec<[u8; 8]>,
+    response: Response,
+    separate: bool,
+    undo: Option<Undo>,
+}
+
+/// A CON we sent (separate response) that the peer has not acknowledged yet.
+struct OutgoingCon {
+    peer: SocketAddr,
+    data: Bytes,
+    attempts: u32,
+    timeout: Duration,
+    next_at: Instant,
+}
+
+pub struct Endpoint<R> {
+    resources: R,
+    config: EndpointConfig,
+    dedup: DedupCache,
+    pending: HashMap<u64, PendingExchange>,
+    next_ticket: u64,
+    outgoing: HashMap<(SocketAddr, u16), OutgoingCon>,
+    /// Retransmission schedule; stale entries (already acknowledged) are skipped when popped.
+    schedule: BinaryHeap<Reverse<(Instant, SocketAddr, u16)>>,
+    next_mid: u16,
+    stats: EndpointStats,
+}
+
+impl<R: Resources> Endpoint<R> {
+    pub fn new(resources: R, config: EndpointConfig) -> Endpoint<R> {
+        Endpoint {
+            dedup: DedupCache::new(config.dedup_capacity, config.exchange_lifetime),
+            resources,
+            config,
+            pending: HashMap::new(),
+            next_ticket: 1,
+            outgoing: HashMap::new(),
+            schedule: BinaryHeap::new(),
+            next_mid: rand::random(),
+            stats: EndpointStats::default(),
+        }
+    }
+
+    pub fn resources(&self) -> &R {
+        &self.resources
+    }
+
+    pub fn take_stats(&mut self) -> (EndpointStats, u64, usize) {
+        (std::mem::take(&mut self.stats), self.dedup.take_evictions(), self.dedup.len())
+    }
+
+    fn fresh_mid(&mut self) -> u16 {
+        self.next_mid = self.next_mid.wrapping_add(1);
+        self.next_mid
+    }
+
+    pub fn handle_datagram(&mut self, now: Now, peer: SocketAddr, data: &[u8], out: &mut Actions) {
+        let msg = match Message::parse(data) {
+            Ok(m) => m,
+            Err(e) => return self.reject_malformed(peer, data, e, out),
+        };
+        match (msg.mtype, msg.code) {
+            // Ping (RFC 7252 §4.3): an Empty CON is answered with RST.
+            (MessageType::Con, Code::EMPTY) => send(out, peer, empty(MessageType::Rst, msg.mid)),
+            (MessageType::Ack | MessageType::Rst, _) => self.handle_ack_or_reset(peer, &msg),
+            (_, code) if code.is_request() => self.handle_request(now, peer, &msg, out),
+            // Responses in CON/NON are not expected here, nor are reserved classes.
+            (MessageType::Con, _) => send(out, peer, empty(MessageType::Rst, msg.mid)),
+            _ => {}
+        }
+    }
+
+    /// A datagram longer than the receive buffer, so far above the payload limit: a CON request
+    /// still gets 4.13 with the limit in Size1, since its header and token are in the part read.
+    pub fn handle_oversized(&mut self, peer: SocketAddr, head: &[u8], out: &mut Actions) {
+        self.stats.malformed += 1;
+        let Some(h) = Header::peek(head) else { return };
+        let tkl = (head[0] & 0x0f) as usize;
+        if h.mtype != MessageType::Con || !h.code.is_request() || tkl > 8 || head.len() < 4 + tkl {
+            return;
+        }
+        let response = Response {
+            size1: Some(self.config.announced_max_payload as u32),
+            ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE)
+        };
+        send(out, peer, response.encode(MessageType::Ack, h.mid, &head[4..4 + tkl], None));
+    }
+
+    fn reject_malformed(&mut self, peer: SocketAddr, data: &[u8], e: FormatError, out: &mut Actions) {
+        self.stats.malformed += 1;
+        tracing::debug!(%peer, error = %e, "malformed datagram");
+        // §4.2: a malformed CON is rejected with a matching RST (4 bytes, never more than we got);
+        // anything else, and anything with an unknown version, is silently dropped.
+        if let Some(h) = Header::peek(data)
+            && h.mtype == MessageType::Con
+        {
+            send(out, peer, empty(MessageType::Rst, h.mid));
+        }
+    }
+
+    fn handle_ack_or_reset(&mut self, peer: SocketAddr, msg: &Message<'_>) {
+        // An ACK or RST matching one of our CONs ends its retransmission.
+        if self.outgoing.remove(&(peer, msg.mid)).is_none() {
+            tracing::trace!(%peer, mid = msg.mid, "ACK/RST for nothing outstanding");
+        }
+    }
+
+    fn handle_request(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, out: &mut Actions) {
+        if let Some(seen) = self.dedup.get(peer, msg.mid, now.instant) {
+            self.stats.duplicates += 1;
+            if let Seen::Answered(bytes) = seen {
+                out.transmits.push(Transmit { peer, data: bytes.clone() });
+            }
+            return;
+        }
+        if let Some(response) = self.check_options(msg) {
+            return self.respond_now(now, peer, msg, response, out);
+        }
+        if msg.mtype == MessageType::Non && msg.options.iter().any(|(n, _)| n.is_critical() && !n.is_recognised()) {
+            return send(out, peer, empty(MessageType::Rst, msg.mid));
+        }
+        let mut path: SmallVec<[&str; 8]> = SmallVec::new();
+        for seg in msg.options_of(OptionNumber::URI_PATH) {
+            match std::str::from_utf8(seg) {
+                Ok(s) => path.push(s),
+                Err(_) => return self.respond_now(now, peer, msg, Response::new(Code::BAD_REQUEST), out),
+            }
+        }
+        if self.pending.len() >= self.config.max_pending_writes {
+            // The store is behind: ask the device to come back rather than queue without bound.
+            self.stats.pending_full += 1;
+            let response = Response { max_age: Some(1), ..Response::new(Code::SERVICE_UNAVAILABLE) };
+            return self.respond_now(now, peer, msg, response, out);
+        }
+        let request = Request { msg, peer, now, path };
+        match self.resources.handle(&request) {
+            Outcome::Respond(response) => self.respond_now(now, peer, msg, response, out),
+            Outcome::Persist { ops, response, separate, undo } => {
+                let separate = separate && msg.mtype == MessageType::Con;
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                if separate {
+                    let ack = Bytes::from(empty(MessageType::Ack, msg.mid));
+                    self.dedup.insert(peer, msg.mid, Seen::Answered(ack.clone()), now.instant);
+                    out.transmits.push(Transmit { peer, data: ack });
+                } else {
+                    self.dedup.insert(peer, msg.mid, Seen::Pending, now.instant);
+                }
+                self.pending.insert(
+                    ticket,
+                    PendingExchange {
+                        peer,
+                        mtype: msg.mtype,
+                        mid: msg.mid,
+                        token: SmallVec::from_slice(msg.token),
+                        response,
+                        separate,
+                        undo,
+                    },
+                );
+                out.writes.push((ticket, ops));
+            }
+        }
+    }
+
+    /// Message-layer checks before any resource sees the request.
+    fn check_options(&self, msg: &Message<'_>) -> Option<Response> {
+        let unknown_critical = msg.options.iter().any(|(n, _)| n.is_critical() && !n.is_recognised());
+        if unknown_critical && msg.mtype == MessageType::Con {
+            // §5.4.1: 4.02 for a CON (a NON is rejected with RST by the caller).
+            return Some(Response::new(Code::BAD_OPTION));
+        }
+        if msg.option(OptionNumber::PROXY_URI).is_some() || msg.option(OptionNumber::PROXY_SCHEME).is_some() {
+            return Some(Response::new(Code::PROXYING_NOT_SUPPORTED));
+        }
+        if msg.payload.len() > self.config.max_payload {
+            return Some(Response {
+                size1: Some(self.config.announced_max_payload as u32),
+                ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE)
+            });
+        }
+        None
+    }
+
+    fn respond_now(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, response: Response, out: &mut Actions) {
+        let (mtype, mid) = match msg.mtype {
+            MessageType::Con => (MessageType::Ack, msg.mid),
+            _ => (MessageType::Non, self.fresh_mid()),
+        };
+        let data = Bytes::from(response.encode(mtype, mid, msg.token, None));
+        self.dedup.insert(peer, msg.mid, Seen::Answered(data.clone()), now.instant);
+        out.transmits.push(Transmit { peer, data });
+    }
+
+    /// A write requested in [`Actions::writes`] is durable (or failed): answer its request.
+    pub fn handle_committed(&mut self, now: Now, ticket: u64, result: Result<Option<MessageId>, StoreError>, out: &mut Actions) {
+        let Some(ex) = self.pending.remove(&ticket) else { return };
+        let (response, message_id) = match result {
+            Ok(id) => (ex.response, id),
+            Err(_) => {
+                if let Some(undo) = ex.undo {
+                    undo();
+                }
+                (Response::new(Code::INTERNAL_SERVER_ERROR), None)
+            }
+        };
+        if ex.separate {
+            let mid = self.fresh_mid();
+            let data = Bytes::from(response.encode(MessageType::Con, mid, &ex.token, message_id));
+            let timeout = self.config.ack_timeout;
+            self.outgoing.insert(
+                (ex.peer, mid),
+                OutgoingCon { peer: ex.peer, data: data.clone(), attempts: 0, timeout, next_at: now.instant + timeout },
+            );
+            self.schedule.push(Reverse((now.instant + timeout, ex.peer, mid)));
+            out.transmits.push(Transmit { peer: ex.peer, data });
+            return;
+        }
+        let (mtype, mid) = match ex.mtype {
+            MessageType::Con => (MessageType::Ack, ex.mid),
+            _ => (MessageType::Non, self.fresh_mid()),
+        };
+        let data = Bytes::from(response.encode(mtype, mid, &ex.token, message_id));
+        self.dedup.answer(ex.peer, ex.mid, data.clone());
+        out.transmits.push(Transmit { peer: ex.peer, data });
+    }
+
+    /// Retransmits unacknowledged CONs with exponential back-off and expires old exchanges.
+    pub fn handle_timeout(&mut self, now: Now, out: &mut Actions) {
+        self.dedup.expire(now.instant);
+        while let Some(Reverse((at, peer, mid))) = self.schedule.peek().copied() {
+            if at > now.instant {
+                break;
+            }
+            self.schedule.pop();
+            let Some(con) = self.outgoing.get_mut(&(peer, mid)) else { continue };
+            if con.next_at != at {
+                continue;
+            }
+            if con.attempts >= self.config.max_retransmit {
+                self.outgoing.remove(&(peer, mid));
+                self.stats.separate_timeouts += 1;
+                continue;
+            }
+            con.attempts += 1;
+            con.timeout *= 2;
+            con.next_at = now.instant + con.timeout;
+            self.stats.retransmissions += 1;
+            out.transmits.push(Transmit { peer: con.peer, data: con.data.clone() });
+            self.schedule.push(Reverse((con.next_at, peer, mid)));
+        }
+    }
+
+    /// When [`Endpoint::handle_timeout`] next has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let retransmit = self.schedule.peek().map(|Reverse((at, _, _))| *at);
+        match (retransmit, self.dedup.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn pending_writes(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+fn send(out: &mut Actions, peer: SocketAddr, data: Vec<u8>) {
+    out.transmits.push(Transmit { peer, data: Bytes::from(data) });
+}

@@ -1,0 +1,310 @@
+//! Typed configuration: the embedded default TOML, optionally overlaid by a file, then by NBHUB_*
+//! environment variables, then validated. Every failure names the key at fault.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::{Table, Value};
+
+/// The embedded default configuration; `nbhub serve` with no arguments runs on exactly this.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub admin: AdminConfig,
+    pub coap: CoapConfig,
+    pub aes: AesConfig,
+    pub auth: AuthConfig,
+    pub device: DeviceConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoapConfig {
+    pub listen: SocketAddr,
+    pub max_payload: usize,
+    pub sockets_per_port: usize,
+    pub dedup_capacity: usize,
+    pub exchange_lifetime_s: u64,
+    pub ack_timeout_ms: u64,
+    pub max_retransmit: u32,
+    pub max_pending_writes: usize,
+}
+
+impl CoapConfig {
+    pub fn exchange_lifetime(&self) -> Duration {
+        Duration::from_secs(self.exchange_lifetime_s)
+    }
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AesConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub token_ttl_s: u64,
+    pub token_grace_s: u64,
+    pub replay_window: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub online_within_s: u64,
+    pub abnormal_within_s: u64,
+    pub max_per_second: u32,
+    pub max_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub sync: SyncPolicy,
+    pub max_batch: usize,
+}
+
+/// How a group-committed batch is made durable before devices see success.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// fsync every batch: survives power loss.
+    Fsync,
+    /// write the WAL without fsync: survives a crash of the process, not of the machine.
+    Wal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Syntax { path: PathBuf, source: toml::de::Error },
+    #[error("config file {path}: unknown key `{key}`")]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The embedded defaults, overlaid by `file` when given, then by the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: Table = DEFAULT_TOML.parse().expect("embedded default config is valid TOML");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let overlay: Table = text
+                .parse()
+                .map_err(|source| ConfigError::Syntax { path: path.into(), source })?;
+            overlay_table(&mut table, overlay, "")
+                .map_err(|key| ConfigError::UnknownKey { path: path.into(), key })?;
+        }
+        apply_env(&mut table, env)?;
+        let config: Config = Config::deserialize(Value::Table(table))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir must not be empty".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
+            return bad(format!("log = {:?} is not a valid tracing filter", self.log));
+        }
+        if !(16..=65000).contains(&self.coap.max_payload) {
+            return bad(format!("coap.max_payload = {} must be within 16..=65000", self.coap.max_payload));
+        }
+        if !(1..=64).contains(&self.coap.sockets_per_port) {
+            return bad(format!("coap.sockets_per_port = {} must be within 1..=64", self.coap.sockets_per_port));
+        }
+        if self.coap.dedup_capacity < 1 {
+            return bad("coap.dedup_capacity must be at least 1".into());
+        }
+        if self.coap.ack_timeout_ms < 100 {
+            return bad(format!("coap.ack_timeout_ms = {} must be at least 100", self.coap.ack_timeout_ms));
+        }
+        if self.coap.max_retransmit > 20 {
+            return bad(format!("coap.max_retransmit = {} must be at most 20", self.coap.max_retransmit));
+        }
+        if self.coap.max_pending_writes < 1 {
+            return bad("coap.max_pending_writes must be at least 1".into());
+        }
+        let w = self.auth.replay_window;
+        if w == 0 || w % 64 != 0 || w > 65536 {
+            return bad(format!("auth.replay_window = {w} must be a multiple of 64 within 64..=65536"));
+        }
+        if self.auth.token_ttl_s == 0 {
+            return bad("auth.token_ttl_s must be positive".into());
+        }
+        if self.device.online_within_s == 0 || self.device.abnormal_within_s <= self.device.online_within_s {
+            return bad("device.abnormal_within_s must be greater than device.online_within_s > 0".into());
+        }
+        if self.device.max_per_second == 0 || self.device.max_per_minute == 0 {
+            return bad("device.max_per_second and device.max_per_minute must be positive".into());
+        }
+        if !(1..=1_000_000).contains(&self.store.max_batch) {
+            return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));
+        }
+        Ok(())
+    }
+}
+
+/// Overlays `overlay` onto `base`; every key must already exist in `base` (the defaults name every
+/// key), so a typo is an error and not silently ignored. Returns the offending dotted key.
+fn overlay_table(base: &mut Table, overlay: Table, prefix: &str) -> Result<(), String> {
+    for (key, value) in overlay {
+        let dotted = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(b)), Value::Table(o)) => overlay_table(b, o, &dotted)?,
+            (Some(slot), value) => *slot = value,
+            (None, _) => return Err(dotted),
+        }
+    }
+    Ok(())
+}
+
+/// `NBHUB_<KEY>` sets a top-level key, `NBHUB_<SECTION>_<KEY>` a key of a section. Values are read
+/// as the type the default has, so `NBHUB_COAP_MAX_PAYLOAD=2048` is an integer.
+fn apply_env(table: &mut Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    for (var, raw) in env {
+        let Some(name) = var.strip_prefix("NBHUB_") else { continue };
+        let name = name.to_ascii_lowercase();
+        let slot = locate(table, &name);
+        let Some(slot) = slot else {
+            // Variables for the CLI (NBHUB_ADMIN_URL) share the prefix; they are not config keys.
+            continue;
+        };
+        *slot = typed_like(slot, &raw).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+    }
+    Ok(())
+}
+
+fn locate<'a>(table: &'a mut Table, name: &str) -> Option<&'a mut Value> {
+    if matches!(table.get(name), Some(v) if !v.is_table()) {
+        return table.get_mut(name);
+    }
+    let (section, key) = table
+        .iter()
+        .filter(|(_, v)| v.is_table())
+        .find_map(|(section, v)| {
+            let key = name.strip_prefix(section.as_str())?.strip_prefix('_')?;
+            v.as_table()?.contains_key(key).then(|| (section.clone(), key.to_string()))
+        })?;
+    table.get_mut(&section)?.as_table_mut()?.get_mut(&key)
+}
+
+fn typed_like(current: &Value, raw: &str) -> Result<Value, String> {
+    Ok(match current {
+        Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| format!("{raw:?} is not an integer"))?),
+        Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| format!("{raw:?} is not a number"))?),
+        Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| format!("{raw:?} is not true or false"))?),
+        _ => Value::String(raw.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ports() {
+        let c = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(c.coap.listen.port(), 5683);
+        assert_eq!(c.aes.listen.port(), 5682);
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.store.sync, SyncPolicy::Fsync);
+    }
+
+    #[test]
+    fn env_overrides_use_the_spec_names() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("NBHUB_DATA_DIR", "/tmp/x"),
+                ("NBHUB_ADMIN_LISTEN", "127.0.0.1:9"),
+                ("NBHUB_ADMIN_TOKEN", "t"),
+                ("NBHUB_COAP_LISTEN", "127.0.0.1:1"),
+                ("NBHUB_AES_LISTEN", "127.0.0.1:2"),
+                ("NBHUB_LOG", "debug"),
+                ("NBHUB_COAP_MAX_PAYLOAD", "2048"),
+                ("NBHUB_STORE_SYNC", "wal"),
+                ("NBHUB_ADMIN_URL", "ignored: a CLI variable"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.admin.listen.port(), 9);
+        assert_eq!(c.admin.token, "t");
+        assert_eq!(c.coap.listen.port(), 1);
+        assert_eq!(c.aes.listen.port(), 2);
+        assert_eq!(c.log, "debug");
+        assert_eq!(c.coap.max_payload, 2048);
+        assert_eq!(c.store.sync, SyncPolicy::Wal);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::load_with_env(None, env(&[("NBHUB_COAP_MAX_PAYLOAD", "lots")])).unwrap_err();
+        assert!(e.to_string().contains("NBHUB_COAP_MAX_PAYLOAD"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NBHUB_AUTH_REPLAY_WINDOW", "100")])).unwrap_err();
+        assert!(e.to_string().contains("auth.replay_window"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NBHUB_ADMIN_LISTEN", "nowhere")])).unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn file_overlay_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[coap]\nmax_paylod = 5\n").unwrap();
+        let e = Config::load_with_env(Some(&path), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("coap.max_paylod"), "{e}");
+        std::fs::write(&path, "[coap]\nmax_payload = 512\n").unwrap();
+        assert_eq!(Config::load_with_env(Some(&path), env(&[])).unwrap().coap.max_payload, 512);
+    }
+}

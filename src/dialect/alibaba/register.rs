@@ -1,0 +1,66 @@
+//! `POST /auth/register/device` (SPEC §3.5): a device that knows only its product's secret gets
+//! its DeviceSecret, once, if the product allows dynamic registration.
+
+use smallvec::smallvec;
+
+use super::auth::{encode_reply, negotiate};
+use super::{Alibaba, admit, body};
+use crate::auth::sign::{SignMethod, register_content};
+use crate::coap::message::Code;
+use crate::coap::resource::{Outcome, Request};
+use crate::store::Op;
+use crate::telemetry::metric;
+
+fn refuse(code: Code, reason: &'static str) -> Outcome {
+    metrics::counter!(metric::AUTH, "result" => reason, "kind" => "register").increment(1);
+    Outcome::code(code)
+}
+
+impl Alibaba {
+    pub(super) fn register(&self, req: &Request<'_, '_>) -> Outcome {
+        let (cf, accept) = match negotiate(req) {
+            Ok(v) => v,
+            Err(o) => return o,
+        };
+        let Ok(fields) = body::parse(cf, req.msg.payload) else { return refuse(Code::BAD_REQUEST, "bad_body") };
+        let field = |k: &str| fields.get(k).map(String::as_str);
+        let (Some(pk), Some(dn), Some(random), Some(sign)) =
+            (field("productKey"), field("deviceName"), field("random"), field("sign"))
+        else {
+            return refuse(Code::BAD_REQUEST, "missing_field");
+        };
+        let Some(method) = field("signmethod").map_or(Some(SignMethod::HmacSha256), SignMethod::parse) else {
+            return refuse(Code::BAD_REQUEST, "bad_signmethod");
+        };
+        let Some(product) = self.registry.product(pk) else { return refuse(Code::UNAUTHORIZED, "unknown_product") };
+        let content = register_content(pk, dn, random);
+        if !method.verify(product.product_secret.expose().as_bytes(), content.as_bytes(), sign) {
+            return refuse(Code::UNAUTHORIZED, "bad_signature");
+        }
+        if !product.dynamic_registration {
+            return refuse(Code::FORBIDDEN, "registration_disabled");
+        }
+        let Some(device) = self.registry.device(pk, dn) else { return refuse(Code::FORBIDDEN, "unknown_device") };
+        {
+            let mut state = device.state();
+            if !state.enabled || state.activated() {
+                return refuse(Code::FORBIDDEN, "already_activated");
+            }
+            if let Err(o) = admit(&mut state, req, &self.registry) {
+                return o;
+            }
+            // Reserved now so a concurrent request cannot get the secret too.
+            state.registered = true;
+        }
+        metrics::counter!(metric::AUTH, "result" => "ok", "kind" => "register").increment(1);
+        tracing::info!(product_key = pk, device_name = dn, peer = %req.peer, "device registered dynamically");
+        let secret = device.secret.expose().to_string();
+        let undo_device = device.clone();
+        Outcome::Persist {
+            ops: smallvec![Op::PutDevice(device.record())],
+            response: encode_reply(accept, serde_json::json!({ "deviceSecret": secret })),
+            separate: false,
+            undo: Some(Box::new(move || undo_device.state().registered = false)),
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `POST /topic/<topic>` uplinks (SPEC §3.2): token from option 2088, 61 or `?token=`; on 5682 the
+//! seq in option 2089 and the payload are AES-encrypted. Answered 2.04 with option 2090 (the stored
+//! message id) once the uplink is durable.
+
+use smallvec::smallvec;
+
+use super::{Alibaba, admit};
+use crate::auth::replay::Verdict;
+use crate::coap::message::Code;
+use crate::coap::option::OptionNumber;
+use crate::coap::resource::{Outcome, Request, Response};
+use crate::identity::{DeviceName, ProductKey, Token};
+use crate::registry::{Lookup, SeqOutcome};
+use crate::store::Op;
+use crate::store::records::{AckMode, PortFamily, PresenceRecord};
+
+/// The token as sent: options win over the query, 2088 over 61 (both exist in the field).
+fn token<'a>(req: &'a Request<'_, '_>) -> Option<&'a [u8]> {
+    req.msg
+        .option(OptionNumber::ALI_TOKEN)
+        .or_else(|| req.msg.option(OptionNumber::ALI_TOKEN_61))
+        .or_else(|| req.query("token"))
+}
+
+/// Whether `segments` (after `topic`) name a topic of this device (SPEC §3.2):
+/// `/{pk}/{dn}/…`, `/sys/{pk}/{dn}/…`, `/ota/device/{inform|progress|request}/{pk}/{dn}`.
+pub fn owns_topic(pk: &ProductKey, dn: &DeviceName, segments: &[&str]) -> bool {
+    let (pk, dn) = (pk.as_str(), dn.as_str());
+    match segments {
+        [p, d, rest @ ..] if *p == pk && *d == dn => !rest.is_empty() && rest.iter().all(|s| !s.is_empty()),
+        ["sys", p, d, rest @ ..] if *p == pk && *d == dn => !rest.is_empty() && rest.iter().all(|s| !s.is_empty()),
+        ["ota", "device", "inform" | "progress" | "request", p, d] => *p == pk && *d == dn,
+        _ => false,
+    }
+}
+
+impl Alibaba {
+    pub(super) fn topic(&self, req: &Request<'_, '_>) -> Outcome {
+        let Some(token) = token(req) else { return Outcome::code(Code::UNAUTHORIZED) };
+        let now = req.now.wall;
+        let session = match self.registry.sessions.lookup(token, now) {
+            Lookup::Valid(s) if s.family == self.family => s,
+            _ => return Outcome::code(Code::UNAUTHORIZED),
+        };
+        let device = &session.device;
+        if !device.state().enabled {
+            return Outcome::code(Code::FORBIDDEN);
+        }
+        let segments = &req.path[1..];
+        if !owns_topic(&device.product_key, &device.device_name, segments) {
+            return Outcome::code(Code::FORBIDDEN);
+        }
+        let (seq, payload) = match (&session.key, self.family) {
+            (Some(key), PortFamily::Aes) => {
+                let seq = match req.msg.option(OptionNumber::ALI_SEQ) {
+                    Some(opt) => match key.decrypt_seq(opt) {
+                        Some(seq) if seq >= session.seq_offset => Some(seq),
+                        _ => return Outcome::code(Code::BAD_REQUEST),
+                    },
+                    // Link SDK 4.x omits 2089 on empty payloads; nothing else may.
+                    None if req.msg.payload.is_empty() => None,
+                    None => return Outcome::code(Code::BAD_REQUEST),
+                };
+                let payload = if req.msg.payload.is_empty() {
+                    Vec::new()
+                } else {
+                    match key.decrypt(req.msg.payload) {
+                        Ok(p) => p,
+                        Err(_) => return Outcome::code(Code::BAD_REQUEST),
+                    }
+                };
+                if payload.len() > self.registry.config.coap.max_payload {
+                    let max = self.registry.config.coap.max_payload as u32;
+                    return Outcome::Respond(Response { size1: Some(max), ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE) });
+                }
+                if let Some(seq) = seq
+                    && self.registry.sessions.check_seq(token, seq) != Verdict::Fresh
+                {
+                    // 4.00, not 4.01: a 4.01 would send the device back to /auth (SPEC §3.2).
+                    return Outcome::code(Code::BAD_REQUEST);
+                }
+                (seq, payload)
+            }
+            _ => (None, req.msg.payload.to_vec()),
+        };
+        {
+            let mut state = device.state();
+            if let Err(o) = admit(&mut state, req, &self.registry) {
+                return o;
+            }
+        }
+        let touch = match self.registry.sessions.accept(token, seq, now) {
+            SeqOutcome::Accepted { touch } => touch,
+            SeqOutcome::Replayed => return Outcome::code(Code::BAD_REQUEST),
+            SeqOutcome::Invalid => return Outcome::code(Code::UNAUTHORIZED),
+        };
+        {
+            let mut state = device.state();
+            state.last_seen = Some(now);
+            state.address = Some(req.peer);
+        }
+        let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
+        for s in segments {
+            topic.push('/');
+            topic.push_str(s);
+        }
+        let mut ops = smallvec![
+            Op::Uplink { device: device.id, received_at: now, topic, payload },
+            Op::Presence { device: device.id, record: PresenceRecord { last_seen: now, address: Some(req.peer) } },
+        ];
+        if seq.is_some() || touch.is_some() {
+            let token = Token::from_bytes(token).expect("a token that was found is well-formed");
+            if let Some(seq) = seq {
+                ops.push(Op::SeenSeq { token: token.clone(), window: self.registry.config.auth.replay_window, seq });
+            }
+            if let Some(record) = touch {
+                ops.push(Op::PutSession { token, record });
+            }
+        }
+        Outcome::Persist {
+            ops,
+            response: Response { with_message_id: true, ..Response::new(Code::CHANGED) },
+            separate: session.ack_mode == AckMode::Separate,
+            undo: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_ownership() {
+        let pk = ProductKey::new("pk1").unwrap();
+        let dn = DeviceName::new("dev").unwrap();
+        let ok = |s: &[&str]| owns_topic(&pk, &dn, s);
+        assert!(ok(&["pk1", "dev", "update"]));
+        assert!(ok(&["pk1", "dev", "user", "data"]));
+        assert!(ok(&["sys", "pk1", "dev", "thing", "deviceinfo", "update"]));
+        assert!(ok(&["ota", "device", "inform", "pk1", "dev"]));
+        assert!(!ok(&["pk1", "dev"]));
+        assert!(!ok(&["pk1", "other", "update"]));
+        assert!(!ok(&["pk2", "dev", "update"]));
+        assert!(!ok(&["sys", "pk1", "dev"]));
+        assert!(!ok(&["ota", "device", "upgrade", "pk1", "dev"]));
+        assert!(!ok(&["pk1", "dev", ""]));
+        assert!(!ok(&[]));
+    }
+}

@@ -1,0 +1,3 @@
+//! Device-facing protocols served over the CoAP endpoint.
+
+pub mod alibaba;

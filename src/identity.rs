@@ -1,0 +1,193 @@
+//! The names things have: products, devices, secrets, tokens. Each type validates on construction
+//! so the rest of the server never handles an unchecked identifier.
+
+use std::borrow::Borrow;
+use std::fmt;
+
+use rand::RngExt;
+
+const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+fn random_string(len: usize) -> String {
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALNUM[rng.random_range(0..ALNUM.len())] as char).collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} is invalid: {rule}")]
+pub struct InvalidIdentifier {
+    pub what: &'static str,
+    pub value: String,
+    pub rule: &'static str,
+}
+
+macro_rules! identifier {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $rule:literal, $valid:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Result<$name, InvalidIdentifier> {
+                let value = value.into();
+                let valid: fn(&str) -> bool = $valid;
+                if valid(&value) {
+                    Ok($name(value))
+                } else {
+                    Err(InvalidIdentifier { what: $what, value, rule: $rule })
+                }
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+fn name_chars(s: &str, min: usize, max: usize, extra: &[u8]) -> bool {
+    (min..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+}
+
+identifier!(
+    /// Identifies a product; 11 alphanumeric characters when generated.
+    ProductKey, "product key", "1 to 32 characters of A-Z a-z 0-9 _ -",
+    |s| name_chars(s, 1, 32, b"_-")
+);
+identifier!(
+    /// Unique within a product (Alibaba's rule: letters, digits and - _ @ . :).
+    DeviceName, "device name", "1 to 64 characters of A-Z a-z 0-9 - _ @ . :",
+    |s| name_chars(s, 1, 64, b"-_@.:")
+);
+identifier!(
+    /// Huawei-style node id (usually the 15-digit IMEI), unique across the instance.
+    NodeId, "node id", "1 to 64 characters of A-Z a-z 0-9 - _",
+    |s| name_chars(s, 1, 64, b"-_")
+);
+
+impl ProductKey {
+    pub fn generate() -> ProductKey {
+        ProductKey(random_string(11))
+    }
+}
+
+impl DeviceName {
+    pub fn generate() -> DeviceName {
+        DeviceName(random_string(20))
+    }
+}
+
+/// A secret shared with a device or product. Never printed: `Debug` hides it.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Result<Secret, InvalidIdentifier> {
+        let value = value.into();
+        if (1..=128).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(Secret(value))
+        } else {
+            Err(InvalidIdentifier { what: "secret", value: String::new(), rule: "1 to 128 printable ASCII characters" })
+        }
+    }
+    /// DeviceSecrets are 32 characters, ProductSecrets 16 (as Alibaba issues them).
+    pub fn generate(len: usize) -> Secret {
+        Secret(random_string(len))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Internal compact device number: the prefix of its message keys, so a device's messages are
+/// one contiguous range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct DeviceId(pub u64);
+
+/// Opaque session token handed out by `/auth` (32 hex characters, 128 random bits).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Token(Box<[u8]>);
+
+impl Token {
+    pub fn generate() -> Token {
+        let bytes: [u8; 16] = rand::random();
+        Token(hex::encode(bytes).into_bytes().into_boxed_slice())
+    }
+    /// A token as found on the wire or in the store (at most 64 bytes, per SPEC §3.1).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Token> {
+        (!bytes.is_empty() && bytes.len() <= 64).then(|| Token(bytes.into()))
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("<binary>")
+    }
+}
+
+impl Borrow<[u8]> for Token {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    /// Tokens are credentials: only a prefix is ever shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = &self.as_str()[..self.0.len().min(6)];
+        write!(f, "Token({shown}..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(ProductKey::new("a1B2c3D4e5F").is_ok());
+        assert!(ProductKey::new("").is_err());
+        assert!(ProductKey::new("a b").is_err());
+        assert!(DeviceName::new("dev-1@site.a:2").is_ok());
+        assert!(DeviceName::new("x".repeat(65)).is_err());
+        assert!(NodeId::new("861234567890123").is_ok());
+        assert!(Secret::new("with space").is_err());
+        assert_eq!(ProductKey::generate().as_str().len(), 11);
+        assert_eq!(Secret::generate(32).expose().len(), 32);
+    }
+
+    #[test]
+    fn secrets_and_tokens_do_not_leak_through_debug() {
+        let s = Secret::new("topsecret").unwrap();
+        assert!(!format!("{s:?}").contains("topsecret"));
+        let t = Token::generate();
+        assert_eq!(t.as_bytes().len(), 32);
+        assert!(!format!("{t:?}").contains(t.as_str()));
+    }
+}

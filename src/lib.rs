@@ -1,0 +1,182 @@
+//! nbhub: a CoAP ingestion server for sleepy cellular devices. This file wires the parts together
+//! (store, registry, listeners, admin API) and knows nothing of any protocol.
+
+pub mod admin;
+pub mod auth;
+pub mod client;
+pub mod clock;
+pub mod coap;
+pub mod config;
+pub mod dialect;
+pub mod identity;
+pub mod registry;
+pub mod store;
+pub mod telemetry;
+pub mod transport;
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use coap::endpoint::{Endpoint, EndpointConfig};
+use config::Config;
+use dialect::alibaba::Alibaba;
+use registry::Registry;
+use store::records::PortFamily;
+use store::{Store, StoreError, WriterThread};
+
+/// File in the data directory naming the bound addresses (useful with port 0).
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let context = context.into();
+    move |source| ServeError::Io { context, source }
+}
+
+/// The addresses the server actually bound.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    pub coap: SocketAddr,
+    pub aes: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Runs the server until `shutdown` resolves, then stops gracefully: no new datagrams are read,
+/// writes in flight are committed and answered, the WAL is synced.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let data_dir = config.data_dir.clone();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data_dir)
+        .map_err(io_err(format!("cannot create data directory {}", data_dir.display())))?;
+    let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
+
+    let store = Store::open(&data_dir.join("db"))?;
+    let (writer, writer_thread) = WriterThread::start(&store, config.store.sync, config.store.max_batch)?;
+    let registry = Arc::new(Registry::load(config.clone(), store, writer.clone()).await?);
+    let admin_token = admin_token(&config, &data_dir)?;
+    let metrics = telemetry::init_metrics();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let coap = spawn_port(&mut tasks, &registry, &writer, config.coap.listen, PortFamily::Plain, "coap", &stop_rx)?;
+    let aes = spawn_port(&mut tasks, &registry, &writer, config.aes.listen, PortFamily::Aes, "aes", &stop_rx)?;
+
+    let listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(io_err(format!("cannot listen for the admin API on {}", config.admin.listen)))?;
+    let admin = listener.local_addr().map_err(io_err("admin listener"))?;
+    let router = admin::router(admin::AdminState { registry: registry.clone(), token: admin_token.into(), metrics });
+    let mut admin_stop = stop_rx.clone();
+    tasks.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.changed().await;
+            })
+            .await
+    });
+
+    let endpoints = Endpoints { coap, aes, admin };
+    write_endpoints(&data_dir, &endpoints)?;
+    tracing::info!(%coap, %aes, %admin, data_dir = %data_dir.display(), "nbhub is serving");
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        Some(r) = tasks.join_next() => tracing::error!(result = ?r, "a listener stopped unexpectedly; shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "listener ended with an error");
+        }
+    }
+    drop(registry);
+    tokio::task::spawn_blocking(move || writer_thread.stop()).await.ok();
+    let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn_port(
+    tasks: &mut tokio::task::JoinSet<std::io::Result<()>>,
+    registry: &Arc<Registry>,
+    writer: &store::Writer,
+    listen: SocketAddr,
+    family: PortFamily,
+    label: &'static str,
+    stop: &watch::Receiver<bool>,
+) -> Result<SocketAddr, ServeError> {
+    let c = &registry.config.coap;
+    // AES ciphertext is up to one block longer than the plaintext the limit applies to.
+    let cipher_slack = if family == PortFamily::Aes { 16 } else { 0 };
+    let endpoint_config = EndpointConfig {
+        max_payload: c.max_payload + cipher_slack,
+        announced_max_payload: c.max_payload,
+        dedup_capacity: (c.dedup_capacity / c.sockets_per_port).max(1),
+        exchange_lifetime: c.exchange_lifetime(),
+        ack_timeout: c.ack_timeout(),
+        max_retransmit: c.max_retransmit,
+        max_pending_writes: c.max_pending_writes,
+    };
+    // Room for the largest acceptable request plus headers and options; anything longer is
+    // reported truncated and answered 4.13.
+    let recv_slot = (c.max_payload + cipher_slack + 1024).max(1500);
+    let sockets = transport::udp::bind(listen, c.sockets_per_port).map_err(io_err(format!("cannot bind {label} on {listen}")))?;
+    let bound = sockets[0].local_addr().map_err(io_err("socket address"))?;
+    for socket in sockets {
+        let endpoint = Endpoint::new(Alibaba::new(registry.clone(), family), endpoint_config.clone());
+        tasks.spawn(transport::udp::serve(socket, endpoint, writer.clone(), recv_slot, label, stop.clone()));
+    }
+    Ok(bound)
+}
+
+/// The configured token, else the one stored in the data directory, else a new one stored there
+/// with mode 0600. Only the file's path is ever logged.
+fn admin_token(config: &Config, data_dir: &Path) -> Result<String, ServeError> {
+    if !config.admin.token.is_empty() {
+        return Ok(config.admin.token.clone());
+    }
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => {
+            tracing::info!(path = %path.display(), "admin token read from file");
+            return Ok(t.trim().to_string());
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("cannot read {}", path.display()))(e)),
+    }
+    let token = hex::encode(rand::random::<[u8; 24]>());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(format!("cannot create {}", path.display())))?;
+    writeln!(f, "{token}").map_err(io_err(format!("cannot write {}", path.display())))?;
+    tracing::info!(path = %path.display(), "generated an admin token");
+    Ok(token)
+}
+
+fn write_endpoints(data_dir: &Path, e: &Endpoints) -> Result<(), ServeError> {
+    let tmp: PathBuf = data_dir.join(format!("{ENDPOINTS_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(e).expect("serialisable")).map_err(io_err("cannot write endpoints file"))?;
+    std::fs::rename(&tmp, data_dir.join(ENDPOINTS_FILE)).map_err(io_err("cannot write endpoints file"))
+}

@@ -1,0 +1,223 @@
+//! `nbhub`: the server (`nbhub serve`) and admin helpers that call its HTTP API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use nbhub::client::AdminClient;
+use nbhub::config::Config;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "nbhub", version, about = "CoAP ingestion server for sleepy NB-IoT / LTE-M devices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (embedded default config unless --config is given; NBHUB_* overrides apply).
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage products.
+    Product {
+        #[command(subcommand)]
+        action: ProductAction,
+    },
+    /// Manage devices.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
+    /// Show a device's stored uplinks, oldest first.
+    Messages {
+        #[command(flatten)]
+        api: Api,
+        product_key: String,
+        device_name: String,
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// Where the admin API is and how to authenticate to it.
+#[derive(Args)]
+struct Api {
+    #[arg(long, env = "NBHUB_ADMIN_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    admin_url: String,
+    /// Defaults to the contents of <data dir>/admin-token.
+    #[arg(long, env = "NBHUB_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    #[arg(long, env = "NBHUB_DATA_DIR", default_value = "./data", global = true)]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ProductAction {
+    Create {
+        #[command(flatten)]
+        api: Api,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        product_key: Option<String>,
+        #[arg(long)]
+        dynamic_registration: bool,
+        #[arg(long, value_parser = ["pcp", "none"])]
+        ota_protocol: Option<String>,
+        #[arg(long)]
+        awake_window_s: Option<u32>,
+    },
+    Show {
+        #[command(flatten)]
+        api: Api,
+        product_key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    Create {
+        #[command(flatten)]
+        api: Api,
+        product_key: String,
+        #[arg(long)]
+        device_name: Option<String>,
+        #[arg(long)]
+        device_secret: Option<String>,
+        #[arg(long)]
+        node_id: Option<String>,
+        #[arg(long)]
+        psk_hex: Option<String>,
+    },
+    Show {
+        #[command(flatten)]
+        api: Api,
+        product_key: String,
+        device_name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Product { action } => helper(|| match action {
+            ProductAction::Create { api, name, product_key, dynamic_registration, ota_protocol, awake_window_s } => {
+                let mut body = json!({ "name": name, "dynamic_registration": dynamic_registration });
+                insert(&mut body, "product_key", product_key);
+                insert(&mut body, "ota_protocol", ota_protocol);
+                insert(&mut body, "awake_window_s", awake_window_s);
+                Ok(client(&api)?.post("/api/v1/products", &body)?)
+            }
+            ProductAction::Show { api, product_key } => Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}"))?),
+        }),
+        Command::Device { action } => helper(|| match action {
+            DeviceAction::Create { api, product_key, device_name, device_secret, node_id, psk_hex } => {
+                let mut body = json!({});
+                insert(&mut body, "device_name", device_name);
+                insert(&mut body, "device_secret", device_secret);
+                insert(&mut body, "node_id", node_id);
+                insert(&mut body, "psk_hex", psk_hex);
+                Ok(client(&api)?.post(&format!("/api/v1/products/{product_key}/devices"), &body)?)
+            }
+            DeviceAction::Show { api, product_key, device_name } => {
+                Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}/devices/{device_name}"))?)
+            }
+        }),
+        Command::Messages { api, product_key, device_name, after, limit } => helper(|| {
+            let mut path = format!("/api/v1/products/{product_key}/devices/{device_name}/messages?limit={limit}");
+            if let Some(a) = after {
+                path.push_str(&format!("&after={a}"));
+            }
+            let mut page = client(&api)?.get(&path)?;
+            decode_payloads(&mut page);
+            Ok(page)
+        }),
+    }
+}
+
+fn serve(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nbhub: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    nbhub::telemetry::init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nbhub: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(nbhub::serve(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "nbhub failed");
+            eprintln!("nbhub: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+type HelperResult = Result<Value, Box<dyn std::error::Error>>;
+
+fn helper(f: impl FnOnce() -> HelperResult) -> ExitCode {
+    match f() {
+        Ok(v) => {
+            if !v.is_null() {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nbhub: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client(api: &Api) -> Result<AdminClient, Box<dyn std::error::Error>> {
+    let token = AdminClient::token_from(api.token.clone(), &api.data_dir).ok_or_else(|| {
+        format!(
+            "no admin token: pass --token, set NBHUB_ADMIN_TOKEN, or run where {} exists",
+            api.data_dir.join(nbhub::ADMIN_TOKEN_FILE).display()
+        )
+    })?;
+    Ok(AdminClient::new(&api.admin_url, &token))
+}
+
+fn insert(body: &mut Value, key: &str, v: Option<impl Into<Value>>) {
+    if let Some(v) = v {
+        body[key] = v.into();
+    }
+}
+
+/// Adds a `payload` text field beside `payload_base64` when the bytes are UTF-8, for reading.
+fn decode_payloads(page: &mut Value) {
+    use base64::Engine;
+    let Some(messages) = page["messages"].as_array_mut() else { return };
+    for m in messages {
+        let decoded = m["payload_base64"].as_str().and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+        if let Some(text) = decoded.and_then(|d| String::from_utf8(d).ok()) {
+            m["payload"] = Value::String(text);
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! A device as the running server holds it: its immutable identity and credentials, and the
+//! small mutable state every request touches (enabled, last contact, flow-control counters).
+
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::clock::UnixMs;
+use crate::config::DeviceConfig;
+use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret, Token};
+use crate::store::records::{DeviceRecord, Radio};
+
+pub struct Device {
+    pub id: DeviceId,
+    pub product_key: ProductKey,
+    pub device_name: DeviceName,
+    pub secret: Secret,
+    pub node_id: Option<NodeId>,
+    pub psk_hex: Option<String>,
+    pub created_at: u64,
+    state: Mutex<DeviceState>,
+}
+
+pub struct DeviceState {
+    pub enabled: bool,
+    pub registered: bool,
+    /// Set when the device is deleted; sessions still pointing at it stop working.
+    pub deleted: bool,
+    pub radio: Radio,
+    pub last_seen: Option<UnixMs>,
+    pub address: Option<SocketAddr>,
+    /// Live tokens (the current one per port family and any still in their grace period).
+    pub tokens: Vec<Token>,
+    flow: FlowCounter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Inactive,
+    Online,
+    Abnormal,
+    Offline,
+}
+
+impl Device {
+    pub fn from_record(r: DeviceRecord, last_seen: Option<UnixMs>, address: Option<SocketAddr>) -> Device {
+        Device {
+            id: r.id,
+            product_key: r.product_key,
+            device_name: r.device_name,
+            secret: r.device_secret,
+            node_id: r.node_id,
+            psk_hex: r.psk_hex,
+            created_at: r.created_at,
+            state: Mutex::new(DeviceState {
+                enabled: r.enabled,
+                registered: r.registered,
+                deleted: false,
+                radio: r.radio,
+                last_seen,
+                address,
+                tokens: Vec::new(),
+                flow: FlowCounter::default(),
+            }),
+        }
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, DeviceState> {
+        // A panic while holding this lock cannot leave the counters inconsistent in a way that
+        // matters more than refusing every later request would.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stored form, reflecting the current state.
+    pub fn record(&self) -> DeviceRecord {
+        let s = self.state();
+        DeviceRecord {
+            id: self.id,
+            product_key: self.product_key.clone(),
+            device_name: self.device_name.clone(),
+            device_secret: self.secret.clone(),
+            node_id: self.node_id.clone(),
+            psk_hex: self.psk_hex.clone(),
+            enabled: s.enabled,
+            registered: s.registered,
+            radio: s.radio.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+impl DeviceState {
+    /// Status from the time since the last uplink (SPEC §7, thresholds from config).
+    pub fn status(&self, now: UnixMs, cfg: &DeviceConfig) -> Status {
+        match self.last_seen {
+            None => Status::Inactive,
+            Some(seen) => {
+                let age_s = now.0.saturating_sub(seen.0) / 1000;
+                if age_s <= cfg.online_within_s {
+                    Status::Online
+                } else if age_s <= cfg.abnormal_within_s {
+                    Status::Abnormal
+                } else {
+                    Status::Offline
+                }
+            }
+        }
+    }
+
+    /// Counts a request against the device's limits; `Err(seconds)` tells when to retry.
+    pub fn admit(&mut self, now: UnixMs, cfg: &DeviceConfig) -> Result<(), u32> {
+        self.flow.admit(now, cfg.max_per_second, cfg.max_per_minute)
+    }
+
+    /// Activated devices may no longer use dynamic registration.
+    pub fn activated(&self) -> bool {
+        self.registered || self.last_seen.is_some()
+    }
+}
+
+/// Fixed one-second and one-minute windows. Only admitted requests count, so a device that
+/// bursts is throttled for the rest of the window, not locked out by its own refused retries.
+#[derive(Debug, Default)]
+struct FlowCounter {
+    second: u64,
+    in_second: u32,
+    minute: u64,
+    in_minute: u32,
+}
+
+impl FlowCounter {
+    fn admit(&mut self, now: UnixMs, per_second: u32, per_minute: u32) -> Result<(), u32> {
+        let second = now.0 / 1000;
+        let minute = second / 60;
+        if second != self.second {
+            self.second = second;
+            self.in_second = 0;
+        }
+        if minute != self.minute {
+            self.minute = minute;
+            self.in_minute = 0;
+        }
+        if self.in_minute >= per_minute {
+            return Err((60 - second % 60) as u32);
+        }
+        if self.in_second >= per_second {
+            return Err(1);
+        }
+        self.in_second += 1;
+        self.in_minute += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DeviceConfig {
+        DeviceConfig { online_within_s: 90_000, abnormal_within_s: 176_400, max_per_second: 5, max_per_minute: 300 }
+    }
+
+    #[test]
+    fn flow_control_limits_per_second_and_minute() {
+        let mut f = FlowCounter::default();
+        let t = UnixMs(1_000_000_000);
+        for _ in 0..5 {
+            assert_eq!(f.admit(t, 5, 7), Ok(()));
+        }
+        assert_eq!(f.admit(t, 5, 7), Err(1));
+        assert_eq!(f.admit(UnixMs(t.0 + 1000), 5, 7), Ok(()));
+        assert_eq!(f.admit(UnixMs(t.0 + 1000), 5, 7), Ok(()));
+        // the minute budget of 7 is spent
+        let e = f.admit(UnixMs(t.0 + 2000), 5, 7).unwrap_err();
+        assert!(e > 1 && e <= 60);
+        assert_eq!(f.admit(UnixMs(t.0 + 60_000), 5, 7), Ok(()));
+    }
+
+    #[test]
+    fn status_thresholds() {
+        let c = cfg();
+        let now = UnixMs(200_000_000_000);
+        let mut s = DeviceState {
+            enabled: true,
+            registered: false,
+            deleted: false,
+            radio: Radio::default(),
+            last_seen: None,
+            address: None,
+            tokens: vec![],
+            flow: FlowCounter::default(),
+        };
+        assert_eq!(s.status(now, &c), Status::Inactive);
+        s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));
+        assert_eq!(s.status(now, &c), Status::Online);
+        s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000 - 1000));
+        assert_eq!(s.status(now, &c), Status::Abnormal);
+        s.last_seen = Some(UnixMs(now.0 - 49 * 3600 * 1000 - 1000));
+        assert_eq!(s.status(now, &c), Status::Offline);
+    }
+}

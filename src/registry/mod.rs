@@ -1,0 +1,327 @@
+//! The in-memory directory of products, devices and sessions, loaded from the store at start and
+//! kept in step with it: every change is committed through the writer before it is reported done.
+
+pub mod device;
+pub mod sessions;
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::clock::UnixMs;
+use crate::config::Config;
+use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret, Token};
+use crate::store::records::{DeviceRecord, OtaProtocol, ProductRecord, Radio, SessionRecord};
+use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
+pub use device::{Device, Status};
+pub use sessions::{Lookup, SeqOutcome, Session, SessionView, Sessions};
+
+impl Borrow<str> for ProductKey {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+impl Borrow<str> for DeviceName {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+impl Borrow<str> for NodeId {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct NewProduct {
+    pub name: String,
+    pub product_key: Option<ProductKey>,
+    pub product_secret: Option<Secret>,
+    pub dynamic_registration: bool,
+    pub ota_protocol: OtaProtocol,
+    pub awake_window_s: u32,
+}
+
+pub struct NewDevice {
+    pub device_name: Option<DeviceName>,
+    pub device_secret: Option<Secret>,
+    pub node_id: Option<NodeId>,
+    pub psk_hex: Option<String>,
+}
+
+#[derive(Default)]
+pub struct DevicePatch {
+    pub enabled: Option<bool>,
+    pub radio: Option<Radio>,
+}
+
+#[derive(Default)]
+struct Devices {
+    by_product: HashMap<ProductKey, HashMap<DeviceName, Arc<Device>>>,
+    by_node: HashMap<NodeId, Arc<Device>>,
+}
+
+pub struct Registry {
+    pub config: Arc<Config>,
+    products: RwLock<HashMap<ProductKey, Arc<ProductRecord>>>,
+    devices: RwLock<Devices>,
+    pub sessions: Sessions,
+    next_device_id: AtomicU64,
+    writer: Writer,
+    store: Store,
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    /// Loads products, devices, presence and live sessions; sessions that expired while the
+    /// server was down are deleted from the store.
+    pub async fn load(config: Arc<Config>, store: Store, writer: Writer) -> Result<Registry, StoreError> {
+        let now = UnixMs::now();
+        let products = store.products()?.into_iter().map(|p| (p.product_key.clone(), Arc::new(p))).collect();
+        let mut presence = store.presence()?;
+        let mut devices = Devices::default();
+        let mut by_id = HashMap::new();
+        let mut max_id = 0;
+        for r in store.devices()? {
+            max_id = max_id.max(r.id.0);
+            let p = presence.remove(&r.id);
+            let d = Arc::new(Device::from_record(r, p.as_ref().map(|p| p.last_seen), p.and_then(|p| p.address)));
+            if let Some(n) = &d.node_id {
+                devices.by_node.insert(n.clone(), d.clone());
+            }
+            devices.by_product.entry(d.product_key.clone()).or_default().insert(d.device_name.clone(), d.clone());
+            by_id.insert(d.id, d);
+        }
+        let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1).max(max_id + 1);
+        let sessions = Sessions::new(config.auth.token_ttl_s);
+        let mut stale = Vec::new();
+        for (token, record, window) in store.sessions()? {
+            let Some(device) = by_id.get(&record.device_id) else {
+                stale.push(Op::DeleteSession(token));
+                continue;
+            };
+            let window = match record.family {
+                crate::store::records::PortFamily::Aes => {
+                    Some(window.unwrap_or_else(|| crate::auth::replay::ReplayWindow::new(config.auth.replay_window)))
+                }
+                _ => None,
+            };
+            let session = Session::new(device.clone(), record, window);
+            sessions.insert(token.clone(), session);
+            if sessions.is_live(token.as_bytes(), now) {
+                device.state().tokens.push(token);
+            } else {
+                sessions.remove(token.as_bytes());
+                stale.push(Op::DeleteSession(token));
+            }
+        }
+        if !stale.is_empty() {
+            tracing::info!(count = stale.len(), "removing sessions that expired while stopped");
+            writer.commit(stale).await?;
+        }
+        let registry = Registry {
+            config,
+            products: RwLock::new(products),
+            devices: RwLock::new(devices),
+            sessions,
+            next_device_id: AtomicU64::new(next_device_id),
+            writer,
+            store,
+        };
+        registry.export_gauges();
+        Ok(registry)
+    }
+
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn export_gauges(&self) {
+        use crate::telemetry::metric;
+        metrics::gauge!(metric::SESSIONS).set(self.sessions.len() as f64);
+        let n: usize = read(&self.devices).by_product.values().map(|m| m.len()).sum();
+        metrics::gauge!(metric::DEVICES).set(n as f64);
+    }
+
+    pub fn product(&self, pk: &str) -> Option<Arc<ProductRecord>> {
+        read(&self.products).get(pk).cloned()
+    }
+
+    pub fn products(&self) -> Vec<Arc<ProductRecord>> {
+        let mut v: Vec<_> = read(&self.products).values().cloned().collect();
+        v.sort_by(|a, b| a.product_key.cmp(&b.product_key));
+        v
+    }
+
+    pub fn device(&self, pk: &str, dn: &str) -> Option<Arc<Device>> {
+        read(&self.devices).by_product.get(pk)?.get(dn).cloned()
+    }
+
+    pub fn device_by_node(&self, node: &str) -> Option<Arc<Device>> {
+        read(&self.devices).by_node.get(node).cloned()
+    }
+
+    /// A product's devices ordered by name, after `after` (exclusive), at most `limit`.
+    pub fn devices_of(&self, pk: &str, after: Option<&str>, limit: usize) -> Vec<Arc<Device>> {
+        let devices = read(&self.devices);
+        let Some(m) = devices.by_product.get(pk) else { return Vec::new() };
+        let mut v: Vec<_> = m.values().filter(|d| after.is_none_or(|a| d.device_name.as_str() > a)).cloned().collect();
+        v.sort_by(|a, b| a.device_name.cmp(&b.device_name));
+        v.truncate(limit);
+        v
+    }
+
+    pub async fn create_product(&self, new: NewProduct) -> Result<Arc<ProductRecord>, RegistryError> {
+        let key = new.product_key.unwrap_or_else(ProductKey::generate);
+        let record = Arc::new(ProductRecord {
+            product_key: key.clone(),
+            product_secret: new.product_secret.unwrap_or_else(|| Secret::generate(16)),
+            name: new.name,
+            dynamic_registration: new.dynamic_registration,
+            ota_protocol: new.ota_protocol,
+            awake_window_s: new.awake_window_s,
+            created_at: UnixMs::now().0,
+        });
+        {
+            let mut products = write(&self.products);
+            if products.contains_key(&key) {
+                return Err(RegistryError::Conflict(format!("product {key} already exists")));
+            }
+            products.insert(key.clone(), record.clone());
+        }
+        if let Err(e) = self.writer.commit([Op::PutProduct((*record).clone())]).await {
+            write(&self.products).remove(&key);
+            return Err(e.into());
+        }
+        Ok(record)
+    }
+
+    pub async fn create_device(&self, pk: &ProductKey, new: NewDevice) -> Result<Arc<Device>, RegistryError> {
+        if self.product(pk.as_str()).is_none() {
+            return Err(RegistryError::NotFound(format!("product {pk}")));
+        }
+        let record = DeviceRecord {
+            id: DeviceId(self.next_device_id.fetch_add(1, Ordering::Relaxed)),
+            product_key: pk.clone(),
+            device_name: new.device_name.unwrap_or_else(DeviceName::generate),
+            device_secret: new.device_secret.unwrap_or_else(|| Secret::generate(32)),
+            node_id: new.node_id,
+            psk_hex: new.psk_hex,
+            enabled: true,
+            registered: false,
+            radio: Radio::default(),
+            created_at: UnixMs::now().0,
+        };
+        let device = Arc::new(Device::from_record(record.clone(), None, None));
+        {
+            let mut devices = write(&self.devices);
+            let names = devices.by_product.entry(pk.clone()).or_default();
+            if names.contains_key(&device.device_name) {
+                return Err(RegistryError::Conflict(format!("device {} already exists in product {pk}", device.device_name)));
+            }
+            if let Some(n) = &device.node_id {
+                if devices.by_node.contains_key(n) {
+                    return Err(RegistryError::Conflict(format!("node id {n} is already used by another device")));
+                }
+                devices.by_node.insert(n.clone(), device.clone());
+            }
+            devices.by_product.entry(pk.clone()).or_default().insert(device.device_name.clone(), device.clone());
+        }
+        if let Err(e) = self.writer.commit([Op::PutDevice(record)]).await {
+            self.forget(&device);
+            return Err(e.into());
+        }
+        self.export_gauges();
+        Ok(device)
+    }
+
+    fn forget(&self, device: &Device) {
+        let mut devices = write(&self.devices);
+        if let Some(m) = devices.by_product.get_mut(&device.product_key) {
+            m.remove(&device.device_name);
+        }
+        if let Some(n) = &device.node_id {
+            devices.by_node.remove(n);
+        }
+    }
+
+    pub async fn update_device(&self, pk: &str, dn: &str, patch: DevicePatch) -> Result<Arc<Device>, RegistryError> {
+        let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
+        {
+            let mut s = device.state();
+            if let Some(e) = patch.enabled {
+                s.enabled = e;
+            }
+            if let Some(r) = patch.radio {
+                s.radio = r;
+            }
+        }
+        self.writer.commit([Op::PutDevice(device.record())]).await?;
+        Ok(device)
+    }
+
+    /// Removes the device, its sessions and its messages.
+    pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<(), RegistryError> {
+        let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
+        let tokens = {
+            let mut s = device.state();
+            s.deleted = true;
+            std::mem::take(&mut s.tokens)
+        };
+        self.forget(&device);
+        for t in &tokens {
+            self.sessions.remove(t.as_bytes());
+        }
+        self.writer.commit([Op::DeleteDevice { record: device.record(), tokens }]).await?;
+        self.export_gauges();
+        Ok(())
+    }
+
+    /// Starts a session for `device`: the new token is usable at once; the device's previous
+    /// token on the same port family keeps working for the grace period (the device may still
+    /// retransmit with it). Returns the writes that must be durable before the token is revealed.
+    pub fn open_session(&self, device: &Arc<Device>, record: SessionRecord, now: UnixMs) -> (Token, Vec<Op>) {
+        let token = Token::generate();
+        let grace_end = now.plus_secs(self.config.auth.token_grace_s);
+        let family = record.family;
+        let window = (family == crate::store::records::PortFamily::Aes)
+            .then(|| crate::auth::replay::ReplayWindow::new(self.config.auth.replay_window));
+        let mut ops = Vec::with_capacity(2);
+        // Sessions are consulted with the device's lock released: a shard lock and a device lock
+        // are never held together.
+        let mut tokens = std::mem::take(&mut device.state().tokens);
+        tokens.retain(|t| self.sessions.is_live(t.as_bytes(), now));
+        for old in &tokens {
+            if self.sessions.family(old.as_bytes()) == Some(family)
+                && let Some(r) = self.sessions.replace(old.as_bytes(), grace_end)
+            {
+                ops.push(Op::PutSession { token: old.clone(), record: r });
+            }
+        }
+        tokens.push(token.clone());
+        device.state().tokens.extend(tokens);
+        ops.push(Op::PutSession { token: token.clone(), record: record.clone() });
+        self.sessions.insert(token.clone(), Session::new(device.clone(), record, window));
+        (token, ops)
+    }
+}

@@ -1,0 +1,162 @@
+//! Tokens handed out by `/auth` and what they stand for, sharded by token so concurrent sockets
+//! rarely meet on a lock.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::auth::cipher::SessionKey;
+use crate::auth::replay::{ReplayWindow, Verdict};
+use crate::clock::UnixMs;
+use crate::identity::Token;
+use crate::registry::device::Device;
+use crate::store::records::{AckMode, PortFamily, SessionRecord};
+
+/// How often (at most) a session's sliding expiry is written back: a token's lifetime is days,
+/// so an hour of staleness after a crash costs nothing and saves a write per uplink.
+const LAST_USED_WRITE_INTERVAL_MS: u64 = 3_600_000;
+
+pub struct Session {
+    pub device: Arc<Device>,
+    pub family: PortFamily,
+    pub key: Option<SessionKey>,
+    pub record: SessionRecord,
+    /// `record.last_used` as last written to the store.
+    persisted_last_used: u64,
+    pub window: Option<ReplayWindow>,
+}
+
+impl Session {
+    pub fn new(device: Arc<Device>, record: SessionRecord, window: Option<ReplayWindow>) -> Session {
+        let key = record.random.as_deref().map(|r| SessionKey::derive(device.secret.expose(), r));
+        Session { device, family: record.family, key, persisted_last_used: record.last_used, record, window }
+    }
+
+    fn expired(&self, now: UnixMs, ttl_s: u64) -> bool {
+        let idle_end = UnixMs(self.record.last_used).plus_secs(ttl_s);
+        now >= idle_end || self.record.replaced_until.is_some_and(|t| now.0 >= t)
+    }
+}
+
+/// A valid session's facts, copied out so the shard lock is not held during crypto.
+pub struct SessionView {
+    pub device: Arc<Device>,
+    pub family: PortFamily,
+    pub key: Option<SessionKey>,
+    pub seq_offset: u64,
+    pub ack_mode: AckMode,
+}
+
+pub enum Lookup {
+    Valid(SessionView),
+    /// Unknown, expired, or its device is gone: the device must authenticate again (4.01).
+    Invalid,
+}
+
+pub enum SeqOutcome {
+    /// Accepted and marked. `touch` is the record to write back when the sliding expiry is due.
+    Accepted { touch: Option<SessionRecord> },
+    Replayed,
+    /// The session vanished between lookup and marking.
+    Invalid,
+}
+
+pub struct Sessions {
+    shards: Box<[Mutex<HashMap<Token, Session>>]>,
+    hasher: RandomState,
+    ttl_s: u64,
+}
+
+impl Sessions {
+    pub fn new(ttl_s: u64) -> Sessions {
+        Sessions { shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(), hasher: RandomState::new(), ttl_s }
+    }
+
+    fn shard(&self, token: &[u8]) -> MutexGuard<'_, HashMap<Token, Session>> {
+        let i = self.hasher.hash_one(token) as usize % self.shards.len();
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, token: Token, session: Session) {
+        self.shard(token.as_bytes()).insert(token, session);
+    }
+
+    pub fn remove(&self, token: &[u8]) {
+        self.shard(token).remove(token);
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+    }
+
+    /// Finds a usable session; an expired one is dropped from memory (its stored record is
+    /// removed by the caller's next write or at the next start).
+    pub fn lookup(&self, token: &[u8], now: UnixMs) -> Lookup {
+        let view = {
+            let mut shard = self.shard(token);
+            let Some(s) = shard.get(token) else { return Lookup::Invalid };
+            if s.expired(now, self.ttl_s) {
+                shard.remove(token);
+                return Lookup::Invalid;
+            }
+            SessionView {
+                device: s.device.clone(),
+                family: s.family,
+                key: s.key.clone(),
+                seq_offset: s.record.seq_offset,
+                ack_mode: s.record.ack_mode,
+            }
+        };
+        // A shard lock and a device lock are never held together, so there is no lock order to break.
+        if view.device.state().deleted {
+            self.remove(token);
+            return Lookup::Invalid;
+        }
+        Lookup::Valid(view)
+    }
+
+    /// Checks a 5682 seq against the window without marking it.
+    pub fn check_seq(&self, token: &[u8], seq: u64) -> Verdict {
+        match self.shard(token).get(token).and_then(|s| s.window.as_ref()) {
+            Some(w) => w.check(seq),
+            None => Verdict::Replayed,
+        }
+    }
+
+    /// Marks a seq (or, for sessions without a window, only refreshes the expiry).
+    pub fn accept(&self, token: &[u8], seq: Option<u64>, now: UnixMs) -> SeqOutcome {
+        let mut shard = self.shard(token);
+        let Some(s) = shard.get_mut(token) else { return SeqOutcome::Invalid };
+        if let (Some(seq), Some(w)) = (seq, s.window.as_mut()) {
+            if w.check(seq) != Verdict::Fresh {
+                return SeqOutcome::Replayed;
+            }
+            w.mark(seq);
+        }
+        s.record.last_used = s.record.last_used.max(now.0);
+        let touch = (s.record.last_used >= s.persisted_last_used + LAST_USED_WRITE_INTERVAL_MS).then(|| {
+            s.persisted_last_used = s.record.last_used;
+            s.record.clone()
+        });
+        SeqOutcome::Accepted { touch }
+    }
+
+    /// Ends `token` at `until` (a newer `/auth` replaced it); returns the record to store.
+    pub fn replace(&self, token: &[u8], until: UnixMs) -> Option<SessionRecord> {
+        let mut shard = self.shard(token);
+        let s = shard.get_mut(token)?;
+        let end = s.record.replaced_until.map_or(until.0, |t| t.min(until.0));
+        s.record.replaced_until = Some(end);
+        Some(s.record.clone())
+    }
+
+    /// Whether `token` is live (used to prune a device's token list).
+    pub fn is_live(&self, token: &[u8], now: UnixMs) -> bool {
+        self.shard(token).get(token).is_some_and(|s| !s.expired(now, self.ttl_s))
+    }
+
+    /// The family of a live token.
+    pub fn family(&self, token: &[u8]) -> Option<PortFamily> {
+        self.shard(token).get(token).map(|s| s.family)
+    }
+}

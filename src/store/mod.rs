@@ -1,0 +1,185 @@
+//! RocksDB under the data directory: one column family per kind of record, keys ordered so a
+//! device's records are one prefix range. Reads happen anywhere; every write goes through the
+//! single group-committing [`Writer`] so the order of writes is the order of commits.
+
+pub mod records;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
+
+use crate::auth::replay::{self, ReplayWindow};
+use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
+use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
+pub use writer::{Committed, Completion, Job, MessageId, Op, Writer, WriterThread};
+
+pub const CF_PRODUCTS: &str = "products";
+pub const CF_DEVICES: &str = "devices";
+pub const CF_PRESENCE: &str = "presence";
+pub const CF_SESSIONS: &str = "sessions";
+pub const CF_REPLAY: &str = "replay";
+pub const CF_MESSAGES: &str = "messages";
+pub const CF_META: &str = "meta";
+
+const ALL_CFS: [&str; 7] = [CF_PRODUCTS, CF_DEVICES, CF_PRESENCE, CF_SESSIONS, CF_REPLAY, CF_MESSAGES, CF_META];
+
+pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
+pub const META_NEXT_MESSAGE_ID: &[u8] = b"next_message_id";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Rocks(String),
+    #[error("stored record {key} is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> StoreError {
+        StoreError::Rocks(e.into_string())
+    }
+}
+
+/// `product_key \0 device_name`: a product's devices are one prefix range.
+pub fn device_key(pk: &ProductKey, dn: &DeviceName) -> Vec<u8> {
+    let mut k = Vec::with_capacity(pk.as_str().len() + 1 + dn.as_str().len());
+    k.extend_from_slice(pk.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(dn.as_str().as_bytes());
+    k
+}
+
+/// `device id (BE) | message id (BE)`: a device's messages in arrival order.
+pub fn message_key(device: DeviceId, id: MessageId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&device.0.to_be_bytes());
+    k[8..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_keep_log_file_num(4);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut o = Options::default();
+            match *name {
+                CF_MESSAGES => {
+                    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                    o.set_write_buffer_size(64 << 20);
+                }
+                CF_REPLAY => o.set_merge_operator_associative("nbhub_replay_window", |_key, existing, ops| {
+                    replay::merge(existing, ops.iter())
+                }),
+                _ => {}
+            }
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    pub(crate) fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    fn scan<T>(&self, cf: &str, mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+            let (k, v) = item?;
+            out.push(f(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    pub fn products(&self) -> Result<Vec<ProductRecord>, StoreError> {
+        self.scan(CF_PRODUCTS, |k, v| json(k, v))
+    }
+
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.scan(CF_DEVICES, |k, v| json(k, v))
+    }
+
+    pub fn presence(&self) -> Result<HashMap<DeviceId, PresenceRecord>, StoreError> {
+        let rows = self.scan(CF_PRESENCE, |k, v| {
+            let id = DeviceId(u64::from_be_bytes(k.try_into().map_err(|_| corrupt(k, "key is not 8 bytes"))?));
+            Ok((id, PresenceRecord::decode(v).ok_or_else(|| corrupt(k, "bad presence record"))?))
+        })?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Every stored session with its anti-replay window (5682 sessions only have one).
+    pub fn sessions(&self) -> Result<Vec<(Token, SessionRecord, Option<ReplayWindow>)>, StoreError> {
+        self.scan(CF_SESSIONS, |k, v| {
+            let token = Token::from_bytes(k).ok_or_else(|| corrupt(k, "bad token key"))?;
+            let record: SessionRecord = json(k, v)?;
+            let window = self.db.get_pinned_cf(self.cf(CF_REPLAY), k)?.and_then(|w| ReplayWindow::decode(&w));
+            Ok((token, record, window))
+        })
+    }
+
+    pub fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        Ok(match self.db.get_pinned_cf(self.cf(CF_META), key)? {
+            Some(v) => Some(u64::from_le_bytes(v.as_ref().try_into().map_err(|_| corrupt(key, "not a u64"))?)),
+            None => None,
+        })
+    }
+
+    /// One page of a device's messages after `after` (exclusive), oldest first, and whether more follow.
+    pub fn messages(
+        &self,
+        device: DeviceId,
+        after: Option<MessageId>,
+        limit: usize,
+    ) -> Result<(Vec<(MessageId, MessageRecord)>, bool), StoreError> {
+        let start = match after {
+            Some(id) => message_key(device, MessageId(id.0.saturating_add(1))),
+            None => message_key(device, MessageId(0)),
+        };
+        let prefix = device.0.to_be_bytes();
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let iter = self.db.iterator_cf(self.cf(CF_MESSAGES), IteratorMode::From(&start, Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || k.len() != 16 {
+                break;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            let id = MessageId(u64::from_be_bytes(k[8..].try_into().unwrap()));
+            let record = MessageRecord::decode(&v).ok_or_else(|| corrupt(&k, "bad message record"))?;
+            out.push((id, record));
+        }
+        Ok((out, false))
+    }
+}
+
+fn corrupt(key: &[u8], reason: &str) -> StoreError {
+    StoreError::Corrupt { key: hex::encode(key), reason: reason.into() }
+}

@@ -1,0 +1,151 @@
+//! What is stored, and how. Rarely written records (products, devices, sessions) are JSON so they
+//! can evolve with `serde(default)`; records on the uplink path (messages, presence) are a compact
+//! binary layout written without allocation beyond the value itself.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::UnixMs;
+use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OtaProtocol {
+    #[default]
+    Pcp,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProductRecord {
+    pub product_key: ProductKey,
+    pub product_secret: Secret,
+    pub name: String,
+    pub dynamic_registration: bool,
+    pub ota_protocol: OtaProtocol,
+    pub awake_window_s: u32,
+    pub created_at: u64,
+}
+
+/// Radio conditions a device reported or an operator set (used by OTA scheduling).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Radio {
+    pub rsrp: Option<f64>,
+    pub sinr: Option<f64>,
+    pub cell_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    pub product_key: ProductKey,
+    pub device_name: DeviceName,
+    pub device_secret: Secret,
+    pub node_id: Option<NodeId>,
+    /// Raw DTLS PSK, hex.
+    pub psk_hex: Option<String>,
+    pub enabled: bool,
+    /// Dynamic registration has handed out the secret (it is handed out once).
+    pub registered: bool,
+    #[serde(default)]
+    pub radio: Radio,
+    pub created_at: u64,
+}
+
+/// Which listener family a token belongs to; a token is only valid on its own family, so a 5682
+/// token cannot be used in the clear on 5683.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortFamily {
+    Plain,
+    Aes,
+}
+
+/// How a session's requests are answered (the `/auth` body's `ackMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Result piggybacked on the ACK.
+    #[default]
+    Piggybacked,
+    /// Empty ACK at once, the result later as a separate CON response.
+    Separate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub device_id: DeviceId,
+    pub family: PortFamily,
+    /// The `random` of a 5682 session, from which its AES key is derived.
+    pub random: Option<String>,
+    pub seq_offset: u64,
+    pub ack_mode: AckMode,
+    pub created_at: u64,
+    pub last_used: u64,
+    /// Set when a newer `/auth` replaced this token: it then ends at this time regardless of use.
+    pub replaced_until: Option<u64>,
+}
+
+/// Last contact of a device; written at most once per device per committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRecord {
+    pub last_seen: UnixMs,
+    pub address: Option<SocketAddr>,
+}
+
+impl PresenceRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let addr = self.address.map(|a| a.to_string()).unwrap_or_default();
+        let mut out = Vec::with_capacity(8 + addr.len());
+        out.extend_from_slice(&self.last_seen.0.to_le_bytes());
+        out.extend_from_slice(addr.as_bytes());
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Option<PresenceRecord> {
+        let last_seen = UnixMs(u64::from_le_bytes(data.get(..8)?.try_into().ok()?));
+        let addr = std::str::from_utf8(&data[8..]).ok()?;
+        Some(PresenceRecord { last_seen, address: addr.parse().ok() })
+    }
+}
+
+/// A stored uplink: `received_at (u64 LE) | topic length (u16 LE) | topic | payload`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    pub received_at: UnixMs,
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+impl MessageRecord {
+    pub fn encode_parts(received_at: UnixMs, topic: &str, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(10 + topic.len() + payload.len());
+        out.extend_from_slice(&received_at.0.to_le_bytes());
+        out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+        out.extend_from_slice(topic.as_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Option<MessageRecord> {
+        let received_at = UnixMs(u64::from_le_bytes(data.get(..8)?.try_into().ok()?));
+        let tlen = u16::from_le_bytes(data.get(8..10)?.try_into().ok()?) as usize;
+        let topic = std::str::from_utf8(data.get(10..10 + tlen)?).ok()?.to_string();
+        Some(MessageRecord { received_at, topic, payload: data[10 + tlen..].to_vec() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_records_round_trip() {
+        let m = MessageRecord { received_at: UnixMs(42), topic: "/pk/dn/update".into(), payload: vec![0, 255, 1] };
+        assert_eq!(MessageRecord::decode(&MessageRecord::encode_parts(m.received_at, &m.topic, &m.payload)), Some(m));
+        let p = PresenceRecord { last_seen: UnixMs(7), address: Some("[::1]:5683".parse().unwrap()) };
+        assert_eq!(PresenceRecord::decode(&p.encode()), Some(p));
+        assert_eq!(MessageRecord::decode(&[1, 2]), None);
+    }
+}

@@ -1,0 +1,253 @@
+//! The single writer: a dedicated thread that takes every job queued while the previous batch
+//! was being written, commits them as one RocksDB write batch (one WAL append, one fsync under
+//! the `fsync` policy), then reports each job's completion. Concurrent uplinks thus share one sync
+//! (group commit) and no async task ever blocks on the disk.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rocksdb::{DB, WriteBatch, WriteOptions};
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
+use super::{
+    CF_DEVICES, CF_MESSAGES, CF_META, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, META_NEXT_DEVICE_ID,
+    META_NEXT_MESSAGE_ID, Store, StoreError, device_key, message_key, records::MessageRecord,
+};
+use crate::auth::replay;
+use crate::clock::UnixMs;
+use crate::config::SyncPolicy;
+use crate::identity::{DeviceId, Token};
+use crate::telemetry::metric;
+
+/// Id of a stored uplink, assigned at commit so ids grow in commit order (cursor paging relies on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(pub u64);
+
+/// One change to the store.
+#[derive(Debug)]
+pub enum Op {
+    Uplink { device: DeviceId, received_at: UnixMs, topic: String, payload: Vec<u8> },
+    /// A 5682 seq accepted with the uplink in the same job (merged into the session's window).
+    SeenSeq { token: Token, window: u32, seq: u64 },
+    Presence { device: DeviceId, record: PresenceRecord },
+    PutProduct(ProductRecord),
+    PutDevice(DeviceRecord),
+    DeleteDevice { record: DeviceRecord, tokens: Vec<Token> },
+    PutSession { token: Token, record: SessionRecord },
+    DeleteSession(Token),
+}
+
+/// Whom to tell when a job is durable.
+pub enum Completion {
+    /// A CoAP endpoint: the ticket identifies the exchange waiting for this write.
+    Endpoint { sink: tokio_mpsc::UnboundedSender<Committed>, ticket: u64 },
+    /// An admin request awaiting the result.
+    Caller(oneshot::Sender<Result<Option<MessageId>, StoreError>>),
+}
+
+pub struct Committed {
+    pub ticket: u64,
+    /// The id of the job's uplink, if it had one.
+    pub result: Result<Option<MessageId>, StoreError>,
+}
+
+pub struct Job {
+    pub ops: smallvec::SmallVec<[Op; 3]>,
+    pub completion: Completion,
+}
+
+enum Msg {
+    Job(Job),
+    Stop,
+}
+
+/// Handle for queueing writes; cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Writer {
+    /// Queues a job; never blocks. If the writer has stopped the job is dropped and its
+    /// completion never fires (endpoints then simply never acknowledge it).
+    pub fn submit(&self, job: Job) {
+        let _ = self.tx.send(Msg::Job(job));
+    }
+
+    /// Commits `ops` and waits until they are durable.
+    pub async fn commit(&self, ops: impl IntoIterator<Item = Op>) -> Result<Option<MessageId>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job { ops: ops.into_iter().collect(), completion: Completion::Caller(tx) });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+pub struct WriterThread {
+    tx: mpsc::Sender<Msg>,
+    handle: JoinHandle<()>,
+}
+
+impl WriterThread {
+    pub fn start(store: &Store, policy: SyncPolicy, max_batch: usize) -> Result<(Writer, WriterThread), StoreError> {
+        let next_message_id = store.meta_u64(META_NEXT_MESSAGE_ID)?.unwrap_or(1);
+        let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1);
+        let (tx, rx) = mpsc::channel();
+        let mut state = BatchWriter {
+            db: store.db().clone(),
+            policy,
+            max_batch,
+            next_message_id,
+            next_device_id,
+            presence: HashMap::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("nbhub-writer".into())
+            .spawn(move || state.run(rx))
+            .map_err(|e| StoreError::Rocks(format!("cannot start the writer thread: {e}")))?;
+        Ok((Writer { tx: tx.clone() }, WriterThread { tx, handle }))
+    }
+
+    /// Commits everything queued before this call, then stops the thread and syncs the WAL.
+    pub fn stop(self) {
+        let _ = self.tx.send(Msg::Stop);
+        let _ = self.handle.join();
+    }
+}
+
+struct BatchWriter {
+    db: Arc<DB>,
+    policy: SyncPolicy,
+    max_batch: usize,
+    next_message_id: u64,
+    next_device_id: u64,
+    /// Latest presence per device within the current batch (written once per batch).
+    presence: HashMap<DeviceId, PresenceRecord>,
+}
+
+impl BatchWriter {
+    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+        let mut jobs: Vec<Job> = Vec::with_capacity(self.max_batch);
+        let mut ids: Vec<Option<MessageId>> = Vec::with_capacity(self.max_batch);
+        let mut stopping = false;
+        while !stopping {
+            match rx.recv() {
+                Ok(Msg::Job(j)) => jobs.push(j),
+                Ok(Msg::Stop) | Err(_) => break,
+            }
+            while jobs.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(Msg::Job(j)) => jobs.push(j),
+                    Ok(Msg::Stop) => {
+                        stopping = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let started = Instant::now();
+            let result = self.write(&mut jobs, &mut ids);
+            metrics::histogram!(metric::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+            metrics::histogram!(metric::STORE_BATCH_JOBS).record(jobs.len() as f64);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, jobs = jobs.len(), "store write failed; those requests get 5.00");
+            }
+            for (job, id) in jobs.drain(..).zip(ids.drain(..)) {
+                let r = result.clone().map(|()| id);
+                match job.completion {
+                    Completion::Endpoint { sink, ticket } => {
+                        let _ = sink.send(Committed { ticket, result: r });
+                    }
+                    Completion::Caller(tx) => {
+                        let _ = tx.send(r);
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.db.flush_wal(true) {
+            tracing::error!(error = %e, "final WAL sync failed");
+        }
+    }
+
+    fn write(&mut self, jobs: &mut [Job], ids: &mut Vec<Option<MessageId>>) -> Result<(), StoreError> {
+        let cf = |name| self.db.cf_handle(name).expect("column families are created at open");
+        let (messages, replay, presence_cf, sessions) = (cf(CF_MESSAGES), cf(CF_REPLAY), cf(CF_PRESENCE), cf(CF_SESSIONS));
+        let mut batch = WriteBatch::default();
+        let first_message_id = self.next_message_id;
+        let first_device_id = self.next_device_id;
+        self.presence.clear();
+        for job in jobs.iter_mut() {
+            let mut id = None;
+            for op in job.ops.drain(..) {
+                match op {
+                    Op::Uplink { device, received_at, topic, payload } => {
+                        let mid = MessageId(self.next_message_id);
+                        self.next_message_id += 1;
+                        batch.put_cf(messages, message_key(device, mid), MessageRecord::encode_parts(received_at, &topic, &payload));
+                        id = Some(mid);
+                    }
+                    Op::SeenSeq { token, window, seq } => {
+                        batch.merge_cf(replay, token.as_bytes(), replay::seq_operand(window, seq));
+                    }
+                    Op::Presence { device, record } => {
+                        self.presence.insert(device, record);
+                    }
+                    Op::PutProduct(p) => {
+                        batch.put_cf(cf(CF_PRODUCTS), p.product_key.as_str(), to_json(&p));
+                    }
+                    Op::PutDevice(d) => {
+                        self.next_device_id = self.next_device_id.max(d.id.0 + 1);
+                        batch.put_cf(cf(CF_DEVICES), device_key(&d.product_key, &d.device_name), to_json(&d));
+                    }
+                    Op::DeleteDevice { record, tokens } => {
+                        batch.delete_cf(cf(CF_DEVICES), device_key(&record.product_key, &record.device_name));
+                        batch.delete_cf(presence_cf, record.id.0.to_be_bytes());
+                        batch.delete_range_cf(
+                            messages,
+                            record.id.0.to_be_bytes().as_slice(),
+                            (record.id.0 + 1).to_be_bytes().as_slice(),
+                        );
+                        for t in tokens {
+                            batch.delete_cf(sessions, t.as_bytes());
+                            batch.delete_cf(replay, t.as_bytes());
+                        }
+                        self.presence.remove(&record.id);
+                    }
+                    Op::PutSession { token, record } => {
+                        batch.put_cf(sessions, token.as_bytes(), to_json(&record));
+                    }
+                    Op::DeleteSession(token) => {
+                        batch.delete_cf(sessions, token.as_bytes());
+                        batch.delete_cf(replay, token.as_bytes());
+                    }
+                }
+            }
+            ids.push(id);
+        }
+        for (device, record) in self.presence.drain() {
+            batch.put_cf(presence_cf, device.0.to_be_bytes(), record.encode());
+        }
+        if self.next_message_id != first_message_id {
+            batch.put_cf(cf(CF_META), META_NEXT_MESSAGE_ID, self.next_message_id.to_le_bytes());
+        }
+        if self.next_device_id != first_device_id {
+            batch.put_cf(cf(CF_META), META_NEXT_DEVICE_ID, self.next_device_id.to_le_bytes());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.policy == SyncPolicy::Fsync);
+        let result = self.db.write_opt(batch, &opts).map_err(StoreError::from);
+        if result.is_err() {
+            // Nothing of this batch is stored: its ids may be handed out again.
+            self.next_message_id = first_message_id;
+            self.next_device_id = first_device_id;
+        }
+        result
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialise")
+}

@@ -1,0 +1,58 @@
+//! Logging (tracing) and metrics (Prometheus text on the admin port).
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+
+/// Metric names, in one place so dashboards and code agree.
+pub mod metric {
+    pub const DATAGRAMS_RECEIVED: &str = "nbhub_datagrams_received_total";
+    pub const DATAGRAMS_SENT: &str = "nbhub_datagrams_sent_total";
+    pub const BYTES_RECEIVED: &str = "nbhub_bytes_received_total";
+    pub const BYTES_SENT: &str = "nbhub_bytes_sent_total";
+    pub const MALFORMED: &str = "nbhub_coap_malformed_total";
+    pub const DUPLICATES: &str = "nbhub_coap_duplicates_total";
+    pub const RESPONSES: &str = "nbhub_coap_responses_total";
+    pub const RETRANSMISSIONS: &str = "nbhub_coap_retransmissions_total";
+    pub const SEPARATE_TIMEOUTS: &str = "nbhub_coap_separate_response_timeouts_total";
+    pub const DEDUP_ENTRIES: &str = "nbhub_coap_dedup_entries";
+    pub const DEDUP_EVICTIONS: &str = "nbhub_coap_dedup_evictions_total";
+    pub const AUTH: &str = "nbhub_auth_total";
+    pub const UPLINKS_STORED: &str = "nbhub_uplinks_stored_total";
+    pub const FLOW_CONTROL: &str = "nbhub_flow_control_rejections_total";
+    pub const PENDING_WRITES_FULL: &str = "nbhub_pending_writes_full_total";
+    pub const STORE_COMMIT_SECONDS: &str = "nbhub_store_commit_seconds";
+    pub const STORE_BATCH_JOBS: &str = "nbhub_store_batch_jobs";
+    pub const SESSIONS: &str = "nbhub_sessions";
+    pub const DEVICES: &str = "nbhub_devices";
+}
+
+pub fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.log_format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Installs the process-wide Prometheus recorder; `None` if one is already installed.
+pub fn init_metrics() -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
+        .ok()?
+        .install_recorder()
+        .ok()?;
+    metrics::describe_counter!(metric::DATAGRAMS_RECEIVED, "UDP datagrams received, by port");
+    metrics::describe_counter!(metric::DATAGRAMS_SENT, "UDP datagrams sent, by port");
+    metrics::describe_counter!(metric::MALFORMED, "datagrams that are not well-formed CoAP");
+    metrics::describe_counter!(metric::DUPLICATES, "retransmitted requests answered from the dedup cache");
+    metrics::describe_counter!(metric::RESPONSES, "responses sent, by code");
+    metrics::describe_counter!(metric::AUTH, "/auth and registration results");
+    metrics::describe_counter!(metric::UPLINKS_STORED, "uplinks durably stored");
+    metrics::describe_counter!(metric::FLOW_CONTROL, "requests refused with 4.29");
+    metrics::describe_histogram!(metric::STORE_COMMIT_SECONDS, "time to commit one group of writes");
+    metrics::describe_histogram!(metric::STORE_BATCH_JOBS, "jobs per committed batch");
+    Some(handle)
+}

@@ -1,0 +1,4 @@
+//! The I/O shell: sockets and the tasks that feed the protocol cores.
+
+pub mod mmsg;
+pub mod udp;

@@ -1,0 +1,199 @@
+//! The I/O shell around a CoAP [`Endpoint`]: one task per socket moves datagrams in batches,
+//! hands writes to the store's writer and sends what the endpoint decides, when it decides it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use metrics::Counter;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+
+use super::mmsg::{self, RecvBatch};
+use crate::clock::Now;
+use crate::coap::endpoint::{Actions, Endpoint};
+use crate::coap::resource::Resources;
+use crate::store::{Committed, Completion, Job, Writer};
+use crate::telemetry::metric;
+
+/// Binds `count` sockets to `addr` with SO_REUSEPORT so the kernel spreads peers over them (a
+/// peer's 4-tuple always hashes to the same socket, so its exchanges stay on one endpoint).
+/// With port 0 the first socket picks the port and the others join it.
+pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut sockets = Vec::with_capacity(count);
+    let mut bound = addr;
+    for _ in 0..count {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        // Bursts of thousands of devices must not overflow the kernel queue; the kernel caps
+        // these at net.core.{r,w}mem_max.
+        let _ = s.set_recv_buffer_size(8 << 20);
+        let _ = s.set_send_buffer_size(4 << 20);
+        s.set_nonblocking(true)?;
+        s.bind(&bound.into())?;
+        bound = s.local_addr()?.as_socket().unwrap_or(bound);
+        sockets.push(s.into());
+    }
+    Ok(sockets)
+}
+
+/// Metric handles for one port, registered once rather than looked up per datagram.
+struct PortMetrics {
+    received: Counter,
+    sent: Counter,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    stored: Counter,
+}
+
+impl PortMetrics {
+    fn new(port: &'static str) -> PortMetrics {
+        PortMetrics {
+            received: metrics::counter!(metric::DATAGRAMS_RECEIVED, "port" => port),
+            sent: metrics::counter!(metric::DATAGRAMS_SENT, "port" => port),
+            bytes_in: metrics::counter!(metric::BYTES_RECEIVED, "port" => port),
+            bytes_out: metrics::counter!(metric::BYTES_SENT, "port" => port),
+            stored: metrics::counter!(metric::UPLINKS_STORED, "port" => port),
+        }
+    }
+}
+
+/// Most datagrams read before the loop looks at completions and timers again.
+const READS_PER_TURN: usize = 8;
+
+/// Runs one socket until `shutdown` flips, then waits (bounded) for its writes in flight so the
+/// devices waiting on them still get their answers.
+pub async fn serve<R: Resources>(
+    socket: std::net::UdpSocket,
+    mut endpoint: Endpoint<R>,
+    writer: Writer,
+    recv_slot: usize,
+    port: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let socket = UdpSocket::from_std(socket)?;
+    let fd = socket.as_raw_fd();
+    let (sink, mut committed) = mpsc::unbounded_channel::<Committed>();
+    let mut batch = RecvBatch::new(32, recv_slot);
+    let mut actions = Actions::default();
+    let mut outbox: Vec<(SocketAddr, Bytes)> = Vec::new();
+    let m = PortMetrics::new(port);
+    let mut last_export = Instant::now();
+    loop {
+        let deadline = endpoint.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            ready = socket.readable() => {
+                ready?;
+                for _ in 0..READS_PER_TURN {
+                    match socket.try_io(Interest::READABLE, || batch.recv(fd)) {
+                        Ok(n) => {
+                            let now = Now::read();
+                            for i in 0..n {
+                                let Some((peer, data, truncated)) = batch.get(i) else { continue };
+                                m.received.increment(1);
+                                m.bytes_in.increment(data.len() as u64);
+                                if truncated {
+                                    endpoint.handle_oversized(peer, data, &mut actions);
+                                } else {
+                                    endpoint.handle_datagram(now, peer, data, &mut actions);
+                                }
+                            }
+                            if n < batch.capacity() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            // ICMP errors surface here (ECONNREFUSED from an earlier send); they
+                            // concern one peer, never the socket.
+                            tracing::debug!(error = %e, "receive error");
+                            break;
+                        }
+                    }
+                }
+            }
+            Some(c) = committed.recv() => {
+                let now = Now::read();
+                let mut next = Some(c);
+                while let Some(c) = next {
+                    if matches!(c.result, Ok(Some(_))) {
+                        m.stored.increment(1);
+                    }
+                    endpoint.handle_committed(now, c.ticket, c.result, &mut actions);
+                    next = committed.try_recv().ok();
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                endpoint.handle_timeout(Now::read(), &mut actions);
+            }
+        }
+        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &m).await;
+        if last_export.elapsed() >= Duration::from_secs(1) {
+            last_export = Instant::now();
+            export_stats(&mut endpoint, port);
+        }
+    }
+    // Answer what is already being written; new datagrams are no longer read.
+    let drain_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while endpoint.pending_writes() > 0 {
+        match tokio::time::timeout_at(drain_until, committed.recv()).await {
+            Ok(Some(c)) => endpoint.handle_committed(Now::read(), c.ticket, c.result, &mut actions),
+            _ => break,
+        }
+        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &m).await;
+    }
+    export_stats(&mut endpoint, port);
+    Ok(())
+}
+
+async fn flush(
+    socket: &UdpSocket,
+    writer: &Writer,
+    sink: &mpsc::UnboundedSender<Committed>,
+    actions: &mut Actions,
+    outbox: &mut Vec<(SocketAddr, Bytes)>,
+    m: &PortMetrics,
+) {
+    for (ticket, ops) in actions.writes.drain(..) {
+        writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket } });
+    }
+    outbox.extend(actions.transmits.drain(..).map(|t| (t.peer, t.data)));
+    let mut sent = 0;
+    while sent < outbox.len() {
+        match socket.try_io(Interest::WRITABLE, || mmsg::send(socket.as_raw_fd(), &outbox[sent..])) {
+            Ok(n) => {
+                for (_, d) in &outbox[sent..sent + n] {
+                    m.bytes_out.increment(d.len() as u64);
+                }
+                m.sent.increment(n as u64);
+                sent += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "send failed");
+                break;
+            }
+        }
+    }
+    outbox.clear();
+}
+
+fn export_stats<R: Resources>(endpoint: &mut Endpoint<R>, port: &'static str) {
+    let (s, evictions, dedup_len) = endpoint.take_stats();
+    metrics::counter!(metric::MALFORMED, "port" => port).increment(s.malformed);
+    metrics::counter!(metric::DUPLICATES, "port" => port).increment(s.duplicates);
+    metrics::counter!(metric::RETRANSMISSIONS, "port" => port).increment(s.retransmissions);
+    metrics::counter!(metric::SEPARATE_TIMEOUTS, "port" => port).increment(s.separate_timeouts);
+    metrics::counter!(metric::PENDING_WRITES_FULL, "port" => port).increment(s.pending_full);
+    metrics::counter!(metric::DEDUP_EVICTIONS, "port" => port).increment(evictions);
+    metrics::gauge!(metric::DEDUP_ENTRIES, "port" => port).set(dedup_len as f64);
+}

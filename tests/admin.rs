@@ -1,0 +1,204 @@
+//! The admin HTTP contract of API.md over real HTTP: auth, products, devices, messages, errors.
+
+mod common;
+
+use common::{AliDevice, Server, TOKEN};
+use nbhub::client::ClientError;
+use serde_json::{Value, json};
+
+fn status(r: Result<Value, ClientError>) -> (u16, String) {
+    match r {
+        Err(ClientError::Api { status, message, .. }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn raw(server: &Server, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("{}{path}", server.admin_url());
+    let mut resp = match (method, body) {
+        ("GET", _) => {
+            let mut r = agent.get(&url);
+            if let Some(t) = token {
+                r = r.header("Authorization", &format!("Bearer {t}"));
+            }
+            r.call().unwrap()
+        }
+        (m, body) => {
+            let mut r = if m == "POST" { agent.post(&url) } else { agent.put(&url) };
+            if let Some(t) = token {
+                r = r.header("Authorization", &format!("Bearer {t}"));
+            }
+            r.header("Content-Type", "application/json").send(body.unwrap_or("")).unwrap()
+        }
+    };
+    let code = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+#[test]
+fn bearer_token_is_required_except_for_health_and_metrics() {
+    let server = Server::start();
+    let (code, body) = raw(&server, "GET", "/api/v1/products", None, None);
+    assert_eq!(code, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert_eq!(raw(&server, "GET", "/api/v1/products", Some("wrong"), None).0, 401);
+    assert_eq!(raw(&server, "GET", "/api/v1/products", Some(TOKEN), None).0, 200);
+    let (code, body) = raw(&server, "GET", "/healthz", None, None);
+    assert_eq!((code, body), (200, json!({"status": "ok"})));
+    let (code, body) = raw(&server, "GET", "/metrics", None, None);
+    assert_eq!(code, 200);
+    assert!(body.as_str().unwrap().contains("nbhub_"), "{body}");
+    let (code, doc) = raw(&server, "GET", "/api/v1/openapi.json", Some(TOKEN), None);
+    assert_eq!(code, 200);
+    assert_eq!(doc["openapi"], "3.0.3");
+    for path in ["/api/v1/products", "/api/v1/products/{product_key}/devices/{device_name}/messages"] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from OpenAPI");
+    }
+}
+
+#[test]
+fn products_round_trip_and_conflict() {
+    let server = Server::start();
+    let admin = server.admin();
+    let p = admin
+        .post(
+            "/api/v1/products",
+            &json!({"name": "water meters", "product_key": "a1Water0001", "dynamic_registration": true, "awake_window_s": 30}),
+        )
+        .unwrap();
+    assert_eq!(p["product_key"], "a1Water0001");
+    assert_eq!(p["product_secret"].as_str().unwrap().len(), 16);
+    assert_eq!(p["ota_protocol"], "pcp");
+    assert_eq!(p["awake_window_s"], 30);
+    assert_eq!(admin.get("/api/v1/products/a1Water0001").unwrap(), p);
+    let generated = admin.post("/api/v1/products", &json!({"name": "gen"})).unwrap();
+    assert_eq!(generated["product_key"].as_str().unwrap().len(), 11);
+    assert_eq!(generated["awake_window_s"], 20);
+    assert_eq!(generated["dynamic_registration"], false);
+    let (code, _) = status(admin.post("/api/v1/products", &json!({"name": "again", "product_key": "a1Water0001"})));
+    assert_eq!(code, 409);
+    assert_eq!(status(admin.get("/api/v1/products/nope")).0, 404);
+    assert_eq!(admin.get("/api/v1/products").unwrap()["products"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn bad_bodies_name_the_field() {
+    let server = Server::start();
+    let admin = server.admin();
+    let (code, msg) = status(admin.post("/api/v1/products", &json!({})));
+    assert_eq!(code, 400);
+    assert!(msg.contains("name"), "{msg}");
+    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "colour": "red"})));
+    assert_eq!(code, 400);
+    assert!(msg.contains("colour"), "{msg}");
+    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "product_key": "bad key!"})));
+    assert_eq!(code, 400);
+    assert!(msg.contains("product key"), "{msg}");
+    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "ota_protocol": "lwm2m"})));
+    assert_eq!(code, 400);
+    assert!(msg.contains("ota_protocol"), "{msg}");
+    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "awake_window_s": 0})));
+    assert_eq!(code, 400);
+    assert!(msg.contains("awake_window_s"), "{msg}");
+    let (code, body) = raw(&server, "POST", "/api/v1/products", Some(TOKEN), Some("{\"name\":"));
+    assert_eq!(code, 400);
+    assert_eq!(body["error"]["code"], "bad_request");
+    let big = format!("{{\"name\":\"{}\"}}", "x".repeat(2 << 20));
+    assert_eq!(raw(&server, "POST", "/api/v1/products", Some(TOKEN), Some(&big)).0, 413);
+    let (code, body) = raw(&server, "PUT", "/api/v1/products", Some(TOKEN), Some("{}"));
+    assert_eq!(code, 405);
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let (code, body) = raw(&server, "GET", "/api/v1/nothing", Some(TOKEN), None);
+    assert_eq!(code, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+}
+
+#[test]
+fn devices_create_show_patch_delete() {
+    let server = Server::start();
+    let admin = server.admin();
+    admin.post("/api/v1/products", &json!({"name": "p", "product_key": "prod1"})).unwrap();
+    let d = admin
+        .post(
+            "/api/v1/products/prod1/devices",
+            &json!({"device_name": "meter-1", "node_id": "861234567890123", "psk_hex": "00112233AABBCCDD"}),
+        )
+        .unwrap();
+    assert_eq!(d["device_name"], "meter-1");
+    assert_eq!(d["node_id"], "861234567890123");
+    assert_eq!(d["device_secret"].as_str().unwrap().len(), 32);
+    let fixed = admin
+        .post("/api/v1/products/prod1/devices", &json!({"device_name": "meter-2", "device_secret": "s3cr3t"}))
+        .unwrap();
+    assert_eq!(fixed["device_secret"], "s3cr3t");
+    assert!(fixed["node_id"].is_null());
+    assert_eq!(status(admin.post("/api/v1/products/prod1/devices", &json!({"device_name": "meter-1"}))).0, 409);
+    assert_eq!(status(admin.post("/api/v1/products/prod1/devices", &json!({"node_id": "861234567890123"}))).0, 409);
+    let (code, msg) = status(admin.post("/api/v1/products/prod1/devices", &json!({"psk_hex": "xyz"})));
+    assert_eq!(code, 400);
+    assert!(msg.contains("psk_hex"), "{msg}");
+    assert_eq!(status(admin.post("/api/v1/products/nope/devices", &json!({}))).0, 404);
+
+    let shown = admin.get("/api/v1/products/prod1/devices/meter-1").unwrap();
+    assert_eq!(
+        shown,
+        json!({"product_key": "prod1", "device_name": "meter-1", "node_id": "861234567890123", "status": "inactive",
+               "enabled": true, "last_seen": null, "address": null, "version": null,
+               "radio": {"rsrp": null, "sinr": null, "cell_id": null}})
+    );
+    let patched = admin
+        .patch(
+            "/api/v1/products/prod1/devices/meter-1",
+            &json!({"enabled": false, "radio": {"rsrp": -98.5, "sinr": 12.0, "cell_id": "46000-1234"}}),
+        )
+        .unwrap();
+    assert_eq!(patched["enabled"], false);
+    assert_eq!(patched["radio"], json!({"rsrp": -98.5, "sinr": 12.0, "cell_id": "46000-1234"}));
+    let (code, msg) = status(admin.patch("/api/v1/products/prod1/devices/meter-1", &json!({"radio": {"rsrp": 20}})));
+    assert_eq!(code, 400);
+    assert!(msg.contains("rsrp"), "{msg}");
+    let list = admin.get("/api/v1/products/prod1/devices?limit=1").unwrap();
+    assert_eq!(list["devices"].as_array().unwrap().len(), 1);
+    assert_eq!(list["next"], "meter-1");
+    let rest = admin.get("/api/v1/products/prod1/devices?limit=1&after=meter-1").unwrap();
+    assert_eq!(rest["devices"][0]["device_name"], "meter-2");
+    assert!(rest["next"].is_null());
+
+    assert_eq!(admin.delete("/api/v1/products/prod1/devices/meter-1").unwrap(), Value::Null);
+    assert_eq!(status(admin.get("/api/v1/products/prod1/devices/meter-1")).0, 404);
+    assert_eq!(status(admin.delete("/api/v1/products/prod1/devices/meter-1")).0, 404);
+    // the node id is free again
+    admin.post("/api/v1/products/prod1/devices", &json!({"node_id": "861234567890123"})).unwrap();
+}
+
+#[test]
+fn messages_page_with_cursors() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "paging"}));
+    let mut d = AliDevice::new(server.endpoints.coap, &pk, &dn, &secret);
+    d.auth();
+    for i in 0..5 {
+        assert_eq!(d.send_uplink(format!("m{i}").as_bytes()).code, nbhub::coap::message::Code::CHANGED);
+        std::thread::sleep(std::time::Duration::from_millis(210));
+    }
+    let admin = server.admin();
+    let base = format!("/api/v1/products/{pk}/devices/{dn}/messages");
+    let first = admin.get(&format!("{base}?limit=2")).unwrap();
+    let ids: Vec<&str> = first["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(first["next"].as_str(), Some(ids[1]));
+    let m = &first["messages"][0];
+    assert_eq!(m["topic"], format!("/{pk}/{dn}/update"));
+    assert_eq!(m["payload_base64"], "bTA=");
+    assert!(m["received_at"].as_str().unwrap().ends_with('Z'));
+    let second = admin.get(&format!("{base}?limit=2&after={}", ids[1])).unwrap();
+    assert_eq!(second["messages"][0]["payload_base64"], "bTI=");
+    let last = admin.get(&format!("{base}?limit=10&after={}", second["next"].as_str().unwrap())).unwrap();
+    assert_eq!(last["messages"].as_array().unwrap().len(), 1);
+    assert!(last["next"].is_null());
+    assert_eq!(status(admin.get(&format!("{base}?limit=1001"))).0, 400);
+    assert_eq!(status(admin.get(&format!("{base}?after=abc"))).0, 400);
+    assert_eq!(status(admin.get(&format!("/api/v1/products/{pk}/devices/ghost/messages"))).0, 404);
+}

@@ -1,0 +1,395 @@
+//! Test harness: runs the real `nbhub` binary on ephemeral ports with a temporary data directory,
+//! talks to its admin API over HTTP and to its CoAP ports over UDP as a simulated device would.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nbhub::Endpoints;
+use nbhub::auth::cipher::SessionKey;
+use nbhub::auth::sign::{SignMethod, auth_content};
+use nbhub::client::AdminClient;
+use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "test-admin-token";
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub endpoints: Endpoints,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts with extra `NBHUB_*` variables (e.g. lower flow-control limits).
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let extra_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Server { dir, child: None, endpoints: placeholder(), extra_env };
+        s.spawn();
+        s
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let data = self.data_dir();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbhub"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("NBHUB_DATA_DIR", &data)
+            .env("NBHUB_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_COAP_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_AES_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_ADMIN_TOKEN", TOKEN)
+            .env("NBHUB_LOG", "nbhub=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start nbhub"));
+        self.endpoints = wait_for_endpoints(&data, self.child.as_mut().unwrap(), &self.dir.path().join("server.log"));
+    }
+
+    /// SIGKILL: no graceful anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same data directory (new ephemeral ports).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// SIGTERM and the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "nbhub did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::new(&format!("http://{}", self.endpoints.admin), TOKEN)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.endpoints.admin)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Creates a product and a device; returns (product key, device name, device secret).
+    pub fn product_and_device(&self, product: Value) -> (String, String, String) {
+        let admin = self.admin();
+        let p = admin.post("/api/v1/products", &product).expect("create product");
+        let pk = p["product_key"].as_str().unwrap().to_string();
+        let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({})).expect("create device");
+        (pk, d["device_name"].as_str().unwrap().to_string(), d["device_secret"].as_str().unwrap().to_string())
+    }
+
+    /// Decoded payloads of a device's stored messages, oldest first (all pages).
+    pub fn stored(&self, pk: &str, dn: &str) -> Vec<(String, Vec<u8>)> {
+        use base64::Engine;
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self
+                .admin()
+                .get(&format!("/api/v1/products/{pk}/devices/{dn}/messages?limit=1000&after={after}"))
+                .expect("messages");
+            for m in page["messages"].as_array().unwrap() {
+                let payload =
+                    base64::engine::general_purpose::STANDARD.decode(m["payload_base64"].as_str().unwrap()).unwrap();
+                out.push((m["topic"].as_str().unwrap().to_string(), payload));
+            }
+            match page["next"].as_str() {
+                Some(n) => after = n.to_string(),
+                None => return out,
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn placeholder() -> Endpoints {
+    let a: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    Endpoints { coap: a, aes: a, admin: a }
+}
+
+fn wait_for_endpoints(data: &Path, child: &mut Child, log: &Path) -> Endpoints {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(data.join(nbhub::ENDPOINTS_FILE))
+            && let Ok(e) = serde_json::from_str::<Endpoints>(&text)
+        {
+            return e;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("nbhub exited with {status}: {}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "nbhub did not start: {}", std::fs::read_to_string(log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A parsed response, owned.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub mtype: MessageType,
+    pub code: Code,
+    pub mid: u16,
+    pub token: Vec<u8>,
+    pub options: Vec<(u16, Vec<u8>)>,
+    pub payload: Vec<u8>,
+}
+
+impl Reply {
+    pub fn parse(data: &[u8]) -> Reply {
+        let m = Message::parse(data).expect("server sent well-formed CoAP");
+        Reply {
+            mtype: m.mtype,
+            code: m.code,
+            mid: m.mid,
+            token: m.token.to_vec(),
+            options: m.options.iter().map(|(n, v)| (n.0, v.to_vec())).collect(),
+            payload: m.payload.to_vec(),
+        }
+    }
+    pub fn option(&self, n: u16) -> Option<&[u8]> {
+        self.options.iter().find(|(num, _)| *num == n).map(|(_, v)| &v[..])
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).expect("JSON payload")
+    }
+}
+
+/// A UDP peer speaking raw CoAP.
+pub struct Peer {
+    pub socket: UdpSocket,
+    pub server: SocketAddr,
+    mid: u16,
+    token: u32,
+}
+
+impl Peer {
+    pub fn new(server: SocketAddr) -> Peer {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Peer { socket, server, mid: rand_u16(), token: rand_u16() as u32 }
+    }
+
+    pub fn next_mid(&mut self) -> u16 {
+        self.mid = self.mid.wrapping_add(1);
+        self.mid
+    }
+
+    pub fn next_token(&mut self) -> [u8; 4] {
+        self.token = self.token.wrapping_add(1);
+        self.token.to_be_bytes()
+    }
+
+    pub fn send(&self, data: &[u8]) {
+        self.socket.send_to(data, self.server).unwrap();
+    }
+
+    /// The next datagram, or `None` after `timeout`.
+    pub fn recv_within(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.socket.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 4096];
+        let r = self.socket.recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec());
+        self.socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        r
+    }
+
+    pub fn recv(&self) -> Reply {
+        Reply::parse(&self.recv_within(Duration::from_secs(5)).expect("a reply within 5 s"))
+    }
+
+    /// Sends and waits for the reply matching `mid` (ACK) or, for NON, any reply.
+    pub fn exchange(&self, data: &[u8]) -> Reply {
+        self.send(data);
+        self.recv()
+    }
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    (t ^ (std::process::id() << 7)) as u16
+}
+
+/// How the simulated device presents its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenIn {
+    Option2088,
+    Option61,
+    Query,
+}
+
+/// A simulated Alibaba device (iotkit / Link SDK behaviour).
+pub struct AliDevice {
+    pub peer: Peer,
+    pub pk: String,
+    pub dn: String,
+    pub secret: String,
+    pub token: Option<String>,
+    pub key: Option<SessionKey>,
+    pub seq: u64,
+    pub token_in: TokenIn,
+}
+
+impl AliDevice {
+    pub fn new(server: SocketAddr, pk: &str, dn: &str, secret: &str) -> AliDevice {
+        AliDevice {
+            peer: Peer::new(server),
+            pk: pk.into(),
+            dn: dn.into(),
+            secret: secret.into(),
+            token: None,
+            key: None,
+            seq: 0,
+            token_in: TokenIn::Option2088,
+        }
+    }
+
+    /// An `/auth` body signed with `method`; `extra` fields are added (and signed).
+    pub fn auth_body(&self, method: SignMethod, extra: &[(&str, Value)]) -> Value {
+        let mut body = json!({
+            "productKey": self.pk,
+            "deviceName": self.dn,
+            "clientId": format!("{}&{}", self.pk, self.dn),
+            "signmethod": method.name(),
+        });
+        for (k, v) in extra {
+            body[*k] = v.clone();
+        }
+        let fields: Vec<(String, String)> = body
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+            .collect();
+        let content = auth_content(fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        body["sign"] = Value::String(method.sign_hex(self.secret.as_bytes(), content.as_bytes()));
+        body
+    }
+
+    pub fn auth_request(&mut self, body: &[u8], content_format: Option<u32>, accept: Option<u32>) -> Vec<u8> {
+        let mid = self.peer.next_mid();
+        let token = self.peer.next_token();
+        let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &token).option(OptionNumber::URI_PATH, b"auth");
+        if let Some(cf) = content_format {
+            b = b.uint_option(OptionNumber::CONTENT_FORMAT, cf);
+        }
+        if let Some(a) = accept {
+            b = b.uint_option(OptionNumber::ACCEPT, a);
+        }
+        b.payload(body).build()
+    }
+
+    /// Authenticates with hmacsha256 and JSON; keeps the token (and the AES key on 5682).
+    pub fn auth(&mut self) -> Reply {
+        let body = self.auth_body(SignMethod::HmacSha256, &[("seq", json!("1"))]);
+        self.auth_with(&body)
+    }
+
+    pub fn auth_with(&mut self, body: &Value) -> Reply {
+        let req = self.auth_request(body.to_string().as_bytes(), Some(50), Some(50));
+        let reply = self.peer.exchange(&req);
+        self.adopt(&reply);
+        reply
+    }
+
+    /// Takes the token (and key) from a 2.05 `/auth` reply.
+    pub fn adopt(&mut self, reply: &Reply) {
+        if reply.code == Code::CONTENT {
+            let v = reply.json();
+            self.token = v["token"].as_str().map(str::to_string);
+            if let Some(random) = v["random"].as_str() {
+                self.key = Some(SessionKey::derive(&self.secret, random));
+                self.seq = v["seqOffset"].as_u64().unwrap();
+            }
+        }
+    }
+
+    pub fn default_topic(&self) -> String {
+        format!("/{}/{}/update", self.pk, self.dn)
+    }
+
+    /// Builds an uplink; on 5682 (a key is set) encrypts the payload and adds the next seq.
+    pub fn uplink_request(&mut self, mtype: MessageType, topic: &str, payload: &[u8]) -> Vec<u8> {
+        let seq = self.key.as_ref().map(|_| {
+            self.seq += 1;
+            self.seq
+        });
+        self.uplink_with_seq(mtype, topic, payload, seq)
+    }
+
+    pub fn uplink_with_seq(&mut self, mtype: MessageType, topic: &str, payload: &[u8], seq: Option<u64>) -> Vec<u8> {
+        let mid = self.peer.next_mid();
+        let ctoken = self.peer.next_token();
+        let token = self.token.clone().unwrap_or_default();
+        let mut b = MessageBuilder::new(mtype, Code::POST, mid, &ctoken);
+        let mut segments: Vec<String> = vec!["topic".into()];
+        segments.extend(topic.trim_start_matches('/').split('/').map(str::to_string));
+        for s in &segments {
+            b = b.option(OptionNumber::URI_PATH, s.as_bytes());
+        }
+        if self.token_in == TokenIn::Query {
+            b = b.option(OptionNumber::URI_QUERY, format!("token={token}").as_bytes());
+        }
+        b = b.uint_option(OptionNumber::ACCEPT, 42);
+        if self.token_in == TokenIn::Option61 {
+            b = b.option(OptionNumber::ALI_TOKEN_61, token.as_bytes());
+        }
+        if self.token_in == TokenIn::Option2088 {
+            b = b.option(OptionNumber::ALI_TOKEN, token.as_bytes());
+        }
+        let body = match &self.key {
+            Some(key) => {
+                if let Some(seq) = seq {
+                    b = b.option(OptionNumber::ALI_SEQ, &key.encrypt_seq(seq));
+                }
+                if payload.is_empty() { Vec::new() } else { key.encrypt(payload) }
+            }
+            None => payload.to_vec(),
+        };
+        b.payload(&body).build()
+    }
+
+    pub fn send_uplink(&mut self, payload: &[u8]) -> Reply {
+        let topic = self.default_topic();
+        let req = self.uplink_request(MessageType::Con, &topic, payload);
+        self.peer.exchange(&req)
+    }
+}
