@@ -181,7 +181,6 @@ fn messages_page_with_cursors() {
     d.auth();
     for i in 0..5 {
         assert_eq!(d.send_uplink(format!("m{i}").as_bytes()).code, nbhub::coap::message::Code::CHANGED);
-        std::thread::sleep(std::time::Duration::from_millis(210));
     }
     let admin = server.admin();
     let base = format!("/api/v1/products/{pk}/devices/{dn}/messages");

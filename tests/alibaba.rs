@@ -356,7 +356,7 @@ fn dynamic_registration_hands_out_the_secret_once() {
 
 #[test]
 fn bursts_get_4_29() {
-    let server = Server::start();
+    let server = Server::start_with(&[("NBHUB_DEVICE_MAX_PER_SECOND", "5"), ("NBHUB_DEVICE_MAX_PER_MINUTE", "300")]);
     let mut d = aes_device(&server);
     d.auth();
     // wait for the next second so the burst is not split across two windows

@@ -44,6 +44,8 @@ impl Server {
 
     fn spawn(&mut self) {
         let data = self.data_dir();
+        // a killed server leaves its endpoints file behind; wait for the new one
+        let _ = std::fs::remove_file(data.join(nbhub::ENDPOINTS_FILE));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbhub"));
         cmd.arg("serve")
@@ -55,6 +57,9 @@ impl Server {
             .env("NBHUB_AES_LISTEN", "127.0.0.1:0")
             .env("NBHUB_ADMIN_TOKEN", TOKEN)
             .env("NBHUB_LOG", "nbhub=debug,info")
+            // Flow control is tested on its own; elsewhere it would only pace the tests.
+            .env("NBHUB_DEVICE_MAX_PER_SECOND", "100000")
+            .env("NBHUB_DEVICE_MAX_PER_MINUTE", "1000000")
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in &self.extra_env {
