@@ -3,11 +3,11 @@
 
 use smallvec::SmallVec;
 
-use super::{Alibaba, admit, body};
+use super::body::SignedBody;
+use super::{Alibaba, admit};
 use crate::auth::sign::{SignMethod, auth_content};
 use crate::coap::message::Code;
-use crate::coap::option::{OptionNumber, content_format};
-use crate::coap::resource::{Outcome, Request, Response};
+use crate::coap::resource::{Outcome, Request};
 use crate::store::Op;
 use crate::store::records::{AckMode, PortFamily, PresenceRecord, SessionRecord};
 use crate::telemetry::metric;
@@ -21,58 +21,27 @@ fn refuse(code: Code, reason: &'static str) -> Outcome {
     Outcome::code(code)
 }
 
-/// Accept and Content-Format may be absent, JSON or CBOR (seed 002 table 3-3: 4.06 / 4.15).
-pub(super) fn negotiate(req: &Request<'_, '_>) -> Result<(Option<u32>, u32), Outcome> {
-    let accept = match req.msg.uint_option(OptionNumber::ACCEPT) {
-        Ok(None) => content_format::JSON,
-        Ok(Some(f @ (content_format::JSON | content_format::CBOR))) => f,
-        _ => return Err(Outcome::code(Code::NOT_ACCEPTABLE)),
-    };
-    let cf = match req.msg.uint_option(OptionNumber::CONTENT_FORMAT) {
-        Ok(f @ (None | Some(content_format::JSON | content_format::CBOR))) => f,
-        _ => return Err(Outcome::code(Code::UNSUPPORTED_CONTENT_FORMAT)),
-    };
-    Ok((cf, accept))
-}
-
-/// Encodes a flat string/number object in the representation the device asked for.
-pub(super) fn encode_reply(accept: u32, value: serde_json::Value) -> Response {
-    if accept == content_format::CBOR {
-        let mut buf = Vec::new();
-        ciborium::into_writer(&value, &mut buf).expect("a JSON value encodes as CBOR");
-        Response::with_payload(Code::CONTENT, content_format::CBOR, buf)
-    } else {
-        Response::with_payload(Code::CONTENT, content_format::JSON, value.to_string().into_bytes())
-    }
-}
-
 impl Alibaba {
     pub(super) fn auth(&self, req: &Request<'_, '_>) -> Outcome {
-        let (cf, accept) = match negotiate(req) {
-            Ok(v) => v,
-            Err(o) => return o,
+        let body = match SignedBody::read(req, SignMethod::HmacMd5) {
+            Ok(b) => b,
+            Err((code, reason)) => return refuse(code, reason),
         };
-        let Ok(fields) = body::parse(cf, req.msg.payload) else { return refuse(Code::BAD_REQUEST, "bad_body") };
-        let field = |k: &str| fields.get(k).map(String::as_str);
-        let (Some(pk), Some(dn), Some(client_id), Some(sign)) =
-            (field("productKey"), field("deviceName"), field("clientId"), field("sign"))
-        else {
-            return refuse(Code::BAD_REQUEST, "missing_field");
+        let [pk, dn, client_id, sign] = match body.require(["productKey", "deviceName", "clientId", "sign"]) {
+            Ok(v) => v,
+            Err((code, reason)) => return refuse(code, reason),
         };
         if client_id.is_empty() || client_id.chars().count() > 64 {
             return refuse(Code::BAD_REQUEST, "bad_client_id");
         }
-        let Some(method) = field("signmethod").map_or(Some(SignMethod::HmacMd5), SignMethod::parse) else {
-            return refuse(Code::BAD_REQUEST, "bad_signmethod");
-        };
-        let ack_mode = match field("ackMode") {
+        let ack_mode = match body.get("ackMode") {
             None | Some("0") => AckMode::Piggybacked,
             Some("1") => AckMode::Separate,
             Some(_) => return refuse(Code::BAD_REQUEST, "bad_ack_mode"),
         };
         let Some(device) = self.registry.device(pk, dn) else { return refuse(Code::UNAUTHORIZED, "unknown_device") };
-        let content = auth_content(fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        if !method.verify(device.secret.expose().as_bytes(), content.as_bytes(), sign) {
+        let content = auth_content(body.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if !body.method.verify(device.secret.expose().as_bytes(), content.as_bytes(), sign) {
             return refuse(Code::UNAUTHORIZED, "bad_signature");
         }
         let now = req.now.wall;
@@ -109,7 +78,7 @@ impl Alibaba {
         tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, ?token, "authenticated");
         Outcome::Persist {
             ops,
-            response: encode_reply(accept, reply),
+            response: body.reply(reply),
             separate: ack_mode == AckMode::Separate,
             undo: None,
         }

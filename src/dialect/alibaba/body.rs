@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::coap::option::content_format;
+use crate::auth::sign::SignMethod;
+use crate::coap::message::Code;
+use crate::coap::option::{OptionNumber, content_format};
+use crate::coap::resource::{Request, Response};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
@@ -18,6 +21,64 @@ pub enum BodyError {
 const IGNORED_STRUCTURED: [&str; 1] = ["resources"];
 
 pub type Fields = BTreeMap<String, String>;
+
+/// A signed request body (`/auth`, `/auth/register/device`) with the representation the device
+/// wants its answer in.
+pub struct SignedBody {
+    pub fields: Fields,
+    /// Content-Format for the reply: JSON unless the device asked for CBOR.
+    pub accept: u32,
+    pub method: SignMethod,
+}
+
+/// Why a signed body was refused: the CoAP code and a label for the metrics.
+pub type Refusal = (Code, &'static str);
+
+impl SignedBody {
+    /// Content negotiation (seed 002 table 3-3: 4.06 / 4.15), parsing, and `signmethod`
+    /// (`default` when absent).
+    pub fn read(req: &Request<'_, '_>, default: SignMethod) -> Result<SignedBody, Refusal> {
+        let accept = match req.msg.uint_option(OptionNumber::ACCEPT) {
+            Ok(None) => content_format::JSON,
+            Ok(Some(f @ (content_format::JSON | content_format::CBOR))) => f,
+            _ => return Err((Code::NOT_ACCEPTABLE, "not_acceptable")),
+        };
+        let cf = match req.msg.uint_option(OptionNumber::CONTENT_FORMAT) {
+            Ok(f @ (None | Some(content_format::JSON | content_format::CBOR))) => f,
+            _ => return Err((Code::UNSUPPORTED_CONTENT_FORMAT, "unsupported_content_format")),
+        };
+        let fields = parse(cf, req.msg.payload).map_err(|_| (Code::BAD_REQUEST, "bad_body"))?;
+        let method = match fields.get("signmethod") {
+            None => default,
+            Some(m) => SignMethod::parse(m).ok_or((Code::BAD_REQUEST, "bad_signmethod"))?,
+        };
+        Ok(SignedBody { fields, accept, method })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    /// The values of required fields, or 4.00 if one is missing.
+    pub fn require<const N: usize>(&self, keys: [&str; N]) -> Result<[&str; N], Refusal> {
+        let mut out = [""; N];
+        for (slot, key) in out.iter_mut().zip(keys) {
+            *slot = self.get(key).ok_or((Code::BAD_REQUEST, "missing_field"))?;
+        }
+        Ok(out)
+    }
+
+    /// A 2.05 carrying `value` as JSON or CBOR, as the device accepts.
+    pub fn reply(&self, value: serde_json::Value) -> Response {
+        if self.accept == content_format::CBOR {
+            let mut buf = Vec::new();
+            ciborium::into_writer(&value, &mut buf).expect("a JSON value encodes as CBOR");
+            Response::with_payload(Code::CONTENT, content_format::CBOR, buf)
+        } else {
+            Response::with_payload(Code::CONTENT, content_format::JSON, value.to_string().into_bytes())
+        }
+    }
+}
 
 pub fn parse(content_format: Option<u32>, payload: &[u8]) -> Result<Fields, BodyError> {
     match content_format {

@@ -3,8 +3,8 @@
 
 use smallvec::smallvec;
 
-use super::auth::{encode_reply, negotiate};
-use super::{Alibaba, admit, body};
+use super::body::SignedBody;
+use super::{Alibaba, admit};
 use crate::auth::sign::{SignMethod, register_content};
 use crate::coap::message::Code;
 use crate::coap::resource::{Outcome, Request};
@@ -18,23 +18,17 @@ fn refuse(code: Code, reason: &'static str) -> Outcome {
 
 impl Alibaba {
     pub(super) fn register(&self, req: &Request<'_, '_>) -> Outcome {
-        let (cf, accept) = match negotiate(req) {
+        let body = match SignedBody::read(req, SignMethod::HmacSha256) {
+            Ok(b) => b,
+            Err((code, reason)) => return refuse(code, reason),
+        };
+        let [pk, dn, random, sign] = match body.require(["productKey", "deviceName", "random", "sign"]) {
             Ok(v) => v,
-            Err(o) => return o,
-        };
-        let Ok(fields) = body::parse(cf, req.msg.payload) else { return refuse(Code::BAD_REQUEST, "bad_body") };
-        let field = |k: &str| fields.get(k).map(String::as_str);
-        let (Some(pk), Some(dn), Some(random), Some(sign)) =
-            (field("productKey"), field("deviceName"), field("random"), field("sign"))
-        else {
-            return refuse(Code::BAD_REQUEST, "missing_field");
-        };
-        let Some(method) = field("signmethod").map_or(Some(SignMethod::HmacSha256), SignMethod::parse) else {
-            return refuse(Code::BAD_REQUEST, "bad_signmethod");
+            Err((code, reason)) => return refuse(code, reason),
         };
         let Some(product) = self.registry.product(pk) else { return refuse(Code::UNAUTHORIZED, "unknown_product") };
         let content = register_content(pk, dn, random);
-        if !method.verify(product.product_secret.expose().as_bytes(), content.as_bytes(), sign) {
+        if !body.method.verify(product.product_secret.expose().as_bytes(), content.as_bytes(), sign) {
             return refuse(Code::UNAUTHORIZED, "bad_signature");
         }
         if !product.dynamic_registration {
@@ -58,7 +52,7 @@ impl Alibaba {
         let undo_device = device.clone();
         Outcome::Persist {
             ops: smallvec![Op::PutDevice(device.record())],
-            response: encode_reply(accept, serde_json::json!({ "deviceSecret": secret })),
+            response: body.reply(serde_json::json!({ "deviceSecret": secret })),
             separate: false,
             undo: Some(Box::new(move || undo_device.state().registered = false)),
         }
