@@ -19,7 +19,9 @@ pub enum Seen {
 type Key = (SocketAddr, u16);
 
 pub struct DedupCache {
-    map: HashMap<Key, (Instant, Seen)>,
+    /// foldhash: several times cheaper than SipHash here, and still seeded per process so a
+    /// sender cannot choose colliding addresses.
+    map: HashMap<Key, (Instant, Seen), foldhash::fast::RandomState>,
     /// Insertion order; entries expire in this order because the lifetime is constant.
     order: VecDeque<(Instant, Key)>,
     capacity: usize,
@@ -29,7 +31,7 @@ pub struct DedupCache {
 
 impl DedupCache {
     pub fn new(capacity: usize, lifetime: Duration) -> DedupCache {
-        DedupCache { map: HashMap::new(), order: VecDeque::new(), capacity, lifetime, evictions: 0 }
+        DedupCache { map: HashMap::default(), order: VecDeque::new(), capacity, lifetime, evictions: 0 }
     }
 
     pub fn get(&self, peer: SocketAddr, mid: u16, now: Instant) -> Option<&Seen> {

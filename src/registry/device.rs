@@ -7,7 +7,11 @@ use std::sync::{Mutex, MutexGuard};
 use crate::clock::UnixMs;
 use crate::config::DeviceConfig;
 use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret, Token};
-use crate::store::records::{DeviceRecord, Radio};
+use crate::store::records::{DeviceRecord, PresenceRecord, Radio};
+
+/// How stale the stored last contact may get. A busy device would otherwise add a write to every
+/// uplink; status thresholds are hours, so after a crash a minute of staleness costs nothing.
+const PRESENCE_WRITE_INTERVAL_MS: u64 = 60_000;
 
 pub struct Device {
     pub id: DeviceId,
@@ -28,6 +32,8 @@ pub struct DeviceState {
     pub radio: Radio,
     pub last_seen: Option<UnixMs>,
     pub address: Option<SocketAddr>,
+    /// `last_seen` as last written to the store.
+    persisted_seen: Option<UnixMs>,
     /// Live tokens (the current one per port family and any still in their grace period).
     pub tokens: Vec<Token>,
     flow: FlowCounter,
@@ -59,6 +65,7 @@ impl Device {
                 radio: r.radio,
                 last_seen,
                 address,
+                persisted_seen: last_seen,
                 tokens: Vec::new(),
                 flow: FlowCounter::default(),
             }),
@@ -110,6 +117,19 @@ impl DeviceState {
     /// Counts a request against the device's limits; `Err(seconds)` tells when to retry.
     pub fn admit(&mut self, now: UnixMs, cfg: &DeviceConfig) -> Result<(), u32> {
         self.flow.admit(now, cfg.max_per_second, cfg.max_per_minute)
+    }
+
+    /// Records a contact; returns the presence to store when the stored one is due for renewal
+    /// (older than a minute, or the device moved to another address).
+    pub fn seen(&mut self, now: UnixMs, address: SocketAddr) -> Option<PresenceRecord> {
+        let moved = self.address != Some(address);
+        self.last_seen = Some(now);
+        self.address = Some(address);
+        let due = self.persisted_seen.is_none_or(|p| now.0 >= p.0 + PRESENCE_WRITE_INTERVAL_MS);
+        (moved || due).then(|| {
+            self.persisted_seen = Some(now);
+            PresenceRecord { last_seen: now, address: Some(address) }
+        })
     }
 
     /// Activated devices may no longer use dynamic registration.
@@ -187,6 +207,7 @@ mod tests {
             radio: Radio::default(),
             last_seen: None,
             address: None,
+            persisted_seen: None,
             tokens: vec![],
             flow: FlowCounter::default(),
         };
@@ -197,5 +218,33 @@ mod tests {
         assert_eq!(s.status(now, &c), Status::Abnormal);
         s.last_seen = Some(UnixMs(now.0 - 49 * 3600 * 1000 - 1000));
         assert_eq!(s.status(now, &c), Status::Offline);
+    }
+
+    #[test]
+    fn presence_is_written_once_a_minute_or_on_a_move() {
+        let mut s = Device::from_record(
+            DeviceRecord {
+                id: crate::identity::DeviceId(1),
+                product_key: ProductKey::new("p").unwrap(),
+                device_name: DeviceName::new("d").unwrap(),
+                device_secret: Secret::new("s").unwrap(),
+                node_id: None,
+                psk_hex: None,
+                enabled: true,
+                registered: false,
+                radio: Radio::default(),
+                created_at: 0,
+            },
+            None,
+            None,
+        );
+        let s = s.state.get_mut().unwrap();
+        let a: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        assert!(s.seen(UnixMs(1_000), a).is_some());
+        assert!(s.seen(UnixMs(30_000), a).is_none());
+        assert_eq!(s.last_seen, Some(UnixMs(30_000)));
+        assert!(s.seen(UnixMs(31_000), b).is_some(), "a new address is written at once");
+        assert!(s.seen(UnixMs(91_000), b).is_some());
     }
 }

@@ -2,7 +2,9 @@
 //! rarely meet on a lock.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::cipher::SessionKey;
@@ -62,17 +64,17 @@ pub enum SeqOutcome {
 }
 
 pub struct Sessions {
-    shards: Box<[Mutex<HashMap<Token, Session>>]>,
+    shards: Box<[Mutex<HashMap<Token, Session, RandomState>>]>,
     hasher: RandomState,
     ttl_s: u64,
 }
 
 impl Sessions {
     pub fn new(ttl_s: u64) -> Sessions {
-        Sessions { shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(), hasher: RandomState::new(), ttl_s }
+        Sessions { shards: (0..64).map(|_| Mutex::new(HashMap::default())).collect(), hasher: RandomState::default(), ttl_s }
     }
 
-    fn shard(&self, token: &[u8]) -> MutexGuard<'_, HashMap<Token, Session>> {
+    fn shard(&self, token: &[u8]) -> MutexGuard<'_, HashMap<Token, Session, RandomState>> {
         let i = self.hasher.hash_one(token) as usize % self.shards.len();
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }

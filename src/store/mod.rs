@@ -82,16 +82,39 @@ impl Store {
         db_opts.increase_parallelism(2);
         db_opts.set_max_background_jobs(2);
         db_opts.set_keep_log_file_num(4);
+        // Required by the hash-based memtable of the messages column family; nbhub has a
+        // single writer thread, so concurrent memtable inserts would gain nothing.
+        db_opts.set_allow_concurrent_memtable_write(false);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut o = Options::default();
             match *name {
                 CF_MESSAGES => {
                     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
                     o.set_write_buffer_size(64 << 20);
+                    // Uplinks arrive from many devices at once; one global skiplist made every
+                    // insert a deep, cache-missing search (the top item of the write path's
+                    // profile). Hashing by device (the 8-byte key prefix) keeps each insert in a
+                    // short per-device list; reads are per-device prefix scans anyway.
+                    o.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(8));
+                    o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+                        bucket_count: 262_144,
+                        height: 4,
+                        branching_factor: 4,
+                    });
                 }
-                CF_REPLAY => o.set_merge_operator_associative("nbhub_replay_window", |_key, existing, ops| {
-                    replay::merge(existing, ops.iter())
-                }),
+                CF_REPLAY => {
+                    o.set_merge_operator_associative("nbhub_replay_window", |_key, existing, ops| {
+                        replay::merge(existing, ops.iter())
+                    });
+                    // One merge operand per 5682 uplink: hash by the token's first 8 bytes (its
+                    // keys are 32-character tokens, read only by point lookups).
+                    o.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(8));
+                    o.set_memtable_factory(rocksdb::MemtableFactory::HashSkipList {
+                        bucket_count: 262_144,
+                        height: 4,
+                        branching_factor: 4,
+                    });
+                }
                 _ => {}
             }
             ColumnFamilyDescriptor::new(*name, o)
@@ -163,7 +186,9 @@ impl Store {
         };
         let prefix = device.0.to_be_bytes();
         let mut out = Vec::with_capacity(limit.min(1024));
-        let iter = self.db.iterator_cf(self.cf(CF_MESSAGES), IteratorMode::From(&start, Direction::Forward));
+        let mut read = rocksdb::ReadOptions::default();
+        read.set_prefix_same_as_start(true);
+        let iter = self.db.iterator_cf_opt(self.cf(CF_MESSAGES), read, IteratorMode::From(&start, Direction::Forward));
         for item in iter {
             let (k, v) = item?;
             if !k.starts_with(&prefix) || k.len() != 16 {

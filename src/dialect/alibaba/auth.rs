@@ -9,7 +9,7 @@ use crate::auth::sign::{SignMethod, auth_content};
 use crate::coap::message::Code;
 use crate::coap::resource::{Outcome, Request};
 use crate::store::Op;
-use crate::store::records::{AckMode, PortFamily, PresenceRecord, SessionRecord};
+use crate::store::records::{AckMode, PortFamily, SessionRecord};
 use crate::telemetry::metric;
 
 /// Sequence numbers on 5682 start here; the key is new for every session, so a fixed start
@@ -45,6 +45,7 @@ impl Alibaba {
             return refuse(Code::UNAUTHORIZED, "bad_signature");
         }
         let now = req.now.wall;
+        let presence;
         {
             let mut state = device.state();
             if !state.enabled {
@@ -53,8 +54,7 @@ impl Alibaba {
             if let Err(o) = admit(&mut state, req, &self.registry) {
                 return o;
             }
-            state.last_seen = Some(now);
-            state.address = Some(req.peer);
+            presence = state.seen(now, req.peer);
         }
         let random = (self.family == PortFamily::Aes).then(|| hex::encode(rand::random::<[u8; 8]>()));
         let record = SessionRecord {
@@ -69,7 +69,9 @@ impl Alibaba {
         };
         let (token, session_ops) = self.registry.open_session(&device, record, now);
         let mut ops: SmallVec<[Op; 3]> = session_ops.into_iter().collect();
-        ops.push(Op::Presence { device: device.id, record: PresenceRecord { last_seen: now, address: Some(req.peer) } });
+        if let Some(record) = presence {
+            ops.push(Op::Presence { device: device.id, record });
+        }
         let reply = match random {
             Some(random) => serde_json::json!({"random": random, "seqOffset": SEQ_OFFSET, "token": token.as_str()}),
             None => serde_json::json!({"token": token.as_str()}),

@@ -12,7 +12,7 @@ use crate::coap::resource::{Outcome, Request, Response};
 use crate::identity::{DeviceName, ProductKey, Token};
 use crate::registry::{Lookup, SeqOutcome};
 use crate::store::Op;
-use crate::store::records::{AckMode, PortFamily, PresenceRecord};
+use crate::store::records::{AckMode, PortFamily};
 
 /// The token as sent: options win over the query, 2088 over 61 (both exist in the field).
 fn token<'a>(req: &'a Request<'_, '_>) -> Option<&'a [u8]> {
@@ -94,20 +94,16 @@ impl Alibaba {
             SeqOutcome::Replayed => return Outcome::code(Code::BAD_REQUEST),
             SeqOutcome::Invalid => return Outcome::code(Code::UNAUTHORIZED),
         };
-        {
-            let mut state = device.state();
-            state.last_seen = Some(now);
-            state.address = Some(req.peer);
-        }
+        let presence = device.state().seen(now, req.peer);
         let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
         for s in segments {
             topic.push('/');
             topic.push_str(s);
         }
-        let mut ops = smallvec![
-            Op::Uplink { device: device.id, received_at: now, topic, payload },
-            Op::Presence { device: device.id, record: PresenceRecord { last_seen: now, address: Some(req.peer) } },
-        ];
+        let mut ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload }];
+        if let Some(record) = presence {
+            ops.push(Op::Presence { device: device.id, record });
+        }
         if seq.is_some() || touch.is_some() {
             let token = Token::from_bytes(token).expect("a token that was found is well-formed");
             if let Some(seq) = seq {
