@@ -271,7 +271,7 @@ fn non_uplinks_get_non_responses() {
 
 #[test]
 fn ack_mode_1_answers_with_an_empty_ack_then_a_separate_response() {
-    let server = Server::start();
+    let server = Server::start_with(&[("NBHUB_COAP_ACK_TIMEOUT_MS", "300")]);
     let mut d = aes_device(&server);
     let body = d.auth_body(SignMethod::HmacSha256, &[("ackMode", json!("1"))]);
     let req = d.auth_request(body.to_string().as_bytes(), Some(50), Some(50));
@@ -297,7 +297,7 @@ fn ack_mode_1_answers_with_an_empty_ack_then_a_separate_response() {
     assert_code(&result, Code::CHANGED);
     assert!(result.option(2090).is_some());
     // not acknowledged: the server retransmits the separate response
-    let again = Reply::parse(&d.peer.recv_within(Duration::from_secs(30)).expect("retransmission"));
+    let again = Reply::parse(&d.peer.recv_within(Duration::from_secs(5)).expect("retransmission"));
     assert_eq!(again.mid, result.mid);
     d.peer.send(&nbhub::coap::message::empty(MessageType::Ack, result.mid));
     assert_eq!(server.stored(&d.pk, &d.dn).len(), 1);
