@@ -40,7 +40,7 @@ fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
     config.device.max_per_minute = u32::MAX;
     let config = Arc::new(config);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let store = Store::open(&dir.path().join("db")).unwrap();
+    let store = Store::open(&dir.path().join("db"), None).unwrap();
     let (writer, thread) = WriterThread::start(&store, sync, config.store.max_batch).unwrap();
     let registry = Arc::new(runtime.block_on(Registry::load(config, store, writer.clone())).unwrap());
     let pk = ProductKey::new("benchProduct").unwrap();

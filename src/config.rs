@@ -90,6 +90,13 @@ pub struct DeviceConfig {
 pub struct StoreConfig {
     pub sync: SyncPolicy,
     pub max_batch: usize,
+    pub message_retention_s: u64,
+}
+
+impl StoreConfig {
+    pub fn message_retention(&self) -> Option<Duration> {
+        (self.message_retention_s > 0).then(|| Duration::from_secs(self.message_retention_s))
+    }
 }
 
 /// How a group-committed batch is made durable before devices see success.

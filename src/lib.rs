@@ -67,7 +67,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .map_err(io_err(format!("cannot create data directory {}", data_dir.display())))?;
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
 
-    let store = Store::open(&data_dir.join("db"))?;
+    let store = Store::open(&data_dir.join("db"), config.store.message_retention())?;
     let (writer, writer_thread) = WriterThread::start(&store, config.store.sync, config.store.max_batch)?;
     let registry = Arc::new(Registry::load(config.clone(), store, writer.clone()).await?);
     let admin_token = admin_token(&config, &data_dir)?;
@@ -91,6 +91,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
             })
             .await
     });
+
+    tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
 
     let endpoints = Endpoints { coap, aes, admin };
     write_endpoints(&data_dir, &endpoints)?;
@@ -144,6 +146,23 @@ fn spawn_port(
         tasks.spawn(transport::udp::serve(socket, endpoint, writer.clone(), recv_slot, label, stop.clone()));
     }
     Ok(bound)
+}
+
+/// Expired sessions are refused as soon as they are looked up; this hourly sweep also frees
+/// their memory and stored records for devices that never came back.
+async fn sweep_sessions(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = every.tick() => match registry.sweep_expired_sessions(clock::UnixMs::now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "removed expired sessions"),
+                Err(e) => tracing::warn!(error = %e, "could not remove expired sessions"),
+            },
+        }
+    }
 }
 
 /// The configured token, else the one stored in the data directory, else a new one stored there

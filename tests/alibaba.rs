@@ -372,6 +372,7 @@ fn bursts_get_4_29() {
     assert_eq!(server.stored(&d.pk, &d.dn).len(), ok);
     let metrics = reqwest_metrics(&server);
     assert!(metrics.contains("nbhub_flow_control_rejections_total"), "{metrics}");
+    assert!(metrics.contains(r#"nbhub_coap_responses_total{port="aes",code="4.29"}"#), "{metrics}");
 }
 
 fn now_ms() -> u128 {

@@ -297,6 +297,18 @@ impl Registry {
         Ok(())
     }
 
+    /// Deletes sessions that expired (idle past the TTL, or replaced and past their grace) from
+    /// memory and the store; returns how many.
+    pub async fn sweep_expired_sessions(&self, now: UnixMs) -> Result<usize, StoreError> {
+        let gone = self.sessions.drain_expired(now);
+        let n = gone.len();
+        if n > 0 {
+            self.writer.commit(gone.into_iter().map(Op::DeleteSession)).await?;
+        }
+        self.export_gauges();
+        Ok(n)
+    }
+
     /// Starts a session for `device`: the new token is usable at once; the device's previous
     /// token on the same port family keeps working for the grace period (the device may still
     /// retransmit with it). Returns the writes that must be durable before the token is revealed.
@@ -323,5 +335,58 @@ impl Registry {
         ops.push(Op::PutSession { token: token.clone(), record: record.clone() });
         self.sessions.insert(token.clone(), Session::new(device.clone(), record, window));
         (token, ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::WriterThread;
+    use crate::store::records::{AckMode, PortFamily};
+
+    #[tokio::test]
+    async fn expired_sessions_are_swept_from_memory_and_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::load_with_env(None, Vec::new()).unwrap();
+        config.auth.token_ttl_s = 60;
+        let store = Store::open(dir.path(), None).unwrap();
+        let (writer, thread) = WriterThread::start(&store, config.store.sync, 16).unwrap();
+        let registry = Registry::load(Arc::new(config), store.clone(), writer).await.unwrap();
+        let pk = ProductKey::new("p").unwrap();
+        registry
+            .create_product(NewProduct {
+                name: "p".into(),
+                product_key: Some(pk.clone()),
+                product_secret: None,
+                dynamic_registration: false,
+                ota_protocol: OtaProtocol::Pcp,
+                awake_window_s: 20,
+            })
+            .await
+            .unwrap();
+        let device = registry
+            .create_device(&pk, NewDevice { device_name: None, device_secret: None, node_id: None, psk_hex: None })
+            .await
+            .unwrap();
+        let now = UnixMs::now();
+        let session = |last_used: u64| SessionRecord {
+            device_id: device.id,
+            family: PortFamily::Plain,
+            random: None,
+            seq_offset: 1,
+            ack_mode: AckMode::Piggybacked,
+            created_at: last_used,
+            last_used,
+            replaced_until: None,
+        };
+        for last_used in [now.0 - 120_000, now.0] {
+            let (_, ops) = registry.open_session(&device, session(last_used), now);
+            registry.writer().commit(ops).await.unwrap();
+        }
+        // the second /auth replaced the first token; the first was idle past the TTL anyway
+        assert_eq!(registry.sweep_expired_sessions(now).await.unwrap(), 1);
+        assert_eq!(registry.sessions.len(), 1);
+        assert_eq!(store.sessions().unwrap().len(), 1);
+        thread.stop();
     }
 }

@@ -157,6 +157,22 @@ impl Sessions {
         self.shard(token).get(token).is_some_and(|s| !s.expired(now, self.ttl_s))
     }
 
+    /// Removes every expired session from memory and returns their tokens.
+    pub fn drain_expired(&self, now: UnixMs) -> Vec<Token> {
+        let mut gone = Vec::new();
+        for shard in self.shards.iter() {
+            let mut m = shard.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|t, s| {
+                let keep = !s.expired(now, self.ttl_s);
+                if !keep {
+                    gone.push(t.clone());
+                }
+                keep
+            });
+        }
+        gone
+    }
+
     /// The family of a live token.
     pub fn family(&self, token: &[u8]) -> Option<PortFamily> {
         self.shard(token).get(token).map(|s| s.family)

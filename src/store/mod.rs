@@ -8,10 +8,12 @@ mod writer;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 
 use crate::auth::replay::{self, ReplayWindow};
+use crate::clock::UnixMs;
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
 pub use writer::{Committed, Completion, Job, MessageId, Op, Writer, WriterThread};
@@ -65,6 +67,15 @@ pub fn message_key(device: DeviceId, id: MessageId) -> [u8; 16] {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
+    /// Uplinks older than this are expired (hidden from reads, dropped by compaction).
+    retention: Option<Duration>,
+}
+
+/// Whether a stored message (by its encoded record) is older than `retention`.
+fn expired(record: &[u8], retention: Duration, now: UnixMs) -> bool {
+    let Some(at) = record.get(..8) else { return false };
+    let received = u64::from_le_bytes(at.try_into().expect("8 bytes"));
+    received.saturating_add(retention.as_millis() as u64) < now.0
 }
 
 fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
@@ -75,7 +86,7 @@ fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, S
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, retention: Option<Duration>) -> Result<Store, StoreError> {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -101,6 +112,18 @@ impl Store {
                         height: 4,
                         branching_factor: 4,
                     });
+                    if let Some(retention) = retention {
+                        // Expiry costs nothing on the write path: compactions drop what is too
+                        // old, and periodic compaction makes sure every file gets that look.
+                        o.set_compaction_filter("nbhub_message_retention", move |_level, _key, value: &[u8]| {
+                            if expired(value, retention, UnixMs::now()) {
+                                rocksdb::compaction_filter::Decision::Remove
+                            } else {
+                                rocksdb::compaction_filter::Decision::Keep
+                            }
+                        });
+                        o.set_periodic_compaction_seconds(86_400);
+                    }
                 }
                 CF_REPLAY => {
                     o.set_merge_operator_associative("nbhub_replay_window", |_key, existing, ops| {
@@ -120,7 +143,7 @@ impl Store {
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        Ok(Store { db: Arc::new(db) })
+        Ok(Store { db: Arc::new(db), retention })
     }
 
     pub(crate) fn db(&self) -> &Arc<DB> {
@@ -185,6 +208,7 @@ impl Store {
             None => message_key(device, MessageId(0)),
         };
         let prefix = device.0.to_be_bytes();
+        let now = UnixMs::now();
         let mut out = Vec::with_capacity(limit.min(1024));
         let mut read = rocksdb::ReadOptions::default();
         read.set_prefix_same_as_start(true);
@@ -197,6 +221,9 @@ impl Store {
             if out.len() == limit {
                 return Ok((out, true));
             }
+            if self.retention.is_some_and(|r| expired(&v, r, now)) {
+                continue;
+            }
             let id = MessageId(u64::from_be_bytes(k[8..].try_into().unwrap()));
             let record = MessageRecord::decode(&v).ok_or_else(|| corrupt(&k, "bad message record"))?;
             out.push((id, record));
@@ -207,4 +234,44 @@ impl Store {
 
 fn corrupt(key: &[u8], reason: &str) -> StoreError {
     StoreError::Corrupt { key: hex::encode(key), reason: reason.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SyncPolicy;
+    use records::MessageRecord;
+
+    #[test]
+    fn expired_messages_are_hidden_then_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Some(Duration::from_secs(60))).unwrap();
+        let (writer, thread) = WriterThread::start(&store, SyncPolicy::Wal, 100).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let device = DeviceId(7);
+        let now = UnixMs::now();
+        for (age_s, payload) in [(3600, "old"), (0, "new")] {
+            let op = Op::Uplink {
+                device,
+                received_at: UnixMs(now.0 - age_s * 1000),
+                topic: "/p/d/t".into(),
+                payload: payload.as_bytes().to_vec(),
+            };
+            rt.block_on(writer.commit([op])).unwrap();
+        }
+        let (rows, more) = store.messages(device, None, 10).unwrap();
+        let payloads: Vec<&[u8]> = rows.iter().map(|(_, m)| &m.payload[..]).collect();
+        assert_eq!((payloads, more), (vec![&b"new"[..]], false));
+        let all = |s: &Store| {
+            let mut read = rocksdb::ReadOptions::default();
+            read.set_total_order_seek(true);
+            s.db.iterator_cf_opt(s.cf(CF_MESSAGES), read, IteratorMode::Start).map(|r| r.unwrap().1).collect::<Vec<_>>()
+        };
+        let raw = |s: &Store| all(s).len();
+        assert_eq!(raw(&store), 2);
+        store.db.compact_range_cf(store.cf(CF_MESSAGES), None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(raw(&store), 1);
+        assert_eq!(MessageRecord::decode(&all(&store)[0]).unwrap().payload, b"new");
+        thread.stop();
+    }
 }

@@ -1,6 +1,7 @@
 //! The I/O shell around a CoAP [`Endpoint`]: one task per socket moves datagrams in batches,
 //! hands writes to the store's writer and sends what the endpoint decides, when it decides it.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use super::mmsg::{self, RecvBatch};
 use crate::clock::Now;
 use crate::coap::endpoint::{Actions, Endpoint};
+use crate::coap::message::Code;
 use crate::coap::resource::Resources;
 use crate::store::{Committed, Completion, Job, Writer};
 use crate::telemetry::metric;
@@ -43,16 +45,34 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocke
 
 /// Metric handles for one port, registered once rather than looked up per datagram.
 struct PortMetrics {
+    port: &'static str,
     received: Counter,
     sent: Counter,
     bytes_in: Counter,
     bytes_out: Counter,
     stored: Counter,
+    /// Responses by code, registered on first use.
+    codes: HashMap<u8, Counter>,
 }
 
 impl PortMetrics {
+    fn count_response(&mut self, datagram: &[u8]) {
+        // Byte 1 is the code; Empty ACK/RST (0.00) are message-layer, not responses.
+        let Some(&code) = datagram.get(1) else { return };
+        if code == 0 {
+            return;
+        }
+        let port = self.port;
+        self.codes
+            .entry(code)
+            .or_insert_with(|| metrics::counter!(metric::RESPONSES, "port" => port, "code" => Code(code).to_string()))
+            .increment(1);
+    }
+
     fn new(port: &'static str) -> PortMetrics {
         PortMetrics {
+            port,
+            codes: HashMap::new(),
             received: metrics::counter!(metric::DATAGRAMS_RECEIVED, "port" => port),
             sent: metrics::counter!(metric::DATAGRAMS_SENT, "port" => port),
             bytes_in: metrics::counter!(metric::BYTES_RECEIVED, "port" => port),
@@ -81,7 +101,7 @@ pub async fn serve<R: Resources>(
     let mut batch = RecvBatch::new(32, recv_slot);
     let mut actions = Actions::default();
     let mut outbox: Vec<(SocketAddr, Bytes)> = Vec::new();
-    let m = PortMetrics::new(port);
+    let mut m = PortMetrics::new(port);
     let mut last_export = Instant::now();
     loop {
         let deadline = endpoint.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -132,7 +152,7 @@ pub async fn serve<R: Resources>(
                 endpoint.handle_timeout(Now::read(), &mut actions);
             }
         }
-        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &m).await;
+        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &mut m).await;
         if last_export.elapsed() >= Duration::from_secs(1) {
             last_export = Instant::now();
             export_stats(&mut endpoint, port);
@@ -145,7 +165,7 @@ pub async fn serve<R: Resources>(
             Ok(Some(c)) => endpoint.handle_committed(Now::read(), c.ticket, c.result, &mut actions),
             _ => break,
         }
-        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &m).await;
+        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &mut m).await;
     }
     export_stats(&mut endpoint, port);
     Ok(())
@@ -157,7 +177,7 @@ async fn flush(
     sink: &mpsc::UnboundedSender<Committed>,
     actions: &mut Actions,
     outbox: &mut Vec<(SocketAddr, Bytes)>,
-    m: &PortMetrics,
+    m: &mut PortMetrics,
 ) {
     for (ticket, ops) in actions.writes.drain(..) {
         writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket } });
@@ -169,6 +189,7 @@ async fn flush(
             Ok(n) => {
                 for (_, d) in &outbox[sent..sent + n] {
                     m.bytes_out.increment(d.len() as u64);
+                    m.count_response(d);
                 }
                 m.sent.increment(n as u64);
                 sent += n;
