@@ -363,7 +363,11 @@ fn bursts_get_4_29() {
     std::thread::sleep(Duration::from_millis(1000 - (now_ms() % 1000) as u64));
     let mut codes = Vec::new();
     for i in 0..10 {
-        codes.push(d.send_uplink(format!("{i}").as_bytes()).code);
+        let reply = d.send_uplink(format!("{i}").as_bytes());
+        if reply.code == Code::TOO_MANY_REQUESTS {
+            assert_eq!(reply.option(14), Some(&[1u8][..]), "Max-Age tells when to retry");
+        }
+        codes.push(reply.code);
     }
     let ok = codes.iter().filter(|c| **c == Code::CHANGED).count();
     let limited = codes.iter().filter(|c| **c == Code::TOO_MANY_REQUESTS).count();
@@ -412,4 +416,30 @@ fn deleted_devices_lose_their_tokens_and_data() {
     server.admin().post(&format!("/api/v1/products/{}/devices", d.pk), &json!({"device_name": d.dn})).unwrap();
     assert_code(&d.send_uplink(b"z"), Code::UNAUTHORIZED);
     assert!(server.stored(&d.pk, &d.dn).is_empty());
+}
+
+#[test]
+fn a_full_write_queue_answers_5_03_and_loses_nothing_acknowledged() {
+    let server = Server::start_with(&[("NBHUB_COAP_MAX_PENDING_WRITES", "1"), ("NBHUB_COAP_SOCKETS_PER_PORT", "1")]);
+    let mut d = aes_device(&server);
+    d.auth();
+    let topic = d.default_topic();
+    let requests: Vec<Vec<u8>> = (0..200).map(|i| d.uplink_request(MessageType::Con, &topic, format!("{i}").as_bytes())).collect();
+    for r in &requests {
+        d.peer.send(r);
+    }
+    let (mut changed, mut unavailable) = (0, 0);
+    for _ in 0..requests.len() {
+        let r = d.peer.recv();
+        match r.code {
+            Code::CHANGED => changed += 1,
+            Code::SERVICE_UNAVAILABLE => {
+                assert!(r.option(14).is_some(), "5.03 carries Max-Age");
+                unavailable += 1
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(unavailable > 0, "200 back-to-back uplinks never found the single write slot busy");
+    assert_eq!(server.stored(&d.pk, &d.dn).len(), changed);
 }
