@@ -74,6 +74,7 @@ fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
             created_at: now.0,
             last_used: now.0,
             replaced_until: None,
+            auth_sign: None,
         };
         let (token, ops) = registry.open_session(&device, record, now);
         runtime.block_on(writer.commit(ops)).unwrap();

@@ -443,3 +443,45 @@ fn a_full_write_queue_answers_5_03_and_loses_nothing_acknowledged() {
     assert!(unavailable > 0, "200 back-to-back uplinks never found the single write slot busy");
     assert_eq!(server.stored(&d.pk, &d.dn).len(), changed);
 }
+
+#[test]
+fn replayed_auth_on_the_plain_port_does_not_cut_the_device_off() {
+    let server = Server::start_with(&[("NBHUB_AUTH_TOKEN_GRACE_S", "0")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "p"}));
+    let mut device = AliDevice::new(server.endpoints.coap, &pk, &dn, &secret);
+    let body = device.auth_body(SignMethod::HmacMd5, &[]);
+    assert_code(&device.auth_with(&body), Code::CONTENT);
+    // someone replays the captured body from elsewhere: same token, nothing replaced
+    let mut replayer = AliDevice::new(server.endpoints.coap, &pk, &dn, &secret);
+    let replay = replayer.auth_with(&body);
+    assert_eq!(replay.json()["token"].as_str(), device.token.as_deref());
+    assert_code(&device.send_uplink(b"still here"), Code::CHANGED);
+    // a genuinely new signed request (new timestamp) does replace the token
+    let fresh = device.auth_body(SignMethod::HmacMd5, &[("timestamp", json!("1700000000001"))]);
+    let old = device.token.clone();
+    device.auth_with(&fresh);
+    assert_ne!(device.token, old);
+}
+
+#[test]
+fn topic_levels_must_be_plain_segments() {
+    let server = Server::start();
+    let mut d = aes_device(&server);
+    d.auth();
+    let mid = d.peer.next_mid();
+    let token = d.token.clone().unwrap();
+    let key = d.key.clone().unwrap();
+    d.seq += 1;
+    let req = nbhub::coap::message::MessageBuilder::new(MessageType::Con, Code::POST, mid, &[1])
+        .option(nbhub::coap::option::OptionNumber::URI_PATH, b"topic")
+        .option(nbhub::coap::option::OptionNumber::URI_PATH, d.pk.as_bytes())
+        .option(nbhub::coap::option::OptionNumber::URI_PATH, d.dn.as_bytes())
+        .option(nbhub::coap::option::OptionNumber::URI_PATH, b"..")
+        .option(nbhub::coap::option::OptionNumber::URI_PATH, b"a/b")
+        .option(nbhub::coap::option::OptionNumber::ALI_TOKEN, token.as_bytes())
+        .option(nbhub::coap::option::OptionNumber::ALI_SEQ, &key.encrypt_seq(d.seq))
+        .payload(&key.encrypt(b"x"))
+        .build();
+    assert_code(&d.peer.exchange(&req), Code::BAD_REQUEST);
+    assert!(server.stored(&d.pk, &d.dn).is_empty());
+}

@@ -46,6 +46,13 @@ fn unknown_critical_options_are_refused_but_61_and_2089_are_known() {
         .uint_option(OptionNumber(27), 0x0e)
         .build();
     assert_eq!(p.exchange(&block).code, Code::BAD_OPTION);
+    // preconditions are not evaluated here, so they are refused rather than ignored
+    let mid = p.next_mid();
+    let conditional = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[6])
+        .option(OptionNumber(1), b"etag")
+        .option(OptionNumber::URI_PATH, b"topic")
+        .build();
+    assert_eq!(p.exchange(&conditional).code, Code::BAD_OPTION);
     // 61 and 2089 reach the dialect, which answers 4.01 for an unknown token
     let mid = p.next_mid();
     let known = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[5])
@@ -191,4 +198,19 @@ fn libcoap_client_walks_through_the_plain_port() {
             (format!("/{pk}/{dn}/update"), b"second".to_vec())
         ]
     );
+}
+
+#[test]
+fn a_reused_message_id_with_other_bytes_is_not_answered_from_the_cache() {
+    let server = Server::start();
+    let mut p = Peer::new(server.endpoints.coap);
+    let mid = p.next_mid();
+    let first = MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"nothing").build();
+    assert_eq!(p.exchange(&first).code, Code::NOT_FOUND);
+    // byte-identical retransmission: the same answer
+    assert_eq!(p.exchange(&first).code, Code::NOT_FOUND);
+    // same id, different message: ignored (never processed, never a cached reply)
+    let other = MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"elsewhere").build();
+    p.send(&other);
+    assert!(p.recv_within(Duration::from_millis(300)).is_none());
 }

@@ -34,9 +34,11 @@ pub fn router(state: AdminState) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(products::routes())
         .merge(devices::routes())
+        // Inside the token check: an unknown /api/v1 path without the token is 401, not 404.
+        .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
         .fallback(not_found)
@@ -60,6 +62,15 @@ async fn require_token(State(state): State<AdminState>, headers: HeaderMap, req:
             "missing `Authorization: Bearer <admin token>` header",
         )
         .into_response(),
+    }
+}
+
+/// Up once the listeners are (the admin API starts after them), down if the store writer died.
+async fn healthz(State(state): State<AdminState>) -> Response {
+    if state.registry.writer().is_alive() {
+        Json(serde_json::json!({"status": "ok"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "store writer stopped"}))).into_response()
     }
 }
 

@@ -66,6 +66,14 @@ impl ReplayWindow {
         self.bits[i / 64] |= 1 << (i % 64);
     }
 
+    /// Forgets a seq marked for an uplink whose write then failed, so the device's retry with the
+    /// same seq is accepted. (The top is not lowered; only the seq's own bit is cleared.)
+    pub fn unmark(&mut self, seq: u64) {
+        if !self.empty && seq <= self.top && self.top - seq < self.size as u64 {
+            self.clear(seq);
+        }
+    }
+
     fn bit(&self, seq: u64) -> bool {
         let i = (seq % self.size as u64) as usize;
         self.bits[i / 64] & (1 << (i % 64)) != 0
@@ -160,6 +168,18 @@ mod tests {
         w.mark(1000);
         assert_eq!(w.check(100), Verdict::BelowWindow);
         assert_eq!(w.check(999), Verdict::Fresh);
+    }
+
+    #[test]
+    fn unmark_reopens_a_seq() {
+        let mut w = ReplayWindow::new(64);
+        w.mark(10);
+        w.mark(12);
+        w.unmark(12);
+        assert_eq!(w.check(12), Verdict::Fresh);
+        assert_eq!(w.check(10), Verdict::Replayed);
+        w.unmark(1000);
+        assert_eq!(w.check(10), Verdict::Replayed);
     }
 
     #[test]

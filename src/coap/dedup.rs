@@ -18,10 +18,29 @@ pub enum Seen {
 
 type Key = (SocketAddr, u16);
 
+struct Entry {
+    at: Instant,
+    /// Hash of the request's bytes: a retransmission is byte-identical; anything else reusing
+    /// the message id (a confused peer, or someone spoofing its address to make the server
+    /// resend a larger response) is ignored.
+    fingerprint: u64,
+    seen: Seen,
+}
+
+/// What a request seen again gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Duplicate<'a> {
+    /// Send this again.
+    Resend(&'a Bytes),
+    /// Say nothing: the answer is not ready, or the "retransmission" differs from the original.
+    Ignore,
+}
+
 pub struct DedupCache {
     /// foldhash: several times cheaper than SipHash here, and still seeded per process so a
     /// sender cannot choose colliding addresses.
-    map: HashMap<Key, (Instant, Seen), foldhash::fast::RandomState>,
+    map: HashMap<Key, Entry, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
     /// Insertion order; entries expire in this order because the lifetime is constant.
     order: VecDeque<(Instant, Key)>,
     capacity: usize,
@@ -31,31 +50,57 @@ pub struct DedupCache {
 
 impl DedupCache {
     pub fn new(capacity: usize, lifetime: Duration) -> DedupCache {
-        DedupCache { map: HashMap::default(), order: VecDeque::new(), capacity, lifetime, evictions: 0 }
+        DedupCache {
+            map: HashMap::default(),
+            hasher: foldhash::fast::RandomState::default(),
+            order: VecDeque::new(),
+            capacity,
+            lifetime,
+            evictions: 0,
+        }
     }
 
-    pub fn get(&self, peer: SocketAddr, mid: u16, now: Instant) -> Option<&Seen> {
-        self.map.get(&(peer, mid)).filter(|(at, _)| now.duration_since(*at) < self.lifetime).map(|(_, s)| s)
+    fn fingerprint(&self, request: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(request)
     }
 
-    /// Records a new exchange. At capacity the oldest is forgotten (a retransmission of it would
-    /// then be processed again): memory stays bounded whatever the request rate.
-    pub fn insert(&mut self, peer: SocketAddr, mid: u16, seen: Seen, now: Instant) {
-        while self.map.len() >= self.capacity {
+    /// `None` if `request` from `peer` is new.
+    pub fn get(&self, peer: SocketAddr, mid: u16, request: &[u8], now: Instant) -> Option<Duplicate<'_>> {
+        let e = self.map.get(&(peer, mid)).filter(|e| now.duration_since(e.at) < self.lifetime)?;
+        Some(match &e.seen {
+            Seen::Answered(bytes) if e.fingerprint == self.fingerprint(request) => Duplicate::Resend(bytes),
+            _ => Duplicate::Ignore,
+        })
+    }
+
+    /// Records a new exchange. At capacity the oldest answered one is forgotten (a retransmission
+    /// of it would then be processed again): memory stays bounded whatever the request rate.
+    /// Exchanges still waiting for their write are never forgotten, so a retransmission arriving
+    /// meanwhile can never be processed twice; their number is bounded by the pending-write limit.
+    pub fn insert(&mut self, peer: SocketAddr, mid: u16, request: &[u8], seen: Seen, now: Instant) {
+        let mut budget = self.order.len();
+        while self.map.len() >= self.capacity && budget > 0 {
+            budget -= 1;
             let Some((at, key)) = self.order.pop_front() else { break };
-            if self.map.get(&key).is_some_and(|(t, _)| *t == at) {
-                self.map.remove(&key);
-                self.evictions += 1;
+            match self.map.get(&key) {
+                Some(e) if e.at == at && e.seen == Seen::Pending => self.order.push_back((at, key)),
+                Some(e) if e.at == at => {
+                    self.map.remove(&key);
+                    self.evictions += 1;
+                }
+                _ => {}
             }
         }
-        self.map.insert((peer, mid), (now, seen));
+        let fingerprint = self.fingerprint(request);
+        self.map.insert((peer, mid), Entry { at: now, fingerprint, seen });
         self.order.push_back((now, (peer, mid)));
     }
 
-    /// Fills in the response of a pending exchange (no-op if it was evicted meanwhile).
+    /// Fills in the response of a pending exchange.
     pub fn answer(&mut self, peer: SocketAddr, mid: u16, response: Bytes) {
-        if let Some((_, seen)) = self.map.get_mut(&(peer, mid)) {
-            *seen = Seen::Answered(response);
+        if let Some(e) = self.map.get_mut(&(peer, mid)) {
+            e.seen = Seen::Answered(response);
         }
     }
 
@@ -65,7 +110,7 @@ impl DedupCache {
                 break;
             }
             self.order.pop_front();
-            if self.map.get(&key).is_some_and(|(t, _)| *t == at) {
+            if self.map.get(&key).is_some_and(|e| e.at == at) {
                 self.map.remove(&key);
             }
         }
@@ -100,26 +145,32 @@ mod tests {
     fn remembers_within_lifetime_then_forgets() {
         let t0 = Instant::now();
         let mut c = DedupCache::new(10, Duration::from_secs(247));
-        c.insert(peer(1), 7, Seen::Pending, t0);
-        assert_eq!(c.get(peer(1), 7, t0), Some(&Seen::Pending));
-        assert_eq!(c.get(peer(2), 7, t0), None);
+        c.insert(peer(1), 7, b"req", Seen::Pending, t0);
+        assert_eq!(c.get(peer(1), 7, b"req", t0), Some(Duplicate::Ignore));
+        assert_eq!(c.get(peer(2), 7, b"req", t0), None);
         c.answer(peer(1), 7, Bytes::from_static(b"r"));
-        assert_eq!(c.get(peer(1), 7, t0 + Duration::from_secs(246)), Some(&Seen::Answered(Bytes::from_static(b"r"))));
+        let r = Bytes::from_static(b"r");
+        assert_eq!(c.get(peer(1), 7, b"req", t0 + Duration::from_secs(246)), Some(Duplicate::Resend(&r)));
+        // same id, different bytes: not a retransmission, nothing is resent
+        assert_eq!(c.get(peer(1), 7, b"other", t0), Some(Duplicate::Ignore));
         assert_eq!(c.next_expiry(), Some(t0 + Duration::from_secs(247)));
         c.expire(t0 + Duration::from_secs(247));
         assert!(c.is_empty());
     }
 
     #[test]
-    fn capacity_evicts_the_oldest() {
+    fn capacity_evicts_the_oldest_answered_never_the_pending() {
         let t0 = Instant::now();
         let mut c = DedupCache::new(2, Duration::from_secs(247));
-        c.insert(peer(1), 1, Seen::Pending, t0);
-        c.insert(peer(1), 2, Seen::Pending, t0);
-        c.insert(peer(1), 3, Seen::Pending, t0);
+        c.insert(peer(1), 1, b"a", Seen::Pending, t0);
+        c.insert(peer(1), 2, b"b", Seen::Answered(Bytes::new()), t0);
+        c.insert(peer(1), 3, b"c", Seen::Pending, t0);
         assert_eq!(c.len(), 2);
-        assert!(c.get(peer(1), 1, t0).is_none());
-        assert!(c.get(peer(1), 3, t0).is_some());
+        assert!(c.get(peer(1), 1, b"a", t0).is_some(), "pending exchange kept");
+        assert!(c.get(peer(1), 2, b"b", t0).is_none());
         assert_eq!(c.take_evictions(), 1);
+        // all pending: the cache grows past capacity rather than forget one
+        c.insert(peer(1), 4, b"d", Seen::Pending, t0);
+        assert_eq!(c.len(), 3);
     }
 }

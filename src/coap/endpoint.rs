@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::dedup::{DedupCache, Seen};
+use super::dedup::{DedupCache, Duplicate, Seen};
 use super::message::{Code, FormatError, Header, Message, MessageType, empty};
 use super::option::OptionNumber;
 use super::resource::{Outcome, Request, Resources, Response, Undo};
@@ -130,7 +130,7 @@ impl<R: Resources> Endpoint<R> {
             // Ping (RFC 7252 §4.3): an Empty CON is answered with RST.
             (MessageType::Con, Code::EMPTY) => send(out, peer, empty(MessageType::Rst, msg.mid)),
             (MessageType::Ack | MessageType::Rst, _) => self.handle_ack_or_reset(peer, &msg),
-            (_, code) if code.is_request() => self.handle_request(now, peer, &msg, out),
+            (_, code) if code.is_request() => self.handle_request(now, peer, &msg, data, out),
             // Responses in CON/NON are not expected here, nor are reserved classes.
             (MessageType::Con, _) => send(out, peer, empty(MessageType::Rst, msg.mid)),
             _ => {}
@@ -172,16 +172,16 @@ impl<R: Resources> Endpoint<R> {
         }
     }
 
-    fn handle_request(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, out: &mut Actions) {
-        if let Some(seen) = self.dedup.get(peer, msg.mid, now.instant) {
+    fn handle_request(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, datagram: &[u8], out: &mut Actions) {
+        if let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) {
             self.stats.duplicates += 1;
-            if let Seen::Answered(bytes) = seen {
+            if let Duplicate::Resend(bytes) = dup {
                 out.transmits.push(Transmit { peer, data: bytes.clone() });
             }
             return;
         }
         if let Some(response) = self.check_options(msg) {
-            return self.respond_now(now, peer, msg, response, out);
+            return self.respond_now(now, peer, msg, datagram, response, out);
         }
         if msg.mtype == MessageType::Non && msg.options.iter().any(|(n, _)| n.is_critical() && !n.is_recognised()) {
             return send(out, peer, empty(MessageType::Rst, msg.mid));
@@ -190,28 +190,28 @@ impl<R: Resources> Endpoint<R> {
         for seg in msg.options_of(OptionNumber::URI_PATH) {
             match std::str::from_utf8(seg) {
                 Ok(s) => path.push(s),
-                Err(_) => return self.respond_now(now, peer, msg, Response::new(Code::BAD_REQUEST), out),
+                Err(_) => return self.respond_now(now, peer, msg, datagram, Response::new(Code::BAD_REQUEST), out),
             }
         }
         if self.pending.len() >= self.config.max_pending_writes {
             // The store is behind: ask the device to come back rather than queue without bound.
             self.stats.pending_full += 1;
             let response = Response { max_age: Some(1), ..Response::new(Code::SERVICE_UNAVAILABLE) };
-            return self.respond_now(now, peer, msg, response, out);
+            return self.respond_now(now, peer, msg, datagram, response, out);
         }
         let request = Request { msg, peer, now, path };
         match self.resources.handle(&request) {
-            Outcome::Respond(response) => self.respond_now(now, peer, msg, response, out),
+            Outcome::Respond(response) => self.respond_now(now, peer, msg, datagram, response, out),
             Outcome::Persist { ops, response, separate, undo } => {
                 let separate = separate && msg.mtype == MessageType::Con;
                 let ticket = self.next_ticket;
                 self.next_ticket += 1;
                 if separate {
                     let ack = Bytes::from(empty(MessageType::Ack, msg.mid));
-                    self.dedup.insert(peer, msg.mid, Seen::Answered(ack.clone()), now.instant);
+                    self.dedup.insert(peer, msg.mid, datagram, Seen::Answered(ack.clone()), now.instant);
                     out.transmits.push(Transmit { peer, data: ack });
                 } else {
-                    self.dedup.insert(peer, msg.mid, Seen::Pending, now.instant);
+                    self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
                 }
                 self.pending.insert(
                     ticket,
@@ -249,13 +249,28 @@ impl<R: Resources> Endpoint<R> {
         None
     }
 
-    fn respond_now(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, response: Response, out: &mut Actions) {
+    fn respond_now(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        request: &[u8],
+        response: Response,
+        out: &mut Actions,
+    ) {
         let (mtype, mid) = match msg.mtype {
             MessageType::Con => (MessageType::Ack, msg.mid),
             _ => (MessageType::Non, self.fresh_mid()),
         };
-        let data = Bytes::from(response.encode(mtype, mid, msg.token, None));
-        self.dedup.insert(peer, msg.mid, Seen::Answered(data.clone()), now.instant);
+        let mut data = response.encode(mtype, mid, msg.token, None);
+        if data.len() > request.len() && response.code.class() >= 4 {
+            // No amplification: an error to a tiny request drops its advisory options
+            // (Max-Age, Size1) rather than be larger than what provoked it.
+            let bare = Response { max_age: None, size1: None, ..response };
+            data = bare.encode(mtype, mid, msg.token, None);
+        }
+        let data = Bytes::from(data);
+        self.dedup.insert(peer, msg.mid, request, Seen::Answered(data.clone()), now.instant);
         out.transmits.push(Transmit { peer, data });
     }
 

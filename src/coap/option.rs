@@ -37,17 +37,17 @@ impl OptionNumber {
         self.0 & 1 == 1
     }
 
-    /// Options this server processes or may safely ignore in a request. Block1 (27) is absent on
-    /// purpose: nbhub does not reassemble blockwise uploads, so a Block1 request must get 4.02
-    /// rather than have one block taken for the whole body. Proxy-Uri/Scheme are recognised so
-    /// they can be answered 5.05.
+    /// Options this server processes or may safely ignore in a request. Absent on purpose:
+    /// Block1 (27), because nbhub does not reassemble blockwise uploads and one block must not be
+    /// taken for the whole body; If-Match (1) and If-None-Match (5), because no resource here
+    /// evaluates preconditions, and running a conditional request unconditionally would be wrong.
+    /// Both critical, so such requests get 4.02. Proxy-Uri/Scheme are recognised so they can be
+    /// answered 5.05.
     pub fn is_recognised(self) -> bool {
         matches!(
             self,
-            Self::IF_MATCH
-                | Self::URI_HOST
+            Self::URI_HOST
                 | Self::ETAG
-                | Self::IF_NONE_MATCH
                 | Self::OBSERVE
                 | Self::URI_PORT
                 | Self::URI_PATH
@@ -88,5 +88,6 @@ mod tests {
         assert!(!O(2088).is_critical());
         assert!(O(27).is_critical() && !O(27).is_recognised());
         assert!(O(9).is_critical() && !O(9).is_recognised());
+        assert!(!O::IF_MATCH.is_recognised() && !O::IF_NONE_MATCH.is_recognised());
     }
 }

@@ -78,9 +78,8 @@ impl Device {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The stored form, reflecting the current state.
-    pub fn record(&self) -> DeviceRecord {
-        let s = self.state();
+    /// The stored form for `s`, this device's state locked by the caller.
+    pub fn record_with(&self, s: &DeviceState) -> DeviceRecord {
         DeviceRecord {
             id: self.id,
             product_key: self.product_key.clone(),
@@ -93,6 +92,19 @@ impl Device {
             radio: s.radio.clone(),
             created_at: self.created_at,
         }
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({}/{})", self.product_key, self.device_name)
+    }
+}
+
+impl crate::store::LiveRecord for Device {
+    fn current(&self) -> Option<DeviceRecord> {
+        let s = self.state();
+        (!s.deleted).then(|| self.record_with(&s))
     }
 }
 

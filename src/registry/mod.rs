@@ -12,7 +12,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::clock::UnixMs;
 use crate::config::Config;
 use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret, Token};
-use crate::store::records::{DeviceRecord, OtaProtocol, ProductRecord, Radio, SessionRecord};
+use crate::auth::replay::ReplayWindow;
+use crate::store::records::{DeviceRecord, OtaProtocol, PortFamily, ProductRecord, Radio, SessionRecord};
 use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
 pub use device::{Device, Status};
 pub use sessions::{Lookup, SeqOutcome, Session, SessionView, Sessions};
@@ -117,11 +118,13 @@ impl Registry {
                 continue;
             };
             let window = match record.family {
-                crate::store::records::PortFamily::Aes => {
-                    Some(window.unwrap_or_else(|| crate::auth::replay::ReplayWindow::new(config.auth.replay_window)))
-                }
-                _ => None,
+                PortFamily::Aes => Some(window.unwrap_or_else(|| ReplayWindow::new(config.auth.replay_window))),
+                PortFamily::Plain => None,
             };
+            // The stored last use may trail the real one by the write interval; a session must
+            // not end earlier than promised because the server restarted.
+            let mut record = record;
+            record.last_used = (record.last_used + sessions::LAST_USED_WRITE_INTERVAL_MS).min(now.0).max(record.last_used);
             let session = Session::new(device.clone(), record, window);
             sessions.insert(token.clone(), session);
             if sessions.is_live(token.as_bytes(), now) {
@@ -232,7 +235,7 @@ impl Registry {
             radio: Radio::default(),
             created_at: UnixMs::now().0,
         };
-        let device = Arc::new(Device::from_record(record.clone(), None, None));
+        let device = Arc::new(Device::from_record(record, None, None));
         {
             let mut devices = write(&self.devices);
             let names = devices.by_product.entry(pk.clone()).or_default();
@@ -247,7 +250,7 @@ impl Registry {
             }
             devices.by_product.entry(pk.clone()).or_default().insert(device.device_name.clone(), device.clone());
         }
-        if let Err(e) = self.writer.commit([Op::PutDevice(record)]).await {
+        if let Err(e) = self.writer.commit([Op::PutDevice(device.clone())]).await {
             self.forget(&device);
             return Err(e.into());
         }
@@ -267,32 +270,48 @@ impl Registry {
 
     pub async fn update_device(&self, pk: &str, dn: &str, patch: DevicePatch) -> Result<Arc<Device>, RegistryError> {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
-        {
+        let previous = {
             let mut s = device.state();
+            let previous = (s.enabled, s.radio.clone());
             if let Some(e) = patch.enabled {
                 s.enabled = e;
             }
             if let Some(r) = patch.radio {
                 s.radio = r;
             }
+            previous
+        };
+        if let Err(e) = self.writer.commit([Op::PutDevice(device.clone())]).await {
+            // Memory must not claim what the store does not hold.
+            let mut s = device.state();
+            (s.enabled, s.radio) = previous;
+            return Err(e.into());
         }
-        self.writer.commit([Op::PutDevice(device.record())]).await?;
         Ok(device)
     }
 
     /// Removes the device, its sessions and its messages.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<(), RegistryError> {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
-        let tokens = {
+        let (record, tokens) = {
             let mut s = device.state();
             s.deleted = true;
-            std::mem::take(&mut s.tokens)
+            (device.record_with(&s), s.tokens.clone())
         };
         self.forget(&device);
         for t in &tokens {
             self.sessions.remove(t.as_bytes());
         }
-        self.writer.commit([Op::DeleteDevice { record: device.record(), tokens }]).await?;
+        if let Err(e) = self.writer.commit([Op::DeleteDevice { record, tokens }]).await {
+            // Still stored, so still served; its sessions were dropped and it must authenticate again.
+            device.state().deleted = false;
+            let mut devices = write(&self.devices);
+            if let Some(n) = &device.node_id {
+                devices.by_node.insert(n.clone(), device.clone());
+            }
+            devices.by_product.entry(device.product_key.clone()).or_default().insert(device.device_name.clone(), device.clone());
+            return Err(e.into());
+        }
         self.export_gauges();
         Ok(())
     }
@@ -311,27 +330,35 @@ impl Registry {
 
     /// Starts a session for `device`: the new token is usable at once; the device's previous
     /// token on the same port family keeps working for the grace period (the device may still
-    /// retransmit with it). Returns the writes that must be durable before the token is revealed.
+    /// retransmit with it). Returns the token and the writes that must be durable before it is
+    /// revealed, or no writes when an identical signed request on the plain family already holds
+    /// a live session: that is a replay (the body travels in the clear), and answering it with the
+    /// same token keeps a captured `/auth` from cutting the real device off.
     pub fn open_session(&self, device: &Arc<Device>, record: SessionRecord, now: UnixMs) -> (Token, Vec<Op>) {
-        let token = Token::generate();
-        let grace_end = now.plus_secs(self.config.auth.token_grace_s);
         let family = record.family;
-        let window = (family == crate::store::records::PortFamily::Aes)
-            .then(|| crate::auth::replay::ReplayWindow::new(self.config.auth.replay_window));
+        let grace_end = now.plus_secs(self.config.auth.token_grace_s);
         let mut ops = Vec::with_capacity(2);
-        // Sessions are consulted with the device's lock released: a shard lock and a device lock
-        // are never held together.
-        let mut tokens = std::mem::take(&mut device.state().tokens);
-        tokens.retain(|t| self.sessions.is_live(t.as_bytes(), now));
-        for old in &tokens {
+        // Lock order: device state, then a session shard (never the other way round).
+        let mut state = device.state();
+        state.tokens.retain(|t| self.sessions.is_live(t.as_bytes(), now));
+        if family == PortFamily::Plain
+            && let Some(same) = state
+                .tokens
+                .iter()
+                .find(|t| record.auth_sign.is_some() && self.sessions.auth_sign(t.as_bytes()) == record.auth_sign)
+        {
+            return (same.clone(), ops);
+        }
+        for old in &state.tokens {
             if self.sessions.family(old.as_bytes()) == Some(family)
                 && let Some(r) = self.sessions.replace(old.as_bytes(), grace_end)
             {
                 ops.push(Op::PutSession { token: old.clone(), record: r });
             }
         }
-        tokens.push(token.clone());
-        device.state().tokens.extend(tokens);
+        let token = Token::generate();
+        state.tokens.push(token.clone());
+        let window = (family == PortFamily::Aes).then(|| ReplayWindow::new(self.config.auth.replay_window));
         ops.push(Op::PutSession { token: token.clone(), record: record.clone() });
         self.sessions.insert(token.clone(), Session::new(device.clone(), record, window));
         (token, ops)
@@ -342,7 +369,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::store::WriterThread;
-    use crate::store::records::{AckMode, PortFamily};
+    use crate::store::records::AckMode;
 
     #[tokio::test]
     async fn expired_sessions_are_swept_from_memory_and_store() {
@@ -378,6 +405,7 @@ mod tests {
             created_at: last_used,
             last_used,
             replaced_until: None,
+            auth_sign: None,
         };
         for last_used in [now.0 - 120_000, now.0] {
             let (_, ops) = registry.open_session(&device, session(last_used), now);

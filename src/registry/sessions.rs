@@ -16,7 +16,7 @@ use crate::store::records::{AckMode, PortFamily, SessionRecord};
 
 /// How often (at most) a session's sliding expiry is written back: a token's lifetime is days,
 /// so an hour of staleness after a crash costs nothing and saves a write per uplink.
-const LAST_USED_WRITE_INTERVAL_MS: u64 = 3_600_000;
+pub const LAST_USED_WRITE_INTERVAL_MS: u64 = 3_600_000;
 
 pub struct Session {
     pub device: Arc<Device>,
@@ -91,14 +91,13 @@ impl Sessions {
         self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
     }
 
-    /// Finds a usable session; an expired one is dropped from memory (its stored record is
-    /// removed by the caller's next write or at the next start).
+    /// Finds a usable session.
     pub fn lookup(&self, token: &[u8], now: UnixMs) -> Lookup {
         let view = {
-            let mut shard = self.shard(token);
+            let shard = self.shard(token);
             let Some(s) = shard.get(token) else { return Lookup::Invalid };
+            // An expired session stays until the sweep, which also deletes its stored record.
             if s.expired(now, self.ttl_s) {
-                shard.remove(token);
                 return Lookup::Invalid;
             }
             SessionView {
@@ -109,9 +108,9 @@ impl Sessions {
                 ack_mode: s.record.ack_mode,
             }
         };
-        // A shard lock and a device lock are never held together, so there is no lock order to break.
+        // Lock order is device before shard, so the device is checked after the shard is released.
+        // A deleted device's sessions are removed (and their records deleted) by the deletion.
         if view.device.state().deleted {
-            self.remove(token);
             return Lookup::Invalid;
         }
         Lookup::Valid(view)
@@ -143,6 +142,13 @@ impl Sessions {
         SeqOutcome::Accepted { touch }
     }
 
+    /// Undoes [`Sessions::accept`]'s mark when the uplink could not be stored.
+    pub fn unmark(&self, token: &[u8], seq: u64) {
+        if let Some(w) = self.shard(token).get_mut(token).and_then(|s| s.window.as_mut()) {
+            w.unmark(seq);
+        }
+    }
+
     /// Ends `token` at `until` (a newer `/auth` replaced it); returns the record to store.
     pub fn replace(&self, token: &[u8], until: UnixMs) -> Option<SessionRecord> {
         let mut shard = self.shard(token);
@@ -171,6 +177,11 @@ impl Sessions {
             });
         }
         gone
+    }
+
+    /// The `sign` of the `/auth` that opened a session.
+    pub fn auth_sign(&self, token: &[u8]) -> Option<String> {
+        self.shard(token).get(token).and_then(|s| s.record.auth_sign.clone())
     }
 
     /// The family of a live token.

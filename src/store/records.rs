@@ -85,6 +85,9 @@ pub struct SessionRecord {
     pub last_used: u64,
     /// Set when a newer `/auth` replaced this token: it then ends at this time regardless of use.
     pub replaced_until: Option<u64>,
+    /// The `sign` of the `/auth` request that opened this session (to recognise its replay).
+    #[serde(default)]
+    pub auth_sign: Option<String>,
 }
 
 /// Last contact of a device; written at most once per device per committed batch.

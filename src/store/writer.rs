@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -35,10 +36,18 @@ pub enum Op {
     SeenSeq { token: Token, window: u32, seq: u64 },
     Presence { device: DeviceId, record: PresenceRecord },
     PutProduct(ProductRecord),
-    PutDevice(DeviceRecord),
+    /// Writes the device's state as it is when the batch is built, so concurrent changes can
+    /// never be stored out of order (nothing is written for a deleted device).
+    PutDevice(Arc<dyn LiveRecord>),
     DeleteDevice { record: DeviceRecord, tokens: Vec<Token> },
     PutSession { token: Token, record: SessionRecord },
     DeleteSession(Token),
+}
+
+/// Something whose current state is a device record (the registry's live device).
+pub trait LiveRecord: Send + Sync + std::fmt::Debug {
+    /// `None` once the device is deleted.
+    fn current(&self) -> Option<DeviceRecord>;
 }
 
 /// Whom to tell when a job is durable.
@@ -69,20 +78,60 @@ enum Msg {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Msg>,
+    alive: Arc<AtomicBool>,
 }
 
 impl Writer {
-    /// Queues a job; never blocks. If the writer has stopped the job is dropped and its
-    /// completion never fires (endpoints then simply never acknowledge it).
+    /// Queues a job; never blocks. If the writer has stopped, the job fails at once with
+    /// [`StoreError::Closed`] (so a device gets 5.00 rather than silence).
     pub fn submit(&self, job: Job) {
-        let _ = self.tx.send(Msg::Job(job));
+        if let Err(mpsc::SendError(Msg::Job(job))) = self.tx.send(Msg::Job(job)) {
+            complete(job.completion, Err(StoreError::Closed));
+        }
     }
 
-    /// Commits `ops` and waits until they are durable.
-    pub async fn commit(&self, ops: impl IntoIterator<Item = Op>) -> Result<Option<MessageId>, StoreError> {
+    /// Queues `ops` now (so writes keep the order of the calls) and returns what to await for
+    /// their durability.
+    pub fn commit(&self, ops: impl IntoIterator<Item = Op>) -> Commit {
         let (tx, rx) = oneshot::channel();
         self.submit(Job { ops: ops.into_iter().collect(), completion: Completion::Caller(tx) });
-        rx.await.unwrap_or(Err(StoreError::Closed))
+        Commit(rx)
+    }
+
+    /// False once the writer thread has ended (stopped, or died).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+}
+
+/// A queued commit; resolves once it is durable.
+pub struct Commit(oneshot::Receiver<Result<Option<MessageId>, StoreError>>);
+
+impl std::future::Future for Commit {
+    type Output = Result<Option<MessageId>, StoreError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
+fn complete(completion: Completion, result: Result<Option<MessageId>, StoreError>) {
+    match completion {
+        Completion::Endpoint { sink, ticket } => {
+            let _ = sink.send(Committed { ticket, result });
+        }
+        Completion::Caller(tx) => {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+/// Marks the writer dead when its thread ends, however it ends.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }
 
@@ -104,11 +153,16 @@ impl WriterThread {
             next_device_id,
             presence: HashMap::new(),
         };
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         let handle = std::thread::Builder::new()
             .name("nbhub-writer".into())
-            .spawn(move || state.run(rx))
+            .spawn(move || {
+                let _guard = guard;
+                state.run(rx)
+            })
             .map_err(|e| StoreError::Rocks(format!("cannot start the writer thread: {e}")))?;
-        Ok((Writer { tx: tx.clone() }, WriterThread { tx, handle }))
+        Ok((Writer { tx: tx.clone(), alive }, WriterThread { tx, handle }))
     }
 
     /// Commits everything queued before this call, then stops the thread and syncs the WAL.
@@ -156,15 +210,7 @@ impl BatchWriter {
                 tracing::error!(error = %e, jobs = jobs.len(), "store write failed; those requests get 5.00");
             }
             for (job, id) in jobs.drain(..).zip(ids.drain(..)) {
-                let r = result.clone().map(|()| id);
-                match job.completion {
-                    Completion::Endpoint { sink, ticket } => {
-                        let _ = sink.send(Committed { ticket, result: r });
-                    }
-                    Completion::Caller(tx) => {
-                        let _ = tx.send(r);
-                    }
-                }
+                complete(job.completion, result.clone().map(|()| id));
             }
         }
         if let Err(e) = self.db.flush_wal(true) {
@@ -198,9 +244,11 @@ impl BatchWriter {
                     Op::PutProduct(p) => {
                         batch.put_cf(cf(CF_PRODUCTS), p.product_key.as_str(), to_json(&p));
                     }
-                    Op::PutDevice(d) => {
-                        self.next_device_id = self.next_device_id.max(d.id.0 + 1);
-                        batch.put_cf(cf(CF_DEVICES), device_key(&d.product_key, &d.device_name), to_json(&d));
+                    Op::PutDevice(live) => {
+                        if let Some(d) = live.current() {
+                            self.next_device_id = self.next_device_id.max(d.id.0 + 1);
+                            batch.put_cf(cf(CF_DEVICES), device_key(&d.product_key, &d.device_name), to_json(&d));
+                        }
                     }
                     Op::DeleteDevice { record, tokens } => {
                         batch.delete_cf(cf(CF_DEVICES), device_key(&record.product_key, &record.device_name));

@@ -66,8 +66,10 @@ impl Alibaba {
             created_at: now.0,
             last_used: now.0,
             replaced_until: None,
+            auth_sign: Some(sign.to_ascii_lowercase()),
         };
         let (token, session_ops) = self.registry.open_session(&device, record, now);
+        let reused = session_ops.is_empty();
         let mut ops: SmallVec<[Op; 3]> = session_ops.into_iter().collect();
         if let Some(record) = presence {
             ops.push(Op::Presence { device: device.id, record });
@@ -76,7 +78,7 @@ impl Alibaba {
             Some(random) => serde_json::json!({"random": random, "seqOffset": SEQ_OFFSET, "token": token.as_str()}),
             None => serde_json::json!({"token": token.as_str()}),
         };
-        metrics::counter!(metric::AUTH, "result" => "ok").increment(1);
+        metrics::counter!(metric::AUTH, "result" => if reused { "replayed" } else { "ok" }).increment(1);
         tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, ?token, "authenticated");
         Outcome::Persist {
             ops,

@@ -51,7 +51,7 @@ impl Alibaba {
         let secret = device.secret.expose().to_string();
         let undo_device = device.clone();
         Outcome::Persist {
-            ops: smallvec![Op::PutDevice(device.record())],
+            ops: smallvec![Op::PutDevice(device.clone())],
             response: body.reply(serde_json::json!({ "deviceSecret": secret })),
             separate: false,
             undo: Some(Box::new(move || undo_device.state().registered = false)),

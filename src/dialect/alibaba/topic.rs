@@ -8,7 +8,7 @@ use super::{Alibaba, admit};
 use crate::auth::replay::Verdict;
 use crate::coap::message::Code;
 use crate::coap::option::OptionNumber;
-use crate::coap::resource::{Outcome, Request, Response};
+use crate::coap::resource::{Outcome, Request, Response, Undo};
 use crate::identity::{DeviceName, ProductKey, Token};
 use crate::registry::{Lookup, SeqOutcome};
 use crate::store::Op;
@@ -47,6 +47,10 @@ impl Alibaba {
             return Outcome::code(Code::FORBIDDEN);
         }
         let segments = &req.path[1..];
+        // A segment is one topic level: no separators, no relative levels, no control bytes.
+        if segments.iter().any(|s| *s == "." || *s == ".." || s.bytes().any(|b| b == b'/' || b < 0x20)) {
+            return Outcome::code(Code::BAD_REQUEST);
+        }
         if !owns_topic(&device.product_key, &device.device_name, segments) {
             return Outcome::code(Code::FORBIDDEN);
         }
@@ -104,10 +108,14 @@ impl Alibaba {
         if let Some(record) = presence {
             ops.push(Op::Presence { device: device.id, record });
         }
+        let mut undo: Option<Undo> = None;
         if seq.is_some() || touch.is_some() {
             let token = Token::from_bytes(token).expect("a token that was found is well-formed");
             if let Some(seq) = seq {
                 ops.push(Op::SeenSeq { token: token.clone(), window: self.registry.config.auth.replay_window, seq });
+                // If the write fails the device gets 5.00 and retries with the same seq.
+                let (registry, token) = (self.registry.clone(), token.clone());
+                undo = Some(Box::new(move || registry.sessions.unmark(token.as_bytes(), seq)));
             }
             if let Some(record) = touch {
                 ops.push(Op::PutSession { token, record });
@@ -117,7 +125,7 @@ impl Alibaba {
             ops,
             response: Response { with_message_id: true, ..Response::new(Code::CHANGED) },
             separate: session.ack_mode == AckMode::Separate,
-            undo: None,
+            undo,
         }
     }
 }
