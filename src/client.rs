@@ -47,7 +47,8 @@ impl AdminClient {
         let mut response = result.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
-        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value: Value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         if (200..300).contains(&status) {
             return Ok(value);
         }

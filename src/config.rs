@@ -135,17 +135,14 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table: Table = DEFAULT_TOML.parse().expect("embedded default config is valid TOML");
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-            let overlay: Table = text
-                .parse()
-                .map_err(|source| ConfigError::Syntax { path: path.into(), source })?;
-            overlay_table(&mut table, overlay, "")
-                .map_err(|key| ConfigError::UnknownKey { path: path.into(), key })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let overlay: Table = text.parse().map_err(|source| ConfigError::Syntax { path: path.into(), source })?;
+            overlay_table(&mut table, overlay, "").map_err(|key| ConfigError::UnknownKey { path: path.into(), key })?;
         }
         apply_env(&mut table, env)?;
-        let config: Config = Config::deserialize(Value::Table(table))
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let config: Config =
+            Config::deserialize(Value::Table(table)).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -177,7 +174,7 @@ impl Config {
             return bad("coap.max_pending_writes must be at least 1".into());
         }
         let w = self.auth.replay_window;
-        if w == 0 || w % 64 != 0 || w > 65536 {
+        if w == 0 || !w.is_multiple_of(64) || w > 65536 {
             return bad(format!("auth.replay_window = {w} must be a multiple of 64 within 64..=65536"));
         }
         if self.auth.token_ttl_s == 0 {
@@ -230,13 +227,10 @@ fn locate<'a>(table: &'a mut Table, name: &str) -> Option<&'a mut Value> {
     if matches!(table.get(name), Some(v) if !v.is_table()) {
         return table.get_mut(name);
     }
-    let (section, key) = table
-        .iter()
-        .filter(|(_, v)| v.is_table())
-        .find_map(|(section, v)| {
-            let key = name.strip_prefix(section.as_str())?.strip_prefix('_')?;
-            v.as_table()?.contains_key(key).then(|| (section.clone(), key.to_string()))
-        })?;
+    let (section, key) = table.iter().filter(|(_, v)| v.is_table()).find_map(|(section, v)| {
+        let key = name.strip_prefix(section.as_str())?.strip_prefix('_')?;
+        v.as_table()?.contains_key(key).then(|| (section.clone(), key.to_string()))
+    })?;
     table.get_mut(&section)?.as_table_mut()?.get_mut(&key)
 }
 

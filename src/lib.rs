@@ -139,7 +139,8 @@ fn spawn_port(
     // Room for the largest acceptable request plus headers and options; anything longer is
     // reported truncated and answered 4.13.
     let recv_slot = (c.max_payload + cipher_slack + 1024).max(1500);
-    let sockets = transport::udp::bind(listen, c.sockets_per_port).map_err(io_err(format!("cannot bind {label} on {listen}")))?;
+    let sockets =
+        transport::udp::bind(listen, c.sockets_per_port).map_err(io_err(format!("cannot bind {label} on {listen}")))?;
     let bound = sockets[0].local_addr().map_err(io_err("socket address"))?;
     for socket in sockets {
         let endpoint = Endpoint::new(Alibaba::new(registry.clone(), family), endpoint_config.clone());
@@ -196,6 +197,7 @@ fn admin_token(config: &Config, data_dir: &Path) -> Result<String, ServeError> {
 
 fn write_endpoints(data_dir: &Path, e: &Endpoints) -> Result<(), ServeError> {
     let tmp: PathBuf = data_dir.join(format!("{ENDPOINTS_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(e).expect("serialisable")).map_err(io_err("cannot write endpoints file"))?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(e).expect("serialisable"))
+        .map_err(io_err("cannot write endpoints file"))?;
     std::fs::rename(&tmp, data_dir.join(ENDPOINTS_FILE)).map_err(io_err("cannot write endpoints file"))
 }

@@ -115,7 +115,9 @@ fn main() -> ExitCode {
                 insert(&mut body, "awake_window_s", awake_window_s);
                 Ok(client(&api)?.post("/api/v1/products", &body)?)
             }
-            ProductAction::Show { api, product_key } => Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}"))?),
+            ProductAction::Show { api, product_key } => {
+                Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}"))?)
+            }
         }),
         Command::Device { action } => helper(|| match action {
             DeviceAction::Create { api, product_key, device_name, device_secret, node_id, psk_hex } => {
@@ -215,7 +217,8 @@ fn decode_payloads(page: &mut Value) {
     use base64::Engine;
     let Some(messages) = page["messages"].as_array_mut() else { return };
     for m in messages {
-        let decoded = m["payload_base64"].as_str().and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+        let decoded =
+            m["payload_base64"].as_str().and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
         if let Some(text) = decoded.and_then(|d| String::from_utf8(d).ok()) {
             m["payload"] = Value::String(text);
         }

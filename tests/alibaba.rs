@@ -107,10 +107,7 @@ fn auth_refusals() {
         .build();
     assert_code(&d.peer.exchange(&get), Code::METHOD_NOT_ALLOWED);
     // disabled device
-    server
-        .admin()
-        .patch(&format!("/api/v1/products/{}/devices/{}", d.pk, d.dn), &json!({"enabled": false}))
-        .unwrap();
+    server.admin().patch(&format!("/api/v1/products/{}/devices/{}", d.pk, d.dn), &json!({"enabled": false})).unwrap();
     assert_code(&d.auth(), Code::FORBIDDEN);
     // failures carry no payload
     assert!(d.auth().payload.is_empty());
@@ -371,7 +368,7 @@ fn bursts_get_4_29() {
     }
     let ok = codes.iter().filter(|c| **c == Code::CHANGED).count();
     let limited = codes.iter().filter(|c| **c == Code::TOO_MANY_REQUESTS).count();
-    assert!(ok >= 4 && ok <= 5, "{codes:?}");
+    assert!((4..=5).contains(&ok), "{codes:?}");
     assert_eq!(ok + limited, 10, "{codes:?}");
     assert_eq!(server.stored(&d.pk, &d.dn).len(), ok);
     let metrics = reqwest_metrics(&server);
@@ -424,7 +421,8 @@ fn a_full_write_queue_answers_5_03_and_loses_nothing_acknowledged() {
     let mut d = aes_device(&server);
     d.auth();
     let topic = d.default_topic();
-    let requests: Vec<Vec<u8>> = (0..200).map(|i| d.uplink_request(MessageType::Con, &topic, format!("{i}").as_bytes())).collect();
+    let requests: Vec<Vec<u8>> =
+        (0..200).map(|i| d.uplink_request(MessageType::Con, &topic, format!("{i}").as_bytes())).collect();
     for r in &requests {
         d.peer.send(r);
     }

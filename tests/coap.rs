@@ -73,7 +73,9 @@ fn malformed_datagrams_get_reset_or_nothing_and_the_server_carries_on() {
     let rst = p.recv_within(Duration::from_secs(5)).unwrap();
     assert_eq!(rst, vec![0x70, 0x00, 0x12, 0x34]);
     // payload marker without payload, token length 9, Empty with a token: RST for CON
-    for bad in [vec![0x40, 0x02, 0, 1, 0xff], vec![0x49, 0x02, 0, 2, 1, 2, 3, 4, 5, 6, 7, 8, 9], vec![0x41, 0x00, 0, 3, 7]] {
+    for bad in
+        [vec![0x40, 0x02, 0, 1, 0xff], vec![0x49, 0x02, 0, 2, 1, 2, 3, 4, 5, 6, 7, 8, 9], vec![0x41, 0x00, 0, 3, 7]]
+    {
         p.send(&bad);
         let r = Reply::parse(&p.recv_within(Duration::from_secs(5)).unwrap());
         assert_eq!((r.mtype, r.mid), (MessageType::Rst, u16::from_be_bytes([bad[2], bad[3]])));
@@ -116,13 +118,21 @@ fn unknown_paths_and_proxies() {
     let server = Server::start();
     let mut p = Peer::new(server.endpoints.coap);
     let mid = p.next_mid();
-    let r = p.exchange(&MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"nothing").build());
+    let r = p.exchange(
+        &MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"nothing").build(),
+    );
     assert_eq!(r.code, Code::NOT_FOUND);
     let mid = p.next_mid();
-    let r = p.exchange(&MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::PROXY_URI, b"coap://x/").build());
+    let r = p.exchange(
+        &MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1])
+            .option(OptionNumber::PROXY_URI, b"coap://x/")
+            .build(),
+    );
     assert_eq!(r.code, Code::PROXYING_NOT_SUPPORTED);
     let mid = p.next_mid();
-    let r = p.exchange(&MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"topic").build());
+    let r = p.exchange(
+        &MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"topic").build(),
+    );
     assert_eq!(r.code, Code::METHOD_NOT_ALLOWED);
 }
 
@@ -134,13 +144,20 @@ fn no_amplification_to_unauthenticated_peers() {
     let mut requests: Vec<Vec<u8>> = vec![
         empty(MessageType::Con, 1),
         vec![0x40, 0x02, 0, 2, 0xf1],
-        MessageBuilder::new(MessageType::Con, Code::POST, 3, &[]).option(OptionNumber::URI_PATH, b"auth").payload(b"{}").build(),
+        MessageBuilder::new(MessageType::Con, Code::POST, 3, &[])
+            .option(OptionNumber::URI_PATH, b"auth")
+            .payload(b"{}")
+            .build(),
         MessageBuilder::new(MessageType::Con, Code::POST, 4, &[]).option(OptionNumber::URI_PATH, b"topic").build(),
         MessageBuilder::new(MessageType::Con, Code::GET, 5, &[]).build(),
     ];
     for i in 0..50u16 {
         let mid = p.next_mid();
-        requests.push(MessageBuilder::new(MessageType::Con, Code::new(0, (i % 5 + 1) as u8), mid, &[]).option(OptionNumber(i * 7 + 1), b"").build());
+        requests.push(
+            MessageBuilder::new(MessageType::Con, Code::new(0, (i % 5 + 1) as u8), mid, &[])
+                .option(OptionNumber(i * 7 + 1), b"")
+                .build(),
+        );
     }
     let (mut sent, mut received) = (0usize, 0usize);
     for r in &requests {
@@ -171,8 +188,12 @@ fn libcoap_client_walks_through_the_plain_port() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let json_start = stdout.find('{').unwrap_or_else(|| panic!("no token in {stdout:?} / {}", String::from_utf8_lossy(&out.stderr)));
-    let token = serde_json::from_str::<serde_json::Value>(stdout[json_start..].trim()).unwrap()["token"].as_str().unwrap().to_string();
+    let json_start =
+        stdout.find('{').unwrap_or_else(|| panic!("no token in {stdout:?} / {}", String::from_utf8_lossy(&out.stderr)));
+    let token = serde_json::from_str::<serde_json::Value>(stdout[json_start..].trim()).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = Command::new("coap-client-notls")
         .args(["-m", "post", "-B", "5", "-O"])
         .arg(format!("2088,{token}"))
@@ -205,12 +226,15 @@ fn a_reused_message_id_with_other_bytes_is_not_answered_from_the_cache() {
     let server = Server::start();
     let mut p = Peer::new(server.endpoints.coap);
     let mid = p.next_mid();
-    let first = MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"nothing").build();
+    let first =
+        MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"nothing").build();
     assert_eq!(p.exchange(&first).code, Code::NOT_FOUND);
     // byte-identical retransmission: the same answer
     assert_eq!(p.exchange(&first).code, Code::NOT_FOUND);
     // same id, different message: ignored (never processed, never a cached reply)
-    let other = MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"elsewhere").build();
+    let other = MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1])
+        .option(OptionNumber::URI_PATH, b"elsewhere")
+        .build();
     p.send(&other);
     assert!(p.recv_within(Duration::from_millis(300)).is_none());
 }

@@ -31,7 +31,9 @@ fn kill9_while_sending_loses_nothing_acknowledged() {
         assert_eq!(dev.auth().code, Code::CONTENT);
         devices.push(dev);
     }
-    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    // (device name, payload) of every uplink answered 2.04
+    type Acked = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = devices
         .into_iter()

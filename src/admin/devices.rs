@@ -110,7 +110,10 @@ async fn create(
     ))
 }
 
-async fn show(State(state): State<AdminState>, Path((pk, dn)): Path<(String, String)>) -> Result<Json<DeviceView>, ApiError> {
+async fn show(
+    State(state): State<AdminState>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> Result<Json<DeviceView>, ApiError> {
     let d = device(&state, &pk, &dn)?;
     Ok(Json(view(&d, &state)))
 }
@@ -155,7 +158,10 @@ async fn update(
     Ok(Json(view(&d, &state)))
 }
 
-async fn remove(State(state): State<AdminState>, Path((pk, dn)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+async fn remove(
+    State(state): State<AdminState>,
+    Path((pk, dn)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     device(&state, &pk, &dn)?;
     state.registry.delete_device(&pk, &dn).await?;
     tracing::info!(product_key = pk, device_name = dn, "device deleted");

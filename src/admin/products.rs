@@ -13,9 +13,7 @@ use crate::registry::NewProduct;
 use crate::store::records::{OtaProtocol, ProductRecord};
 
 pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/products", get(list).post(create))
-        .route("/products/{product_key}", get(show))
+    Router::new().route("/products", get(list).post(create)).route("/products/{product_key}", get(show))
 }
 
 #[derive(Deserialize)]

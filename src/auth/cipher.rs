@@ -52,7 +52,7 @@ impl SessionKey {
     }
 
     pub fn decrypt(&self, ciphertext: &[u8]) -> Result<Vec<u8>, DecryptError> {
-        if ciphertext.is_empty() || ciphertext.len() % 16 != 0 {
+        if ciphertext.is_empty() || !ciphertext.len().is_multiple_of(16) {
             return Err(DecryptError::Length);
         }
         cbc::Decryptor::<Aes128>::new(&self.0.into(), IV.into())

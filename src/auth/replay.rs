@@ -28,7 +28,7 @@ pub enum Verdict {
 impl ReplayWindow {
     /// `size` is a multiple of 64 (validated in config).
     pub fn new(size: u32) -> ReplayWindow {
-        debug_assert!(size > 0 && size % 64 == 0);
+        debug_assert!(size > 0 && size.is_multiple_of(64));
         ReplayWindow { size, top: 0, empty: true, bits: vec![0; (size / 64) as usize] }
     }
 
@@ -86,9 +86,8 @@ impl ReplayWindow {
 
     /// Seqs currently marked, for merging.
     fn seen(&self) -> impl Iterator<Item = u64> + '_ {
-        let low = if self.empty { 1 } else { self.top.saturating_sub(self.size as u64 - 1) };
-        let range = if self.empty { 1..=0 } else { low..=self.top };
-        range.filter(|s| self.bit(*s))
+        let low = self.top.saturating_sub(self.size as u64 - 1);
+        (low..=self.top).filter(|s| !self.empty && self.bit(*s))
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -110,7 +109,7 @@ impl ReplayWindow {
         let size = u32::from_le_bytes(data[1..5].try_into().ok()?);
         let top = u64::from_le_bytes(data[5..13].try_into().ok()?);
         let empty = data[13] != 0;
-        if size == 0 || size % 64 != 0 || data.len() != 14 + (size / 64) as usize * 8 {
+        if size == 0 || !size.is_multiple_of(64) || data.len() != 14 + (size / 64) as usize * 8 {
             return None;
         }
         let bits = data[14..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
@@ -134,7 +133,7 @@ pub fn merge<'a>(existing: Option<&[u8]>, operands: impl IntoIterator<Item = &'a
         if op.len() == 12 {
             let size = u32::from_le_bytes(op[..4].try_into().unwrap());
             let seq = u64::from_le_bytes(op[4..].try_into().unwrap());
-            if size == 0 || size % 64 != 0 {
+            if size == 0 || !size.is_multiple_of(64) {
                 continue;
             }
             window.get_or_insert_with(|| ReplayWindow::new(size)).mark(seq);

@@ -62,8 +62,7 @@ pub const UNSIGNED_KEYS: [&str; 4] = ["sign", "signmethod", "version", "resource
 
 /// The signed content: `key` + `value` for every signed field, sorted by key (byte order).
 pub fn auth_content<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
-    let mut pairs: Vec<(&str, &str)> =
-        fields.into_iter().filter(|(k, _)| !UNSIGNED_KEYS.contains(k)).collect();
+    let mut pairs: Vec<(&str, &str)> = fields.into_iter().filter(|(k, _)| !UNSIGNED_KEYS.contains(k)).collect();
     pairs.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut out = String::with_capacity(pairs.iter().map(|(k, v)| k.len() + v.len()).sum());
     for (k, v) in pairs {

@@ -175,7 +175,6 @@ impl Stats {
     }
 }
 
-
 async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio::sync::Barrier) -> Stats {
     let socket = UdpSocket::bind("0.0.0.0:0").await.expect("device socket");
     socket.connect(args.aes).await.expect("connect");
@@ -197,7 +196,10 @@ async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio:
             break;
         }
         // After the stop only the answers to what is in flight are awaited.
-        while !stopping && in_flight.len() < args.window && interval.is_none_or(|_| tokio::time::Instant::now() >= next_send) {
+        while !stopping
+            && in_flight.len() < args.window
+            && interval.is_none_or(|_| tokio::time::Instant::now() >= next_send)
+        {
             d.seq += 1;
             mid = mid.wrapping_add(1);
             if socket.send(&uplink(&d, mid, &payload)).await.is_err() {

@@ -275,7 +275,13 @@ impl<R: Resources> Endpoint<R> {
     }
 
     /// A write requested in [`Actions::writes`] is durable (or failed): answer its request.
-    pub fn handle_committed(&mut self, now: Now, ticket: u64, result: Result<Option<MessageId>, StoreError>, out: &mut Actions) {
+    pub fn handle_committed(
+        &mut self,
+        now: Now,
+        ticket: u64,
+        result: Result<Option<MessageId>, StoreError>,
+        out: &mut Actions,
+    ) {
         let Some(ex) = self.pending.remove(&ticket) else { return };
         let (response, message_id) = match result {
             Ok(id) => (ex.response, id),

@@ -116,6 +116,11 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
 }
 
+/// An unsigned-integer option longer than the 4 bytes any this server reads may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("option {} is longer than 4 bytes", .0.0)]
+pub struct UintTooLong(pub OptionNumber);
+
 /// Header fields readable even when the rest of the datagram is malformed, so a CON can be
 /// rejected with a matching RST (RFC 7252 §4.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,11 +202,11 @@ impl<'a> Message<'a> {
         self.options.iter().filter(move |(num, _)| *num == n).map(|(_, v)| *v)
     }
 
-    /// An unsigned-integer option (RFC 7252 §3.2); `None` when absent, `Err` when longer than 4 bytes.
-    pub fn uint_option(&self, n: OptionNumber) -> Result<Option<u32>, ()> {
+    /// An unsigned-integer option (RFC 7252 §3.2); `None` when absent.
+    pub fn uint_option(&self, n: OptionNumber) -> Result<Option<u32>, UintTooLong> {
         match self.option(n) {
             None => Ok(None),
-            Some(v) if v.len() > 4 => Err(()),
+            Some(v) if v.len() > 4 => Err(UintTooLong(n)),
             Some(v) => Ok(Some(v.iter().fold(0u32, |acc, b| (acc << 8) | *b as u32))),
         }
     }
@@ -351,10 +356,7 @@ mod tests {
         assert_eq!(Message::parse(&[0x40, 1, 0, 0, 0xff]).unwrap_err(), FormatError::EmptyPayload);
         assert_eq!(Message::parse(&[0x41, 0, 0, 0, 9]).unwrap_err(), FormatError::NonEmptyEmpty);
         // delta 65535 + 269 overflows the option number space
-        assert_eq!(
-            Message::parse(&[0x40, 1, 0, 0, 0xe0, 0xff, 0xff]).unwrap_err(),
-            FormatError::OptionNumberOverflow
-        );
+        assert_eq!(Message::parse(&[0x40, 1, 0, 0, 0xe0, 0xff, 0xff]).unwrap_err(), FormatError::OptionNumberOverflow);
         let mut many = vec![0x40, 1, 0, 0];
         many.extend(std::iter::repeat_n(0x00, MAX_OPTIONS + 1));
         assert_eq!(Message::parse(&many).unwrap_err(), FormatError::TooManyOptions);

@@ -91,6 +91,7 @@ fn format_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
 /// Undoes an in-memory reservation when the write that would have made it permanent fails.
 pub type Undo = Box<dyn FnOnce() + Send>;
 
+#[allow(clippy::large_enum_variant)] // built once per request and consumed at once; boxing would add an allocation
 pub enum Outcome {
     /// Answer at once.
     Respond(Response),

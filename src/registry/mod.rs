@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::auth::replay::ReplayWindow;
 use crate::clock::UnixMs;
 use crate::config::Config;
 use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret, Token};
-use crate::auth::replay::ReplayWindow;
 use crate::store::records::{DeviceRecord, OtaProtocol, PortFamily, ProductRecord, Radio, SessionRecord};
 use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
 pub use device::{Device, Status};
@@ -124,7 +124,8 @@ impl Registry {
             // The stored last use may trail the real one by the write interval; a session must
             // not end earlier than promised because the server restarted.
             let mut record = record;
-            record.last_used = (record.last_used + sessions::LAST_USED_WRITE_INTERVAL_MS).min(now.0).max(record.last_used);
+            record.last_used =
+                (record.last_used + sessions::LAST_USED_WRITE_INTERVAL_MS).min(now.0).max(record.last_used);
             let session = Session::new(device.clone(), record, window);
             sessions.insert(token.clone(), session);
             if sessions.is_live(token.as_bytes(), now) {
@@ -240,7 +241,10 @@ impl Registry {
             let mut devices = write(&self.devices);
             let names = devices.by_product.entry(pk.clone()).or_default();
             if names.contains_key(&device.device_name) {
-                return Err(RegistryError::Conflict(format!("device {} already exists in product {pk}", device.device_name)));
+                return Err(RegistryError::Conflict(format!(
+                    "device {} already exists in product {pk}",
+                    device.device_name
+                )));
             }
             if let Some(n) = &device.node_id {
                 if devices.by_node.contains_key(n) {
@@ -309,7 +313,11 @@ impl Registry {
             if let Some(n) = &device.node_id {
                 devices.by_node.insert(n.clone(), device.clone());
             }
-            devices.by_product.entry(device.product_key.clone()).or_default().insert(device.device_name.clone(), device.clone());
+            devices
+                .by_product
+                .entry(device.product_key.clone())
+                .or_default()
+                .insert(device.device_name.clone(), device.clone());
             return Err(e.into());
         }
         self.export_gauges();

@@ -57,7 +57,9 @@ pub enum Lookup {
 
 pub enum SeqOutcome {
     /// Accepted and marked. `touch` is the record to write back when the sliding expiry is due.
-    Accepted { touch: Option<SessionRecord> },
+    Accepted {
+        touch: Option<SessionRecord>,
+    },
     Replayed,
     /// The session vanished between lookup and marking.
     Invalid,
@@ -71,7 +73,11 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new(ttl_s: u64) -> Sessions {
-        Sessions { shards: (0..64).map(|_| Mutex::new(HashMap::default())).collect(), hasher: RandomState::default(), ttl_s }
+        Sessions {
+            shards: (0..64).map(|_| Mutex::new(HashMap::default())).collect(),
+            hasher: RandomState::default(),
+            ttl_s,
+        }
     }
 
     fn shard(&self, token: &[u8]) -> MutexGuard<'_, HashMap<Token, Session, RandomState>> {
@@ -85,6 +91,10 @@ impl Sessions {
 
     pub fn remove(&self, token: &[u8]) {
         self.shard(token).remove(token);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn len(&self) -> usize {

@@ -154,7 +154,11 @@ impl Store {
         self.db.cf_handle(name).expect("column families are created at open")
     }
 
-    fn scan<T>(&self, cf: &str, mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>) -> Result<Vec<T>, StoreError> {
+    fn scan<T>(
+        &self,
+        cf: &str,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
             let (k, v) = item?;
@@ -164,11 +168,11 @@ impl Store {
     }
 
     pub fn products(&self) -> Result<Vec<ProductRecord>, StoreError> {
-        self.scan(CF_PRODUCTS, |k, v| json(k, v))
+        self.scan(CF_PRODUCTS, json)
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.scan(CF_DEVICES, |k, v| json(k, v))
+        self.scan(CF_DEVICES, json)
     }
 
     pub fn presence(&self) -> Result<HashMap<DeviceId, PresenceRecord>, StoreError> {

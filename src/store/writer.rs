@@ -31,16 +31,34 @@ pub struct MessageId(pub u64);
 /// One change to the store.
 #[derive(Debug)]
 pub enum Op {
-    Uplink { device: DeviceId, received_at: UnixMs, topic: String, payload: Vec<u8> },
+    Uplink {
+        device: DeviceId,
+        received_at: UnixMs,
+        topic: String,
+        payload: Vec<u8>,
+    },
     /// A 5682 seq accepted with the uplink in the same job (merged into the session's window).
-    SeenSeq { token: Token, window: u32, seq: u64 },
-    Presence { device: DeviceId, record: PresenceRecord },
+    SeenSeq {
+        token: Token,
+        window: u32,
+        seq: u64,
+    },
+    Presence {
+        device: DeviceId,
+        record: PresenceRecord,
+    },
     PutProduct(ProductRecord),
     /// Writes the device's state as it is when the batch is built, so concurrent changes can
     /// never be stored out of order (nothing is written for a deleted device).
     PutDevice(Arc<dyn LiveRecord>),
-    DeleteDevice { record: DeviceRecord, tokens: Vec<Token> },
-    PutSession { token: Token, record: SessionRecord },
+    DeleteDevice {
+        record: DeviceRecord,
+        tokens: Vec<Token>,
+    },
+    PutSession {
+        token: Token,
+        record: SessionRecord,
+    },
     DeleteSession(Token),
 }
 
@@ -69,6 +87,7 @@ pub struct Job {
     pub completion: Completion,
 }
 
+#[allow(clippy::large_enum_variant)] // a job's ops are inline so an uplink costs no extra allocation
 enum Msg {
     Job(Job),
     Stop,
@@ -220,7 +239,8 @@ impl BatchWriter {
 
     fn write(&mut self, jobs: &mut [Job], ids: &mut Vec<Option<MessageId>>) -> Result<(), StoreError> {
         let cf = |name| self.db.cf_handle(name).expect("column families are created at open");
-        let (messages, replay, presence_cf, sessions) = (cf(CF_MESSAGES), cf(CF_REPLAY), cf(CF_PRESENCE), cf(CF_SESSIONS));
+        let (messages, replay, presence_cf, sessions) =
+            (cf(CF_MESSAGES), cf(CF_REPLAY), cf(CF_PRESENCE), cf(CF_SESSIONS));
         let mut batch = WriteBatch::default();
         let first_message_id = self.next_message_id;
         let first_device_id = self.next_device_id;
@@ -232,7 +252,11 @@ impl BatchWriter {
                     Op::Uplink { device, received_at, topic, payload } => {
                         let mid = MessageId(self.next_message_id);
                         self.next_message_id += 1;
-                        batch.put_cf(messages, message_key(device, mid), MessageRecord::encode_parts(received_at, &topic, &payload));
+                        batch.put_cf(
+                            messages,
+                            message_key(device, mid),
+                            MessageRecord::encode_parts(received_at, &topic, &payload),
+                        );
                         id = Some(mid);
                     }
                     Op::SeenSeq { token, window, seq } => {

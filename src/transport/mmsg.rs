@@ -44,10 +44,7 @@ impl RecvBatch {
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         let n = self.hdrs.len();
         for i in 0..n {
-            self.iovs[i] = libc::iovec {
-                iov_base: self.bufs[i * self.slot..].as_mut_ptr().cast(),
-                iov_len: self.slot,
-            };
+            self.iovs[i] = libc::iovec { iov_base: self.bufs[i * self.slot..].as_mut_ptr().cast(), iov_len: self.slot };
             // SAFETY: zeroed msghdr is valid; the pointers set below outlive the call.
             let mut h: libc::msghdr = unsafe { zeroed() };
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
@@ -87,7 +84,8 @@ pub fn send(fd: RawFd, datagrams: &[(SocketAddr, Bytes)]) -> io::Result<usize> {
     let mut done = 0;
     while done < datagrams.len() {
         let chunk = &datagrams[done..(done + BATCH).min(datagrams.len())];
-        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> = chunk.iter().map(|(a, _)| to_sockaddr(a)).collect();
+        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+            chunk.iter().map(|(a, _)| to_sockaddr(a)).collect();
         let mut iovs: Vec<libc::iovec> = chunk
             .iter()
             .map(|(_, d)| libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() })
@@ -124,7 +122,10 @@ fn from_sockaddr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
         libc::AF_INET => {
             // SAFETY: the family says this storage holds a sockaddr_in.
             let a: &libc::sockaddr_in = unsafe { &*(s as *const _ as *const libc::sockaddr_in) };
-            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this storage holds a sockaddr_in6.

@@ -46,7 +46,8 @@ impl Server {
         let data = self.data_dir();
         // a killed server leaves its endpoints file behind; wait for the new one
         let _ = std::fs::remove_file(data.join(nbhub::ENDPOINTS_FILE));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbhub"));
         cmd.arg("serve")
             .env_clear()
@@ -312,7 +313,8 @@ impl AliDevice {
     pub fn auth_request(&mut self, body: &[u8], content_format: Option<u32>, accept: Option<u32>) -> Vec<u8> {
         let mid = self.peer.next_mid();
         let token = self.peer.next_token();
-        let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &token).option(OptionNumber::URI_PATH, b"auth");
+        let mut b =
+            MessageBuilder::new(MessageType::Con, Code::POST, mid, &token).option(OptionNumber::URI_PATH, b"auth");
         if let Some(cf) = content_format {
             b = b.uint_option(OptionNumber::CONTENT_FORMAT, cf);
         }

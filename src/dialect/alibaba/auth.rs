@@ -80,11 +80,6 @@ impl Alibaba {
         };
         metrics::counter!(metric::AUTH, "result" => if reused { "replayed" } else { "ok" }).increment(1);
         tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, ?token, "authenticated");
-        Outcome::Persist {
-            ops,
-            response: body.reply(reply),
-            separate: ack_mode == AckMode::Separate,
-            undo: None,
-        }
+        Outcome::Persist { ops, response: body.reply(reply), separate: ack_mode == AckMode::Separate, undo: None }
     }
 }

@@ -42,6 +42,7 @@ impl Resources for Alibaba {
 }
 
 /// Applies the device's flow control (SPEC §7): 4.29 with Max-Age saying when to retry.
+#[allow(clippy::result_large_err)] // the error is the outcome handed straight back to the endpoint
 fn admit(state: &mut DeviceState, req: &Request<'_, '_>, registry: &Registry) -> Result<(), Outcome> {
     state.admit(req.now.wall, &registry.config.device).map_err(|retry_after| {
         metrics::counter!(metric::FLOW_CONTROL).increment(1);

@@ -75,7 +75,10 @@ impl Alibaba {
                 };
                 if payload.len() > self.registry.config.coap.max_payload {
                     let max = self.registry.config.coap.max_payload as u32;
-                    return Outcome::Respond(Response { size1: Some(max), ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE) });
+                    return Outcome::Respond(Response {
+                        size1: Some(max),
+                        ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE)
+                    });
                 }
                 if let Some(seq) = seq
                     && self.registry.sessions.check_seq(token, seq) != Verdict::Fresh
