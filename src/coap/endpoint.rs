@@ -44,12 +44,6 @@ pub struct Actions {
     pub writes: Vec<(u64, SmallVec<[Op; 3]>)>,
 }
 
-impl Actions {
-    pub fn is_empty(&self) -> bool {
-        self.transmits.is_empty() && self.writes.is_empty()
-    }
-}
-
 /// Counters the shell exports as metrics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EndpointStats {
@@ -106,10 +100,6 @@ impl<R: Resources> Endpoint<R> {
             next_mid: rand::random(),
             stats: EndpointStats::default(),
         }
-    }
-
-    pub fn resources(&self) -> &R {
-        &self.resources
     }
 
     pub fn take_stats(&mut self) -> (EndpointStats, u64, usize) {

@@ -11,13 +11,11 @@ impl OptionNumber {
     pub const IF_NONE_MATCH: OptionNumber = OptionNumber(5);
     pub const OBSERVE: OptionNumber = OptionNumber(6);
     pub const URI_PORT: OptionNumber = OptionNumber(7);
-    pub const LOCATION_PATH: OptionNumber = OptionNumber(8);
     pub const URI_PATH: OptionNumber = OptionNumber(11);
     pub const CONTENT_FORMAT: OptionNumber = OptionNumber(12);
     pub const MAX_AGE: OptionNumber = OptionNumber(14);
     pub const URI_QUERY: OptionNumber = OptionNumber(15);
     pub const ACCEPT: OptionNumber = OptionNumber(17);
-    pub const LOCATION_QUERY: OptionNumber = OptionNumber(20);
     pub const BLOCK2: OptionNumber = OptionNumber(23);
     pub const SIZE2: OptionNumber = OptionNumber(28);
     pub const PROXY_URI: OptionNumber = OptionNumber(35);
