@@ -182,9 +182,13 @@ fn bench(c: &mut Criterion) {
                         fx.writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket } });
                     }
                     fx.runtime.block_on(async {
-                        for _ in 0..n {
-                            let c: nbhub::store::Committed = done.recv().await.unwrap();
-                            ep.handle_committed(now, c.ticket, c.result, &mut actions);
+                        let mut seen = 0;
+                        while seen < n {
+                            let batch: Vec<nbhub::store::Committed> = done.recv().await.unwrap();
+                            seen += batch.len();
+                            for c in batch {
+                                ep.handle_committed(now, c.ticket, c.result, &mut actions);
+                            }
                         }
                     });
                     total += start.elapsed();

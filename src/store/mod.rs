@@ -16,7 +16,7 @@ use crate::auth::replay::{self, ReplayWindow};
 use crate::clock::UnixMs;
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
-pub use writer::{Commit, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
+pub use writer::{Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
 
 pub const CF_PRODUCTS: &str = "products";
 pub const CF_DEVICES: &str = "devices";

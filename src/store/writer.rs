@@ -71,10 +71,13 @@ pub trait LiveRecord: Send + Sync + std::fmt::Debug {
 /// Whom to tell when a job is durable.
 pub enum Completion {
     /// A CoAP endpoint: the ticket identifies the exchange waiting for this write.
-    Endpoint { sink: tokio_mpsc::UnboundedSender<Committed>, ticket: u64 },
+    Endpoint { sink: CommitSink, ticket: u64 },
     /// An admin request awaiting the result.
     Caller(oneshot::Sender<Result<Option<MessageId>, StoreError>>),
 }
+
+/// Where an endpoint hears about its committed writes: one message per endpoint per batch.
+pub type CommitSink = tokio_mpsc::UnboundedSender<Vec<Committed>>;
 
 pub struct Committed {
     pub ticket: u64,
@@ -137,7 +140,7 @@ impl std::future::Future for Commit {
 fn complete(completion: Completion, result: Result<Option<MessageId>, StoreError>) {
     match completion {
         Completion::Endpoint { sink, ticket } => {
-            let _ = sink.send(Committed { ticket, result });
+            let _ = sink.send(vec![Committed { ticket, result }]);
         }
         Completion::Caller(tx) => {
             let _ = tx.send(result);
@@ -228,8 +231,25 @@ impl BatchWriter {
             if let Err(e) = &result {
                 tracing::error!(error = %e, jobs = jobs.len(), "store write failed; those requests get 5.00");
             }
+            // Consecutive jobs of one endpoint are reported in one message: one wake-up per
+            // endpoint per batch instead of one per uplink.
+            let mut group: Option<(CommitSink, Vec<Committed>)> = None;
             for (job, id) in jobs.drain(..).zip(ids.drain(..)) {
-                complete(job.completion, result.clone().map(|()| id));
+                let r = result.clone().map(|()| id);
+                match job.completion {
+                    Completion::Endpoint { sink, ticket } => match &mut group {
+                        Some((s, done)) if s.same_channel(&sink) => done.push(Committed { ticket, result: r }),
+                        _ => {
+                            if let Some((s, done)) = group.replace((sink, vec![Committed { ticket, result: r }])) {
+                                let _ = s.send(done);
+                            }
+                        }
+                    },
+                    caller => complete(caller, r),
+                }
+            }
+            if let Some((s, done)) = group {
+                let _ = s.send(done);
             }
         }
         if let Err(e) = self.db.flush_wal(true) {

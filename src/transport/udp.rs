@@ -18,7 +18,7 @@ use crate::clock::Now;
 use crate::coap::endpoint::{Actions, Endpoint};
 use crate::coap::message::Code;
 use crate::coap::resource::Resources;
-use crate::store::{Committed, Completion, Job, Writer};
+use crate::store::{CommitSink, Committed, Completion, Job, Writer};
 use crate::telemetry::metric;
 
 /// Binds `count` sockets to `addr` with SO_REUSEPORT so the kernel spreads peers over them (a
@@ -97,7 +97,7 @@ pub async fn serve<R: Resources>(
 ) -> io::Result<()> {
     let socket = UdpSocket::from_std(socket)?;
     let fd = socket.as_raw_fd();
-    let (sink, mut committed) = mpsc::unbounded_channel::<Committed>();
+    let (sink, mut committed) = mpsc::unbounded_channel::<Vec<Committed>>();
     let mut batch = RecvBatch::new(32, recv_slot);
     let mut actions = Actions::default();
     let mut outbox: Vec<(SocketAddr, Bytes)> = Vec::new();
@@ -137,14 +137,16 @@ pub async fn serve<R: Resources>(
                     }
                 }
             }
-            Some(c) = committed.recv() => {
+            Some(batch) = committed.recv() => {
                 let now = Now::read();
-                let mut next = Some(c);
-                while let Some(c) = next {
-                    if matches!(c.result, Ok(Some(_))) {
-                        m.stored.increment(1);
+                let mut next = Some(batch);
+                while let Some(batch) = next {
+                    for c in batch {
+                        if matches!(c.result, Ok(Some(_))) {
+                            m.stored.increment(1);
+                        }
+                        endpoint.handle_committed(now, c.ticket, c.result, &mut actions);
                     }
-                    endpoint.handle_committed(now, c.ticket, c.result, &mut actions);
                     next = committed.try_recv().ok();
                 }
             }
@@ -162,7 +164,11 @@ pub async fn serve<R: Resources>(
     let drain_until = tokio::time::Instant::now() + Duration::from_secs(5);
     while endpoint.pending_writes() > 0 {
         match tokio::time::timeout_at(drain_until, committed.recv()).await {
-            Ok(Some(c)) => endpoint.handle_committed(Now::read(), c.ticket, c.result, &mut actions),
+            Ok(Some(batch)) => {
+                for c in batch {
+                    endpoint.handle_committed(Now::read(), c.ticket, c.result, &mut actions);
+                }
+            }
             _ => break,
         }
         flush(&socket, &writer, &sink, &mut actions, &mut outbox, &mut m).await;
@@ -174,7 +180,7 @@ pub async fn serve<R: Resources>(
 async fn flush(
     socket: &UdpSocket,
     writer: &Writer,
-    sink: &mpsc::UnboundedSender<Committed>,
+    sink: &CommitSink,
     actions: &mut Actions,
     outbox: &mut Vec<(SocketAddr, Bytes)>,
     m: &mut PortMetrics,
