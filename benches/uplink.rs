@@ -140,7 +140,7 @@ fn bench(c: &mut Criterion) {
             let now = Now::read();
             let start = Instant::now();
             for d in &datagrams {
-                ep.handle_datagram(now, peer, d, &mut actions);
+                ep.handle_datagram(now, peer, None, d, &mut actions);
                 actions.writes.clear();
                 actions.transmits.clear();
             }
@@ -175,7 +175,7 @@ fn bench(c: &mut Criterion) {
                     let mut actions = Actions::default();
                     for (i, d) in datagrams.iter().enumerate() {
                         let peer = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 5000));
-                        ep.handle_datagram(now, peer, d, &mut actions);
+                        ep.handle_datagram(now, peer, None, d, &mut actions);
                     }
                     let n = actions.writes.len();
                     for (ticket, ops) in actions.writes.drain(..) {

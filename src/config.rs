@@ -20,6 +20,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub coap: CoapConfig,
     pub aes: AesConfig,
+    pub dtls: DtlsConfig,
     pub auth: AuthConfig,
     pub device: DeviceConfig,
     pub store: StoreConfig,
@@ -66,6 +67,33 @@ impl CoapConfig {
 #[serde(deny_unknown_fields)]
 pub struct AesConfig {
     pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DtlsConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain (leaf first) and private key; empty for PSK only.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub max_handshakes: usize,
+    pub max_sessions: usize,
+    pub handshake_timeout_s: u64,
+    pub idle_timeout_s: u64,
+    pub mtu: u32,
+}
+
+impl DtlsConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_s)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_s)
+    }
+    /// Whether certificate mode is configured (both files named).
+    pub fn has_certificate(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,6 +201,22 @@ impl Config {
         if self.coap.max_pending_writes < 1 {
             return bad("coap.max_pending_writes must be at least 1".into());
         }
+        let d = &self.dtls;
+        if d.cert.as_os_str().is_empty() != d.key.as_os_str().is_empty() {
+            return bad("dtls.cert and dtls.key must both be set (certificate mode) or both be empty (PSK only)".into());
+        }
+        if d.max_handshakes < 1 || d.max_sessions < 1 {
+            return bad("dtls.max_handshakes and dtls.max_sessions must be at least 1".into());
+        }
+        if !(1..=600).contains(&d.handshake_timeout_s) {
+            return bad(format!("dtls.handshake_timeout_s = {} must be within 1..=600", d.handshake_timeout_s));
+        }
+        if d.idle_timeout_s < 1 {
+            return bad("dtls.idle_timeout_s must be at least 1".into());
+        }
+        if !(256..=9000).contains(&d.mtu) {
+            return bad(format!("dtls.mtu = {} must be within 256..=9000", d.mtu));
+        }
         let w = self.auth.replay_window;
         if w == 0 || !w.is_multiple_of(64) || w > 65536 {
             return bad(format!("auth.replay_window = {w} must be a multiple of 64 within 64..=65536"));
@@ -256,6 +300,7 @@ mod tests {
         let c = Config::load_with_env(None, env(&[])).unwrap();
         assert_eq!(c.coap.listen.port(), 5683);
         assert_eq!(c.aes.listen.port(), 5682);
+        assert_eq!(c.dtls.listen.port(), 5684);
         assert_eq!(c.admin.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.store.sync, SyncPolicy::Fsync);

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod coap;
 pub mod config;
 pub mod dialect;
+pub mod dtls;
 pub mod identity;
 pub mod registry;
 pub mod store;
@@ -40,6 +41,8 @@ pub enum ServeError {
     Io { context: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Dtls(#[from] dtls::SetupError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -52,6 +55,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeErr
 pub struct Endpoints {
     pub coap: SocketAddr,
     pub aes: SocketAddr,
+    pub dtls: SocketAddr,
     pub admin: SocketAddr,
 }
 
@@ -75,8 +79,22 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    let coap = spawn_port(&mut tasks, &registry, &writer, config.coap.listen, PortFamily::Plain, "coap", &stop_rx)?;
-    let aes = spawn_port(&mut tasks, &registry, &writer, config.aes.listen, PortFamily::Aes, "aes", &stop_rx)?;
+    let plain = || transport::link::Plain;
+    let coap =
+        spawn_port(&mut tasks, &registry, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
+    let aes = spawn_port(&mut tasks, &registry, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
+    let (dtls_context, certificate_mode) = dtls::setup(registry.clone(), &config.dtls)?;
+    let d = &config.dtls;
+    let per_socket = |n: usize| n.div_ceil(config.coap.sockets_per_port);
+    let limits = dtls::peers::Limits {
+        max_handshakes: per_socket(d.max_handshakes),
+        max_sessions: per_socket(d.max_sessions),
+        handshake_timeout: d.handshake_timeout(),
+        idle_timeout: d.idle_timeout(),
+        mtu: d.mtu,
+    };
+    let dtls_link = || transport::dtls::Dtls::new(dtls::peers::PeerTable::new(dtls_context.clone(), limits));
+    let dtls = spawn_port(&mut tasks, &registry, &writer, d.listen, PortFamily::Dtls, "dtls", dtls_link, &stop_rx)?;
 
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
@@ -94,9 +112,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
 
-    let endpoints = Endpoints { coap, aes, admin };
+    let endpoints = Endpoints { coap, aes, dtls, admin };
     write_endpoints(&data_dir, &endpoints)?;
-    tracing::info!(%coap, %aes, %admin, data_dir = %data_dir.display(), "nbhub is serving");
+    tracing::info!(%coap, %aes, %dtls, certificate_mode, %admin, data_dir = %data_dir.display(), "nbhub is serving");
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
@@ -115,13 +133,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
-fn spawn_port(
+#[allow(clippy::too_many_arguments)] // one call per listener, each naming all of them
+fn spawn_port<L: transport::link::Link + Send + 'static>(
     tasks: &mut tokio::task::JoinSet<std::io::Result<()>>,
     registry: &Arc<Registry>,
     writer: &store::Writer,
     listen: SocketAddr,
     family: PortFamily,
     label: &'static str,
+    link: impl Fn() -> L,
     stop: &watch::Receiver<bool>,
 ) -> Result<SocketAddr, ServeError> {
     let c = &registry.config.coap;
@@ -136,15 +156,16 @@ fn spawn_port(
         max_retransmit: c.max_retransmit,
         max_pending_writes: c.max_pending_writes,
     };
-    // Room for the largest acceptable request plus headers and options; anything longer is
-    // reported truncated and answered 4.13.
+    // Room for the largest acceptable request plus headers and options (and on DTLS a record
+    // header, explicit IV, MAC and padding); anything longer is reported truncated and answered
+    // 4.13 (dropped on DTLS).
     let recv_slot = (c.max_payload + cipher_slack + 1024).max(1500);
     let sockets =
         transport::udp::bind(listen, c.sockets_per_port).map_err(io_err(format!("cannot bind {label} on {listen}")))?;
     let bound = sockets[0].local_addr().map_err(io_err("socket address"))?;
     for socket in sockets {
         let endpoint = Endpoint::new(Alibaba::new(registry.clone(), family), endpoint_config.clone());
-        tasks.spawn(transport::udp::serve(socket, endpoint, writer.clone(), recv_slot, label, stop.clone()));
+        tasks.spawn(transport::udp::serve(socket, endpoint, link(), writer.clone(), recv_slot, label, stop.clone()));
     }
     Ok(bound)
 }

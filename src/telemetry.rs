@@ -26,6 +26,17 @@ pub mod metric {
     pub const STORE_BATCH_JOBS: &str = "nbhub_store_batch_jobs";
     pub const SESSIONS: &str = "nbhub_sessions";
     pub const DEVICES: &str = "nbhub_devices";
+    pub const DTLS_HELLO_VERIFY: &str = "nbhub_dtls_hello_verify_requests_total";
+    pub const DTLS_HANDSHAKES_STARTED: &str = "nbhub_dtls_handshakes_started_total";
+    pub const DTLS_HANDSHAKES_COMPLETED: &str = "nbhub_dtls_handshakes_completed_total";
+    pub const DTLS_HANDSHAKES_FAILED: &str = "nbhub_dtls_handshakes_failed_total";
+    pub const DTLS_REFUSED: &str = "nbhub_dtls_refused_total";
+    pub const DTLS_EVICTIONS: &str = "nbhub_dtls_evictions_total";
+    pub const DTLS_CLOSED: &str = "nbhub_dtls_closed_by_peer_total";
+    pub const DTLS_STRAY: &str = "nbhub_dtls_stray_datagrams_total";
+    pub const DTLS_UNSENT: &str = "nbhub_dtls_unsent_responses_total";
+    pub const DTLS_SESSIONS: &str = "nbhub_dtls_sessions";
+    pub const DTLS_HANDSHAKES_IN_PROGRESS: &str = "nbhub_dtls_handshakes_in_progress";
 }
 
 pub fn init_logging(config: &Config) {
@@ -52,6 +63,17 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_counter!(metric::AUTH, "/auth and registration results");
     metrics::describe_counter!(metric::UPLINKS_STORED, "uplinks durably stored");
     metrics::describe_counter!(metric::FLOW_CONTROL, "requests refused with 4.29");
+    metrics::describe_counter!(metric::DTLS_HELLO_VERIFY, "stateless HelloVerifyRequests sent to new DTLS peers");
+    metrics::describe_counter!(
+        metric::DTLS_HANDSHAKES_STARTED,
+        "DTLS handshakes started (ClientHello with a valid cookie)"
+    );
+    metrics::describe_counter!(metric::DTLS_HANDSHAKES_COMPLETED, "DTLS handshakes completed");
+    metrics::describe_counter!(metric::DTLS_HANDSHAKES_FAILED, "DTLS handshakes or sessions that failed, by reason");
+    metrics::describe_counter!(metric::DTLS_REFUSED, "valid ClientHellos dropped at a limit, by limit");
+    metrics::describe_counter!(metric::DTLS_EVICTIONS, "DTLS sessions evicted, by reason");
+    metrics::describe_gauge!(metric::DTLS_SESSIONS, "established DTLS sessions");
+    metrics::describe_gauge!(metric::DTLS_HANDSHAKES_IN_PROGRESS, "DTLS handshakes in progress");
     metrics::describe_histogram!(metric::STORE_COMMIT_SECONDS, "time to commit one group of writes");
     metrics::describe_histogram!(metric::STORE_BATCH_JOBS, "jobs per committed batch");
     Some(handle)

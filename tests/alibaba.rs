@@ -371,17 +371,13 @@ fn bursts_get_4_29() {
     assert!((4..=5).contains(&ok), "{codes:?}");
     assert_eq!(ok + limited, 10, "{codes:?}");
     assert_eq!(server.stored(&d.pk, &d.dn).len(), ok);
-    let metrics = reqwest_metrics(&server);
+    let metrics = server.metrics();
     assert!(metrics.contains("nbhub_flow_control_rejections_total"), "{metrics}");
     assert!(metrics.contains(r#"nbhub_coap_responses_total{port="aes",code="4.29"}"#), "{metrics}");
 }
 
 fn now_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
-}
-
-fn reqwest_metrics(server: &Server) -> String {
-    ureq::get(format!("{}/metrics", server.admin_url())).call().unwrap().body_mut().read_to_string().unwrap()
 }
 
 #[test]

@@ -16,6 +16,7 @@ use super::message::{Code, FormatError, Header, Message, MessageType, empty};
 use super::option::OptionNumber;
 use super::resource::{Outcome, Request, Resources, Response, Undo};
 use crate::clock::Now;
+use crate::identity::DeviceId;
 use crate::store::{MessageId, Op, StoreError};
 
 #[derive(Debug, Clone)]
@@ -111,7 +112,15 @@ impl<R: Resources> Endpoint<R> {
         self.next_mid
     }
 
-    pub fn handle_datagram(&mut self, now: Now, peer: SocketAddr, data: &[u8], out: &mut Actions) {
+    /// `authenticated` is the device the transport vouches for (a DTLS PSK session), if any.
+    pub fn handle_datagram(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        authenticated: Option<DeviceId>,
+        data: &[u8],
+        out: &mut Actions,
+    ) {
         let msg = match Message::parse(data) {
             Ok(m) => m,
             Err(e) => return self.reject_malformed(peer, data, e, out),
@@ -120,7 +129,7 @@ impl<R: Resources> Endpoint<R> {
             // Ping (RFC 7252 §4.3): an Empty CON is answered with RST.
             (MessageType::Con, Code::EMPTY) => send(out, peer, empty(MessageType::Rst, msg.mid)),
             (MessageType::Ack | MessageType::Rst, _) => self.handle_ack_or_reset(peer, &msg),
-            (_, code) if code.is_request() => self.handle_request(now, peer, &msg, data, out),
+            (_, code) if code.is_request() => self.handle_request(now, peer, authenticated, &msg, data, out),
             // Responses in CON/NON are not expected here, nor are reserved classes.
             (MessageType::Con, _) => send(out, peer, empty(MessageType::Rst, msg.mid)),
             _ => {}
@@ -162,7 +171,15 @@ impl<R: Resources> Endpoint<R> {
         }
     }
 
-    fn handle_request(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, datagram: &[u8], out: &mut Actions) {
+    fn handle_request(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        authenticated: Option<DeviceId>,
+        msg: &Message<'_>,
+        datagram: &[u8],
+        out: &mut Actions,
+    ) {
         if let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) {
             self.stats.duplicates += 1;
             if let Duplicate::Resend(bytes) = dup {
@@ -189,7 +206,7 @@ impl<R: Resources> Endpoint<R> {
             let response = Response { max_age: Some(1), ..Response::new(Code::SERVICE_UNAVAILABLE) };
             return self.respond_now(now, peer, msg, datagram, response, out);
         }
-        let request = Request { msg, peer, now, path };
+        let request = Request { msg, peer, authenticated, now, path };
         match self.resources.handle(&request) {
             Outcome::Respond(response) => self.respond_now(now, peer, msg, datagram, response, out),
             Outcome::Persist { ops, response, separate, undo } => {

@@ -8,11 +8,14 @@ use smallvec::SmallVec;
 use super::message::{Code, Message, MessageBuilder, MessageType};
 use super::option::OptionNumber;
 use crate::clock::Now;
+use crate::identity::DeviceId;
 use crate::store::{MessageId, Op};
 
 pub struct Request<'r, 'a> {
     pub msg: &'r Message<'a>,
     pub peer: SocketAddr,
+    /// The device the transport authenticated: a DTLS session keyed with its PSK.
+    pub authenticated: Option<DeviceId>,
     pub now: Now,
     /// Uri-Path segments (UTF-8, checked by the endpoint).
     pub path: SmallVec<[&'a str; 8]>,

@@ -70,6 +70,28 @@ pub struct DevicePatch {
 struct Devices {
     by_product: HashMap<ProductKey, HashMap<DeviceName, Arc<Device>>>,
     by_node: HashMap<NodeId, Arc<Device>>,
+    /// For DTLS PSK sessions, which name their device by id.
+    by_id: HashMap<DeviceId, Arc<Device>>,
+}
+
+impl Devices {
+    fn insert(&mut self, d: &Arc<Device>) {
+        if let Some(n) = &d.node_id {
+            self.by_node.insert(n.clone(), d.clone());
+        }
+        self.by_product.entry(d.product_key.clone()).or_default().insert(d.device_name.clone(), d.clone());
+        self.by_id.insert(d.id, d.clone());
+    }
+
+    fn remove(&mut self, d: &Device) {
+        if let Some(m) = self.by_product.get_mut(&d.product_key) {
+            m.remove(&d.device_name);
+        }
+        if let Some(n) = &d.node_id {
+            self.by_node.remove(n);
+        }
+        self.by_id.remove(&d.id);
+    }
 }
 
 pub struct Registry {
@@ -97,29 +119,24 @@ impl Registry {
         let products = store.products()?.into_iter().map(|p| (p.product_key.clone(), Arc::new(p))).collect();
         let mut presence = store.presence()?;
         let mut devices = Devices::default();
-        let mut by_id = HashMap::new();
         let mut max_id = 0;
         for r in store.devices()? {
             max_id = max_id.max(r.id.0);
             let p = presence.remove(&r.id);
             let d = Arc::new(Device::from_record(r, p.as_ref().map(|p| p.last_seen), p.and_then(|p| p.address)));
-            if let Some(n) = &d.node_id {
-                devices.by_node.insert(n.clone(), d.clone());
-            }
-            devices.by_product.entry(d.product_key.clone()).or_default().insert(d.device_name.clone(), d.clone());
-            by_id.insert(d.id, d);
+            devices.insert(&d);
         }
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1).max(max_id + 1);
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
         for (token, record, window) in store.sessions()? {
-            let Some(device) = by_id.get(&record.device_id) else {
+            let Some(device) = devices.by_id.get(&record.device_id) else {
                 stale.push(Op::DeleteSession(token));
                 continue;
             };
             let window = match record.family {
                 PortFamily::Aes => Some(window.unwrap_or_else(|| ReplayWindow::new(config.auth.replay_window))),
-                PortFamily::Plain => None,
+                PortFamily::Plain | PortFamily::Dtls => None,
             };
             // The stored last use may trail the real one by the write interval; a session must
             // not end earlier than promised because the server restarted.
@@ -179,6 +196,10 @@ impl Registry {
 
     pub fn device(&self, pk: &str, dn: &str) -> Option<Arc<Device>> {
         read(&self.devices).by_product.get(pk)?.get(dn).cloned()
+    }
+
+    pub fn device_by_id(&self, id: DeviceId) -> Option<Arc<Device>> {
+        read(&self.devices).by_id.get(&id).cloned()
     }
 
     pub fn device_by_node(&self, node: &str) -> Option<Arc<Device>> {
@@ -246,13 +267,12 @@ impl Registry {
                     device.device_name
                 )));
             }
-            if let Some(n) = &device.node_id {
-                if devices.by_node.contains_key(n) {
-                    return Err(RegistryError::Conflict(format!("node id {n} is already used by another device")));
-                }
-                devices.by_node.insert(n.clone(), device.clone());
+            if let Some(n) = &device.node_id
+                && devices.by_node.contains_key(n)
+            {
+                return Err(RegistryError::Conflict(format!("node id {n} is already used by another device")));
             }
-            devices.by_product.entry(pk.clone()).or_default().insert(device.device_name.clone(), device.clone());
+            devices.insert(&device);
         }
         if let Err(e) = self.writer.commit([Op::PutDevice(device.clone())]).await {
             self.forget(&device);
@@ -263,13 +283,7 @@ impl Registry {
     }
 
     fn forget(&self, device: &Device) {
-        let mut devices = write(&self.devices);
-        if let Some(m) = devices.by_product.get_mut(&device.product_key) {
-            m.remove(&device.device_name);
-        }
-        if let Some(n) = &device.node_id {
-            devices.by_node.remove(n);
-        }
+        write(&self.devices).remove(device);
     }
 
     pub async fn update_device(&self, pk: &str, dn: &str, patch: DevicePatch) -> Result<Arc<Device>, RegistryError> {
@@ -309,15 +323,7 @@ impl Registry {
         if let Err(e) = self.writer.commit([Op::DeleteDevice { record, tokens }]).await {
             // Still stored, so still served; its sessions were dropped and it must authenticate again.
             device.state().deleted = false;
-            let mut devices = write(&self.devices);
-            if let Some(n) = &device.node_id {
-                devices.by_node.insert(n.clone(), device.clone());
-            }
-            devices
-                .by_product
-                .entry(device.product_key.clone())
-                .or_default()
-                .insert(device.device_name.clone(), device.clone());
+            write(&self.devices).insert(&device);
             return Err(e.into());
         }
         self.export_gauges();

@@ -60,6 +60,8 @@ pub struct DeviceRecord {
 pub enum PortFamily {
     Plain,
     Aes,
+    /// Tokens from `/auth` inside a DTLS session (5684).
+    Dtls,
 }
 
 /// How a session's requests are answered (the `/auth` body's `ackMode`).

@@ -1,5 +1,6 @@
 //! The I/O shell around a CoAP [`Endpoint`]: one task per socket moves datagrams in batches,
-//! hands writes to the store's writer and sends what the endpoint decides, when it decides it.
+//! through its [`Link`] (plain or DTLS), hands writes to the store's writer and sends what the
+//! endpoint decides, when it decides it.
 
 use std::collections::HashMap;
 use std::io;
@@ -7,12 +8,12 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use metrics::Counter;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
+use super::link::{Datagram, Link, Wire};
 use super::mmsg::{self, RecvBatch};
 use crate::clock::Now;
 use crate::coap::endpoint::{Actions, Endpoint};
@@ -82,14 +83,17 @@ impl PortMetrics {
     }
 }
 
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Most datagrams read before the loop looks at completions and timers again.
 const READS_PER_TURN: usize = 8;
 
 /// Runs one socket until `shutdown` flips, then waits (bounded) for its writes in flight so the
 /// devices waiting on them still get their answers.
-pub async fn serve<R: Resources>(
+pub async fn serve<R: Resources, L: Link>(
     socket: std::net::UdpSocket,
     mut endpoint: Endpoint<R>,
+    mut link: L,
     writer: Writer,
     recv_slot: usize,
     port: &'static str,
@@ -100,11 +104,16 @@ pub async fn serve<R: Resources>(
     let (sink, mut committed) = mpsc::unbounded_channel::<Vec<Committed>>();
     let mut batch = RecvBatch::new(32, recv_slot);
     let mut actions = Actions::default();
-    let mut outbox: Vec<(SocketAddr, Bytes)> = Vec::new();
+    let mut outbox: Wire = Vec::new();
     let mut m = PortMetrics::new(port);
     let mut last_export = Instant::now();
     loop {
-        let deadline = endpoint.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        // Wake at least once a second so counters reach /metrics even on a quiet port.
+        let deadline = [endpoint.poll_timeout(), link.poll_timeout(), Some(last_export + STATS_INTERVAL)]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("the stats deadline is always there");
         tokio::select! {
             _ = shutdown.changed() => break,
             ready = socket.readable() => {
@@ -117,11 +126,7 @@ pub async fn serve<R: Resources>(
                                 let Some((peer, data, truncated)) = batch.get(i) else { continue };
                                 m.received.increment(1);
                                 m.bytes_in.increment(data.len() as u64);
-                                if truncated {
-                                    endpoint.handle_oversized(peer, data, &mut actions);
-                                } else {
-                                    endpoint.handle_datagram(now, peer, data, &mut actions);
-                                }
+                                link.receive(now, Datagram { peer, data, truncated }, &mut endpoint, &mut actions, &mut outbox);
                             }
                             if n < batch.capacity() {
                                 break;
@@ -151,13 +156,16 @@ pub async fn serve<R: Resources>(
                 }
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
-                endpoint.handle_timeout(Now::read(), &mut actions);
+                let now = Now::read();
+                endpoint.handle_timeout(now, &mut actions);
+                link.handle_timeout(now.instant, &mut outbox);
             }
         }
-        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &mut m).await;
-        if last_export.elapsed() >= Duration::from_secs(1) {
+        flush(&socket, &writer, &sink, &mut link, &mut actions, &mut outbox, &mut m).await;
+        if last_export.elapsed() >= STATS_INTERVAL {
             last_export = Instant::now();
             export_stats(&mut endpoint, port);
+            link.export_stats(port);
         }
     }
     // Answer what is already being written; new datagrams are no longer read.
@@ -171,9 +179,10 @@ pub async fn serve<R: Resources>(
             }
             _ => break,
         }
-        flush(&socket, &writer, &sink, &mut actions, &mut outbox, &mut m).await;
+        flush(&socket, &writer, &sink, &mut link, &mut actions, &mut outbox, &mut m).await;
     }
     export_stats(&mut endpoint, port);
+    link.export_stats(port);
     Ok(())
 }
 
@@ -181,21 +190,24 @@ async fn flush(
     socket: &UdpSocket,
     writer: &Writer,
     sink: &CommitSink,
+    link: &mut impl Link,
     actions: &mut Actions,
-    outbox: &mut Vec<(SocketAddr, Bytes)>,
+    outbox: &mut Wire,
     m: &mut PortMetrics,
 ) {
     for (ticket, ops) in actions.writes.drain(..) {
         writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket } });
     }
-    outbox.extend(actions.transmits.drain(..).map(|t| (t.peer, t.data)));
+    for t in &actions.transmits {
+        m.count_response(&t.data);
+    }
+    link.seal(actions.transmits.drain(..), outbox);
     let mut sent = 0;
     while sent < outbox.len() {
         match socket.try_io(Interest::WRITABLE, || mmsg::send(socket.as_raw_fd(), &outbox[sent..])) {
             Ok(n) => {
                 for (_, d) in &outbox[sent..sent + n] {
                     m.bytes_out.increment(d.len() as u64);
-                    m.count_response(d);
                 }
                 m.sent.increment(n as u64);
                 sent += n;

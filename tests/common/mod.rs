@@ -15,6 +15,8 @@ use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use serde_json::{Value, json};
 
+pub mod dtls;
+
 pub const TOKEN: &str = "test-admin-token";
 
 pub struct Server {
@@ -56,6 +58,9 @@ impl Server {
             .env("NBHUB_ADMIN_LISTEN", "127.0.0.1:0")
             .env("NBHUB_COAP_LISTEN", "127.0.0.1:0")
             .env("NBHUB_AES_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_DTLS_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_DTLS_CERT", dev_certs().join("server.crt"))
+            .env("NBHUB_DTLS_KEY", dev_certs().join("server.key"))
             .env("NBHUB_ADMIN_TOKEN", TOKEN)
             .env("NBHUB_LOG", "nbhub=debug,info")
             // Flow control is tested on its own; elsewhere it would only pace the tests.
@@ -106,6 +111,31 @@ impl Server {
         format!("http://{}", self.endpoints.admin)
     }
 
+    pub fn metrics(&self) -> String {
+        ureq::get(format!("{}/metrics", self.admin_url())).call().unwrap().body_mut().read_to_string().unwrap()
+    }
+
+    /// The value of one sample of `/metrics`, e.g. `nbhub_dtls_sessions{port="dtls"}`; 0 if absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Polls `sample` until `ok` holds for it (metrics are exported about once a second).
+    pub fn wait_metric(&self, sample: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.metric(sample);
+            if ok(v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{sample} stayed at {v}:\n{}", self.metrics());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
@@ -150,7 +180,29 @@ impl Drop for Server {
 
 fn placeholder() -> Endpoints {
     let a: SocketAddr = "0.0.0.0:0".parse().unwrap();
-    Endpoints { coap: a, aes: a, admin: a }
+    Endpoints { coap: a, aes: a, dtls: a, admin: a }
+}
+
+/// The development CA and server certificate, made once by the repo's own `scripts/dev-certs`
+/// (test processes run in parallel: each makes its own, the first to rename it into place wins).
+pub fn dev_certs() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dev-certs");
+        if !dir.join("server.key").exists() {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-certs.{}", std::process::id()));
+            let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-certs"))
+                .arg(&tmp)
+                .output()
+                .expect("run scripts/dev-certs");
+            assert!(out.status.success(), "scripts/dev-certs: {}", String::from_utf8_lossy(&out.stderr));
+            if std::fs::rename(&tmp, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+        }
+        dir
+    })
+    .clone()
 }
 
 fn wait_for_endpoints(data: &Path, child: &mut Child, log: &Path) -> Endpoints {

@@ -2,6 +2,8 @@
 //! seq in option 2089 and the payload are AES-encrypted. Answered 2.04 with option 2090 (the stored
 //! message id) once the uplink is durable.
 
+use std::sync::Arc;
+
 use smallvec::smallvec;
 
 use super::{Alibaba, admit};
@@ -10,6 +12,8 @@ use crate::coap::message::Code;
 use crate::coap::option::OptionNumber;
 use crate::coap::resource::{Outcome, Request, Response, Undo};
 use crate::identity::{DeviceName, ProductKey, Token};
+use crate::registry::device::Device;
+use crate::registry::sessions::SessionView;
 use crate::registry::{Lookup, SeqOutcome};
 use crate::store::Op;
 use crate::store::records::{AckMode, PortFamily};
@@ -34,15 +38,30 @@ pub fn owns_topic(pk: &ProductKey, dn: &DeviceName, segments: &[&str]) -> bool {
     }
 }
 
+/// Who sends an uplink: a token's session, or the device a DTLS PSK session authenticated.
+enum Caller<'a> {
+    Token(&'a [u8], SessionView),
+    Link(Arc<Device>),
+}
+
 impl Alibaba {
     pub(super) fn topic(&self, req: &Request<'_, '_>) -> Outcome {
-        let Some(token) = token(req) else { return Outcome::code(Code::UNAUTHORIZED) };
         let now = req.now.wall;
-        let session = match self.registry.sessions.lookup(token, now) {
-            Lookup::Valid(s) if s.family == self.family => s,
-            _ => return Outcome::code(Code::UNAUTHORIZED),
+        let caller = match token(req) {
+            Some(token) => match self.registry.sessions.lookup(token, now) {
+                Lookup::Valid(s) if s.family == self.family => Caller::Token(token, s),
+                _ => return Outcome::code(Code::UNAUTHORIZED),
+            },
+            // A PSK-authenticated DTLS session is already a device identity (SPEC §3.3).
+            None => match req.authenticated.and_then(|id| self.registry.device_by_id(id)) {
+                Some(device) => Caller::Link(device),
+                None => return Outcome::code(Code::UNAUTHORIZED),
+            },
         };
-        let device = &session.device;
+        let device = match &caller {
+            Caller::Token(_, s) => &s.device,
+            Caller::Link(d) => d,
+        };
         if !device.state().enabled {
             return Outcome::code(Code::FORBIDDEN);
         }
@@ -54,39 +73,12 @@ impl Alibaba {
         if !owns_topic(&device.product_key, &device.device_name, segments) {
             return Outcome::code(Code::FORBIDDEN);
         }
-        let (seq, payload) = match (&session.key, self.family) {
-            (Some(key), PortFamily::Aes) => {
-                let seq = match req.msg.option(OptionNumber::ALI_SEQ) {
-                    Some(opt) => match key.decrypt_seq(opt) {
-                        Some(seq) if seq >= session.seq_offset => Some(seq),
-                        _ => return Outcome::code(Code::BAD_REQUEST),
-                    },
-                    // Link SDK 4.x omits 2089 on empty payloads; nothing else may.
-                    None if req.msg.payload.is_empty() => None,
-                    None => return Outcome::code(Code::BAD_REQUEST),
-                };
-                let payload = if req.msg.payload.is_empty() {
-                    Vec::new()
-                } else {
-                    match key.decrypt(req.msg.payload) {
-                        Ok(p) => p,
-                        Err(_) => return Outcome::code(Code::BAD_REQUEST),
-                    }
-                };
-                if payload.len() > self.registry.config.coap.max_payload {
-                    let max = self.registry.config.coap.max_payload as u32;
-                    return Outcome::Respond(Response {
-                        size1: Some(max),
-                        ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE)
-                    });
+        let (seq, payload) = match &caller {
+            Caller::Token(token, session) if self.family == PortFamily::Aes => {
+                match self.decrypt(req, token, session) {
+                    Ok(v) => v,
+                    Err(o) => return o,
                 }
-                if let Some(seq) = seq
-                    && self.registry.sessions.check_seq(token, seq) != Verdict::Fresh
-                {
-                    // 4.00, not 4.01: a 4.01 would send the device back to /auth (SPEC §3.2).
-                    return Outcome::code(Code::BAD_REQUEST);
-                }
-                (seq, payload)
             }
             _ => (None, req.msg.payload.to_vec()),
         };
@@ -96,10 +88,13 @@ impl Alibaba {
                 return o;
             }
         }
-        let touch = match self.registry.sessions.accept(token, seq, now) {
-            SeqOutcome::Accepted { touch } => touch,
-            SeqOutcome::Replayed => return Outcome::code(Code::BAD_REQUEST),
-            SeqOutcome::Invalid => return Outcome::code(Code::UNAUTHORIZED),
+        let touch = match &caller {
+            Caller::Token(token, _) => match self.registry.sessions.accept(token, seq, now) {
+                SeqOutcome::Accepted { touch } => touch,
+                SeqOutcome::Replayed => return Outcome::code(Code::BAD_REQUEST),
+                SeqOutcome::Invalid => return Outcome::code(Code::UNAUTHORIZED),
+            },
+            Caller::Link(_) => None,
         };
         let presence = device.state().seen(now, req.peer);
         let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
@@ -112,7 +107,9 @@ impl Alibaba {
             ops.push(Op::Presence { device: device.id, record });
         }
         let mut undo: Option<Undo> = None;
-        if seq.is_some() || touch.is_some() {
+        if let Caller::Token(token, _) = &caller
+            && (seq.is_some() || touch.is_some())
+        {
             let token = Token::from_bytes(token).expect("a token that was found is well-formed");
             if let Some(seq) = seq {
                 ops.push(Op::SeenSeq { token: token.clone(), window: self.registry.config.auth.replay_window, seq });
@@ -124,12 +121,52 @@ impl Alibaba {
                 ops.push(Op::PutSession { token, record });
             }
         }
+        let separate = matches!(&caller, Caller::Token(_, s) if s.ack_mode == AckMode::Separate);
         Outcome::Persist {
             ops,
             response: Response { with_message_id: true, ..Response::new(Code::CHANGED) },
-            separate: session.ack_mode == AckMode::Separate,
+            separate,
             undo,
         }
+    }
+
+    /// 5682: the seq from option 2089 and the plaintext payload, both under the session key.
+    #[allow(clippy::result_large_err)] // the error is the outcome handed straight back to the endpoint
+    fn decrypt(
+        &self,
+        req: &Request<'_, '_>,
+        token: &[u8],
+        session: &SessionView,
+    ) -> Result<(Option<u64>, Vec<u8>), Outcome> {
+        let Some(key) = &session.key else { return Err(Outcome::code(Code::UNAUTHORIZED)) };
+        let seq = match req.msg.option(OptionNumber::ALI_SEQ) {
+            Some(opt) => match key.decrypt_seq(opt) {
+                Some(seq) if seq >= session.seq_offset => Some(seq),
+                _ => return Err(Outcome::code(Code::BAD_REQUEST)),
+            },
+            // Link SDK 4.x omits 2089 on empty payloads; nothing else may.
+            None if req.msg.payload.is_empty() => None,
+            None => return Err(Outcome::code(Code::BAD_REQUEST)),
+        };
+        let payload = if req.msg.payload.is_empty() {
+            Vec::new()
+        } else {
+            key.decrypt(req.msg.payload).map_err(|_| Outcome::code(Code::BAD_REQUEST))?
+        };
+        if payload.len() > self.registry.config.coap.max_payload {
+            let max = self.registry.config.coap.max_payload as u32;
+            return Err(Outcome::Respond(Response {
+                size1: Some(max),
+                ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE)
+            }));
+        }
+        if let Some(seq) = seq
+            && self.registry.sessions.check_seq(token, seq) != Verdict::Fresh
+        {
+            // 4.00, not 4.01: a 4.01 would send the device back to /auth (SPEC §3.2).
+            return Err(Outcome::code(Code::BAD_REQUEST));
+        }
+        Ok((seq, payload))
     }
 }
 

@@ -1,0 +1,143 @@
+//! The OpenSSL context every DTLS peer on a port shares: DTLS 1.2 only, the PSK callback that
+//! resolves device identities, the stateless cookie, and the certificate when one is configured.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use hmac::{Hmac, KeyInit, Mac};
+use openssl::ex_data::Index;
+use openssl::ssl::{
+    Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode, SslOptions, SslSessionCacheMode, SslVersion,
+};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use super::psk::{self, Refusal};
+use crate::identity::DeviceId;
+use crate::registry::Registry;
+
+/// Suites served, in the server's order of preference. PSK first: a client offering PSK suites
+/// has a key and wants its session to be its identity; certificate-mode clients offer none.
+/// AEAD only: CCM_8 is what constrained stacks (tinydtls, LwM2M) ship, GCM what OpenSSL, GnuTLS
+/// and mbedTLS clients prefer.
+pub const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:\
+PSK-CHACHA20-POLY1305:ECDHE-PSK-CHACHA20-POLY1305:\
+ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:\
+ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM";
+
+const COOKIE_LEN: usize = 16;
+
+/// Per-connection data the callbacks read and write.
+#[derive(Clone, Copy)]
+pub struct Slots {
+    /// The peer a cookie is computed for (set before each `DTLSv1_listen`).
+    pub peer: Index<Ssl, SocketAddr>,
+    /// The device a PSK identity resolved to.
+    pub device: Index<Ssl, DeviceId>,
+    /// Why a PSK identity was refused; the handshake then fails like a wrong key would.
+    pub refusal: Index<Ssl, Refusal>,
+}
+
+impl Slots {
+    pub fn get() -> Slots {
+        static SLOTS: OnceLock<Slots> = OnceLock::new();
+        *SLOTS.get_or_init(|| Slots {
+            peer: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
+            device: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
+            refusal: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("OpenSSL refused the DTLS settings: {0}")]
+    OpenSsl(#[from] openssl::error::ErrorStack),
+    #[error("dtls.cert {path}: {error}")]
+    Certificate { path: String, error: openssl::error::ErrorStack },
+    #[error("dtls.key {path}: {error}")]
+    Key { path: String, error: openssl::error::ErrorStack },
+}
+
+/// Builds the context. With `certificate`, certificate-mode suites are offered as well.
+pub fn build(registry: Arc<Registry>, certificate: Option<(&Path, &Path)>) -> Result<SslContext, ContextError> {
+    let slots = Slots::get();
+    let mut b = SslContext::builder(SslMethod::dtls_server())?;
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+    b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
+    b.set_cipher_list(CIPHERS)?;
+    b.set_options(
+        SslOptions::CIPHER_SERVER_PREFERENCE
+            | SslOptions::NO_QUERY_MTU
+            | SslOptions::COOKIE_EXCHANGE
+            | SslOptions::NO_RENEGOTIATION
+            | SslOptions::NO_TICKET,
+    );
+    // No resumption: a session cache would hold memory for devices that mostly never come back
+    // within its lifetime, and PSK handshakes are as cheap as an abbreviated one.
+    b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    // Idle sessions keep no read/write buffers (most of an established session's memory).
+    b.set_mode(SslMode::RELEASE_BUFFERS);
+    b.set_read_ahead(false);
+
+    b.set_psk_server_callback(move |ssl, identity, out| {
+        let identity = identity.unwrap_or_default();
+        match psk::resolve(&registry, identity) {
+            Ok((device, key)) if key.len() <= out.len() => {
+                out[..key.len()].copy_from_slice(&key);
+                ssl.set_ex_data(slots.device, device.id);
+                Ok(key.len())
+            }
+            result => {
+                // Answer with a random key instead of an alert: the handshake then fails exactly
+                // as with a wrong key, so a peer cannot tell unknown identities from known ones.
+                let refusal = result.err().unwrap_or(Refusal::NoKey);
+                ssl.set_ex_data(slots.refusal, refusal);
+                let fake: [u8; 16] = rand::random();
+                out[..16].copy_from_slice(&fake);
+                Ok(16)
+            }
+        }
+    });
+
+    let secret: [u8; 32] = rand::random();
+    b.set_cookie_generate_cb(move |ssl, out| {
+        let peer = ssl.ex_data(slots.peer).copied().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let cookie = cookie(&secret, peer);
+        out[..COOKIE_LEN].copy_from_slice(&cookie);
+        Ok(COOKIE_LEN)
+    });
+    b.set_cookie_verify_cb(move |ssl, presented| {
+        let Some(peer) = ssl.ex_data(slots.peer).copied() else { return false };
+        presented.ct_eq(&cookie(&secret, peer)).into()
+    });
+
+    if let Some((cert, key)) = certificate {
+        use_certificate(&mut b, cert, key)?;
+    }
+    Ok(b.build())
+}
+
+fn use_certificate(b: &mut SslContextBuilder, cert: &Path, key: &Path) -> Result<(), ContextError> {
+    let path = |p: &Path| p.display().to_string();
+    b.set_certificate_chain_file(cert).map_err(|error| ContextError::Certificate { path: path(cert), error })?;
+    b.set_private_key_file(key, SslFiletype::PEM).map_err(|error| ContextError::Key { path: path(key), error })?;
+    b.check_private_key().map_err(|error| ContextError::Key { path: path(key), error })?;
+    Ok(())
+}
+
+/// HMAC of the peer's address (RFC 6347 §4.2.1): proves the peer receives at the address it
+/// claims without the server remembering anything. The secret is per process start.
+fn cookie(secret: &[u8; 32], peer: SocketAddr) -> [u8; COOKIE_LEN] {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => mac.update(&ip.octets()),
+        std::net::IpAddr::V6(ip) => mac.update(&ip.octets()),
+    }
+    mac.update(&peer.port().to_be_bytes());
+    let tag = mac.finalize().into_bytes();
+    let mut out = [0; COOKIE_LEN];
+    out.copy_from_slice(&tag[..COOKIE_LEN]);
+    out
+}

@@ -1,0 +1,388 @@
+//! The DTLS peer table of one socket: which addresses have a handshake in progress or an
+//! established session, the limits on both, and the timers that end them. It owns no socket:
+//! the shell feeds it datagrams and timeouts and sends what it returns (quinn-proto style).
+//!
+//! A new peer costs nothing until it proves it receives at its address: its ClientHello goes
+//! through OpenSSL's stateless cookie exchange on a shared listener, and only a ClientHello
+//! carrying a valid cookie gets an entry (SPEC §3.3).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslStream};
+
+use super::context::Slots;
+use super::ffi::{self, Listen, ListenAddr};
+use super::pipe::Pipe;
+use super::psk::Refusal;
+use crate::identity::DeviceId;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_handshakes: usize,
+    pub max_sessions: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub mtu: u32,
+}
+
+/// Why a handshake did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The peer stopped answering before finishing.
+    Timeout,
+    /// The peer's Finished never verified: its key is not the device's (DTLS discards records
+    /// that fail authentication silently, so this surfaces as a timeout after encrypted data).
+    BadKey,
+    /// The PSK identity named no usable device.
+    Refused(Refusal),
+    /// The peer sent a fatal alert or broke the protocol.
+    Protocol,
+}
+
+impl Failure {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::BadKey => "bad_key",
+            Failure::Refused(r) => r.reason(),
+            Failure::Protocol => "protocol",
+        }
+    }
+}
+
+/// Counters the shell exports as metrics and resets.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub hello_verify_requests: u64,
+    pub started: u64,
+    pub completed: u64,
+    pub failed: HashMap<&'static str, u64>,
+    /// Valid ClientHellos dropped because a limit was reached, by limit.
+    pub refused: HashMap<&'static str, u64>,
+    pub evicted_idle: u64,
+    pub closed_by_peer: u64,
+    /// Datagrams from addresses without a session that are not a ClientHello.
+    pub stray: u64,
+}
+
+enum Phase {
+    Handshaking { deadline: Instant, saw_encrypted: bool },
+    Established { device: Option<DeviceId>, last_active: Instant },
+}
+
+struct Peer {
+    stream: SslStream<Pipe>,
+    phase: Phase,
+    /// The earliest time this peer's entry in the timer heap fires.
+    timer: Option<Instant>,
+}
+
+/// Largest plaintext of one record (RFC 6347 §4.1 inherits TLS's 2^14): one CoAP datagram.
+const MAX_PLAINTEXT: usize = 16_384;
+
+pub struct PeerTable {
+    ctx: SslContext,
+    limits: Limits,
+    slots: Slots,
+    /// Runs the cookie exchange for every address without an entry; handed to the peer once its
+    /// cookie verifies.
+    listener: Option<SslStream<Pipe>>,
+    listen_addr: ListenAddr,
+    peers: HashMap<SocketAddr, Peer>,
+    handshaking: usize,
+    timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
+    read_buf: Box<[u8]>,
+    stats: Stats,
+}
+
+impl PeerTable {
+    pub fn new(ctx: SslContext, limits: Limits) -> PeerTable {
+        PeerTable {
+            ctx,
+            limits,
+            slots: Slots::get(),
+            listener: None,
+            listen_addr: ListenAddr::new(),
+            peers: HashMap::new(),
+            handshaking: 0,
+            timers: BinaryHeap::new(),
+            read_buf: vec![0; MAX_PLAINTEXT].into_boxed_slice(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn take_stats(&mut self) -> Stats {
+        std::mem::take(&mut self.stats)
+    }
+
+    pub fn handshakes_in_progress(&self) -> usize {
+        self.handshaking
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.peers.len() - self.handshaking
+    }
+
+    /// Feeds one datagram from `peer`. Decrypted CoAP datagrams go to `deliver` with the device
+    /// the session's PSK identity names; datagrams to send are appended to `wire`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        data: &[u8],
+        wire: &mut Vec<(SocketAddr, Bytes)>,
+        deliver: &mut impl FnMut(SocketAddr, Option<DeviceId>, &[u8]),
+    ) {
+        match self.peers.get_mut(&peer) {
+            // A ClientHello on an established session: the device restarted and kept its port.
+            // Its old session is replaced once the new hello proves the address (RFC 6347 §4.2.8).
+            Some(p) if matches!(p.phase, Phase::Established { .. }) && is_client_hello(data) => {
+                self.listen(now, peer, data, wire, deliver)
+            }
+            Some(p) => {
+                if let Phase::Handshaking { saw_encrypted, .. } = &mut p.phase
+                    && epoch(data) != Some(0)
+                {
+                    *saw_encrypted = true;
+                }
+                p.stream.get_mut().put(data);
+                self.drive(now, peer, wire, deliver);
+            }
+            None if is_client_hello(data) => self.listen(now, peer, data, wire, deliver),
+            None => self.stats.stray += 1,
+        }
+    }
+
+    /// Encrypts one CoAP datagram for `peer`. Dropped when the session is gone: the device
+    /// retransmits its request after a new handshake, and the dedup cache answers it.
+    pub fn send(&mut self, peer: SocketAddr, data: &[u8], wire: &mut Vec<(SocketAddr, Bytes)>) -> bool {
+        let Some(p) = self.peers.get_mut(&peer) else { return false };
+        if !matches!(p.phase, Phase::Established { .. }) {
+            return false;
+        }
+        let ok = p.stream.ssl_write(data).is_ok();
+        drain(peer, &mut p.stream, wire);
+        if !ok {
+            self.remove(peer);
+        }
+        ok
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, wire: &mut Vec<(SocketAddr, Bytes)>) {
+        while let Some(&Reverse((at, addr))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(p) = self.peers.get_mut(&addr) else { continue };
+            if p.timer != Some(at) {
+                continue; // superseded by an earlier schedule
+            }
+            p.timer = None;
+            match p.phase {
+                Phase::Handshaking { deadline, saw_encrypted } => {
+                    if now >= deadline {
+                        let refusal = p.stream.ssl().ex_data(self.slots.refusal).copied();
+                        let failure = match (refusal, saw_encrypted) {
+                            (Some(r), _) => Failure::Refused(r),
+                            (None, true) => Failure::BadKey,
+                            (None, false) => Failure::Timeout,
+                        };
+                        self.fail(addr, failure);
+                        continue;
+                    }
+                    if !ffi::handle_timeout(ffi::ssl_mut(&mut p.stream)) {
+                        self.fail(addr, Failure::Timeout);
+                        continue;
+                    }
+                    drain(addr, &mut p.stream, wire);
+                    self.schedule_handshake(now, addr);
+                }
+                Phase::Established { last_active, .. } => {
+                    let idle_at = last_active + self.limits.idle_timeout;
+                    if now >= idle_at {
+                        self.stats.evicted_idle += 1;
+                        self.remove(addr);
+                    } else {
+                        schedule(&mut self.timers, p, addr, idle_at);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cookie exchange for a ClientHello from an address without a handshake in progress.
+    fn listen(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        data: &[u8],
+        wire: &mut Vec<(SocketAddr, Bytes)>,
+        deliver: &mut impl FnMut(SocketAddr, Option<DeviceId>, &[u8]),
+    ) {
+        let listener = match self.listener.take() {
+            Some(l) => l,
+            None => match self.new_stream() {
+                Some(l) => l,
+                None => return,
+            },
+        };
+        let mut listener = listener;
+        ffi::ssl_mut(&mut listener).set_ex_data(self.slots.peer, peer);
+        listener.get_mut().put(data);
+        let verdict = ffi::listen(ffi::ssl_mut(&mut listener), &mut self.listen_addr);
+        listener.get_mut().clear_inbound();
+        match verdict {
+            Listen::NotYet => {
+                let before = wire.len();
+                drain(peer, &mut listener, wire);
+                if wire.len() > before {
+                    self.stats.hello_verify_requests += 1;
+                }
+                self.listener = Some(listener);
+                return;
+            }
+            Listen::Failed => return, // the listener is dropped; the next hello makes a new one
+            Listen::Verified => {}
+        }
+        // From here on the listener holds this peer's state.
+        if self.handshaking >= self.limits.max_handshakes {
+            *self.stats.refused.entry("handshakes").or_default() += 1;
+            return;
+        }
+        let replacing = self.peers.contains_key(&peer);
+        if !replacing && self.sessions() >= self.limits.max_sessions {
+            *self.stats.refused.entry("sessions").or_default() += 1;
+            return;
+        }
+        if replacing {
+            self.remove(peer);
+        }
+        self.stats.started += 1;
+        self.handshaking += 1;
+        let phase = Phase::Handshaking { deadline: now + self.limits.handshake_timeout, saw_encrypted: false };
+        self.peers.insert(peer, Peer { stream: listener, phase, timer: None });
+        self.drive(now, peer, wire, deliver);
+    }
+
+    fn new_stream(&self) -> Option<SslStream<Pipe>> {
+        let mut ssl = Ssl::new(&self.ctx).ok()?;
+        ssl.set_mtu(self.limits.mtu).ok()?;
+        SslStream::new(ssl, Pipe::default()).ok()
+    }
+
+    /// Advances `peer` after new input: the handshake, then any application data.
+    fn drive(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        wire: &mut Vec<(SocketAddr, Bytes)>,
+        deliver: &mut impl FnMut(SocketAddr, Option<DeviceId>, &[u8]),
+    ) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if let Phase::Handshaking { .. } = p.phase {
+            match p.stream.accept() {
+                Ok(()) => {
+                    let device = p.stream.ssl().ex_data(self.slots.device).copied();
+                    p.phase = Phase::Established { device, last_active: now };
+                    self.handshaking -= 1;
+                    self.stats.completed += 1;
+                    schedule(&mut self.timers, p, peer, now + self.limits.idle_timeout);
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => {
+                    drain(peer, &mut p.stream, wire);
+                    p.stream.get_mut().clear_inbound();
+                    self.schedule_handshake(now, peer);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "DTLS handshake failed");
+                    drain(peer, &mut p.stream, wire);
+                    self.fail(peer, Failure::Protocol);
+                    return;
+                }
+            }
+        }
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Phase::Established { device, last_active } = &mut p.phase else { return };
+        loop {
+            match p.stream.ssl_read(&mut self.read_buf) {
+                Ok(n) => {
+                    *last_active = now;
+                    deliver(peer, *device, &self.read_buf[..n]);
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => break,
+                Err(e) => {
+                    // close_notify: answer it so the client can reconnect from the same port at
+                    // once. Anything else ends the session as well.
+                    let closed = e.code() == ErrorCode::ZERO_RETURN;
+                    if closed {
+                        let _ = p.stream.shutdown();
+                        self.stats.closed_by_peer += 1;
+                    } else {
+                        *self.stats.failed.entry("session_error").or_default() += 1;
+                    }
+                    drain(peer, &mut p.stream, wire);
+                    self.remove(peer);
+                    return;
+                }
+            }
+        }
+        p.stream.get_mut().clear_inbound();
+        drain(peer, &mut p.stream, wire);
+    }
+
+    /// Arms the handshake timer: OpenSSL's retransmission, bounded by the handshake deadline.
+    fn schedule_handshake(&mut self, now: Instant, peer: SocketAddr) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Phase::Handshaking { deadline, .. } = p.phase else { return };
+        let at = match ffi::timeout(p.stream.ssl()) {
+            Some(left) => (now + left).min(deadline),
+            None => deadline,
+        };
+        schedule(&mut self.timers, p, peer, at);
+    }
+
+    fn fail(&mut self, peer: SocketAddr, failure: Failure) {
+        *self.stats.failed.entry(failure.reason()).or_default() += 1;
+        tracing::debug!(%peer, reason = failure.reason(), "DTLS handshake failed");
+        self.remove(peer);
+    }
+
+    fn remove(&mut self, peer: SocketAddr) {
+        if let Some(p) = self.peers.remove(&peer)
+            && matches!(p.phase, Phase::Handshaking { .. })
+        {
+            self.handshaking -= 1;
+        }
+    }
+}
+
+fn schedule(timers: &mut BinaryHeap<Reverse<(Instant, SocketAddr)>>, p: &mut Peer, peer: SocketAddr, at: Instant) {
+    if p.timer.is_none_or(|t| at < t) {
+        p.timer = Some(at);
+        timers.push(Reverse((at, peer)));
+    }
+}
+
+fn drain(peer: SocketAddr, stream: &mut SslStream<Pipe>, wire: &mut Vec<(SocketAddr, Bytes)>) {
+    wire.extend(stream.get_mut().take_outbound().map(|d| (peer, Bytes::from(d))));
+}
+
+/// DTLSPlaintext header (RFC 6347 §4.1): type, version, epoch, sequence, length; then the
+/// handshake header whose first byte is the message type.
+fn is_client_hello(data: &[u8]) -> bool {
+    data.len() > 13 && data[0] == 22 && data[1] == 0xfe && epoch(data) == Some(0) && data[13] == 1
+}
+
+fn epoch(data: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes([*data.get(3)?, *data.get(4)?]))
+}

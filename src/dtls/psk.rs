@@ -1,0 +1,168 @@
+//! DTLS PSK identities (SPEC §3.3): which device a ClientKeyExchange names, and the key it must
+//! hold. Pure functions over the registry; the handshake calls [`resolve`] from OpenSSL's PSK
+//! callback.
+
+use std::sync::Arc;
+
+use crate::auth::sign::SignMethod;
+use crate::registry::Registry;
+use crate::registry::device::Device;
+
+/// The identity forms devices send.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PskIdentity<'a> {
+    /// Alibaba Link SDK 4.x: `devicename|<method>|{pk}&{dn}|<timestamp>`; the PSK is derived from
+    /// the DeviceSecret, so the device needs nothing beyond its triple.
+    LinkSdk { method: SignMethod, product_key: &'a str, device_name: &'a str, timestamp: &'a str },
+    /// `{pk}&{dn}`: the device's provisioned raw PSK, else its DeviceSecret bytes.
+    Device { product_key: &'a str, device_name: &'a str },
+    /// A node id (IMEI), Huawei/LwM2M style, with the device's raw PSK.
+    Node(&'a str),
+}
+
+/// Why an identity does not open a session. Only counted: the peer learns nothing beyond a
+/// failed handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Malformed,
+    UnknownDevice,
+    NoKey,
+    Disabled,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed_identity",
+            Refusal::UnknownDevice => "unknown_identity",
+            Refusal::NoKey => "no_psk",
+            Refusal::Disabled => "disabled",
+        }
+    }
+}
+
+fn split_triple(s: &str) -> Option<(&str, &str)> {
+    let (pk, dn) = s.split_once('&')?;
+    (!pk.is_empty() && !dn.is_empty()).then_some((pk, dn))
+}
+
+impl<'a> PskIdentity<'a> {
+    pub fn parse(identity: &'a [u8]) -> Option<PskIdentity<'a>> {
+        let s = std::str::from_utf8(identity).ok()?;
+        if s.is_empty() || s.bytes().any(|b| b < 0x20) {
+            return None;
+        }
+        if s.contains('|') {
+            let mut parts = s.split('|');
+            let (Some("devicename"), Some(method), Some(triple), Some(timestamp), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return None;
+            };
+            let method = SignMethod::parse(method)?;
+            let (product_key, device_name) = split_triple(triple)?;
+            if timestamp.is_empty() || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            return Some(PskIdentity::LinkSdk { method, product_key, device_name, timestamp });
+        }
+        if s.contains('&') {
+            let (product_key, device_name) = split_triple(s)?;
+            return Some(PskIdentity::Device { product_key, device_name });
+        }
+        Some(PskIdentity::Node(s))
+    }
+}
+
+/// The Link SDK's PSK: ASCII uppercase hex of HMAC(DeviceSecret, "id{pk}&{dn}timestamp{ts}").
+pub fn link_sdk_psk(
+    method: SignMethod,
+    secret: &str,
+    product_key: &str,
+    device_name: &str,
+    timestamp: &str,
+) -> Vec<u8> {
+    let content = format!("id{product_key}&{device_name}timestamp{timestamp}");
+    hex::encode_upper(method.mac(secret.as_bytes(), content.as_bytes())).into_bytes()
+}
+
+/// The device `identity` names and the PSK it must prove.
+pub fn resolve(registry: &Registry, identity: &[u8]) -> Result<(Arc<Device>, Vec<u8>), Refusal> {
+    let parsed = PskIdentity::parse(identity).ok_or(Refusal::Malformed)?;
+    let (device, key) = match parsed {
+        PskIdentity::LinkSdk { method, product_key, device_name, timestamp } => {
+            let device = registry.device(product_key, device_name).ok_or(Refusal::UnknownDevice)?;
+            let key = link_sdk_psk(method, device.secret.expose(), product_key, device_name, timestamp);
+            (device, key)
+        }
+        PskIdentity::Device { product_key, device_name } => {
+            let device = registry.device(product_key, device_name).ok_or(Refusal::UnknownDevice)?;
+            let key = match raw_psk(&device) {
+                Some(k) => k,
+                None => device.secret.expose().as_bytes().to_vec(),
+            };
+            (device, key)
+        }
+        PskIdentity::Node(node) => {
+            let device = registry.device_by_node(node).ok_or(Refusal::UnknownDevice)?;
+            let key = raw_psk(&device).ok_or(Refusal::NoKey)?;
+            (device, key)
+        }
+    };
+    if !device.state().enabled {
+        return Err(Refusal::Disabled);
+    }
+    Ok((device, key))
+}
+
+fn raw_psk(device: &Device) -> Option<Vec<u8>> {
+    device.psk_hex.as_deref().and_then(|h| hex::decode(h).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_forms() {
+        assert_eq!(
+            PskIdentity::parse(b"devicename|hmacsha256|a1B2&dev-1|2524608000000"),
+            Some(PskIdentity::LinkSdk {
+                method: SignMethod::HmacSha256,
+                product_key: "a1B2",
+                device_name: "dev-1",
+                timestamp: "2524608000000"
+            })
+        );
+        assert_eq!(
+            PskIdentity::parse(b"a1B2&dev-1"),
+            Some(PskIdentity::Device { product_key: "a1B2", device_name: "dev-1" })
+        );
+        assert_eq!(PskIdentity::parse(b"863921034567890"), Some(PskIdentity::Node("863921034567890")));
+        for bad in [
+            &b""[..],
+            b"devicename|hmacsha256|a1B2&dev-1",
+            b"devicename|hmacsha256|a1B2&dev-1|12|x",
+            b"devicename|rot13|a1B2&dev-1|1",
+            b"devicename|hmacsha1|a1B2|1",
+            b"devicename|hmacsha1|a1B2&dev|abc",
+            b"user|hmacsha1|a1B2&dev|1",
+            b"&dev",
+            b"pk&",
+            b"\xff\xfe",
+            b"node\n",
+        ] {
+            assert_eq!(PskIdentity::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn link_sdk_psk_is_uppercase_hex_of_the_hmac() {
+        let psk = link_sdk_psk(SignMethod::HmacSha256, "secret", "pk", "dn", "2524608000000");
+        let expected = SignMethod::HmacSha256.mac(b"secret", b"idpk&dntimestamp2524608000000");
+        assert_eq!(psk, hex::encode_upper(expected).into_bytes());
+        assert_eq!(psk.len(), 64);
+        assert_eq!(link_sdk_psk(SignMethod::HmacMd5, "s", "p", "d", "1").len(), 32);
+        assert_eq!(link_sdk_psk(SignMethod::HmacSha1, "s", "p", "d", "1").len(), 40);
+    }
+}

@@ -1,0 +1,143 @@
+//! A DTLS 1.2 client over real UDP (OpenSSL, through the `openssl` crate) that the tests can stop
+//! at any point of the handshake: a silent peer, a device that reboots and keeps its port.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslStream, SslVerifyMode};
+
+#[derive(Default)]
+struct Pipe {
+    inbound: Option<Vec<u8>>,
+    outbound: Vec<Vec<u8>>,
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let d = self.inbound.take().ok_or(io::ErrorKind::WouldBlock)?;
+        buf[..d.len()].copy_from_slice(&d);
+        Ok(d.len())
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.outbound.push(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub struct DtlsClient {
+    pub socket: UdpSocket,
+    stream: SslStream<Pipe>,
+    /// ClientHellos sent so far (the first without a cookie, the second with one).
+    pub hellos_sent: usize,
+}
+
+fn is_client_hello(d: &[u8]) -> bool {
+    d.len() > 13 && d[0] == 22 && d[13] == 1
+}
+
+impl DtlsClient {
+    /// A PSK client on `socket` (connected to the server), offering `ciphers`.
+    pub fn psk(socket: UdpSocket, identity: &str, key: &[u8], ciphers: &str) -> DtlsClient {
+        let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
+        ctx.set_cipher_list(ciphers).unwrap();
+        ctx.set_verify(SslVerifyMode::NONE);
+        let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
+        ctx.set_psk_client_callback(move |_, _hint, id_out, key_out| {
+            id_out[..identity.len()].copy_from_slice(&identity);
+            id_out[identity.len()] = 0;
+            key_out[..key.len()].copy_from_slice(&key);
+            Ok(key.len())
+        });
+        let ssl = Ssl::new(&ctx.build()).unwrap();
+        let stream = SslStream::new(ssl, Pipe::default()).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        DtlsClient { socket, stream, hellos_sent: 0 }
+    }
+
+    pub fn bind(server: SocketAddr) -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.connect(server).unwrap();
+        s
+    }
+
+    fn send_outbound(&mut self) {
+        for d in self.stream.get_mut().outbound.drain(..) {
+            if is_client_hello(&d) {
+                self.hellos_sent += 1;
+            }
+            self.socket.send(&d).unwrap();
+        }
+    }
+
+    fn receive(&mut self) -> bool {
+        let mut buf = [0u8; 2048];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => {
+                self.stream.get_mut().inbound = Some(buf[..n].to_vec());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Runs the handshake until it completes (`Ok`), fails, or `stop_after_hellos` ClientHellos
+    /// have been sent (then the client goes silent and returns `Err("stopped")`).
+    pub fn handshake(&mut self, stop_after_hellos: Option<usize>, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.stream.connect() {
+                Ok(()) => {
+                    self.send_outbound();
+                    return Ok(());
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => {
+                    self.send_outbound();
+                    if stop_after_hellos.is_some_and(|n| self.hellos_sent >= n) {
+                        return Err("stopped".into());
+                    }
+                    while !self.receive() {
+                        if Instant::now() > deadline {
+                            return Err("handshake timed out".into());
+                        }
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Sends one CoAP datagram and returns the first one received back.
+    pub fn exchange(&mut self, coap: &[u8], within: Duration) -> Option<Vec<u8>> {
+        self.stream.ssl_write(coap).ok()?;
+        self.send_outbound();
+        let deadline = Instant::now() + within;
+        let mut buf = vec![0u8; 16384];
+        loop {
+            if Instant::now() > deadline {
+                return None;
+            }
+            if !self.receive() {
+                continue;
+            }
+            match self.stream.ssl_read(&mut buf) {
+                Ok(n) => return Some(buf[..n].to_vec()),
+                Err(e) if e.code() == ErrorCode::WANT_READ => self.send_outbound(),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends close_notify.
+    pub fn close(mut self) -> UdpSocket {
+        let _ = self.stream.shutdown();
+        self.send_outbound();
+        self.socket
+    }
+}

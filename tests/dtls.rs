@@ -1,0 +1,304 @@
+//! CoAP over DTLS on 5684 with independent clients (libcoap over OpenSSL and GnuTLS, `openssl
+//! s_client`) and an OpenSSL client the tests can stop mid-handshake.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::process::Command;
+use std::time::Duration;
+
+use common::dtls::DtlsClient;
+use common::{AliDevice, Server};
+use nbhub::auth::sign::SignMethod;
+use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
+use nbhub::dtls::psk::link_sdk_psk;
+use serde_json::json;
+
+const PSK_SUITES: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256";
+
+/// Runs a libcoap client (`openssl` or `gnutls`) and returns what it printed.
+fn coap_client(tls: &str, args: &[&str]) -> String {
+    let bin = format!("coap-client-{tls}");
+    let out = Command::new(&bin)
+        .args(["-B", "5"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e} (apt-get install libcoap3-bin)"));
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn uri(server: &Server, host: &str, path: &str) -> String {
+    format!("coaps://{host}:{}/{path}", server.endpoints.dtls.port())
+}
+
+/// A device with a raw PSK (ASCII, as libcoap's `-k` takes it) and a node id.
+fn psk_device(server: &Server, pk: &str, name: &str, psk: &str, node: &str) {
+    server
+        .admin()
+        .post(
+            &format!("/api/v1/products/{pk}/devices"),
+            &json!({"device_name": name, "psk_hex": hex::encode(psk), "node_id": node}),
+        )
+        .expect("create device");
+}
+
+fn post(mid: u16, path: &[&str], token: Option<&str>, payload: &[u8]) -> Vec<u8> {
+    let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes());
+    for p in path {
+        b = b.option(OptionNumber::URI_PATH, p.as_bytes());
+    }
+    if let Some(t) = token {
+        b = b.option(OptionNumber::ALI_TOKEN, t.as_bytes());
+    }
+    b.payload(payload).build()
+}
+
+fn code_of(reply: Option<Vec<u8>>) -> Code {
+    let reply = reply.expect("a CoAP reply inside the session");
+    Message::parse(&reply).expect("a CoAP reply").code
+}
+
+#[test]
+fn every_psk_identity_form_stores_uplinks_as_on_5683() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-psk"}));
+    psk_device(&server, &pk, "meter-1", "nodekey123456789", "863921034567890");
+    let topic = |d: &str| format!("topic/{pk}/{d}/user/data");
+
+    // node id (IMEI) with the raw PSK, over OpenSSL
+    coap_client(
+        "openssl",
+        &[
+            "-m",
+            "post",
+            "-u",
+            "863921034567890",
+            "-k",
+            "nodekey123456789",
+            "-e",
+            "imei",
+            &uri(&server, "127.0.0.1", &topic("meter-1")),
+        ],
+    );
+    // {pk}&{dn} with the raw PSK, over GnuTLS
+    let triple = format!("{pk}&meter-1");
+    coap_client(
+        "gnutls",
+        &[
+            "-m",
+            "post",
+            "-u",
+            &triple,
+            "-k",
+            "nodekey123456789",
+            "-e",
+            "triple",
+            &uri(&server, "127.0.0.1", &topic("meter-1")),
+        ],
+    );
+    // {pk}&{dn} of a device without a PSK: its DeviceSecret
+    let triple = format!("{pk}&{dn}");
+    coap_client(
+        "openssl",
+        &["-m", "post", "-u", &triple, "-k", &secret, "-e", "secret", &uri(&server, "127.0.0.1", &topic(&dn))],
+    );
+    // Link SDK 4.x: derived PSK, sha256 over GnuTLS and md5 over OpenSSL
+    for (method, tls) in [(SignMethod::HmacSha256, "gnutls"), (SignMethod::HmacMd5, "openssl")] {
+        let id = format!("devicename|{}|{pk}&{dn}|2524608000000", method.name());
+        let key = String::from_utf8(link_sdk_psk(method, &secret, &pk, &dn, "2524608000000")).unwrap();
+        coap_client(
+            tls,
+            &["-m", "post", "-u", &id, "-k", &key, "-e", method.name(), &uri(&server, "127.0.0.1", &topic(&dn))],
+        );
+    }
+    // The session is the device's identity only for its own topics.
+    let out = coap_client(
+        "openssl",
+        &["-m", "post", "-u", &triple, "-k", &secret, "-e", "x", &uri(&server, "127.0.0.1", &topic("meter-1"))],
+    );
+    assert!(out.contains("4.03"), "{out}");
+
+    let stored = |d: &str| {
+        server.stored(&pk, d).into_iter().map(|(t, p)| (t, String::from_utf8(p).unwrap())).collect::<Vec<_>>()
+    };
+    let t1 = format!("/{pk}/meter-1/user/data");
+    assert_eq!(stored("meter-1"), vec![(t1.clone(), "imei".into()), (t1, "triple".into())]);
+    let t2 = format!("/{pk}/{dn}/user/data");
+    assert_eq!(
+        stored(&dn),
+        vec![(t2.clone(), "secret".into()), (t2.clone(), "hmacsha256".into()), (t2, "hmacmd5".into())]
+    );
+    server.wait_metric(r#"nbhub_dtls_handshakes_completed_total{port="dtls"}"#, |v| v == 6.0);
+    server.wait_metric(r#"nbhub_coap_responses_total{port="dtls",code="2.04"}"#, |v| v == 5.0);
+}
+
+#[test]
+fn wrong_keys_and_unknown_identities_fail_alike_and_are_counted() {
+    let server = Server::start_with(&[("NBHUB_DTLS_HANDSHAKE_TIMEOUT_S", "1")]);
+    let (pk, dn, _) = server.product_and_device(json!({"name": "dtls-bad"}));
+    let uri = uri(&server, "127.0.0.1", &format!("topic/{pk}/{dn}/user/data"));
+    let triple = format!("{pk}&{dn}");
+    let wrong =
+        coap_client("openssl", &["-B", "2", "-m", "post", "-u", &triple, "-k", "not-the-secret", "-e", "x", &uri]);
+    let unknown =
+        coap_client("openssl", &["-B", "2", "-m", "post", "-u", "nobody&nothing", "-k", "k", "-e", "x", &uri]);
+    assert!(!wrong.contains("2.04") && !unknown.contains("2.04"), "{wrong}\n{unknown}");
+    server.wait_metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="bad_key"}"#, |v| v >= 1.0);
+    server.wait_metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="unknown_identity"}"#, |v| v >= 1.0);
+    server.wait_metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#, |v| v == 0.0);
+    assert!(server.stored(&pk, &dn).is_empty());
+}
+
+#[test]
+fn certificate_devices_authenticate_inside_the_session() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-cert"}));
+    let ca = common::dev_certs().join("dev-ca.crt");
+    let ca = ca.to_str().unwrap();
+    let sim = AliDevice::new(server.endpoints.dtls, &pk, &dn, &secret);
+    let body = sim.auth_body(SignMethod::HmacSha256, &[]).to_string();
+    // The host name is checked against the certificate (DNS name localhost).
+    let out = coap_client("openssl", &["-m", "post", "-R", ca, "-e", &body, &uri(&server, "localhost", "auth")]);
+    let start = out.find('{').unwrap_or_else(|| panic!("no token in {out:?}"));
+    let token =
+        serde_json::from_str::<serde_json::Value>(out[start..].trim()).unwrap()["token"].as_str().unwrap().to_string();
+    let topic = uri(&server, "localhost", &format!("topic/{pk}/{dn}/update"));
+    let opt = format!("2088,{token}");
+    let out = coap_client("gnutls", &["-m", "post", "-R", ca, "-O", &opt, "-e", "with-token", &topic]);
+    assert!(!out.contains("4."), "{out}");
+    // Without a token a certificate session is nobody.
+    let out = coap_client("openssl", &["-m", "post", "-R", ca, "-e", "anonymous", &topic]);
+    assert!(out.contains("4.01"), "{out}");
+    // A 5683 token is not valid on 5684.
+    let mut plain = AliDevice::new(server.endpoints.coap, &pk, &dn, &secret);
+    plain.auth();
+    let opt = format!("2088,{}", plain.token.as_deref().unwrap());
+    let out = coap_client("openssl", &["-m", "post", "-R", ca, "-O", &opt, "-e", "plain-token", &topic]);
+    assert!(out.contains("4.01"), "{out}");
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/update"), b"with-token".to_vec())]);
+}
+
+#[test]
+fn openssl_s_client_negotiates_psk_and_certificate_suites() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-suites"}));
+    let connect = format!("127.0.0.1:{}", server.endpoints.dtls.port());
+    let s_client = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(["s_client", "-dtls1_2", "-connect", &connect])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let key = link_sdk_psk(SignMethod::HmacSha256, &secret, &pk, &dn, "2524608000000");
+    let id = format!("devicename|hmacsha256|{pk}&{dn}|2524608000000");
+    for suite in ["PSK-AES128-CCM8", "PSK-AES128-GCM-SHA256"] {
+        let out = s_client(&["-psk_identity", &id, "-psk", &hex::encode(&key), "-cipher", suite]);
+        assert!(out.contains(&format!("Cipher is {suite}")), "{out}");
+    }
+    let ca = common::dev_certs().join("dev-ca.crt");
+    let out = s_client(&["-CAfile", ca.to_str().unwrap(), "-verify_return_error", "-verify_hostname", "localhost"]);
+    assert!(out.contains("Cipher is ECDHE-ECDSA-AES128-GCM-SHA256"), "{out}");
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+}
+
+fn psk_client(socket: UdpSocket, identity: &str, key: &str) -> DtlsClient {
+    DtlsClient::psk(socket, identity, key.as_bytes(), PSK_SUITES)
+}
+
+#[test]
+fn a_silent_peer_delays_nobody_and_its_handshake_expires() {
+    let server = Server::start_with(&[("NBHUB_DTLS_HANDSHAKE_TIMEOUT_S", "3")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-silent"}));
+    let triple = format!("{pk}&{dn}");
+    // ClientHello, HelloVerifyRequest, ClientHello with the cookie, then nothing.
+    let mut silent = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    assert_eq!(silent.handshake(Some(2), Duration::from_secs(5)), Err("stopped".into()));
+    server.wait_metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#, |v| v == 1.0);
+    // Another device connects and is served while the silent handshake is still pending.
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    device.handshake(None, Duration::from_secs(5)).expect("handshake beside a silent peer");
+    let reply = device.exchange(&post(1, &["topic", &pk, &dn, "up"], None, b"served"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="timeout"}"#), 0.0);
+    // The silent handshake is then dropped.
+    server.wait_metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="timeout"}"#, |v| v == 1.0);
+    server.wait_metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#, |v| v == 0.0);
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/up"), b"served".to_vec())]);
+}
+
+#[test]
+fn a_client_hello_flood_keeps_state_bounded_and_real_clients_served() {
+    // One socket so the limit below is exact.
+    let server = Server::start_with(&[
+        ("NBHUB_COAP_SOCKETS_PER_PORT", "1"),
+        ("NBHUB_DTLS_MAX_HANDSHAKES", "20"),
+        ("NBHUB_DTLS_HANDSHAKE_TIMEOUT_S", "3"),
+    ]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-flood"}));
+    let triple = format!("{pk}&{dn}");
+    // 500 ports send a first ClientHello each: answered statelessly, nothing kept.
+    let mut flood = Vec::new();
+    for _ in 0..500 {
+        let mut c = psk_client(DtlsClient::bind(server.endpoints.dtls), "x&y", "k");
+        assert_eq!(c.handshake(Some(1), Duration::from_secs(5)), Err("stopped".into()));
+        flood.push(c);
+    }
+    server.wait_metric(r#"nbhub_dtls_hello_verify_requests_total{port="dtls"}"#, |v| v >= 500.0);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_started_total{port="dtls"}"#), 0.0);
+    // 60 ports come back with their cookie and go silent: at most 20 handshakes are kept.
+    let mut holders = Vec::new();
+    for _ in 0..60 {
+        let mut c = psk_client(DtlsClient::bind(server.endpoints.dtls), "x&y", "k");
+        assert_eq!(c.handshake(Some(2), Duration::from_secs(5)), Err("stopped".into()));
+        holders.push(c);
+    }
+    server.wait_metric(r#"nbhub_dtls_refused_total{port="dtls",limit="handshakes"}"#, |v| v == 40.0);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#), 20.0);
+    // Once they expire, a real device gets in.
+    server.wait_metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#, |v| v == 0.0);
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    device.handshake(None, Duration::from_secs(5)).expect("handshake after the flood");
+    let reply = device.exchange(&post(1, &["topic", &pk, &dn, "up"], None, b"after-flood"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+}
+
+#[test]
+fn a_device_reconnects_from_the_same_port_after_closing_and_after_a_reboot() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-reconnect"}));
+    let triple = format!("{pk}&{dn}");
+    let topic = ["topic", pk.as_str(), dn.as_str(), "up"];
+    let socket = DtlsClient::bind(server.endpoints.dtls);
+
+    let mut first = psk_client(socket, &triple, &secret);
+    first.handshake(None, Duration::from_secs(5)).unwrap();
+    assert_eq!(code_of(first.exchange(&post(1, &topic, None, b"first"), Duration::from_secs(5))), Code::CHANGED);
+    let socket = first.close();
+    server.wait_metric(r#"nbhub_dtls_closed_by_peer_total{port="dtls"}"#, |v| v == 1.0);
+
+    // Same ip:port, new session after close_notify.
+    let mut second = psk_client(socket, &triple, &secret);
+    second.handshake(None, Duration::from_secs(5)).unwrap();
+    assert_eq!(code_of(second.exchange(&post(2, &topic, None, b"second"), Duration::from_secs(5))), Code::CHANGED);
+
+    // The device reboots without closing and comes back from the same port: the new handshake
+    // replaces the old session.
+    let socket = second.socket.try_clone().unwrap();
+    let mut third = psk_client(socket, &triple, &secret);
+    third.handshake(None, Duration::from_secs(5)).unwrap();
+    assert_eq!(code_of(third.exchange(&post(3, &topic, None, b"third"), Duration::from_secs(5))), Code::CHANGED);
+    server.wait_metric(r#"nbhub_dtls_sessions{port="dtls"}"#, |v| v == 1.0);
+
+    // libcoap from a fixed local port, twice.
+    let libcoap_port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let uri = uri(&server, "127.0.0.1", &format!("topic/{pk}/{dn}/up"));
+    for payload in ["libcoap-1", "libcoap-2"] {
+        coap_client("openssl", &["-p", &libcoap_port, "-m", "post", "-u", &triple, "-k", &secret, "-e", payload, &uri]);
+    }
+    let payloads: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, [&b"first"[..], b"second", b"third", b"libcoap-1", b"libcoap-2"]);
+}
