@@ -7,11 +7,11 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
 
-use common::dtls::DtlsClient;
 use common::{AliDevice, Server};
 use nbhub::auth::sign::SignMethod;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
+use nbhub::dtls::client::DtlsClient;
 use nbhub::dtls::psk::link_sdk_psk;
 use serde_json::json;
 

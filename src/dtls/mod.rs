@@ -2,6 +2,7 @@
 //! certificate-mode devices on one port, a stateless cookie before any per-peer state, and a
 //! bounded peer table.
 
+pub mod client;
 pub mod context;
 mod ffi;
 pub mod peers;
@@ -45,4 +46,14 @@ pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext
     };
     let ctx = context::build(registry, certificate)?;
     Ok((ctx, certificate.is_some()))
+}
+
+/// DTLSPlaintext header (RFC 6347 §4.1): type, version, epoch, sequence, length; then the
+/// handshake header whose first byte is the message type.
+fn is_client_hello(data: &[u8]) -> bool {
+    data.len() > 13 && data[0] == 22 && data[1] == 0xfe && epoch(data) == Some(0) && data[13] == 1
+}
+
+fn epoch(data: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes([*data.get(3)?, *data.get(4)?]))
 }

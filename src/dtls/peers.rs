@@ -18,6 +18,7 @@ use super::context::Slots;
 use super::ffi::{self, Listen, ListenAddr};
 use super::pipe::Pipe;
 use super::psk::Refusal;
+use super::{epoch, is_client_hello};
 use crate::identity::DeviceId;
 
 #[derive(Debug, Clone, Copy)]
@@ -164,8 +165,9 @@ impl PeerTable {
         if !matches!(p.phase, Phase::Established { .. }) {
             return false;
         }
-        let ok = p.stream.ssl_write(data).is_ok();
+        let ok = ffi::alloc_buffers(ffi::ssl_mut(&mut p.stream)) && p.stream.ssl_write(data).is_ok();
         drain(peer, &mut p.stream, wire);
+        ffi::free_buffers(ffi::ssl_mut(&mut p.stream));
         if !ok {
             self.remove(peer);
         }
@@ -313,6 +315,10 @@ impl PeerTable {
         }
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let Phase::Established { device, last_active } = &mut p.phase else { return };
+        if !ffi::alloc_buffers(ffi::ssl_mut(&mut p.stream)) {
+            p.stream.get_mut().clear_inbound();
+            return;
+        }
         loop {
             match p.stream.ssl_read(&mut self.read_buf) {
                 Ok(n) => {
@@ -338,6 +344,7 @@ impl PeerTable {
         }
         p.stream.get_mut().clear_inbound();
         drain(peer, &mut p.stream, wire);
+        ffi::free_buffers(ffi::ssl_mut(&mut p.stream));
     }
 
     /// Arms the handshake timer: OpenSSL's retransmission, bounded by the handshake deadline.
@@ -375,14 +382,4 @@ fn schedule(timers: &mut BinaryHeap<Reverse<(Instant, SocketAddr)>>, p: &mut Pee
 
 fn drain(peer: SocketAddr, stream: &mut SslStream<Pipe>, wire: &mut Vec<(SocketAddr, Bytes)>) {
     wire.extend(stream.get_mut().take_outbound().map(|d| (peer, Bytes::from(d))));
-}
-
-/// DTLSPlaintext header (RFC 6347 §4.1): type, version, epoch, sequence, length; then the
-/// handshake header whose first byte is the message type.
-fn is_client_hello(data: &[u8]) -> bool {
-    data.len() > 13 && data[0] == 22 && data[1] == 0xfe && epoch(data) == Some(0) && data[13] == 1
-}
-
-fn epoch(data: &[u8]) -> Option<u16> {
-    Some(u16::from_be_bytes([*data.get(3)?, *data.get(4)?]))
 }

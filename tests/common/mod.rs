@@ -15,8 +15,6 @@ use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use serde_json::{Value, json};
 
-pub mod dtls;
-
 pub const TOKEN: &str = "test-admin-token";
 
 pub struct Server {

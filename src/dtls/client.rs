@@ -1,45 +1,19 @@
-//! A DTLS 1.2 client over real UDP (OpenSSL, through the `openssl` crate) that the tests can stop
-//! at any point of the handshake: a silent peer, a device that reboots and keeps its port.
+//! A device-side DTLS 1.2 PSK client over a blocking UDP socket, for the load generator and the
+//! tests. It can stop at any point of the handshake (a silent peer) and reuse its socket (a
+//! device that reboots and keeps its port).
 
-use std::io::{self, Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslStream, SslVerifyMode};
 
-#[derive(Default)]
-struct Pipe {
-    inbound: Option<Vec<u8>>,
-    outbound: Vec<Vec<u8>>,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let d = self.inbound.take().ok_or(io::ErrorKind::WouldBlock)?;
-        buf[..d.len()].copy_from_slice(&d);
-        Ok(d.len())
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.outbound.push(buf.to_vec());
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use super::pipe::Pipe;
 
 pub struct DtlsClient {
     pub socket: UdpSocket,
     stream: SslStream<Pipe>,
     /// ClientHellos sent so far (the first without a cookie, the second with one).
     pub hellos_sent: usize,
-}
-
-fn is_client_hello(d: &[u8]) -> bool {
-    d.len() > 13 && d[0] == 22 && d[13] == 1
 }
 
 impl DtlsClient {
@@ -68,8 +42,9 @@ impl DtlsClient {
     }
 
     fn send_outbound(&mut self) {
-        for d in self.stream.get_mut().outbound.drain(..) {
-            if is_client_hello(&d) {
+        let outbound: Vec<Vec<u8>> = self.stream.get_mut().take_outbound().collect();
+        for d in outbound {
+            if super::is_client_hello(&d) {
                 self.hellos_sent += 1;
             }
             self.socket.send(&d).unwrap();
@@ -80,7 +55,7 @@ impl DtlsClient {
         let mut buf = [0u8; 2048];
         match self.socket.recv(&mut buf) {
             Ok(n) => {
-                self.stream.get_mut().inbound = Some(buf[..n].to_vec());
+                self.stream.get_mut().put(&buf[..n]);
                 true
             }
             Err(_) => false,
