@@ -17,8 +17,6 @@ unsafe extern "C" {
     fn DTLSv1_listen(ssl: *mut openssl_sys::SSL, client: *mut BioAddr) -> c_int;
     fn BIO_ADDR_new() -> *mut BioAddr;
     fn BIO_ADDR_free(addr: *mut BioAddr);
-    fn SSL_free_buffers(ssl: *mut openssl_sys::SSL) -> c_int;
-    fn SSL_alloc_buffers(ssl: *mut openssl_sys::SSL) -> c_int;
 }
 
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
@@ -94,20 +92,4 @@ pub fn handle_timeout(ssl: &mut SslRef) -> bool {
     let r: c_long = unsafe { openssl_sys::SSL_ctrl(ssl.as_ptr(), DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut()) };
     let _ = openssl::error::ErrorStack::get();
     r >= 0
-}
-
-/// Frees the record layer's read and write buffers (about 34 KB) while nothing is pending in
-/// them. DTLS keeps both even with `SSL_MODE_RELEASE_BUFFERS`, and an idle session needs neither.
-/// [`alloc_buffers`] must run before the session is used again: OpenSSL's DTLS write path does
-/// not reallocate them by itself.
-pub fn free_buffers(ssl: &mut SslRef) {
-    // SAFETY: `ssl` is a live SSL; the call refuses (returns 0) when data is pending.
-    unsafe { SSL_free_buffers(ssl.as_ptr()) };
-}
-
-/// Gives an established session its buffers back (a no-op when it has them). `false` when out of
-/// memory.
-pub fn alloc_buffers(ssl: &mut SslRef) -> bool {
-    // SAFETY: `ssl` is a live SSL.
-    unsafe { SSL_alloc_buffers(ssl.as_ptr()) == 1 }
 }

@@ -8,6 +8,7 @@ mod ffi;
 pub mod peers;
 mod pipe;
 pub mod psk;
+mod record;
 
 use std::path::Path;
 use std::sync::Arc;

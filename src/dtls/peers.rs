@@ -18,8 +18,14 @@ use super::context::Slots;
 use super::ffi::{self, Listen, ListenAddr};
 use super::pipe::Pipe;
 use super::psk::Refusal;
+use super::record::{CONTENT_ALERT, CONTENT_APPLICATION_DATA, Record, Session};
 use super::{epoch, is_client_hello};
 use crate::identity::DeviceId;
+
+/// Alert levels and the one description that matters (RFC 5246 §7.2).
+const WARNING: u8 = 1;
+const FATAL: u8 = 2;
+const CLOSE_NOTIFY: u8 = 0;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -71,19 +77,17 @@ pub struct Stats {
 }
 
 enum Phase {
-    Handshaking { deadline: Instant, saw_encrypted: bool },
-    Established { device: Option<DeviceId>, last_active: Instant },
+    /// OpenSSL runs the handshake.
+    Handshaking { stream: Box<SslStream<Pipe>>, deadline: Instant, saw_encrypted: bool },
+    /// Our own record layer carries the data; OpenSSL's state is gone.
+    Established { session: Session, device: Option<DeviceId>, last_active: Instant },
 }
 
 struct Peer {
-    stream: SslStream<Pipe>,
     phase: Phase,
     /// The earliest time this peer's entry in the timer heap fires.
     timer: Option<Instant>,
 }
-
-/// Largest plaintext of one record (RFC 6347 §4.1 inherits TLS's 2^14): one CoAP datagram.
-const MAX_PLAINTEXT: usize = 16_384;
 
 pub struct PeerTable {
     ctx: SslContext,
@@ -96,7 +100,6 @@ pub struct PeerTable {
     peers: HashMap<SocketAddr, Peer>,
     handshaking: usize,
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
-    read_buf: Box<[u8]>,
     stats: Stats,
 }
 
@@ -111,7 +114,6 @@ impl PeerTable {
             peers: HashMap::new(),
             handshaking: 0,
             timers: BinaryHeap::new(),
-            read_buf: vec![0; MAX_PLAINTEXT].into_boxed_slice(),
             stats: Stats::default(),
         }
     }
@@ -142,18 +144,17 @@ impl PeerTable {
             // A ClientHello on an established session: the device restarted and kept its port.
             // Its old session is replaced once the new hello proves the address (RFC 6347 §4.2.8).
             Some(p) if matches!(p.phase, Phase::Established { .. }) && is_client_hello(data) => {
-                self.listen(now, peer, data, wire, deliver)
+                self.listen(now, peer, data, wire)
             }
-            Some(p) => {
-                if let Phase::Handshaking { saw_encrypted, .. } = &mut p.phase
-                    && epoch(data) != Some(0)
-                {
-                    *saw_encrypted = true;
+            Some(p) => match &mut p.phase {
+                Phase::Handshaking { stream, saw_encrypted, .. } => {
+                    *saw_encrypted |= epoch(data) != Some(0);
+                    stream.get_mut().put(data);
+                    self.handshake(now, peer, wire);
                 }
-                p.stream.get_mut().put(data);
-                self.drive(now, peer, wire, deliver);
-            }
-            None if is_client_hello(data) => self.listen(now, peer, data, wire, deliver),
+                Phase::Established { .. } => self.receive(now, peer, data, wire, deliver),
+            },
+            None if is_client_hello(data) => self.listen(now, peer, data, wire),
             None => self.stats.stray += 1,
         }
     }
@@ -161,17 +162,18 @@ impl PeerTable {
     /// Encrypts one CoAP datagram for `peer`. Dropped when the session is gone: the device
     /// retransmits its request after a new handshake, and the dedup cache answers it.
     pub fn send(&mut self, peer: SocketAddr, data: &[u8], wire: &mut Vec<(SocketAddr, Bytes)>) -> bool {
-        let Some(p) = self.peers.get_mut(&peer) else { return false };
-        if !matches!(p.phase, Phase::Established { .. }) {
+        let Some(Peer { phase: Phase::Established { session, .. }, .. }) = self.peers.get_mut(&peer) else {
             return false;
+        };
+        match session.seal(CONTENT_APPLICATION_DATA, data) {
+            Some(d) => wire.push((peer, d)),
+            None => {
+                // Sequence numbers are spent: the device must handshake again.
+                self.remove(peer);
+                return false;
+            }
         }
-        let ok = ffi::alloc_buffers(ffi::ssl_mut(&mut p.stream)) && p.stream.ssl_write(data).is_ok();
-        drain(peer, &mut p.stream, wire);
-        ffi::free_buffers(ffi::ssl_mut(&mut p.stream));
-        if !ok {
-            self.remove(peer);
-        }
-        ok
+        true
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -189,11 +191,11 @@ impl PeerTable {
                 continue; // superseded by an earlier schedule
             }
             p.timer = None;
-            match p.phase {
-                Phase::Handshaking { deadline, saw_encrypted } => {
-                    if now >= deadline {
-                        let refusal = p.stream.ssl().ex_data(self.slots.refusal).copied();
-                        let failure = match (refusal, saw_encrypted) {
+            match &mut p.phase {
+                Phase::Handshaking { stream, deadline, saw_encrypted } => {
+                    if now >= *deadline {
+                        let refusal = stream.ssl().ex_data(self.slots.refusal).copied();
+                        let failure = match (refusal, *saw_encrypted) {
                             (Some(r), _) => Failure::Refused(r),
                             (None, true) => Failure::BadKey,
                             (None, false) => Failure::Timeout,
@@ -201,15 +203,15 @@ impl PeerTable {
                         self.fail(addr, failure);
                         continue;
                     }
-                    if !ffi::handle_timeout(ffi::ssl_mut(&mut p.stream)) {
+                    if !ffi::handle_timeout(ffi::ssl_mut(stream)) {
                         self.fail(addr, Failure::Timeout);
                         continue;
                     }
-                    drain(addr, &mut p.stream, wire);
+                    drain(addr, stream, wire);
                     self.schedule_handshake(now, addr);
                 }
                 Phase::Established { last_active, .. } => {
-                    let idle_at = last_active + self.limits.idle_timeout;
+                    let idle_at = *last_active + self.limits.idle_timeout;
                     if now >= idle_at {
                         self.stats.evicted_idle += 1;
                         self.remove(addr);
@@ -222,22 +224,14 @@ impl PeerTable {
     }
 
     /// The cookie exchange for a ClientHello from an address without a handshake in progress.
-    fn listen(
-        &mut self,
-        now: Instant,
-        peer: SocketAddr,
-        data: &[u8],
-        wire: &mut Vec<(SocketAddr, Bytes)>,
-        deliver: &mut impl FnMut(SocketAddr, Option<DeviceId>, &[u8]),
-    ) {
-        let listener = match self.listener.take() {
+    fn listen(&mut self, now: Instant, peer: SocketAddr, data: &[u8], wire: &mut Vec<(SocketAddr, Bytes)>) {
+        let mut listener = match self.listener.take() {
             Some(l) => l,
             None => match self.new_stream() {
                 Some(l) => l,
                 None => return,
             },
         };
-        let mut listener = listener;
         ffi::ssl_mut(&mut listener).set_ex_data(self.slots.peer, peer);
         listener.get_mut().put(data);
         let verdict = ffi::listen(ffi::ssl_mut(&mut listener), &mut self.listen_addr);
@@ -270,9 +264,13 @@ impl PeerTable {
         }
         self.stats.started += 1;
         self.handshaking += 1;
-        let phase = Phase::Handshaking { deadline: now + self.limits.handshake_timeout, saw_encrypted: false };
-        self.peers.insert(peer, Peer { stream: listener, phase, timer: None });
-        self.drive(now, peer, wire, deliver);
+        let phase = Phase::Handshaking {
+            stream: Box::new(listener),
+            deadline: now + self.limits.handshake_timeout,
+            saw_encrypted: false,
+        };
+        self.peers.insert(peer, Peer { phase, timer: None });
+        self.handshake(now, peer, wire);
     }
 
     fn new_stream(&self) -> Option<SslStream<Pipe>> {
@@ -281,79 +279,100 @@ impl PeerTable {
         SslStream::new(ssl, Pipe::default()).ok()
     }
 
-    /// Advances `peer` after new input: the handshake, then any application data.
-    fn drive(
+    /// Advances `peer`'s handshake after new input. Once OpenSSL finishes, the session moves to
+    /// our record layer and OpenSSL's state is freed.
+    fn handshake(&mut self, now: Instant, peer: SocketAddr, wire: &mut Vec<(SocketAddr, Bytes)>) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Phase::Handshaking { stream, .. } = &mut p.phase else { return };
+        let result = stream.accept();
+        stream.get_mut().clear_inbound();
+        match result {
+            Ok(()) => {
+                let flight: Vec<Bytes> = stream.get_mut().take_outbound().map(Bytes::from).collect();
+                wire.extend(flight.iter().map(|d| (peer, d.clone())));
+                let device = stream.ssl().ex_data(self.slots.device).copied();
+                let Some(session) = Session::from_handshake(stream.ssl(), flight) else {
+                    // Only suites the record layer implements are offered; this is a bug.
+                    tracing::error!(%peer, cipher = ?stream.ssl().current_cipher().map(|c| c.name()), "no record layer for the negotiated suite");
+                    self.fail(peer, Failure::Protocol);
+                    return;
+                };
+                p.phase = Phase::Established { session, device, last_active: now };
+                self.handshaking -= 1;
+                self.stats.completed += 1;
+                schedule(&mut self.timers, p, peer, now + self.limits.idle_timeout);
+            }
+            Err(e) if e.code() == ErrorCode::WANT_READ => {
+                drain(peer, stream, wire);
+                self.schedule_handshake(now, peer);
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "DTLS handshake failed");
+                drain(peer, stream, wire);
+                self.fail(peer, Failure::Protocol);
+            }
+        }
+    }
+
+    /// A datagram on an established session: its records, decrypted.
+    fn receive(
         &mut self,
         now: Instant,
         peer: SocketAddr,
+        data: &[u8],
         wire: &mut Vec<(SocketAddr, Bytes)>,
         deliver: &mut impl FnMut(SocketAddr, Option<DeviceId>, &[u8]),
     ) {
-        let Some(p) = self.peers.get_mut(&peer) else { return };
-        if let Phase::Handshaking { .. } = p.phase {
-            match p.stream.accept() {
-                Ok(()) => {
-                    let device = p.stream.ssl().ex_data(self.slots.device).copied();
-                    p.phase = Phase::Established { device, last_active: now };
-                    self.handshaking -= 1;
-                    self.stats.completed += 1;
-                    schedule(&mut self.timers, p, peer, now + self.limits.idle_timeout);
-                }
-                Err(e) if e.code() == ErrorCode::WANT_READ => {
-                    drain(peer, &mut p.stream, wire);
-                    p.stream.get_mut().clear_inbound();
-                    self.schedule_handshake(now, peer);
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "DTLS handshake failed");
-                    drain(peer, &mut p.stream, wire);
-                    self.fail(peer, Failure::Protocol);
-                    return;
-                }
-            }
-        }
-        let Some(p) = self.peers.get_mut(&peer) else { return };
-        let Phase::Established { device, last_active } = &mut p.phase else { return };
-        if !ffi::alloc_buffers(ffi::ssl_mut(&mut p.stream)) {
-            p.stream.get_mut().clear_inbound();
+        let Some(Peer { phase: Phase::Established { session, device, last_active }, .. }) = self.peers.get_mut(&peer)
+        else {
             return;
-        }
-        loop {
-            match p.stream.ssl_read(&mut self.read_buf) {
-                Ok(n) => {
+        };
+        let mut records = Vec::new();
+        session.open(data, |r| records.push(r));
+        let mut end = None;
+        for record in records {
+            match record {
+                Record::Data(plain) => {
                     *last_active = now;
-                    deliver(peer, *device, &self.read_buf[..n]);
+                    deliver(peer, *device, &plain);
                 }
-                Err(e) if e.code() == ErrorCode::WANT_READ => break,
-                Err(e) => {
-                    // close_notify: answer it so the client can reconnect from the same port at
-                    // once. Anything else ends the session as well.
-                    let closed = e.code() == ErrorCode::ZERO_RETURN;
-                    if closed {
-                        let _ = p.stream.shutdown();
-                        self.stats.closed_by_peer += 1;
-                    } else {
-                        *self.stats.failed.entry("session_error").or_default() += 1;
-                    }
-                    drain(peer, &mut p.stream, wire);
-                    self.remove(peer);
-                    return;
+                // The client sends its Finished again: our final flight was lost.
+                Record::Handshake => wire.extend(session.final_flight().iter().map(|d| (peer, d.clone()))),
+                Record::Alert(_, CLOSE_NOTIFY) => {
+                    end = Some(true);
+                    break;
                 }
+                Record::Alert(FATAL, _) => {
+                    end = Some(false);
+                    break;
+                }
+                Record::Alert(..) => {}
             }
         }
-        p.stream.get_mut().clear_inbound();
-        drain(peer, &mut p.stream, wire);
-        ffi::free_buffers(ffi::ssl_mut(&mut p.stream));
+        match end {
+            Some(true) => {
+                // Answered, so the client can handshake again from the same port at once.
+                if let Some(d) = session.seal(CONTENT_ALERT, &[WARNING, CLOSE_NOTIFY]) {
+                    wire.push((peer, d));
+                }
+                self.stats.closed_by_peer += 1;
+                self.remove(peer);
+            }
+            Some(false) => {
+                *self.stats.failed.entry("alert").or_default() += 1;
+                self.remove(peer);
+            }
+            None => {}
+        }
     }
 
     /// Arms the handshake timer: OpenSSL's retransmission, bounded by the handshake deadline.
     fn schedule_handshake(&mut self, now: Instant, peer: SocketAddr) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        let Phase::Handshaking { deadline, .. } = p.phase else { return };
-        let at = match ffi::timeout(p.stream.ssl()) {
-            Some(left) => (now + left).min(deadline),
-            None => deadline,
+        let Phase::Handshaking { stream, deadline, .. } = &p.phase else { return };
+        let at = match ffi::timeout(stream.ssl()) {
+            Some(left) => (now + left).min(*deadline),
+            None => *deadline,
         };
         schedule(&mut self.timers, p, peer, at);
     }
