@@ -44,6 +44,9 @@ struct Args {
     /// The server's process id, for its CPU time and resident memory (Linux /proc).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Handshake and close only, without the uplink in between.
+    #[arg(long)]
+    bare: bool,
 }
 
 struct Device {
@@ -82,7 +85,8 @@ fn main() {
     let workers: Vec<_> = (0..args.threads.max(1))
         .map(|w| {
             let (devices, stop, ciphers, server) = (devices.clone(), stop.clone(), args.ciphers.clone(), args.dtls);
-            std::thread::spawn(move || run_worker(w, &devices, &stop, &ciphers, server))
+            let payload: Option<&[u8]> = (!args.bare).then_some(b"load");
+            std::thread::spawn(move || run_worker(w, &devices, &stop, &ciphers, server, payload))
         })
         .collect();
     std::thread::sleep(Duration::from_secs(args.duration));
@@ -99,8 +103,13 @@ fn main() {
     latencies.sort_unstable();
     let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)));
     let ms = |d: Option<&Duration>| d.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
+    let each = if args.bare {
+        "cookie exchange, PSK handshake, close"
+    } else {
+        "cookie exchange, PSK handshake, one uplink, close"
+    };
     println!(
-        "handshakes: {} in {elapsed:.1} s = {:.0}/s (each: cookie exchange, PSK handshake, one uplink, close), failures {failures}",
+        "handshakes: {} in {elapsed:.1} s = {:.0}/s (each: {each}), failures {failures}",
         latencies.len(),
         latencies.len() as f64 / elapsed
     );
@@ -125,6 +134,7 @@ fn run_worker(
     stop: &AtomicBool,
     ciphers: &str,
     server: SocketAddr,
+    payload: Option<&[u8]>,
 ) -> (Vec<Duration>, usize) {
     let (mut latencies, mut failures) = (Vec::new(), 0);
     let mut i = w;
@@ -132,7 +142,7 @@ fn run_worker(
         let d = &devices[i % devices.len()];
         i += 7;
         let t = Instant::now();
-        match session(d, ciphers, server, b"load") {
+        match session(d, ciphers, server, payload) {
             Some(client) => {
                 client.close();
                 latencies.push(t.elapsed());
@@ -143,11 +153,12 @@ fn run_worker(
     (latencies, failures)
 }
 
-/// A new port, a full handshake and one acknowledged uplink.
-fn session(d: &Device, ciphers: &str, server: SocketAddr, payload: &[u8]) -> Option<DtlsClient> {
+/// A new port, a full handshake and, with a payload, one acknowledged uplink.
+fn session(d: &Device, ciphers: &str, server: SocketAddr, payload: Option<&[u8]>) -> Option<DtlsClient> {
     let identity = format!("{}&{}", d.pk, d.dn);
     let mut client = DtlsClient::psk(DtlsClient::bind(server), &identity, d.secret.as_bytes(), ciphers);
     client.handshake(None, Duration::from_secs(5)).ok()?;
+    let Some(payload) = payload else { return Some(client) };
     let mid: u16 = rand::random();
     let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes());
     for seg in ["topic", &d.pk, &d.dn, "load"] {
@@ -166,7 +177,7 @@ fn keep_sessions(args: &Args, devices: &[Device]) {
     let before = server_rss(pid).unwrap_or(0);
     let mut kept: Vec<DtlsClient> = Vec::with_capacity(args.keep);
     for i in 0..args.keep {
-        match session(&devices[i % devices.len()], &args.ciphers, args.dtls, b"keep") {
+        match session(&devices[i % devices.len()], &args.ciphers, args.dtls, Some(b"keep")) {
             Some(c) => kept.push(c),
             None => eprintln!("session {i} failed"),
         }

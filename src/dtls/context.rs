@@ -19,12 +19,10 @@ use crate::registry::Registry;
 
 /// Suites served, in the server's order of preference. PSK first: a client offering PSK suites
 /// has a key and wants its session to be its identity; certificate-mode clients offer none.
-/// AEAD only: CCM_8 is what constrained stacks (tinydtls, LwM2M) ship, GCM what OpenSSL, GnuTLS
-/// and mbedTLS clients prefer.
+/// AEAD only, and only those the record layer of established sessions implements: CCM_8 is what
+/// constrained stacks (tinydtls, LwM2M) ship, GCM what OpenSSL, GnuTLS and mbedTLS clients prefer.
 pub const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:\
-PSK-CHACHA20-POLY1305:ECDHE-PSK-CHACHA20-POLY1305:\
-ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:\
-ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM";
+ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM";
 
 const COOKIE_LEN: usize = 16;
 
