@@ -302,3 +302,23 @@ fn a_device_reconnects_from_the_same_port_after_closing_and_after_a_reboot() {
     let payloads: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
     assert_eq!(payloads, [&b"first"[..], b"second", b"third", b"libcoap-1", b"libcoap-2"]);
 }
+
+#[test]
+fn idle_sessions_are_evicted_and_the_device_handshakes_again() {
+    let server = Server::start_with(&[("NBHUB_DTLS_IDLE_TIMEOUT_S", "1")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-idle"}));
+    let triple = format!("{pk}&{dn}");
+    let topic = ["topic", pk.as_str(), dn.as_str(), "up"];
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    device.handshake(None, Duration::from_secs(5)).unwrap();
+    assert_eq!(code_of(device.exchange(&post(1, &topic, None, b"before"), Duration::from_secs(5))), Code::CHANGED);
+    server.wait_metric(r#"nbhub_dtls_evictions_total{port="dtls",reason="idle"}"#, |v| v == 1.0);
+    server.wait_metric(r#"nbhub_dtls_sessions{port="dtls"}"#, |v| v == 0.0);
+    // The old session is gone: its records are not answered.
+    assert_eq!(device.exchange(&post(2, &topic, None, b"lost"), Duration::from_millis(500)), None);
+    let mut again = psk_client(device.socket.try_clone().unwrap(), &triple, &secret);
+    again.handshake(None, Duration::from_secs(5)).unwrap();
+    assert_eq!(code_of(again.exchange(&post(3, &topic, None, b"after"), Duration::from_secs(5))), Code::CHANGED);
+    let payloads: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, [&b"before"[..], b"after"]);
+}
