@@ -73,9 +73,12 @@ pub struct AesConfig {
 #[serde(deny_unknown_fields)]
 pub struct DtlsConfig {
     pub listen: SocketAddr,
-    /// PEM certificate chain (leaf first) and private key; empty for PSK only.
+    /// PEM certificate chain (leaf first) and private key of the ECDSA (P-256) certificate, and of
+    /// the RSA one the legacy suites need; each pair empty to go without.
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub rsa_cert: PathBuf,
+    pub rsa_key: PathBuf,
     pub max_handshakes: usize,
     pub max_sessions: usize,
     pub handshake_timeout_s: u64,
@@ -90,9 +93,12 @@ impl DtlsConfig {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_s)
     }
-    /// Whether certificate mode is configured (both files named).
-    pub fn has_certificate(&self) -> bool {
-        !self.cert.as_os_str().is_empty()
+    /// The configured (certificate, key) pairs, with the config keys that name them.
+    pub fn certificates(&self) -> impl Iterator<Item = (&'static str, &Path, &Path)> {
+        [("dtls.cert", &self.cert, &self.key), ("dtls.rsa_cert", &self.rsa_cert, &self.rsa_key)]
+            .into_iter()
+            .filter(|(_, c, _)| !c.as_os_str().is_empty())
+            .map(|(name, c, k)| (name, c.as_path(), k.as_path()))
     }
 }
 
@@ -202,8 +208,12 @@ impl Config {
             return bad("coap.max_pending_writes must be at least 1".into());
         }
         let d = &self.dtls;
-        if d.cert.as_os_str().is_empty() != d.key.as_os_str().is_empty() {
-            return bad("dtls.cert and dtls.key must both be set (certificate mode) or both be empty (PSK only)".into());
+        for (cert, key, names) in
+            [(&d.cert, &d.key, "dtls.cert and dtls.key"), (&d.rsa_cert, &d.rsa_key, "dtls.rsa_cert and dtls.rsa_key")]
+        {
+            if cert.as_os_str().is_empty() != key.as_os_str().is_empty() {
+                return bad(format!("{names} must both be set or both be empty"));
+            }
         }
         if d.max_handshakes < 1 || d.max_sessions < 1 {
             return bad("dtls.max_handshakes and dtls.max_sessions must be at least 1".into());

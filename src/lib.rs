@@ -83,7 +83,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let coap =
         spawn_port(&mut tasks, &registry, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
     let aes = spawn_port(&mut tasks, &registry, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
-    let (dtls_context, certificate_mode) = dtls::setup(registry.clone(), &config.dtls)?;
+    let (dtls_context, certificates) = dtls::setup(registry.clone(), &config.dtls)?;
     let d = &config.dtls;
     let per_socket = |n: usize| n.div_ceil(config.coap.sockets_per_port);
     let limits = dtls::peers::Limits {
@@ -114,7 +114,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     let endpoints = Endpoints { coap, aes, dtls, admin };
     write_endpoints(&data_dir, &endpoints)?;
-    tracing::info!(%coap, %aes, %dtls, certificate_mode, %admin, data_dir = %data_dir.display(), "nbhub is serving");
+    tracing::info!(%coap, %aes, %dtls, certificates, %admin, data_dir = %data_dir.display(), "nbhub is serving");
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),

@@ -68,7 +68,7 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
         metric::DTLS_HANDSHAKES_STARTED,
         "DTLS handshakes started (ClientHello with a valid cookie)"
     );
-    metrics::describe_counter!(metric::DTLS_HANDSHAKES_COMPLETED, "DTLS handshakes completed");
+    metrics::describe_counter!(metric::DTLS_HANDSHAKES_COMPLETED, "DTLS handshakes completed, by negotiated suite");
     metrics::describe_counter!(metric::DTLS_HANDSHAKES_FAILED, "DTLS handshakes or sessions that failed, by reason");
     metrics::describe_counter!(metric::DTLS_REFUSED, "valid ClientHellos dropped at a limit, by limit");
     metrics::describe_counter!(metric::DTLS_EVICTIONS, "DTLS sessions evicted, by reason");

@@ -5,9 +5,21 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslStream, SslVerifyMode};
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream, SslVerifyMode};
 
 use super::pipe::Pipe;
+
+/// SSL_OP_NO_ENCRYPT_THEN_MAC, which the `openssl` crate does not name.
+const NO_ENCRYPT_THEN_MAC: u64 = 1 << 19;
+
+pub struct ClientConfig<'a> {
+    /// Identity and key; without, the client expects a certificate (and does not verify it).
+    pub psk: Option<(&'a str, &'a [u8])>,
+    /// OpenSSL cipher names, e.g. `PSK-AES128-CCM8` or `AES128-SHA`.
+    pub ciphers: &'a str,
+    /// Offer encrypt-then-MAC (RFC 7366) for CBC suites, as OpenSSL does by default.
+    pub encrypt_then_mac: bool,
+}
 
 pub struct DtlsClient {
     pub socket: UdpSocket,
@@ -19,19 +31,30 @@ pub struct DtlsClient {
 impl DtlsClient {
     /// A PSK client on `socket` (connected to the server), offering `ciphers`.
     pub fn psk(socket: UdpSocket, identity: &str, key: &[u8], ciphers: &str) -> DtlsClient {
-        let mut ctx = SslContext::builder(SslMethod::dtls_client()).unwrap();
-        ctx.set_cipher_list(ciphers).unwrap();
+        DtlsClient::new(socket, &ClientConfig { psk: Some((identity, key)), ciphers, encrypt_then_mac: true })
+    }
+
+    pub fn new(socket: UdpSocket, config: &ClientConfig<'_>) -> DtlsClient {
+        let mut ctx = SslContext::builder(SslMethod::dtls_client()).expect("OpenSSL DTLS client context");
+        if let Err(e) = ctx.set_cipher_list(config.ciphers) {
+            panic!("cipher list {:?}: {e}", config.ciphers);
+        }
         ctx.set_verify(SslVerifyMode::NONE);
-        let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
-        ctx.set_psk_client_callback(move |_, _hint, id_out, key_out| {
-            id_out[..identity.len()].copy_from_slice(&identity);
-            id_out[identity.len()] = 0;
-            key_out[..key.len()].copy_from_slice(&key);
-            Ok(key.len())
-        });
-        let ssl = Ssl::new(&ctx.build()).unwrap();
-        let stream = SslStream::new(ssl, Pipe::default()).unwrap();
-        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        if !config.encrypt_then_mac {
+            ctx.set_options(SslOptions::from_bits_retain(NO_ENCRYPT_THEN_MAC));
+        }
+        if let Some((identity, key)) = config.psk {
+            let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
+            ctx.set_psk_client_callback(move |_, _hint, id_out, key_out| {
+                id_out[..identity.len()].copy_from_slice(&identity);
+                id_out[identity.len()] = 0;
+                key_out[..key.len()].copy_from_slice(&key);
+                Ok(key.len())
+            });
+        }
+        let ssl = Ssl::new(&ctx.build()).expect("OpenSSL SSL");
+        let stream = SslStream::new(ssl, Pipe::default()).expect("OpenSSL stream");
+        let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
         DtlsClient { socket, stream, hellos_sent: 0 }
     }
 

@@ -17,12 +17,18 @@ use super::psk::{self, Refusal};
 use crate::identity::DeviceId;
 use crate::registry::Registry;
 
-/// Suites served, in the server's order of preference. PSK first: a client offering PSK suites
-/// has a key and wants its session to be its identity; certificate-mode clients offer none.
-/// AEAD only, and only those the record layer of established sessions implements: CCM_8 is what
+/// Suites served, in the server's order of preference, all implemented by the record layer of
+/// established sessions. PSK first: a client offering PSK suites has a key and wants its session
+/// to be its identity; certificate-mode clients offer none. AEAD before CBC: CCM_8 is what
 /// constrained stacks (tinydtls, LwM2M) ship, GCM what OpenSSL, GnuTLS and mbedTLS clients prefer.
+/// The CBC suites are the only ones the Alibaba devices in the field offer: iotkit v3 (RSA, PSK
+/// and RSA-PSK key exchange) and Link SDK 4.x (TLS_PSK_WITH_AES_128_CBC_SHA).
 pub const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:\
-ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM";
+ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM:\
+ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:\
+PSK-AES128-CBC-SHA256:PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA:PSK-AES256-CBC-SHA384:\
+RSA-PSK-AES128-CBC-SHA256:RSA-PSK-AES128-CBC-SHA:RSA-PSK-AES256-CBC-SHA:RSA-PSK-AES256-CBC-SHA384:\
+AES128-SHA256:AES256-SHA256:AES128-SHA:AES256-SHA";
 
 const COOKIE_LEN: usize = 16;
 
@@ -58,8 +64,9 @@ pub enum ContextError {
     Key { path: String, error: openssl::error::ErrorStack },
 }
 
-/// Builds the context. With `certificate`, certificate-mode suites are offered as well.
-pub fn build(registry: Arc<Registry>, certificate: Option<(&Path, &Path)>) -> Result<SslContext, ContextError> {
+/// Builds the context. With `certificates` ((chain, key) pairs, one per key type), the
+/// certificate suites are offered as well.
+pub fn build(registry: Arc<Registry>, certificates: &[(&Path, &Path)]) -> Result<SslContext, ContextError> {
     let slots = Slots::get();
     let mut b = SslContext::builder(SslMethod::dtls_server())?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
@@ -111,7 +118,7 @@ pub fn build(registry: Arc<Registry>, certificate: Option<(&Path, &Path)>) -> Re
         presented.ct_eq(&cookie(&secret, peer)).into()
     });
 
-    if let Some((cert, key)) = certificate {
+    for (cert, key) in certificates {
         use_certificate(&mut b, cert, key)?;
     }
     Ok(b.build())

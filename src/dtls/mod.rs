@@ -2,6 +2,7 @@
 //! certificate-mode devices on one port, a stateless cookie before any per-peer state, and a
 //! bounded peer table.
 
+mod cbc;
 pub mod client;
 pub mod context;
 mod ffi;
@@ -18,35 +19,32 @@ use openssl::ssl::SslContext;
 use crate::config::DtlsConfig;
 use crate::registry::Registry;
 
-/// Where the embedded default configuration looks for the certificate; when nothing is there the
+/// Where the embedded default configuration looks for certificates; when nothing is there the
 /// server still starts (PSK only), so `nbhub serve` works before `scripts/dev-certs` has run.
-const DEFAULT_CERT: &str = "certs/server.crt";
+const DEFAULT_CERTS: [&str; 2] = ["certs/server.crt", "certs/server-rsa.crt"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
     Context(#[from] context::ContextError),
-    #[error("dtls.cert {0} does not exist (run scripts/dev-certs, or set dtls.cert and dtls.key to \"\" for PSK only)")]
-    MissingCertificate(String),
+    #[error("{key} {path} does not exist (run scripts/dev-certs, or set it and its key to \"\" to go without)")]
+    MissingCertificate { key: &'static str, path: String },
 }
 
-/// The context for `config`, and whether certificate mode is on.
-pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext, bool), SetupError> {
-    let certificate = if !config.has_certificate() {
-        None
-    } else if config.cert.exists() {
-        Some((config.cert.as_path(), config.key.as_path()))
-    } else if config.cert == Path::new(DEFAULT_CERT) {
-        tracing::warn!(
-            cert = DEFAULT_CERT,
-            "no DTLS server certificate: certificate-mode devices cannot connect (run scripts/dev-certs); PSK devices can"
-        );
-        None
-    } else {
-        return Err(SetupError::MissingCertificate(config.cert.display().to_string()));
-    };
-    let ctx = context::build(registry, certificate)?;
-    Ok((ctx, certificate.is_some()))
+/// The context for `config`, and how many certificates it serves.
+pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext, usize), SetupError> {
+    let mut certificates = Vec::new();
+    for (key, cert, private_key) in config.certificates() {
+        if cert.exists() {
+            certificates.push((cert, private_key));
+        } else if DEFAULT_CERTS.iter().any(|d| cert == Path::new(d)) {
+            tracing::warn!(cert = %cert.display(), "no DTLS server certificate here: run scripts/dev-certs; PSK devices are served regardless");
+        } else {
+            return Err(SetupError::MissingCertificate { key, path: cert.display().to_string() });
+        }
+    }
+    let ctx = context::build(registry, &certificates)?;
+    Ok((ctx, certificates.len()))
 }
 
 /// DTLSPlaintext header (RFC 6347 §4.1): type, version, epoch, sequence, length; then the

@@ -18,7 +18,7 @@ use super::context::Slots;
 use super::ffi::{self, Listen, ListenAddr};
 use super::pipe::Pipe;
 use super::psk::Refusal;
-use super::record::{CONTENT_ALERT, CONTENT_APPLICATION_DATA, Record, Session};
+use super::record::{CONTENT_ALERT, CONTENT_APPLICATION_DATA, Record, Session, server_hello_encrypt_then_mac};
 use super::{epoch, is_client_hello};
 use crate::identity::DeviceId;
 
@@ -66,7 +66,8 @@ impl Failure {
 pub struct Stats {
     pub hello_verify_requests: u64,
     pub started: u64,
-    pub completed: u64,
+    /// Completed handshakes by negotiated suite (OpenSSL's name): which suites a fleet uses.
+    pub completed: HashMap<&'static str, u64>,
     pub failed: HashMap<&'static str, u64>,
     /// Valid ClientHellos dropped because a limit was reached, by limit.
     pub refused: HashMap<&'static str, u64>,
@@ -78,7 +79,7 @@ pub struct Stats {
 
 enum Phase {
     /// OpenSSL runs the handshake.
-    Handshaking { stream: Box<SslStream<Pipe>>, deadline: Instant, saw_encrypted: bool },
+    Handshaking { stream: Box<SslStream<Pipe>>, deadline: Instant, saw_encrypted: bool, encrypt_then_mac: bool },
     /// Our own record layer carries the data; OpenSSL's state is gone.
     Established { session: Session, device: Option<DeviceId>, last_active: Instant },
 }
@@ -192,7 +193,7 @@ impl PeerTable {
             }
             p.timer = None;
             match &mut p.phase {
-                Phase::Handshaking { stream, deadline, saw_encrypted } => {
+                Phase::Handshaking { stream, deadline, saw_encrypted, .. } => {
                     if now >= *deadline {
                         let refusal = stream.ssl().ex_data(self.slots.refusal).copied();
                         let failure = match (refusal, *saw_encrypted) {
@@ -268,6 +269,7 @@ impl PeerTable {
             stream: Box::new(listener),
             deadline: now + self.limits.handshake_timeout,
             saw_encrypted: false,
+            encrypt_then_mac: false,
         };
         self.peers.insert(peer, Peer { phase, timer: None });
         self.handshake(now, peer, wire);
@@ -283,7 +285,7 @@ impl PeerTable {
     /// our record layer and OpenSSL's state is freed.
     fn handshake(&mut self, now: Instant, peer: SocketAddr, wire: &mut Vec<(SocketAddr, Bytes)>) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        let Phase::Handshaking { stream, .. } = &mut p.phase else { return };
+        let Phase::Handshaking { stream, encrypt_then_mac, .. } = &mut p.phase else { return };
         let result = stream.accept();
         stream.get_mut().clear_inbound();
         match result {
@@ -291,7 +293,8 @@ impl PeerTable {
                 let flight: Vec<Bytes> = stream.get_mut().take_outbound().map(Bytes::from).collect();
                 wire.extend(flight.iter().map(|d| (peer, d.clone())));
                 let device = stream.ssl().ex_data(self.slots.device).copied();
-                let Some(session) = Session::from_handshake(stream.ssl(), flight) else {
+                let suite = stream.ssl().current_cipher().map_or("unknown", |c| c.name());
+                let Some(session) = Session::from_handshake(stream.ssl(), flight, *encrypt_then_mac) else {
                     // Only suites the record layer implements are offered; this is a bug.
                     tracing::error!(%peer, cipher = ?stream.ssl().current_cipher().map(|c| c.name()), "no record layer for the negotiated suite");
                     self.fail(peer, Failure::Protocol);
@@ -299,11 +302,15 @@ impl PeerTable {
                 };
                 p.phase = Phase::Established { session, device, last_active: now };
                 self.handshaking -= 1;
-                self.stats.completed += 1;
+                *self.stats.completed.entry(suite).or_default() += 1;
                 schedule(&mut self.timers, p, peer, now + self.limits.idle_timeout);
             }
             Err(e) if e.code() == ErrorCode::WANT_READ => {
+                let start = wire.len();
                 drain(peer, stream, wire);
+                if let Some(etm) = wire[start..].iter().find_map(|(_, d)| server_hello_encrypt_then_mac(d)) {
+                    *encrypt_then_mac = etm;
+                }
                 self.schedule_handshake(now, peer);
             }
             Err(e) => {

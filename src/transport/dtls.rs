@@ -63,7 +63,9 @@ impl Link for Dtls {
         let s = self.peers.take_stats();
         metrics::counter!(metric::DTLS_HELLO_VERIFY, "port" => port).increment(s.hello_verify_requests);
         metrics::counter!(metric::DTLS_HANDSHAKES_STARTED, "port" => port).increment(s.started);
-        metrics::counter!(metric::DTLS_HANDSHAKES_COMPLETED, "port" => port).increment(s.completed);
+        for (suite, n) in s.completed {
+            metrics::counter!(metric::DTLS_HANDSHAKES_COMPLETED, "port" => port, "suite" => suite).increment(n);
+        }
         for (reason, n) in s.failed {
             metrics::counter!(metric::DTLS_HANDSHAKES_FAILED, "port" => port, "reason" => reason).increment(n);
         }

@@ -59,6 +59,8 @@ impl Server {
             .env("NBHUB_DTLS_LISTEN", "127.0.0.1:0")
             .env("NBHUB_DTLS_CERT", dev_certs().join("server.crt"))
             .env("NBHUB_DTLS_KEY", dev_certs().join("server.key"))
+            .env("NBHUB_DTLS_RSA_CERT", dev_certs().join("server-rsa.crt"))
+            .env("NBHUB_DTLS_RSA_KEY", dev_certs().join("server-rsa.key"))
             .env("NBHUB_ADMIN_TOKEN", TOKEN)
             .env("NBHUB_LOG", "nbhub=debug,info")
             // Flow control is tested on its own; elsewhere it would only pace the tests.
@@ -187,7 +189,8 @@ pub fn dev_certs() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dev-certs");
-        if !dir.join("server.key").exists() {
+        if !dir.join("server-rsa.key").exists() {
+            let _ = std::fs::remove_dir_all(&dir); // from before the RSA certificate existed
             let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-certs.{}", std::process::id()));
             let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-certs"))
                 .arg(&tmp)

@@ -1,0 +1,134 @@
+//! The DTLS suites Alibaba devices already in the field offer (RSA, PSK and RSA-PSK key exchange
+//! with AES-CBC), with clients restricted to them: `openssl s_client`, and an OpenSSL client that
+//! runs `/auth` and uplinks. (libcoap 4.3 cannot be confined: it sets its own cipher list, which
+//! overrides OpenSSL's configuration.)
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{AliDevice, Server};
+use nbhub::auth::sign::SignMethod;
+use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
+use nbhub::dtls::client::{ClientConfig, DtlsClient};
+use nbhub::dtls::psk::link_sdk_psk;
+use serde_json::json;
+
+const LINK_SDK_TS: &str = "2524608000000";
+
+fn s_client(server: &Server, args: &[&str]) -> String {
+    let connect = format!("127.0.0.1:{}", server.endpoints.dtls.port());
+    let out = Command::new("openssl")
+        .args(["s_client", "-dtls1_2", "-connect", &connect])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn post(mid: u16, path: &[&str], token: Option<&str>, payload: &[u8]) -> Vec<u8> {
+    let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes());
+    for p in path {
+        b = b.option(OptionNumber::URI_PATH, p.as_bytes());
+    }
+    if let Some(t) = token {
+        b = b.option(OptionNumber::ALI_TOKEN, t.as_bytes());
+    }
+    b.payload(payload).build()
+}
+
+fn reply(client: &mut DtlsClient, request: &[u8]) -> (Code, Vec<u8>) {
+    let r = client.exchange(request, Duration::from_secs(5)).expect("a reply inside the session");
+    let m = Message::parse(&r).expect("CoAP");
+    (m.code, m.payload.to_vec())
+}
+
+#[test]
+fn s_client_negotiates_the_rsa_and_psk_cbc_suites() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "legacy-suites"}));
+    let ca = common::dev_certs().join("dev-ca.crt");
+    let ca = ca.to_str().unwrap();
+    for suite in ["AES256-SHA256", "AES128-SHA", "AES256-SHA", "AES128-SHA256"] {
+        let out = s_client(
+            &server,
+            &["-cipher", suite, "-CAfile", ca, "-verify_return_error", "-verify_hostname", "localhost"],
+        );
+        assert!(out.contains(&format!("Cipher is {suite}")), "{suite}: {out}");
+        assert!(out.contains("Verify return code: 0 (ok)"), "{suite}: {out}");
+        assert!(out.contains("Server public key is 2048 bit"), "{suite}: {out}");
+    }
+    let id = format!("devicename|hmacsha256|{pk}&{dn}|{LINK_SDK_TS}");
+    let key = hex::encode(link_sdk_psk(SignMethod::HmacSha256, &secret, &pk, &dn, LINK_SDK_TS));
+    for suite in ["PSK-AES128-CBC-SHA", "PSK-AES256-CBC-SHA", "RSA-PSK-AES128-CBC-SHA", "RSA-PSK-AES256-CBC-SHA"] {
+        let out = s_client(&server, &["-psk_identity", &id, "-psk", &key, "-cipher", suite]);
+        assert!(out.contains(&format!("Cipher is {suite}")), "{suite}: {out}");
+    }
+    // A modern client offered both still gets an AEAD suite.
+    let out = s_client(&server, &["-cipher", "AES128-SHA:ECDHE-RSA-AES128-GCM-SHA256", "-CAfile", ca]);
+    assert!(out.contains("Cipher is ECDHE-RSA-AES128-GCM-SHA256"), "{out}");
+}
+
+#[test]
+fn link_sdk_psk_cbc_devices_send_uplinks_without_a_token() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "legacy-psk"}));
+    let id = format!("devicename|hmacsha256|{pk}&{dn}|{LINK_SDK_TS}");
+    let key = link_sdk_psk(SignMethod::HmacSha256, &secret, &pk, &dn, LINK_SDK_TS);
+    let topic = ["topic", pk.as_str(), dn.as_str(), "user", "data"];
+    let mut mid = 0;
+    for (ciphers, encrypt_then_mac) in
+        [("PSK-AES128-CBC-SHA", true), ("PSK-AES128-CBC-SHA", false), ("RSA-PSK-AES256-CBC-SHA", false)]
+    {
+        let config = ClientConfig { psk: Some((&id, &key)), ciphers, encrypt_then_mac };
+        let mut device = DtlsClient::new(DtlsClient::bind(server.endpoints.dtls), &config);
+        device.handshake(None, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{ciphers}: {e}"));
+        mid += 1;
+        let payload = format!("{ciphers} etm={encrypt_then_mac}");
+        assert_eq!(reply(&mut device, &post(mid, &topic, None, payload.as_bytes())).0, Code::CHANGED, "{payload}");
+    }
+    let payloads: Vec<String> =
+        server.stored(&pk, &dn).into_iter().map(|(_, p)| String::from_utf8(p).unwrap()).collect();
+    assert_eq!(
+        payloads,
+        ["PSK-AES128-CBC-SHA etm=true", "PSK-AES128-CBC-SHA etm=false", "RSA-PSK-AES256-CBC-SHA etm=false"]
+    );
+    server
+        .wait_metric(r#"nbhub_dtls_handshakes_completed_total{port="dtls",suite="PSK-AES128-CBC-SHA"}"#, |v| v == 2.0);
+    server.wait_metric(r#"nbhub_dtls_handshakes_completed_total{port="dtls",suite="RSA-PSK-AES256-CBC-SHA"}"#, |v| {
+        v == 1.0
+    });
+}
+
+#[test]
+fn rsa_certificate_devices_auth_and_send_inside_the_session() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "legacy-rsa"}));
+    let sim = AliDevice::new(server.endpoints.dtls, &pk, &dn, &secret);
+    let topic = ["topic", pk.as_str(), dn.as_str(), "update"];
+    let mut expected = Vec::new();
+    for (i, (ciphers, encrypt_then_mac)) in
+        [("AES128-SHA", false), ("AES256-SHA256", true), ("AES256-SHA", false)].into_iter().enumerate()
+    {
+        let config = ClientConfig { psk: None, ciphers, encrypt_then_mac };
+        let mut device = DtlsClient::new(DtlsClient::bind(server.endpoints.dtls), &config);
+        device.handshake(None, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{ciphers}: {e}"));
+        let body = sim.auth_body(SignMethod::HmacMd5, &[]).to_string();
+        let mid = 10 * i as u16;
+        let (code, payload) = reply(&mut device, &post(mid + 1, &["auth"], None, body.as_bytes()));
+        assert_eq!(code, Code::CONTENT, "{ciphers}");
+        let token =
+            serde_json::from_slice::<serde_json::Value>(&payload).unwrap()["token"].as_str().unwrap().to_string();
+        let payload = format!("{ciphers} etm={encrypt_then_mac}");
+        assert_eq!(reply(&mut device, &post(mid + 2, &topic, Some(&token), payload.as_bytes())).0, Code::CHANGED);
+        // A certificate session is not an identity by itself.
+        assert_eq!(reply(&mut device, &post(mid + 3, &topic, None, b"no token")).0, Code::UNAUTHORIZED);
+        expected.push(payload);
+    }
+    let payloads: Vec<String> =
+        server.stored(&pk, &dn).into_iter().map(|(_, p)| String::from_utf8(p).unwrap()).collect();
+    assert_eq!(payloads, expected);
+}
