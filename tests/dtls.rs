@@ -7,10 +7,9 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{AliDevice, Server};
+use common::{AliDevice, Server, coap_post};
 use nbhub::auth::sign::SignMethod;
-use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
-use nbhub::coap::option::OptionNumber;
+use nbhub::coap::message::{Code, Message};
 use nbhub::dtls::client::DtlsClient;
 use nbhub::dtls::psk::link_sdk_psk;
 use serde_json::json;
@@ -41,17 +40,6 @@ fn psk_device(server: &Server, pk: &str, name: &str, psk: &str, node: &str) {
             &json!({"device_name": name, "psk_hex": hex::encode(psk), "node_id": node}),
         )
         .expect("create device");
-}
-
-fn post(mid: u16, path: &[&str], token: Option<&str>, payload: &[u8]) -> Vec<u8> {
-    let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes());
-    for p in path {
-        b = b.option(OptionNumber::URI_PATH, p.as_bytes());
-    }
-    if let Some(t) = token {
-        b = b.option(OptionNumber::ALI_TOKEN, t.as_bytes());
-    }
-    b.payload(payload).build()
 }
 
 fn code_of(reply: Option<Vec<u8>>) -> Code {
@@ -222,7 +210,7 @@ fn a_silent_peer_delays_nobody_and_its_handshake_expires() {
     // Another device connects and is served while the silent handshake is still pending.
     let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
     device.handshake(None, Duration::from_secs(5)).expect("handshake beside a silent peer");
-    let reply = device.exchange(&post(1, &["topic", &pk, &dn, "up"], None, b"served"), Duration::from_secs(5));
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"served"), Duration::from_secs(5));
     assert_eq!(code_of(reply), Code::CHANGED);
     assert_eq!(server.metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="timeout"}"#), 0.0);
     // The silent handshake is then dropped.
@@ -263,7 +251,8 @@ fn a_client_hello_flood_keeps_state_bounded_and_real_clients_served() {
     server.wait_metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#, |v| v == 0.0);
     let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
     device.handshake(None, Duration::from_secs(5)).expect("handshake after the flood");
-    let reply = device.exchange(&post(1, &["topic", &pk, &dn, "up"], None, b"after-flood"), Duration::from_secs(5));
+    let reply =
+        device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"after-flood"), Duration::from_secs(5));
     assert_eq!(code_of(reply), Code::CHANGED);
 }
 
@@ -277,21 +266,21 @@ fn a_device_reconnects_from_the_same_port_after_closing_and_after_a_reboot() {
 
     let mut first = psk_client(socket, &triple, &secret);
     first.handshake(None, Duration::from_secs(5)).unwrap();
-    assert_eq!(code_of(first.exchange(&post(1, &topic, None, b"first"), Duration::from_secs(5))), Code::CHANGED);
+    assert_eq!(code_of(first.exchange(&coap_post(1, &topic, None, b"first"), Duration::from_secs(5))), Code::CHANGED);
     let socket = first.close();
     server.wait_metric(r#"nbhub_dtls_closed_by_peer_total{port="dtls"}"#, |v| v == 1.0);
 
     // Same ip:port, new session after close_notify.
     let mut second = psk_client(socket, &triple, &secret);
     second.handshake(None, Duration::from_secs(5)).unwrap();
-    assert_eq!(code_of(second.exchange(&post(2, &topic, None, b"second"), Duration::from_secs(5))), Code::CHANGED);
+    assert_eq!(code_of(second.exchange(&coap_post(2, &topic, None, b"second"), Duration::from_secs(5))), Code::CHANGED);
 
     // The device reboots without closing and comes back from the same port: the new handshake
     // replaces the old session.
     let socket = second.socket.try_clone().unwrap();
     let mut third = psk_client(socket, &triple, &secret);
     third.handshake(None, Duration::from_secs(5)).unwrap();
-    assert_eq!(code_of(third.exchange(&post(3, &topic, None, b"third"), Duration::from_secs(5))), Code::CHANGED);
+    assert_eq!(code_of(third.exchange(&coap_post(3, &topic, None, b"third"), Duration::from_secs(5))), Code::CHANGED);
     server.wait_metric(r#"nbhub_dtls_sessions{port="dtls"}"#, |v| v == 1.0);
 
     // libcoap from a fixed local port, twice.
@@ -312,14 +301,14 @@ fn idle_sessions_are_evicted_and_the_device_handshakes_again() {
     let topic = ["topic", pk.as_str(), dn.as_str(), "up"];
     let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
     device.handshake(None, Duration::from_secs(5)).unwrap();
-    assert_eq!(code_of(device.exchange(&post(1, &topic, None, b"before"), Duration::from_secs(5))), Code::CHANGED);
+    assert_eq!(code_of(device.exchange(&coap_post(1, &topic, None, b"before"), Duration::from_secs(5))), Code::CHANGED);
     server.wait_metric(r#"nbhub_dtls_evictions_total{port="dtls",reason="idle"}"#, |v| v == 1.0);
     server.wait_metric(r#"nbhub_dtls_sessions{port="dtls"}"#, |v| v == 0.0);
     // The old session is gone: its records are not answered.
-    assert_eq!(device.exchange(&post(2, &topic, None, b"lost"), Duration::from_millis(500)), None);
+    assert_eq!(device.exchange(&coap_post(2, &topic, None, b"lost"), Duration::from_millis(500)), None);
     let mut again = psk_client(device.socket.try_clone().unwrap(), &triple, &secret);
     again.handshake(None, Duration::from_secs(5)).unwrap();
-    assert_eq!(code_of(again.exchange(&post(3, &topic, None, b"after"), Duration::from_secs(5))), Code::CHANGED);
+    assert_eq!(code_of(again.exchange(&coap_post(3, &topic, None, b"after"), Duration::from_secs(5))), Code::CHANGED);
     let payloads: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
     assert_eq!(payloads, [&b"before"[..], b"after"]);
 }

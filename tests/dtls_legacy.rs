@@ -8,10 +8,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{AliDevice, Server};
+use common::{AliDevice, Server, coap_post};
 use nbhub::auth::sign::SignMethod;
-use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
-use nbhub::coap::option::OptionNumber;
+use nbhub::coap::message::{Code, Message};
 use nbhub::dtls::client::{ClientConfig, DtlsClient};
 use nbhub::dtls::psk::link_sdk_psk;
 use serde_json::json;
@@ -27,17 +26,6 @@ fn s_client(server: &Server, args: &[&str]) -> String {
         .output()
         .expect("openssl");
     String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn post(mid: u16, path: &[&str], token: Option<&str>, payload: &[u8]) -> Vec<u8> {
-    let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes());
-    for p in path {
-        b = b.option(OptionNumber::URI_PATH, p.as_bytes());
-    }
-    if let Some(t) = token {
-        b = b.option(OptionNumber::ALI_TOKEN, t.as_bytes());
-    }
-    b.payload(payload).build()
 }
 
 fn reply(client: &mut DtlsClient, request: &[u8]) -> (Code, Vec<u8>) {
@@ -88,7 +76,7 @@ fn link_sdk_psk_cbc_devices_send_uplinks_without_a_token() {
         device.handshake(None, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{ciphers}: {e}"));
         mid += 1;
         let payload = format!("{ciphers} etm={encrypt_then_mac}");
-        assert_eq!(reply(&mut device, &post(mid, &topic, None, payload.as_bytes())).0, Code::CHANGED, "{payload}");
+        assert_eq!(reply(&mut device, &coap_post(mid, &topic, None, payload.as_bytes())).0, Code::CHANGED, "{payload}");
     }
     let payloads: Vec<String> =
         server.stored(&pk, &dn).into_iter().map(|(_, p)| String::from_utf8(p).unwrap()).collect();
@@ -118,14 +106,14 @@ fn rsa_certificate_devices_auth_and_send_inside_the_session() {
         device.handshake(None, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{ciphers}: {e}"));
         let body = sim.auth_body(SignMethod::HmacMd5, &[]).to_string();
         let mid = 10 * i as u16;
-        let (code, payload) = reply(&mut device, &post(mid + 1, &["auth"], None, body.as_bytes()));
+        let (code, payload) = reply(&mut device, &coap_post(mid + 1, &["auth"], None, body.as_bytes()));
         assert_eq!(code, Code::CONTENT, "{ciphers}");
         let token =
             serde_json::from_slice::<serde_json::Value>(&payload).unwrap()["token"].as_str().unwrap().to_string();
         let payload = format!("{ciphers} etm={encrypt_then_mac}");
-        assert_eq!(reply(&mut device, &post(mid + 2, &topic, Some(&token), payload.as_bytes())).0, Code::CHANGED);
+        assert_eq!(reply(&mut device, &coap_post(mid + 2, &topic, Some(&token), payload.as_bytes())).0, Code::CHANGED);
         // A certificate session is not an identity by itself.
-        assert_eq!(reply(&mut device, &post(mid + 3, &topic, None, b"no token")).0, Code::UNAUTHORIZED);
+        assert_eq!(reply(&mut device, &coap_post(mid + 3, &topic, None, b"no token")).0, Code::UNAUTHORIZED);
         expected.push(payload);
     }
     let payloads: Vec<String> =

@@ -11,8 +11,9 @@ use sha1::Sha1;
 use sha2::{Sha256, Sha384};
 use subtle::ConstantTimeEq;
 
+use super::record::pseudo_header;
+
 const BLOCK: usize = 16;
-const DTLS_1_2: [u8; 2] = [0xfe, 0xfd];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MacHash {
@@ -52,16 +53,6 @@ pub struct CbcKeys {
     mac_key: Vec<u8>,
     mac: MacHash,
     encrypt_then_mac: bool,
-}
-
-/// The MAC's header: sequence number, type, version, length (RFC 5246 §6.2.3.1).
-fn mac_header(epoch_seq: &[u8], content_type: u8, len: usize) -> [u8; 13] {
-    let mut h = [0u8; 13];
-    h[..8].copy_from_slice(epoch_seq);
-    h[8] = content_type;
-    h[9..11].copy_from_slice(&DTLS_1_2);
-    h[11..].copy_from_slice(&(len as u16).to_be_bytes());
-    h
 }
 
 impl CbcKeys {
@@ -104,7 +95,8 @@ impl CbcKeys {
             if sealed.len() < 2 * BLOCK || !sealed.len().is_multiple_of(BLOCK) {
                 return None;
             }
-            let expected = self.mac.mac(&self.mac_key, &[&mac_header(epoch_seq, content_type, sealed.len()), sealed]);
+            let expected =
+                self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, sealed.len()), sealed]);
             if !bool::from(expected.ct_eq(tag)) {
                 return None;
             }
@@ -130,7 +122,7 @@ impl CbcKeys {
         // With bad padding, check the MAC as if there were none, so both failures cost alike.
         let body_len = p.len() - mac_len - if pad_ok { pad } else { 1 };
         let (body, rest) = p.split_at(body_len);
-        let expected = self.mac.mac(&self.mac_key, &[&mac_header(epoch_seq, content_type, body_len), body]);
+        let expected = self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, body_len), body]);
         let mac_ok: bool = expected.ct_eq(&rest[..mac_len]).into();
         if !(pad_ok & mac_ok) {
             return None;
@@ -145,7 +137,7 @@ impl CbcKeys {
         let iv: [u8; BLOCK] = rand::random();
         let mut p = plain.to_vec();
         if !self.encrypt_then_mac {
-            p.extend(self.mac.mac(&self.mac_key, &[&mac_header(epoch_seq, content_type, plain.len()), plain]));
+            p.extend(self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, plain.len()), plain]));
         }
         let pad = BLOCK - p.len() % BLOCK;
         p.extend(std::iter::repeat_n((pad - 1) as u8, pad));
@@ -154,7 +146,8 @@ impl CbcKeys {
         fragment.extend_from_slice(&iv);
         fragment.extend_from_slice(&p);
         if self.encrypt_then_mac {
-            let tag = self.mac.mac(&self.mac_key, &[&mac_header(epoch_seq, content_type, fragment.len()), &fragment]);
+            let tag =
+                self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, fragment.len()), &fragment]);
             fragment.extend(tag);
         }
         Some(fragment)

@@ -205,7 +205,7 @@ impl Protection {
                 let mut nonce = [0u8; 12];
                 nonce[..4].copy_from_slice(iv);
                 nonce[4..].copy_from_slice(&fragment[..EXPLICIT_NONCE_LEN]);
-                let aad = additional_data(epoch_seq, content_type, plain_len);
+                let aad = pseudo_header(epoch_seq, content_type, plain_len);
                 cipher.open(&nonce, &aad, &fragment[EXPLICIT_NONCE_LEN..])
             }
             Protection::Cbc(keys) => keys.open(epoch_seq, content_type, fragment),
@@ -219,7 +219,7 @@ impl Protection {
                 let mut nonce = [0u8; 12];
                 nonce[..4].copy_from_slice(iv);
                 nonce[4..].copy_from_slice(epoch_seq);
-                let aad = additional_data(epoch_seq, content_type, plain.len());
+                let aad = pseudo_header(epoch_seq, content_type, plain.len());
                 let sealed = cipher.seal(&nonce, &aad, plain)?;
                 Some([&epoch_seq[..], &sealed].concat())
             }
@@ -408,8 +408,9 @@ fn last_seq(mut datagram: &[u8]) -> Option<u64> {
     last
 }
 
-/// AEAD additional data (RFC 5246 §6.2.3.3 with DTLS's epoch and sequence number).
-fn additional_data(epoch_seq: &[u8], content_type: u8, plain_len: usize) -> [u8; 13] {
+/// What a record's MAC or AEAD tag also covers (RFC 5246 §6.2.3.1 and §6.2.3.3, with DTLS's
+/// epoch and sequence number): sequence number, type, version, length.
+pub fn pseudo_header(epoch_seq: &[u8], content_type: u8, plain_len: usize) -> [u8; 13] {
     let mut aad = [0u8; 13];
     aad[..8].copy_from_slice(epoch_seq);
     aad[8] = content_type;

@@ -453,3 +453,16 @@ impl AliDevice {
         self.peer.exchange(&req)
     }
 }
+
+/// A CON POST to `path`, with the token in option 2088 when given (what DTLS tests send inside
+/// a session).
+pub fn coap_post(mid: u16, path: &[&str], token: Option<&str>, payload: &[u8]) -> Vec<u8> {
+    let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes());
+    for p in path {
+        b = b.option(OptionNumber::URI_PATH, p.as_bytes());
+    }
+    if let Some(t) = token {
+        b = b.option(OptionNumber::ALI_TOKEN, t.as_bytes());
+    }
+    b.payload(payload).build()
+}
