@@ -55,9 +55,12 @@ fn s_client_negotiates_the_rsa_and_psk_cbc_suites() {
         let out = s_client(&server, &["-psk_identity", &id, "-psk", &key, "-cipher", suite]);
         assert!(out.contains(&format!("Cipher is {suite}")), "{suite}: {out}");
     }
-    // A modern client offered both still gets an AEAD suite.
-    let out = s_client(&server, &["-cipher", "AES128-SHA:ECDHE-RSA-AES128-GCM-SHA256", "-CAfile", ca]);
-    assert!(out.contains("Cipher is ECDHE-RSA-AES128-GCM-SHA256"), "{out}");
+    // The client's order decides: iotkit v3 lists RSA before RSA-PSK and PSK (which it offers even
+    // without a key), so it must get RSA.
+    let iotkit_v3 = "AES256-SHA256:AES256-SHA:AES128-SHA256:AES128-SHA:RSA-PSK-AES256-CBC-SHA:\
+        RSA-PSK-AES128-CBC-SHA256:RSA-PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA:PSK-AES128-CBC-SHA256:PSK-AES128-CBC-SHA";
+    let out = s_client(&server, &["-cipher", iotkit_v3, "-psk_identity", "unused", "-psk", "00", "-CAfile", ca]);
+    assert!(out.contains("Cipher is AES256-SHA256"), "{out}");
 }
 
 #[test]

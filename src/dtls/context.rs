@@ -17,12 +17,13 @@ use super::psk::{self, Refusal};
 use crate::identity::DeviceId;
 use crate::registry::Registry;
 
-/// Suites served, in the server's order of preference, all implemented by the record layer of
-/// established sessions. PSK first: a client offering PSK suites has a key and wants its session
-/// to be its identity; certificate-mode clients offer none. AEAD before CBC: CCM_8 is what
-/// constrained stacks (tinydtls, LwM2M) ship, GCM what OpenSSL, GnuTLS and mbedTLS clients prefer.
-/// The CBC suites are the only ones the Alibaba devices in the field offer: iotkit v3 (RSA, PSK
-/// and RSA-PSK key exchange) and Link SDK 4.x (TLS_PSK_WITH_AES_128_CBC_SHA).
+/// Suites served, all implemented by the record layer of established sessions. The client's
+/// order decides (no server preference): iotkit v3 devices in certificate mode also offer PSK
+/// suites they have no key for (mbedTLS lists them regardless), RSA first, and only their own
+/// order picks a suite they can complete. AEAD suites: CCM_8 is what constrained stacks (tinydtls,
+/// LwM2M) ship, GCM what OpenSSL, GnuTLS and mbedTLS clients prefer. The CBC suites are the only
+/// ones the Alibaba devices in the field offer: iotkit v3 (RSA, PSK and RSA-PSK key exchange) and
+/// Link SDK 4.x (TLS_PSK_WITH_AES_128_CBC_SHA).
 pub const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:\
 ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-CCM:\
 ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:\
@@ -73,11 +74,7 @@ pub fn build(registry: Arc<Registry>, certificates: &[(&Path, &Path)]) -> Result
     b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_cipher_list(CIPHERS)?;
     b.set_options(
-        SslOptions::CIPHER_SERVER_PREFERENCE
-            | SslOptions::NO_QUERY_MTU
-            | SslOptions::COOKIE_EXCHANGE
-            | SslOptions::NO_RENEGOTIATION
-            | SslOptions::NO_TICKET,
+        SslOptions::NO_QUERY_MTU | SslOptions::COOKIE_EXCHANGE | SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET,
     );
     // No resumption: a session cache would hold memory for devices that mostly never come back
     // within its lifetime, and PSK handshakes are as cheap as an abbreviated one.
