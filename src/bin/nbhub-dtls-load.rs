@@ -12,7 +12,7 @@ use clap::Parser;
 use nbhub::client::AdminClient;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
-use nbhub::dtls::client::DtlsClient;
+use nbhub::dtls::client::{ClientConfig, DtlsClient};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -47,6 +47,10 @@ struct Args {
     /// Handshake and close only, without the uplink in between.
     #[arg(long)]
     bare: bool,
+    /// Certificate mode: no PSK (the server's certificate is not verified); handshakes are then
+    /// bare, e.g. `--certificate --ciphers AES128-SHA` for the RSA suites.
+    #[arg(long)]
+    certificate: bool,
 }
 
 struct Device {
@@ -84,9 +88,10 @@ fn main() {
     let started = Instant::now();
     let workers: Vec<_> = (0..args.threads.max(1))
         .map(|w| {
-            let (devices, stop, ciphers, server) = (devices.clone(), stop.clone(), args.ciphers.clone(), args.dtls);
-            let payload: Option<&[u8]> = (!args.bare).then_some(b"load");
-            std::thread::spawn(move || run_worker(w, &devices, &stop, &ciphers, server, payload))
+            let (devices, stop, server) = (devices.clone(), stop.clone(), args.dtls);
+            let mode = Mode { ciphers: args.ciphers.clone(), psk: !args.certificate };
+            let payload: Option<&[u8]> = (!args.bare && !args.certificate).then_some(b"load");
+            std::thread::spawn(move || run_worker(w, &devices, &stop, &mode, server, payload))
         })
         .collect();
     std::thread::sleep(Duration::from_secs(args.duration));
@@ -103,10 +108,10 @@ fn main() {
     latencies.sort_unstable();
     let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)));
     let ms = |d: Option<&Duration>| d.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
-    let each = if args.bare {
-        "cookie exchange, PSK handshake, close"
-    } else {
-        "cookie exchange, PSK handshake, one uplink, close"
+    let each = match (args.certificate, args.bare) {
+        (true, _) => "cookie exchange, certificate handshake, close",
+        (false, true) => "cookie exchange, PSK handshake, close",
+        (false, false) => "cookie exchange, PSK handshake, one uplink, close",
     };
     println!(
         "handshakes: {} in {elapsed:.1} s = {:.0}/s (each: {each}), failures {failures}",
@@ -132,7 +137,7 @@ fn run_worker(
     w: usize,
     devices: &[Device],
     stop: &AtomicBool,
-    ciphers: &str,
+    mode: &Mode,
     server: SocketAddr,
     payload: Option<&[u8]>,
 ) -> (Vec<Duration>, usize) {
@@ -142,7 +147,7 @@ fn run_worker(
         let d = &devices[i % devices.len()];
         i += 7;
         let t = Instant::now();
-        match session(d, ciphers, server, payload) {
+        match session(d, mode, server, payload) {
             Some(client) => {
                 client.close();
                 latencies.push(t.elapsed());
@@ -153,10 +158,18 @@ fn run_worker(
     (latencies, failures)
 }
 
+/// The client side of every session.
+struct Mode {
+    ciphers: String,
+    psk: bool,
+}
+
 /// A new port, a full handshake and, with a payload, one acknowledged uplink.
-fn session(d: &Device, ciphers: &str, server: SocketAddr, payload: Option<&[u8]>) -> Option<DtlsClient> {
+fn session(d: &Device, mode: &Mode, server: SocketAddr, payload: Option<&[u8]>) -> Option<DtlsClient> {
     let identity = format!("{}&{}", d.pk, d.dn);
-    let mut client = DtlsClient::psk(DtlsClient::bind(server), &identity, d.secret.as_bytes(), ciphers);
+    let psk = mode.psk.then_some((identity.as_str(), d.secret.as_bytes()));
+    let config = ClientConfig { psk, ciphers: &mode.ciphers, encrypt_then_mac: true };
+    let mut client = DtlsClient::new(DtlsClient::bind(server), &config);
     client.handshake(None, Duration::from_secs(5)).ok()?;
     let Some(payload) = payload else { return Some(client) };
     let mid: u16 = rand::random();
@@ -176,8 +189,10 @@ fn keep_sessions(args: &Args, devices: &[Device]) {
     std::thread::sleep(Duration::from_secs(2));
     let before = server_rss(pid).unwrap_or(0);
     let mut kept: Vec<DtlsClient> = Vec::with_capacity(args.keep);
+    let mode = Mode { ciphers: args.ciphers.clone(), psk: !args.certificate };
+    let payload: Option<&[u8]> = (!args.certificate).then_some(b"keep");
     for i in 0..args.keep {
-        match session(&devices[i % devices.len()], &args.ciphers, args.dtls, Some(b"keep")) {
+        match session(&devices[i % devices.len()], &mode, args.dtls, payload) {
             Some(c) => kept.push(c),
             None => eprintln!("session {i} failed"),
         }
