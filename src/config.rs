@@ -79,6 +79,8 @@ pub struct DtlsConfig {
     pub key: PathBuf,
     pub rsa_cert: PathBuf,
     pub rsa_key: PathBuf,
+    /// OpenSSL cipher string restricting the suites; empty for all nbhub implements.
+    pub ciphers: String,
     pub max_handshakes: usize,
     pub max_sessions: usize,
     pub handshake_timeout_s: u64,

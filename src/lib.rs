@@ -73,7 +73,27 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
 
     let store = Store::open(&data_dir.join("db"), config.store.message_retention())?;
     let (writer, writer_thread) = WriterThread::start(&store, config.store.sync, config.store.max_batch)?;
+    let result = serve_with(config, store, writer, shutdown).await;
+    // Also after a failed start: RocksDB's threads must not outlive the writer.
+    tokio::task::spawn_blocking(move || writer_thread.stop()).await.ok();
+    let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
+    result
+}
+
+/// Everything between opening the store and stopping its writer.
+async fn serve_with(
+    config: Arc<Config>,
+    store: Store,
+    writer: store::Writer,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let data_dir = config.data_dir.clone();
     let registry = Arc::new(Registry::load(config.clone(), store, writer.clone()).await?);
+    // Before any port is bound: a certificate or cipher mistake is a configuration error.
+    let (dtls_context, certificates) = dtls::setup(registry.clone(), &config.dtls)?;
     let admin_token = admin_token(&config, &data_dir)?;
     let metrics = telemetry::init_metrics();
 
@@ -83,7 +103,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     let coap =
         spawn_port(&mut tasks, &registry, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
     let aes = spawn_port(&mut tasks, &registry, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
-    let (dtls_context, certificates) = dtls::setup(registry.clone(), &config.dtls)?;
     let d = &config.dtls;
     let per_socket = |n: usize| n.div_ceil(config.coap.sockets_per_port);
     let limits = dtls::peers::Limits {
@@ -126,10 +145,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
             tracing::warn!(error = %e, "listener ended with an error");
         }
     }
-    drop(registry);
-    tokio::task::spawn_blocking(move || writer_thread.stop()).await.ok();
-    let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! The DTLS suites Alibaba devices already in the field offer (RSA, PSK and RSA-PSK key exchange
 //! with AES-CBC), with clients restricted to them: `openssl s_client`, and an OpenSSL client that
-//! runs `/auth` and uplinks. (libcoap 4.3 cannot be confined: it sets its own cipher list, which
-//! overrides OpenSSL's configuration.)
+//! runs `/auth` and uplinks; libcoap (which sets its own cipher list, so only a server limited with
+//! `dtls.ciphers` confines it).
 
 mod common;
 
@@ -122,4 +122,24 @@ fn rsa_certificate_devices_auth_and_send_inside_the_session() {
     let payloads: Vec<String> =
         server.stored(&pk, &dn).into_iter().map(|(_, p)| String::from_utf8(p).unwrap()).collect();
     assert_eq!(payloads, expected);
+}
+
+#[test]
+fn libcoap_gets_psk_aes128_cbc_sha_from_a_server_limited_to_it() {
+    let server = Server::start_with(&[("NBHUB_DTLS_CIPHERS", "PSK-AES128-CBC-SHA")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "legacy-libcoap"}));
+    let id = format!("devicename|hmacsha1|{pk}&{dn}|{LINK_SDK_TS}");
+    let key = String::from_utf8(link_sdk_psk(SignMethod::HmacSha1, &secret, &pk, &dn, LINK_SDK_TS)).unwrap();
+    let uri = format!("coaps://127.0.0.1:{}/topic/{pk}/{dn}/update", server.endpoints.dtls.port());
+    let out = Command::new("coap-client-openssl")
+        .args(["-B", "5", "-m", "post", "-u", &id, "-k", &key, "-e", "libcoap-cbc", &uri])
+        .output()
+        .expect("coap-client-openssl (apt-get install libcoap3-bin)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/update"), b"libcoap-cbc".to_vec())], "{text}");
+    server
+        .wait_metric(r#"nbhub_dtls_handshakes_completed_total{port="dtls",suite="PSK-AES128-CBC-SHA"}"#, |v| v == 1.0);
+    // Anything else is refused by that server.
+    let out = s_client(&server, &["-psk_identity", &id, "-psk", &hex::encode(&key), "-cipher", "PSK-AES128-CCM8"]);
+    assert!(!out.contains("Cipher is PSK-AES128-CCM8"), "{out}");
 }

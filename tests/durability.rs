@@ -150,6 +150,17 @@ fn invalid_config_is_refused_with_a_clear_message() {
     let out = run(&[], &["--config", "/nonexistent/nbhub.toml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/nbhub.toml"), "{out:?}");
+    let out = run(&[("NBHUB_DTLS_CIPHERS", "PSK-AES128-CCM8:ECDHE-ECDSA-CHACHA20-POLY1305")], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dtls.ciphers") && err.contains("ECDHE-ECDSA-CHACHA20-POLY1305"), "{out:?}");
+    let out =
+        run(&[("NBHUB_DTLS_CERT", "/nonexistent/server.crt"), ("NBHUB_DTLS_KEY", "/nonexistent/server.key")], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dtls.cert /nonexistent/server.crt"), "{out:?}");
+    let out = run(&[("NBHUB_DTLS_KEY", "")], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dtls.cert and dtls.key"), "{out:?}");
 }
 
 #[test]

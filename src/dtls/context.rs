@@ -63,16 +63,25 @@ pub enum ContextError {
     Certificate { path: String, error: openssl::error::ErrorStack },
     #[error("dtls.key {path}: {error}")]
     Key { path: String, error: openssl::error::ErrorStack },
+    #[error("dtls.ciphers {0:?} names no DTLS 1.2 suite OpenSSL knows")]
+    NoCiphers(String),
+    #[error("dtls.ciphers: nbhub does not implement {0} (it serves: {CIPHERS})")]
+    Unsupported(String),
 }
 
-/// Builds the context. With `certificates` ((chain, key) pairs, one per key type), the
-/// certificate suites are offered as well.
-pub fn build(registry: Arc<Registry>, certificates: &[(&Path, &Path)]) -> Result<SslContext, ContextError> {
+/// Builds the context for `ciphers` (an OpenSSL cipher string; empty for [`CIPHERS`]). With
+/// `certificates` ((chain, key) pairs, one per key type), the certificate suites are offered too.
+pub fn build(
+    registry: Arc<Registry>,
+    ciphers: &str,
+    certificates: &[(&Path, &Path)],
+) -> Result<SslContext, ContextError> {
     let slots = Slots::get();
     let mut b = SslContext::builder(SslMethod::dtls_server())?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
-    b.set_cipher_list(CIPHERS)?;
+    let list = if ciphers.is_empty() { CIPHERS } else { ciphers };
+    b.set_cipher_list(list).map_err(|_| ContextError::NoCiphers(list.to_string()))?;
     b.set_options(
         SslOptions::NO_QUERY_MTU | SslOptions::COOKIE_EXCHANGE | SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET,
     );
@@ -118,7 +127,19 @@ pub fn build(registry: Arc<Registry>, certificates: &[(&Path, &Path)]) -> Result
     for (cert, key) in certificates {
         use_certificate(&mut b, cert, key)?;
     }
-    Ok(b.build())
+    let ctx = b.build();
+    // Every suite OpenSSL may negotiate must have a record layer once the handshake is over.
+    let ssl = Ssl::new(&ctx)?;
+    // TLS 1.3 suites (0x13xx) are listed too but never negotiated in DTLS 1.2.
+    let dtls_1_2 = |c: &&openssl::ssl::SslCipherRef| c.protocol_id()[0] != 0x13;
+    let ciphers: Vec<_> = super::ffi::ciphers(&ssl).into_iter().flatten().filter(dtls_1_2).collect();
+    if let Some(c) = ciphers.iter().find(|c| !super::record::implements(c.protocol_id())) {
+        return Err(ContextError::Unsupported(c.name().to_string()));
+    }
+    if ciphers.is_empty() {
+        return Err(ContextError::NoCiphers(list.to_string()));
+    }
+    Ok(ctx)
 }
 
 fn use_certificate(b: &mut SslContextBuilder, cert: &Path, key: &Path) -> Result<(), ContextError> {

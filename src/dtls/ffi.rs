@@ -6,7 +6,8 @@ use std::os::raw::{c_int, c_long, c_void};
 use std::time::Duration;
 
 use foreign_types::ForeignTypeRef;
-use openssl::ssl::{SslRef, SslStream};
+use openssl::ssl::{SslCipher, SslRef, SslStream};
+use openssl::stack::StackRef;
 
 #[repr(C)]
 struct BioAddr {
@@ -17,6 +18,7 @@ unsafe extern "C" {
     fn DTLSv1_listen(ssl: *mut openssl_sys::SSL, client: *mut BioAddr) -> c_int;
     fn BIO_ADDR_new() -> *mut BioAddr;
     fn BIO_ADDR_free(addr: *mut BioAddr);
+    fn SSL_get_ciphers(ssl: *const openssl_sys::SSL) -> *mut openssl_sys::stack_st_SSL_CIPHER;
 }
 
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
@@ -92,4 +94,13 @@ pub fn handle_timeout(ssl: &mut SslRef) -> bool {
     let r: c_long = unsafe { openssl_sys::SSL_ctrl(ssl.as_ptr(), DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut()) };
     let _ = openssl::error::ErrorStack::get();
     r >= 0
+}
+
+/// The suites `ssl` would offer, in order (what the context's cipher string expanded to).
+pub fn ciphers(ssl: &SslRef) -> Option<&StackRef<SslCipher>> {
+    // SAFETY: the stack belongs to `ssl` (or its context) and lives as long as the borrow.
+    unsafe {
+        let stack = SSL_get_ciphers(ssl.as_ptr());
+        (!stack.is_null()).then(|| StackRef::from_ptr(stack))
+    }
 }

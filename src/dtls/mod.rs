@@ -43,7 +43,7 @@ pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext
             return Err(SetupError::MissingCertificate { key, path: cert.display().to_string() });
         }
     }
-    let ctx = context::build(registry, &certificates)?;
+    let ctx = context::build(registry, &config.ciphers, &certificates)?;
     Ok((ctx, certificates.len()))
 }
 

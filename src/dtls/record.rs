@@ -54,6 +54,11 @@ const AES128_SHA256: Algorithm = Algorithm::Cbc { key_len: 16, mac: MacHash::Sha
 const AES256_SHA256: Algorithm = Algorithm::Cbc { key_len: 32, mac: MacHash::Sha256 };
 const AES256_SHA384: Algorithm = Algorithm::Cbc { key_len: 32, mac: MacHash::Sha384 };
 
+/// Whether the record layer implements the suite with this IANA number.
+pub fn implements(id: [u8; 2]) -> bool {
+    suite(id).is_some()
+}
+
 /// The suite OpenSSL negotiated, by its IANA number.
 fn suite(id: [u8; 2]) -> Option<(Algorithm, Prf)> {
     use Prf::{Sha256 as P256, Sha384 as P384};
