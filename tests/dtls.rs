@@ -314,3 +314,29 @@ fn idle_sessions_are_evicted_and_the_device_handshakes_again() {
     let payloads: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
     assert_eq!(payloads, [&b"before"[..], b"after"]);
 }
+
+#[test]
+fn lost_handshake_flights_are_sent_again() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-loss"}));
+    let triple = format!("{pk}&{dn}");
+    // The server's datagrams in a PSK handshake: HelloVerifyRequest, then ServerHello with
+    // ServerHelloDone, then ChangeCipherSpec with Finished. Losing the second makes OpenSSL
+    // retransmit; losing the last one reaches the established session, which answers the client's
+    // repeated Finished with its final flight.
+    let mut clean = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    clean.handshake(None, Duration::from_secs(5)).unwrap();
+    assert_eq!(clean.datagrams_received(), 3, "the server's flights, one datagram each");
+    for (lost, payload) in [(2, "after losing ServerHello"), (3, "after losing Finished")] {
+        let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+        device.lose = vec![lost];
+        device.handshake(None, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{payload}: {e}"));
+        let reply = device.exchange(
+            &coap_post(lost as u16, &["topic", &pk, &dn, "up"], None, payload.as_bytes()),
+            Duration::from_secs(5),
+        );
+        assert_eq!(code_of(reply), Code::CHANGED, "{payload}");
+    }
+    let payloads: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(payloads, [&b"after losing ServerHello"[..], b"after losing Finished"]);
+}

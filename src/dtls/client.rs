@@ -26,6 +26,9 @@ pub struct DtlsClient {
     stream: SslStream<Pipe>,
     /// ClientHellos sent so far (the first without a cookie, the second with one).
     pub hellos_sent: usize,
+    /// Datagrams received so far, and the ones (1-based) to drop as if lost on the way.
+    received: usize,
+    pub lose: Vec<usize>,
 }
 
 impl DtlsClient {
@@ -55,13 +58,18 @@ impl DtlsClient {
         let ssl = Ssl::new(&ctx.build()).expect("OpenSSL SSL");
         let stream = SslStream::new(ssl, Pipe::default()).expect("OpenSSL stream");
         let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
-        DtlsClient { socket, stream, hellos_sent: 0 }
+        DtlsClient { socket, stream, hellos_sent: 0, received: 0, lose: Vec::new() }
     }
 
     pub fn bind(server: SocketAddr) -> UdpSocket {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         s.connect(server).unwrap();
         s
+    }
+
+    /// Datagrams received from the server so far, lost ones included.
+    pub fn datagrams_received(&self) -> usize {
+        self.received
     }
 
     fn send_outbound(&mut self) {
@@ -78,6 +86,10 @@ impl DtlsClient {
         let mut buf = [0u8; 2048];
         match self.socket.recv(&mut buf) {
             Ok(n) => {
+                self.received += 1;
+                if self.lose.contains(&self.received) {
+                    return false;
+                }
                 self.stream.get_mut().put(&buf[..n]);
                 true
             }
@@ -104,6 +116,9 @@ impl DtlsClient {
                         if Instant::now() > deadline {
                             return Err("handshake timed out".into());
                         }
+                        // Nothing came: retransmit the last flight once its timer runs out.
+                        super::ffi::handle_timeout(super::ffi::ssl_mut(&mut self.stream));
+                        self.send_outbound();
                     }
                 }
                 Err(e) => return Err(e.to_string()),
