@@ -115,13 +115,12 @@ pub fn build(
     let secret: [u8; 32] = rand::random();
     b.set_cookie_generate_cb(move |ssl, out| {
         let peer = ssl.ex_data(slots.peer).copied().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-        let cookie = cookie(&secret, peer);
-        out[..COOKIE_LEN].copy_from_slice(&cookie);
+        out[..COOKIE_LEN].copy_from_slice(&cookie(&secret, cookie_epoch(unix_secs()), peer));
         Ok(COOKIE_LEN)
     });
     b.set_cookie_verify_cb(move |ssl, presented| {
         let Some(peer) = ssl.ex_data(slots.peer).copied() else { return false };
-        presented.ct_eq(&cookie(&secret, peer)).into()
+        cookie_valid(&secret, unix_secs(), peer, presented)
     });
 
     for (cert, key) in certificates {
@@ -150,10 +149,24 @@ fn use_certificate(b: &mut SslContextBuilder, cert: &Path, key: &Path) -> Result
     Ok(())
 }
 
-/// HMAC of the peer's address (RFC 6347 §4.2.1): proves the peer receives at the address it
-/// claims without the server remembering anything. The secret is per process start.
-fn cookie(secret: &[u8; 32], peer: SocketAddr) -> [u8; COOKIE_LEN] {
+/// A cookie is valid in the window it was made in and the next one, so a secret effectively
+/// changes every window (RFC 6347 §4.2.1: change it frequently) while a device answering a
+/// HelloVerifyRequest across a window boundary is not turned away.
+const COOKIE_WINDOW_S: u64 = 300;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn cookie_epoch(unix_secs: u64) -> u8 {
+    (unix_secs / COOKIE_WINDOW_S) as u8
+}
+
+/// The window's number, then an HMAC of it and the peer's address: proves the peer receives at
+/// the address it claims without the server remembering anything. The secret is per start.
+fn cookie(secret: &[u8; 32], epoch: u8, peer: SocketAddr) -> [u8; COOKIE_LEN] {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(&[epoch]);
     match peer.ip() {
         std::net::IpAddr::V4(ip) => mac.update(&ip.octets()),
         std::net::IpAddr::V6(ip) => mac.update(&ip.octets()),
@@ -161,6 +174,33 @@ fn cookie(secret: &[u8; 32], peer: SocketAddr) -> [u8; COOKIE_LEN] {
     mac.update(&peer.port().to_be_bytes());
     let tag = mac.finalize().into_bytes();
     let mut out = [0; COOKIE_LEN];
-    out.copy_from_slice(&tag[..COOKIE_LEN]);
+    out[0] = epoch;
+    out[1..].copy_from_slice(&tag[..COOKIE_LEN - 1]);
     out
+}
+
+fn cookie_valid(secret: &[u8; 32], unix_secs: u64, peer: SocketAddr, presented: &[u8]) -> bool {
+    let now = cookie_epoch(unix_secs);
+    let Some(&epoch) = presented.first() else { return false };
+    (epoch == now || epoch == now.wrapping_sub(1)) && bool::from(presented.ct_eq(&cookie(secret, epoch, peer)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_bind_the_address_and_expire_after_the_next_window() {
+        let secret = [5u8; 32];
+        let peer: SocketAddr = "192.0.2.7:5684".parse().unwrap();
+        let t = 1_795_426_240;
+        let c = cookie(&secret, cookie_epoch(t), peer);
+        assert!(cookie_valid(&secret, t, peer, &c));
+        assert!(cookie_valid(&secret, t + COOKIE_WINDOW_S, peer, &c), "next window");
+        assert!(!cookie_valid(&secret, t + 2 * COOKIE_WINDOW_S, peer, &c), "two windows later");
+        assert!(!cookie_valid(&secret, t, "192.0.2.7:5685".parse().unwrap(), &c), "another port");
+        assert!(!cookie_valid(&[6u8; 32], t, peer, &c), "another start");
+        assert!(!cookie_valid(&secret, t, peer, &c[..8]));
+        assert!(!cookie_valid(&secret, t, peer, &[]));
+    }
 }
