@@ -340,3 +340,43 @@ fn lost_handshake_flights_are_sent_again() {
     let payloads: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
     assert_eq!(payloads, [&b"after losing ServerHello"[..], b"after losing Finished"]);
 }
+
+#[test]
+fn garbage_on_the_dtls_port_changes_nothing() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-garbage"}));
+    let triple = format!("{pk}&{dn}");
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    device.handshake(None, Duration::from_secs(5)).unwrap();
+    let same_port = device.socket.try_clone().unwrap();
+    let strangers: Vec<UdpSocket> = (0..8).map(|_| DtlsClient::bind(server.endpoints.dtls)).collect();
+    // Records that look like DTLS (every content type, both epochs, lengths that lie) and plain
+    // noise, from strangers and from the established session's own address.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..4000 {
+        let len = (next() % 200) as usize;
+        let mut d: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        if i % 2 == 0 && d.len() >= 14 {
+            d[0] = [20, 21, 22, 23][(next() % 4) as usize];
+            d[1..3].copy_from_slice(&[0xfe, 0xfd]);
+            d[3..5].copy_from_slice(&[0, (next() % 2) as u8]);
+            if i % 4 == 0 {
+                d[13] = 1; // a ClientHello's handshake type
+            }
+        }
+        let from = if i % 3 == 0 { &same_port } else { &strangers[i % strangers.len()] };
+        from.send(&d).unwrap();
+    }
+    // The session still works, and nothing was stored or kept for the noise.
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"still here"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/up"), b"still here".to_vec())]);
+    server.wait_metric(r#"nbhub_dtls_sessions{port="dtls"}"#, |v| v == 1.0);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#), 0.0);
+}
