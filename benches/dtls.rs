@@ -4,47 +4,23 @@
 //!
 //! `cargo bench --bench dtls`
 
-use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use nbhub::config::{Config, SyncPolicy};
+
+mod common;
+use nbhub::config::SyncPolicy;
 use nbhub::dtls::peers::{Limits, PeerTable};
-use nbhub::identity::{DeviceName, ProductKey};
-use nbhub::registry::{NewDevice, NewProduct, Registry};
-use nbhub::store::records::OtaProtocol;
-use nbhub::store::{Store, WriterThread};
+use nbhub::dtls::pipe::Pipe;
+use nbhub::identity::DeviceName;
+use nbhub::registry::NewDevice;
+use nbhub::store::WriterThread;
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslStream, SslVerifyMode};
 
 const PSK: &[u8] = b"0123456789abcdef";
 const SUITES: [&str; 3] = ["PSK-AES128-CCM8", "PSK-AES128-GCM-SHA256", "PSK-AES128-CBC-SHA"];
-
-#[derive(Default)]
-struct Pipe {
-    inbound: Option<Vec<u8>>,
-    outbound: Vec<Vec<u8>>,
-}
-
-impl Read for Pipe {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let d = self.inbound.take().ok_or(io::ErrorKind::WouldBlock)?;
-        buf[..d.len()].copy_from_slice(&d);
-        Ok(d.len())
-    }
-}
-
-impl Write for Pipe {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.outbound.push(buf.to_vec());
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -55,32 +31,14 @@ struct Fixture {
 }
 
 fn fixture(suite: &str) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::load_with_env(None, Vec::new()).unwrap();
-    config.data_dir = dir.path().to_path_buf();
-    let config = Arc::new(config);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let store = Store::open(&dir.path().join("db"), None).unwrap();
-    let (writer, thread) = WriterThread::start(&store, SyncPolicy::Wal, 64).unwrap();
-    let registry = Arc::new(runtime.block_on(Registry::load(config, store, writer)).unwrap());
-    let pk = ProductKey::new("benchDtls").unwrap();
-    runtime
-        .block_on(registry.create_product(NewProduct {
-            name: "bench".into(),
-            product_key: Some(pk.clone()),
-            product_secret: None,
-            dynamic_registration: false,
-            ota_protocol: OtaProtocol::Pcp,
-            awake_window_s: 20,
-        }))
-        .unwrap();
+    let common::Bed { dir, runtime, registry, thread, product, .. } = common::bed("benchDtls", SyncPolicy::Wal);
     let device = NewDevice {
         device_name: Some(DeviceName::new("meter").unwrap()),
         device_secret: None,
         node_id: None,
         psk_hex: Some(hex::encode(PSK)),
     };
-    runtime.block_on(registry.create_device(&pk, device)).unwrap();
+    runtime.block_on(registry.create_device(&product, device)).unwrap();
     let ctx = nbhub::dtls::context::build(registry, suite, &[]).unwrap();
     let limits = Limits {
         max_handshakes: 1000,
@@ -119,7 +77,7 @@ impl Fixture {
                 Err(e) if e.code() == ErrorCode::WANT_READ => false,
                 Err(e) => panic!("client: {e}"),
             };
-            for d in std::mem::take(&mut client.get_mut().outbound) {
+            for d in client.get_mut().take_outbound().collect::<Vec<_>>() {
                 let t = Instant::now();
                 self.table.handle_datagram(t, peer, &d, &mut wire, &mut |_, _, _| {});
                 server_time += t.elapsed();
@@ -128,7 +86,7 @@ impl Fixture {
                 return (server_time, peer, client);
             }
             for (_, d) in wire.drain(..) {
-                client.get_mut().inbound = Some(d.to_vec());
+                client.get_mut().put(&d);
                 let _ = client.connect();
             }
         }
@@ -149,7 +107,7 @@ fn handshakes(c: &mut Criterion) {
                     // close, so the table does not grow across samples
                     let _ = client.shutdown();
                     let mut wire = Vec::new();
-                    for d in std::mem::take(&mut client.get_mut().outbound) {
+                    for d in client.get_mut().take_outbound().collect::<Vec<_>>() {
                         f.table.handle_datagram(Instant::now(), peer, &d, &mut wire, &mut |_, _, _| {});
                     }
                 }
@@ -173,7 +131,7 @@ fn records(c: &mut Criterion) {
                 let records: Vec<Vec<u8>> = (0..iters)
                     .map(|_| {
                         client.ssl_write(&payload).unwrap();
-                        client.get_mut().outbound.pop().unwrap()
+                        client.get_mut().take_outbound().next().unwrap()
                     })
                     .collect();
                 let mut wire = Vec::new();

@@ -9,16 +9,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+mod common;
 use nbhub::clock::Now;
 use nbhub::coap::endpoint::{Actions, Endpoint, EndpointConfig};
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
-use nbhub::config::{Config, SyncPolicy};
+use nbhub::config::SyncPolicy;
 use nbhub::dialect::alibaba::Alibaba;
 use nbhub::identity::{DeviceName, ProductKey};
-use nbhub::registry::{NewDevice, NewProduct, Registry};
-use nbhub::store::records::{AckMode, OtaProtocol, PortFamily, SessionRecord};
-use nbhub::store::{Completion, Job, Store, WriterThread};
+use nbhub::registry::{NewDevice, Registry};
+use nbhub::store::records::{AckMode, PortFamily, SessionRecord};
+use nbhub::store::{Completion, Job, WriterThread};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -31,29 +33,8 @@ struct Fixture {
 }
 
 fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::load_with_env(None, Vec::new()).unwrap();
-    config.data_dir = dir.path().to_path_buf();
-    config.store.sync = sync;
-    // the bench measures the path, not flow control
-    config.device.max_per_second = u32::MAX;
-    config.device.max_per_minute = u32::MAX;
-    let config = Arc::new(config);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let store = Store::open(&dir.path().join("db"), None).unwrap();
-    let (writer, thread) = WriterThread::start(&store, sync, config.store.max_batch).unwrap();
-    let registry = Arc::new(runtime.block_on(Registry::load(config, store, writer.clone())).unwrap());
-    let pk = ProductKey::new("benchProduct").unwrap();
-    runtime
-        .block_on(registry.create_product(NewProduct {
-            name: "bench".into(),
-            product_key: Some(pk.clone()),
-            product_secret: None,
-            dynamic_registration: false,
-            ota_protocol: OtaProtocol::Pcp,
-            awake_window_s: 20,
-        }))
-        .unwrap();
+    let common::Bed { dir, runtime, registry, thread, product: pk } = common::bed("benchProduct", sync);
+    let writer = registry.writer().clone();
     let mut sessions = Vec::new();
     for i in 0..devices {
         let dn = DeviceName::new(format!("dev{i}")).unwrap();

@@ -1,9 +1,41 @@
-//! A small blocking client for the admin API, used by the CLI helpers and the load generator.
+//! A small blocking client for the admin API, used by the CLI helpers and the load generators.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
+
+/// Where the admin API is and how to authenticate to it (command-line flags of the CLI and the
+/// load generators).
+#[derive(clap::Args, Clone)]
+pub struct AdminArgs {
+    #[arg(long, env = "NBHUB_ADMIN_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub admin_url: String,
+    /// Defaults to the contents of <data dir>/admin-token.
+    #[arg(long, env = "NBHUB_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    #[arg(long, env = "NBHUB_DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    /// A client with the given token, else the one in the data directory.
+    pub fn connect(&self) -> Result<AdminClient, String> {
+        let token = AdminClient::token_from(self.token.clone(), &self.data_dir).ok_or_else(|| {
+            format!(
+                "no admin token: pass --token, set NBHUB_ADMIN_TOKEN, or run where {} exists",
+                self.data_dir.join(crate::ADMIN_TOKEN_FILE).display()
+            )
+        })?;
+        Ok(AdminClient::new(&self.admin_url, &token))
+    }
+}
+
+/// A product made for a load run and its devices' (name, secret).
+pub struct Fleet {
+    pub product_key: String,
+    pub devices: Vec<(String, String)>,
+}
 
 pub struct AdminClient {
     agent: ureq::Agent,
@@ -33,6 +65,21 @@ impl AdminClient {
         explicit.filter(|t| !t.is_empty()).or_else(|| {
             std::fs::read_to_string(data_dir.join(crate::ADMIN_TOKEN_FILE)).ok().map(|t| t.trim().to_string())
         })
+    }
+
+    /// Creates a product named `name` and `count` devices named `<prefix><i>`.
+    pub fn create_fleet(&self, name: &str, prefix: &str, count: usize) -> Result<Fleet, ClientError> {
+        let product = self.post("/api/v1/products", &serde_json::json!({"name": name}))?;
+        let product_key = product["product_key"].as_str().unwrap_or_default().to_string();
+        let devices = (0..count)
+            .map(|i| {
+                let path = format!("/api/v1/products/{product_key}/devices");
+                let d = self.post(&path, &serde_json::json!({"device_name": format!("{prefix}{i}")}))?;
+                let field = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+                Ok((field("device_name"), field("device_secret")))
+            })
+            .collect::<Result<_, ClientError>>()?;
+        Ok(Fleet { product_key, devices })
     }
 
     fn call(&self, method: &'static str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {

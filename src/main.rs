@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use nbhub::client::AdminClient;
+use clap::{Parser, Subcommand};
+use nbhub::client::{AdminArgs, AdminClient};
 use nbhub::config::Config;
 use serde_json::{Value, json};
 
@@ -35,7 +35,7 @@ enum Command {
     /// Show a device's stored uplinks, oldest first.
     Messages {
         #[command(flatten)]
-        api: Api,
+        api: AdminArgs,
         product_key: String,
         device_name: String,
         #[arg(long)]
@@ -45,23 +45,11 @@ enum Command {
     },
 }
 
-/// Where the admin API is and how to authenticate to it.
-#[derive(Args)]
-struct Api {
-    #[arg(long, env = "NBHUB_ADMIN_URL", default_value = "http://127.0.0.1:8080", global = true)]
-    admin_url: String,
-    /// Defaults to the contents of <data dir>/admin-token.
-    #[arg(long, env = "NBHUB_ADMIN_TOKEN", hide_env_values = true, global = true)]
-    token: Option<String>,
-    #[arg(long, env = "NBHUB_DATA_DIR", default_value = "./data", global = true)]
-    data_dir: PathBuf,
-}
-
 #[derive(Subcommand)]
 enum ProductAction {
     Create {
         #[command(flatten)]
-        api: Api,
+        api: AdminArgs,
         #[arg(long)]
         name: String,
         #[arg(long)]
@@ -75,7 +63,7 @@ enum ProductAction {
     },
     Show {
         #[command(flatten)]
-        api: Api,
+        api: AdminArgs,
         product_key: String,
     },
 }
@@ -84,7 +72,7 @@ enum ProductAction {
 enum DeviceAction {
     Create {
         #[command(flatten)]
-        api: Api,
+        api: AdminArgs,
         product_key: String,
         #[arg(long)]
         device_name: Option<String>,
@@ -97,7 +85,7 @@ enum DeviceAction {
     },
     Show {
         #[command(flatten)]
-        api: Api,
+        api: AdminArgs,
         product_key: String,
         device_name: String,
     },
@@ -196,14 +184,8 @@ fn helper(f: impl FnOnce() -> HelperResult) -> ExitCode {
     }
 }
 
-fn client(api: &Api) -> Result<AdminClient, Box<dyn std::error::Error>> {
-    let token = AdminClient::token_from(api.token.clone(), &api.data_dir).ok_or_else(|| {
-        format!(
-            "no admin token: pass --token, set NBHUB_ADMIN_TOKEN, or run where {} exists",
-            api.data_dir.join(nbhub::ADMIN_TOKEN_FILE).display()
-        )
-    })?;
-    Ok(AdminClient::new(&api.admin_url, &token))
+fn client(api: &AdminArgs) -> Result<AdminClient, Box<dyn std::error::Error>> {
+    Ok(api.connect()?)
 }
 
 fn insert(body: &mut Value, key: &str, v: Option<impl Into<Value>>) {

@@ -7,11 +7,10 @@ use std::net::UdpSocket;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{AliDevice, Server, coap_post};
+use common::{AliDevice, Server, coap_post, link_sdk_identity};
 use nbhub::auth::sign::SignMethod;
 use nbhub::coap::message::{Code, Message};
 use nbhub::dtls::client::DtlsClient;
-use nbhub::dtls::psk::link_sdk_psk;
 use serde_json::json;
 
 const PSK_SUITES: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256";
@@ -93,8 +92,8 @@ fn every_psk_identity_form_stores_uplinks_as_on_5683() {
     );
     // Link SDK 4.x: derived PSK, sha256 over GnuTLS and md5 over OpenSSL
     for (method, tls) in [(SignMethod::HmacSha256, "gnutls"), (SignMethod::HmacMd5, "openssl")] {
-        let id = format!("devicename|{}|{pk}&{dn}|2524608000000", method.name());
-        let key = String::from_utf8(link_sdk_psk(method, &secret, &pk, &dn, "2524608000000")).unwrap();
+        let (id, key) = link_sdk_identity(method, &pk, &dn, &secret);
+        let key = String::from_utf8(key).unwrap();
         coap_client(
             tls,
             &["-m", "post", "-u", &id, "-k", &key, "-e", method.name(), &uri(&server, "127.0.0.1", &topic(&dn))],
@@ -174,24 +173,14 @@ fn certificate_devices_authenticate_inside_the_session() {
 fn openssl_s_client_negotiates_psk_and_certificate_suites() {
     let server = Server::start();
     let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-suites"}));
-    let connect = format!("127.0.0.1:{}", server.endpoints.dtls.port());
-    let s_client = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(["s_client", "-dtls1_2", "-connect", &connect])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("openssl");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    let key = link_sdk_psk(SignMethod::HmacSha256, &secret, &pk, &dn, "2524608000000");
-    let id = format!("devicename|hmacsha256|{pk}&{dn}|2524608000000");
+    let (id, key) = link_sdk_identity(SignMethod::HmacSha256, &pk, &dn, &secret);
     for suite in ["PSK-AES128-CCM8", "PSK-AES128-GCM-SHA256"] {
-        let out = s_client(&["-psk_identity", &id, "-psk", &hex::encode(&key), "-cipher", suite]);
+        let out = server.s_client(&["-psk_identity", &id, "-psk", &hex::encode(&key), "-cipher", suite]);
         assert!(out.contains(&format!("Cipher is {suite}")), "{out}");
     }
     let ca = common::dev_certs().join("dev-ca.crt");
-    let out = s_client(&["-CAfile", ca.to_str().unwrap(), "-verify_return_error", "-verify_hostname", "localhost"]);
+    let out =
+        server.s_client(&["-CAfile", ca.to_str().unwrap(), "-verify_return_error", "-verify_hostname", "localhost"]);
     assert!(out.contains("Cipher is ECDHE-ECDSA-AES256-GCM-SHA384"), "{out}");
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
 }

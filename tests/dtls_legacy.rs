@@ -8,25 +8,11 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{AliDevice, Server, coap_post};
+use common::{AliDevice, Server, coap_post, link_sdk_identity};
 use nbhub::auth::sign::SignMethod;
 use nbhub::coap::message::{Code, Message};
 use nbhub::dtls::client::{ClientConfig, DtlsClient};
-use nbhub::dtls::psk::link_sdk_psk;
 use serde_json::json;
-
-const LINK_SDK_TS: &str = "2524608000000";
-
-fn s_client(server: &Server, args: &[&str]) -> String {
-    let connect = format!("127.0.0.1:{}", server.endpoints.dtls.port());
-    let out = Command::new("openssl")
-        .args(["s_client", "-dtls1_2", "-connect", &connect])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("openssl");
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 fn reply(client: &mut DtlsClient, request: &[u8]) -> (Code, Vec<u8>) {
     let r = client.exchange(request, Duration::from_secs(5)).expect("a reply inside the session");
@@ -41,25 +27,30 @@ fn s_client_negotiates_the_rsa_and_psk_cbc_suites() {
     let ca = common::dev_certs().join("dev-ca.crt");
     let ca = ca.to_str().unwrap();
     for suite in ["AES256-SHA256", "AES128-SHA", "AES256-SHA", "AES128-SHA256"] {
-        let out = s_client(
-            &server,
-            &["-cipher", suite, "-CAfile", ca, "-verify_return_error", "-verify_hostname", "localhost"],
-        );
+        let out = server.s_client(&[
+            "-cipher",
+            suite,
+            "-CAfile",
+            ca,
+            "-verify_return_error",
+            "-verify_hostname",
+            "localhost",
+        ]);
         assert!(out.contains(&format!("Cipher is {suite}")), "{suite}: {out}");
         assert!(out.contains("Verify return code: 0 (ok)"), "{suite}: {out}");
         assert!(out.contains("Server public key is 2048 bit"), "{suite}: {out}");
     }
-    let id = format!("devicename|hmacsha256|{pk}&{dn}|{LINK_SDK_TS}");
-    let key = hex::encode(link_sdk_psk(SignMethod::HmacSha256, &secret, &pk, &dn, LINK_SDK_TS));
+    let (id, key) = link_sdk_identity(SignMethod::HmacSha256, &pk, &dn, &secret);
+    let key = hex::encode(key);
     for suite in ["PSK-AES128-CBC-SHA", "PSK-AES256-CBC-SHA", "RSA-PSK-AES128-CBC-SHA", "RSA-PSK-AES256-CBC-SHA"] {
-        let out = s_client(&server, &["-psk_identity", &id, "-psk", &key, "-cipher", suite]);
+        let out = server.s_client(&["-psk_identity", &id, "-psk", &key, "-cipher", suite]);
         assert!(out.contains(&format!("Cipher is {suite}")), "{suite}: {out}");
     }
     // The client's order decides: iotkit v3 lists RSA before RSA-PSK and PSK (which it offers even
     // without a key), so it must get RSA.
     let iotkit_v3 = "AES256-SHA256:AES256-SHA:AES128-SHA256:AES128-SHA:RSA-PSK-AES256-CBC-SHA:\
         RSA-PSK-AES128-CBC-SHA256:RSA-PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA:PSK-AES128-CBC-SHA256:PSK-AES128-CBC-SHA";
-    let out = s_client(&server, &["-cipher", iotkit_v3, "-psk_identity", "unused", "-psk", "00", "-CAfile", ca]);
+    let out = server.s_client(&["-cipher", iotkit_v3, "-psk_identity", "unused", "-psk", "00", "-CAfile", ca]);
     assert!(out.contains("Cipher is AES256-SHA256"), "{out}");
 }
 
@@ -67,8 +58,7 @@ fn s_client_negotiates_the_rsa_and_psk_cbc_suites() {
 fn link_sdk_psk_cbc_devices_send_uplinks_without_a_token() {
     let server = Server::start();
     let (pk, dn, secret) = server.product_and_device(json!({"name": "legacy-psk"}));
-    let id = format!("devicename|hmacsha256|{pk}&{dn}|{LINK_SDK_TS}");
-    let key = link_sdk_psk(SignMethod::HmacSha256, &secret, &pk, &dn, LINK_SDK_TS);
+    let (id, key) = link_sdk_identity(SignMethod::HmacSha256, &pk, &dn, &secret);
     let topic = ["topic", pk.as_str(), dn.as_str(), "user", "data"];
     let mut mid = 0;
     for (ciphers, encrypt_then_mac) in
@@ -128,8 +118,8 @@ fn rsa_certificate_devices_auth_and_send_inside_the_session() {
 fn libcoap_gets_psk_aes128_cbc_sha_from_a_server_limited_to_it() {
     let server = Server::start_with(&[("NBHUB_DTLS_CIPHERS", "PSK-AES128-CBC-SHA")]);
     let (pk, dn, secret) = server.product_and_device(json!({"name": "legacy-libcoap"}));
-    let id = format!("devicename|hmacsha1|{pk}&{dn}|{LINK_SDK_TS}");
-    let key = String::from_utf8(link_sdk_psk(SignMethod::HmacSha1, &secret, &pk, &dn, LINK_SDK_TS)).unwrap();
+    let (id, key) = link_sdk_identity(SignMethod::HmacSha1, &pk, &dn, &secret);
+    let key = String::from_utf8(key).unwrap();
     let uri = format!("coaps://127.0.0.1:{}/topic/{pk}/{dn}/update", server.endpoints.dtls.port());
     let out = Command::new("coap-client-openssl")
         .args(["-B", "5", "-m", "post", "-u", &id, "-k", &key, "-e", "libcoap-cbc", &uri])
@@ -140,6 +130,6 @@ fn libcoap_gets_psk_aes128_cbc_sha_from_a_server_limited_to_it() {
     server
         .wait_metric(r#"nbhub_dtls_handshakes_completed_total{port="dtls",suite="PSK-AES128-CBC-SHA"}"#, |v| v == 1.0);
     // Anything else is refused by that server.
-    let out = s_client(&server, &["-psk_identity", &id, "-psk", &hex::encode(&key), "-cipher", "PSK-AES128-CCM8"]);
+    let out = server.s_client(&["-psk_identity", &id, "-psk", &hex::encode(&key), "-cipher", "PSK-AES128-CCM8"]);
     assert!(!out.contains("Cipher is PSK-AES128-CCM8"), "{out}");
 }

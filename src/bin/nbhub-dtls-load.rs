@@ -9,21 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nbhub::client::AdminClient;
+use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::dtls::client::{ClientConfig, DtlsClient};
-use serde_json::json;
 
 #[derive(Parser)]
 #[command(name = "nbhub-dtls-load", about = "DTLS PSK handshakes per second and memory per session against nbhub")]
 struct Args {
-    #[arg(long, env = "NBHUB_ADMIN_URL", default_value = "http://127.0.0.1:8080")]
-    admin_url: String,
-    #[arg(long, env = "NBHUB_ADMIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    #[arg(long, env = "NBHUB_DATA_DIR", default_value = "./data")]
-    data_dir: std::path::PathBuf,
+    #[command(flatten)]
+    admin: AdminArgs,
     #[arg(long, default_value = "127.0.0.1:5684")]
     dtls: SocketAddr,
     /// Devices created for the run; handshakes cycle through them.
@@ -61,27 +56,11 @@ struct Device {
 
 fn main() {
     let args = Args::parse();
-    let token = AdminClient::token_from(args.token.clone(), &args.data_dir).unwrap_or_else(|| {
-        eprintln!("nbhub-dtls-load: no admin token (--token, NBHUB_ADMIN_TOKEN or <data dir>/admin-token)");
-        std::process::exit(2);
-    });
-    let admin = AdminClient::new(&args.admin_url, &token);
-    let product = admin.post("/api/v1/products", &json!({"name": "nbhub-dtls-load"})).unwrap_or_else(|e| fail(e));
-    let pk = product["product_key"].as_str().unwrap_or_default().to_string();
-    let devices: Arc<Vec<Device>> = Arc::new(
-        (0..args.devices.max(1))
-            .map(|i| {
-                let d = admin
-                    .post(&format!("/api/v1/products/{pk}/devices"), &json!({"device_name": format!("dtls{i}")}))
-                    .unwrap_or_else(|e| fail(e));
-                Device {
-                    pk: pk.clone(),
-                    dn: d["device_name"].as_str().unwrap_or_default().to_string(),
-                    secret: d["device_secret"].as_str().unwrap_or_default().to_string(),
-                }
-            })
-            .collect(),
-    );
+    let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
+    let fleet = admin.create_fleet("nbhub-dtls-load", "dtls", args.devices.max(1)).unwrap_or_else(|e| fail(e));
+    let pk = fleet.product_key;
+    let devices: Arc<Vec<Device>> =
+        Arc::new(fleet.devices.into_iter().map(|(dn, secret)| Device { pk: pk.clone(), dn, secret }).collect());
 
     let cpu_before = args.server_pid.and_then(server_cpu);
     let stop = Arc::new(AtomicBool::new(false));

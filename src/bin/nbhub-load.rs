@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use nbhub::auth::cipher::SessionKey;
 use nbhub::auth::sign::{SignMethod, auth_content};
-use nbhub::client::AdminClient;
+use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use serde_json::json;
@@ -23,12 +23,8 @@ use tokio::net::UdpSocket;
 #[derive(Parser, Clone)]
 #[command(name = "nbhub-load", about = "Simulated NB-IoT devices sending encrypted uplinks to nbhub")]
 struct Args {
-    #[arg(long, env = "NBHUB_ADMIN_URL", default_value = "http://127.0.0.1:8080")]
-    admin_url: String,
-    #[arg(long, env = "NBHUB_ADMIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    #[arg(long, env = "NBHUB_DATA_DIR", default_value = "./data")]
-    data_dir: std::path::PathBuf,
+    #[command(flatten)]
+    admin: AdminArgs,
     /// The server's AES port.
     #[arg(long, default_value = "127.0.0.1:5682")]
     aes: SocketAddr,
@@ -61,28 +57,14 @@ struct SimDevice {
 
 fn main() {
     let args = Args::parse();
-    let token = AdminClient::token_from(args.token.clone(), &args.data_dir).unwrap_or_else(|| {
-        eprintln!("nbhub-load: no admin token (--token, NBHUB_ADMIN_TOKEN or <data dir>/admin-token)");
-        std::process::exit(2);
-    });
-    let admin = AdminClient::new(&args.admin_url, &token);
+    let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
     let setup = Instant::now();
-    let product = admin.post("/api/v1/products", &json!({"name": "nbhub-load"})).unwrap_or_else(|e| fail(e));
-    let pk = product["product_key"].as_str().unwrap().to_string();
-    let devices: Vec<SimDevice> = (0..args.devices)
-        .map(|i| {
-            let d = admin
-                .post(&format!("/api/v1/products/{pk}/devices"), &json!({"device_name": format!("load{i}")}))
-                .unwrap_or_else(|e| fail(e));
-            SimDevice {
-                pk: pk.clone(),
-                dn: d["device_name"].as_str().unwrap().to_string(),
-                secret: d["device_secret"].as_str().unwrap().to_string(),
-                token: String::new(),
-                key: None,
-                seq: 0,
-            }
-        })
+    let fleet = admin.create_fleet("nbhub-load", "load", args.devices).unwrap_or_else(|e| fail(e));
+    let pk = fleet.product_key;
+    let devices: Vec<SimDevice> = fleet
+        .devices
+        .into_iter()
+        .map(|(dn, secret)| SimDevice { pk: pk.clone(), dn, secret, token: String::new(), key: None, seq: 0 })
         .collect();
     eprintln!("created product {pk} and {} devices in {:.1?}", devices.len(), setup.elapsed());
 

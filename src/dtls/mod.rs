@@ -9,7 +9,7 @@ pub mod client;
 pub mod context;
 mod ffi;
 pub mod peers;
-mod pipe;
+pub mod pipe;
 pub mod psk;
 mod record;
 

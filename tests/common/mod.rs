@@ -136,6 +136,17 @@ impl Server {
         }
     }
 
+    /// `openssl s_client -dtls1_2` against the DTLS port; what it printed.
+    pub fn s_client(&self, args: &[&str]) -> String {
+        let out = Command::new("openssl")
+            .args(["s_client", "-dtls1_2", "-connect", &format!("127.0.0.1:{}", self.endpoints.dtls.port())])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
@@ -465,4 +476,12 @@ pub fn coap_post(mid: u16, path: &[&str], token: Option<&str>, payload: &[u8]) -
         b = b.option(OptionNumber::ALI_TOKEN, t.as_bytes());
     }
     b.payload(payload).build()
+}
+
+/// The Link SDK 4.x DTLS identity of a device and its derived PSK (uppercase hex, as text), with
+/// the fixed timestamp the SDK sends.
+pub fn link_sdk_identity(method: SignMethod, pk: &str, dn: &str, secret: &str) -> (String, Vec<u8>) {
+    const TIMESTAMP: &str = "2524608000000";
+    let identity = format!("devicename|{}|{pk}&{dn}|{TIMESTAMP}", method.name());
+    (identity, nbhub::dtls::psk::link_sdk_psk(method, secret, pk, dn, TIMESTAMP))
 }
