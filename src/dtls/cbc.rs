@@ -131,26 +131,26 @@ impl CbcKeys {
         Some(p)
     }
 
-    /// A record's fragment for `plain`: a fresh random IV, the ciphertext and (with
-    /// encrypt-then-MAC) the MAC.
-    pub fn seal(&self, epoch_seq: &[u8], content_type: u8, plain: &[u8]) -> Option<Vec<u8>> {
+    /// Appends a record's fragment for `plain` to `out`: a fresh random IV, the ciphertext and
+    /// (with encrypt-then-MAC) the MAC.
+    pub fn seal_into(&self, epoch_seq: &[u8], content_type: u8, plain: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let iv: [u8; BLOCK] = rand::random();
-        let mut p = plain.to_vec();
+        let fragment_start = out.len();
+        out.extend_from_slice(&iv);
+        let start = out.len();
+        out.extend_from_slice(plain);
         if !self.encrypt_then_mac {
-            p.extend(self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, plain.len()), plain]));
+            out.extend(self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, plain.len()), plain]));
         }
-        let pad = BLOCK - p.len() % BLOCK;
-        p.extend(std::iter::repeat_n((pad - 1) as u8, pad));
-        self.encrypt(&iv, &mut p)?;
-        let mut fragment = Vec::with_capacity(BLOCK + p.len() + self.mac.len());
-        fragment.extend_from_slice(&iv);
-        fragment.extend_from_slice(&p);
+        let pad = BLOCK - (out.len() - start) % BLOCK;
+        out.extend(std::iter::repeat_n((pad - 1) as u8, pad));
+        self.encrypt(&iv, &mut out[start..])?;
         if self.encrypt_then_mac {
-            let tag =
-                self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, fragment.len()), &fragment]);
-            fragment.extend(tag);
+            let sealed = &out[fragment_start..];
+            let tag = self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, sealed.len()), sealed]);
+            out.extend(tag);
         }
-        Some(fragment)
+        Some(())
     }
 }
 
@@ -168,7 +168,8 @@ mod tests {
                 let es = [0, 1, 0, 0, 0, 0, 0, 5];
                 for len in [0, 1, 15, 16, 17, 100] {
                     let plain: Vec<u8> = (0..len as u8).collect();
-                    let f = k.seal(&es, 23, &plain).unwrap();
+                    let mut f = Vec::new();
+                    k.seal_into(&es, 23, &plain, &mut f).unwrap();
                     assert_eq!(k.open(&es, 23, &f), Some(plain.clone()), "etm {etm} {mac:?} {len}");
                     assert_eq!(k.open(&[0, 1, 0, 0, 0, 0, 0, 6], 23, &f), None, "wrong sequence number");
                     assert_eq!(k.open(&es, 21, &f), None, "wrong type");

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslStream};
+use smallvec::SmallVec;
 
 use super::context::Slots;
 use super::ffi::{self, Listen, ListenAddr};
@@ -334,7 +335,7 @@ impl PeerTable {
         else {
             return;
         };
-        let mut records = Vec::new();
+        let mut records: SmallVec<[Record; 2]> = SmallVec::new();
         session.open(data, |r| records.push(r));
         let mut end = None;
         for record in records {

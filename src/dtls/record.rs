@@ -9,8 +9,7 @@
 //! with HMAC (`super::cbc`): every suite [`super::context::CIPHERS`] offers.
 
 use aes::Aes128;
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::aead::{KeyInit, Nonce};
+use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Nonce, Payload};
 use aes_gcm::{Aes128Gcm, Aes256Gcm};
 use bytes::Bytes;
 use ccm::Ccm;
@@ -18,6 +17,7 @@ use ccm::consts::{U8, U12, U16};
 use hmac::{Hmac, Mac};
 use openssl::ssl::SslRef;
 use sha2::{Sha256, Sha384};
+use smallvec::SmallVec;
 
 use super::cbc::{CbcKeys, MacHash};
 
@@ -111,13 +111,16 @@ impl Cipher {
         }
     }
 
-    fn seal(&self, nonce: &[u8; 12], aad: &[u8], msg: &[u8]) -> Option<Vec<u8>> {
-        let p = Payload { msg, aad };
+    /// Encrypts `buf` in place and returns the tag to append.
+    fn seal_in_place(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> Option<SmallVec<[u8; 16]>> {
+        fn detached<C: AeadInOut>(c: &C, nonce: &Nonce<C>, aad: &[u8], buf: &mut [u8]) -> Option<SmallVec<[u8; 16]>> {
+            c.encrypt_inout_detached(nonce, aad, buf.into()).ok().map(|tag| SmallVec::from_slice(&tag))
+        }
         match self {
-            Cipher::Aes128Gcm(c) => c.encrypt(&Nonce::<Aes128Gcm>::from(*nonce), p).ok(),
-            Cipher::Aes256Gcm(c) => c.encrypt(&Nonce::<Aes256Gcm>::from(*nonce), p).ok(),
-            Cipher::Aes128Ccm(c) => c.encrypt(&Nonce::<Aes128Ccm>::from(*nonce), p).ok(),
-            Cipher::Aes128Ccm8(c) => c.encrypt(&Nonce::<Aes128Ccm8>::from(*nonce), p).ok(),
+            Cipher::Aes128Gcm(c) => detached(&**c, &Nonce::<Aes128Gcm>::from(*nonce), aad, buf),
+            Cipher::Aes256Gcm(c) => detached(&**c, &Nonce::<Aes256Gcm>::from(*nonce), aad, buf),
+            Cipher::Aes128Ccm(c) => detached(&**c, &Nonce::<Aes128Ccm>::from(*nonce), aad, buf),
+            Cipher::Aes128Ccm8(c) => detached(&**c, &Nonce::<Aes128Ccm8>::from(*nonce), aad, buf),
         }
     }
 
@@ -217,7 +220,8 @@ impl Protection {
         }
     }
 
-    fn seal(&self, epoch_seq: &[u8; 8], content_type: u8, plain: &[u8]) -> Option<Vec<u8>> {
+    /// Appends the record's fragment for `plain` to `out`.
+    fn seal_into(&self, epoch_seq: &[u8; 8], content_type: u8, plain: &[u8], out: &mut Vec<u8>) -> Option<()> {
         match self {
             Protection::Aead { cipher, iv } => {
                 // The explicit nonce is the record's own epoch and sequence number: unique per key.
@@ -225,10 +229,14 @@ impl Protection {
                 nonce[..4].copy_from_slice(iv);
                 nonce[4..].copy_from_slice(epoch_seq);
                 let aad = pseudo_header(epoch_seq, content_type, plain.len());
-                let sealed = cipher.seal(&nonce, &aad, plain)?;
-                Some([&epoch_seq[..], &sealed].concat())
+                out.extend_from_slice(epoch_seq);
+                let start = out.len();
+                out.extend_from_slice(plain);
+                let tag = cipher.seal_in_place(&nonce, &aad, &mut out[start..])?;
+                out.extend_from_slice(&tag);
+                Some(())
             }
-            Protection::Cbc(keys) => keys.seal(epoch_seq, content_type, plain),
+            Protection::Cbc(keys) => keys.seal_into(epoch_seq, content_type, plain, out),
         }
     }
 }
@@ -336,13 +344,15 @@ impl Session {
         let mut epoch_seq = [0u8; 8];
         epoch_seq[..2].copy_from_slice(&EPOCH.to_be_bytes());
         epoch_seq[2..].copy_from_slice(&seq.to_be_bytes()[2..]);
-        let fragment = self.write.seal(&epoch_seq, content_type, plaintext)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + fragment.len());
+        // Room for the explicit nonce or IV, a MAC or tag and CBC padding: one allocation.
+        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + 96);
         out.push(content_type);
         out.extend_from_slice(&DTLS_1_2);
         out.extend_from_slice(&epoch_seq);
-        out.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
-        out.extend_from_slice(&fragment);
+        out.extend_from_slice(&[0, 0]); // length, known once sealed
+        self.write.seal_into(&epoch_seq, content_type, plaintext, &mut out)?;
+        let len = (out.len() - HEADER_LEN) as u16;
+        out[11..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
         Some(Bytes::from(out))
     }
 
