@@ -369,3 +369,40 @@ fn garbage_on_the_dtls_port_changes_nothing() {
     server.wait_metric(r#"nbhub_dtls_sessions{port="dtls"}"#, |v| v == 1.0);
     assert_eq!(server.metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#), 0.0);
 }
+
+#[test]
+fn beyond_max_sessions_a_new_device_waits_for_a_free_slot() {
+    let server = Server::start_with(&[("NBHUB_COAP_SOCKETS_PER_PORT", "1"), ("NBHUB_DTLS_MAX_SESSIONS", "1")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-full"}));
+    let triple = format!("{pk}&{dn}");
+    let mut first = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    first.handshake(None, Duration::from_secs(5)).unwrap();
+    let mut second = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    assert!(second.handshake(None, Duration::from_secs(2)).is_err(), "the table is full");
+    server.wait_metric(r#"nbhub_dtls_refused_total{port="dtls",limit="sessions"}"#, |v| v >= 1.0);
+    first.close();
+    server.wait_metric(r#"nbhub_dtls_sessions{port="dtls"}"#, |v| v == 0.0);
+    let mut again = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    again.handshake(None, Duration::from_secs(5)).unwrap();
+    let reply = again.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"got a slot"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+}
+
+#[test]
+fn without_certificate_files_the_server_serves_psk_only() {
+    // The default relative paths, in a working directory that has no certs/.
+    let server = Server::start_with(&[
+        ("NBHUB_DTLS_CERT", "certs/server.crt"),
+        ("NBHUB_DTLS_KEY", "certs/server.key"),
+        ("NBHUB_DTLS_RSA_CERT", "certs/server-rsa.crt"),
+        ("NBHUB_DTLS_RSA_KEY", "certs/server-rsa.key"),
+    ]);
+    assert!(server.log().contains("no DTLS server certificate"), "{}", server.log());
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-psk-only"}));
+    let out = server.s_client(&["-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256:AES128-SHA"]);
+    assert!(out.contains("Cipher is (NONE)"), "no certificate suite can be agreed: {out}");
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &format!("{pk}&{dn}"), &secret);
+    device.handshake(None, Duration::from_secs(5)).unwrap();
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"psk"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+}

@@ -49,7 +49,10 @@ impl Server {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("server.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbhub"));
+        // The data directory's parent is the working directory: relative paths in the config
+        // (the default certificate paths) resolve there, not in the source tree.
         cmd.arg("serve")
+            .current_dir(self.dir.path())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("NBHUB_DATA_DIR", &data)
