@@ -23,6 +23,7 @@ pub struct Config {
     pub dtls: DtlsConfig,
     pub auth: AuthConfig,
     pub device: DeviceConfig,
+    pub downlink: DownlinkConfig,
     pub store: StoreConfig,
 }
 
@@ -119,6 +120,23 @@ pub struct DeviceConfig {
     pub abnormal_within_s: u64,
     pub max_per_second: u32,
     pub max_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkConfig {
+    pub max_pending: usize,
+    pub default_expire_s: u64,
+    pub ack_timeout_ms: u64,
+    pub max_retransmit: u32,
+    pub timeout_s: u64,
+    pub default_topic: String,
+}
+
+impl DownlinkConfig {
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_s * 1000
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +259,25 @@ impl Config {
         }
         if self.device.max_per_second == 0 || self.device.max_per_minute == 0 {
             return bad("device.max_per_second and device.max_per_minute must be positive".into());
+        }
+        let dl = &self.downlink;
+        if !(1..=1000).contains(&dl.max_pending) {
+            return bad(format!("downlink.max_pending = {} must be within 1..=1000", dl.max_pending));
+        }
+        if dl.default_expire_s == 0 {
+            return bad("downlink.default_expire_s must be positive".into());
+        }
+        if dl.ack_timeout_ms < 100 || dl.max_retransmit > 20 {
+            return bad("downlink.ack_timeout_ms must be at least 100 and downlink.max_retransmit at most 20".into());
+        }
+        if dl.timeout_s == 0 || dl.timeout_s * 1000 < dl.ack_timeout_ms {
+            return bad(format!(
+                "downlink.timeout_s = {} must be positive and at least downlink.ack_timeout_ms",
+                dl.timeout_s
+            ));
+        }
+        if !dl.default_topic.starts_with('/') {
+            return bad(format!("downlink.default_topic = {:?} must start with /", dl.default_topic));
         }
         if !(1..=1_000_000).contains(&self.store.max_batch) {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));

@@ -165,6 +165,43 @@ impl fmt::Debug for Token {
     }
 }
 
+/// The CoAP token of a Huawei device's observe relation on `/t/d`: chosen by the server at bind,
+/// carried by every uplink, so it names the device whatever address a NAT gives it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObserveToken(pub [u8; 8]);
+
+impl ObserveToken {
+    pub fn generate() -> ObserveToken {
+        ObserveToken(rand::random())
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<ObserveToken> {
+        bytes.try_into().ok().map(ObserveToken)
+    }
+}
+
+impl fmt::Debug for ObserveToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObserveToken({})", hex::encode(self.0))
+    }
+}
+
+impl serde::Serialize for ObserveToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ObserveToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(&s)
+            .ok()
+            .and_then(|b| ObserveToken::from_bytes(&b))
+            .ok_or_else(|| serde::de::Error::custom(format!("observe token {s:?} is not 8 bytes of hex")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod coap;
 pub mod config;
 pub mod dialect;
+pub mod downlink;
 pub mod dtls;
 pub mod identity;
 pub mod registry;
@@ -26,8 +27,8 @@ use tokio::sync::watch;
 
 use coap::endpoint::{Endpoint, EndpointConfig};
 use config::Config;
-use dialect::alibaba::Alibaba;
-use registry::Registry;
+use dialect::DeviceFacing;
+use registry::{Registry, Route};
 use store::records::PortFamily;
 use store::{Store, StoreError, WriterThread};
 
@@ -130,6 +131,7 @@ async fn serve_with(
     });
 
     tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
+    tasks.spawn(expire_commands(registry.clone(), stop_rx.clone()));
 
     let endpoints = Endpoints { coap, aes, dtls, admin };
     write_endpoints(&data_dir, &endpoints)?;
@@ -178,9 +180,12 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     let sockets =
         transport::udp::bind(listen, c.sockets_per_port).map_err(io_err(format!("cannot bind {label} on {listen}")))?;
     let bound = sockets[0].local_addr().map_err(io_err("socket address"))?;
-    for socket in sockets {
-        let endpoint = Endpoint::new(Alibaba::new(registry.clone(), family), endpoint_config.clone());
-        tasks.spawn(transport::udp::serve(socket, endpoint, link(), writer.clone(), recv_slot, label, stop.clone()));
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let route = Route { family, socket: i as u16 };
+        let kicks = registry.routes.open(route);
+        let endpoint = Endpoint::new(DeviceFacing::new(registry.clone(), route), endpoint_config.clone());
+        let port = transport::udp::Port { label, recv_slot, kicks };
+        tasks.spawn(transport::udp::serve(socket, endpoint, link(), writer.clone(), port, stop.clone()));
     }
     Ok(bound)
 }
@@ -198,6 +203,23 @@ async fn sweep_sessions(registry: Arc<Registry>, mut stop: watch::Receiver<bool>
                 Ok(n) => tracing::info!(sessions = n, "removed expired sessions"),
                 Err(e) => tracing::warn!(error = %e, "could not remove expired sessions"),
             },
+        }
+    }
+}
+
+/// Ends commands that expired (or, restored after a restart, were never acknowledged), checked
+/// every second: expiry times are in seconds.
+async fn expire_commands(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = every.tick() => {
+                let ended = registry.expire_commands(clock::UnixMs::now());
+                if ended > 0 {
+                    tracing::debug!(commands = ended, "commands expired");
+                }
+            }
         }
     }
 }

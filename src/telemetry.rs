@@ -15,7 +15,7 @@ pub mod metric {
     pub const DUPLICATES: &str = "nbhub_coap_duplicates_total";
     pub const RESPONSES: &str = "nbhub_coap_responses_total";
     pub const RETRANSMISSIONS: &str = "nbhub_coap_retransmissions_total";
-    pub const SEPARATE_TIMEOUTS: &str = "nbhub_coap_separate_response_timeouts_total";
+    pub const CON_TIMEOUTS: &str = "nbhub_coap_con_timeouts_total";
     pub const DEDUP_ENTRIES: &str = "nbhub_coap_dedup_entries";
     pub const DEDUP_EVICTIONS: &str = "nbhub_coap_dedup_evictions_total";
     pub const AUTH: &str = "nbhub_auth_total";

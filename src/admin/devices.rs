@@ -67,7 +67,7 @@ fn view(d: &Device, state: &AdminState) -> DeviceView {
     }
 }
 
-fn device(state: &AdminState, pk: &str, dn: &str) -> Result<std::sync::Arc<Device>, ApiError> {
+pub(super) fn device(state: &AdminState, pk: &str, dn: &str) -> Result<std::sync::Arc<Device>, ApiError> {
     if state.registry.product(pk).is_none() {
         return Err(ApiError::not_found(format!("product {pk} not found")));
     }

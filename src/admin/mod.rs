@@ -1,6 +1,7 @@
 //! The admin HTTP API (API.md): products, devices and their messages under `/api/v1` behind a
 //! bearer token, plus `/healthz` and `/metrics` without one.
 
+mod commands;
 mod devices;
 pub mod error;
 mod products;
@@ -34,6 +35,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(products::routes())
         .merge(devices::routes())
+        .merge(commands::routes())
         // Inside the token check: an unknown /api/v1 path without the token is 401, not 404.
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));

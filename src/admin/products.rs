@@ -27,6 +27,8 @@ struct CreateProduct {
     #[serde(default)]
     ota_protocol: OtaProtocol,
     awake_window_s: Option<u32>,
+    ack_timeout_ms: Option<u64>,
+    max_retransmit: Option<u32>,
 }
 
 /// The PSM active timer most modules ship with (SPEC §5).
@@ -40,6 +42,9 @@ pub struct ProductView {
     dynamic_registration: bool,
     ota_protocol: OtaProtocol,
     awake_window_s: u32,
+    /// This product's timers for CONs to its devices; null: the server's `[downlink]` defaults.
+    ack_timeout_ms: Option<u64>,
+    max_retransmit: Option<u32>,
 }
 
 impl From<&ProductRecord> for ProductView {
@@ -51,6 +56,8 @@ impl From<&ProductRecord> for ProductView {
             dynamic_registration: p.dynamic_registration,
             ota_protocol: p.ota_protocol,
             awake_window_s: p.awake_window_s,
+            ack_timeout_ms: p.ack_timeout_ms,
+            max_retransmit: p.max_retransmit,
         }
     }
 }
@@ -67,6 +74,12 @@ async fn create(
     if !(1..=86_400).contains(&awake_window_s) {
         return Err(ApiError::bad_request("awake_window_s must be within 1..=86400"));
     }
+    if body.ack_timeout_ms.is_some_and(|t| !(100..=600_000).contains(&t)) {
+        return Err(ApiError::bad_request("ack_timeout_ms must be within 100..=600000"));
+    }
+    if body.max_retransmit.is_some_and(|n| n > 20) {
+        return Err(ApiError::bad_request("max_retransmit must be at most 20"));
+    }
     let product = state
         .registry
         .create_product(NewProduct {
@@ -76,6 +89,8 @@ async fn create(
             dynamic_registration: body.dynamic_registration,
             ota_protocol: body.ota_protocol,
             awake_window_s,
+            ack_timeout_ms: body.ack_timeout_ms,
+            max_retransmit: body.max_retransmit,
         })
         .await?;
     tracing::info!(product_key = %product.product_key, "product created");

@@ -14,7 +14,9 @@ use smallvec::SmallVec;
 use super::dedup::{DedupCache, Duplicate, Seen};
 use super::message::{Code, FormatError, Header, Message, MessageType, empty};
 use super::option::OptionNumber;
-use super::resource::{Outcome, Request, Resources, Response, Undo};
+use super::resource::{
+    Effects, ExchangeKey, Notified, Outcome, Outgoing, Persist, Reply, Request, Resources, Response, Retransmit, Undo,
+};
 use crate::clock::Now;
 use crate::identity::DeviceId;
 use crate::store::{MessageId, Op, StoreError};
@@ -51,28 +53,45 @@ pub struct EndpointStats {
     pub malformed: u64,
     pub duplicates: u64,
     pub retransmissions: u64,
-    pub separate_timeouts: u64,
+    pub con_timeouts: u64,
     pub pending_full: u64,
 }
 
-/// A request whose response waits for a durable write.
+/// What a message waiting for a durable write gets once it is durable.
+enum Answer {
+    Response {
+        response: Response,
+        separate: bool,
+        receipt: Option<ExchangeKey>,
+        follow_up: Option<Outgoing>,
+    },
+    /// A CON notification: an Empty ACK.
+    EmptyAck,
+    /// A NON notification: nothing.
+    Silent,
+}
+
+/// A message whose answer waits for a durable write.
 struct PendingExchange {
     peer: SocketAddr,
     mtype: MessageType,
     mid: u16,
     token: SmallVec<[u8; 8]>,
-    response: Response,
-    separate: bool,
+    answer: Answer,
     undo: Option<Undo>,
 }
 
-/// A CON we sent (separate response) that the peer has not acknowledged yet.
+/// A CON we sent (a separate response, or a request of our own) not acknowledged yet.
 struct OutgoingCon {
     peer: SocketAddr,
     data: Bytes,
     attempts: u32,
+    max_retransmit: u32,
     timeout: Duration,
     next_at: Instant,
+    give_up_at: Instant,
+    /// Whom to tell how it ended.
+    exchange: Option<ExchangeKey>,
 }
 
 pub struct Endpoint<R> {
@@ -86,6 +105,8 @@ pub struct Endpoint<R> {
     schedule: BinaryHeap<Reverse<(Instant, SocketAddr, u16)>>,
     next_mid: u16,
     stats: EndpointStats,
+    /// Scratch space the resources fill; applied after each call into them.
+    effects: Effects,
 }
 
 impl<R: Resources> Endpoint<R> {
@@ -100,6 +121,7 @@ impl<R: Resources> Endpoint<R> {
             schedule: BinaryHeap::new(),
             next_mid: rand::random(),
             stats: EndpointStats::default(),
+            effects: Effects::default(),
         }
     }
 
@@ -128,12 +150,72 @@ impl<R: Resources> Endpoint<R> {
         match (msg.mtype, msg.code) {
             // Ping (RFC 7252 §4.3): an Empty CON is answered with RST.
             (MessageType::Con, Code::EMPTY) => send(out, peer, empty(MessageType::Rst, msg.mid)),
-            (MessageType::Ack | MessageType::Rst, _) => self.handle_ack_or_reset(peer, &msg),
+            (MessageType::Ack | MessageType::Rst, _) => self.handle_ack_or_reset(now, peer, &msg, out),
             (_, code) if code.is_request() => self.handle_request(now, peer, authenticated, &msg, data, out),
-            // Responses in CON/NON are not expected here, nor are reserved classes.
+            (_, code) if code.is_response() => self.handle_notification(now, peer, authenticated, &msg, data, out),
+            // Reserved classes.
             (MessageType::Con, _) => send(out, peer, empty(MessageType::Rst, msg.mid)),
             _ => {}
         }
+    }
+
+    /// The admin API has something for `device`, which this endpoint served last.
+    pub fn handle_kick(&mut self, now: Now, device: DeviceId, out: &mut Actions) {
+        self.resources.handle_kick(now, device, &mut self.effects);
+        self.apply_effects(now, out);
+    }
+
+    /// Carries out what the resources asked for in their last call.
+    fn apply_effects(&mut self, now: Now, out: &mut Actions) {
+        let outgoing = std::mem::take(&mut self.effects.outgoing);
+        for o in outgoing {
+            self.originate(now, o, out);
+        }
+    }
+
+    /// Sends a CON of our own and keeps it for retransmission.
+    fn originate(&mut self, now: Now, o: Outgoing, out: &mut Actions) {
+        let mut message = o.message;
+        let mid = self.fresh_mid();
+        if message.len() >= 4 {
+            message[2..4].copy_from_slice(&mid.to_be_bytes());
+        }
+        self.send_con(now, o.peer, mid, Bytes::from(message), o.retransmit, Some(o.exchange), out);
+    }
+
+    #[allow(clippy::too_many_arguments)] // the parts of one CON, named rather than bundled
+    fn send_con(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        mid: u16,
+        data: Bytes,
+        retransmit: Retransmit,
+        exchange: Option<ExchangeKey>,
+        out: &mut Actions,
+    ) {
+        let timeout = retransmit.ack_timeout;
+        let give_up_at = now.instant + retransmit.give_up_after;
+        let next_at = (now.instant + timeout).min(give_up_at);
+        self.outgoing.insert(
+            (peer, mid),
+            OutgoingCon {
+                peer,
+                data: data.clone(),
+                attempts: 0,
+                max_retransmit: retransmit.max_retransmit,
+                timeout,
+                next_at,
+                give_up_at,
+                exchange,
+            },
+        );
+        self.schedule.push(Reverse((next_at, peer, mid)));
+        out.transmits.push(Transmit { peer, data });
+    }
+
+    fn default_retransmit(&self) -> Retransmit {
+        Retransmit::exhausting(self.config.ack_timeout, self.config.max_retransmit)
     }
 
     /// A datagram longer than the receive buffer, so far above the payload limit: a CON request
@@ -164,11 +246,76 @@ impl<R: Resources> Endpoint<R> {
         }
     }
 
-    fn handle_ack_or_reset(&mut self, peer: SocketAddr, msg: &Message<'_>) {
+    fn handle_ack_or_reset(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, out: &mut Actions) {
         // An ACK or RST matching one of our CONs ends its retransmission.
-        if self.outgoing.remove(&(peer, msg.mid)).is_none() {
+        let Some(con) = self.outgoing.remove(&(peer, msg.mid)) else {
             tracing::trace!(%peer, mid = msg.mid, "ACK/RST for nothing outstanding");
+            return;
+        };
+        if let Some(exchange) = con.exchange {
+            let reply = if msg.mtype == MessageType::Rst { Reply::Reset } else { Reply::Ack(msg) };
+            self.resources.handle_reply(now, exchange, reply, &mut self.effects);
+            self.apply_effects(now, out);
         }
+    }
+
+    /// A response in a CON or NON of its own: a Huawei uplink (an observe notification).
+    fn handle_notification(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        authenticated: Option<DeviceId>,
+        msg: &Message<'_>,
+        datagram: &[u8],
+        out: &mut Actions,
+    ) {
+        if let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) {
+            self.stats.duplicates += 1;
+            // A NON was answered with nothing, recorded as an empty answer.
+            if let Duplicate::Resend(bytes) = dup
+                && !bytes.is_empty()
+            {
+                out.transmits.push(Transmit { peer, data: bytes.clone() });
+            }
+            return;
+        }
+        let con = msg.mtype == MessageType::Con;
+        if msg.options.iter().any(|(n, _)| n.is_critical() && !n.is_recognised())
+            || msg.payload.len() > self.config.max_payload
+        {
+            // §5.4.1: a response with an unrecognised critical option is rejected.
+            return send(out, peer, empty(MessageType::Rst, msg.mid));
+        }
+        if self.pending.len() >= self.config.max_pending_writes {
+            // Unacknowledged, the device retransmits a CON later.
+            self.stats.pending_full += 1;
+            return;
+        }
+        let request = Request { msg, peer, authenticated, now, path: SmallVec::new() };
+        let notified = self.resources.handle_notification(&request, &mut self.effects);
+        match notified {
+            Notified::Store { ops, undo } => {
+                self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                let answer = if con { Answer::EmptyAck } else { Answer::Silent };
+                self.pending.insert(
+                    ticket,
+                    PendingExchange { peer, mtype: msg.mtype, mid: msg.mid, token: SmallVec::new(), answer, undo },
+                );
+                out.writes.push((ticket, ops));
+            }
+            Notified::Acknowledge => {
+                let data = if con { Bytes::from(empty(MessageType::Ack, msg.mid)) } else { Bytes::new() };
+                self.dedup.insert(peer, msg.mid, datagram, Seen::Answered(data.clone()), now.instant);
+                if con {
+                    out.transmits.push(Transmit { peer, data });
+                }
+            }
+            Notified::Reject => send(out, peer, empty(MessageType::Rst, msg.mid)),
+            Notified::Drop => {}
+        }
+        self.apply_effects(now, out);
     }
 
     fn handle_request(
@@ -182,7 +329,9 @@ impl<R: Resources> Endpoint<R> {
     ) {
         if let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) {
             self.stats.duplicates += 1;
-            if let Duplicate::Resend(bytes) = dup {
+            if let Duplicate::Resend(bytes) = dup
+                && !bytes.is_empty()
+            {
                 out.transmits.push(Transmit { peer, data: bytes.clone() });
             }
             return;
@@ -207,16 +356,21 @@ impl<R: Resources> Endpoint<R> {
             return self.respond_now(now, peer, msg, datagram, response, out);
         }
         let request = Request { msg, peer, authenticated, now, path };
-        match self.resources.handle(&request) {
+        let outcome = self.resources.handle(&request, &mut self.effects);
+        match outcome {
             Outcome::Respond(response) => self.respond_now(now, peer, msg, datagram, response, out),
-            Outcome::Persist { ops, response, separate, undo } => {
-                let separate = separate && msg.mtype == MessageType::Con;
+            Outcome::Persist(Persist { ops, response, separate, undo, receipt, follow_up }) => {
+                let con = msg.mtype == MessageType::Con;
+                // With a receipt the response is a CON of its own whatever the request was.
+                let separate = (separate && con) || receipt.is_some();
                 let ticket = self.next_ticket;
                 self.next_ticket += 1;
-                if separate {
+                if separate && con {
                     let ack = Bytes::from(empty(MessageType::Ack, msg.mid));
                     self.dedup.insert(peer, msg.mid, datagram, Seen::Answered(ack.clone()), now.instant);
                     out.transmits.push(Transmit { peer, data: ack });
+                } else if separate {
+                    self.dedup.insert(peer, msg.mid, datagram, Seen::Answered(Bytes::new()), now.instant);
                 } else {
                     self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
                 }
@@ -227,14 +381,14 @@ impl<R: Resources> Endpoint<R> {
                         mtype: msg.mtype,
                         mid: msg.mid,
                         token: SmallVec::from_slice(msg.token),
-                        response,
-                        separate,
+                        answer: Answer::Response { response, separate, receipt, follow_up },
                         undo,
                     },
                 );
                 out.writes.push((ticket, ops));
             }
         }
+        self.apply_effects(now, out);
     }
 
     /// Message-layer checks before any resource sees the request.
@@ -281,7 +435,7 @@ impl<R: Resources> Endpoint<R> {
         out.transmits.push(Transmit { peer, data });
     }
 
-    /// A write requested in [`Actions::writes`] is durable (or failed): answer its request.
+    /// A write requested in [`Actions::writes`] is durable (or failed): answer its message.
     pub fn handle_committed(
         &mut self,
         now: Now,
@@ -290,34 +444,51 @@ impl<R: Resources> Endpoint<R> {
         out: &mut Actions,
     ) {
         let Some(ex) = self.pending.remove(&ticket) else { return };
-        let (response, message_id) = match result {
-            Ok(id) => (ex.response, id),
-            Err(_) => {
-                if let Some(undo) = ex.undo {
-                    undo();
-                }
-                (Response::new(Code::INTERNAL_SERVER_ERROR), None)
+        let failed = result.is_err();
+        if failed && let Some(undo) = ex.undo {
+            undo();
+        }
+        let (response, separate, receipt, follow_up) = match ex.answer {
+            Answer::Response { response, separate, receipt, follow_up } => (response, separate, receipt, follow_up),
+            Answer::EmptyAck => {
+                // Not stored: a RST tells the device, rather than an ACK claiming otherwise.
+                let mtype = if failed { MessageType::Rst } else { MessageType::Ack };
+                let data = Bytes::from(empty(mtype, ex.mid));
+                self.dedup.answer(ex.peer, ex.mid, data.clone());
+                out.transmits.push(Transmit { peer: ex.peer, data });
+                return;
+            }
+            Answer::Silent => {
+                self.dedup.answer(ex.peer, ex.mid, Bytes::new());
+                return;
             }
         };
-        if ex.separate {
+        let (response, message_id, follow_up) = match result {
+            Ok(id) => (response, id, follow_up),
+            Err(_) => (Response::new(Code::INTERNAL_SERVER_ERROR), None, None),
+        };
+        if separate {
             let mid = self.fresh_mid();
             let data = Bytes::from(response.encode(MessageType::Con, mid, &ex.token, message_id));
-            let timeout = self.config.ack_timeout;
-            self.outgoing.insert(
-                (ex.peer, mid),
-                OutgoingCon { peer: ex.peer, data: data.clone(), attempts: 0, timeout, next_at: now.instant + timeout },
-            );
-            self.schedule.push(Reverse((now.instant + timeout, ex.peer, mid)));
+            let retransmit = self.default_retransmit();
+            self.send_con(now, ex.peer, mid, data, retransmit, receipt.filter(|_| !failed), out);
+        } else {
+            let (mtype, mid) = match ex.mtype {
+                MessageType::Con => (MessageType::Ack, ex.mid),
+                _ => (MessageType::Non, self.fresh_mid()),
+            };
+            let data = Bytes::from(response.encode(mtype, mid, &ex.token, message_id));
+            self.dedup.answer(ex.peer, ex.mid, data.clone());
             out.transmits.push(Transmit { peer: ex.peer, data });
-            return;
         }
-        let (mtype, mid) = match ex.mtype {
-            MessageType::Con => (MessageType::Ack, ex.mid),
-            _ => (MessageType::Non, self.fresh_mid()),
-        };
-        let data = Bytes::from(response.encode(mtype, mid, &ex.token, message_id));
-        self.dedup.answer(ex.peer, ex.mid, data.clone());
-        out.transmits.push(Transmit { peer: ex.peer, data });
+        if failed && let Some(exchange) = receipt {
+            // The receipt's subject was never stored; it ends here.
+            self.resources.handle_reply(now, exchange, Reply::TimedOut, &mut self.effects);
+            self.apply_effects(now, out);
+        }
+        if let Some(o) = follow_up {
+            self.originate(now, o, out);
+        }
     }
 
     /// Retransmits unacknowledged CONs with exponential back-off and expires old exchanges.
@@ -332,14 +503,19 @@ impl<R: Resources> Endpoint<R> {
             if con.next_at != at {
                 continue;
             }
-            if con.attempts >= self.config.max_retransmit {
+            if con.attempts >= con.max_retransmit || now.instant >= con.give_up_at {
+                let exchange = con.exchange;
                 self.outgoing.remove(&(peer, mid));
-                self.stats.separate_timeouts += 1;
+                self.stats.con_timeouts += 1;
+                if let Some(exchange) = exchange {
+                    self.resources.handle_reply(now, exchange, Reply::TimedOut, &mut self.effects);
+                    self.apply_effects(now, out);
+                }
                 continue;
             }
             con.attempts += 1;
             con.timeout *= 2;
-            con.next_at = now.instant + con.timeout;
+            con.next_at = (now.instant + con.timeout).min(con.give_up_at);
             self.stats.retransmissions += 1;
             out.transmits.push(Transmit { peer: con.peer, data: con.data.clone() });
             self.schedule.push(Reverse((con.next_at, peer, mid)));

@@ -69,6 +69,7 @@ impl OptionNumber {
 
 /// Content-Format numbers (RFC 7252 §12.3) that the dialects care about.
 pub mod content_format {
+    pub const OCTET_STREAM: u32 = 42;
     pub const JSON: u32 = 50;
     pub const CBOR: u32 = 60;
 }

@@ -2,6 +2,7 @@
 //! endpoint owns the CoAP mechanics around them: message types, ids, dedup, separate responses.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use smallvec::SmallVec;
 
@@ -94,13 +95,78 @@ fn format_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
 /// Undoes an in-memory reservation when the write that would have made it permanent fails.
 pub type Undo = Box<dyn FnOnce() + Send>;
 
+/// Names a CON the server sent, so the dialect hears how it ended ([`Resources::handle_reply`]).
+pub type ExchangeKey = u64;
+
+/// How a server-originated CON is retransmitted: RFC 7252 §4.2 with NB-IoT timers (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retransmit {
+    pub ack_timeout: Duration,
+    pub max_retransmit: u32,
+    /// The exchange ends unanswered this long after the first transmission at the latest, even
+    /// if retransmissions remain (a command is TIMEOUT after 180 s, SPEC §5).
+    pub give_up_after: Duration,
+}
+
+impl Retransmit {
+    /// Back-off until the last retransmission's timeout ends (RFC 7252 MAX_TRANSMIT_WAIT, without
+    /// the random factor).
+    pub fn exhausting(ack_timeout: Duration, max_retransmit: u32) -> Retransmit {
+        let give_up_after = ack_timeout * ((1u32 << (max_retransmit + 1).min(31)) - 1);
+        Retransmit { ack_timeout, max_retransmit, give_up_after }
+    }
+}
+
+/// A CON request the server sends on its own (Huawei `GET /t/d`, `POST /t/d`). `message` is
+/// complete but for its message id, which the endpoint assigns.
+pub struct Outgoing {
+    pub peer: SocketAddr,
+    pub message: Vec<u8>,
+    pub retransmit: Retransmit,
+    pub exchange: ExchangeKey,
+}
+
+/// How a peer answered a CON the server sent.
+pub enum Reply<'m, 'a> {
+    /// An ACK: Empty (code 0.00), or carrying a piggybacked response.
+    Ack(&'m Message<'a>),
+    Reset,
+    /// Every retransmission went unanswered.
+    TimedOut,
+}
+
+/// What a dialect asks of the endpoint besides answering the message at hand.
+#[derive(Default)]
+pub struct Effects {
+    pub outgoing: Vec<Outgoing>,
+}
+
+/// Make `ops` durable, then answer.
+pub struct Persist {
+    pub ops: SmallVec<[Op; 3]>,
+    pub response: Response,
+    /// A CON request gets an empty ACK at once and the response later as its own CON (Alibaba
+    /// `ackMode` 1, `/pull`).
+    pub separate: bool,
+    pub undo: Option<Undo>,
+    /// Report the separate response's ACK (or its loss) under this key; the response then goes
+    /// out as a CON even to a NON request (RFC 7252 §5.2.3 allows it).
+    pub receipt: Option<ExchangeKey>,
+    /// Sent once the response is (Huawei: `GET /t/d` after the bind's 2.04).
+    pub follow_up: Option<Outgoing>,
+}
+
+impl Persist {
+    pub fn new(ops: SmallVec<[Op; 3]>, response: Response) -> Persist {
+        Persist { ops, response, separate: false, undo: None, receipt: None, follow_up: None }
+    }
+}
+
 #[allow(clippy::large_enum_variant)] // built once per request and consumed at once; boxing would add an allocation
 pub enum Outcome {
     /// Answer at once.
     Respond(Response),
-    /// Make `ops` durable, then answer. With `separate`, a CON request gets an empty ACK at once
-    /// and the response later as its own CON (Alibaba `ackMode` 1).
-    Persist { ops: SmallVec<[Op; 3]>, response: Response, separate: bool, undo: Option<Undo> },
+    Persist(Persist),
 }
 
 impl Outcome {
@@ -109,9 +175,39 @@ impl Outcome {
     }
 }
 
-/// A dialect: the resources served on one listener.
+impl From<Persist> for Outcome {
+    fn from(p: Persist) -> Outcome {
+        Outcome::Persist(p)
+    }
+}
+
+/// What becomes of a notification (a CON or NON carrying a response code: a Huawei uplink).
+pub enum Notified {
+    /// Make `ops` durable, then acknowledge a CON with an Empty ACK (a NON gets nothing).
+    Store { ops: SmallVec<[Op; 3]>, undo: Option<Undo> },
+    /// Acknowledged without storing anything.
+    Acknowledge,
+    /// Nobody asked for it (unknown token): RST, so the peer stops sending it (RFC 7641 §3.6).
+    Reject,
+    /// Said nothing, e.g. over the device's flow-control budget: a CON will be retransmitted.
+    Drop,
+}
+
+/// A dialect: the resources served on one listener, and the client side of the exchanges it
+/// starts itself.
 pub trait Resources {
-    fn handle(&self, req: &Request<'_, '_>) -> Outcome;
+    fn handle(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Outcome;
+
+    /// A response that arrived in a CON or NON of its own, matching none of our exchanges.
+    fn handle_notification(&mut self, _msg: &Request<'_, '_>, _effects: &mut Effects) -> Notified {
+        Notified::Reject
+    }
+
+    /// How an exchange begun with [`Outgoing`] or a [`Persist::receipt`] ended.
+    fn handle_reply(&mut self, _now: Now, _exchange: ExchangeKey, _reply: Reply<'_, '_>, _effects: &mut Effects) {}
+
+    /// Someone else (the admin API) has something for `device`, last heard on this endpoint.
+    fn handle_kick(&mut self, _now: Now, _device: DeviceId, _effects: &mut Effects) {}
 }
 
 #[cfg(test)]

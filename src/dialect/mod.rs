@@ -1,3 +1,62 @@
-//! Device-facing protocols served over the CoAP endpoint.
+//! Device-facing protocols served over the CoAP endpoint: Alibaba's on every port, Huawei's on
+//! the plain port and inside DTLS (SPEC §4).
 
 pub mod alibaba;
+pub mod huawei;
+
+use std::sync::Arc;
+
+use crate::clock::Now;
+use crate::coap::message::Code;
+use crate::coap::resource::{Effects, ExchangeKey, Notified, Outcome, Reply, Request, Resources};
+use crate::identity::DeviceId;
+use crate::registry::{Registry, Route};
+use crate::store::records::PortFamily;
+use alibaba::Alibaba;
+use huawei::Huawei;
+
+/// The resources of one socket.
+pub struct DeviceFacing {
+    alibaba: Alibaba,
+    /// Not on 5682, whose every request is under an Alibaba session key.
+    huawei: Option<Huawei>,
+}
+
+impl DeviceFacing {
+    pub fn new(registry: Arc<Registry>, route: Route) -> DeviceFacing {
+        let huawei = (route.family != PortFamily::Aes).then(|| Huawei::new(registry.clone(), route));
+        DeviceFacing { alibaba: Alibaba::new(registry, route), huawei }
+    }
+}
+
+impl Resources for DeviceFacing {
+    fn handle(&mut self, req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome {
+        if let (["t", "r"], Some(huawei)) = (&req.path[..], &mut self.huawei) {
+            return huawei.bind(req);
+        }
+        self.alibaba.handle(req).unwrap_or_else(|| Outcome::code(Code::NOT_FOUND))
+    }
+
+    fn handle_notification(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Notified {
+        match &mut self.huawei {
+            Some(huawei) => huawei.notification(req, effects),
+            None => Notified::Reject,
+        }
+    }
+
+    fn handle_reply(&mut self, now: Now, exchange: ExchangeKey, reply: Reply<'_, '_>, effects: &mut Effects) {
+        if let Some(huawei) = &mut self.huawei
+            && huawei.handle_reply(now, exchange, &reply, effects)
+        {
+            return;
+        }
+        self.alibaba.handle_reply(now, exchange, &reply);
+    }
+
+    fn handle_kick(&mut self, now: Now, device: DeviceId, effects: &mut Effects) {
+        // Alibaba devices fetch their commands themselves.
+        if let Some(huawei) = &mut self.huawei {
+            huawei.handle_kick(now, device, effects);
+        }
+    }
+}

@@ -6,7 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::UnixMs;
 use crate::config::DeviceConfig;
-use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret, Token};
+use crate::downlink::Queue;
+use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
+use crate::registry::routes::Route;
 use crate::store::records::{DeviceRecord, PresenceRecord, Radio};
 
 /// How stale the stored last contact may get. A busy device would otherwise add a write to every
@@ -37,6 +39,14 @@ pub struct DeviceState {
     /// Live tokens (the current one per port family and any still in their grace period).
     pub tokens: Vec<Token>,
     flow: FlowCounter,
+    /// The socket that last heard from the device: where a command for it is sent from.
+    pub route: Option<Route>,
+    /// Huawei observe relation on `/t/d`, once the device acknowledged it.
+    pub observe: Option<ObserveToken>,
+    /// The relation asked for at the last bind, until the device acknowledges it.
+    pub pending_observe: Option<ObserveToken>,
+    /// Commands not yet delivered or ended.
+    pub commands: Queue,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -68,6 +78,10 @@ impl Device {
                 persisted_seen: last_seen,
                 tokens: Vec::new(),
                 flow: FlowCounter::default(),
+                route: None,
+                observe: r.observe,
+                pending_observe: None,
+                commands: Queue::default(),
             }),
         }
     }
@@ -91,6 +105,7 @@ impl Device {
             registered: s.registered,
             radio: s.radio.clone(),
             created_at: self.created_at,
+            observe: s.observe,
         }
     }
 }
@@ -142,6 +157,24 @@ impl DeviceState {
             self.persisted_seen = Some(now);
             PresenceRecord { last_seen: now, address: Some(address) }
         })
+    }
+
+    /// Whether the device is in its awake window: heard from within `window_s` (its PSM active
+    /// timer), so a message sent now still reaches it.
+    pub fn awake(&self, now: UnixMs, window_s: u32) -> bool {
+        self.last_seen.is_some_and(|seen| now.0 <= seen.plus_secs(window_s as u64).0)
+    }
+
+    /// The last contact as it is now, to store regardless of when it was stored last.
+    pub fn presence(&mut self) -> PresenceRecord {
+        self.persisted_seen = self.last_seen;
+        PresenceRecord { last_seen: self.last_seen.unwrap_or_default(), address: self.address }
+    }
+
+    /// Records a contact through `route`; like [`DeviceState::seen`].
+    pub fn heard(&mut self, now: UnixMs, address: SocketAddr, route: Route) -> Option<PresenceRecord> {
+        self.route = Some(route);
+        self.seen(now, address)
     }
 
     /// Activated devices may no longer use dynamic registration.
@@ -222,6 +255,10 @@ mod tests {
             persisted_seen: None,
             tokens: vec![],
             flow: FlowCounter::default(),
+            route: None,
+            observe: None,
+            pending_observe: None,
+            commands: Queue::default(),
         };
         assert_eq!(s.status(now, &c), Status::Inactive);
         s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));
@@ -246,6 +283,7 @@ mod tests {
                 registered: false,
                 radio: Radio::default(),
                 created_at: 0,
+                observe: None,
             },
             None,
             None,

@@ -1,7 +1,9 @@
 //! The in-memory directory of products, devices and sessions, loaded from the store at start and
 //! kept in step with it: every change is committed through the writer before it is reported done.
 
+pub mod commands;
 pub mod device;
+pub mod routes;
 pub mod sessions;
 
 use std::borrow::Borrow;
@@ -12,10 +14,12 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::auth::replay::ReplayWindow;
 use crate::clock::UnixMs;
 use crate::config::Config;
-use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret, Token};
+use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
 use crate::store::records::{DeviceRecord, OtaProtocol, PortFamily, ProductRecord, Radio, SessionRecord};
-use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
+use crate::store::{META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
+pub use commands::{CommandError, CommandTimers, NewCommand};
 pub use device::{Device, Status};
+pub use routes::{Route, Routes};
 pub use sessions::{Lookup, SeqOutcome, Session, SessionView, Sessions};
 
 impl Borrow<str> for ProductKey {
@@ -51,6 +55,8 @@ pub struct NewProduct {
     pub dynamic_registration: bool,
     pub ota_protocol: OtaProtocol,
     pub awake_window_s: u32,
+    pub ack_timeout_ms: Option<u64>,
+    pub max_retransmit: Option<u32>,
 }
 
 pub struct NewDevice {
@@ -72,12 +78,18 @@ struct Devices {
     by_node: HashMap<NodeId, Arc<Device>>,
     /// For DTLS PSK sessions, which name their device by id.
     by_id: HashMap<DeviceId, Arc<Device>>,
+    /// Huawei uplinks name their device by the token of its observe relation (established or
+    /// asked for at the latest bind).
+    by_observe: HashMap<ObserveToken, Arc<Device>>,
 }
 
 impl Devices {
     fn insert(&mut self, d: &Arc<Device>) {
         if let Some(n) = &d.node_id {
             self.by_node.insert(n.clone(), d.clone());
+        }
+        if let Some(t) = d.state().observe {
+            self.by_observe.insert(t, d.clone());
         }
         self.by_product.entry(d.product_key.clone()).or_default().insert(d.device_name.clone(), d.clone());
         self.by_id.insert(d.id, d.clone());
@@ -91,6 +103,10 @@ impl Devices {
             self.by_node.remove(n);
         }
         self.by_id.remove(&d.id);
+        let s = d.state();
+        for t in [s.observe, s.pending_observe].into_iter().flatten() {
+            self.by_observe.remove(&t);
+        }
     }
 }
 
@@ -99,7 +115,12 @@ pub struct Registry {
     products: RwLock<HashMap<ProductKey, Arc<ProductRecord>>>,
     devices: RwLock<Devices>,
     pub sessions: Sessions,
+    pub routes: Routes,
+    pub command_timers: CommandTimers,
     next_device_id: AtomicU64,
+    next_command_id: AtomicU64,
+    /// Keys of the exchanges the endpoints start, unique process-wide.
+    next_exchange: AtomicU64,
     writer: Writer,
     store: Store,
 }
@@ -127,6 +148,19 @@ impl Registry {
             devices.insert(&d);
         }
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1).max(max_id + 1);
+        let command_timers = CommandTimers::default();
+        let mut next_command_id = store.meta_u64(META_NEXT_COMMAND_ID)?.unwrap_or(1);
+        let mut open = 0;
+        for c in store.open_commands()? {
+            next_command_id = next_command_id.max(c.id.0 + 1);
+            let Some(device) = devices.by_id.get(&c.device) else { continue };
+            command_timers.schedule(commands::deadline(&c, &config.downlink), c.device);
+            device.state().commands.restore(c);
+            open += 1;
+        }
+        if open > 0 {
+            tracing::info!(commands = open, "restored open commands");
+        }
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
         for (token, record, window) in store.sessions()? {
@@ -161,7 +195,11 @@ impl Registry {
             products: RwLock::new(products),
             devices: RwLock::new(devices),
             sessions,
+            routes: Routes::default(),
+            command_timers,
             next_device_id: AtomicU64::new(next_device_id),
+            next_command_id: AtomicU64::new(next_command_id),
+            next_exchange: AtomicU64::new(1),
             writer,
             store,
         };
@@ -206,6 +244,55 @@ impl Registry {
         read(&self.devices).by_node.get(node).cloned()
     }
 
+    pub fn device_by_observe(&self, token: &ObserveToken) -> Option<Arc<Device>> {
+        read(&self.devices).by_observe.get(token).cloned()
+    }
+
+    /// Indexes the relation a bind asks for (replacing an earlier unacknowledged one).
+    pub fn ask_observe(&self, device: &Arc<Device>, token: ObserveToken) {
+        let mut devices = write(&self.devices);
+        let mut s = device.state();
+        if s.deleted {
+            return;
+        }
+        if let Some(old) = s.pending_observe.replace(token) {
+            devices.by_observe.remove(&old);
+        }
+        devices.by_observe.insert(token, device.clone());
+    }
+
+    /// The device acknowledged the relation asked for with `token`: it replaces the previous one
+    /// and is stored. False if `token` is not the one asked for last.
+    pub fn establish_observe(&self, device: &Arc<Device>, token: ObserveToken) -> bool {
+        let mut devices = write(&self.devices);
+        let mut s = device.state();
+        if s.deleted || s.pending_observe != Some(token) {
+            return false;
+        }
+        s.pending_observe = None;
+        if let Some(old) = s.observe.replace(token) {
+            devices.by_observe.remove(&old);
+        }
+        // Queued under the device's lock, so relation changes are stored in their order.
+        self.writer.record([Op::PutDevice(device.clone())]);
+        true
+    }
+
+    /// Forgets a relation the device refused or never acknowledged.
+    pub fn drop_pending_observe(&self, device: &Arc<Device>, token: ObserveToken) {
+        let mut devices = write(&self.devices);
+        let mut s = device.state();
+        if s.pending_observe == Some(token) {
+            s.pending_observe = None;
+            devices.by_observe.remove(&token);
+        }
+    }
+
+    /// A key for an exchange an endpoint starts.
+    pub fn next_exchange(&self) -> u64 {
+        self.next_exchange.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// A product's devices ordered by name, after `after` (exclusive), at most `limit`.
     pub fn devices_of(&self, pk: &str, after: Option<&str>, limit: usize) -> Vec<Arc<Device>> {
         let devices = read(&self.devices);
@@ -226,6 +313,8 @@ impl Registry {
             ota_protocol: new.ota_protocol,
             awake_window_s: new.awake_window_s,
             created_at: UnixMs::now().0,
+            ack_timeout_ms: new.ack_timeout_ms,
+            max_retransmit: new.max_retransmit,
         });
         {
             let mut products = write(&self.products);
@@ -256,6 +345,7 @@ impl Registry {
             registered: false,
             radio: Radio::default(),
             created_at: UnixMs::now().0,
+            observe: None,
         };
         let device = Arc::new(Device::from_record(record, None, None));
         {
@@ -311,18 +401,28 @@ impl Registry {
     /// Removes the device, its sessions and its messages.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<(), RegistryError> {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
-        let (record, tokens) = {
+        let mut commands: Vec<_> = self.store.commands_of(device.id)?.into_iter().map(|c| c.id).collect();
+        let (record, tokens, open) = {
             let mut s = device.state();
             s.deleted = true;
-            (device.record_with(&s), s.tokens.clone())
+            let open: Vec<_> = s.commands.drain().collect();
+            commands.extend(open.iter().map(|c| c.id));
+            (device.record_with(&s), s.tokens.clone(), open)
         };
+        commands.sort_unstable();
+        commands.dedup();
         self.forget(&device);
         for t in &tokens {
             self.sessions.remove(t.as_bytes());
         }
-        if let Err(e) = self.writer.commit([Op::DeleteDevice { record, tokens }]).await {
+        if let Err(e) = self.writer.commit([Op::DeleteDevice { record, tokens, commands }]).await {
             // Still stored, so still served; its sessions were dropped and it must authenticate again.
-            device.state().deleted = false;
+            let mut s = device.state();
+            s.deleted = false;
+            for c in open {
+                s.commands.restore(c);
+            }
+            drop(s);
             write(&self.devices).insert(&device);
             return Err(e.into());
         }
@@ -402,6 +502,8 @@ mod tests {
                 dynamic_registration: false,
                 ota_protocol: OtaProtocol::Pcp,
                 awake_window_s: 20,
+                ack_timeout_ms: None,
+                max_retransmit: None,
             })
             .await
             .unwrap();

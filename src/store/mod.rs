@@ -14,6 +14,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 
 use crate::auth::replay::{self, ReplayWindow};
 use crate::clock::UnixMs;
+use crate::downlink::{CommandId, CommandRecord};
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
 pub use writer::{Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
@@ -25,11 +26,29 @@ pub const CF_SESSIONS: &str = "sessions";
 pub const CF_REPLAY: &str = "replay";
 pub const CF_MESSAGES: &str = "messages";
 pub const CF_META: &str = "meta";
+/// Every command (`device id | command id` → record), whatever its state.
+pub const CF_COMMANDS: &str = "commands";
+/// `command id` → `device id`: finds a command by id alone.
+pub const CF_COMMAND_IDS: &str = "command_ids";
+/// `device id | command id` of commands still open: all the server reads at start.
+pub const CF_OPEN_COMMANDS: &str = "open_commands";
 
-const ALL_CFS: [&str; 7] = [CF_PRODUCTS, CF_DEVICES, CF_PRESENCE, CF_SESSIONS, CF_REPLAY, CF_MESSAGES, CF_META];
+const ALL_CFS: [&str; 10] = [
+    CF_PRODUCTS,
+    CF_DEVICES,
+    CF_PRESENCE,
+    CF_SESSIONS,
+    CF_REPLAY,
+    CF_MESSAGES,
+    CF_META,
+    CF_COMMANDS,
+    CF_COMMAND_IDS,
+    CF_OPEN_COMMANDS,
+];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
 pub const META_NEXT_MESSAGE_ID: &[u8] = b"next_message_id";
+pub const META_NEXT_COMMAND_ID: &[u8] = b"next_command_id";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -53,6 +72,14 @@ pub fn device_key(pk: &ProductKey, dn: &DeviceName) -> Vec<u8> {
     k.extend_from_slice(pk.as_str().as_bytes());
     k.push(0);
     k.extend_from_slice(dn.as_str().as_bytes());
+    k
+}
+
+/// `device id (BE) | command id (BE)`: a device's commands in creation order.
+pub fn command_key(device: DeviceId, id: CommandId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&device.0.to_be_bytes());
+    k[8..].copy_from_slice(&id.0.to_be_bytes());
     k
 }
 
@@ -198,6 +225,42 @@ impl Store {
             Some(v) => Some(u64::from_le_bytes(v.as_ref().try_into().map_err(|_| corrupt(key, "not a u64"))?)),
             None => None,
         })
+    }
+
+    /// Every open command, in id order per device.
+    pub fn open_commands(&self) -> Result<Vec<CommandRecord>, StoreError> {
+        let keys = self.scan(CF_OPEN_COMMANDS, |k, _| Ok(k.to_vec()))?;
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.db.get_pinned_cf(self.cf(CF_COMMANDS), &k)? {
+                Some(v) => out.push(json(&k, &v)?),
+                None => return Err(corrupt(&k, "open command without a record")),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
+        let key = id.0.to_be_bytes();
+        let Some(device) = self.db.get_pinned_cf(self.cf(CF_COMMAND_IDS), key)? else { return Ok(None) };
+        let device = DeviceId(u64::from_be_bytes(device.as_ref().try_into().map_err(|_| corrupt(&key, "bad index"))?));
+        let k = command_key(device, id);
+        self.db.get_pinned_cf(self.cf(CF_COMMANDS), k)?.map(|v| json(&k, &v)).transpose()
+    }
+
+    /// A device's commands, oldest first.
+    pub fn commands_of(&self, device: DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
+        let prefix = device.0.to_be_bytes();
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(self.cf(CF_COMMANDS), IteratorMode::From(&prefix, Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(json(&k, &v)?);
+        }
+        Ok(out)
     }
 
     /// One page of a device's messages after `after` (exclusive), oldest first, and whether more follow.

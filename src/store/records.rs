@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixMs;
-use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret};
+use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -26,6 +26,11 @@ pub struct ProductRecord {
     pub ota_protocol: OtaProtocol,
     pub awake_window_s: u32,
     pub created_at: u64,
+    /// This product's timers for CONs the server sends its devices; unset: `[downlink]` config.
+    #[serde(default)]
+    pub ack_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub max_retransmit: Option<u32>,
 }
 
 /// Radio conditions a device reported or an operator set (used by OTA scheduling).
@@ -51,6 +56,9 @@ pub struct DeviceRecord {
     #[serde(default)]
     pub radio: Radio,
     pub created_at: u64,
+    /// The Huawei observe relation on `/t/d` (SPEC §4), kept across restarts.
+    #[serde(default)]
+    pub observe: Option<ObserveToken>,
 }
 
 /// Which listener family a token belongs to; a token is only valid on its own family, so a 5682

@@ -15,12 +15,14 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
 use super::{
-    CF_DEVICES, CF_MESSAGES, CF_META, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, META_NEXT_DEVICE_ID,
-    META_NEXT_MESSAGE_ID, Store, StoreError, device_key, message_key, records::MessageRecord,
+    CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_PRESENCE, CF_PRODUCTS,
+    CF_REPLAY, CF_SESSIONS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_MESSAGE_ID, Store, StoreError,
+    command_key, device_key, message_key, records::MessageRecord,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
 use crate::config::SyncPolicy;
+use crate::downlink::{CommandId, CommandRecord};
 use crate::identity::{DeviceId, Token};
 use crate::telemetry::metric;
 
@@ -54,12 +56,16 @@ pub enum Op {
     DeleteDevice {
         record: DeviceRecord,
         tokens: Vec<Token>,
+        /// Its commands, whose id index entries go too.
+        commands: Vec<CommandId>,
     },
     PutSession {
         token: Token,
         record: SessionRecord,
     },
     DeleteSession(Token),
+    /// A command created or changed: the whole record, whose status says whether it is open.
+    PutCommand(CommandRecord),
 }
 
 /// Something whose current state is a device record (the registry's live device).
@@ -74,6 +80,8 @@ pub enum Completion {
     Endpoint { sink: CommitSink, ticket: u64 },
     /// An admin request awaiting the result.
     Caller(oneshot::Sender<Result<Option<MessageId>, StoreError>>),
+    /// Nobody waits: a state change recorded as it happens (a failure is logged).
+    Detached,
 }
 
 /// Where an endpoint hears about its committed writes: one message per endpoint per batch.
@@ -120,6 +128,12 @@ impl Writer {
         Commit(rx)
     }
 
+    /// Queues `ops` without waiting for them. Changes to one record must be queued in the order
+    /// they happen, so callers queue while holding that record's lock.
+    pub fn record(&self, ops: impl IntoIterator<Item = Op>) {
+        self.submit(Job { ops: ops.into_iter().collect(), completion: Completion::Detached });
+    }
+
     /// False once the writer thread has ended (stopped, or died).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
@@ -145,6 +159,7 @@ fn complete(completion: Completion, result: Result<Option<MessageId>, StoreError
         Completion::Caller(tx) => {
             let _ = tx.send(result);
         }
+        Completion::Detached => {}
     }
 }
 
@@ -166,6 +181,7 @@ impl WriterThread {
     pub fn start(store: &Store, policy: SyncPolicy, max_batch: usize) -> Result<(Writer, WriterThread), StoreError> {
         let next_message_id = store.meta_u64(META_NEXT_MESSAGE_ID)?.unwrap_or(1);
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1);
+        let next_command_id = store.meta_u64(META_NEXT_COMMAND_ID)?.unwrap_or(1);
         let (tx, rx) = mpsc::channel();
         let mut state = BatchWriter {
             db: store.db().clone(),
@@ -173,6 +189,7 @@ impl WriterThread {
             max_batch,
             next_message_id,
             next_device_id,
+            next_command_id,
             presence: HashMap::new(),
         };
         let alive = Arc::new(AtomicBool::new(true));
@@ -200,6 +217,7 @@ struct BatchWriter {
     max_batch: usize,
     next_message_id: u64,
     next_device_id: u64,
+    next_command_id: u64,
     /// Latest presence per device within the current batch (written once per batch).
     presence: HashMap<DeviceId, PresenceRecord>,
 }
@@ -264,6 +282,7 @@ impl BatchWriter {
         let mut batch = WriteBatch::default();
         let first_message_id = self.next_message_id;
         let first_device_id = self.next_device_id;
+        let first_command_id = self.next_command_id;
         self.presence.clear();
         for job in jobs.iter_mut() {
             let mut id = None;
@@ -294,7 +313,13 @@ impl BatchWriter {
                             batch.put_cf(cf(CF_DEVICES), device_key(&d.product_key, &d.device_name), to_json(&d));
                         }
                     }
-                    Op::DeleteDevice { record, tokens } => {
+                    Op::DeleteDevice { record, tokens, commands } => {
+                        let (from, to) = (record.id.0.to_be_bytes(), (record.id.0 + 1).to_be_bytes());
+                        batch.delete_range_cf(cf(CF_COMMANDS), from.as_slice(), to.as_slice());
+                        batch.delete_range_cf(cf(CF_OPEN_COMMANDS), from.as_slice(), to.as_slice());
+                        for c in commands {
+                            batch.delete_cf(cf(CF_COMMAND_IDS), c.0.to_be_bytes());
+                        }
                         batch.delete_cf(cf(CF_DEVICES), device_key(&record.product_key, &record.device_name));
                         batch.delete_cf(presence_cf, record.id.0.to_be_bytes());
                         batch.delete_range_cf(
@@ -315,6 +340,17 @@ impl BatchWriter {
                         batch.delete_cf(sessions, token.as_bytes());
                         batch.delete_cf(replay, token.as_bytes());
                     }
+                    Op::PutCommand(c) => {
+                        self.next_command_id = self.next_command_id.max(c.id.0 + 1);
+                        let key = command_key(c.device, c.id);
+                        batch.put_cf(cf(CF_COMMANDS), key, to_json(&c));
+                        batch.put_cf(cf(CF_COMMAND_IDS), c.id.0.to_be_bytes(), c.device.0.to_be_bytes());
+                        if c.status.is_open() {
+                            batch.put_cf(cf(CF_OPEN_COMMANDS), key, []);
+                        } else {
+                            batch.delete_cf(cf(CF_OPEN_COMMANDS), key);
+                        }
+                    }
                 }
             }
             ids.push(id);
@@ -328,6 +364,9 @@ impl BatchWriter {
         if self.next_device_id != first_device_id {
             batch.put_cf(cf(CF_META), META_NEXT_DEVICE_ID, self.next_device_id.to_le_bytes());
         }
+        if self.next_command_id != first_command_id {
+            batch.put_cf(cf(CF_META), META_NEXT_COMMAND_ID, self.next_command_id.to_le_bytes());
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(self.policy == SyncPolicy::Fsync);
         let result = self.db.write_opt(batch, &opts).map_err(StoreError::from);
@@ -335,6 +374,7 @@ impl BatchWriter {
             // Nothing of this batch is stored: its ids may be handed out again.
             self.next_message_id = first_message_id;
             self.next_device_id = first_device_id;
+            self.next_command_id = first_command_id;
         }
         result
     }

@@ -19,6 +19,7 @@ use crate::clock::Now;
 use crate::coap::endpoint::{Actions, Endpoint};
 use crate::coap::message::Code;
 use crate::coap::resource::Resources;
+use crate::registry::routes::Kicks;
 use crate::store::{CommitSink, Committed, Completion, Job, Writer};
 use crate::telemetry::metric;
 
@@ -88,6 +89,16 @@ const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most datagrams read before the loop looks at completions and timers again.
 const READS_PER_TURN: usize = 8;
 
+/// What a socket task is told about its port.
+pub struct Port {
+    /// Names the port in metrics.
+    pub label: &'static str,
+    /// Bytes per received datagram; longer ones are reported truncated.
+    pub recv_slot: usize,
+    /// Devices the admin API has something for, served by this socket.
+    pub kicks: Kicks,
+}
+
 /// Runs one socket until `shutdown` flips, then waits (bounded) for its writes in flight so the
 /// devices waiting on them still get their answers.
 pub async fn serve<R: Resources, L: Link>(
@@ -95,10 +106,10 @@ pub async fn serve<R: Resources, L: Link>(
     mut endpoint: Endpoint<R>,
     mut link: L,
     writer: Writer,
-    recv_slot: usize,
-    port: &'static str,
+    port: Port,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let Port { label: port, recv_slot, mut kicks } = port;
     let socket = UdpSocket::from_std(socket)?;
     let fd = socket.as_raw_fd();
     let (sink, mut committed) = mpsc::unbounded_channel::<Vec<Committed>>();
@@ -141,6 +152,9 @@ pub async fn serve<R: Resources, L: Link>(
                         }
                     }
                 }
+            }
+            Some(device) = kicks.recv() => {
+                endpoint.handle_kick(Now::read(), device, &mut actions);
             }
             Some(batch) = committed.recv() => {
                 let now = Now::read();
@@ -231,7 +245,7 @@ fn export_stats<R: Resources>(endpoint: &mut Endpoint<R>, port: &'static str) {
     metrics::counter!(metric::MALFORMED, "port" => port).increment(s.malformed);
     metrics::counter!(metric::DUPLICATES, "port" => port).increment(s.duplicates);
     metrics::counter!(metric::RETRANSMISSIONS, "port" => port).increment(s.retransmissions);
-    metrics::counter!(metric::SEPARATE_TIMEOUTS, "port" => port).increment(s.separate_timeouts);
+    metrics::counter!(metric::CON_TIMEOUTS, "port" => port).increment(s.con_timeouts);
     metrics::counter!(metric::PENDING_WRITES_FULL, "port" => port).increment(s.pending_full);
     metrics::counter!(metric::DEDUP_EVICTIONS, "port" => port).increment(evictions);
     metrics::gauge!(metric::DEDUP_ENTRIES, "port" => port).set(dedup_len as f64);

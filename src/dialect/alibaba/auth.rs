@@ -7,7 +7,7 @@ use super::body::SignedBody;
 use super::{Alibaba, admit};
 use crate::auth::sign::{SignMethod, auth_content};
 use crate::coap::message::Code;
-use crate::coap::resource::{Outcome, Request};
+use crate::coap::resource::{Outcome, Persist, Request};
 use crate::store::Op;
 use crate::store::records::{AckMode, PortFamily, SessionRecord};
 use crate::telemetry::metric;
@@ -22,7 +22,7 @@ fn refuse(code: Code, reason: &'static str) -> Outcome {
 }
 
 impl Alibaba {
-    pub(super) fn auth(&self, req: &Request<'_, '_>) -> Outcome {
+    pub(super) fn auth(&mut self, req: &Request<'_, '_>) -> Outcome {
         let body = match SignedBody::read(req, SignMethod::HmacMd5) {
             Ok(b) => b,
             Err((code, reason)) => return refuse(code, reason),
@@ -54,7 +54,7 @@ impl Alibaba {
             if let Err(o) = admit(&mut state, req, &self.registry) {
                 return o;
             }
-            presence = state.seen(now, req.peer);
+            presence = state.heard(now, req.peer, self.route);
         }
         let random = (self.family == PortFamily::Aes).then(|| hex::encode(rand::random::<[u8; 8]>()));
         let record = SessionRecord {
@@ -80,6 +80,6 @@ impl Alibaba {
         };
         metrics::counter!(metric::AUTH, "result" => if reused { "replayed" } else { "ok" }).increment(1);
         tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, ?token, "authenticated");
-        Outcome::Persist { ops, response: body.reply(reply), separate: ack_mode == AckMode::Separate, undo: None }
+        Persist { separate: ack_mode == AckMode::Separate, ..Persist::new(ops, body.reply(reply)) }.into()
     }
 }

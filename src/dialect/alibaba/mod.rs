@@ -1,43 +1,57 @@
-//! Alibaba IoT CoAP dialect (seed 002 §3.3, SPEC §3): `/auth`, `/topic/...` uplinks and
-//! `/auth/register/device`, on the plain port (5683) and the AES port (5682).
+//! Alibaba IoT CoAP dialect (seed 002 §3.3, SPEC §3): `/auth`, `/topic/...` uplinks, `/pull` for
+//! queued commands and `/auth/register/device`, on the plain port (5683), the AES port (5682) and
+//! inside DTLS (5684).
 
 mod auth;
 pub mod body;
+mod pull;
 mod register;
 mod topic;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::clock::Now;
 use crate::coap::message::Code;
-use crate::coap::resource::{Outcome, Request, Resources, Response};
-use crate::registry::Registry;
+use crate::coap::resource::{ExchangeKey, Outcome, Reply, Request, Response};
 use crate::registry::device::DeviceState;
+use crate::registry::{Device, Registry, Route};
 use crate::store::records::PortFamily;
 use crate::telemetry::metric;
 
 pub struct Alibaba {
     registry: Arc<Registry>,
     family: PortFamily,
+    route: Route,
+    /// `/pull` answers not yet acknowledged, by the key of their separate response.
+    pulls: HashMap<ExchangeKey, Arc<Device>>,
 }
 
 impl Alibaba {
-    pub fn new(registry: Arc<Registry>, family: PortFamily) -> Alibaba {
-        Alibaba { registry, family }
+    pub fn new(registry: Arc<Registry>, route: Route) -> Alibaba {
+        Alibaba { registry, family: route.family, route, pulls: HashMap::new() }
     }
-}
 
-impl Resources for Alibaba {
-    fn handle(&self, req: &Request<'_, '_>) -> Outcome {
-        let handler: fn(&Self, &Request<'_, '_>) -> Outcome = match &req.path[..] {
+    /// The request if it is one of this dialect's resources.
+    pub fn handle(&mut self, req: &Request<'_, '_>) -> Option<Outcome> {
+        let handler: fn(&mut Self, &Request<'_, '_>) -> Outcome = match &req.path[..] {
             ["auth"] => Self::auth,
             ["auth", "register", "device"] => Self::register,
             ["topic", ..] => Self::topic,
-            _ => return Outcome::code(Code::NOT_FOUND),
+            ["pull"] => Self::pull,
+            _ => return None,
         };
         if req.method() != Code::POST {
-            return Outcome::code(Code::METHOD_NOT_ALLOWED);
+            return Some(Outcome::code(Code::METHOD_NOT_ALLOWED));
         }
-        handler(self, req)
+        Some(handler(self, req))
+    }
+
+    /// How a `/pull` answer ended; false if `exchange` is not one.
+    pub fn handle_reply(&mut self, now: Now, exchange: ExchangeKey, reply: &Reply<'_, '_>) -> bool {
+        let Some(device) = self.pulls.remove(&exchange) else { return false };
+        self.settle_pull(now, &device, exchange, reply);
+        true
     }
 }
 

@@ -7,7 +7,7 @@ use super::body::SignedBody;
 use super::{Alibaba, admit};
 use crate::auth::sign::{SignMethod, register_content};
 use crate::coap::message::Code;
-use crate::coap::resource::{Outcome, Request};
+use crate::coap::resource::{Outcome, Persist, Request};
 use crate::store::Op;
 use crate::telemetry::metric;
 
@@ -17,7 +17,7 @@ fn refuse(code: Code, reason: &'static str) -> Outcome {
 }
 
 impl Alibaba {
-    pub(super) fn register(&self, req: &Request<'_, '_>) -> Outcome {
+    pub(super) fn register(&mut self, req: &Request<'_, '_>) -> Outcome {
         let body = match SignedBody::read(req, SignMethod::HmacSha256) {
             Ok(b) => b,
             Err((code, reason)) => return refuse(code, reason),
@@ -50,11 +50,13 @@ impl Alibaba {
         tracing::info!(product_key = pk, device_name = dn, peer = %req.peer, "device registered dynamically");
         let secret = device.secret.expose().to_string();
         let undo_device = device.clone();
-        Outcome::Persist {
-            ops: smallvec![Op::PutDevice(device.clone())],
-            response: body.reply(serde_json::json!({ "deviceSecret": secret })),
-            separate: false,
+        Persist {
             undo: Some(Box::new(move || undo_device.state().registered = false)),
+            ..Persist::new(
+                smallvec![Op::PutDevice(device.clone())],
+                body.reply(serde_json::json!({ "deviceSecret": secret })),
+            )
         }
+        .into()
     }
 }

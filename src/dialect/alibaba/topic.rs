@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use smallvec::smallvec;
+use smallvec::{SmallVec, smallvec};
 
 use super::{Alibaba, admit};
 use crate::auth::replay::Verdict;
 use crate::coap::message::Code;
 use crate::coap::option::OptionNumber;
-use crate::coap::resource::{Outcome, Request, Response, Undo};
+use crate::coap::resource::{Outcome, Persist, Request, Response, Undo};
 use crate::identity::{DeviceName, ProductKey, Token};
 use crate::registry::device::Device;
 use crate::registry::sessions::SessionView;
@@ -38,65 +38,108 @@ pub fn owns_topic(pk: &ProductKey, dn: &DeviceName, segments: &[&str]) -> bool {
     }
 }
 
-/// Who sends an uplink: a token's session, or the device a DTLS PSK session authenticated.
+/// Who sends a request: a token's session, or the device a DTLS PSK session authenticated.
 enum Caller<'a> {
     Token(&'a [u8], SessionView),
     Link(Arc<Device>),
 }
 
+/// A request whose sender is known, allowed, within its flow control, and whose seq (on 5682)
+/// is fresh and marked.
+pub(super) struct Authorized {
+    pub device: Arc<Device>,
+    /// The payload, decrypted on 5682.
+    pub payload: Vec<u8>,
+    /// The session's key, to encrypt an answer with on 5682.
+    pub key: Option<crate::auth::cipher::SessionKey>,
+    /// Writes that make the seq mark and the session's renewed expiry durable.
+    pub ops: SmallVec<[Op; 3]>,
+    /// Unmarks the seq if those writes fail.
+    pub undo: Option<Undo>,
+    pub ack_mode: AckMode,
+}
+
 impl Alibaba {
-    pub(super) fn topic(&self, req: &Request<'_, '_>) -> Outcome {
+    /// Authenticates a request by its token (or its DTLS session), checks the device is enabled
+    /// and passes `allowed`, decrypts it on 5682 and admits it through flow control.
+    pub(super) fn authorize(
+        &self,
+        req: &Request<'_, '_>,
+        allowed: impl FnOnce(&Device) -> Result<(), Outcome>,
+    ) -> Result<Authorized, Outcome> {
         let now = req.now.wall;
         let caller = match token(req) {
             Some(token) => match self.registry.sessions.lookup(token, now) {
                 Lookup::Valid(s) if s.family == self.family => Caller::Token(token, s),
-                _ => return Outcome::code(Code::UNAUTHORIZED),
+                _ => return Err(Outcome::code(Code::UNAUTHORIZED)),
             },
             // A PSK-authenticated DTLS session is already a device identity (SPEC §3.3).
             None => match req.authenticated.and_then(|id| self.registry.device_by_id(id)) {
                 Some(device) => Caller::Link(device),
-                None => return Outcome::code(Code::UNAUTHORIZED),
+                None => return Err(Outcome::code(Code::UNAUTHORIZED)),
             },
         };
         let device = match &caller {
-            Caller::Token(_, s) => &s.device,
-            Caller::Link(d) => d,
+            Caller::Token(_, s) => s.device.clone(),
+            Caller::Link(d) => d.clone(),
         };
         if !device.state().enabled {
-            return Outcome::code(Code::FORBIDDEN);
+            return Err(Outcome::code(Code::FORBIDDEN));
         }
-        let segments = &req.path[1..];
-        // A segment is one topic level: no separators, no relative levels, no control bytes.
-        if segments.iter().any(|s| *s == "." || *s == ".." || s.bytes().any(|b| b == b'/' || b < 0x20)) {
-            return Outcome::code(Code::BAD_REQUEST);
-        }
-        if !owns_topic(&device.product_key, &device.device_name, segments) {
-            return Outcome::code(Code::FORBIDDEN);
-        }
+        allowed(&device)?;
         let (seq, payload) = match &caller {
-            Caller::Token(token, session) if self.family == PortFamily::Aes => {
-                match self.decrypt(req, token, session) {
-                    Ok(v) => v,
-                    Err(o) => return o,
-                }
-            }
+            Caller::Token(token, session) if self.family == PortFamily::Aes => self.decrypt(req, token, session)?,
             _ => (None, req.msg.payload.to_vec()),
         };
-        {
-            let mut state = device.state();
-            if let Err(o) = admit(&mut state, req, &self.registry) {
-                return o;
+        admit(&mut device.state(), req, &self.registry)?;
+        let mut ops = SmallVec::new();
+        let mut undo: Option<Undo> = None;
+        let (key, ack_mode) = match &caller {
+            Caller::Token(token, session) => {
+                let touch = match self.registry.sessions.accept(token, seq, now) {
+                    SeqOutcome::Accepted { touch } => touch,
+                    SeqOutcome::Replayed => return Err(Outcome::code(Code::BAD_REQUEST)),
+                    SeqOutcome::Invalid => return Err(Outcome::code(Code::UNAUTHORIZED)),
+                };
+                let token = Token::from_bytes(token).expect("a token that was found is well-formed");
+                if let Some(seq) = seq {
+                    ops.push(Op::SeenSeq {
+                        token: token.clone(),
+                        window: self.registry.config.auth.replay_window,
+                        seq,
+                    });
+                    // If the write fails the device gets 5.00 and retries with the same seq.
+                    let (registry, token) = (self.registry.clone(), token.clone());
+                    undo = Some(Box::new(move || registry.sessions.unmark(token.as_bytes(), seq)));
+                }
+                if let Some(record) = touch {
+                    ops.push(Op::PutSession { token, record });
+                }
+                (session.key.clone(), session.ack_mode)
             }
-        }
-        let touch = match &caller {
-            Caller::Token(token, _) => match self.registry.sessions.accept(token, seq, now) {
-                SeqOutcome::Accepted { touch } => touch,
-                SeqOutcome::Replayed => return Outcome::code(Code::BAD_REQUEST),
-                SeqOutcome::Invalid => return Outcome::code(Code::UNAUTHORIZED),
-            },
-            Caller::Link(_) => None,
+            Caller::Link(_) => (None, AckMode::Piggybacked),
         };
-        let presence = device.state().seen(now, req.peer);
+        Ok(Authorized { device, payload, key, ops, undo, ack_mode })
+    }
+
+    pub(super) fn topic(&mut self, req: &Request<'_, '_>) -> Outcome {
+        let segments = &req.path[1..];
+        // A segment is one topic level: no separators, no relative levels, no control bytes.
+        let well_formed = !segments.iter().any(|s| *s == "." || *s == ".." || s.bytes().any(|b| b == b'/' || b < 0x20));
+        let Authorized { device, payload, ops: auth_ops, undo, ack_mode, .. } = match self.authorize(req, |d| {
+            if !well_formed {
+                Err(Outcome::code(Code::BAD_REQUEST))
+            } else if !owns_topic(&d.product_key, &d.device_name, segments) {
+                Err(Outcome::code(Code::FORBIDDEN))
+            } else {
+                Ok(())
+            }
+        }) {
+            Ok(a) => a,
+            Err(o) => return o,
+        };
+        let now = req.now.wall;
+        let presence = device.state().heard(now, req.peer, self.route);
         let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
         for s in segments {
             topic.push('/');
@@ -106,28 +149,13 @@ impl Alibaba {
         if let Some(record) = presence {
             ops.push(Op::Presence { device: device.id, record });
         }
-        let mut undo: Option<Undo> = None;
-        if let Caller::Token(token, _) = &caller
-            && (seq.is_some() || touch.is_some())
-        {
-            let token = Token::from_bytes(token).expect("a token that was found is well-formed");
-            if let Some(seq) = seq {
-                ops.push(Op::SeenSeq { token: token.clone(), window: self.registry.config.auth.replay_window, seq });
-                // If the write fails the device gets 5.00 and retries with the same seq.
-                let (registry, token) = (self.registry.clone(), token.clone());
-                undo = Some(Box::new(move || registry.sessions.unmark(token.as_bytes(), seq)));
-            }
-            if let Some(record) = touch {
-                ops.push(Op::PutSession { token, record });
-            }
-        }
-        let separate = matches!(&caller, Caller::Token(_, s) if s.ack_mode == AckMode::Separate);
-        Outcome::Persist {
-            ops,
-            response: Response { with_message_id: true, ..Response::new(Code::CHANGED) },
-            separate,
+        ops.extend(auth_ops);
+        Persist {
+            separate: ack_mode == AckMode::Separate,
             undo,
+            ..Persist::new(ops, Response { with_message_id: true, ..Response::new(Code::CHANGED) })
         }
+        .into()
     }
 
     /// 5682: the seq from option 2089 and the plaintext payload, both under the session key.

@@ -1,0 +1,99 @@
+//! `POST /pull` (SPEC §3.4): an Alibaba device never serves requests, so it fetches its queued
+//! commands. The answer is a separate CON 2.05 listing them (encrypted on 5682); the device's ACK
+//! of that response is what makes them DELIVERED.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use smallvec::SmallVec;
+
+use super::Alibaba;
+use super::body;
+use super::topic::Authorized;
+use crate::clock::Now;
+use crate::coap::message::Code;
+use crate::coap::option::{OptionNumber, content_format};
+use crate::coap::resource::{ExchangeKey, Outcome, Persist, Reply, Request, Response};
+use crate::downlink::Settlement;
+use crate::registry::Device;
+use crate::store::Op;
+
+/// Most commands one answer carries (Alibaba's `pageSize` range).
+const MAX_PAGE: usize = 10;
+
+impl Alibaba {
+    pub(super) fn pull(&mut self, req: &Request<'_, '_>) -> Outcome {
+        let Authorized { device, payload, key, ops: auth_ops, undo, .. } = match self.authorize(req, |_| Ok(())) {
+            Ok(a) => a,
+            Err(o) => return o,
+        };
+        let page = match page_size(&payload, req) {
+            Some(n) => n,
+            None => return Outcome::code(Code::BAD_REQUEST),
+        };
+        let now = req.now;
+        let exchange = self.registry.next_exchange();
+        let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
+        let commands = {
+            let mut s = device.state();
+            if let Some(record) = s.heard(now.wall, req.peer, self.route) {
+                ops.push(Op::Presence { device: device.id, record });
+            }
+            let mut changed = Vec::new();
+            let commands = s.commands.pull(
+                now.wall.0,
+                page,
+                self.registry.config.coap.max_payload,
+                exchange,
+                self.registry.config.downlink.timeout_ms(),
+                &mut changed,
+            );
+            // SENT is durable before the commands leave (they leave once these writes are).
+            ops.extend(changed.into_iter().map(Op::PutCommand));
+            commands
+        };
+        ops.extend(auth_ops);
+        let messages: Vec<_> = commands
+            .iter()
+            .map(|c| serde_json::json!({"id": c.id.to_string(), "topic": c.topic, "payload": STANDARD.encode(&c.payload)}))
+            .collect();
+        let body = serde_json::json!({ "messages": messages }).to_string().into_bytes();
+        let response = match key {
+            // 5682: the answer is under the session key like everything else the device reads.
+            Some(key) => Response { payload: key.encrypt(&body), ..Response::new(Code::CONTENT) },
+            None => Response::with_payload(Code::CONTENT, content_format::JSON, body),
+        };
+        let receipt = (!commands.is_empty()).then_some(exchange);
+        if receipt.is_some() {
+            self.pulls.insert(exchange, device);
+        }
+        Persist { separate: true, undo, receipt, ..Persist::new(ops, response) }.into()
+    }
+
+    pub(super) fn settle_pull(&mut self, now: Now, device: &Device, exchange: ExchangeKey, reply: &Reply<'_, '_>) {
+        let settlement = match reply {
+            Reply::Ack(_) => Settlement::Delivered,
+            Reply::Reset => {
+                Settlement::Failed { reason: "the device rejected the /pull answer (RST)".into(), result: None }
+            }
+            Reply::TimedOut => Settlement::TimedOut,
+        };
+        let s = &mut *device.state();
+        let changed = s.commands.settle(exchange, &settlement, now.wall.0);
+        if !changed.is_empty() {
+            self.registry.writer().record(changed.into_iter().map(Op::PutCommand));
+        }
+    }
+}
+
+/// `{"pageSize": "1".."10"}` (string or number); an empty body asks for one.
+fn page_size(payload: &[u8], req: &Request<'_, '_>) -> Option<usize> {
+    if payload.is_empty() {
+        return Some(1);
+    }
+    let cf = req.msg.uint_option(OptionNumber::CONTENT_FORMAT).ok()?;
+    let fields = body::parse(cf, payload).ok()?;
+    match fields.get("pageSize") {
+        None => Some(1),
+        Some(v) => v.parse().ok().filter(|n| (1..=MAX_PAGE).contains(n)),
+    }
+}

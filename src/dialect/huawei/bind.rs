@@ -1,0 +1,76 @@
+//! `POST /t/r?ep=<node id>`: the device announces itself. 2.04 once its contact is durable, then
+//! the server's `GET /t/d` with Observe 0 and a fresh token (SPEC §4). LiteOS treats an ACK 5.00
+//! as "device does not exist", so an unknown node id gets exactly that.
+
+use smallvec::smallvec;
+
+use super::{Huawei, Started};
+use crate::coap::message::{Code, MessageBuilder, MessageType};
+use crate::coap::option::OptionNumber;
+use crate::coap::resource::{Outcome, Outgoing, Persist, Request, Response};
+use crate::identity::ObserveToken;
+use crate::store::Op;
+use crate::telemetry::metric;
+
+impl Huawei {
+    pub fn bind(&mut self, req: &Request<'_, '_>) -> Outcome {
+        if req.method() != Code::POST {
+            return Outcome::code(Code::METHOD_NOT_ALLOWED);
+        }
+        let Some(ep) = req.query("ep").and_then(|ep| std::str::from_utf8(ep).ok()) else {
+            return Outcome::code(Code::BAD_REQUEST);
+        };
+        let Some(device) = self.registry.device_by_node(ep) else {
+            metrics::counter!(metric::AUTH, "result" => "unknown_node").increment(1);
+            return Outcome::code(Code::INTERNAL_SERVER_ERROR);
+        };
+        // Inside DTLS the session already names a device: it may only bind as itself.
+        if req.authenticated.is_some_and(|id| id != device.id) {
+            return Outcome::code(Code::FORBIDDEN);
+        }
+        let now = req.now.wall;
+        let presence = {
+            let mut s = device.state();
+            if !s.enabled {
+                return Outcome::code(Code::FORBIDDEN);
+            }
+            if let Err(retry_after) = s.admit(now, &self.registry.config.device) {
+                metrics::counter!(metric::FLOW_CONTROL).increment(1);
+                return Outcome::Respond(Response {
+                    max_age: Some(retry_after),
+                    ..Response::new(Code::TOO_MANY_REQUESTS)
+                });
+            }
+            s.heard(now, req.peer, self.route);
+            // Always written: a bind is the device's first word after a (re)start.
+            s.presence()
+        };
+        metrics::counter!(metric::AUTH, "result" => "ok", "kind" => "bind").increment(1);
+        let token = ObserveToken::generate();
+        self.registry.ask_observe(&device, token);
+        let exchange = self.registry.next_exchange();
+        let product = self.registry.product(device.product_key.as_str());
+        // Observe comes before Uri-Path: LiteOS recognises the request by its first option.
+        let message = MessageBuilder::new(MessageType::Con, Code::GET, 0, &token.0)
+            .option(OptionNumber::OBSERVE, &[])
+            .option(OptionNumber::URI_PATH, b"t")
+            .option(OptionNumber::URI_PATH, b"d")
+            .build();
+        let follow_up = Outgoing {
+            peer: req.peer,
+            message,
+            retransmit: self.registry.downlink_timers(product.as_deref()),
+            exchange,
+        };
+        self.started.insert(exchange, Started::Observe { device: device.clone(), token });
+        tracing::debug!(node_id = ep, peer = %req.peer, "bound");
+        Persist {
+            follow_up: Some(follow_up),
+            ..Persist::new(
+                smallvec![Op::Presence { device: device.id, record: presence }],
+                Response::new(Code::CHANGED),
+            )
+        }
+        .into()
+    }
+}

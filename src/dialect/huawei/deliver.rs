@@ -1,0 +1,82 @@
+//! Commands down: CON `POST /t/d` with the observe token, one at a time; how the device answers
+//! settles the command (SPEC §5): an ACK with 2.xx and a payload is SUCCESSFUL with that result,
+//! without one DELIVERED, 4.xx/5.xx or RST FAILED, silence through every retransmission TIMEOUT.
+
+use std::sync::Arc;
+
+use super::{Huawei, Started};
+use crate::clock::Now;
+use crate::coap::message::{Code, MessageBuilder, MessageType};
+use crate::coap::option::{OptionNumber, content_format};
+use crate::coap::resource::{Effects, ExchangeKey, Outgoing, Reply};
+use crate::downlink::Settlement;
+use crate::registry::Device;
+use crate::store::Op;
+
+impl Huawei {
+    /// Sends the device's next command, unless one is in flight or it has no observe relation.
+    pub(super) fn deliver(&mut self, now: Now, device: &Arc<Device>, effects: &mut Effects) {
+        let product = self.registry.product(device.product_key.as_str());
+        let exchange = self.registry.next_exchange();
+        let (command, token, peer) = {
+            let mut s = device.state();
+            let (Some(token), Some(peer)) = (s.observe, s.address) else { return };
+            let mut changed = Vec::new();
+            let command =
+                s.commands.send_next(now.wall.0, exchange, self.registry.config.downlink.timeout_ms(), &mut changed);
+            if !changed.is_empty() {
+                self.registry.writer().record(changed.into_iter().map(Op::PutCommand));
+            }
+            let Some(command) = command else { return };
+            (command, token, peer)
+        };
+        let message = MessageBuilder::new(MessageType::Con, Code::POST, 0, &token.0)
+            .option(OptionNumber::OBSERVE, &[])
+            .option(OptionNumber::URI_PATH, b"t")
+            .option(OptionNumber::URI_PATH, b"d")
+            .uint_option(OptionNumber::CONTENT_FORMAT, content_format::OCTET_STREAM)
+            .payload(&command.payload)
+            .build();
+        tracing::debug!(device = ?device, command = %command.id, %peer, "sending command");
+        effects.outgoing.push(Outgoing {
+            peer,
+            message,
+            retransmit: self.registry.downlink_timers(product.as_deref()),
+            exchange,
+        });
+        self.started.insert(exchange, Started::Command { device: device.clone() });
+    }
+
+    pub(super) fn command_answered(
+        &mut self,
+        now: Now,
+        device: &Arc<Device>,
+        exchange: ExchangeKey,
+        reply: &Reply<'_, '_>,
+        effects: &mut Effects,
+    ) {
+        let settlement = match reply {
+            Reply::Ack(msg) if msg.code == Code::EMPTY => Settlement::Delivered,
+            Reply::Ack(msg) if msg.code.class() == 2 && msg.payload.is_empty() => Settlement::Delivered,
+            Reply::Ack(msg) if msg.code.class() == 2 => Settlement::Succeeded(msg.payload.to_vec()),
+            Reply::Ack(msg) => Settlement::Failed {
+                reason: format!("the device answered {}", msg.code),
+                result: (!msg.payload.is_empty()).then(|| msg.payload.to_vec()),
+            },
+            Reply::Reset => Settlement::Failed { reason: "the device rejected the command (RST)".into(), result: None },
+            Reply::TimedOut => Settlement::TimedOut,
+        };
+        {
+            let mut s = device.state();
+            let changed = s.commands.settle(exchange, &settlement, now.wall.0);
+            if !changed.is_empty() {
+                self.registry.writer().record(changed.into_iter().map(Op::PutCommand));
+            }
+        }
+        // An answer means the device is listening: the next command follows. After silence it
+        // waits for the device's next report.
+        if settlement != Settlement::TimedOut {
+            self.deliver(now, device, effects);
+        }
+    }
+}

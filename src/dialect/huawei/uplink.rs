@@ -1,0 +1,57 @@
+//! Uplinks: notifications (NON, or CON) with a 2.xx code, the observe token and binary payload.
+//! The token names the device; the address it came from is only where to send to next (SPEC §4).
+
+use smallvec::smallvec;
+
+use super::{Huawei, UPLINK_TOPIC};
+use crate::coap::message::MessageType;
+use crate::coap::resource::{Effects, Notified, Request};
+use crate::identity::ObserveToken;
+use crate::store::Op;
+use crate::telemetry::metric;
+
+impl Huawei {
+    pub fn notification(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Notified {
+        let Some(device) = ObserveToken::from_bytes(req.msg.token).and_then(|t| self.registry.device_by_observe(&t))
+        else {
+            return Notified::Reject;
+        };
+        if req.authenticated.is_some_and(|id| id != device.id) {
+            return Notified::Reject;
+        }
+        let token = ObserveToken::from_bytes(req.msg.token).expect("matched above");
+        if req.msg.code.class() != 2 {
+            // The device ends the relation (RFC 7641 §3.2): nothing to store.
+            return if req.msg.mtype == MessageType::Con { Notified::Acknowledge } else { Notified::Drop };
+        }
+        let now = req.now.wall;
+        let presence = {
+            let mut s = device.state();
+            if !s.enabled {
+                return Notified::Reject;
+            }
+            if s.admit(now, &self.registry.config.device).is_err() {
+                // No 4.29 exists for a notification; unacknowledged, a CON comes again later.
+                metrics::counter!(metric::FLOW_CONTROL).increment(1);
+                return Notified::Drop;
+            }
+            s.heard(now, req.peer, self.route)
+        };
+        // The device acknowledged the relation with a separate notification rather than in the ACK.
+        if self.registry.establish_observe(&device, token) {
+            tracing::debug!(device = ?device, "observe relation established by a notification");
+        }
+        let mut ops = smallvec![Op::Uplink {
+            device: device.id,
+            received_at: now,
+            topic: UPLINK_TOPIC.into(),
+            payload: req.msg.payload.to_vec(),
+        }];
+        if let Some(record) = presence {
+            ops.push(Op::Presence { device: device.id, record });
+        }
+        // The device is awake now: its next command leaves at once.
+        self.deliver(req.now, &device, effects);
+        Notified::Store { ops, undo: None }
+    }
+}

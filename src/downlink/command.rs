@@ -1,0 +1,156 @@
+//! A command and its states: PENDING → SENT → DELIVERED → SUCCESSFUL | FAILED, or EXPIRED (never
+//! sent before its expiry), TIMEOUT (sent, never acknowledged), CANCELED (seed 003 §4.5.2).
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{DeviceId, DeviceName, ProductKey};
+
+/// Identifies a command instance-wide; ids grow in creation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CommandId(pub u64);
+
+impl std::fmt::Display for CommandId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for CommandId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<CommandId, Self::Err> {
+        s.parse().map(CommandId)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CommandStatus {
+    Pending,
+    Sent,
+    Delivered,
+    Successful,
+    Failed,
+    Expired,
+    Timeout,
+    Canceled,
+}
+
+impl CommandStatus {
+    /// Still in the device's queue: waiting to be sent, or sent and not acknowledged.
+    pub fn is_open(self) -> bool {
+        matches!(self, CommandStatus::Pending | CommandStatus::Sent)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStatus::Pending => "PENDING",
+            CommandStatus::Sent => "SENT",
+            CommandStatus::Delivered => "DELIVERED",
+            CommandStatus::Successful => "SUCCESSFUL",
+            CommandStatus::Failed => "FAILED",
+            CommandStatus::Expired => "EXPIRED",
+            CommandStatus::Timeout => "TIMEOUT",
+            CommandStatus::Canceled => "CANCELED",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SendStrategy {
+    /// Kept until the device next shows life (Huawei's cached delivery).
+    #[default]
+    Delay,
+    /// Sent while the device is awake, else FAILED at once.
+    Immediately,
+}
+
+/// A command as stored: every state change rewrites it whole (they are few and small).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub id: CommandId,
+    pub device: DeviceId,
+    pub product_key: ProductKey,
+    pub device_name: DeviceName,
+    #[serde(with = "base64_bytes")]
+    pub payload: Vec<u8>,
+    /// Topic an Alibaba device receives it on (`/pull` answers name one).
+    pub topic: String,
+    pub strategy: SendStrategy,
+    pub status: CommandStatus,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    /// Not sent by then: EXPIRED (FAILED for `immediately`, which has no waiting state).
+    pub expires_at: u64,
+    pub sent_at: Option<u64>,
+    pub delivered_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// What the device answered (a piggybacked response's payload).
+    #[serde(default, with = "base64_opt")]
+    pub result: Option<Vec<u8>>,
+    /// Why it ended as it did, for the operator.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl CommandRecord {
+    /// Moves to `status` at `now`, stamping the time that status names.
+    pub fn set(&mut self, status: CommandStatus, now: u64) {
+        self.status = status;
+        match status {
+            CommandStatus::Pending => {}
+            CommandStatus::Sent => self.sent_at = Some(now),
+            CommandStatus::Delivered => self.delivered_at = Some(now),
+            CommandStatus::Successful => {
+                self.delivered_at.get_or_insert(now);
+                self.finished_at = Some(now);
+            }
+            CommandStatus::Failed | CommandStatus::Expired | CommandStatus::Timeout | CommandStatus::Canceled => {
+                self.finished_at = Some(now)
+            }
+        }
+    }
+
+    /// Ends a command that was never sent in time.
+    pub fn expire(&mut self, now: u64) {
+        match self.strategy {
+            SendStrategy::Delay => self.set(CommandStatus::Expired, now),
+            SendStrategy::Immediately => {
+                self.set(CommandStatus::Failed, now);
+                self.reason = Some("the device went to sleep before the command could be sent".into());
+            }
+        }
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        STANDARD.decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+mod base64_opt {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_some(&STANDARD.encode(v)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?.map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom)).transpose()
+    }
+}

@@ -1,0 +1,42 @@
+//! Which socket task serves a device, so the admin API can hand it something to send now: an
+//! `immediately` command must leave from the socket the device's NAT binding (and on 5684 its DTLS
+//! session) belongs to.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use tokio::sync::mpsc;
+
+use crate::identity::DeviceId;
+use crate::store::records::PortFamily;
+
+/// One socket of one listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub family: PortFamily,
+    pub socket: u16,
+}
+
+/// A socket task's inbox of devices that have something to be sent.
+pub type Kicks = mpsc::UnboundedReceiver<DeviceId>;
+
+#[derive(Default)]
+pub struct Routes {
+    senders: RwLock<HashMap<Route, mpsc::UnboundedSender<DeviceId>>>,
+}
+
+impl Routes {
+    /// Registers a socket task; returns its inbox.
+    pub fn open(&self, route: Route) -> Kicks {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.senders.write().unwrap_or_else(|p| p.into_inner()).insert(route, tx);
+        rx
+    }
+
+    /// Tells the socket task behind `route` that `device` has something to be sent.
+    pub fn kick(&self, route: Route, device: DeviceId) {
+        if let Some(tx) = self.senders.read().unwrap_or_else(|p| p.into_inner()).get(&route) {
+            let _ = tx.send(device);
+        }
+    }
+}
