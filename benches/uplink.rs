@@ -16,9 +16,9 @@ use nbhub::coap::endpoint::{Actions, Endpoint, EndpointConfig};
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::config::SyncPolicy;
-use nbhub::dialect::alibaba::Alibaba;
+use nbhub::dialect::DeviceFacing;
 use nbhub::identity::{DeviceName, ProductKey};
-use nbhub::registry::{NewDevice, Registry};
+use nbhub::registry::{NewDevice, Registry, Route};
 use nbhub::store::records::{AckMode, PortFamily, SessionRecord};
 use nbhub::store::{Completion, Job, WriterThread};
 
@@ -78,9 +78,9 @@ fn uplink(token: &str, key: &nbhub::auth::cipher::SessionKey, pk: &str, dn: &str
         .build()
 }
 
-fn endpoint(f: &Fixture) -> Endpoint<Alibaba> {
+fn endpoint(f: &Fixture) -> Endpoint<DeviceFacing> {
     Endpoint::new(
-        Alibaba::new(f.registry.clone(), PortFamily::Aes),
+        DeviceFacing::new(f.registry.clone(), Route { family: PortFamily::Aes, socket: 0 }),
         EndpointConfig {
             max_payload: 1040,
             announced_max_payload: 1024,

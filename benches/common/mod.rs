@@ -38,6 +38,8 @@ pub fn bed(product: &str, sync: SyncPolicy) -> Bed {
             dynamic_registration: false,
             ota_protocol: OtaProtocol::Pcp,
             awake_window_s: 20,
+            ack_timeout_ms: None,
+            max_retransmit: None,
         }))
         .unwrap();
     Bed { dir, runtime, registry, thread, product }

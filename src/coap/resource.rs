@@ -181,6 +181,7 @@ impl From<Persist> for Outcome {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // like Outcome: built once per notification and consumed at once
 /// What becomes of a notification (a CON or NON carrying a response code: a Huawei uplink).
 pub enum Notified {
     /// Make `ops` durable, then acknowledge a CON with an Empty ACK (a NON gets nothing).

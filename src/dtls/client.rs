@@ -128,8 +128,19 @@ impl DtlsClient {
 
     /// Sends one CoAP datagram and returns the first one received back.
     pub fn exchange(&mut self, coap: &[u8], within: Duration) -> Option<Vec<u8>> {
+        self.send(coap)?;
+        self.recv(within)
+    }
+
+    /// Sends one CoAP datagram inside the session.
+    pub fn send(&mut self, coap: &[u8]) -> Option<()> {
         self.stream.ssl_write(coap).ok()?;
         self.send_outbound();
+        Some(())
+    }
+
+    /// The next CoAP datagram received inside the session, if one comes within `within`.
+    pub fn recv(&mut self, within: Duration) -> Option<Vec<u8>> {
         let deadline = Instant::now() + within;
         let mut buf = vec![0u8; 16384];
         loop {

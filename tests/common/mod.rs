@@ -488,3 +488,160 @@ pub fn link_sdk_identity(method: SignMethod, pk: &str, dn: &str, secret: &str) -
     let identity = format!("devicename|{}|{pk}&{dn}|{TIMESTAMP}", method.name());
     (identity, nbhub::dtls::psk::link_sdk_psk(method, secret, pk, dn, TIMESTAMP))
 }
+
+/// Carries a simulated device's CoAP datagrams: plain UDP, or a DTLS session.
+pub trait Wire {
+    fn send(&mut self, data: &[u8]);
+    fn recv(&mut self, within: Duration) -> Option<Vec<u8>>;
+}
+
+impl Wire for Peer {
+    fn send(&mut self, data: &[u8]) {
+        Peer::send(self, data)
+    }
+    fn recv(&mut self, within: Duration) -> Option<Vec<u8>> {
+        self.recv_within(within)
+    }
+}
+
+impl Wire for nbhub::dtls::client::DtlsClient {
+    fn send(&mut self, data: &[u8]) {
+        nbhub::dtls::client::DtlsClient::send(self, data).expect("send inside the session");
+    }
+    fn recv(&mut self, within: Duration) -> Option<Vec<u8>> {
+        nbhub::dtls::client::DtlsClient::recv(self, within)
+    }
+}
+
+/// A simulated Huawei LiteOS device (`oc_coap` agent): binds with `POST /t/r?ep=`, takes the
+/// token of the server's `GET /t/d` observe request, reports as NON 2.05 notifications and
+/// answers `POST /t/d` commands.
+pub struct HuaweiDevice<W: Wire = Peer> {
+    pub wire: W,
+    pub node: String,
+    pub token: Vec<u8>,
+    mid: u16,
+    observe: u8,
+}
+
+impl HuaweiDevice<Peer> {
+    pub fn new(server: SocketAddr, node: &str) -> HuaweiDevice<Peer> {
+        HuaweiDevice::over(Peer::new(server), node)
+    }
+
+    /// Moves to a new source port, as after a NAT rebinding.
+    pub fn rebind_port(&mut self) {
+        self.wire = Peer::new(self.wire.server);
+    }
+}
+
+impl<W: Wire> HuaweiDevice<W> {
+    pub fn over(wire: W, node: &str) -> HuaweiDevice<W> {
+        HuaweiDevice { wire, node: node.into(), token: Vec::new(), mid: rand_u16(), observe: 0 }
+    }
+
+    fn next_mid(&mut self) -> u16 {
+        self.mid = self.mid.wrapping_add(1);
+        self.mid
+    }
+
+    /// Sends the bind request and returns the server's ACK to it.
+    pub fn bind_request(&mut self) -> Reply {
+        let mid = self.next_mid();
+        let req = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[0xb1, 0x9d])
+            .option(OptionNumber::URI_PATH, b"t")
+            .option(OptionNumber::URI_PATH, b"r")
+            .option(OptionNumber::URI_QUERY, format!("ep={}", self.node).as_bytes())
+            .build();
+        self.wire.send(&req);
+        let reply = self.recv_reply(Duration::from_secs(5)).expect("an answer to the bind");
+        assert_eq!((reply.mtype, reply.mid), (MessageType::Ack, mid), "the bind's ACK");
+        reply
+    }
+
+    /// Binds and accepts the server's observe request (answered 2.05 as LiteOS does).
+    pub fn bind(&mut self) {
+        assert_eq!(self.bind_request().code, Code::CHANGED);
+        let get = self.recv_reply(Duration::from_secs(5)).expect("the server's GET /t/d");
+        assert_eq!((get.mtype, get.code), (MessageType::Con, Code::GET));
+        assert_eq!(get.options.first().map(|(n, v)| (*n, v.len())), Some((6, 0)), "Observe 0 comes first");
+        assert_eq!(get.path(), ["t", "d"]);
+        self.token = get.token.clone();
+        self.answer(&get, Code::CONTENT, b"");
+    }
+
+    /// A notification (NON 2.05 with the observe token), as LiteOS reports data.
+    pub fn report(&mut self, payload: &[u8]) {
+        let data = self.notification(MessageType::Non, payload);
+        self.wire.send(&data);
+    }
+
+    pub fn notification(&mut self, mtype: MessageType, payload: &[u8]) -> Vec<u8> {
+        self.observe = self.observe.wrapping_add(1);
+        let mid = self.next_mid();
+        MessageBuilder::new(mtype, Code::CONTENT, mid, &self.token)
+            .option(OptionNumber::OBSERVE, &[self.observe])
+            .payload(payload)
+            .build()
+    }
+
+    /// The next datagram from the server, parsed.
+    pub fn recv_reply(&mut self, within: Duration) -> Option<Reply> {
+        self.wire.recv(within).map(|d| Reply::parse(&d))
+    }
+
+    /// The next command (`POST /t/d` CON) within `within`.
+    pub fn command(&mut self, within: Duration) -> Option<Reply> {
+        let deadline = Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let r = self.recv_reply(left)?;
+            if r.mtype == MessageType::Con && r.code == Code::POST {
+                assert_eq!(r.path(), ["t", "d"]);
+                assert_eq!(r.token, self.token, "commands carry the observe token");
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// ACKs a CON from the server with a piggybacked response.
+    pub fn answer(&mut self, con: &Reply, code: Code, payload: &[u8]) {
+        let mut b = MessageBuilder::new(MessageType::Ack, code, con.mid, &con.token);
+        if !payload.is_empty() {
+            b = b.uint_option(OptionNumber::CONTENT_FORMAT, 0);
+        }
+        let ack = b.payload(payload).build();
+        self.wire.send(&ack);
+    }
+}
+
+impl Reply {
+    /// Uri-Path segments.
+    pub fn path(&self) -> Vec<String> {
+        self.options.iter().filter(|(n, _)| *n == 11).map(|(_, v)| String::from_utf8_lossy(v).into_owned()).collect()
+    }
+}
+
+impl Server {
+    /// Queues a command; returns the created command.
+    pub fn send_command(&self, pk: &str, dn: &str, body: Value) -> Value {
+        self.admin().post(&format!("/api/v1/products/{pk}/devices/{dn}/commands"), &body).expect("create command")
+    }
+
+    pub fn command(&self, id: &str) -> Value {
+        self.admin().get(&format!("/api/v1/commands/{id}")).expect("read command")
+    }
+
+    /// Waits (bounded) until the command reaches `status`; returns it.
+    pub fn wait_command(&self, id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let c = self.command(id);
+            if c["status"] == status {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "command {id} never became {status}: {c}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
