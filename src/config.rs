@@ -24,6 +24,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub device: DeviceConfig,
     pub downlink: DownlinkConfig,
+    pub webhooks: WebhooksConfig,
     pub store: StoreConfig,
 }
 
@@ -136,6 +137,28 @@ pub struct DownlinkConfig {
 impl DownlinkConfig {
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_s * 1000
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    pub timeout_ms: u64,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub max_age_s: u64,
+    pub concurrency: usize,
+}
+
+impl WebhooksConfig {
+    pub fn delivery(&self) -> crate::northbound::delivery::DeliveryConfig {
+        crate::northbound::delivery::DeliveryConfig {
+            timeout: Duration::from_millis(self.timeout_ms),
+            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+            max_age: Duration::from_secs(self.max_age_s),
+            concurrency: self.concurrency,
+        }
     }
 }
 
@@ -275,6 +298,15 @@ impl Config {
         }
         if !dl.default_topic.starts_with('/') {
             return bad(format!("downlink.default_topic = {:?} must start with /", dl.default_topic));
+        }
+        let w = &self.webhooks;
+        if w.timeout_ms < 100 || w.initial_backoff_ms < 10 || w.max_backoff_ms < w.initial_backoff_ms {
+            return bad(
+                "webhooks: timeout_ms >= 100, initial_backoff_ms >= 10 and max_backoff_ms >= initial_backoff_ms".into(),
+            );
+        }
+        if w.max_age_s == 0 || !(1..=256).contains(&w.concurrency) {
+            return bad("webhooks.max_age_s must be positive and webhooks.concurrency within 1..=256".into());
         }
         if !(1..=1_000_000).contains(&self.store.max_batch) {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));

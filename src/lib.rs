@@ -11,6 +11,7 @@ pub mod dialect;
 pub mod downlink;
 pub mod dtls;
 pub mod identity;
+pub mod northbound;
 pub mod registry;
 pub mod store;
 pub mod telemetry;
@@ -99,6 +100,12 @@ async fn serve_with(
     let metrics = telemetry::init_metrics();
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let webhooks = northbound::Webhooks::start(
+        registry.store().clone(),
+        writer.clone(),
+        config.webhooks.delivery(),
+        stop_rx.clone(),
+    )?;
     let mut tasks = tokio::task::JoinSet::new();
     let plain = || transport::link::Plain;
     let coap =
@@ -120,7 +127,8 @@ async fn serve_with(
         .await
         .map_err(io_err(format!("cannot listen for the admin API on {}", config.admin.listen)))?;
     let admin = listener.local_addr().map_err(io_err("admin listener"))?;
-    let router = admin::router(admin::AdminState { registry: registry.clone(), token: admin_token.into(), metrics });
+    let router =
+        admin::router(admin::AdminState { registry: registry.clone(), webhooks, token: admin_token.into(), metrics });
     let mut admin_stop = stop_rx.clone();
     tasks.spawn(async move {
         axum::serve(listener, router)
@@ -132,6 +140,7 @@ async fn serve_with(
 
     tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
     tasks.spawn(expire_commands(registry.clone(), stop_rx.clone()));
+    tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
 
     let endpoints = Endpoints { coap, aes, dtls, admin };
     write_endpoints(&data_dir, &endpoints)?;
@@ -218,6 +227,24 @@ async fn expire_commands(registry: Arc<Registry>, mut stop: watch::Receiver<bool
                 let ended = registry.expire_commands(clock::UnixMs::now());
                 if ended > 0 {
                     tracing::debug!(commands = ended, "commands expired");
+                }
+            }
+        }
+    }
+}
+
+/// Announces devices turning abnormal or offline through silence, checked often enough for the
+/// thresholds (a minute for the default hours).
+async fn sweep_statuses(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let period = (registry.config.device.online_within_s / 2).clamp(1, 60);
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(period));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = every.tick() => {
+                let changed = registry.sweep_statuses(clock::UnixMs::now());
+                if changed > 0 {
+                    tracing::debug!(devices = changed, "device status changed");
                 }
             }
         }

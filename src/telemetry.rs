@@ -37,6 +37,9 @@ pub mod metric {
     pub const DTLS_UNSENT: &str = "nbhub_dtls_unsent_responses_total";
     pub const DTLS_SESSIONS: &str = "nbhub_dtls_sessions";
     pub const DTLS_HANDSHAKES_IN_PROGRESS: &str = "nbhub_dtls_handshakes_in_progress";
+    pub const WEBHOOK_DELIVERIES: &str = "nbhub_webhook_deliveries_total";
+    pub const WEBHOOK_DROPPED: &str = "nbhub_webhook_events_dropped_total";
+    pub const COMMANDS: &str = "nbhub_commands_total";
 }
 
 pub fn init_logging(config: &Config) {

@@ -6,13 +6,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::AdminState;
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
-use crate::clock::UnixMs;
-use crate::downlink::{CommandId, CommandRecord, SendStrategy};
+use crate::downlink::{CommandId, CommandView, SendStrategy};
 use crate::registry::{CommandError, NewCommand};
 
 pub fn routes() -> Router<AdminState> {
@@ -33,47 +32,6 @@ struct CreateCommand {
     expire_time: Option<u64>,
     /// The topic an Alibaba device receives it on.
     topic: Option<String>,
-}
-
-#[derive(Serialize)]
-pub struct CommandView {
-    command_id: String,
-    product_key: String,
-    device_name: String,
-    status: &'static str,
-    send_strategy: SendStrategy,
-    topic: String,
-    payload_base64: String,
-    created_at: String,
-    expires_at: String,
-    sent_at: Option<String>,
-    delivered_at: Option<String>,
-    finished_at: Option<String>,
-    result_base64: Option<String>,
-    /// Why it ended as it did (FAILED, TIMEOUT, EXPIRED).
-    reason: Option<String>,
-}
-
-impl From<CommandRecord> for CommandView {
-    fn from(c: CommandRecord) -> CommandView {
-        let time = |t: Option<u64>| t.map(|t| UnixMs(t).rfc3339());
-        CommandView {
-            command_id: c.id.to_string(),
-            product_key: c.product_key.to_string(),
-            device_name: c.device_name.to_string(),
-            status: c.status.as_str(),
-            send_strategy: c.strategy,
-            topic: c.topic,
-            payload_base64: STANDARD.encode(&c.payload),
-            created_at: UnixMs(c.created_at).rfc3339(),
-            expires_at: UnixMs(c.expires_at).rfc3339(),
-            sent_at: time(c.sent_at),
-            delivered_at: time(c.delivered_at),
-            finished_at: time(c.finished_at),
-            result_base64: c.result.map(|r| STANDARD.encode(r)),
-            reason: c.reason,
-        }
-    }
 }
 
 impl From<CommandError> for ApiError {

@@ -5,6 +5,7 @@ mod commands;
 mod devices;
 pub mod error;
 mod products;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 #[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
+    pub webhooks: Arc<crate::northbound::Webhooks>,
     pub token: Arc<str>,
     pub metrics: Option<PrometheusHandle>,
 }
@@ -36,6 +38,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(products::routes())
         .merge(devices::routes())
         .merge(commands::routes())
+        .merge(webhooks::routes())
         // Inside the token check: an unknown /api/v1 path without the token is 401, not 404.
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));

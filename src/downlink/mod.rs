@@ -5,5 +5,5 @@
 pub mod command;
 pub mod queue;
 
-pub use command::{CommandId, CommandRecord, CommandStatus, SendStrategy};
+pub use command::{CommandId, CommandRecord, CommandStatus, CommandView, SendStrategy};
 pub use queue::{CancelError, Queue, QueueFull, Settlement};

@@ -47,6 +47,8 @@ pub struct DeviceState {
     pub pending_observe: Option<ObserveToken>,
     /// Commands not yet delivered or ended.
     pub commands: Queue,
+    /// The status last told to subscribers (`device_status` events announce changes).
+    pub announced: Status,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -82,6 +84,7 @@ impl Device {
                 observe: r.observe,
                 pending_observe: None,
                 commands: Queue::default(),
+                announced: Status::Inactive,
             }),
         }
     }
@@ -259,6 +262,7 @@ mod tests {
             observe: None,
             pending_observe: None,
             commands: Queue::default(),
+            announced: Status::Inactive,
         };
         assert_eq!(s.status(now, &c), Status::Inactive);
         s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));

@@ -2,6 +2,7 @@
 //! kept in step with it: every change is committed through the writer before it is reported done.
 
 pub mod commands;
+mod contact;
 pub mod device;
 pub mod routes;
 pub mod sessions;
@@ -145,6 +146,11 @@ impl Registry {
             max_id = max_id.max(r.id.0);
             let p = presence.remove(&r.id);
             let d = Arc::new(Device::from_record(r, p.as_ref().map(|p| p.last_seen), p.and_then(|p| p.address)));
+            // What subscribers knew before the restart is not stored; changes from here on are.
+            {
+                let mut s = d.state();
+                s.announced = s.status(now, &config.device);
+            }
             devices.insert(&d);
         }
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1).max(max_id + 1);

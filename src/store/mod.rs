@@ -16,6 +16,8 @@ use crate::auth::replay::{self, ReplayWindow};
 use crate::clock::UnixMs;
 use crate::downlink::{CommandId, CommandRecord};
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
+use crate::northbound::event::Stored;
+use crate::northbound::{WebhookId, WebhookRecord};
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
 pub use writer::{Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
 
@@ -32,8 +34,12 @@ pub const CF_COMMANDS: &str = "commands";
 pub const CF_COMMAND_IDS: &str = "command_ids";
 /// `device id | command id` of commands still open: all the server reads at start.
 pub const CF_OPEN_COMMANDS: &str = "open_commands";
+/// `event id` → event, for webhook delivery; trimmed below the slowest subscriber's cursor.
+pub const CF_OUTBOX: &str = "outbox";
+/// `webhook id` → subscription, and `webhook id | "c"` → the last event id it took.
+pub const CF_WEBHOOKS: &str = "webhooks";
 
-const ALL_CFS: [&str; 10] = [
+const ALL_CFS: [&str; 12] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -44,11 +50,21 @@ const ALL_CFS: [&str; 10] = [
     CF_COMMANDS,
     CF_COMMAND_IDS,
     CF_OPEN_COMMANDS,
+    CF_OUTBOX,
+    CF_WEBHOOKS,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
 pub const META_NEXT_MESSAGE_ID: &[u8] = b"next_message_id";
 pub const META_NEXT_COMMAND_ID: &[u8] = b"next_command_id";
+pub const META_NEXT_EVENT_ID: &[u8] = b"next_event_id";
+
+/// Where a webhook's cursor is kept: beside its record.
+pub fn webhook_cursor_key(id: WebhookId) -> [u8; 9] {
+    let mut k = [b'c'; 9];
+    k[..8].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -263,6 +279,39 @@ impl Store {
         Ok(out)
     }
 
+    /// Every webhook with its cursor (the last event id it took).
+    pub fn webhooks(&self) -> Result<Vec<(WebhookRecord, u64)>, StoreError> {
+        let mut records = Vec::new();
+        let mut cursors = HashMap::new();
+        self.scan(CF_WEBHOOKS, |k, v| {
+            match k.len() {
+                8 => records.push(json::<WebhookRecord>(k, v)?),
+                9 => {
+                    let id = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+                    cursors.insert(id, u64::from_le_bytes(v.try_into().map_err(|_| corrupt(k, "bad cursor"))?));
+                }
+                _ => return Err(corrupt(k, "unexpected webhook key")),
+            }
+            Ok(())
+        })?;
+        Ok(records.into_iter().map(|r| (cursors.get(&r.id.0).copied().unwrap_or(0), r)).map(|(c, r)| (r, c)).collect())
+    }
+
+    /// Up to `limit` outbox events after `after` (exclusive), oldest first.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        let start = after.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_OUTBOX), IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item?;
+            let id = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt(&k, "bad event key"))?);
+            out.push(Stored::decode(id, &v).ok_or_else(|| corrupt(&k, "bad event record"))?);
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// One page of a device's messages after `after` (exclusive), oldest first, and whether more follow.
     pub fn messages(
         &self,
@@ -323,6 +372,7 @@ mod tests {
                 received_at: UnixMs(now.0 - age_s * 1000),
                 topic: "/p/d/t".into(),
                 payload: payload.as_bytes().to_vec(),
+                source: None,
             };
             rt.block_on(writer.commit([op])).unwrap();
         }

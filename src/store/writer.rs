@@ -11,19 +11,21 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
-use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
 use super::{
-    CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_PRESENCE, CF_PRODUCTS,
-    CF_REPLAY, CF_SESSIONS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_MESSAGE_ID, Store, StoreError,
-    command_key, device_key, message_key, records::MessageRecord,
+    CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_OUTBOX, CF_PRESENCE,
+    CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, CF_WEBHOOKS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID,
+    META_NEXT_MESSAGE_ID, Store, StoreError, command_key, device_key, message_key, records::MessageRecord,
+    webhook_cursor_key,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
 use crate::config::SyncPolicy;
-use crate::downlink::{CommandId, CommandRecord};
+use crate::downlink::{CommandId, CommandRecord, CommandView};
 use crate::identity::{DeviceId, Token};
+use crate::northbound::{Event, EventKind, EventSource, Wanted, WebhookId, WebhookRecord};
 use crate::telemetry::metric;
 
 /// Id of a stored uplink, assigned at commit so ids grow in commit order (cursor paging relies on it).
@@ -38,6 +40,8 @@ pub enum Op {
         received_at: UnixMs,
         topic: String,
         payload: Vec<u8>,
+        /// Set when subscribers want uplink events: the event goes in the same batch.
+        source: Option<EventSource>,
     },
     /// A 5682 seq accepted with the uplink in the same job (merged into the session's window).
     SeenSeq {
@@ -65,7 +69,21 @@ pub enum Op {
     },
     DeleteSession(Token),
     /// A command created or changed: the whole record, whose status says whether it is open.
+    /// Subscribers wanting command events get one from the same batch.
     PutCommand(CommandRecord),
+    /// An event for the outbox (the writer assigns its id).
+    Event(Event),
+    PutWebhook(WebhookRecord),
+    DeleteWebhook(WebhookId),
+    /// A webhook took every event up to `delivered`.
+    WebhookCursor {
+        webhook: WebhookId,
+        delivered: u64,
+    },
+    /// No subscriber needs events below `below` any more.
+    TrimOutbox {
+        below: u64,
+    },
 }
 
 /// Something whose current state is a device record (the registry's live device).
@@ -109,6 +127,8 @@ enum Msg {
 pub struct Writer {
     tx: mpsc::Sender<Msg>,
     alive: Arc<AtomicBool>,
+    wanted: Arc<Wanted>,
+    events: watch::Receiver<u64>,
 }
 
 impl Writer {
@@ -132,6 +152,16 @@ impl Writer {
     /// they happen, so callers queue while holding that record's lock.
     pub fn record(&self, ops: impl IntoIterator<Item = Op>) {
         self.submit(Job { ops: ops.into_iter().collect(), completion: Completion::Detached });
+    }
+
+    /// The event kinds subscribers want (set by the webhook registry, read by event sources).
+    pub fn wanted(&self) -> &Arc<Wanted> {
+        &self.wanted
+    }
+
+    /// The id of the last event committed to the outbox.
+    pub fn events(&self) -> watch::Receiver<u64> {
+        self.events.clone()
     }
 
     /// False once the writer thread has ended (stopped, or died).
@@ -182,7 +212,10 @@ impl WriterThread {
         let next_message_id = store.meta_u64(META_NEXT_MESSAGE_ID)?.unwrap_or(1);
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1);
         let next_command_id = store.meta_u64(META_NEXT_COMMAND_ID)?.unwrap_or(1);
+        let next_event_id = store.meta_u64(META_NEXT_EVENT_ID)?.unwrap_or(1);
         let (tx, rx) = mpsc::channel();
+        let wanted = Arc::new(Wanted::default());
+        let (events_tx, events) = watch::channel(next_event_id - 1);
         let mut state = BatchWriter {
             db: store.db().clone(),
             policy,
@@ -190,6 +223,9 @@ impl WriterThread {
             next_message_id,
             next_device_id,
             next_command_id,
+            next_event_id,
+            wanted: wanted.clone(),
+            events: events_tx,
             presence: HashMap::new(),
         };
         let alive = Arc::new(AtomicBool::new(true));
@@ -201,7 +237,7 @@ impl WriterThread {
                 state.run(rx)
             })
             .map_err(|e| StoreError::Rocks(format!("cannot start the writer thread: {e}")))?;
-        Ok((Writer { tx: tx.clone(), alive }, WriterThread { tx, handle }))
+        Ok((Writer { tx: tx.clone(), alive, wanted, events }, WriterThread { tx, handle }))
     }
 
     /// Commits everything queued before this call, then stops the thread and syncs the WAL.
@@ -218,6 +254,10 @@ struct BatchWriter {
     next_message_id: u64,
     next_device_id: u64,
     next_command_id: u64,
+    next_event_id: u64,
+    wanted: Arc<Wanted>,
+    /// Told the last committed event id after each batch that appended events.
+    events: watch::Sender<u64>,
     /// Latest presence per device within the current batch (written once per batch).
     presence: HashMap<DeviceId, PresenceRecord>,
 }
@@ -283,12 +323,18 @@ impl BatchWriter {
         let first_message_id = self.next_message_id;
         let first_device_id = self.next_device_id;
         let first_command_id = self.next_command_id;
+        let first_event_id = self.next_event_id;
+        let outbox = cf(CF_OUTBOX);
+        let append = |batch: &mut WriteBatch, next: &mut u64, event: &Event| {
+            batch.put_cf(outbox, next.to_be_bytes(), event.encode(*next));
+            *next += 1;
+        };
         self.presence.clear();
         for job in jobs.iter_mut() {
             let mut id = None;
             for op in job.ops.drain(..) {
                 match op {
-                    Op::Uplink { device, received_at, topic, payload } => {
+                    Op::Uplink { device, received_at, topic, payload, source } => {
                         let mid = MessageId(self.next_message_id);
                         self.next_message_id += 1;
                         batch.put_cf(
@@ -297,6 +343,10 @@ impl BatchWriter {
                             MessageRecord::encode_parts(received_at, &topic, &payload),
                         );
                         id = Some(mid);
+                        if let Some(source) = source {
+                            let event = uplink_event(source, mid, received_at, &topic, &payload);
+                            append(&mut batch, &mut self.next_event_id, &event);
+                        }
                     }
                     Op::SeenSeq { token, window, seq } => {
                         batch.merge_cf(replay, token.as_bytes(), replay::seq_operand(window, seq));
@@ -341,6 +391,9 @@ impl BatchWriter {
                         batch.delete_cf(replay, token.as_bytes());
                     }
                     Op::PutCommand(c) => {
+                        if self.wanted.wants(EventKind::CommandStatus) {
+                            append(&mut batch, &mut self.next_event_id, &command_event(&c));
+                        }
                         self.next_command_id = self.next_command_id.max(c.id.0 + 1);
                         let key = command_key(c.device, c.id);
                         batch.put_cf(cf(CF_COMMANDS), key, to_json(&c));
@@ -350,6 +403,18 @@ impl BatchWriter {
                         } else {
                             batch.delete_cf(cf(CF_OPEN_COMMANDS), key);
                         }
+                    }
+                    Op::Event(event) => append(&mut batch, &mut self.next_event_id, &event),
+                    Op::PutWebhook(w) => batch.put_cf(cf(CF_WEBHOOKS), w.id.0.to_be_bytes(), to_json(&w)),
+                    Op::DeleteWebhook(w) => {
+                        batch.delete_cf(cf(CF_WEBHOOKS), w.0.to_be_bytes());
+                        batch.delete_cf(cf(CF_WEBHOOKS), webhook_cursor_key(w));
+                    }
+                    Op::WebhookCursor { webhook, delivered } => {
+                        batch.put_cf(cf(CF_WEBHOOKS), webhook_cursor_key(webhook), delivered.to_le_bytes());
+                    }
+                    Op::TrimOutbox { below } => {
+                        batch.delete_range_cf(outbox, 0u64.to_be_bytes(), below.to_be_bytes());
                     }
                 }
             }
@@ -367,6 +432,9 @@ impl BatchWriter {
         if self.next_command_id != first_command_id {
             batch.put_cf(cf(CF_META), META_NEXT_COMMAND_ID, self.next_command_id.to_le_bytes());
         }
+        if self.next_event_id != first_event_id {
+            batch.put_cf(cf(CF_META), META_NEXT_EVENT_ID, self.next_event_id.to_le_bytes());
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(self.policy == SyncPolicy::Fsync);
         let result = self.db.write_opt(batch, &opts).map_err(StoreError::from);
@@ -375,8 +443,39 @@ impl BatchWriter {
             self.next_message_id = first_message_id;
             self.next_device_id = first_device_id;
             self.next_command_id = first_command_id;
+            self.next_event_id = first_event_id;
+        } else if self.next_event_id != first_event_id {
+            self.events.send_replace(self.next_event_id - 1);
         }
         result
+    }
+}
+
+fn uplink_event(source: EventSource, id: MessageId, received_at: UnixMs, topic: &str, payload: &[u8]) -> Event {
+    use base64::Engine;
+    Event {
+        kind: EventKind::Uplink,
+        product_key: source.product_key,
+        device_name: source.device_name,
+        time: received_at,
+        // As the messages API shows the stored uplink.
+        data: serde_json::json!({
+            "id": id.0.to_string(),
+            "topic": topic,
+            "received_at": received_at.rfc3339(),
+            "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload),
+        }),
+    }
+}
+
+fn command_event(c: &CommandRecord) -> Event {
+    let time = UnixMs([c.finished_at, c.delivered_at, c.sent_at].into_iter().flatten().max().unwrap_or(c.created_at));
+    Event {
+        kind: EventKind::CommandStatus,
+        product_key: c.product_key.clone(),
+        device_name: c.device_name.clone(),
+        time,
+        data: serde_json::to_value(CommandView::from(c.clone())).expect("a command serialises"),
     }
 }
 

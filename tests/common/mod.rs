@@ -645,3 +645,113 @@ impl Server {
         }
     }
 }
+
+/// One POST a webhook receiver took.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Delivery {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("a JSON event")
+    }
+}
+
+/// A webhook subscriber: a real HTTP/1.1 server on loopback (keep-alive, Content-Length bodies)
+/// that records every POST and answers 200.
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>,
+}
+
+impl WebhookReceiver {
+    /// A loopback port nothing listens on yet (for a subscriber that is down at first).
+    pub fn reserve_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    pub fn start() -> WebhookReceiver {
+        WebhookReceiver::start_on("127.0.0.1:0".parse().unwrap())
+    }
+
+    pub fn start_on(addr: SocketAddr) -> WebhookReceiver {
+        let listener = std::net::TcpListener::bind(addr).expect("bind the webhook receiver");
+        let addr = listener.local_addr().unwrap();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let sink = sink.clone();
+                std::thread::spawn(move || serve_http(conn, &sink));
+            }
+        });
+        WebhookReceiver { addr, received }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn events(&self) -> Vec<Delivery> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until `ok` holds for what arrived; returns it.
+    pub fn wait(&self, what: &str, ok: impl Fn(&[Delivery]) -> bool) -> Vec<Delivery> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.events();
+            if ok(&got) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "webhook receiver never saw {what}: {got:#?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn serve_http(conn: std::net::TcpStream, sink: &std::sync::Mutex<Vec<Delivery>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut out = conn.try_clone().unwrap();
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        let len = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        sink.lock().unwrap().push(Delivery { path, headers, body });
+        if out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}

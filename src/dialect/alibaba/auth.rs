@@ -45,7 +45,7 @@ impl Alibaba {
             return refuse(Code::UNAUTHORIZED, "bad_signature");
         }
         let now = req.now.wall;
-        let presence;
+        let contact;
         {
             let mut state = device.state();
             if !state.enabled {
@@ -54,7 +54,7 @@ impl Alibaba {
             if let Err(o) = admit(&mut state, req, &self.registry) {
                 return o;
             }
-            presence = state.heard(now, req.peer, self.route);
+            contact = self.registry.contact(&device, &mut state, now, req.peer, self.route);
         }
         let random = (self.family == PortFamily::Aes).then(|| hex::encode(rand::random::<[u8; 8]>()));
         let record = SessionRecord {
@@ -71,9 +71,7 @@ impl Alibaba {
         let (token, session_ops) = self.registry.open_session(&device, record, now);
         let reused = session_ops.is_empty();
         let mut ops: SmallVec<[Op; 3]> = session_ops.into_iter().collect();
-        if let Some(record) = presence {
-            ops.push(Op::Presence { device: device.id, record });
-        }
+        ops.extend(contact);
         let reply = match random {
             Some(random) => serde_json::json!({"random": random, "seqOffset": SEQ_OFFSET, "token": token.as_str()}),
             None => serde_json::json!({"token": token.as_str()}),

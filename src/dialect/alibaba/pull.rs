@@ -35,9 +35,7 @@ impl Alibaba {
         let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
         let commands = {
             let mut s = device.state();
-            if let Some(record) = s.heard(now.wall, req.peer, self.route) {
-                ops.push(Op::Presence { device: device.id, record });
-            }
+            ops.extend(self.registry.contact(&device, &mut s, now.wall, req.peer, self.route));
             let mut changed = Vec::new();
             let commands = s.commands.pull(
                 now.wall.0,

@@ -141,16 +141,15 @@ impl Alibaba {
             Err(o) => return o,
         };
         let now = req.now.wall;
-        let presence = device.state().heard(now, req.peer, self.route);
+        let contact = self.registry.contact(&device, &mut device.state(), now, req.peer, self.route);
         let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
         for s in segments {
             topic.push('/');
             topic.push_str(s);
         }
-        let mut ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload }];
-        if let Some(record) = presence {
-            ops.push(Op::Presence { device: device.id, record });
-        }
+        let source = self.registry.event_source(&device);
+        let mut ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload, source }];
+        ops.extend(contact);
         ops.extend(auth_ops);
         Persist {
             separate: ack_mode == AckMode::Separate,

@@ -29,7 +29,7 @@ impl Huawei {
             return Outcome::code(Code::FORBIDDEN);
         }
         let now = req.now.wall;
-        let presence = {
+        let (presence, contact) = {
             let mut s = device.state();
             if !s.enabled {
                 return Outcome::code(Code::FORBIDDEN);
@@ -41,9 +41,9 @@ impl Huawei {
                     ..Response::new(Code::TOO_MANY_REQUESTS)
                 });
             }
-            s.heard(now, req.peer, self.route);
+            let contact = self.registry.contact(&device, &mut s, now, req.peer, self.route);
             // Always written: a bind is the device's first word after a (re)start.
-            s.presence()
+            (s.presence(), contact)
         };
         metrics::counter!(metric::AUTH, "result" => "ok", "kind" => "bind").increment(1);
         let token = ObserveToken::generate();
@@ -64,13 +64,8 @@ impl Huawei {
         };
         self.started.insert(exchange, Started::Observe { device: device.clone(), token });
         tracing::debug!(node_id = ep, peer = %req.peer, "bound");
-        Persist {
-            follow_up: Some(follow_up),
-            ..Persist::new(
-                smallvec![Op::Presence { device: device.id, record: presence }],
-                Response::new(Code::CHANGED),
-            )
-        }
-        .into()
+        let mut ops = smallvec![Op::Presence { device: device.id, record: presence }];
+        ops.extend(contact.into_iter().filter(|op| !matches!(op, Op::Presence { .. })));
+        Persist { follow_up: Some(follow_up), ..Persist::new(ops, Response::new(Code::CHANGED)) }.into()
     }
 }

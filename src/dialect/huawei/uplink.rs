@@ -25,7 +25,7 @@ impl Huawei {
             return if req.msg.mtype == MessageType::Con { Notified::Acknowledge } else { Notified::Drop };
         }
         let now = req.now.wall;
-        let presence = {
+        let contact = {
             let mut s = device.state();
             if !s.enabled {
                 return Notified::Reject;
@@ -35,7 +35,7 @@ impl Huawei {
                 metrics::counter!(metric::FLOW_CONTROL).increment(1);
                 return Notified::Drop;
             }
-            s.heard(now, req.peer, self.route)
+            self.registry.contact(&device, &mut s, now, req.peer, self.route)
         };
         // The device acknowledged the relation with a separate notification rather than in the ACK.
         if self.registry.establish_observe(&device, token) {
@@ -46,10 +46,9 @@ impl Huawei {
             received_at: now,
             topic: UPLINK_TOPIC.into(),
             payload: req.msg.payload.to_vec(),
+            source: self.registry.event_source(&device),
         }];
-        if let Some(record) = presence {
-            ops.push(Op::Presence { device: device.id, record });
-        }
+        ops.extend(contact);
         // The device is awake now: its next command leaves at once.
         self.deliver(req.now, &device, effects);
         Notified::Store { ops, undo: None }

@@ -1,0 +1,10 @@
+//! Northbound (SPEC §9): events for applications, appended to a durable outbox in the same write
+//! batch as the change they report ([`event`]), and delivered to webhook subscribers at least
+//! once, with retries and back-off, by one task per subscription ([`delivery`]).
+
+pub mod delivery;
+pub mod event;
+pub mod webhooks;
+
+pub use event::{Event, EventKind, EventSource, Wanted};
+pub use webhooks::{WebhookId, WebhookRecord, Webhooks};

@@ -1,0 +1,76 @@
+//! What a device's contact changes beyond the request itself: where and when it was last heard
+//! (stored at most once a minute), which socket serves it, and the status subscribers were told.
+
+use smallvec::SmallVec;
+
+use super::device::DeviceState;
+use super::{Device, Registry, Route, Status};
+use crate::clock::UnixMs;
+use crate::northbound::{Event, EventKind, EventSource};
+use crate::store::Op;
+
+impl Registry {
+    /// The device spoke from `peer` through `route`; returns what to store with the request: its
+    /// presence when due, and a `device_status` event if it just came (back) online.
+    pub fn contact(
+        &self,
+        device: &Device,
+        s: &mut DeviceState,
+        now: UnixMs,
+        peer: std::net::SocketAddr,
+        route: Route,
+    ) -> SmallVec<[Op; 2]> {
+        let mut ops = SmallVec::new();
+        if let Some(record) = s.heard(now, peer, route) {
+            ops.push(Op::Presence { device: device.id, record });
+        }
+        if let Some(op) = self.announce(device, s, Status::Online, now) {
+            ops.push(op);
+        }
+        ops
+    }
+
+    /// Records `status` as announced; the event to store if it changed and someone subscribes.
+    fn announce(&self, device: &Device, s: &mut DeviceState, status: Status, now: UnixMs) -> Option<Op> {
+        if s.announced == status {
+            return None;
+        }
+        let previous = std::mem::replace(&mut s.announced, status);
+        self.writer.wanted().wants(EventKind::DeviceStatus).then(|| {
+            Op::Event(Event {
+                kind: EventKind::DeviceStatus,
+                product_key: device.product_key.clone(),
+                device_name: device.device_name.clone(),
+                time: now,
+                data: serde_json::json!({ "status": status, "previous": previous }),
+            })
+        })
+    }
+
+    /// Announces devices that turned abnormal or offline by staying silent; returns how many.
+    pub fn sweep_statuses(&self, now: UnixMs) -> usize {
+        let devices: Vec<_> = super::read(&self.devices).by_id.values().cloned().collect();
+        let mut changed = 0;
+        for d in devices {
+            let mut s = d.state();
+            let status = s.status(now, &self.config.device);
+            if status == s.announced {
+                continue;
+            }
+            changed += 1;
+            if let Some(op) = self.announce(&d, &mut s, status, now) {
+                // Queued under the device's lock, like every change of it.
+                self.writer.record([op]);
+            }
+        }
+        changed
+    }
+
+    /// Who an uplink event names, when uplink events are wanted at all.
+    pub fn event_source(&self, device: &Device) -> Option<EventSource> {
+        self.writer
+            .wanted()
+            .wants(EventKind::Uplink)
+            .then(|| EventSource { product_key: device.product_key.clone(), device_name: device.device_name.clone() })
+    }
+}
