@@ -32,6 +32,16 @@ enum Command {
         #[command(subcommand)]
         action: DeviceAction,
     },
+    /// Send commands to devices and follow them.
+    Command {
+        #[command(subcommand)]
+        action: CommandAction,
+    },
+    /// Subscribe applications to events.
+    Webhook {
+        #[command(subcommand)]
+        action: WebhookAction,
+    },
     /// Show a device's stored uplinks, oldest first.
     Messages {
         #[command(flatten)]
@@ -91,6 +101,77 @@ enum DeviceAction {
     },
 }
 
+#[derive(Subcommand)]
+enum CommandAction {
+    /// Queue a command; it reaches the device when it is next awake (or now, with --immediately).
+    Send {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        device_name: String,
+        /// The payload as text.
+        #[arg(long, conflicts_with_all = ["hex", "base64"], required_unless_present_any = ["hex", "base64"])]
+        text: Option<String>,
+        /// The payload as hex bytes.
+        #[arg(long, conflicts_with = "base64")]
+        hex: Option<String>,
+        #[arg(long)]
+        base64: Option<String>,
+        /// Send now if the device is awake, else fail at once.
+        #[arg(long)]
+        immediately: bool,
+        /// Seconds until an unsent command expires (default 86400).
+        #[arg(long)]
+        expire: Option<u64>,
+        /// Topic an Alibaba device receives it on.
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Show a command and its state.
+    Show {
+        #[command(flatten)]
+        api: AdminArgs,
+        command_id: String,
+    },
+    /// List a device's commands, oldest first.
+    List {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        device_name: String,
+    },
+    /// Cancel a command that is still PENDING.
+    Cancel {
+        #[command(flatten)]
+        api: AdminArgs,
+        command_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WebhookAction {
+    /// Subscribe a URL; events: uplink, device_status, command_status, ota_progress (all if none).
+    Create {
+        #[command(flatten)]
+        api: AdminArgs,
+        url: String,
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// Shared secret: deliveries then carry X-Nbhub-Signature.
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    List {
+        #[command(flatten)]
+        api: AdminArgs,
+    },
+    Delete {
+        #[command(flatten)]
+        api: AdminArgs,
+        webhook_id: String,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -120,6 +201,19 @@ fn main() -> ExitCode {
                 Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}/devices/{device_name}"))?)
             }
         }),
+        Command::Command { action } => helper(|| command(action)),
+        Command::Webhook { action } => helper(|| match action {
+            WebhookAction::Create { api, url, events, secret } => {
+                let mut body = json!({ "url": url });
+                insert(&mut body, "events", (!events.is_empty()).then_some(events));
+                insert(&mut body, "secret", secret);
+                Ok(client(&api)?.post("/api/v1/webhooks", &body)?)
+            }
+            WebhookAction::List { api } => Ok(client(&api)?.get("/api/v1/webhooks")?),
+            WebhookAction::Delete { api, webhook_id } => {
+                Ok(client(&api)?.delete(&format!("/api/v1/webhooks/{webhook_id}"))?)
+            }
+        }),
         Command::Messages { api, product_key, device_name, after, limit } => helper(|| {
             let mut path = format!("/api/v1/products/{product_key}/devices/{device_name}/messages?limit={limit}");
             if let Some(a) = after {
@@ -129,6 +223,35 @@ fn main() -> ExitCode {
             decode_payloads(&mut page);
             Ok(page)
         }),
+    }
+}
+
+fn command(action: CommandAction) -> HelperResult {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match action {
+        CommandAction::Send { api, product_key, device_name, text, hex, base64, immediately, expire, topic } => {
+            let payload = match (text, hex, base64) {
+                (Some(t), _, _) => b64.encode(t),
+                (_, Some(h), _) => b64.encode(hex::decode(h.trim()).map_err(|e| format!("--hex: {e}"))?),
+                (_, _, Some(b)) => b,
+                _ => return Err("give the payload with --text, --hex or --base64".into()),
+            };
+            let mut body = json!({ "payload_base64": payload });
+            if immediately {
+                body["send_strategy"] = json!("immediately");
+            }
+            insert(&mut body, "expire_time", expire);
+            insert(&mut body, "topic", topic);
+            Ok(client(&api)?.post(&format!("/api/v1/products/{product_key}/devices/{device_name}/commands"), &body)?)
+        }
+        CommandAction::Show { api, command_id } => Ok(client(&api)?.get(&format!("/api/v1/commands/{command_id}"))?),
+        CommandAction::List { api, product_key, device_name } => {
+            Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}/devices/{device_name}/commands"))?)
+        }
+        CommandAction::Cancel { api, command_id } => {
+            Ok(client(&api)?.delete(&format!("/api/v1/commands/{command_id}"))?)
+        }
     }
 }
 

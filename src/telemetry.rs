@@ -75,6 +75,10 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_counter!(metric::DTLS_HANDSHAKES_FAILED, "DTLS handshakes or sessions that failed, by reason");
     metrics::describe_counter!(metric::DTLS_REFUSED, "valid ClientHellos dropped at a limit, by limit");
     metrics::describe_counter!(metric::DTLS_EVICTIONS, "DTLS sessions evicted, by reason");
+    metrics::describe_counter!(metric::CON_TIMEOUTS, "CON messages the server sent that were never acknowledged");
+    metrics::describe_counter!(metric::COMMANDS, "command state changes, by the state entered");
+    metrics::describe_counter!(metric::WEBHOOK_DELIVERIES, "webhook POST attempts, by result");
+    metrics::describe_counter!(metric::WEBHOOK_DROPPED, "events given up after webhooks.max_age_s undelivered");
     metrics::describe_gauge!(metric::DTLS_SESSIONS, "established DTLS sessions");
     metrics::describe_gauge!(metric::DTLS_HANDSHAKES_IN_PROGRESS, "DTLS handshakes in progress");
     metrics::describe_histogram!(metric::STORE_COMMIT_SECONDS, "time to commit one group of writes");

@@ -211,6 +211,25 @@ fn generated_admin_token_is_private_and_used_by_the_cli() {
     let out = cli(&["device", "show", "cliProduct1", "nobody"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"), "{out:?}");
+    let out = cli(&["command", "send", "cliProduct1", "dev1", "--text", "reboot", "--expire", "600"]);
+    assert!(out.status.success(), "{out:?}");
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&sent["status"], &sent["payload_base64"]), (&json!("PENDING"), &json!("cmVib290")));
+    let id = sent["command_id"].as_str().unwrap();
+    let out = cli(&["command", "show", id]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["command_id"], id);
+    let out = cli(&["command", "send", "cliProduct1", "dev1", "--hex", "0a0b", "--immediately"]);
+    let now: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&now["status"], &now["payload_base64"]), (&json!("FAILED"), &json!("Cgs=")), "never heard from");
+    let out = cli(&["command", "cancel", id]);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["status"], "CANCELED");
+    let out = cli(&["command", "list", "cliProduct1", "dev1"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["commands"].as_array().unwrap().len(),
+        2
+    );
+    let out = cli(&["command", "send", "cliProduct1", "dev1", "--hex", "zz"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--hex"), "{out:?}");
     let _ = child.kill();
     let _ = child.wait();
     let mut stderr = String::new();

@@ -31,6 +31,9 @@ pub struct DeliveryConfig {
 
 pub const SIGNATURE_HEADER: &str = "X-Nbhub-Signature";
 
+/// Outbox events read at a time (those of other kinds are skipped over in one read).
+const READ_BATCH: usize = 256;
+
 /// `sha256=<hex HMAC-SHA256 of the body>`.
 pub fn signature(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
@@ -56,8 +59,8 @@ impl Task {
     pub async fn run(mut self, mut deleted: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
         let mut committed = self.writer.events();
         loop {
-            let (store, after, limit) = (self.store.clone(), self.cursor, self.config.concurrency);
-            let events = match tokio::task::spawn_blocking(move || store.events_after(after, limit)).await {
+            let (store, after) = (self.store.clone(), self.cursor);
+            let events = match tokio::task::spawn_blocking(move || store.events_after(after, READ_BATCH)).await {
                 Ok(Ok(events)) => events,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot read the webhook outbox");
@@ -78,12 +81,16 @@ impl Task {
             let last = events.last().map(|e| e.id).expect("not empty");
             let wanted = events.into_iter().filter(|e| self.hook.events.contains(&e.kind));
             let mut sends = tokio::task::JoinSet::new();
+            let mut stopped = false;
             for event in wanted {
+                // At most `concurrency` in flight.
+                while sends.len() >= self.config.concurrency {
+                    stopped |= matches!(sends.join_next().await, Some(Ok(Err(Stopped::Stop)) | Err(_)));
+                }
                 let (client, hook, config) = (self.client.clone(), self.hook.clone(), self.config.clone());
                 let (d, s) = (deleted.clone(), shutdown.clone());
                 sends.spawn(async move { deliver(&client, &hook, &event, &config, d, s).await });
             }
-            let mut stopped = false;
             while let Some(r) = sends.join_next().await {
                 stopped |= matches!(r, Ok(Err(Stopped::Stop)) | Err(_));
             }

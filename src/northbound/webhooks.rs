@@ -13,6 +13,9 @@ use super::event::EventKind;
 use crate::clock::UnixMs;
 use crate::store::{Op, Store, StoreError, Writer};
 
+/// Events delivered to every subscriber before the outbox is trimmed.
+const TRIM_STEP: u64 = 4096;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct WebhookId(pub u64);
@@ -148,17 +151,18 @@ impl Webhooks {
         self.trim();
     }
 
-    /// Drops outbox events every subscriber has taken (all of them when nobody subscribes).
+    /// Drops outbox events every subscriber has taken (all of them when nobody subscribes), in
+    /// steps of [`TRIM_STEP`] so range deletions stay few.
     fn trim(&self) {
-        let below = {
+        let (below, subscribed) = {
             let running = self.running();
             match running.values().map(|r| r.cursor).min() {
-                Some(min) => min + 1,
-                None => *self.writer.events().borrow() + 1,
+                Some(min) => (min + 1, true),
+                None => (*self.writer.events().borrow() + 1, false),
             }
         };
         let mut trimmed = self.trimmed.lock().unwrap_or_else(|p| p.into_inner());
-        if below > *trimmed {
+        if below > *trimmed && (below - *trimmed >= TRIM_STEP || !subscribed) {
             *trimmed = below;
             self.writer.record([Op::TrimOutbox { below }]);
         }

@@ -391,6 +391,7 @@ impl BatchWriter {
                         batch.delete_cf(replay, token.as_bytes());
                     }
                     Op::PutCommand(c) => {
+                        metrics::counter!(metric::COMMANDS, "status" => c.status.as_str()).increment(1);
                         if self.wanted.wants(EventKind::CommandStatus) {
                             append(&mut batch, &mut self.next_event_id, &command_event(&c));
                         }

@@ -1,0 +1,174 @@
+//! Wake-up benchmark for commands: binds many simulated Huawei devices, lets them fall asleep,
+//! queues commands for every one, then wakes them all at once (each sends one report) and
+//! measures, per device, the time from its report leaving to its first command arriving.
+//! Reports p50/p99 and how many devices got their command.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use clap::Parser;
+use nbhub::client::AdminArgs;
+use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
+use serde_json::json;
+use tokio::net::UdpSocket;
+use tokio::sync::Barrier;
+
+#[derive(Parser, Clone)]
+#[command(name = "nbhub-wake", about = "Sleeping Huawei devices with queued commands waking at once")]
+struct Args {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The server's plain CoAP port.
+    #[arg(long, default_value = "127.0.0.1:5683")]
+    coap: SocketAddr,
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Commands queued per device before it wakes.
+    #[arg(long, default_value_t = 2)]
+    commands: usize,
+    /// A device not served within this long counts as missed.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+}
+
+/// The product's awake window: devices are asleep once this has passed since their bind.
+const AWAKE_WINDOW_S: u64 = 1;
+
+fn main() {
+    let args = Args::parse();
+    let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
+    let product = admin
+        .post("/api/v1/products", &json!({"name": "nbhub-wake", "awake_window_s": AWAKE_WINDOW_S}))
+        .unwrap_or_else(|e| fail(e));
+    let pk = product["product_key"].as_str().unwrap_or_default().to_string();
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let nodes: Vec<(String, String)> = (0..args.devices)
+        .map(|i| {
+            // Node ids are unique per instance: make them unique per run.
+            let node = format!("w{stamp}-{i}");
+            let d = admin
+                .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node}))
+                .unwrap_or_else(|e| fail(e));
+            (node, d["device_name"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    eprintln!("created {} devices in product {pk}", nodes.len());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let bound = Arc::new(Barrier::new(nodes.len() + 1));
+    let wake = Arc::new(Barrier::new(nodes.len() + 1));
+    let tasks: Vec<_> = nodes
+        .iter()
+        .map(|(node, _)| runtime.spawn(device(node.clone(), args.clone(), bound.clone(), wake.clone())))
+        .collect();
+    runtime.block_on(bound.wait());
+    // Asleep before anything is queued, else the commands would be sent at once.
+    std::thread::sleep(Duration::from_millis(AWAKE_WINDOW_S * 1000 + 200));
+    eprintln!("all bound and asleep; queueing {} commands per device", args.commands);
+    let queued = Instant::now();
+    let payload = base64::engine::general_purpose::STANDARD.encode(b"open valve 1");
+    for (_, dn) in &nodes {
+        for _ in 0..args.commands {
+            admin
+                .post(&format!("/api/v1/products/{pk}/devices/{dn}/commands"), &json!({"payload_base64": payload}))
+                .unwrap_or_else(|e| fail(e));
+        }
+    }
+    eprintln!("queued in {:.1?}; waking every device at once", queued.elapsed());
+    let started = Instant::now();
+    runtime.block_on(wake.wait());
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut missed: std::collections::BTreeMap<&str, usize> = Default::default();
+    for t in tasks {
+        match runtime.block_on(t) {
+            Ok(Ok(us)) => latencies.push(us),
+            Ok(Err(why)) => *missed.entry(why).or_default() += 1,
+            Err(_) => *missed.entry("task failed").or_default() += 1,
+        }
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        latencies.get(((latencies.len().max(1) - 1) as f64 * p).round() as usize).map_or(0.0, |v| *v as f64 / 1000.0)
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "devices": args.devices,
+            "commands_per_device": args.commands,
+            "served": latencies.len(),
+            "missed": missed,
+            "seconds_until_all_served": elapsed.as_secs_f64(),
+            "report_to_first_command_ms": {
+                "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99),
+                "max": latencies.last().map_or(0.0, |v| *v as f64 / 1000.0),
+            },
+        }))
+        .unwrap()
+    );
+}
+
+/// One device: binds, sleeps until told to wake, reports once and times its first command
+/// (which it acknowledges, as LiteOS does, with 2.05 and a one-byte result).
+async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier>) -> Result<u32, &'static str> {
+    // Every device passes both barriers, bound or not, so one failure cannot stall the rest.
+    let bind = bind(&node, args.coap).await;
+    bound.wait().await;
+    wake.wait().await;
+    let (socket, token) = bind?;
+    let mut buf = [0u8; 2048];
+    let report = MessageBuilder::new(MessageType::Non, Code::CONTENT, rand::random(), &token)
+        .option(OptionNumber::OBSERVE, &[1])
+        .payload(b"meter 42")
+        .build();
+    let sent = Instant::now();
+    socket.send(&report).await.map_err(|_| "cannot send")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(args.timeout_ms);
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
+        let Ok(m) = Message::parse(&buf[..n]) else { continue };
+        if m.mtype == MessageType::Con && m.code == Code::POST {
+            let latency = sent.elapsed().as_micros() as u32;
+            let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).payload(b"0").build();
+            socket.send(&ack).await.map_err(|_| "cannot send")?;
+            return Ok(latency);
+        }
+    }
+    Err("no command")
+}
+
+/// Binds as `node` and accepts the server's observe request; the socket and the observe token.
+async fn bind(node: &str, server: SocketAddr) -> Result<(UdpSocket, Vec<u8>), &'static str> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.map_err(|_| "no socket")?;
+    socket.connect(server).await.map_err(|_| "no socket")?;
+    let mut acked = false;
+    let mut buf = [0u8; 2048];
+    // A fresh message id, as a device picks at boot: a port reused from an earlier run must not
+    // look like a retransmission.
+    let request = MessageBuilder::new(MessageType::Con, Code::POST, rand::random(), &[1])
+        .option(OptionNumber::URI_PATH, b"t")
+        .option(OptionNumber::URI_PATH, b"r")
+        .option(OptionNumber::URI_QUERY, format!("ep={node}").as_bytes())
+        .build();
+    for _ in 0..5 {
+        socket.send(&request).await.map_err(|_| "cannot send")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
+            let Ok(m) = Message::parse(&buf[..n]) else { continue };
+            acked |= m.mtype == MessageType::Ack;
+            if m.mtype == MessageType::Con && m.code == Code::GET {
+                let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).build();
+                socket.send(&ack).await.map_err(|_| "cannot send")?;
+                return Ok((socket, m.token.to_vec()));
+            }
+        }
+    }
+    Err(if acked { "bound, no observe request" } else { "bind unanswered" })
+}
+
+fn fail(e: impl std::fmt::Display) -> ! {
+    eprintln!("nbhub-wake: {e}");
+    std::process::exit(1);
+}
