@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 #[command(name = "nbhub", version, about = "CoAP ingestion server for sleepy NB-IoT / LTE-M devices")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Verb,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Verb {
     /// Run the server (embedded default config unless --config is given; NBHUB_* overrides apply).
     Serve {
         #[arg(long)]
@@ -175,8 +175,8 @@ enum WebhookAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => serve(config),
-        Command::Product { action } => helper(|| match action {
+        Verb::Serve { config } => serve(config),
+        Verb::Product { action } => helper(|| match action {
             ProductAction::Create { api, name, product_key, dynamic_registration, ota_protocol, awake_window_s } => {
                 let mut body = json!({ "name": name, "dynamic_registration": dynamic_registration });
                 insert(&mut body, "product_key", product_key);
@@ -188,7 +188,7 @@ fn main() -> ExitCode {
                 Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}"))?)
             }
         }),
-        Command::Device { action } => helper(|| match action {
+        Verb::Device { action } => helper(|| match action {
             DeviceAction::Create { api, product_key, device_name, device_secret, node_id, psk_hex } => {
                 let mut body = json!({});
                 insert(&mut body, "device_name", device_name);
@@ -201,8 +201,8 @@ fn main() -> ExitCode {
                 Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}/devices/{device_name}"))?)
             }
         }),
-        Command::Command { action } => helper(|| command(action)),
-        Command::Webhook { action } => helper(|| match action {
+        Verb::Command { action } => helper(|| command(action)),
+        Verb::Webhook { action } => helper(|| match action {
             WebhookAction::Create { api, url, events, secret } => {
                 let mut body = json!({ "url": url });
                 insert(&mut body, "events", (!events.is_empty()).then_some(events));
@@ -214,7 +214,7 @@ fn main() -> ExitCode {
                 Ok(client(&api)?.delete(&format!("/api/v1/webhooks/{webhook_id}"))?)
             }
         }),
-        Command::Messages { api, product_key, device_name, after, limit } => helper(|| {
+        Verb::Messages { api, product_key, device_name, after, limit } => helper(|| {
             let mut path = format!("/api/v1/products/{product_key}/devices/{device_name}/messages?limit={limit}");
             if let Some(a) = after {
                 path.push_str(&format!("&after={a}"));

@@ -349,3 +349,36 @@ fn commands_survive_kill_9_in_the_middle_of_delivery() {
     let stored: Vec<Vec<u8>> = server.stored(&pk, &dn).into_iter().map(|(_, p)| p).collect();
     assert_eq!(stored, [b"before the crash".to_vec(), b"after the crash".to_vec()]);
 }
+
+#[test]
+fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
+    let server = Server::start();
+    let admin = server.admin();
+    let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
+    let pk = p["product_key"].as_str().unwrap();
+    let psk = b"0123456789abcdef";
+    let node = "861234567890008";
+    let d = admin
+        .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node, "psk_hex": hex::encode(psk)}))
+        .unwrap();
+    let dn = d["device_name"].as_str().unwrap();
+    admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": "861234567890009"})).unwrap();
+
+    // The PSK identity is the node id (LiteOS), so the session already names the device.
+    let socket = nbhub::dtls::client::DtlsClient::bind(server.endpoints.dtls);
+    let mut client = nbhub::dtls::client::DtlsClient::psk(socket, node, psk, "PSK-AES128-CCM8");
+    client.handshake(None, Duration::from_secs(10)).expect("DTLS handshake");
+    let mut other = HuaweiDevice::over(client, "861234567890009");
+    assert_eq!(other.bind_request().code, Code::FORBIDDEN, "a session binds only as its own device");
+
+    let mut dev = HuaweiDevice::over(other.wire, node);
+    dev.bind();
+    dev.report(b"secure reading");
+    let c = server.send_command(pk, dn, json!({"payload_base64": b64(b"close valve")}));
+    let cmd = dev.command(Duration::from_secs(5)).expect("the command inside the session");
+    assert_eq!(cmd.payload, b"close valve");
+    dev.answer(&cmd, Code::CONTENT, b"1");
+    let done = server.wait_command(c["command_id"].as_str().unwrap(), "SUCCESSFUL");
+    assert_eq!(unb64(&done["result_base64"]), b"1");
+    assert_eq!(server.stored(pk, dn), [("/t/d".to_string(), b"secure reading".to_vec())]);
+}
