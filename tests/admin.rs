@@ -54,7 +54,14 @@ fn bearer_token_is_required_except_for_health_and_metrics() {
     let (code, doc) = raw(&server, "GET", "/api/v1/openapi.json", Some(TOKEN), None);
     assert_eq!(code, 200);
     assert_eq!(doc["openapi"], "3.0.3");
-    for path in ["/api/v1/products", "/api/v1/products/{product_key}/devices/{device_name}/messages"] {
+    for path in [
+        "/api/v1/products",
+        "/api/v1/products/{product_key}/devices/{device_name}/messages",
+        "/api/v1/products/{product_key}/devices/{device_name}/commands",
+        "/api/v1/commands/{command_id}",
+        "/api/v1/webhooks",
+        "/api/v1/webhooks/{webhook_id}",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} missing from OpenAPI");
     }
 }

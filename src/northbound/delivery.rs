@@ -60,15 +60,16 @@ impl Task {
         let mut committed = self.writer.events();
         loop {
             let (store, after) = (self.store.clone(), self.cursor);
-            let events = match tokio::task::spawn_blocking(move || store.events_after(after, READ_BATCH)).await {
-                Ok(Ok(events)) => events,
+            let (events, last) = match tokio::task::spawn_blocking(move || store.events_after(after, READ_BATCH)).await
+            {
+                Ok(Ok(read)) => read,
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot read the webhook outbox");
-                    Vec::new()
+                    (Vec::new(), None)
                 }
                 Err(_) => return,
             };
-            if events.is_empty() {
+            let Some(last) = last else {
                 tokio::select! {
                     _ = deleted.changed() => return,
                     _ = shutdown.changed() => return,
@@ -77,8 +78,7 @@ impl Task {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
                 continue;
-            }
-            let last = events.last().map(|e| e.id).expect("not empty");
+            };
             let wanted = events.into_iter().filter(|e| self.hook.events.contains(&e.kind));
             let mut sends = tokio::task::JoinSet::new();
             let mut stopped = false;

@@ -1,12 +1,17 @@
-//! Events and how the outbox stores them: `kind (1 byte) | time (u64 LE ms) | body`, where the
-//! body is the exact JSON a subscriber receives, so a redelivery is byte-identical.
+//! Events and how the outbox stores them: `kind (1 byte) | time (u64 LE ms) | body`. For most
+//! kinds the body is the exact JSON a subscriber receives. An uplink event only names the stored
+//! message (`device | message id | names`): it is rendered from the message at delivery, which
+//! keeps the uplink path cheap and the event exactly what was stored. Either way a redelivery is
+//! byte-identical.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixMs;
-use crate::identity::{DeviceName, ProductKey};
+use crate::identity::{DeviceId, DeviceName, ProductKey};
+use crate::store::MessageId;
+use crate::store::records::MessageRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -90,21 +95,72 @@ impl Event {
     }
 }
 
-/// An event read back from the outbox.
+/// The outbox record of an uplink event: it names the stored message.
+pub fn uplink_record(source: &EventSource, device: DeviceId, message: MessageId, received_at: UnixMs) -> Vec<u8> {
+    let (pk, dn) = (source.product_key.as_str(), source.device_name.as_str());
+    let mut out = Vec::with_capacity(26 + pk.len() + dn.len());
+    out.push(EventKind::Uplink as u8);
+    out.extend_from_slice(&received_at.0.to_le_bytes());
+    out.extend_from_slice(&device.0.to_be_bytes());
+    out.extend_from_slice(&message.0.to_be_bytes());
+    out.push(pk.len() as u8);
+    out.extend_from_slice(pk.as_bytes());
+    out.extend_from_slice(dn.as_bytes());
+    out
+}
+
+/// An outbox record, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// The body, ready to send.
+    Body(bytes::Bytes),
+    /// An uplink event, to render from its stored message.
+    Uplink { device: DeviceId, message: MessageId, product_key: String, device_name: String },
+}
+
+impl Record {
+    pub fn decode(record: &[u8]) -> Option<(EventKind, UnixMs, Record)> {
+        let kind = EventKind::from_byte(*record.first()?)?;
+        let time = UnixMs(u64::from_le_bytes(record.get(1..9)?.try_into().ok()?));
+        let rest = &record[9..];
+        if kind != EventKind::Uplink {
+            return Some((kind, time, Record::Body(bytes::Bytes::copy_from_slice(rest))));
+        }
+        let device = DeviceId(u64::from_be_bytes(rest.get(..8)?.try_into().ok()?));
+        let message = MessageId(u64::from_be_bytes(rest.get(8..16)?.try_into().ok()?));
+        let pk_len = *rest.get(16)? as usize;
+        let product_key = std::str::from_utf8(rest.get(17..17 + pk_len)?).ok()?.to_string();
+        let device_name = std::str::from_utf8(rest.get(17 + pk_len..)?).ok()?.to_string();
+        Some((kind, time, Record::Uplink { device, message, product_key, device_name }))
+    }
+}
+
+/// The body of uplink event `id` about `message` as stored (as the messages API shows it).
+pub fn render_uplink(id: u64, pk: &str, dn: &str, message: MessageId, m: &MessageRecord) -> bytes::Bytes {
+    use base64::Engine;
+    let body = serde_json::json!({
+        "event_id": id.to_string(),
+        "event": EventKind::Uplink.as_str(),
+        "time": m.received_at.rfc3339(),
+        "product_key": pk,
+        "device_name": dn,
+        "data": {
+            "id": message.0.to_string(),
+            "topic": m.topic,
+            "received_at": m.received_at.rfc3339(),
+            "payload_base64": base64::engine::general_purpose::STANDARD.encode(&m.payload),
+        },
+    });
+    bytes::Bytes::from(serde_json::to_vec(&body).expect("an event serialises"))
+}
+
+/// An event ready for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
     pub id: u64,
     pub kind: EventKind,
     pub time: UnixMs,
     pub body: bytes::Bytes,
-}
-
-impl Stored {
-    pub fn decode(id: u64, record: &[u8]) -> Option<Stored> {
-        let kind = EventKind::from_byte(*record.first()?)?;
-        let time = UnixMs(u64::from_le_bytes(record.get(1..9)?.try_into().ok()?));
-        Some(Stored { id, kind, time, body: bytes::Bytes::copy_from_slice(&record[9..]) })
-    }
 }
 
 #[cfg(test)]
@@ -120,13 +176,22 @@ mod tests {
             time: UnixMs(1_795_426_240_123),
             data: serde_json::json!({"status": "SENT"}),
         };
-        let s = Stored::decode(7, &e.encode(7)).unwrap();
-        assert_eq!((s.id, s.kind, s.time), (7, EventKind::CommandStatus, e.time));
-        let body: serde_json::Value = serde_json::from_slice(&s.body).unwrap();
+        let (kind, time, Record::Body(body)) = Record::decode(&e.encode(7)).unwrap() else { panic!("a body") };
+        assert_eq!((kind, time), (EventKind::CommandStatus, e.time));
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["event_id"], "7");
         assert_eq!(body["event"], "command_status");
         assert_eq!(body["time"], "2026-11-23T09:30:40.123Z");
         assert_eq!(body["data"]["status"], "SENT");
+        let source = EventSource { product_key: e.product_key.clone(), device_name: e.device_name.clone() };
+        let record = uplink_record(&source, DeviceId(3), MessageId(9), e.time);
+        let expected = Record::Uplink {
+            device: DeviceId(3),
+            message: MessageId(9),
+            product_key: "pk".into(),
+            device_name: "dn".into(),
+        };
+        assert_eq!(Record::decode(&record), Some((EventKind::Uplink, e.time, expected)));
         let w = Wanted::default();
         w.set([EventKind::Uplink, EventKind::OtaProgress]);
         assert!(w.wants(EventKind::Uplink) && !w.wants(EventKind::CommandStatus));

@@ -16,7 +16,7 @@ use crate::auth::replay::{self, ReplayWindow};
 use crate::clock::UnixMs;
 use crate::downlink::{CommandId, CommandRecord};
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
-use crate::northbound::event::Stored;
+use crate::northbound::event::{Record, Stored, render_uplink};
 use crate::northbound::{WebhookId, WebhookRecord};
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
 pub use writer::{Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
@@ -297,19 +297,35 @@ impl Store {
         Ok(records.into_iter().map(|r| (cursors.get(&r.id.0).copied().unwrap_or(0), r)).map(|(c, r)| (r, c)).collect())
     }
 
-    /// Up to `limit` outbox events after `after` (exclusive), oldest first.
-    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+    /// Up to `limit` outbox records after `after` (exclusive), oldest first, as events ready to
+    /// send, and the id of the last record read. An uplink event whose message is gone (deleted
+    /// with its device, or past retention) is passed over.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<(Vec<Stored>, Option<u64>), StoreError> {
         let start = after.saturating_add(1).to_be_bytes();
-        let mut out = Vec::new();
+        let (mut out, mut last, mut read) = (Vec::new(), None, 0);
         for item in self.db.iterator_cf(self.cf(CF_OUTBOX), IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             let id = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt(&k, "bad event key"))?);
-            out.push(Stored::decode(id, &v).ok_or_else(|| corrupt(&k, "bad event record"))?);
-            if out.len() == limit {
+            let (kind, time, record) = Record::decode(&v).ok_or_else(|| corrupt(&k, "bad event record"))?;
+            let body = match record {
+                Record::Body(body) => Some(body),
+                Record::Uplink { device, message, product_key, device_name } => {
+                    let key = message_key(device, message);
+                    let stored = self.db.get_pinned_cf(self.cf(CF_MESSAGES), key)?;
+                    let m = stored.as_deref().and_then(MessageRecord::decode);
+                    m.map(|m| render_uplink(id, &product_key, &device_name, message, &m))
+                }
+            };
+            if let Some(body) = body {
+                out.push(Stored { id, kind, time, body });
+            }
+            last = Some(id);
+            read += 1;
+            if read == limit {
                 break;
             }
         }
-        Ok(out)
+        Ok((out, last))
     }
 
     /// One page of a device's messages after `after` (exclusive), oldest first, and whether more follow.

@@ -25,6 +25,7 @@ use crate::clock::UnixMs;
 use crate::config::SyncPolicy;
 use crate::downlink::{CommandId, CommandRecord, CommandView};
 use crate::identity::{DeviceId, Token};
+use crate::northbound::event::uplink_record;
 use crate::northbound::{Event, EventKind, EventSource, Wanted, WebhookId, WebhookRecord};
 use crate::telemetry::metric;
 
@@ -344,8 +345,9 @@ impl BatchWriter {
                         );
                         id = Some(mid);
                         if let Some(source) = source {
-                            let event = uplink_event(source, mid, received_at, &topic, &payload);
-                            append(&mut batch, &mut self.next_event_id, &event);
+                            let record = uplink_record(&source, device, mid, received_at);
+                            batch.put_cf(outbox, self.next_event_id.to_be_bytes(), record);
+                            self.next_event_id += 1;
                         }
                     }
                     Op::SeenSeq { token, window, seq } => {
@@ -449,23 +451,6 @@ impl BatchWriter {
             self.events.send_replace(self.next_event_id - 1);
         }
         result
-    }
-}
-
-fn uplink_event(source: EventSource, id: MessageId, received_at: UnixMs, topic: &str, payload: &[u8]) -> Event {
-    use base64::Engine;
-    Event {
-        kind: EventKind::Uplink,
-        product_key: source.product_key,
-        device_name: source.device_name,
-        time: received_at,
-        // As the messages API shows the stored uplink.
-        data: serde_json::json!({
-            "id": id.0.to_string(),
-            "topic": topic,
-            "received_at": received_at.rfc3339(),
-            "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload),
-        }),
     }
 }
 
