@@ -199,56 +199,58 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     Ok(bound)
 }
 
-/// Expired sessions are refused as soon as they are looked up; this hourly sweep also frees
-/// their memory and stored records for devices that never came back.
-async fn sweep_sessions(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
-    every.tick().await;
+/// Calls `tick` every `period` until `stop` flips (the first call after one period).
+async fn every<F: Future<Output = ()>>(
+    period: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+    mut tick: impl FnMut() -> F,
+) -> std::io::Result<()> {
+    let mut interval = tokio::time::interval(period);
+    interval.tick().await;
     loop {
         tokio::select! {
             _ = stop.changed() => return Ok(()),
-            _ = every.tick() => match registry.sweep_expired_sessions(clock::UnixMs::now()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(sessions = n, "removed expired sessions"),
-                Err(e) => tracing::warn!(error = %e, "could not remove expired sessions"),
-            },
+            _ = interval.tick() => tick().await,
         }
     }
+}
+
+/// Expired sessions are refused as soon as they are looked up; this hourly sweep also frees
+/// their memory and stored records for devices that never came back.
+async fn sweep_sessions(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    every(std::time::Duration::from_secs(3600), stop, || async {
+        match registry.sweep_expired_sessions(clock::UnixMs::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "removed expired sessions"),
+            Err(e) => tracing::warn!(error = %e, "could not remove expired sessions"),
+        }
+    })
+    .await
 }
 
 /// Ends commands that expired (or, restored after a restart, were never acknowledged), checked
 /// every second: expiry times are in seconds.
-async fn expire_commands(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            _ = every.tick() => {
-                let ended = registry.expire_commands(clock::UnixMs::now());
-                if ended > 0 {
-                    tracing::debug!(commands = ended, "commands expired");
-                }
-            }
+async fn expire_commands(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    every(std::time::Duration::from_secs(1), stop, || async {
+        let ended = registry.expire_commands(clock::UnixMs::now());
+        if ended > 0 {
+            tracing::debug!(commands = ended, "commands expired");
         }
-    }
+    })
+    .await
 }
 
 /// Announces devices turning abnormal or offline through silence, checked often enough for the
 /// thresholds (a minute for the default hours).
-async fn sweep_statuses(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+async fn sweep_statuses(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
     let period = (registry.config.device.online_within_s / 2).clamp(1, 60);
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(period));
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            _ = every.tick() => {
-                let changed = registry.sweep_statuses(clock::UnixMs::now());
-                if changed > 0 {
-                    tracing::debug!(devices = changed, "device status changed");
-                }
-            }
+    every(std::time::Duration::from_secs(period), stop, || async {
+        let changed = registry.sweep_statuses(clock::UnixMs::now());
+        if changed > 0 {
+            tracing::debug!(devices = changed, "device status changed");
         }
-    }
+    })
+    .await
 }
 
 /// The configured token, else the one stored in the data directory, else a new one stored there

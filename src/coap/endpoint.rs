@@ -259,6 +259,26 @@ impl<R: Resources> Endpoint<R> {
         }
     }
 
+    /// Whether this message was seen before (RFC 7252 §4.5); if so its answer goes again.
+    fn answered_before(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        msg: &Message<'_>,
+        datagram: &[u8],
+        out: &mut Actions,
+    ) -> bool {
+        let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) else { return false };
+        self.stats.duplicates += 1;
+        // What got no answer (a NON, or a separate response's request) is recorded as an empty one.
+        if let Duplicate::Resend(bytes) = dup
+            && !bytes.is_empty()
+        {
+            out.transmits.push(Transmit { peer, data: bytes.clone() });
+        }
+        true
+    }
+
     /// A response in a CON or NON of its own: a Huawei uplink (an observe notification).
     fn handle_notification(
         &mut self,
@@ -269,14 +289,7 @@ impl<R: Resources> Endpoint<R> {
         datagram: &[u8],
         out: &mut Actions,
     ) {
-        if let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) {
-            self.stats.duplicates += 1;
-            // A NON was answered with nothing, recorded as an empty answer.
-            if let Duplicate::Resend(bytes) = dup
-                && !bytes.is_empty()
-            {
-                out.transmits.push(Transmit { peer, data: bytes.clone() });
-            }
+        if self.answered_before(now, peer, msg, datagram, out) {
             return;
         }
         let con = msg.mtype == MessageType::Con;
@@ -327,13 +340,7 @@ impl<R: Resources> Endpoint<R> {
         datagram: &[u8],
         out: &mut Actions,
     ) {
-        if let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) {
-            self.stats.duplicates += 1;
-            if let Duplicate::Resend(bytes) = dup
-                && !bytes.is_empty()
-            {
-                out.transmits.push(Transmit { peer, data: bytes.clone() });
-            }
+        if self.answered_before(now, peer, msg, datagram, out) {
             return;
         }
         if let Some(response) = self.check_options(msg) {
