@@ -546,3 +546,109 @@ impl<R: Resources> Endpoint<R> {
 fn send(out: &mut Actions, peer: SocketAddr, data: Vec<u8>) {
     out.transmits.push(Transmit { peer, data: Bytes::from(data) });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::UnixMs;
+    use crate::coap::message::MessageBuilder;
+
+    /// Starts one exchange per kick and records how each ended.
+    #[derive(Default)]
+    struct Originator {
+        ended: Vec<(ExchangeKey, String)>,
+    }
+
+    impl Resources for Originator {
+        fn handle(&mut self, _req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome {
+            Outcome::code(Code::NOT_FOUND)
+        }
+
+        fn handle_kick(&mut self, _now: Now, device: DeviceId, effects: &mut Effects) {
+            effects.outgoing.push(Outgoing {
+                peer: "10.0.0.1:5683".parse().unwrap(),
+                message: MessageBuilder::new(MessageType::Con, Code::POST, 0, &[7]).payload(b"cmd").build(),
+                retransmit: Retransmit {
+                    ack_timeout: Duration::from_secs(10),
+                    max_retransmit: 4,
+                    give_up_after: Duration::from_secs(180),
+                },
+                exchange: device.0,
+            });
+        }
+
+        fn handle_reply(&mut self, _now: Now, exchange: ExchangeKey, reply: Reply<'_, '_>, _effects: &mut Effects) {
+            let how = match reply {
+                Reply::Ack(m) => format!("ack {}", m.code),
+                Reply::Reset => "reset".into(),
+                Reply::TimedOut => "timed out".into(),
+            };
+            self.ended.push((exchange, how));
+        }
+    }
+
+    fn endpoint() -> Endpoint<Originator> {
+        Endpoint::new(
+            Originator::default(),
+            EndpointConfig {
+                max_payload: 1024,
+                announced_max_payload: 1024,
+                dedup_capacity: 100,
+                exchange_lifetime: Duration::from_secs(247),
+                ack_timeout: Duration::from_secs(2),
+                max_retransmit: 4,
+                max_pending_writes: 10,
+            },
+        )
+    }
+
+    fn at(start: Instant, secs: u64) -> Now {
+        Now { instant: start + Duration::from_secs(secs), wall: UnixMs(secs * 1000) }
+    }
+
+    #[test]
+    fn server_cons_back_off_then_time_out_within_their_deadline() {
+        let mut ep = endpoint();
+        let start = Instant::now();
+        let mut out = Actions::default();
+        ep.handle_kick(at(start, 0), DeviceId(1), &mut out);
+        assert_eq!(out.transmits.len(), 1);
+        let mid = Message::parse(&out.transmits[0].data).unwrap().mid;
+        // NB-IoT timers: 10 s, doubling, 4 retransmissions, but never past 180 s.
+        let mut sent_at = Vec::new();
+        for s in 1..=200 {
+            let mut out = Actions::default();
+            ep.handle_timeout(at(start, s), &mut out);
+            for t in &out.transmits {
+                assert_eq!(Message::parse(&t.data).unwrap().mid, mid, "a retransmission is the same message");
+                sent_at.push(s);
+            }
+        }
+        assert_eq!(sent_at, [10, 30, 70, 150]);
+        assert_eq!(ep.resources.ended, [(1, "timed out".to_string())]);
+        assert_eq!(ep.poll_timeout(), None);
+    }
+
+    #[test]
+    fn acks_and_resets_end_their_exchange_and_nothing_else() {
+        let mut ep = endpoint();
+        let start = Instant::now();
+        let mut out = Actions::default();
+        ep.handle_kick(at(start, 0), DeviceId(1), &mut out);
+        ep.handle_kick(at(start, 0), DeviceId(2), &mut out);
+        let mids: Vec<u16> = out.transmits.iter().map(|t| Message::parse(&t.data).unwrap().mid).collect();
+        let peer = out.transmits[0].peer;
+        let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, mids[0], &[7]).payload(b"0").build();
+        ep.handle_datagram(at(start, 1), peer, None, &ack, &mut Actions::default());
+        // The same ACK again, and one from another address, match nothing.
+        ep.handle_datagram(at(start, 1), peer, None, &ack, &mut Actions::default());
+        ep.handle_datagram(at(start, 1), "10.0.0.2:5683".parse().unwrap(), None, &ack, &mut Actions::default());
+        ep.handle_datagram(at(start, 2), peer, None, &empty(MessageType::Rst, mids[1]), &mut Actions::default());
+        assert_eq!(ep.resources.ended, [(1, "ack 2.05".to_string()), (2, "reset".to_string())]);
+        let mut out = Actions::default();
+        ep.handle_timeout(at(start, 60), &mut out);
+        assert!(out.transmits.is_empty(), "nothing left to retransmit");
+    }
+}
