@@ -39,7 +39,7 @@ fn a_sleeping_huawei_device_gets_its_commands_in_order_one_at_a_time_after_it_re
     let (pk, dn) = huawei_device(&server, "861234567890001", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890001");
     dev.bind();
-    assert_eq!(server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap()["status"], "online");
+    server.wait_device(&pk, &dn, |d| d["status"] == "online");
     std::thread::sleep(Duration::from_millis(1200)); // past its awake window: asleep
 
     let ids: Vec<String> = (1..=3u8)
@@ -90,7 +90,7 @@ fn a_sleeping_huawei_device_gets_its_commands_in_order_one_at_a_time_after_it_re
 #[test]
 fn bind_answers_what_liteos_expects() {
     let server = Server::start();
-    let (pk, dn) = huawei_device(&server, "861234567890002", json!({"name": "meters"}));
+    let (pk, dn) = huawei_device(&server, "861234567890002", json!({"name": "meters", "ack_timeout_ms": 200}));
     // LiteOS reads an ACK 5.00 as "this device does not exist".
     let mut stranger = HuaweiDevice::new(server.endpoints.coap, "869999999999999");
     assert_eq!(stranger.bind_request().code, Code::INTERNAL_SERVER_ERROR);
@@ -106,6 +106,18 @@ fn bind_answers_what_liteos_expects() {
     assert_eq!(dev.bind_request().code, Code::FORBIDDEN);
     server.admin().patch(&format!("/api/v1/products/{pk}/devices/{dn}"), &json!({"enabled": true})).unwrap();
     dev.bind();
+    let home = dev.wire.socket.local_addr().unwrap().to_string();
+    server.wait_device(&pk, &dn, |d| d["address"] == home.as_str());
+
+    // Anyone may send a bind naming this node id: it gets the 2.04 and one observe request
+    // (never retransmitted to an address that asked once), but until that request is answered
+    // the device's address, and where its commands go, stay as they were.
+    let mut spoofer = HuaweiDevice::new(server.endpoints.coap, "861234567890002");
+    assert_eq!(spoofer.bind_request().code, Code::CHANGED);
+    assert_eq!(spoofer.recv_reply(Duration::from_secs(5)).unwrap().code, Code::GET);
+    assert!(spoofer.recv_reply(Duration::from_millis(700)).is_none(), "no retransmission (ack timeout 200 ms)");
+    let device = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
+    assert_eq!(device["address"], home.as_str());
     // A CON report is acknowledged (Empty ACK) once stored.
     let data = dev.notification(MessageType::Con, b"confirmed");
     dev.wire.send(&data);
@@ -124,6 +136,8 @@ fn immediately_fails_for_a_sleeping_device_and_reaches_an_awake_one() {
     assert!(asleep["reason"].as_str().unwrap().contains("asleep"));
 
     dev.bind();
+    // The bind counts once the device has answered the observe request.
+    server.wait_device(&pk, &dn, |d| d["status"] == "online");
     let c = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"now"), "send_strategy": "immediately"}));
     let cmd = dev.command(Duration::from_secs(5)).expect("sent at once to an awake device");
     assert_eq!(cmd.payload, b"now");
@@ -145,6 +159,7 @@ fn an_unanswered_command_times_out_after_its_retransmissions() {
     let (pk, dn) = huawei_device(&server, "861234567890004", product);
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890004");
     dev.bind();
+    server.wait_device(&pk, &dn, |d| d["status"] == "online");
     let c = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"are you there")}));
     let id = c["command_id"].as_str().unwrap();
     let first = dev.command(Duration::from_secs(5)).expect("sent to the awake device");

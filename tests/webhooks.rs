@@ -42,6 +42,7 @@ fn a_subscriber_down_at_first_gets_every_uplink_and_command_change_as_stored() {
     let dn = d["device_name"].as_str().unwrap();
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890101");
     dev.bind();
+    server.wait_device(pk, dn, |d| d["status"] == "online");
     for i in 0..3u8 {
         dev.report(&[b'r', i]);
     }
@@ -136,7 +137,7 @@ fn webhook_events_survive_kill_9_and_a_deleted_webhook_gets_nothing_more() {
 
 #[test]
 fn device_status_changes_are_announced() {
-    let server = Server::start_with(&[
+    let mut server = Server::start_with(&[
         ("NBHUB_DEVICE_ONLINE_WITHIN_S", "1"),
         ("NBHUB_DEVICE_ABNORMAL_WITHIN_S", "2"),
         FAST_RETRIES[0],
@@ -155,4 +156,11 @@ fn device_status_changes_are_announced() {
     assert_eq!(dev.send_uplink(b"back").code, Code::CHANGED);
     let got = receiver.wait("online again", |d| statuses(d).len() == 4);
     assert_eq!(of_kind(&got, "device_status")[3]["data"], json!({"status": "online", "previous": "offline"}));
+
+    // What was announced is stored: going offline while the server is down is announced after.
+    server.kill9();
+    std::thread::sleep(Duration::from_millis(2500));
+    server.restart();
+    let got = receiver.wait("offline after the restart", |d| statuses(d).len() == 5);
+    assert_eq!(of_kind(&got, "device_status")[4]["data"], json!({"status": "offline", "previous": "online"}));
 }

@@ -247,11 +247,18 @@ impl<R: Resources> Endpoint<R> {
     }
 
     fn handle_ack_or_reset(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, out: &mut Actions) {
-        // An ACK or RST matching one of our CONs ends its retransmission.
-        let Some(con) = self.outgoing.remove(&(peer, msg.mid)) else {
+        // An ACK or RST matching one of our CONs ends its retransmission. A piggybacked response
+        // must also carry the CON's token (RFC 7252 §5.3.2), which someone guessing message ids
+        // does not know.
+        let matches = self.outgoing.get(&(peer, msg.mid)).is_some_and(|con| {
+            let tkl = (con.data[0] & 0x0f) as usize;
+            msg.code == Code::EMPTY || con.data.get(4..4 + tkl) == Some(msg.token)
+        });
+        if !matches {
             tracing::trace!(%peer, mid = msg.mid, "ACK/RST for nothing outstanding");
             return;
-        };
+        }
+        let Some(con) = self.outgoing.remove(&(peer, msg.mid)) else { return };
         if let Some(exchange) = con.exchange {
             let reply = if msg.mtype == MessageType::Rst { Reply::Reset } else { Reply::Ack(msg) };
             self.resources.handle_reply(now, exchange, reply, &mut self.effects);
@@ -641,6 +648,10 @@ mod tests {
         let mids: Vec<u16> = out.transmits.iter().map(|t| Message::parse(&t.data).unwrap().mid).collect();
         let peer = out.transmits[0].peer;
         let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, mids[0], &[7]).payload(b"0").build();
+        // A piggybacked answer with another token is not the device's.
+        let forged = MessageBuilder::new(MessageType::Ack, Code::CHANGED, mids[0], &[8]).build();
+        ep.handle_datagram(at(start, 1), peer, None, &forged, &mut Actions::default());
+        assert!(ep.resources.ended.is_empty());
         ep.handle_datagram(at(start, 1), peer, None, &ack, &mut Actions::default());
         // The same ACK again, and one from another address, match nothing.
         ep.handle_datagram(at(start, 1), peer, None, &ack, &mut Actions::default());

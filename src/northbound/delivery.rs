@@ -118,6 +118,13 @@ async fn deliver(
 ) -> Result<(), Stopped> {
     let mut backoff = config.initial_backoff;
     loop {
+        // A subscriber gone for long gets nothing older than it could still want.
+        let age = Duration::from_millis(UnixMs::now().0.saturating_sub(event.time.0));
+        if age > config.max_age {
+            metrics::counter!(metric::WEBHOOK_DROPPED).increment(1);
+            tracing::warn!(url = hook.url, event = event.id, "giving up on an event older than webhooks.max_age_s");
+            return Ok(());
+        }
         let mut request =
             client.post(&hook.url).header(reqwest::header::CONTENT_TYPE, "application/json").body(event.body.clone());
         if let Some(secret) = &hook.secret {
@@ -132,12 +139,6 @@ async fn deliver(
             Err(e) => e.to_string(),
         };
         metrics::counter!(metric::WEBHOOK_DELIVERIES, "result" => "failed").increment(1);
-        let age = Duration::from_millis(UnixMs::now().0.saturating_sub(event.time.0));
-        if age > config.max_age {
-            metrics::counter!(metric::WEBHOOK_DROPPED).increment(1);
-            tracing::warn!(url = hook.url, event = event.id, "giving up on an event older than webhooks.max_age_s");
-            return Ok(());
-        }
         tracing::debug!(url = hook.url, event = event.id, error = outcome, retry_in = ?backoff, "webhook delivery failed");
         tokio::select! {
             _ = deleted.changed() => return Err(Stopped::Stop),

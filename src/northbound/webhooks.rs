@@ -35,7 +35,7 @@ struct Running {
     /// Last event id taken, as the delivery task reports it.
     cursor: u64,
     /// Dropping it stops the task.
-    _stop: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
 }
 
 pub struct Webhooks {
@@ -72,10 +72,15 @@ impl Webhooks {
             running: Mutex::new(HashMap::new()),
             trimmed: Mutex::new(0),
         });
-        for (record, cursor) in loaded {
-            hooks.run(Arc::new(record), cursor);
+        // Every subscription is known before any task runs: the outbox is only trimmed below the
+        // slowest of them.
+        let loaded: Vec<_> = loaded.into_iter().map(|(r, c)| (Arc::new(r), c)).collect();
+        for (record, cursor) in &loaded {
+            hooks.register(record.clone(), *cursor);
         }
-        hooks.update_wanted();
+        for (record, cursor) in loaded {
+            hooks.spawn(record, cursor);
+        }
         Ok(hooks)
     }
 
@@ -83,9 +88,17 @@ impl Webhooks {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn run(self: &Arc<Self>, record: Arc<WebhookRecord>, cursor: u64) {
+    /// Counts a subscription (for trimming and for the event kinds written) before its task runs.
+    fn register(&self, record: Arc<WebhookRecord>, cursor: u64) -> watch::Receiver<bool> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        self.running().insert(record.id, Running { record: record.clone(), cursor, _stop: stop_tx });
+        let mut running = self.running();
+        running.insert(record.id, Running { record, cursor, stop: stop_tx });
+        self.update_wanted(&running);
+        stop_rx
+    }
+
+    fn spawn(self: &Arc<Self>, record: Arc<WebhookRecord>, cursor: u64) {
+        let Some(stop_rx) = self.running().get(&record.id).map(|r| r.stop.subscribe()) else { return };
         let task = delivery::Task {
             hook: record,
             cursor,
@@ -98,9 +111,10 @@ impl Webhooks {
         tokio::spawn(task.run(stop_rx, self.shutdown.clone()));
     }
 
-    fn update_wanted(&self) {
-        let kinds: Vec<EventKind> = self.running().values().flat_map(|r| r.record.events.clone()).collect();
-        self.writer.wanted().set(kinds);
+    /// What is appended to the outbox follows the subscriptions; set under their lock, so
+    /// concurrent changes cannot leave a stale set behind.
+    fn update_wanted(&self, running: &HashMap<WebhookId, Running>) {
+        self.writer.wanted().set(running.values().flat_map(|r| r.record.events.clone()));
     }
 
     /// Subscribes `url` to `events` from now on.
@@ -112,22 +126,32 @@ impl Webhooks {
     ) -> Result<Arc<WebhookRecord>, StoreError> {
         let id = WebhookId(rand::random::<u64>() >> 1);
         let record = Arc::new(WebhookRecord { id, url, events, secret, created_at: UnixMs::now().0 });
-        // Events from now on: the cursor starts at the last one committed.
+        // Events from now on: the cursor starts at the last one committed. Registered before the
+        // commit so no trim meanwhile can pass its cursor.
         let cursor = *self.writer.events().borrow();
-        self.writer
-            .commit([Op::PutWebhook((*record).clone()), Op::WebhookCursor { webhook: id, delivered: cursor }])
-            .await?;
-        self.run(record.clone(), cursor);
-        self.update_wanted();
+        self.register(record.clone(), cursor);
+        let commit = self
+            .writer
+            .commit([Op::PutWebhook((*record).clone()), Op::WebhookCursor { webhook: id, delivered: cursor }]);
+        if let Err(e) = commit.await {
+            let mut running = self.running();
+            running.remove(&id);
+            self.update_wanted(&running);
+            return Err(e);
+        }
+        self.spawn(record.clone(), cursor);
         Ok(record)
     }
 
     /// Unsubscribes; false if there was no such webhook.
     pub async fn delete(&self, id: WebhookId) -> Result<bool, StoreError> {
-        if self.running().remove(&id).is_none() {
-            return Ok(false);
+        {
+            let mut running = self.running();
+            if running.remove(&id).is_none() {
+                return Ok(false);
+            }
+            self.update_wanted(&running);
         }
-        self.update_wanted();
         self.writer.commit([Op::DeleteWebhook(id)]).await?;
         self.trim();
         Ok(true)

@@ -19,32 +19,34 @@ impl Registry {
         now: UnixMs,
         peer: std::net::SocketAddr,
         route: Route,
-    ) -> SmallVec<[Op; 2]> {
+    ) -> SmallVec<[Op; 3]> {
         let mut ops = SmallVec::new();
         if let Some(record) = s.heard(now, peer, route) {
             ops.push(Op::Presence { device: device.id, record });
         }
-        if let Some(op) = self.announce(device, s, Status::Online, now) {
-            ops.push(op);
-        }
+        ops.extend(self.announce(device, s, Status::Online, now));
         ops
     }
 
-    /// Records `status` as announced; the event to store if it changed and someone subscribes.
-    fn announce(&self, device: &Device, s: &mut DeviceState, status: Status, now: UnixMs) -> Option<Op> {
+    /// Records `status` as announced: what to store if it changed (the status itself, and its
+    /// event if someone subscribes), in one write.
+    fn announce(&self, device: &Device, s: &mut DeviceState, status: Status, now: UnixMs) -> SmallVec<[Op; 2]> {
+        let mut ops = SmallVec::new();
         if s.announced == status {
-            return None;
+            return ops;
         }
         let previous = std::mem::replace(&mut s.announced, status);
-        self.writer.wanted().wants(EventKind::DeviceStatus).then(|| {
-            Op::Event(Event {
+        ops.push(Op::Announced { device: device.id, status: status.to_byte() });
+        if self.writer.wanted().wants(EventKind::DeviceStatus) {
+            ops.push(Op::Event(Event {
                 kind: EventKind::DeviceStatus,
                 product_key: device.product_key.clone(),
                 device_name: device.device_name.clone(),
                 time: now,
                 data: serde_json::json!({ "status": status, "previous": previous }),
-            })
-        })
+            }));
+        }
+        ops
     }
 
     /// Announces devices that turned abnormal or offline by staying silent; returns how many.
@@ -58,10 +60,8 @@ impl Registry {
                 continue;
             }
             changed += 1;
-            if let Some(op) = self.announce(&d, &mut s, status, now) {
-                // Queued under the device's lock, like every change of it.
-                self.writer.record([op]);
-            }
+            // Queued under the device's lock, like every change of it.
+            self.writer.record(self.announce(&d, &mut s, status, now));
         }
         changed
     }

@@ -60,6 +60,16 @@ pub enum Status {
     Offline,
 }
 
+impl Status {
+    pub fn to_byte(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_byte(b: u8) -> Option<Status> {
+        [Status::Inactive, Status::Online, Status::Abnormal, Status::Offline].get(b as usize).copied()
+    }
+}
+
 impl Device {
     pub fn from_record(r: DeviceRecord, last_seen: Option<UnixMs>, address: Option<SocketAddr>) -> Device {
         Device {

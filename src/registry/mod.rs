@@ -139,17 +139,22 @@ impl Registry {
     pub async fn load(config: Arc<Config>, store: Store, writer: Writer) -> Result<Registry, StoreError> {
         let now = UnixMs::now();
         let products = store.products()?.into_iter().map(|p| (p.product_key.clone(), Arc::new(p))).collect();
-        let mut presence = store.presence()?;
+        let (mut presence, announced) = store.presence()?;
         let mut devices = Devices::default();
         let mut max_id = 0;
         for r in store.devices()? {
             max_id = max_id.max(r.id.0);
             let p = presence.remove(&r.id);
             let d = Arc::new(Device::from_record(r, p.as_ref().map(|p| p.last_seen), p.and_then(|p| p.address)));
-            // What subscribers knew before the restart is not stored; changes from here on are.
+            // What subscribers were told is stored; a change while the server was down is then
+            // announced by the first sweep. Devices from before statuses were stored start from
+            // their current one.
             {
                 let mut s = d.state();
-                s.announced = s.status(now, &config.device);
+                s.announced = match announced.get(&d.id).and_then(|b| Status::from_byte(*b)) {
+                    Some(status) => status,
+                    None => s.status(now, &config.device),
+                };
             }
             devices.insert(&d);
         }
@@ -270,6 +275,10 @@ impl Registry {
     /// The device acknowledged the relation asked for with `token`: it replaces the previous one
     /// and is stored. False if `token` is not the one asked for last.
     pub fn establish_observe(&self, device: &Arc<Device>, token: ObserveToken) -> bool {
+        // Every Huawei uplink asks; only the first after a bind needs the registry-wide lock.
+        if device.state().pending_observe != Some(token) {
+            return false;
+        }
         let mut devices = write(&self.devices);
         let mut s = device.state();
         if s.deleted || s.pending_observe != Some(token) {
@@ -282,6 +291,18 @@ impl Registry {
         // Queued under the device's lock, so relation changes are stored in their order.
         self.writer.record([Op::PutDevice(device.clone())]);
         true
+    }
+
+    /// Ends the relation `token` names (the device answered it with RST: it no longer knows it,
+    /// RFC 7641 §3.6); its commands wait for the next bind.
+    pub fn end_observe(&self, device: &Arc<Device>, token: ObserveToken) {
+        let mut devices = write(&self.devices);
+        let mut s = device.state();
+        if s.observe == Some(token) {
+            s.observe = None;
+            devices.by_observe.remove(&token);
+            self.writer.record([Op::PutDevice(device.clone())]);
+        }
     }
 
     /// Forgets a relation the device refused or never acknowledged.

@@ -59,6 +59,13 @@ pub const META_NEXT_MESSAGE_ID: &[u8] = b"next_message_id";
 pub const META_NEXT_COMMAND_ID: &[u8] = b"next_command_id";
 pub const META_NEXT_EVENT_ID: &[u8] = b"next_event_id";
 
+/// Where the status last announced for a device is kept: beside its presence.
+pub fn announced_key(device: DeviceId) -> [u8; 9] {
+    let mut k = [b's'; 9];
+    k[..8].copy_from_slice(&device.0.to_be_bytes());
+    k
+}
+
 /// Where a webhook's cursor is kept: beside its record.
 pub fn webhook_cursor_key(id: WebhookId) -> [u8; 9] {
     let mut k = [b'c'; 9];
@@ -218,12 +225,25 @@ impl Store {
         self.scan(CF_DEVICES, json)
     }
 
-    pub fn presence(&self) -> Result<HashMap<DeviceId, PresenceRecord>, StoreError> {
-        let rows = self.scan(CF_PRESENCE, |k, v| {
-            let id = DeviceId(u64::from_be_bytes(k.try_into().map_err(|_| corrupt(k, "key is not 8 bytes"))?));
-            Ok((id, PresenceRecord::decode(v).ok_or_else(|| corrupt(k, "bad presence record"))?))
+    /// Last contact per device, and the status last announced to subscribers (as its byte).
+    pub fn presence(&self) -> Result<(HashMap<DeviceId, PresenceRecord>, HashMap<DeviceId, u8>), StoreError> {
+        let (mut presence, mut announced) = (HashMap::new(), HashMap::new());
+        self.scan(CF_PRESENCE, |k, v| {
+            let id = DeviceId(u64::from_be_bytes(
+                k.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(k, "short key"))?,
+            ));
+            match k.len() {
+                8 => {
+                    presence.insert(id, PresenceRecord::decode(v).ok_or_else(|| corrupt(k, "bad presence record"))?);
+                }
+                9 => {
+                    announced.insert(id, *v.first().ok_or_else(|| corrupt(k, "empty status"))?);
+                }
+                _ => return Err(corrupt(k, "unexpected presence key")),
+            }
+            Ok(())
         })?;
-        Ok(rows.into_iter().collect())
+        Ok((presence, announced))
     }
 
     /// Every stored session with its anti-replay window (5682 sessions only have one).

@@ -17,8 +17,8 @@ use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord}
 use super::{
     CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_OUTBOX, CF_PRESENCE,
     CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, CF_WEBHOOKS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID,
-    META_NEXT_MESSAGE_ID, Store, StoreError, command_key, device_key, message_key, records::MessageRecord,
-    webhook_cursor_key,
+    META_NEXT_MESSAGE_ID, Store, StoreError, announced_key, command_key, device_key, message_key,
+    records::MessageRecord, webhook_cursor_key,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
@@ -53,6 +53,11 @@ pub enum Op {
     Presence {
         device: DeviceId,
         record: PresenceRecord,
+    },
+    /// The status announced to subscribers (`device_status`), stored with its event.
+    Announced {
+        device: DeviceId,
+        status: u8,
     },
     PutProduct(ProductRecord),
     /// Writes the device's state as it is when the batch is built, so concurrent changes can
@@ -356,6 +361,7 @@ impl BatchWriter {
                     Op::Presence { device, record } => {
                         self.presence.insert(device, record);
                     }
+                    Op::Announced { device, status } => batch.put_cf(presence_cf, announced_key(device), [status]),
                     Op::PutProduct(p) => {
                         batch.put_cf(cf(CF_PRODUCTS), p.product_key.as_str(), to_json(&p));
                     }
@@ -374,6 +380,7 @@ impl BatchWriter {
                         }
                         batch.delete_cf(cf(CF_DEVICES), device_key(&record.product_key, &record.device_name));
                         batch.delete_cf(presence_cf, record.id.0.to_be_bytes());
+                        batch.delete_cf(presence_cf, announced_key(record.id));
                         batch.delete_range_cf(
                             messages,
                             record.id.0.to_be_bytes().as_slice(),

@@ -632,6 +632,19 @@ impl Server {
         self.admin().get(&format!("/api/v1/commands/{id}")).expect("read command")
     }
 
+    /// Waits (bounded) until the device's view satisfies `ok`; returns it.
+    pub fn wait_device(&self, pk: &str, dn: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let d = self.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).expect("read device");
+            if ok(&d) {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "device {pk}/{dn} never got there: {d}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (bounded) until the command reaches `status`; returns it.
     pub fn wait_command(&self, id: &str, status: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -2,14 +2,13 @@
 //! the server's `GET /t/d` with Observe 0 and a fresh token (SPEC §4). LiteOS treats an ACK 5.00
 //! as "device does not exist", so an unknown node id gets exactly that.
 
-use smallvec::smallvec;
+use smallvec::SmallVec;
 
 use super::{Huawei, Started};
 use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::OptionNumber;
 use crate::coap::resource::{Outcome, Outgoing, Persist, Request, Response};
 use crate::identity::ObserveToken;
-use crate::store::Op;
 use crate::telemetry::metric;
 
 impl Huawei {
@@ -29,7 +28,7 @@ impl Huawei {
             return Outcome::code(Code::FORBIDDEN);
         }
         let now = req.now.wall;
-        let (presence, contact) = {
+        {
             let mut s = device.state();
             if !s.enabled {
                 return Outcome::code(Code::FORBIDDEN);
@@ -41,10 +40,7 @@ impl Huawei {
                     ..Response::new(Code::TOO_MANY_REQUESTS)
                 });
             }
-            let contact = self.registry.contact(&device, &mut s, now, req.peer, self.route);
-            // Always written: a bind is the device's first word after a (re)start.
-            (s.presence(), contact)
-        };
+        }
         metrics::counter!(metric::AUTH, "result" => "ok", "kind" => "bind").increment(1);
         let token = ObserveToken::generate();
         self.registry.ask_observe(&device, token);
@@ -56,16 +52,19 @@ impl Huawei {
             .option(OptionNumber::URI_PATH, b"t")
             .option(OptionNumber::URI_PATH, b"d")
             .build();
-        let follow_up = Outgoing {
-            peer: req.peer,
-            message,
-            retransmit: self.registry.downlink_timers(product.as_deref()),
-            exchange,
-        };
-        self.started.insert(exchange, Started::Observe { device: device.clone(), token });
+        let mut retransmit = self.registry.downlink_timers(product.as_deref());
+        if req.authenticated.is_none() {
+            // Anyone can send a bind naming a known node id from any address: the observe
+            // request goes once (a device that misses it binds again), never several times to
+            // an address that asked only once.
+            retransmit.max_retransmit = 0;
+            retransmit.give_up_after = retransmit.ack_timeout;
+        }
+        let follow_up = Outgoing { peer: req.peer, message, retransmit, exchange };
+        self.started.insert(exchange, Started::Observe { device: device.clone(), token, peer: req.peer });
         tracing::debug!(node_id = ep, peer = %req.peer, "bound");
-        let mut ops = smallvec![Op::Presence { device: device.id, record: presence }];
-        ops.extend(contact.into_iter().filter(|op| !matches!(op, Op::Presence { .. })));
-        Persist { follow_up: Some(follow_up), ..Persist::new(ops, Response::new(Code::CHANGED)) }.into()
+        // Nothing to store yet (the bind counts once the device answers the observe request); the
+        // 2.04 still goes through the writer so the observe request follows it.
+        Persist { follow_up: Some(follow_up), ..Persist::new(SmallVec::new(), Response::new(Code::CHANGED)) }.into()
     }
 }

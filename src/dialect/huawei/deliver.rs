@@ -10,6 +10,7 @@ use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{Effects, ExchangeKey, Outgoing, Reply};
 use crate::downlink::Settlement;
+use crate::identity::ObserveToken;
 use crate::registry::Device;
 use crate::store::Op;
 
@@ -44,13 +45,14 @@ impl Huawei {
             retransmit: self.registry.downlink_timers(product.as_deref()),
             exchange,
         });
-        self.started.insert(exchange, Started::Command { device: device.clone() });
+        self.started.insert(exchange, Started::Command { device: device.clone(), token });
     }
 
     pub(super) fn command_answered(
         &mut self,
         now: Now,
         device: &Arc<Device>,
+        token: ObserveToken,
         exchange: ExchangeKey,
         reply: &Reply<'_, '_>,
         effects: &mut Effects,
@@ -73,10 +75,13 @@ impl Huawei {
                 self.registry.writer().record(changed.into_iter().map(Op::PutCommand));
             }
         }
-        // An answer means the device is listening: the next command follows. After silence it
-        // waits for the device's next report.
-        if settlement != Settlement::TimedOut {
-            self.deliver(now, device, effects);
+        match reply {
+            // The device no longer knows the relation (it rebooted): the rest wait for its bind.
+            Reply::Reset => self.registry.end_observe(device, token),
+            // Silence: the rest wait for its next report.
+            Reply::TimedOut => {}
+            // An answer means the device is listening: the next command follows.
+            Reply::Ack(_) => self.deliver(now, device, effects),
         }
     }
 }

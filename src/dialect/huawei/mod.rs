@@ -8,22 +8,24 @@ mod deliver;
 mod uplink;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::clock::Now;
 use crate::coap::resource::{Effects, ExchangeKey, Reply};
 use crate::identity::{DeviceId, ObserveToken};
 use crate::registry::{Device, Registry, Route};
+use crate::store::Op;
 
 /// Uplinks are stored under this topic (Huawei's have none; `/t/d` is the resource they belong to).
 pub const UPLINK_TOPIC: &str = "/t/d";
 
 /// An exchange this dialect started.
 enum Started {
-    /// `GET /t/d` with Observe 0, sent after a bind.
-    Observe { device: Arc<Device>, token: ObserveToken },
-    /// `POST /t/d` carrying the device's next command.
-    Command { device: Arc<Device> },
+    /// `GET /t/d` with Observe 0, sent to `peer` after its bind.
+    Observe { device: Arc<Device>, token: ObserveToken, peer: SocketAddr },
+    /// `POST /t/d` carrying the device's next command, under the relation `token` names.
+    Command { device: Arc<Device>, token: ObserveToken },
 }
 
 pub struct Huawei {
@@ -46,8 +48,12 @@ impl Huawei {
         effects: &mut Effects,
     ) -> bool {
         match self.started.remove(&exchange) {
-            Some(Started::Observe { device, token }) => self.observe_answered(now, &device, token, reply, effects),
-            Some(Started::Command { device }) => self.command_answered(now, &device, exchange, reply, effects),
+            Some(Started::Observe { device, token, peer }) => {
+                self.observe_answered(now, &device, token, peer, reply, effects)
+            }
+            Some(Started::Command { device, token }) => {
+                self.command_answered(now, &device, token, exchange, reply, effects)
+            }
             None => return false,
         }
         true
@@ -65,13 +71,24 @@ impl Huawei {
         now: Now,
         device: &Arc<Device>,
         token: ObserveToken,
+        peer: SocketAddr,
         reply: &Reply<'_, '_>,
         effects: &mut Effects,
     ) {
         match reply {
+            // The answer carries our random token: the device really is at `peer`. Only now does
+            // the bind count as contact (address, socket, awake window), so a spoofed bind can
+            // neither move a device's downlink nor wake it.
             Reply::Ack(msg) if msg.code.class() == 2 => {
                 if self.registry.establish_observe(device, token) {
-                    tracing::debug!(device = ?device, "observe relation established");
+                    tracing::debug!(device = ?device, %peer, "observe relation established");
+                    let mut s = device.state();
+                    let mut ops = self.registry.contact(device, &mut s, now.wall, peer, self.route);
+                    // Always stored: a bind is the device's first word after a (re)start.
+                    ops.retain(|op| !matches!(op, Op::Presence { .. }));
+                    ops.push(Op::Presence { device: device.id, record: s.presence() });
+                    self.registry.writer().record(ops);
+                    drop(s);
                     self.deliver(now, device, effects);
                 }
             }
