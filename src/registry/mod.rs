@@ -139,7 +139,7 @@ impl Registry {
     pub async fn load(config: Arc<Config>, store: Store, writer: Writer) -> Result<Registry, StoreError> {
         let now = UnixMs::now();
         let products = store.products()?.into_iter().map(|p| (p.product_key.clone(), Arc::new(p))).collect();
-        let (mut presence, announced) = store.presence()?;
+        let crate::store::Presence { contacts: mut presence, announced } = store.presence()?;
         let mut devices = Devices::default();
         let mut max_id = 0;
         for r in store.devices()? {

@@ -59,6 +59,13 @@ pub const META_NEXT_MESSAGE_ID: &[u8] = b"next_message_id";
 pub const META_NEXT_COMMAND_ID: &[u8] = b"next_command_id";
 pub const META_NEXT_EVENT_ID: &[u8] = b"next_event_id";
 
+/// What the presence column family holds, read at start.
+pub struct Presence {
+    pub contacts: HashMap<DeviceId, PresenceRecord>,
+    /// The status last announced to subscribers, as its byte.
+    pub announced: HashMap<DeviceId, u8>,
+}
+
 /// Where the status last announced for a device is kept: beside its presence.
 pub fn announced_key(device: DeviceId) -> [u8; 9] {
     let mut k = [b's'; 9];
@@ -225,8 +232,8 @@ impl Store {
         self.scan(CF_DEVICES, json)
     }
 
-    /// Last contact per device, and the status last announced to subscribers (as its byte).
-    pub fn presence(&self) -> Result<(HashMap<DeviceId, PresenceRecord>, HashMap<DeviceId, u8>), StoreError> {
+    /// Last contact per device, and the status last announced to subscribers.
+    pub fn presence(&self) -> Result<Presence, StoreError> {
         let (mut presence, mut announced) = (HashMap::new(), HashMap::new());
         self.scan(CF_PRESENCE, |k, v| {
             let id = DeviceId(u64::from_be_bytes(
@@ -243,7 +250,7 @@ impl Store {
             }
             Ok(())
         })?;
-        Ok((presence, announced))
+        Ok(Presence { contacts: presence, announced })
     }
 
     /// Every stored session with its anti-replay window (5682 sessions only have one).
