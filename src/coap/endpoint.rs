@@ -479,7 +479,13 @@ impl<R: Resources> Endpoint<R> {
         };
         let (response, message_id, follow_up) = match result {
             Ok(id) => (response, id, follow_up),
-            Err(_) => (Response::new(Code::INTERNAL_SERVER_ERROR), None, None),
+            Err(_) => {
+                if let Some(o) = follow_up {
+                    self.resources.handle_reply(now, o.exchange, Reply::Unsent, &mut self.effects);
+                    self.apply_effects(now, out);
+                }
+                (Response::new(Code::INTERNAL_SERVER_ERROR), None, None)
+            }
         };
         if separate {
             let mid = self.fresh_mid();
@@ -496,8 +502,8 @@ impl<R: Resources> Endpoint<R> {
             out.transmits.push(Transmit { peer: ex.peer, data });
         }
         if failed && let Some(exchange) = receipt {
-            // The receipt's subject was never stored; it ends here.
-            self.resources.handle_reply(now, exchange, Reply::TimedOut, &mut self.effects);
+            // The receipt's subject was never stored, nor sent.
+            self.resources.handle_reply(now, exchange, Reply::Unsent, &mut self.effects);
             self.apply_effects(now, out);
         }
         if let Some(o) = follow_up {
@@ -591,6 +597,7 @@ mod tests {
                 Reply::Ack(m) => format!("ack {}", m.code),
                 Reply::Reset => "reset".into(),
                 Reply::TimedOut => "timed out".into(),
+                Reply::Unsent => "unsent".into(),
             };
             self.ended.push((exchange, how));
         }

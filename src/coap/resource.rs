@@ -133,6 +133,8 @@ pub enum Reply<'m, 'a> {
     Reset,
     /// Every retransmission went unanswered.
     TimedOut,
+    /// Never sent: the write it waited for failed.
+    Unsent,
 }
 
 /// What a dialect asks of the endpoint besides answering the message at hand.

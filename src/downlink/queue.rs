@@ -190,6 +190,21 @@ impl Queue {
         changed
     }
 
+    /// Puts the commands of an exchange that never went out back to PENDING, as they were.
+    pub fn unsend(&mut self, exchange: ExchangeKey) {
+        for o in self.open.iter_mut().filter(|o| o.exchange == Some(exchange)) {
+            o.exchange = None;
+            o.record.status = CommandStatus::Pending;
+            o.record.sent_at = None;
+        }
+    }
+
+    /// Puts back a command whose cancellation could not be stored, in its place by id.
+    pub fn reinstate(&mut self, record: CommandRecord) {
+        let at = self.open.iter().position(|o| o.record.id > record.id).unwrap_or(self.open.len());
+        self.open.insert(at, Open { record, exchange: None });
+    }
+
     /// Cancels a PENDING command.
     pub fn cancel(&mut self, id: CommandId, now: u64) -> Result<CommandRecord, CancelError> {
         let i = self.open.iter().position(|o| o.record.id == id).ok_or(CancelError::NotFound(id))?;
@@ -261,7 +276,10 @@ mod tests {
         q.push(cmd(2, SendStrategy::Immediately, 100), 2).unwrap();
         assert_eq!(q.push(cmd(3, SendStrategy::Delay, 500), 2), Err(QueueFull(2)));
         q.push(cmd(3, SendStrategy::Delay, 500), 3).unwrap();
-        assert_eq!(q.cancel(CommandId(3), 50).unwrap().status, CommandStatus::Canceled);
+        let canceled = q.cancel(CommandId(3), 50).unwrap();
+        assert_eq!(canceled.status, CommandStatus::Canceled);
+        q.reinstate(cmd(3, SendStrategy::Delay, 500));
+        assert_eq!(q.cancel(CommandId(3), 50).unwrap(), canceled);
         assert_eq!(q.cancel(CommandId(3), 50), Err(CancelError::NotFound(CommandId(3))));
         let mut changed = Vec::new();
         assert!(q.send_next(100, 7, DEADLINE, &mut changed).is_none());
@@ -297,6 +315,8 @@ mod tests {
         assert_eq!(ids(q.pull(1, 2, 10_000, 10, DEADLINE, &mut changed)), [1, 2]);
         assert_eq!(ids(q.pull(2, 10, 10_000, 11, DEADLINE, &mut changed)), [1, 2, 3]);
         assert!(q.settle(10, &Settlement::TimedOut, 3).is_empty());
+        q.unsend(11);
+        assert_eq!(q.get(CommandId(1)).map(|r| (r.status, r.sent_at)), Some((CommandStatus::Pending, None)));
         assert_eq!(ids(q.pull(2, 10, 10, 12, DEADLINE, &mut Vec::new())), [1], "one always fits");
         assert_eq!(ids(q.pull(2, 10, 10_000, 11, DEADLINE, &mut Vec::new())), [1, 2, 3]);
         assert_eq!(q.settle(11, &Settlement::Delivered, 4).len(), 3);

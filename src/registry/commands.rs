@@ -189,7 +189,14 @@ impl Registry {
             };
             (self.writer.commit([Op::PutCommand(record.clone())]), record)
         };
-        commit.0.await?;
+        if let Err(e) = commit.0.await {
+            // Still PENDING in the store, so still queued.
+            let mut record = commit.1;
+            record.status = CommandStatus::Pending;
+            record.finished_at = None;
+            device.state().commands.reinstate(record);
+            return Err(e.into());
+        }
         Ok(commit.1)
     }
 

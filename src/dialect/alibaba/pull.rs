@@ -69,6 +69,10 @@ impl Alibaba {
 
     pub(super) fn settle_pull(&mut self, now: Now, device: &Device, exchange: ExchangeKey, reply: &Reply<'_, '_>) {
         let settlement = match reply {
+            Reply::Unsent => {
+                device.state().commands.unsend(exchange);
+                return;
+            }
             Reply::Ack(_) => Settlement::Delivered,
             Reply::Reset => {
                 Settlement::Failed { reason: "the device rejected the /pull answer (RST)".into(), result: None }

@@ -66,7 +66,7 @@ impl Huawei {
                 result: (!msg.payload.is_empty()).then(|| msg.payload.to_vec()),
             },
             Reply::Reset => Settlement::Failed { reason: "the device rejected the command (RST)".into(), result: None },
-            Reply::TimedOut => Settlement::TimedOut,
+            Reply::TimedOut | Reply::Unsent => Settlement::TimedOut,
         };
         {
             let mut s = device.state();
@@ -79,7 +79,7 @@ impl Huawei {
             // The device no longer knows the relation (it rebooted): the rest wait for its bind.
             Reply::Reset => self.registry.end_observe(device, token),
             // Silence: the rest wait for its next report.
-            Reply::TimedOut => {}
+            Reply::TimedOut | Reply::Unsent => {}
             // An answer means the device is listening: the next command follows.
             Reply::Ack(_) => self.deliver(now, device, effects),
         }
