@@ -12,6 +12,7 @@ pub mod downlink;
 pub mod dtls;
 pub mod identity;
 pub mod northbound;
+pub mod ota;
 pub mod registry;
 pub mod store;
 pub mod telemetry;

@@ -1,0 +1,4 @@
+//! Firmware and software upgrades over Huawei's PCP (SPEC §6, seed 003 §3.8): the message codec
+//! ([`pcp`]).
+
+pub mod pcp;
