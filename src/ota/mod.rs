@@ -1,4 +1,5 @@
 //! Firmware and software upgrades over Huawei's PCP (SPEC §6, seed 003 §3.8): the message codec
-//! ([`pcp`]).
+//! ([`pcp`]) and the per-cell download budget ([`coverage`]).
 
+pub mod coverage;
 pub mod pcp;
