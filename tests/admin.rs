@@ -211,3 +211,49 @@ fn messages_page_with_cursors() {
     assert_eq!(status(admin.get(&format!("{base}?after=abc"))).0, 400);
     assert_eq!(status(admin.get(&format!("/api/v1/products/{pk}/devices/ghost/messages"))).0, 404);
 }
+
+#[test]
+fn packages_are_stored_in_chunks_and_bad_uploads_are_refused() {
+    let server = Server::start();
+    let (pk, _, _) = server.product_and_device(json!({"name": "ota"}));
+    let data: Vec<u8> = (0..1234u32).map(|i| (i * 7) as u8).collect();
+    let upload = |query: &str, body: &[u8]| {
+        let url = format!("{}/api/v1/packages?{query}", server.admin_url());
+        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
+        let mut r = agent.post(&url).header("Authorization", &format!("Bearer {TOKEN}")).send(body).unwrap();
+        let status = r.status().as_u16();
+        (status, serde_json::from_str::<serde_json::Value>(&r.body_mut().read_to_string().unwrap()).unwrap())
+    };
+    let (status, p) =
+        upload(&format!("product_key={pk}&version=V1.0&type=firmware&chunk_size=500&source_versions=V0.9,V0.8"), &data);
+    assert_eq!(status, 201, "{p}");
+    assert_eq!(
+        (p["size"].as_u64(), p["chunk_size"].as_u64(), p["chunk_count"].as_u64()),
+        (Some(1234), Some(500), Some(3))
+    );
+    assert_eq!((p["version"].as_str(), p["type"].as_str()), (Some("V1.0"), Some("firmware")));
+    assert_eq!(p["source_versions"], json!(["V0.9", "V0.8"]));
+    let id = p["package_id"].as_str().unwrap();
+    assert_eq!(server.admin().get(&format!("/api/v1/packages/{id}")).unwrap(), p);
+    let (_, d) = upload(&format!("product_key={pk}&version=V2&type=software"), &data);
+    assert_eq!(d["chunk_size"], 500, "default chunk size");
+
+    for (query, body, status, names) in [
+        (format!("product_key={pk}&version=V1.0&type=firmware&chunk_size=31"), &data[..], 400, "chunk_size"),
+        (format!("product_key={pk}&version=V1.0&type=firmware&chunk_size=501"), &data[..], 400, "chunk_size"),
+        (format!("product_key={pk}&version=this-is-too-long-17&type=firmware"), &data[..], 400, "version"),
+        (format!("product_key={pk}&version=V1.0&type=bootloader"), &data[..], 400, "type"),
+        (format!("product_key={pk}&version=V1.0&type=firmware&source_versions=V1,"), &data[..], 400, "source_versions"),
+        (format!("product_key={pk}&version=V1.0&type=firmware"), &[][..], 400, "body"),
+        ("product_key=nope&version=V1.0&type=firmware".to_string(), &data[..], 404, "nope"),
+        (format!("product_key={pk}&type=firmware"), &data[..], 400, "version"),
+    ] {
+        let (got, e) = upload(&query, body);
+        assert_eq!(got, status, "{query}: {e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(names), "{query}: {e}");
+    }
+    assert!(matches!(
+        server.admin().get("/api/v1/packages/42"),
+        Err(nbhub::client::ClientError::Api { status: 404, .. })
+    ));
+}

@@ -4,6 +4,7 @@
 mod commands;
 mod devices;
 pub mod error;
+mod packages;
 mod products;
 mod webhooks;
 
@@ -39,6 +40,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(devices::routes())
         .merge(commands::routes())
         .merge(webhooks::routes())
+        .merge(packages::routes())
         // Inside the token check: an unknown /api/v1 path without the token is 401, not 404.
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));

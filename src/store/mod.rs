@@ -18,6 +18,7 @@ use crate::downlink::{CommandId, CommandRecord};
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
 use crate::northbound::event::{Record, Stored, render_uplink};
 use crate::northbound::{WebhookId, WebhookRecord};
+use crate::ota::package::{PackageId, PackageRecord};
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
 pub use writer::{Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
 
@@ -38,8 +39,12 @@ pub const CF_OPEN_COMMANDS: &str = "open_commands";
 pub const CF_OUTBOX: &str = "outbox";
 /// `webhook id` → subscription, and `webhook id | "c"` → the last event id it took.
 pub const CF_WEBHOOKS: &str = "webhooks";
+/// `package id` → package record.
+pub const CF_PACKAGES: &str = "packages";
+/// `package id | chunk number (u16 BE)` → chunk bytes.
+pub const CF_CHUNKS: &str = "chunks";
 
-const ALL_CFS: [&str; 12] = [
+const ALL_CFS: [&str; 14] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -52,12 +57,22 @@ const ALL_CFS: [&str; 12] = [
     CF_OPEN_COMMANDS,
     CF_OUTBOX,
     CF_WEBHOOKS,
+    CF_PACKAGES,
+    CF_CHUNKS,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
 pub const META_NEXT_MESSAGE_ID: &[u8] = b"next_message_id";
 pub const META_NEXT_COMMAND_ID: &[u8] = b"next_command_id";
 pub const META_NEXT_EVENT_ID: &[u8] = b"next_event_id";
+
+/// `package id | chunk number`.
+pub fn chunk_key(id: PackageId, chunk: u16) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..8].copy_from_slice(&id.0.to_be_bytes());
+    k[8..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
 
 /// What the presence column family holds, read at start.
 pub struct Presence {
@@ -304,6 +319,16 @@ impl Store {
             out.push(json(&k, &v)?);
         }
         Ok(out)
+    }
+
+    pub fn package(&self, id: PackageId) -> Result<Option<PackageRecord>, StoreError> {
+        let k = id.0.to_be_bytes();
+        self.db.get_pinned_cf(self.cf(CF_PACKAGES), k)?.map(|v| json(&k, &v)).transpose()
+    }
+
+    /// One chunk of a package.
+    pub fn chunk(&self, id: PackageId, chunk: u16) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_CHUNKS), chunk_key(id, chunk))?)
     }
 
     /// Every webhook with its cursor (the last event id it took).

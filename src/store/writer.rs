@@ -15,10 +15,10 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
 use super::{
-    CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_OUTBOX, CF_PRESENCE,
-    CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, CF_WEBHOOKS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID,
-    META_NEXT_MESSAGE_ID, Store, StoreError, announced_key, command_key, device_key, message_key,
-    records::MessageRecord, webhook_cursor_key,
+    CF_CHUNKS, CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_OUTBOX, CF_PACKAGES,
+    CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, CF_WEBHOOKS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID,
+    META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError, announced_key, chunk_key, command_key, device_key,
+    message_key, records::MessageRecord, webhook_cursor_key,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
@@ -27,6 +27,7 @@ use crate::downlink::{CommandId, CommandRecord, CommandView};
 use crate::identity::{DeviceId, Token};
 use crate::northbound::event::uplink_record;
 use crate::northbound::{Event, EventKind, EventSource, Wanted, WebhookId, WebhookRecord};
+use crate::ota::package::PackageRecord;
 use crate::telemetry::metric;
 
 /// Id of a stored uplink, assigned at commit so ids grow in commit order (cursor paging relies on it).
@@ -89,6 +90,11 @@ pub enum Op {
     /// No subscriber needs events below `below` any more.
     TrimOutbox {
         below: u64,
+    },
+    /// An upgrade package and its chunks, in one write.
+    PutPackage {
+        record: PackageRecord,
+        chunks: Vec<Vec<u8>>,
     },
 }
 
@@ -425,6 +431,12 @@ impl BatchWriter {
                     }
                     Op::TrimOutbox { below } => {
                         batch.delete_range_cf(outbox, 0u64.to_be_bytes(), below.to_be_bytes());
+                    }
+                    Op::PutPackage { record, chunks } => {
+                        for (i, chunk) in chunks.iter().enumerate() {
+                            batch.put_cf(cf(CF_CHUNKS), chunk_key(record.id, i as u16), chunk);
+                        }
+                        batch.put_cf(cf(CF_PACKAGES), record.id.0.to_be_bytes(), to_json(&record));
                     }
                 }
             }
