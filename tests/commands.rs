@@ -397,3 +397,32 @@ fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
     assert_eq!(unb64(&done["result_base64"]), b"1");
     assert_eq!(server.stored(pk, dn), [("/t/d".to_string(), b"secure reading".to_vec())]);
 }
+
+#[test]
+fn a_reset_command_ends_the_observe_relation_and_the_rest_wait_for_the_next_bind() {
+    let server = Server::start();
+    let (pk, dn) = huawei_device(&server, "861234567890010", json!({"name": "meters", "awake_window_s": 1}));
+    let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890010");
+    dev.bind();
+    server.wait_device(&pk, &dn, |d| d["status"] == "online");
+    std::thread::sleep(Duration::from_millis(1200));
+    let first = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"one")}));
+    let second = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"two")}));
+    dev.report(b"awake");
+    let cmd = dev.command(Duration::from_secs(5)).unwrap();
+    // A device that rebooted no longer knows the relation and resets what comes under it.
+    dev.wire.send(&MessageBuilder::new(MessageType::Rst, Code::EMPTY, cmd.mid, &[]).build());
+    let failed = server.wait_command(first["command_id"].as_str().unwrap(), "FAILED");
+    assert!(failed["reason"].as_str().unwrap().contains("RST"), "{failed}");
+    // Its reports under the old token are refused, and nothing more is sent under it.
+    let data = dev.notification(MessageType::Con, b"old token");
+    dev.wire.send(&data);
+    assert_eq!(dev.recv_reply(Duration::from_secs(5)).unwrap().mtype, MessageType::Rst);
+    assert_eq!(server.command(second["command_id"].as_str().unwrap())["status"], "PENDING");
+    // After its bind the queue carries on.
+    dev.bind();
+    let cmd = dev.command(Duration::from_secs(5)).expect("the second command after the bind");
+    assert_eq!(cmd.payload, b"two");
+    dev.answer(&cmd, Code::CHANGED, b"");
+    server.wait_command(second["command_id"].as_str().unwrap(), "DELIVERED");
+}

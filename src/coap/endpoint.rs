@@ -316,14 +316,10 @@ impl<R: Resources> Endpoint<R> {
         match notified {
             Notified::Store { ops, undo } => {
                 self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
-                let ticket = self.next_ticket;
-                self.next_ticket += 1;
                 let answer = if con { Answer::EmptyAck } else { Answer::Silent };
-                self.pending.insert(
-                    ticket,
-                    PendingExchange { peer, mtype: msg.mtype, mid: msg.mid, token: SmallVec::new(), answer, undo },
-                );
-                out.writes.push((ticket, ops));
+                let exchange =
+                    PendingExchange { peer, mtype: msg.mtype, mid: msg.mid, token: SmallVec::new(), answer, undo };
+                self.await_write(exchange, ops, out);
             }
             Notified::Acknowledge => {
                 let data = if con { Bytes::from(empty(MessageType::Ack, msg.mid)) } else { Bytes::new() };
@@ -377,8 +373,6 @@ impl<R: Resources> Endpoint<R> {
                 let con = msg.mtype == MessageType::Con;
                 // With a receipt the response is a CON of its own whatever the request was.
                 let separate = (separate && con) || receipt.is_some();
-                let ticket = self.next_ticket;
-                self.next_ticket += 1;
                 if separate && con {
                     let ack = Bytes::from(empty(MessageType::Ack, msg.mid));
                     self.dedup.insert(peer, msg.mid, datagram, Seen::Answered(ack.clone()), now.instant);
@@ -388,21 +382,26 @@ impl<R: Resources> Endpoint<R> {
                 } else {
                     self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
                 }
-                self.pending.insert(
-                    ticket,
-                    PendingExchange {
-                        peer,
-                        mtype: msg.mtype,
-                        mid: msg.mid,
-                        token: SmallVec::from_slice(msg.token),
-                        answer: Answer::Response { response, separate, receipt, follow_up },
-                        undo,
-                    },
-                );
-                out.writes.push((ticket, ops));
+                let exchange = PendingExchange {
+                    peer,
+                    mtype: msg.mtype,
+                    mid: msg.mid,
+                    token: SmallVec::from_slice(msg.token),
+                    answer: Answer::Response { response, separate, receipt, follow_up },
+                    undo,
+                };
+                self.await_write(exchange, ops, out);
             }
         }
         self.apply_effects(now, out);
+    }
+
+    /// Asks for `ops` to be written; `exchange` is answered once they are.
+    fn await_write(&mut self, exchange: PendingExchange, ops: SmallVec<[Op; 3]>, out: &mut Actions) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.pending.insert(ticket, exchange);
+        out.writes.push((ticket, ops));
     }
 
     /// Message-layer checks before any resource sees the request.

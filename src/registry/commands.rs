@@ -74,6 +74,14 @@ pub fn deadline(c: &CommandRecord, cfg: &DownlinkConfig) -> u64 {
 }
 
 impl Registry {
+    /// Queues the records of commands that changed; call it holding their device's lock, so
+    /// changes are stored in the order they happened.
+    pub fn record_commands(&self, changed: Vec<CommandRecord>) {
+        if !changed.is_empty() {
+            self.writer.record(changed.into_iter().map(Op::PutCommand));
+        }
+    }
+
     /// How CONs to this product's devices are retransmitted.
     pub fn downlink_timers(&self, product: Option<&ProductRecord>) -> Retransmit {
         let d = &self.config.downlink;
@@ -209,9 +217,7 @@ impl Registry {
             let mut changed = Vec::new();
             s.commands.expire(now.0, self.config.downlink.timeout_ms(), &mut changed);
             ended += changed.len();
-            if !changed.is_empty() {
-                self.writer.record(changed.into_iter().map(Op::PutCommand));
-            }
+            self.record_commands(changed);
             if let Some(next) = s.commands.next_expiry() {
                 self.command_timers.schedule(next, id);
             }

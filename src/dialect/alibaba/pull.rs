@@ -81,9 +81,7 @@ impl Alibaba {
         };
         let s = &mut *device.state();
         let changed = s.commands.settle(exchange, &settlement, now.wall.0);
-        if !changed.is_empty() {
-            self.registry.writer().record(changed.into_iter().map(Op::PutCommand));
-        }
+        self.registry.record_commands(changed);
     }
 }
 

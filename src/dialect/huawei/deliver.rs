@@ -12,25 +12,26 @@ use crate::coap::resource::{Effects, ExchangeKey, Outgoing, Reply};
 use crate::downlink::Settlement;
 use crate::identity::ObserveToken;
 use crate::registry::Device;
-use crate::store::Op;
 
 impl Huawei {
     /// Sends the device's next command, unless one is in flight or it has no observe relation.
     pub(super) fn deliver(&mut self, now: Now, device: &Arc<Device>, effects: &mut Effects) {
-        let product = self.registry.product(device.product_key.as_str());
         let exchange = self.registry.next_exchange();
         let (command, token, peer) = {
             let mut s = device.state();
+            // Every uplink asks; most devices have nothing queued.
+            if s.commands.is_empty() {
+                return;
+            }
             let (Some(token), Some(peer)) = (s.observe, s.address) else { return };
             let mut changed = Vec::new();
             let command =
                 s.commands.send_next(now.wall.0, exchange, self.registry.config.downlink.timeout_ms(), &mut changed);
-            if !changed.is_empty() {
-                self.registry.writer().record(changed.into_iter().map(Op::PutCommand));
-            }
+            self.registry.record_commands(changed);
             let Some(command) = command else { return };
             (command, token, peer)
         };
+        let product = self.registry.product(device.product_key.as_str());
         let message = MessageBuilder::new(MessageType::Con, Code::POST, 0, &token.0)
             .option(OptionNumber::OBSERVE, &[])
             .option(OptionNumber::URI_PATH, b"t")
@@ -71,9 +72,7 @@ impl Huawei {
         {
             let mut s = device.state();
             let changed = s.commands.settle(exchange, &settlement, now.wall.0);
-            if !changed.is_empty() {
-                self.registry.writer().record(changed.into_iter().map(Op::PutCommand));
-            }
+            self.registry.record_commands(changed);
         }
         match reply {
             // The device no longer knows the relation (it rebooted): the rest wait for its bind.
