@@ -128,15 +128,7 @@ impl Server {
 
     /// Polls `sample` until `ok` holds for it (metrics are exported about once a second).
     pub fn wait_metric(&self, sample: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let v = self.metric(sample);
-            if ok(v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{sample} stayed at {v}:\n{}", self.metrics());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(|| self.metric(sample), |v| ok(*v), |v| format!("{sample} stayed at {v}:\n{}", self.metrics()))
     }
 
     /// `openssl s_client -dtls1_2` against the DTLS port; what it printed.
@@ -634,28 +626,17 @@ impl Server {
 
     /// Waits (bounded) until the device's view satisfies `ok`; returns it.
     pub fn wait_device(&self, pk: &str, dn: &str, ok: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let d = self.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).expect("read device");
-            if ok(&d) {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "device {pk}/{dn} never got there: {d}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let read = || self.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).expect("read device");
+        eventually(read, |d| ok(d), |d| format!("device {pk}/{dn} never got there: {d}"))
     }
 
     /// Waits (bounded) until the command reaches `status`; returns it.
     pub fn wait_command(&self, id: &str, status: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let c = self.command(id);
-            if c["status"] == status {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "command {id} never became {status}: {c}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(
+            || self.command(id),
+            |c| c["status"] == status,
+            |c| format!("command {id} never became {status}: {c}"),
+        )
     }
 }
 
@@ -717,15 +698,7 @@ impl WebhookReceiver {
 
     /// Waits (bounded) until `ok` holds for what arrived; returns it.
     pub fn wait(&self, what: &str, ok: impl Fn(&[Delivery]) -> bool) -> Vec<Delivery> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let got = self.events();
-            if ok(&got) {
-                return got;
-            }
-            assert!(Instant::now() < deadline, "webhook receiver never saw {what}: {got:#?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(|| self.events(), |got| ok(got), |got| format!("webhook receiver never saw {what}: {got:#?}"))
     }
 }
 
@@ -766,5 +739,18 @@ fn serve_http(conn: std::net::TcpStream, sink: &std::sync::Mutex<Vec<Delivery>>)
         if out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
             return;
         }
+    }
+}
+
+/// Reads until `ok` holds (within 20 s) and returns what was read; else fails with `why`.
+pub fn eventually<T>(read: impl Fn() -> T, ok: impl Fn(&T) -> bool, why: impl Fn(&T) -> String) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = read();
+        if ok(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{}", why(&v));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -12,14 +12,11 @@ use crate::telemetry::metric;
 
 impl Huawei {
     pub fn notification(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Notified {
-        let Some(device) = ObserveToken::from_bytes(req.msg.token).and_then(|t| self.registry.device_by_observe(&t))
-        else {
-            return Notified::Reject;
-        };
+        let Some(token) = ObserveToken::from_bytes(req.msg.token) else { return Notified::Reject };
+        let Some(device) = self.registry.device_by_observe(&token) else { return Notified::Reject };
         if req.authenticated.is_some_and(|id| id != device.id) {
             return Notified::Reject;
         }
-        let token = ObserveToken::from_bytes(req.msg.token).expect("matched above");
         if req.msg.code.class() != 2 {
             // The device ends the relation (RFC 7641 §3.2): nothing to store.
             return if req.msg.mtype == MessageType::Con { Notified::Acknowledge } else { Notified::Drop };
