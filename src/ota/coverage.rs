@@ -11,7 +11,8 @@ use crate::identity::DeviceId;
 pub const CELL_UNITS: u32 = 50;
 
 /// How well a device hears its cell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Coverage {
     /// 0: RSRP ≥ −105 dBm and SINR ≥ 7 dB; 1: RSRP ≥ −115 and SINR ≥ −3; 2: anything weaker.
     Level(u8),

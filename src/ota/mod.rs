@@ -1,6 +1,9 @@
 //! Firmware and software upgrades over Huawei's PCP (SPEC §6, seed 003 §3.8): the message codec
-//! ([`pcp`]), packages ([`package`]) and the per-cell download budget ([`coverage`]).
+//! ([`pcp`]), packages ([`package`]), the per-cell download budget ([`coverage`]), tasks
+//! ([`task`]) and the per-device upgrade state machine ([`upgrade`]).
 
 pub mod coverage;
 pub mod package;
 pub mod pcp;
+pub mod task;
+pub mod upgrade;
