@@ -82,14 +82,20 @@ impl AdminClient {
         Ok(Fleet { product_key, devices })
     }
 
-    fn call(&self, method: &'static str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    fn call(&self, method: &'static str, path: &str, body: Body<'_>) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let result = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
             ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
-            ("PATCH", b) => self.agent.patch(&url).header("Authorization", &auth).send_json(b.unwrap_or(&Value::Null)),
-            (_, b) => self.agent.post(&url).header("Authorization", &auth).send_json(b.unwrap_or(&Value::Null)),
+            ("PATCH", b) => self.agent.patch(&url).header("Authorization", &auth).send_json(b.json()),
+            (_, Body::Bytes(b)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .header("Content-Type", "application/octet-stream")
+                .send(b),
+            (_, b) => self.agent.post(&url).header("Authorization", &auth).send_json(b.json()),
         };
         let mut response = result.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = response.status().as_u16();
@@ -104,15 +110,37 @@ impl AdminClient {
     }
 
     pub fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.call("GET", path, None)
+        self.call("GET", path, Body::None)
     }
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.call("POST", path, Some(body))
+        self.call("POST", path, Body::Json(body))
+    }
+    /// POST with raw bytes as the body (a package upload).
+    pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value, ClientError> {
+        self.call("POST", path, Body::Bytes(body))
     }
     pub fn patch(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.call("PATCH", path, Some(body))
+        self.call("PATCH", path, Body::Json(body))
     }
     pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
-        self.call("DELETE", path, None)
+        self.call("DELETE", path, Body::None)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Body<'a> {
+    None,
+    Json(&'a Value),
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Body<'a> {
+    /// The JSON to send (null without one).
+    fn json(self) -> &'a Value {
+        static NULL: Value = Value::Null;
+        match self {
+            Body::Json(v) => v,
+            Body::None | Body::Bytes(_) => &NULL,
+        }
     }
 }

@@ -24,6 +24,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub device: DeviceConfig,
     pub downlink: DownlinkConfig,
+    pub ota: OtaConfig,
     pub webhooks: WebhooksConfig,
     pub store: StoreConfig,
 }
@@ -137,6 +138,32 @@ pub struct DownlinkConfig {
 impl DownlinkConfig {
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_s * 1000
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaConfig {
+    pub online_timeout_s: u64,
+    pub query_timeout_s: u64,
+    pub radio_timeout_s: u64,
+    pub download_timeout_s: u64,
+    pub upgrade_timeout_s: u64,
+    pub resend_s: u64,
+    pub tick_ms: u64,
+    pub max_task_devices: usize,
+}
+
+impl OtaConfig {
+    pub fn timers(&self) -> crate::ota::upgrade::Timers {
+        crate::ota::upgrade::Timers {
+            online_ms: self.online_timeout_s * 1000,
+            query_ms: self.query_timeout_s * 1000,
+            radio_ms: self.radio_timeout_s * 1000,
+            download_ms: self.download_timeout_s * 1000,
+            upgrade_ms: self.upgrade_timeout_s * 1000,
+            resend_ms: self.resend_s * 1000,
+        }
     }
 }
 
@@ -307,6 +334,21 @@ impl Config {
         }
         if w.max_age_s == 0 || !(1..=256).contains(&w.concurrency) {
             return bad("webhooks.max_age_s must be positive and webhooks.concurrency within 1..=256".into());
+        }
+        let o = &self.ota;
+        let timeouts = [
+            ("online_timeout_s", o.online_timeout_s),
+            ("query_timeout_s", o.query_timeout_s),
+            ("radio_timeout_s", o.radio_timeout_s),
+            ("download_timeout_s", o.download_timeout_s),
+            ("upgrade_timeout_s", o.upgrade_timeout_s),
+            ("resend_s", o.resend_s),
+        ];
+        if let Some((key, v)) = timeouts.iter().find(|(_, v)| !(1..=30 * 86_400).contains(v)) {
+            return bad(format!("ota.{key} = {v} must be within 1..=2592000 seconds"));
+        }
+        if !(10..=60_000).contains(&o.tick_ms) || !(1..=1_000_000).contains(&o.max_task_devices) {
+            return bad("ota.tick_ms must be within 10..=60000 and ota.max_task_devices within 1..=1000000".into());
         }
         if !(1..=1_000_000).contains(&self.store.max_batch) {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));

@@ -142,6 +142,7 @@ async fn serve_with(
     tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
     tasks.spawn(expire_commands(registry.clone(), stop_rx.clone()));
     tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
+    tasks.spawn(advance_upgrades(registry.clone(), stop_rx.clone()));
 
     let endpoints = Endpoints { coap, aes, dtls, admin };
     write_endpoints(&data_dir, &endpoints)?;
@@ -198,6 +199,19 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
         tasks.spawn(transport::udp::serve(socket, endpoint, link(), writer.clone(), port, stop.clone()));
     }
     Ok(bound)
+}
+
+/// Moves upgrades on with time (timeouts, free cell slots, retries); off the async threads, since
+/// a large campaign takes a while to walk.
+async fn advance_upgrades(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let period = std::time::Duration::from_millis(registry.config.ota.tick_ms);
+    every(period, stop, || {
+        let registry = registry.clone();
+        async move {
+            let _ = tokio::task::spawn_blocking(move || registry.upgrade_tick(clock::UnixMs::now())).await;
+        }
+    })
+    .await
 }
 
 /// Calls `tick` every `period` until `stop` flips (the first call after one period).

@@ -40,6 +40,9 @@ pub mod metric {
     pub const WEBHOOK_DELIVERIES: &str = "nbhub_webhook_deliveries_total";
     pub const WEBHOOK_DROPPED: &str = "nbhub_webhook_events_dropped_total";
     pub const COMMANDS: &str = "nbhub_commands_total";
+    pub const OTA_CHUNKS: &str = "nbhub_ota_chunks_served_total";
+    pub const OTA_DEVICES: &str = "nbhub_ota_devices";
+    pub const OTA_CELLS_SATURATED: &str = "nbhub_ota_cells_saturated";
 }
 
 pub fn init_logging(config: &Config) {

@@ -62,7 +62,7 @@ fn view(d: &Device, state: &AdminState) -> DeviceView {
         enabled: s.enabled,
         last_seen: s.last_seen.map(UnixMs::rfc3339),
         address: s.address.map(|a| a.to_string()),
-        version: None,
+        version: s.version.clone(),
         radio: s.radio.clone(),
     }
 }

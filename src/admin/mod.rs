@@ -4,6 +4,7 @@
 mod commands;
 mod devices;
 pub mod error;
+mod ota;
 mod packages;
 mod products;
 mod webhooks;
@@ -41,6 +42,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(commands::routes())
         .merge(webhooks::routes())
         .merge(packages::routes())
+        .merge(ota::routes())
         // Inside the token check: an unknown /api/v1 path without the token is 401, not 404.
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));

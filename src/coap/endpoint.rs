@@ -65,10 +65,11 @@ enum Answer {
         receipt: Option<ExchangeKey>,
         follow_up: Option<Outgoing>,
     },
-    /// A CON notification: an Empty ACK.
-    EmptyAck,
-    /// A NON notification: nothing.
-    Silent,
+    /// A notification: an Empty ACK for a CON, nothing for a NON; then `follow_up`.
+    Notification {
+        con: bool,
+        follow_up: Option<Outgoing>,
+    },
 }
 
 /// A message whose answer waits for a durable write.
@@ -314,9 +315,9 @@ impl<R: Resources> Endpoint<R> {
         let request = Request { msg, peer, authenticated, now, path: SmallVec::new() };
         let notified = self.resources.handle_notification(&request, &mut self.effects);
         match notified {
-            Notified::Store { ops, undo } => {
+            Notified::Store { ops, undo, follow_up } => {
                 self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
-                let answer = if con { Answer::EmptyAck } else { Answer::Silent };
+                let answer = Answer::Notification { con, follow_up };
                 let exchange =
                     PendingExchange { peer, mtype: msg.mtype, mid: msg.mid, token: SmallVec::new(), answer, undo };
                 self.await_write(exchange, ops, out);
@@ -463,16 +464,24 @@ impl<R: Resources> Endpoint<R> {
         }
         let (response, separate, receipt, follow_up) = match ex.answer {
             Answer::Response { response, separate, receipt, follow_up } => (response, separate, receipt, follow_up),
-            Answer::EmptyAck => {
-                // Not stored: a RST tells the device, rather than an ACK claiming otherwise.
-                let mtype = if failed { MessageType::Rst } else { MessageType::Ack };
-                let data = Bytes::from(empty(mtype, ex.mid));
-                self.dedup.answer(ex.peer, ex.mid, data.clone());
-                out.transmits.push(Transmit { peer: ex.peer, data });
-                return;
-            }
-            Answer::Silent => {
-                self.dedup.answer(ex.peer, ex.mid, Bytes::new());
+            Answer::Notification { con, follow_up } => {
+                if con {
+                    // Not stored: a RST tells the device, rather than an ACK claiming otherwise.
+                    let mtype = if failed { MessageType::Rst } else { MessageType::Ack };
+                    let data = Bytes::from(empty(mtype, ex.mid));
+                    self.dedup.answer(ex.peer, ex.mid, data.clone());
+                    out.transmits.push(Transmit { peer: ex.peer, data });
+                } else {
+                    self.dedup.answer(ex.peer, ex.mid, Bytes::new());
+                }
+                if let Some(o) = follow_up {
+                    if failed {
+                        self.resources.handle_reply(now, o.exchange, Reply::Unsent, &mut self.effects);
+                        self.apply_effects(now, out);
+                    } else {
+                        self.originate(now, o, out);
+                    }
+                }
                 return;
             }
         };

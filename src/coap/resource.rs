@@ -186,8 +186,9 @@ impl From<Persist> for Outcome {
 #[allow(clippy::large_enum_variant)] // like Outcome: built once per notification and consumed at once
 /// What becomes of a notification (a CON or NON carrying a response code: a Huawei uplink).
 pub enum Notified {
-    /// Make `ops` durable, then acknowledge a CON with an Empty ACK (a NON gets nothing).
-    Store { ops: SmallVec<[Op; 3]>, undo: Option<Undo> },
+    /// Make `ops` durable, then acknowledge a CON with an Empty ACK (a NON gets nothing) and send
+    /// `follow_up` (an answer that must not go out before what it answers is stored).
+    Store { ops: SmallVec<[Op; 3]>, undo: Option<Undo>, follow_up: Option<Outgoing> },
     /// Acknowledged without storing anything.
     Acknowledge,
     /// Nobody asked for it (unknown token): RST, so the peer stops sending it (RFC 7641 §3.6).

@@ -62,6 +62,36 @@ impl Coverage {
     }
 }
 
+/// Radio state a device reports in a JSON uplink (SPEC §6): any of `rsrp` (dBm), `sinr` (dB) and
+/// `cell_id` (string or number) at the top level. Values out of physical range are ignored.
+#[derive(Debug, Default, PartialEq)]
+pub struct RadioReport {
+    pub rsrp: Option<f64>,
+    pub sinr: Option<f64>,
+    pub cell_id: Option<String>,
+}
+
+impl RadioReport {
+    pub fn from_uplink(payload: &[u8]) -> Option<RadioReport> {
+        // Most uplinks are not JSON or carry no radio fields: a cheap look first.
+        let start = payload.iter().position(|b| !b.is_ascii_whitespace())?;
+        let named = |f: &[u8]| payload.windows(f.len()).any(|w| w == f);
+        if payload[start] != b'{' || !(named(b"rsrp") || named(b"sinr") || named(b"cell_id")) {
+            return None;
+        }
+        let serde_json::Value::Object(m) = serde_json::from_slice(payload).ok()? else { return None };
+        let number = |k: &str, range: std::ops::RangeInclusive<f64>| m.get(k)?.as_f64().filter(|v| range.contains(v));
+        let cell_id = match m.get("cell_id") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        }
+        .filter(|c| (1..=64).contains(&c.len()));
+        let report = RadioReport { rsrp: number("rsrp", -160.0..=0.0), sinr: number("sinr", -30.0..=50.0), cell_id };
+        (report != RadioReport::default()).then_some(report)
+    }
+}
+
 /// Which downloads hold a slot in which cell. Devices whose cell is not known share one
 /// anonymous cell, so they are never more than one cell's worth.
 #[derive(Debug, Default)]
@@ -121,6 +151,17 @@ impl CellBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn radio_fields_are_read_from_json_uplinks() {
+        let r = RadioReport::from_uplink(br#" {"temp": 21, "rsrp": -98.5, "sinr": 12, "cell_id": 460001}"#).unwrap();
+        assert_eq!(r, RadioReport { rsrp: Some(-98.5), sinr: Some(12.0), cell_id: Some("460001".into()) });
+        assert_eq!(RadioReport::from_uplink(br#"{"cell_id": "a1"}"#).unwrap().cell_id.as_deref(), Some("a1"));
+        assert_eq!(RadioReport::from_uplink(br#"{"temp": 21}"#), None);
+        assert_eq!(RadioReport::from_uplink(br#"{"rsrp": 40}"#), None, "out of range");
+        assert_eq!(RadioReport::from_uplink(b"rsrp=-90"), None);
+        assert_eq!(RadioReport::from_uplink(br#"{"rsrp": -90"#), None);
+    }
 
     #[test]
     fn levels_take_the_weaker_measurement() {

@@ -104,6 +104,19 @@ pub fn device_reason(code: ResultCode) -> String {
     }
 }
 
+/// The answer to a device's request when it is in no upgrade at all: requests are answered (or
+/// the device asks forever), answers are ignored.
+pub fn without_task(msg: &FromDevice) -> Option<FromPlatform> {
+    match msg {
+        FromDevice::ChunkRequest { chunk, .. } => {
+            Some(FromPlatform::Chunk { result: ResultCode::NO_TASK, chunk: *chunk, data: Vec::new() })
+        }
+        FromDevice::DownloadResult { .. } => Some(FromPlatform::DownloadResultAnswer { result: ResultCode::NO_TASK }),
+        FromDevice::UpgradeResult { .. } => Some(FromPlatform::UpgradeResultAnswer { result: ResultCode::OK }),
+        FromDevice::Version { .. } | FromDevice::NotifyAnswer { .. } | FromDevice::ExecuteAnswer { .. } => None,
+    }
+}
+
 /// What the task upgrades to: the package as PCP describes it.
 pub struct Target<'a> {
     pub version: &'a Version,

@@ -1,6 +1,8 @@
 //! What a device's contact changes beyond the request itself: where and when it was last heard
 //! (stored at most once a minute), which socket serves it, and the status subscribers were told.
 
+use std::sync::Arc;
+
 use smallvec::SmallVec;
 
 use super::device::DeviceState;
@@ -11,10 +13,11 @@ use crate::store::Op;
 
 impl Registry {
     /// The device spoke from `peer` through `route`; returns what to store with the request: its
-    /// presence when due, and a `device_status` event if it just came (back) online.
+    /// presence when due, a `device_status` event if it just came (back) online, and the start of
+    /// an upgrade that waited for it.
     pub fn contact(
         &self,
-        device: &Device,
+        device: &Arc<Device>,
         s: &mut DeviceState,
         now: UnixMs,
         peer: std::net::SocketAddr,
@@ -25,6 +28,7 @@ impl Registry {
             ops.push(Op::Presence { device: device.id, record });
         }
         ops.extend(self.announce(device, s, Status::Online, now));
+        self.upgrade_contact(device, s, now, &mut ops);
         ops
     }
 

@@ -6,8 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::UnixMs;
 use crate::config::DeviceConfig;
-use crate::downlink::Queue;
+use crate::downlink::{PcpRequest, Queue};
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
+use crate::ota::upgrade::Upgrade;
 use crate::registry::routes::Route;
 use crate::store::records::{DeviceRecord, PresenceRecord, Radio};
 
@@ -49,6 +50,13 @@ pub struct DeviceState {
     pub commands: Queue,
     /// The status last told to subscribers (`device_status` events announce changes).
     pub announced: Status,
+    /// The version the device last reported over PCP.
+    pub version: Option<String>,
+    /// Its upgrade in the latest task that includes it (kept once finished, so a repeated
+    /// request is still answered the same).
+    pub upgrade: Option<Upgrade>,
+    /// A PCP request waiting for the downlink channel.
+    pub pcp_request: Option<PcpRequest>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -95,6 +103,9 @@ impl Device {
                 pending_observe: None,
                 commands: Queue::default(),
                 announced: Status::Inactive,
+                version: r.version,
+                upgrade: None,
+                pcp_request: None,
             }),
         }
     }
@@ -119,6 +130,7 @@ impl Device {
             radio: s.radio.clone(),
             created_at: self.created_at,
             observe: s.observe,
+            version: s.version.clone(),
         }
     }
 }
@@ -273,6 +285,9 @@ mod tests {
             pending_observe: None,
             commands: Queue::default(),
             announced: Status::Inactive,
+            version: None,
+            upgrade: None,
+            pcp_request: None,
         };
         assert_eq!(s.status(now, &c), Status::Inactive);
         s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));
@@ -298,6 +313,7 @@ mod tests {
                 radio: Radio::default(),
                 created_at: 0,
                 observe: None,
+                version: None,
             },
             None,
             None,

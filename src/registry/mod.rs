@@ -6,6 +6,7 @@ mod contact;
 pub mod device;
 pub mod routes;
 pub mod sessions;
+pub mod upgrades;
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -118,6 +119,7 @@ pub struct Registry {
     pub sessions: Sessions,
     pub routes: Routes,
     pub command_timers: CommandTimers,
+    pub ota: upgrades::Ota,
     next_device_id: AtomicU64,
     next_command_id: AtomicU64,
     /// Keys of the exchanges the endpoints start, unique process-wide.
@@ -172,6 +174,7 @@ impl Registry {
         if open > 0 {
             tracing::info!(commands = open, "restored open commands");
         }
+        let ota = upgrades::Ota::load(&store, &devices.by_id)?;
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
         for (token, record, window) in store.sessions()? {
@@ -208,6 +211,7 @@ impl Registry {
             sessions,
             routes: Routes::default(),
             command_timers,
+            ota,
             next_device_id: AtomicU64::new(next_device_id),
             next_command_id: AtomicU64::new(next_command_id),
             next_exchange: AtomicU64::new(1),
@@ -373,6 +377,7 @@ impl Registry {
             radio: Radio::default(),
             created_at: UnixMs::now().0,
             observe: None,
+            version: None,
         };
         let device = Arc::new(Device::from_record(record, None, None));
         {

@@ -19,6 +19,8 @@ use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
 use crate::northbound::event::{Record, Stored, render_uplink};
 use crate::northbound::{WebhookId, WebhookRecord};
 use crate::ota::package::{PackageId, PackageRecord};
+use crate::ota::task::{TaskId, TaskRecord};
+use crate::ota::upgrade::Upgrade;
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
 pub use writer::{Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
 
@@ -43,8 +45,12 @@ pub const CF_WEBHOOKS: &str = "webhooks";
 pub const CF_PACKAGES: &str = "packages";
 /// `package id | chunk number (u16 BE)` → chunk bytes.
 pub const CF_CHUNKS: &str = "chunks";
+/// Upgrade tasks by id.
+pub const CF_OTA_TASKS: &str = "ota_tasks";
+/// Each device's upgrade in a task: `task id | device id`.
+pub const CF_UPGRADES: &str = "upgrades";
 
-const ALL_CFS: [&str; 14] = [
+const ALL_CFS: [&str; 16] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -59,6 +65,8 @@ const ALL_CFS: [&str; 14] = [
     CF_WEBHOOKS,
     CF_PACKAGES,
     CF_CHUNKS,
+    CF_OTA_TASKS,
+    CF_UPGRADES,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
@@ -71,6 +79,14 @@ pub fn chunk_key(id: PackageId, chunk: u16) -> [u8; 10] {
     let mut k = [0u8; 10];
     k[..8].copy_from_slice(&id.0.to_be_bytes());
     k[8..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+/// `task id | device id`: a task's upgrades are one prefix range.
+pub fn upgrade_key(task: TaskId, device: DeviceId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&task.0.to_be_bytes());
+    k[8..].copy_from_slice(&device.0.to_be_bytes());
     k
 }
 
@@ -329,6 +345,30 @@ impl Store {
     /// One chunk of a package.
     pub fn chunk(&self, id: PackageId, chunk: u16) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_CHUNKS), chunk_key(id, chunk))?)
+    }
+
+    pub fn ota_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        self.scan(CF_OTA_TASKS, json)
+    }
+
+    /// Every device's upgrade in every task, in task order.
+    pub fn upgrades(&self) -> Result<Vec<Upgrade>, StoreError> {
+        self.scan(CF_UPGRADES, json)
+    }
+
+    /// A task's upgrades, by device id.
+    pub fn upgrades_of(&self, task: TaskId) -> Result<HashMap<DeviceId, Upgrade>, StoreError> {
+        let prefix = task.0.to_be_bytes();
+        let mut out = HashMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_UPGRADES), IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let u: Upgrade = json(&k, &v)?;
+            out.insert(u.device, u);
+        }
+        Ok(out)
     }
 
     /// Every webhook with its cursor (the last event id it took).

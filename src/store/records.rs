@@ -59,6 +59,9 @@ pub struct DeviceRecord {
     /// The Huawei observe relation on `/t/d` (SPEC §4), kept across restarts.
     #[serde(default)]
     pub observe: Option<ObserveToken>,
+    /// The firmware or software version the device last reported over PCP.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// Which listener family a token belongs to; a token is only valid on its own family, so a 5682

@@ -15,10 +15,11 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
 use super::{
-    CF_CHUNKS, CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_OUTBOX, CF_PACKAGES,
-    CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, CF_WEBHOOKS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID,
-    META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError, announced_key, chunk_key, command_key, device_key,
-    message_key, records::MessageRecord, webhook_cursor_key,
+    CF_CHUNKS, CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_OTA_TASKS,
+    CF_OUTBOX, CF_PACKAGES, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, CF_UPGRADES, CF_WEBHOOKS,
+    META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError,
+    announced_key, chunk_key, command_key, device_key, message_key, records::MessageRecord, upgrade_key,
+    webhook_cursor_key,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
@@ -28,6 +29,8 @@ use crate::identity::{DeviceId, Token};
 use crate::northbound::event::uplink_record;
 use crate::northbound::{Event, EventKind, EventSource, Wanted, WebhookId, WebhookRecord};
 use crate::ota::package::PackageRecord;
+use crate::ota::task::TaskRecord;
+use crate::ota::upgrade::Upgrade;
 use crate::telemetry::metric;
 
 /// Id of a stored uplink, assigned at commit so ids grow in commit order (cursor paging relies on it).
@@ -91,6 +94,9 @@ pub enum Op {
     TrimOutbox {
         below: u64,
     },
+    PutTask(TaskRecord),
+    /// A device's upgrade in a task created or changed.
+    PutUpgrade(Upgrade),
     /// An upgrade package and its chunks, in one write.
     PutPackage {
         record: PackageRecord,
@@ -432,6 +438,8 @@ impl BatchWriter {
                     Op::TrimOutbox { below } => {
                         batch.delete_range_cf(outbox, 0u64.to_be_bytes(), below.to_be_bytes());
                     }
+                    Op::PutTask(t) => batch.put_cf(cf(CF_OTA_TASKS), t.id.0.to_be_bytes(), to_json(&t)),
+                    Op::PutUpgrade(u) => batch.put_cf(cf(CF_UPGRADES), upgrade_key(u.task, u.device), to_json(&u)),
                     Op::PutPackage { record, chunks } => {
                         for (i, chunk) in chunks.iter().enumerate() {
                             batch.put_cf(cf(CF_CHUNKS), chunk_key(record.id, i as u16), chunk);

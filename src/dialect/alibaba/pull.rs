@@ -1,5 +1,5 @@
 //! `POST /pull` (SPEC §3.4): an Alibaba device never serves requests, so it fetches its queued
-//! commands. The answer is a separate CON 2.05 listing them (encrypted on 5682); the device's ACK
+//! commands, and any upgrade request of the platform ahead of them. The answer is a separate CON 2.05 listing them (encrypted on 5682); the device's ACK
 //! of that response is what makes them DELIVERED.
 
 use base64::Engine;
@@ -13,12 +13,16 @@ use crate::clock::Now;
 use crate::coap::message::Code;
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Outcome, Persist, Reply, Request, Response};
-use crate::downlink::Settlement;
+use crate::downlink::{PcpRequest, Settlement};
 use crate::registry::Device;
 use crate::store::Op;
 
 /// Most commands one answer carries (Alibaba's `pageSize` range).
 const MAX_PAGE: usize = 10;
+
+/// The id an upgrade request (PCP, SPEC §6) carries among the commands of a `/pull` answer; its
+/// topic is `/ota/device/upgrade/{pk}/{dn}`.
+pub const PCP_MESSAGE_ID: &str = "pcp";
 
 impl Alibaba {
     pub(super) fn pull(&mut self, req: &Request<'_, '_>) -> Outcome {
@@ -33,13 +37,18 @@ impl Alibaba {
         let now = req.now;
         let exchange = self.registry.next_exchange();
         let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
-        let commands = {
+        let (pcp, commands) = {
             let mut s = device.state();
             ops.extend(self.registry.contact(&device, &mut s, now.wall, req.peer, self.route));
+            // An upgrade request goes first, in the place of one command.
+            let pcp = s.pcp_request.as_mut().filter(|r| r.in_flight.is_none()).map(|r| {
+                r.in_flight = Some(exchange);
+                r.frame.clone()
+            });
             let mut changed = Vec::new();
             let commands = s.commands.pull(
                 now.wall.0,
-                page,
+                page - pcp.is_some() as usize,
                 self.registry.config.coap.max_payload,
                 exchange,
                 self.registry.config.downlink.timeout_ms(),
@@ -47,12 +56,18 @@ impl Alibaba {
             );
             // SENT is durable before the commands leave (they leave once these writes are).
             ops.extend(changed.into_iter().map(Op::PutCommand));
-            commands
+            (pcp, commands)
         };
         ops.extend(auth_ops);
-        let messages: Vec<_> = commands
-            .iter()
-            .map(|c| serde_json::json!({"id": c.id.to_string(), "topic": c.topic, "payload": STANDARD.encode(&c.payload)}))
+        let upgrade = pcp.as_ref().map(|frame| {
+            let topic = format!("/ota/device/upgrade/{}/{}", device.product_key, device.device_name);
+            serde_json::json!({"id": PCP_MESSAGE_ID, "topic": topic, "payload": STANDARD.encode(frame)})
+        });
+        let messages: Vec<_> = upgrade
+            .into_iter()
+            .chain(commands.iter().map(
+                |c| serde_json::json!({"id": c.id.to_string(), "topic": c.topic, "payload": STANDARD.encode(&c.payload)}),
+            ))
             .collect();
         let body = serde_json::json!({ "messages": messages }).to_string().into_bytes();
         let response = match key {
@@ -60,7 +75,7 @@ impl Alibaba {
             Some(key) => Response { payload: key.encrypt(&body), ..Response::new(Code::CONTENT) },
             None => Response::with_payload(Code::CONTENT, content_format::JSON, body),
         };
-        let receipt = (!commands.is_empty()).then_some(exchange);
+        let receipt = (!commands.is_empty() || pcp.is_some()).then_some(exchange);
         if receipt.is_some() {
             self.pulls.insert(exchange, device);
         }
@@ -68,6 +83,7 @@ impl Alibaba {
     }
 
     pub(super) fn settle_pull(&mut self, now: Now, device: &Device, exchange: ExchangeKey, reply: &Reply<'_, '_>) {
+        PcpRequest::settle(&mut device.state().pcp_request, exchange, matches!(reply, Reply::Ack(_)));
         let settlement = match reply {
             Reply::Unsent => {
                 device.state().commands.unsend(exchange);

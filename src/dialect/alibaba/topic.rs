@@ -9,7 +9,7 @@ use smallvec::{SmallVec, smallvec};
 use super::{Alibaba, admit};
 use crate::auth::replay::Verdict;
 use crate::coap::message::Code;
-use crate::coap::option::OptionNumber;
+use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{Outcome, Persist, Request, Response, Undo};
 use crate::identity::{DeviceName, ProductKey, Token};
 use crate::registry::device::Device;
@@ -128,7 +128,7 @@ impl Alibaba {
         let segments = &req.path[1..];
         // A segment is one topic level: no separators, no relative levels, no control bytes.
         let well_formed = !segments.iter().any(|s| *s == "." || *s == ".." || s.bytes().any(|b| b == b'/' || b < 0x20));
-        let Authorized { device, payload, ops: auth_ops, undo, ack_mode, .. } = match self.authorize(req, |d| {
+        let Authorized { device, payload, key, ops: auth_ops, undo, ack_mode } = match self.authorize(req, |d| {
             if !well_formed {
                 Err(Code::BAD_REQUEST)
             } else if !owns_topic(&d.product_key, &d.device_name, segments) {
@@ -141,7 +141,35 @@ impl Alibaba {
             Err(o) => return o,
         };
         let now = req.now.wall;
-        let contact = self.registry.contact(&device, &mut device.state(), now, req.peer, self.route);
+        let (contact, pcp) = {
+            let mut s = device.state();
+            let mut contact = self.registry.contact(&device, &mut s, now, req.peer, self.route);
+            let pcp = self
+                .registry
+                .pcp_message(&device, &payload)
+                .map(|m| self.registry.upgrade_pcp(&device, &mut s, now, &m));
+            if pcp.is_none() {
+                contact.extend(self.registry.radio_report(&device, &mut s, &payload));
+            }
+            (contact, pcp)
+        };
+        if let Some(pcp) = pcp {
+            // Not business data: the answer travels in the response, once what it changed is stored.
+            let mut ops = contact;
+            ops.extend(pcp.ops);
+            ops.extend(auth_ops);
+            let answer = pcp.answer.unwrap_or_default();
+            let payload = match (&key, answer.is_empty()) {
+                (Some(key), false) => key.encrypt(&answer),
+                _ => answer,
+            };
+            let response = if payload.is_empty() {
+                Response::new(Code::CHANGED)
+            } else {
+                Response::with_payload(Code::CHANGED, content_format::OCTET_STREAM, payload)
+            };
+            return Persist { separate: ack_mode == AckMode::Separate, undo, ..Persist::new(ops, response) }.into();
+        }
         let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
         for s in segments {
             topic.push('/');

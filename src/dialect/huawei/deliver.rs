@@ -6,16 +6,19 @@ use std::sync::Arc;
 
 use super::{Huawei, Started};
 use crate::clock::Now;
-use crate::coap::message::{Code, MessageBuilder, MessageType};
-use crate::coap::option::{OptionNumber, content_format};
+use crate::coap::message::Code;
 use crate::coap::resource::{Effects, ExchangeKey, Outgoing, Reply};
 use crate::downlink::Settlement;
 use crate::identity::ObserveToken;
 use crate::registry::Device;
 
 impl Huawei {
-    /// Sends the device's next command, unless one is in flight or it has no observe relation.
+    /// Sends the device's waiting PCP request, else its next command, unless one is in flight or
+    /// it has no observe relation.
     pub(super) fn deliver(&mut self, now: Now, device: &Arc<Device>, effects: &mut Effects) {
+        if self.deliver_pcp(device, effects) {
+            return;
+        }
         let exchange = self.registry.next_exchange();
         let (command, token, peer) = {
             let mut s = device.state();
@@ -32,13 +35,7 @@ impl Huawei {
             (command, token, peer)
         };
         let product = self.registry.product(device.product_key.as_str());
-        let message = MessageBuilder::new(MessageType::Con, Code::POST, 0, &token.0)
-            .option(OptionNumber::OBSERVE, &[])
-            .option(OptionNumber::URI_PATH, b"t")
-            .option(OptionNumber::URI_PATH, b"d")
-            .uint_option(OptionNumber::CONTENT_FORMAT, content_format::OCTET_STREAM)
-            .payload(&command.payload)
-            .build();
+        let message = super::upgrade::post_t_d(token, &command.payload);
         tracing::debug!(device = ?device, command = %command.id, %peer, "sending command");
         effects.outgoing.push(Outgoing {
             peer,

@@ -5,6 +5,7 @@
 
 mod bind;
 mod deliver;
+mod upgrade;
 mod uplink;
 
 use std::collections::HashMap;
@@ -26,6 +27,10 @@ enum Started {
     Observe { device: Arc<Device>, token: ObserveToken, peer: SocketAddr },
     /// `POST /t/d` carrying the device's next command, under the relation `token` names.
     Command { device: Arc<Device>, token: ObserveToken },
+    /// `POST /t/d` carrying a PCP request of the platform (ahead of commands).
+    PcpRequest { device: Arc<Device>, token: ObserveToken },
+    /// `POST /t/d` carrying the answer to a PCP request of the device.
+    PcpAnswer { device: Arc<Device> },
 }
 
 pub struct Huawei {
@@ -54,6 +59,11 @@ impl Huawei {
             Some(Started::Command { device, token }) => {
                 self.command_answered(now, &device, token, exchange, reply, effects)
             }
+            Some(Started::PcpRequest { device, token }) => {
+                self.pcp_request_answered(now, &device, token, exchange, reply, effects)
+            }
+            // Whatever became of it (the device asks again if it was lost), the next message may go.
+            Some(Started::PcpAnswer { device }) => self.deliver(now, &device, effects),
             None => return false,
         }
         true

@@ -1,5 +1,7 @@
 //! Uplinks: notifications (NON, or CON) with a 2.xx code, the observe token and binary payload.
 //! The token names the device; the address it came from is only where to send to next (SPEC §4).
+//! A PCP message (SPEC §6) is not business data: it moves the device's upgrade on, and its answer
+//! goes down the downlink channel once what it changed is stored.
 
 use smallvec::smallvec;
 
@@ -32,7 +34,21 @@ impl Huawei {
                 metrics::counter!(metric::FLOW_CONTROL).increment(1);
                 return Notified::Drop;
             }
-            self.registry.contact(&device, &mut s, now, req.peer, self.route)
+            let mut contact = self.registry.contact(&device, &mut s, now, req.peer, self.route);
+            if let Some(pcp) = self.registry.pcp_message(&device, req.msg.payload) {
+                let outcome = self.registry.upgrade_pcp(&device, &mut s, now, &pcp);
+                contact.extend(outcome.ops);
+                drop(s);
+                self.registry.establish_observe(&device, token);
+                let follow_up = outcome.answer.map(|frame| self.pcp_answer(&device, token, req.peer, &frame));
+                if follow_up.is_none() {
+                    // An answer to our request: the next one may follow.
+                    self.deliver(req.now, &device, effects);
+                }
+                return Notified::Store { ops: contact, undo: None, follow_up };
+            }
+            contact.extend(self.registry.radio_report(&device, &mut s, req.msg.payload));
+            contact
         };
         // The device acknowledged the relation with a separate notification rather than in the ACK.
         if self.registry.establish_observe(&device, token) {
@@ -48,6 +64,6 @@ impl Huawei {
         ops.extend(contact);
         // The device is awake now: its next command leaves at once.
         self.deliver(req.now, &device, effects);
-        Notified::Store { ops, undo: None }
+        Notified::Store { ops, undo: None, follow_up: None }
     }
 }

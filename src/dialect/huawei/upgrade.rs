@@ -1,0 +1,103 @@
+//! PCP over the Huawei dialect (SPEC §6): the platform's requests and its answers to the device's
+//! requests both go down as CON `POST /t/d` under the observe token; the device's answers come up
+//! as notifications, or in the ACK of the request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::{Huawei, Started};
+use crate::clock::Now;
+use crate::coap::message::{Code, MessageBuilder, MessageType};
+use crate::coap::option::{OptionNumber, content_format};
+use crate::coap::resource::{Effects, ExchangeKey, Outgoing, Reply};
+use crate::downlink::PcpRequest;
+use crate::identity::ObserveToken;
+use crate::registry::Device;
+
+/// `POST /t/d` with `payload`, as commands go.
+pub(super) fn post_t_d(token: ObserveToken, payload: &[u8]) -> Vec<u8> {
+    MessageBuilder::new(MessageType::Con, Code::POST, 0, &token.0)
+        .option(OptionNumber::OBSERVE, &[])
+        .option(OptionNumber::URI_PATH, b"t")
+        .option(OptionNumber::URI_PATH, b"d")
+        .uint_option(OptionNumber::CONTENT_FORMAT, content_format::OCTET_STREAM)
+        .payload(payload)
+        .build()
+}
+
+impl Huawei {
+    /// The answer to a device's PCP request, sent once: the device repeats its request until
+    /// answered, so retransmitting the answer as well would only double the traffic.
+    pub(super) fn pcp_answer(
+        &mut self,
+        device: &Arc<Device>,
+        token: ObserveToken,
+        peer: SocketAddr,
+        frame: &[u8],
+    ) -> Outgoing {
+        let product = self.registry.product(device.product_key.as_str());
+        let mut retransmit = self.registry.downlink_timers(product.as_deref());
+        retransmit.max_retransmit = 0;
+        retransmit.give_up_after = retransmit.ack_timeout;
+        let exchange = self.registry.next_exchange();
+        self.started.insert(exchange, Started::PcpAnswer { device: device.clone() });
+        Outgoing { peer, message: post_t_d(token, frame), retransmit, exchange }
+    }
+
+    /// Sends the device's waiting PCP request; true if one is waiting or on its way (commands
+    /// then wait: PCP goes first).
+    pub(super) fn deliver_pcp(&mut self, device: &Arc<Device>, effects: &mut Effects) -> bool {
+        let exchange = self.registry.next_exchange();
+        let (frame, token, peer) = {
+            let mut s = device.state();
+            let (Some(token), Some(peer)) = (s.observe, s.address) else { return s.pcp_request.is_some() };
+            match &mut s.pcp_request {
+                None => return false,
+                Some(r) if r.in_flight.is_some() => return true,
+                Some(r) => {
+                    r.in_flight = Some(exchange);
+                    (r.frame.clone(), token, peer)
+                }
+            }
+        };
+        let product = self.registry.product(device.product_key.as_str());
+        effects.outgoing.push(Outgoing {
+            peer,
+            message: post_t_d(token, &frame),
+            retransmit: self.registry.downlink_timers(product.as_deref()),
+            exchange,
+        });
+        self.started.insert(exchange, Started::PcpRequest { device: device.clone(), token });
+        true
+    }
+
+    pub(super) fn pcp_request_answered(
+        &mut self,
+        now: Now,
+        device: &Arc<Device>,
+        token: ObserveToken,
+        exchange: ExchangeKey,
+        reply: &Reply<'_, '_>,
+        effects: &mut Effects,
+    ) {
+        let mut ops = smallvec::SmallVec::<[crate::store::Op; 3]>::new();
+        {
+            let mut s = device.state();
+            PcpRequest::settle(&mut s.pcp_request, exchange, matches!(reply, Reply::Ack(_)));
+            // The device may answer in the ACK itself.
+            if let Reply::Ack(msg) = reply
+                && let Some(pcp) = self.registry.pcp_message(device, msg.payload)
+            {
+                ops.extend(self.registry.upgrade_pcp(device, &mut s, now.wall, &pcp).ops);
+                if !ops.is_empty() {
+                    self.registry.writer().record(std::mem::take(&mut ops));
+                }
+            }
+        }
+        match reply {
+            Reply::Reset => self.registry.end_observe(device, token),
+            Reply::TimedOut | Reply::Unsent => {}
+            Reply::Ack(_) => self.deliver(now, device, effects),
+        }
+    }
+}
