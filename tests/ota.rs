@@ -415,3 +415,88 @@ fn conflicts_stops_and_bad_requests() {
         Err(nbhub::client::ClientError::Api { status: 404, .. })
     ));
 }
+
+#[test]
+fn an_alibaba_device_upgrades_with_pcp_in_its_uplinks_and_pulls_on_5682() {
+    use nbhub::coap::message::{Code, MessageBuilder, MessageType};
+    use nbhub::coap::option::OptionNumber;
+    use nbhub::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
+
+    let server = Server::start_with(&FAST);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "ali-ota"}));
+    let data = package_bytes(150);
+    let package = upload(&server, &pk, "V2", &data, 64, "");
+    let mut dev = AliDevice::new(server.endpoints.aes, &pk, &dn, &secret);
+    assert_eq!(dev.auth().code, Code::CONTENT);
+    assert_eq!(dev.send_uplink(br#"{"rsrp": -80, "sinr": 20, "cell_id": "ali-cell"}"#).code, Code::CHANGED);
+    let id = start_task(&server, &package, &pk, &[&dn], None);
+
+    let key = dev.key.clone().unwrap();
+    // The platform's requests come in the /pull answer, ahead of commands.
+    let mut pull = |dev: &mut AliDevice| -> FromPlatform {
+        dev.seq += 1;
+        let (mid, token) = (dev.peer.next_mid(), dev.peer.next_token());
+        let req = MessageBuilder::new(MessageType::Con, Code::POST, mid, &token)
+            .option(OptionNumber::URI_PATH, b"pull")
+            .option(OptionNumber::ALI_TOKEN, dev.token.clone().unwrap().as_bytes())
+            .option(OptionNumber::ALI_SEQ, &key.encrypt_seq(dev.seq))
+            .build();
+        dev.peer.exchange(&req);
+        let answer = dev.peer.recv();
+        dev.peer.send(&MessageBuilder::new(MessageType::Ack, Code::EMPTY, answer.mid, &[]).build());
+        let body: Value = serde_json::from_slice(&key.decrypt(&answer.payload).unwrap()).unwrap();
+        let m = &body["messages"][0];
+        assert_eq!(
+            (m["id"].as_str(), m["topic"].as_str()),
+            (Some("pcp"), Some(format!("/ota/device/upgrade/{pk}/{dn}").as_str())),
+            "{body}"
+        );
+        use base64::Engine;
+        let frame = base64::engine::general_purpose::STANDARD.decode(m["payload"].as_str().unwrap()).unwrap();
+        FromPlatform::parse(&frame).expect("a well-formed PCP frame")
+    };
+    // The device's PCP messages are uplinks; the answer is in the (encrypted) response.
+    let uplink = |dev: &mut AliDevice, msg: FromDevice| -> Option<FromPlatform> {
+        let r = dev.send_uplink(&msg.encode());
+        assert_eq!(r.code, Code::CHANGED);
+        (!r.payload.is_empty())
+            .then(|| FromPlatform::parse(&dev.key.as_ref().unwrap().decrypt(&r.payload).unwrap()).unwrap())
+    };
+
+    assert_eq!(pull(&mut dev), FromPlatform::QueryVersion);
+    assert_eq!(
+        uplink(&mut dev, FromDevice::Version { result: ResultCode::OK, version: Version::new("V1").unwrap() }),
+        None
+    );
+    let target = Version::new("V2").unwrap();
+    assert_eq!(pull(&mut dev), FromPlatform::NewVersion { version: target, chunk_size: 64, chunk_count: 3 });
+    assert_eq!(uplink(&mut dev, FromDevice::NotifyAnswer { result: ResultCode::OK }), None);
+    let mut image = Vec::new();
+    for n in 0..3u16 {
+        let Some(FromPlatform::Chunk { result, chunk, data: part }) =
+            uplink(&mut dev, FromDevice::ChunkRequest { version: target, chunk: n })
+        else {
+            panic!("a chunk")
+        };
+        assert_eq!((result, chunk), (ResultCode::OK, n));
+        image.extend(part);
+    }
+    assert_eq!(image, data);
+    assert_eq!(
+        uplink(&mut dev, FromDevice::ChunkRequest { version: target, chunk: 3 }),
+        Some(FromPlatform::Chunk { result: ResultCode::NO_CHUNK, chunk: 3, data: Vec::new() })
+    );
+    let answer = uplink(&mut dev, FromDevice::DownloadResult { result: ResultCode::OK });
+    assert_eq!(answer, Some(FromPlatform::DownloadResultAnswer { result: ResultCode::OK }));
+    assert_eq!(pull(&mut dev), FromPlatform::Execute);
+    assert_eq!(uplink(&mut dev, FromDevice::ExecuteAnswer { result: ResultCode::OK }), None);
+    let done = FromDevice::UpgradeResult { result: ResultCode::OK, version: target };
+    for _ in 0..2 {
+        // a repeated report gets the same answer
+        assert_eq!(uplink(&mut dev, done.clone()), Some(FromPlatform::UpgradeResultAnswer { result: ResultCode::OK }));
+    }
+    let t = wait_task(&server, &id, "finished");
+    assert_eq!(device_entry(&t, &dn)["state"], "succeeded", "{t}");
+    let stored = server.stored(&pk, &dn);
+    assert_eq!(stored.len(), 1, "only the radio report is business data");
+}
