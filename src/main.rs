@@ -37,6 +37,11 @@ enum Verb {
         #[command(subcommand)]
         action: CommandAction,
     },
+    /// Upgrade firmware or software over PCP.
+    Ota {
+        #[command(subcommand)]
+        action: OtaAction,
+    },
     /// Subscribe applications to events.
     Webhook {
         #[command(subcommand)]
@@ -149,6 +154,55 @@ enum CommandAction {
 }
 
 #[derive(Subcommand)]
+enum OtaAction {
+    /// Upload a package file.
+    Upload {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        file: PathBuf,
+        /// The version the package installs (at most 16 ASCII characters).
+        #[arg(long)]
+        version: String,
+        #[arg(long = "type", value_parser = ["firmware", "software"], default_value = "firmware")]
+        kind: String,
+        /// Bytes per chunk, 32..=500.
+        #[arg(long)]
+        chunk_size: Option<u16>,
+        /// Versions the package upgrades from (all if none).
+        #[arg(long = "source-version")]
+        source_versions: Vec<String>,
+    },
+    /// Start a package on devices of its product.
+    Start {
+        #[command(flatten)]
+        api: AdminArgs,
+        package_id: String,
+        product_key: String,
+        #[arg(required = true)]
+        device_names: Vec<String>,
+        /// Times a failed device starts over (0..=5).
+        #[arg(long)]
+        retries: Option<u8>,
+        /// Minutes between retries (0..=1440).
+        #[arg(long, default_value_t = 5)]
+        retry_interval: u64,
+    },
+    /// Show a task: counts by state and every device's state and progress.
+    Show {
+        #[command(flatten)]
+        api: AdminArgs,
+        task_id: String,
+    },
+    /// Stop a task; unfinished devices become canceled.
+    Stop {
+        #[command(flatten)]
+        api: AdminArgs,
+        task_id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum WebhookAction {
     /// Subscribe a URL; events: uplink, device_status, command_status, ota_progress (all if none).
     Create {
@@ -202,6 +256,7 @@ fn main() -> ExitCode {
             }
         }),
         Verb::Command { action } => helper(|| command(action)),
+        Verb::Ota { action } => helper(|| ota(action)),
         Verb::Webhook { action } => helper(|| match action {
             WebhookAction::Create { api, url, events, secret } => {
                 let mut body = json!({ "url": url });
@@ -251,6 +306,35 @@ fn command(action: CommandAction) -> HelperResult {
         }
         CommandAction::Cancel { api, command_id } => {
             Ok(client(&api)?.delete(&format!("/api/v1/commands/{command_id}"))?)
+        }
+    }
+}
+
+fn ota(action: OtaAction) -> HelperResult {
+    match action {
+        OtaAction::Upload { api, product_key, file, version, kind, chunk_size, source_versions } => {
+            let data = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let mut path = format!("/api/v1/packages?product_key={product_key}&version={version}&type={kind}");
+            if let Some(size) = chunk_size {
+                path.push_str(&format!("&chunk_size={size}"));
+            }
+            if !source_versions.is_empty() {
+                path.push_str(&format!("&source_versions={}", source_versions.join(",")));
+            }
+            Ok(client(&api)?.post_bytes(&path, &data)?)
+        }
+        OtaAction::Start { api, package_id, product_key, device_names, retries, retry_interval } => {
+            let devices: Vec<Value> =
+                device_names.iter().map(|dn| json!({"product_key": product_key, "device_name": dn})).collect();
+            let mut body = json!({ "package_id": package_id, "devices": devices });
+            if let Some(count) = retries {
+                body["retry"] = json!({ "count": count, "interval_minutes": retry_interval });
+            }
+            Ok(client(&api)?.post("/api/v1/ota/tasks", &body)?)
+        }
+        OtaAction::Show { api, task_id } => Ok(client(&api)?.get(&format!("/api/v1/ota/tasks/{task_id}"))?),
+        OtaAction::Stop { api, task_id } => {
+            Ok(client(&api)?.post(&format!("/api/v1/ota/tasks/{task_id}/stop"), &json!({}))?)
         }
     }
 }

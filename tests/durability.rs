@@ -230,6 +230,25 @@ fn generated_admin_token_is_private_and_used_by_the_cli() {
     );
     let out = cli(&["command", "send", "cliProduct1", "dev1", "--hex", "zz"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--hex"), "{out:?}");
+
+    let firmware = data.join("..").join("fw.bin");
+    std::fs::write(&firmware, vec![7u8; 1200]).unwrap();
+    let fw = firmware.to_str().unwrap();
+    let out =
+        cli(&["ota", "upload", "cliProduct1", fw, "--version", "V2", "--chunk-size", "400", "--source-version", "V1"]);
+    assert!(out.status.success(), "{out:?}");
+    let package: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((package["chunk_count"].as_u64(), &package["source_versions"]), (Some(3), &json!(["V1"])));
+    let out = cli(&["ota", "start", package["package_id"].as_str().unwrap(), "cliProduct1", "dev1", "--retries", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    let task: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&task["status"], &task["retry"]["count"]), (&json!("running"), &json!(2)));
+    let out = cli(&["ota", "show", task["task_id"].as_str().unwrap()]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["devices"][0]["state"], "waiting_online");
+    let out = cli(&["ota", "stop", task["task_id"].as_str().unwrap()]);
+    let stopped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&stopped["status"], &stopped["counts"]["canceled"]), (&json!("stopped"), &json!(1)));
     let _ = child.kill();
     let _ = child.wait();
     let mut stderr = String::new();
