@@ -14,6 +14,7 @@ pub mod identity;
 pub mod northbound;
 pub mod ota;
 pub mod registry;
+pub mod simulate;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

@@ -433,7 +433,7 @@ fn an_alibaba_device_upgrades_with_pcp_in_its_uplinks_and_pulls_on_5682() {
 
     let key = dev.key.clone().unwrap();
     // The platform's requests come in the /pull answer, ahead of commands.
-    let mut pull = |dev: &mut AliDevice| -> FromPlatform {
+    let pull = |dev: &mut AliDevice| -> FromPlatform {
         dev.seq += 1;
         let (mid, token) = (dev.peer.next_mid(), dev.peer.next_token());
         let req = MessageBuilder::new(MessageType::Con, Code::POST, mid, &token)

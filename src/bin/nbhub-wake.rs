@@ -12,8 +12,8 @@ use clap::Parser;
 use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
+use nbhub::simulate::huawei_bind;
 use serde_json::json;
-use tokio::net::UdpSocket;
 use tokio::sync::Barrier;
 
 #[derive(Parser, Clone)]
@@ -115,7 +115,7 @@ fn main() {
 /// (which it acknowledges, as LiteOS does, with 2.05 and a one-byte result).
 async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier>) -> Result<u32, &'static str> {
     // Every device passes both barriers, bound or not, so one failure cannot stall the rest.
-    let bind = bind(&node, args.coap).await;
+    let bind = huawei_bind(&node, args.coap).await;
     bound.wait().await;
     wake.wait().await;
     let (socket, token) = bind?;
@@ -137,35 +137,6 @@ async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier
         }
     }
     Err("no command")
-}
-
-/// Binds as `node` and accepts the server's observe request; the socket and the observe token.
-async fn bind(node: &str, server: SocketAddr) -> Result<(UdpSocket, Vec<u8>), &'static str> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.map_err(|_| "no socket")?;
-    socket.connect(server).await.map_err(|_| "no socket")?;
-    let mut acked = false;
-    let mut buf = [0u8; 2048];
-    // A fresh message id, as a device picks at boot: a port reused from an earlier run must not
-    // look like a retransmission.
-    let request = MessageBuilder::new(MessageType::Con, Code::POST, rand::random(), &[1])
-        .option(OptionNumber::URI_PATH, b"t")
-        .option(OptionNumber::URI_PATH, b"r")
-        .option(OptionNumber::URI_QUERY, format!("ep={node}").as_bytes())
-        .build();
-    for _ in 0..5 {
-        socket.send(&request).await.map_err(|_| "cannot send")?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
-            let Ok(m) = Message::parse(&buf[..n]) else { continue };
-            acked |= m.mtype == MessageType::Ack;
-            if m.mtype == MessageType::Con && m.code == Code::GET {
-                let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).build();
-                socket.send(&ack).await.map_err(|_| "cannot send")?;
-                return Ok((socket, m.token.to_vec()));
-            }
-        }
-    }
-    Err(if acked { "bound, no observe request" } else { "bind unanswered" })
 }
 
 fn fail(e: impl std::fmt::Display) -> ! {

@@ -1,0 +1,260 @@
+//! Upgrade campaign benchmark: binds many simulated PCP devices (Huawei dialect, each on its own
+//! UDP socket) spread over cells at mixed coverage levels, runs one upgrade task over all of them
+//! and reports chunks served per second and, per cell, the most download budget in use at once
+//! (as the devices saw it: from accepting the notification to reporting the download) against
+//! the cell's budget.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use nbhub::client::AdminArgs;
+use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
+use nbhub::ota::coverage::{CELL_UNITS, Coverage};
+use nbhub::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
+use nbhub::simulate::huawei_bind;
+use serde_json::json;
+use tokio::sync::Barrier;
+
+#[derive(Parser, Clone)]
+#[command(name = "nbhub-ota-load", about = "An upgrade campaign over simulated PCP devices in many cells")]
+struct Args {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// The server's plain CoAP port.
+    #[arg(long, default_value = "127.0.0.1:5683")]
+    coap: SocketAddr,
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    #[arg(long, default_value_t = 200)]
+    cells: usize,
+    /// Package size in bytes (chunks of 500).
+    #[arg(long, default_value_t = 20_000)]
+    package_bytes: usize,
+    /// How long a device waits for an answer before asking again (the LiteOS agent: 2-4 s).
+    #[arg(long, default_value_t = 3_000)]
+    resend_ms: u64,
+    /// The campaign's time limit.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+const CHUNK_SIZE: usize = 500;
+
+/// Download budget in use in one cell, in the server's units (a cell holds 50).
+#[derive(Default)]
+struct CellUse {
+    now: AtomicU32,
+    peak: AtomicU32,
+}
+
+/// Every 20th device hears its cell at level 2, three in 20 at level 1, the rest at level 0.
+fn level_of(i: usize) -> u8 {
+    match i % 20 {
+        19 => 2,
+        16..=18 => 1,
+        _ => 0,
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
+    let product = admin
+        .post("/api/v1/products", &json!({"name": "nbhub-ota-load", "awake_window_s": 3600}))
+        .unwrap_or_else(|e| fail(e));
+    let pk = product["product_key"].as_str().unwrap_or_default().to_string();
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let nodes: Vec<(String, String)> = (0..args.devices)
+        .map(|i| {
+            let node = format!("o{stamp}-{i}");
+            let d = admin
+                .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node}))
+                .unwrap_or_else(|e| fail(e));
+            (node, d["device_name"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    let package: Arc<Vec<u8>> = Arc::new((0..args.package_bytes).map(|i| (i * 7 + i / 500) as u8).collect());
+    let uploaded = admin
+        .post_bytes(&format!("/api/v1/packages?product_key={pk}&version=V2&type=firmware&source_versions=V1"), &package)
+        .unwrap_or_else(|e| fail(e));
+    let package_id = uploaded["package_id"].as_str().unwrap_or_default().to_string();
+    eprintln!("created {} devices in product {pk} and package {package_id}", nodes.len());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let cells: Arc<Vec<CellUse>> = Arc::new((0..args.cells).map(|_| CellUse::default()).collect());
+    let chunks = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(Barrier::new(nodes.len() + 1));
+    let tasks: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (node, _))| {
+            let sim =
+                Sim { args: args.clone(), package: package.clone(), cells: cells.clone(), chunks: chunks.clone() };
+            runtime.spawn(sim.device(node.clone(), i, ready.clone()))
+        })
+        .collect();
+    runtime.block_on(ready.wait());
+    // Radio reports are stored before the task starts asking for them.
+    std::thread::sleep(Duration::from_secs(2));
+    let devices: Vec<_> = nodes.iter().map(|(_, dn)| json!({"product_key": pk, "device_name": dn})).collect();
+    let started = Instant::now();
+    let task = admin
+        .post("/api/v1/ota/tasks", &json!({"package_id": package_id, "devices": devices}))
+        .unwrap_or_else(|e| fail(e));
+    let task_id = task["task_id"].as_str().unwrap_or_default().to_string();
+    eprintln!("task {task_id} started");
+    let mut outcomes: std::collections::BTreeMap<&str, usize> = Default::default();
+    for t in tasks {
+        let outcome = runtime.block_on(t).unwrap_or(Err("task failed"));
+        *outcomes.entry(outcome.unwrap_or_else(|e| e)).or_default() += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let view = admin.get(&format!("/api/v1/ota/tasks/{task_id}")).unwrap_or_else(|e| fail(e));
+    let peaks: Vec<u32> = cells.iter().map(|c| c.peak.load(Ordering::SeqCst)).collect();
+    let served = chunks.load(Ordering::SeqCst);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "devices": args.devices,
+            "cells": args.cells,
+            "package_bytes": args.package_bytes,
+            "chunks_per_device": args.package_bytes.div_ceil(CHUNK_SIZE),
+            "device_outcomes": outcomes,
+            "task_counts": view["counts"],
+            "seconds": elapsed,
+            "chunks_received": served,
+            "chunks_per_second": served as f64 / elapsed,
+            "cell_budget_units": CELL_UNITS,
+            "peak_units_per_cell": {
+                "max": peaks.iter().max(),
+                "min": peaks.iter().min(),
+                "cells_at_full_budget": peaks.iter().filter(|p| **p == CELL_UNITS).count(),
+                "cells_over_budget": peaks.iter().filter(|p| **p > CELL_UNITS).count(),
+            },
+        }))
+        .unwrap()
+    );
+}
+
+#[derive(Clone)]
+struct Sim {
+    args: Args,
+    package: Arc<Vec<u8>>,
+    cells: Arc<Vec<CellUse>>,
+    chunks: Arc<AtomicU64>,
+}
+
+impl Sim {
+    /// One device: binds, reports its radio, then follows the platform through the upgrade as
+    /// the LiteOS agent does; what it ended with.
+    async fn device(self, node: String, i: usize, ready: Arc<Barrier>) -> Result<&'static str, &'static str> {
+        let cell = i % self.args.cells;
+        let level = level_of(i);
+        let bound = huawei_bind(&node, self.args.coap).await;
+        if let Ok((socket, token)) = &bound {
+            let (rsrp, sinr) = [(-90, 10), (-110, 0), (-120, -5)][level as usize];
+            let radio = json!({"rsrp": rsrp, "sinr": sinr, "cell_id": format!("cell-{cell}")}).to_string();
+            let _ = socket.send(&notification(token, 1, radio.as_bytes())).await;
+        }
+        ready.wait().await;
+        let (socket, token) = bound?;
+        let units = Coverage::Level(level).units();
+        let use_ = &self.cells[cell];
+        let mut buf = [0u8; 2048];
+        let mut observe = 1u8;
+        let mut outstanding: Option<FromDevice> = None;
+        let mut next_chunk = 0u16;
+        let mut count = 0u16;
+        let mut downloading = false;
+        let resend = Duration::from_millis(self.args.resend_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.args.timeout_s);
+        let mut send = |msg: &FromDevice| {
+            observe = observe.wrapping_add(1);
+            notification(&token, observe, &msg.encode())
+        };
+        loop {
+            let wait = (tokio::time::Instant::now() + resend).min(deadline);
+            let n = match tokio::time::timeout_at(wait, socket.recv(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => return Err("socket error"),
+                Err(_) if tokio::time::Instant::now() >= deadline => return Err("unfinished at the time limit"),
+                Err(_) => {
+                    if let Some(msg) = &outstanding {
+                        let _ = socket.send(&send(msg)).await;
+                    }
+                    continue;
+                }
+            };
+            let Ok(m) = Message::parse(&buf[..n]) else { continue };
+            if m.mtype != MessageType::Con || m.code != Code::POST {
+                continue;
+            }
+            let _ = socket.send(&MessageBuilder::new(MessageType::Ack, Code::CHANGED, m.mid, m.token).build()).await;
+            let Ok(msg) = FromPlatform::parse(m.payload) else { return Err("malformed PCP frame") };
+            let reply = match msg {
+                FromPlatform::QueryVersion => {
+                    Some(FromDevice::Version { result: ResultCode::OK, version: Version::new("V1").unwrap() })
+                }
+                FromPlatform::NewVersion { version, chunk_count, .. } => {
+                    let _ = socket.send(&send(&FromDevice::NotifyAnswer { result: ResultCode::OK })).await;
+                    if !downloading {
+                        downloading = true;
+                        let now = use_.now.fetch_add(units, Ordering::SeqCst) + units;
+                        use_.peak.fetch_max(now, Ordering::SeqCst);
+                    }
+                    count = chunk_count;
+                    outstanding = Some(FromDevice::ChunkRequest { version, chunk: next_chunk });
+                    outstanding.clone()
+                }
+                FromPlatform::Chunk { result: ResultCode::OK, chunk, data } if chunk == next_chunk => {
+                    let at = chunk as usize * CHUNK_SIZE;
+                    if self.package.get(at..at + data.len()) != Some(&data[..]) {
+                        return Err("a chunk's bytes differ from the package");
+                    }
+                    self.chunks.fetch_add(1, Ordering::Relaxed);
+                    next_chunk += 1;
+                    outstanding = Some(if next_chunk == count {
+                        use_.now.fetch_sub(units, Ordering::SeqCst);
+                        downloading = false;
+                        FromDevice::DownloadResult { result: ResultCode::OK }
+                    } else {
+                        let version = Version::new("V2").unwrap();
+                        FromDevice::ChunkRequest { version, chunk: next_chunk }
+                    });
+                    outstanding.clone()
+                }
+                FromPlatform::Execute if matches!(outstanding, Some(FromDevice::DownloadResult { .. })) => {
+                    let _ = socket.send(&send(&FromDevice::ExecuteAnswer { result: ResultCode::OK })).await;
+                    // The reboot.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let done =
+                        FromDevice::UpgradeResult { result: ResultCode::OK, version: Version::new("V2").unwrap() };
+                    outstanding = Some(done);
+                    outstanding.clone()
+                }
+                FromPlatform::UpgradeResultAnswer { .. } => return Ok("upgraded"),
+                _ => None,
+            };
+            if let Some(r) = reply {
+                let _ = socket.send(&send(&r)).await;
+            }
+        }
+    }
+}
+
+/// A NON 2.05 notification with the observe token, as LiteOS reports.
+fn notification(token: &[u8], observe: u8, payload: &[u8]) -> Vec<u8> {
+    MessageBuilder::new(MessageType::Non, Code::CONTENT, rand::random(), token)
+        .option(OptionNumber::OBSERVE, &[observe])
+        .payload(payload)
+        .build()
+}
+
+fn fail(e: impl std::fmt::Display) -> ! {
+    eprintln!("nbhub-ota-load: {e}");
+    std::process::exit(1);
+}
