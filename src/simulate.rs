@@ -1,9 +1,13 @@
-//! Simulated devices for the load generators: the Huawei bind as LiteOS performs it.
+//! Simulated devices for the load generators: a product of Huawei devices made over the admin
+//! API, and the bind as LiteOS performs it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use tokio::net::UdpSocket;
+
+use crate::client::{AdminClient, ClientError};
 
 use crate::coap::message::{Code, Message, MessageBuilder, MessageType};
 use crate::coap::option::OptionNumber;
@@ -36,4 +40,24 @@ pub async fn huawei_bind(node: &str, server: SocketAddr) -> Result<(UdpSocket, V
         }
     }
     Err(if acked { "bound, no observe request" } else { "bind unanswered" })
+}
+
+/// Creates a product (`product` is its body) and `count` devices with node ids unique to this run
+/// (node ids are unique per instance); the product key and each device's (node id, name).
+pub fn huawei_fleet(
+    admin: &AdminClient,
+    product: &Value,
+    count: usize,
+) -> Result<(String, Vec<(String, String)>), ClientError> {
+    let created = admin.post("/api/v1/products", product)?;
+    let pk = created["product_key"].as_str().unwrap_or_default().to_string();
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let nodes = (0..count)
+        .map(|i| {
+            let node = format!("n{stamp}-{i}");
+            let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({ "node_id": node }))?;
+            Ok((node, d["device_name"].as_str().unwrap_or_default().to_string()))
+        })
+        .collect::<Result<_, ClientError>>()?;
+    Ok((pk, nodes))
 }

@@ -15,7 +15,7 @@ use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::ota::coverage::{CELL_UNITS, Coverage};
 use nbhub::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
-use nbhub::simulate::huawei_bind;
+use nbhub::simulate::{huawei_bind, huawei_fleet};
 use serde_json::json;
 use tokio::sync::Barrier;
 
@@ -63,20 +63,8 @@ fn level_of(i: usize) -> u8 {
 fn main() {
     let args = Args::parse();
     let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
-    let product = admin
-        .post("/api/v1/products", &json!({"name": "nbhub-ota-load", "awake_window_s": 3600}))
+    let (pk, nodes) = huawei_fleet(&admin, &json!({"name": "nbhub-ota-load", "awake_window_s": 3600}), args.devices)
         .unwrap_or_else(|e| fail(e));
-    let pk = product["product_key"].as_str().unwrap_or_default().to_string();
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let nodes: Vec<(String, String)> = (0..args.devices)
-        .map(|i| {
-            let node = format!("o{stamp}-{i}");
-            let d = admin
-                .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node}))
-                .unwrap_or_else(|e| fail(e));
-            (node, d["device_name"].as_str().unwrap_or_default().to_string())
-        })
-        .collect();
     let package: Arc<Vec<u8>> = Arc::new((0..args.package_bytes).map(|i| (i * 7 + i / 500) as u8).collect());
     let uploaded = admin
         .post_bytes(&format!("/api/v1/packages?product_key={pk}&version=V2&type=firmware&source_versions=V1"), &package)

@@ -12,7 +12,7 @@ use clap::Parser;
 use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
-use nbhub::simulate::huawei_bind;
+use nbhub::simulate::{huawei_bind, huawei_fleet};
 use serde_json::json;
 use tokio::sync::Barrier;
 
@@ -40,21 +40,9 @@ const AWAKE_WINDOW_S: u64 = 1;
 fn main() {
     let args = Args::parse();
     let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
-    let product = admin
-        .post("/api/v1/products", &json!({"name": "nbhub-wake", "awake_window_s": AWAKE_WINDOW_S}))
-        .unwrap_or_else(|e| fail(e));
-    let pk = product["product_key"].as_str().unwrap_or_default().to_string();
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let nodes: Vec<(String, String)> = (0..args.devices)
-        .map(|i| {
-            // Node ids are unique per instance: make them unique per run.
-            let node = format!("w{stamp}-{i}");
-            let d = admin
-                .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node}))
-                .unwrap_or_else(|e| fail(e));
-            (node, d["device_name"].as_str().unwrap_or_default().to_string())
-        })
-        .collect();
+    let (pk, nodes) =
+        huawei_fleet(&admin, &json!({"name": "nbhub-wake", "awake_window_s": AWAKE_WINDOW_S}), args.devices)
+            .unwrap_or_else(|e| fail(e));
     eprintln!("created {} devices in product {pk}", nodes.len());
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
