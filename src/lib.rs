@@ -202,17 +202,23 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     Ok(bound)
 }
 
-/// Moves upgrades on with time (timeouts, free cell slots, retries); off the async threads, since
-/// a large campaign takes a while to walk.
-async fn advance_upgrades(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    let period = std::time::Duration::from_millis(registry.config.ota.tick_ms);
-    every(period, stop, || {
+/// Moves upgrades on with time (timeouts, free cell slots, retries) every tick, and hands a
+/// freed cell slot on at once; off the async threads, since a large campaign takes a while to walk.
+async fn advance_upgrades(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(registry.config.ota.tick_ms));
+    interval.tick().await;
+    loop {
         let registry = registry.clone();
-        async move {
-            let _ = tokio::task::spawn_blocking(move || registry.upgrade_tick(clock::UnixMs::now())).await;
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = interval.tick() => {
+                let _ = tokio::task::spawn_blocking(move || registry.upgrade_tick(clock::UnixMs::now())).await;
+            }
+            _ = registry.ota.slot_freed.notified() => {
+                let _ = tokio::task::spawn_blocking(move || registry.hand_off_slots(clock::UnixMs::now())).await;
+            }
         }
-    })
-    .await
+    }
 }
 
 /// Calls `tick` every `period` until `stop` flips (the first call after one period).

@@ -121,16 +121,16 @@ impl CellBudget {
         true
     }
 
-    /// Frees `device`'s slot (on success, failure, timeout or stop).
-    pub fn release(&mut self, device: DeviceId) {
-        if let Some((cell, units)) = self.holders.remove(&device)
-            && let Some(used) = self.used.get_mut(&cell)
-        {
+    /// Frees `device`'s slot (on success, failure, timeout or stop); the cell it was in.
+    pub fn release(&mut self, device: DeviceId) -> Option<String> {
+        let (cell, units) = self.holders.remove(&device)?;
+        if let Some(used) = self.used.get_mut(&cell) {
             *used -= units;
             if *used == 0 {
                 self.used.remove(&cell);
             }
         }
+        Some(cell)
     }
 
     /// Units in use in `cell`.

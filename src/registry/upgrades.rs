@@ -3,7 +3,7 @@
 //! periodic tick. Every change is queued for the store under the device's lock; the cell budget
 //! is locked after it (never the other way round).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -51,6 +51,13 @@ pub struct Ota {
     tasks: RwLock<HashMap<TaskId, Arc<Task>>>,
     active: Mutex<BTreeSet<DeviceId>>,
     budget: Mutex<CellBudget>,
+    /// Devices waiting for a slot, per cell, by when they started waiting. Entries of devices
+    /// that moved on are dropped when their cell next frees a slot.
+    waiting: Mutex<HashMap<String, BTreeSet<(u64, DeviceId)>>>,
+    /// Cells where a slot was freed since the last hand-off.
+    freed: Mutex<HashSet<String>>,
+    /// Wakes the hand-off when a slot is freed.
+    pub slot_freed: tokio::sync::Notify,
     next_task_id: AtomicU64,
 }
 
@@ -168,7 +175,14 @@ impl Registry {
         ops: &mut impl Extend<Op>,
     ) {
         if step.release {
-            lock(&self.ota.budget).release(device.id);
+            self.release_slot(device.id);
+        }
+        if up.stage == Stage::WaitingSlot
+            && step.changed
+            && let Some((cell, _)) = coverage(s)
+        {
+            // In the order they started waiting.
+            lock(&self.ota.waiting).entry(cell).or_default().insert((up.since, device.id));
         }
         if let Some(request) = &step.send {
             crate::downlink::PcpRequest::queue(&mut s.pcp_request, request.encode());
@@ -298,32 +312,8 @@ impl Registry {
         let timers = self.config.ota.timers();
         let mut counts: HashMap<Stage, usize> = HashMap::new();
         for id in ids {
-            let Some(device) = self.device_by_id(id) else {
-                // Deleted: its slot goes to someone else.
-                lock(&self.ota.active).remove(&id);
-                lock(&self.ota.budget).release(id);
-                continue;
-            };
-            let awake_window = self.product(device.product_key.as_str()).map_or(0, |p| p.awake_window_s);
-            let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
-            let kick = {
-                let mut s = device.state();
-                let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task));
-                let (Some(task), Some(mut up)) = (task, s.upgrade.take()) else { continue };
-                let (target, awake, radio) = (task.target(), s.awake(now, awake_window), coverage(&s));
-                let ctx = self.ota_ctx(&task, &target, &timers, now);
-                let step =
-                    up.tick(&ctx, awake, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.ota.budget));
-                self.apply_step(&device, &mut s, &up, &task, &step, &mut ops);
-                *counts.entry(up.stage).or_default() += 1;
-                s.upgrade = Some(up);
-                if !ops.is_empty() {
-                    self.writer.record(ops);
-                }
-                step.send.is_some().then_some(s.route).flatten().filter(|_| awake)
-            };
-            if let Some(route) = kick {
-                self.routes.kick(route, id);
+            if let Some(stage) = self.advance(id, now, &timers) {
+                *counts.entry(stage).or_default() += 1;
             }
         }
         for stage in Stage::ALL.into_iter().filter(|s| !s.is_final()) {
@@ -331,6 +321,69 @@ impl Registry {
             metrics::gauge!(metric::OTA_DEVICES, "state" => stage.as_str()).set(n as f64);
         }
         metrics::gauge!(metric::OTA_CELLS_SATURATED).set(lock(&self.ota.budget).saturated() as f64);
+    }
+
+    /// Gives the slots freed since the last call to the devices that waited longest in those
+    /// cells, without waiting for the next tick.
+    pub fn hand_off_slots(&self, now: UnixMs) {
+        let cells: Vec<String> = lock(&self.ota.freed).drain().collect();
+        let timers = self.config.ota.timers();
+        for cell in cells {
+            loop {
+                let first = lock(&self.ota.waiting).get(&cell).and_then(|q| q.first().copied());
+                let Some(entry) = first else { break };
+                if self.advance(entry.1, now, &timers) == Some(Stage::WaitingSlot) {
+                    // The cell is full again.
+                    break;
+                }
+                let mut waiting = lock(&self.ota.waiting);
+                if let Some(q) = waiting.get_mut(&cell) {
+                    q.remove(&entry);
+                    if q.is_empty() {
+                        waiting.remove(&cell);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves one device's upgrade on with time; its stage afterwards (`None` if it has none).
+    fn advance(&self, id: DeviceId, now: UnixMs, timers: &upgrade::Timers) -> Option<Stage> {
+        let Some(device) = self.device_by_id(id) else {
+            // Deleted: its slot goes to someone else.
+            lock(&self.ota.active).remove(&id);
+            self.release_slot(id);
+            return None;
+        };
+        let awake_window = self.product(device.product_key.as_str()).map_or(0, |p| p.awake_window_s);
+        let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
+        let (stage, kick) = {
+            let mut s = device.state();
+            let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task));
+            let (Some(task), Some(mut up)) = (task, s.upgrade.take()) else { return None };
+            let (target, awake, radio) = (task.target(), s.awake(now, awake_window), coverage(&s));
+            let ctx = self.ota_ctx(&task, &target, timers, now);
+            let step = up.tick(&ctx, awake, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.ota.budget));
+            self.apply_step(&device, &mut s, &up, &task, &step, &mut ops);
+            let stage = up.stage;
+            s.upgrade = Some(up);
+            if !ops.is_empty() {
+                self.writer.record(ops);
+            }
+            (stage, step.send.is_some().then_some(s.route).flatten().filter(|_| awake))
+        };
+        if let Some(route) = kick {
+            self.routes.kick(route, id);
+        }
+        Some(stage)
+    }
+
+    /// Frees `device`'s slot and has its cell handed to the next waiting device.
+    fn release_slot(&self, device: DeviceId) {
+        if let Some(cell) = lock(&self.ota.budget).release(device) {
+            lock(&self.ota.freed).insert(cell);
+            self.ota.slot_freed.notify_one();
+        }
     }
 
     /// Starts `package` on `devices` (all of its product). A device already in an unfinished
