@@ -1,5 +1,6 @@
-//! Simulated devices for the load generators: a product of Huawei devices made over the admin
-//! API, and the bind as LiteOS performs it.
+//! Simulated devices for the load generators and the fuzz suite: a product of Huawei devices made
+//! over the admin API and the bind as LiteOS performs it; Alibaba `/auth` and `/topic` requests as
+//! the Link SDK builds them.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,6 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 
+use crate::auth::cipher::SessionKey;
+use crate::auth::sign::{SignMethod, auth_content};
 use crate::client::{AdminClient, ClientError};
 
 use crate::coap::message::{Code, Message, MessageBuilder, MessageType};
@@ -60,4 +63,61 @@ pub fn huawei_fleet(
         })
         .collect::<Result<_, ClientError>>()?;
     Ok((pk, nodes))
+}
+
+/// A signed `/auth` request (hmacsha256, JSON) for the device `pk`/`dn`.
+pub fn alibaba_auth(pk: &str, dn: &str, secret: &str, mid: u16) -> Vec<u8> {
+    let mut body = json!({"productKey": pk, "deviceName": dn, "clientId": format!("{pk}&{dn}"),
+        "signmethod": "hmacsha256", "seq": "1"});
+    let fields: Vec<(String, String)> = body
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    let content = auth_content(fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    body["sign"] = json!(SignMethod::HmacSha256.sign_hex(secret.as_bytes(), content.as_bytes()));
+    MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes())
+        .option(OptionNumber::URI_PATH, b"auth")
+        .uint_option(OptionNumber::CONTENT_FORMAT, 50)
+        .uint_option(OptionNumber::ACCEPT, 50)
+        .payload(body.to_string().as_bytes())
+        .build()
+}
+
+/// A session `/auth` opened: its token, and on 5682 its key and first seq.
+pub struct AlibabaSession {
+    pub token: String,
+    pub key: Option<SessionKey>,
+    pub seq: u64,
+}
+
+impl AlibabaSession {
+    /// The session an `/auth` answer payload carries (`None` if it carries none).
+    pub fn from_answer(payload: &[u8], secret: &str) -> Option<AlibabaSession> {
+        let v: Value = serde_json::from_slice(payload).ok()?;
+        let token = v["token"].as_str()?.to_string();
+        let key = v["random"].as_str().map(|r| SessionKey::derive(secret, r));
+        Some(AlibabaSession { token, key, seq: v["seqOffset"].as_u64().unwrap_or(0) })
+    }
+
+    /// A CON uplink to `/topic/{pk}/{dn}/update`; on 5682 with the next seq and the payload
+    /// encrypted.
+    pub fn uplink(&mut self, pk: &str, dn: &str, mid: u16, payload: &[u8]) -> Vec<u8> {
+        let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes())
+            .option(OptionNumber::URI_PATH, b"topic")
+            .option(OptionNumber::URI_PATH, pk.as_bytes())
+            .option(OptionNumber::URI_PATH, dn.as_bytes())
+            .option(OptionNumber::URI_PATH, b"update")
+            .uint_option(OptionNumber::ACCEPT, 42)
+            .option(OptionNumber::ALI_TOKEN, self.token.as_bytes());
+        match &self.key {
+            Some(key) => {
+                self.seq += 1;
+                b = b.option(OptionNumber::ALI_SEQ, &key.encrypt_seq(self.seq));
+                b.payload(&key.encrypt(payload)).build()
+            }
+            None => b.payload(payload).build(),
+        }
+    }
 }

@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nbhub::auth::cipher::SessionKey;
-use nbhub::auth::sign::{SignMethod, auth_content};
 use nbhub::client::AdminArgs;
-use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
-use nbhub::coap::option::OptionNumber;
+use nbhub::coap::message::{Code, Message};
+use nbhub::simulate::{AlibabaSession, alibaba_auth};
 use serde_json::json;
 use tokio::net::UdpSocket;
 
@@ -50,9 +48,7 @@ struct SimDevice {
     pk: String,
     dn: String,
     secret: String,
-    token: String,
-    key: Option<SessionKey>,
-    seq: u64,
+    session: Option<AlibabaSession>,
 }
 
 fn main() {
@@ -61,11 +57,8 @@ fn main() {
     let setup = Instant::now();
     let fleet = admin.create_fleet("nbhub-load", "load", args.devices).unwrap_or_else(|e| fail(e));
     let pk = fleet.product_key;
-    let devices: Vec<SimDevice> = fleet
-        .devices
-        .into_iter()
-        .map(|(dn, secret)| SimDevice { pk: pk.clone(), dn, secret, token: String::new(), key: None, seq: 0 })
-        .collect();
+    let devices: Vec<SimDevice> =
+        fleet.devices.into_iter().map(|(dn, secret)| SimDevice { pk: pk.clone(), dn, secret, session: None }).collect();
     eprintln!("created product {pk} and {} devices in {:.1?}", devices.len(), setup.elapsed());
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
@@ -182,9 +175,9 @@ async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio:
             && in_flight.len() < args.window
             && interval.is_none_or(|_| tokio::time::Instant::now() >= next_send)
         {
-            d.seq += 1;
             mid = mid.wrapping_add(1);
-            if socket.send(&uplink(&d, mid, &payload)).await.is_err() {
+            let session = d.session.as_mut().expect("authenticated");
+            if socket.send(&session.uplink(&d.pk, &d.dn, mid, &payload)).await.is_err() {
                 break;
             }
             in_flight.insert(mid, Instant::now());
@@ -224,46 +217,18 @@ async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio:
 
 /// `/auth` on 5682 with hmacsha256, retried until answered.
 async fn authenticate(socket: &UdpSocket, d: &mut SimDevice, mid: &mut u16, buf: &mut [u8]) {
-    let mut body = json!({"productKey": d.pk, "deviceName": d.dn, "clientId": format!("{}&{}", d.pk, d.dn),
-        "signmethod": "hmacsha256", "seq": "1"});
-    let fields: Vec<(String, String)> =
-        body.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
-    let content = auth_content(fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    body["sign"] = json!(SignMethod::HmacSha256.sign_hex(d.secret.as_bytes(), content.as_bytes()));
     *mid = mid.wrapping_add(1);
-    let req = MessageBuilder::new(MessageType::Con, Code::POST, *mid, &mid.to_be_bytes())
-        .option(OptionNumber::URI_PATH, b"auth")
-        .uint_option(OptionNumber::CONTENT_FORMAT, 50)
-        .uint_option(OptionNumber::ACCEPT, 50)
-        .payload(body.to_string().as_bytes())
-        .build();
+    let req = alibaba_auth(&d.pk, &d.dn, &d.secret, *mid);
     loop {
         // A retransmission keeps the message id, so the server answers it from its dedup cache.
         let _ = socket.send(&req).await;
         let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), socket.recv(buf)).await else { continue };
         let Ok(m) = Message::parse(&buf[..n]) else { continue };
-        let v: serde_json::Value = serde_json::from_slice(m.payload).unwrap_or_default();
-        if let (Some(t), Some(r), Some(offset)) = (v["token"].as_str(), v["random"].as_str(), v["seqOffset"].as_u64()) {
-            d.token = t.to_string();
-            d.key = Some(SessionKey::derive(&d.secret, r));
-            d.seq = offset;
+        if let Some(session) = AlibabaSession::from_answer(m.payload, &d.secret).filter(|s| s.key.is_some()) {
+            d.session = Some(session);
             return;
         }
         eprintln!("nbhub-load: /auth of {} answered {}", d.dn, m.code);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-fn uplink(d: &SimDevice, mid: u16, payload: &[u8]) -> Vec<u8> {
-    let key = d.key.as_ref().expect("authenticated");
-    MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes())
-        .option(OptionNumber::URI_PATH, b"topic")
-        .option(OptionNumber::URI_PATH, d.pk.as_bytes())
-        .option(OptionNumber::URI_PATH, d.dn.as_bytes())
-        .option(OptionNumber::URI_PATH, b"update")
-        .uint_option(OptionNumber::ACCEPT, 42)
-        .option(OptionNumber::ALI_TOKEN, d.token.as_bytes())
-        .option(OptionNumber::ALI_SEQ, &key.encrypt_seq(d.seq))
-        .payload(&key.encrypt(payload))
-        .build()
 }
