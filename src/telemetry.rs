@@ -40,6 +40,7 @@ pub mod metric {
     pub const WEBHOOK_DELIVERIES: &str = "nbhub_webhook_deliveries_total";
     pub const WEBHOOK_DROPPED: &str = "nbhub_webhook_events_dropped_total";
     pub const COMMANDS: &str = "nbhub_commands_total";
+    pub const RESIDENT_BYTES: &str = "nbhub_process_resident_bytes";
     pub const OTA_CHUNKS: &str = "nbhub_ota_chunks_served_total";
     pub const OTA_DEVICES: &str = "nbhub_ota_devices";
     pub const OTA_CELLS_SATURATED: &str = "nbhub_ota_cells_saturated";
@@ -87,4 +88,16 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_histogram!(metric::STORE_COMMIT_SECONDS, "time to commit one group of writes");
     metrics::describe_histogram!(metric::STORE_BATCH_JOBS, "jobs per committed batch");
     Some(handle)
+}
+
+/// The process's resident memory, from `/proc/self/statm` (Linux; nothing elsewhere).
+pub fn export_process_gauges() {
+    let resident_pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()));
+    if let Some(pages) = resident_pages {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+        metrics::gauge!(metric::RESIDENT_BYTES).set((pages * page) as f64);
+    }
 }

@@ -89,6 +89,7 @@ async fn openapi() -> impl IntoResponse {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     state.registry.export_gauges();
+    crate::telemetry::export_process_gauges();
     match &state.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder not installed in this process").into_response(),
