@@ -257,3 +257,35 @@ fn packages_are_stored_in_chunks_and_bad_uploads_are_refused() {
         Err(nbhub::client::ClientError::Api { status: 404, .. })
     ));
 }
+
+/// schemathesis (PyPI) generates requests from the OpenAPI document, valid and not: the server
+/// must never answer 5xx, and every answer must match the document (status, content type, body).
+#[test]
+fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
+    let server = Server::start();
+    let doc = server.admin().get("/api/v1/openapi.json").unwrap();
+    let schema = server.dir.path().join("openapi.json");
+    std::fs::write(&schema, doc.to_string()).unwrap();
+    let home_st = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".local/bin/st");
+    let st = if home_st.exists() { home_st } else { std::path::PathBuf::from("st") };
+    let out = std::process::Command::new(&st)
+        .args(["run", schema.to_str().unwrap(), "--url", &server.admin_url()])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+            "-n",
+            "15",
+            "--seed",
+            "20261123",
+            "--request-timeout",
+            "10",
+        ])
+        // Whether the document's constraints are as strict as the server is a matter of
+        // documentation; errors and conformance are what these runs check.
+        .args(["--exclude-checks", "negative_data_rejection,positive_data_acceptance"])
+        .output()
+        .expect("schemathesis (`st`) is installed: scripts/install-deps installs it");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("passed"), "{text}");
+}
