@@ -195,9 +195,17 @@ pub struct StoreConfig {
     pub sync: SyncPolicy,
     pub max_batch: usize,
     pub message_retention_s: u64,
+    /// Hex; empty when secrets are stored as given.
+    pub secrets_key: String,
 }
 
 impl StoreConfig {
+    /// The key secrets are sealed with at rest, if one is set.
+    pub fn secrets_key(&self) -> Option<[u8; 32]> {
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(&self.secrets_key, &mut key).ok().map(|_| key)
+    }
+
     pub fn message_retention(&self) -> Option<Duration> {
         (self.message_retention_s > 0).then(|| Duration::from_secs(self.message_retention_s))
     }
@@ -349,6 +357,10 @@ impl Config {
         }
         if !(10..=60_000).contains(&o.tick_ms) || !(1..=1_000_000).contains(&o.max_task_devices) {
             return bad("ota.tick_ms must be within 10..=60000 and ota.max_task_devices within 1..=1000000".into());
+        }
+        if !self.store.secrets_key.is_empty() && self.store.secrets_key().is_none() {
+            // The value itself is not repeated: it is a key.
+            return bad("store.secrets_key must be 64 hex characters (32 bytes), or empty".into());
         }
         if !(1..=1_000_000).contains(&self.store.max_batch) {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));

@@ -75,6 +75,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         .map_err(io_err(format!("cannot create data directory {}", data_dir.display())))?;
     let _ = std::fs::remove_file(data_dir.join(ENDPOINTS_FILE));
 
+    if let Some(key) = config.store.secrets_key() {
+        store::sealed::set_key(&key);
+    }
     let store = Store::open(&data_dir.join("db"), config.store.message_retention())?;
     let (writer, writer_thread) = WriterThread::start(&store, config.store.sync, config.store.max_batch)?;
     let result = serve_with(config, store, writer, shutdown).await;

@@ -255,3 +255,72 @@ fn generated_admin_token_is_private_and_used_by_the_cli() {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(!stderr.contains(&token), "the admin token was logged");
 }
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else if let Ok(data) = std::fs::read(&path) {
+            out.push((path, data));
+        }
+    }
+    out
+}
+
+#[test]
+fn secrets_are_sealed_at_rest_under_the_configured_key() {
+    const KEY: &str = "6e6268756220736563726574732061742072657374206b657920333220627974";
+    let mut server = Server::start_with(&[("NBHUB_STORE_SECRETS_KEY", KEY)]);
+    let admin = server.admin();
+    let product = admin.post("/api/v1/products", &json!({"name": "sealed"})).unwrap();
+    let pk = product["product_key"].as_str().unwrap().to_string();
+    let product_secret = product["product_secret"].as_str().unwrap().to_string();
+    let (secret, psk) = ("DeviceSecretThatMustNotBeOnDisk1", "a1b2c3d4e5f60718293a4b5c6d7e8f90");
+    let body = json!({"device_name": "meter", "device_secret": secret, "psk_hex": psk});
+    admin.post(&format!("/api/v1/products/{pk}/devices"), &body).unwrap();
+    let mut dev = AliDevice::new(server.endpoints.coap, &pk, "meter", secret);
+    assert_eq!(dev.auth().code, Code::CONTENT);
+
+    server.kill9();
+    let data = server.data_dir();
+    for (path, bytes) in files_under(&data) {
+        for s in [secret, psk, product_secret.as_str()] {
+            assert!(
+                !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                "{} holds a secret in the clear",
+                path.display()
+            );
+        }
+    }
+    // The key opens them again: the device authenticates after the restart.
+    server.restart();
+    let mut dev = AliDevice::new(server.endpoints.coap, &pk, "meter", secret);
+    assert_eq!(dev.auth().code, Code::CONTENT);
+    let shown = server.admin().get(&format!("/api/v1/products/{pk}")).unwrap();
+    assert_eq!(shown["product_secret"], product_secret.as_str());
+    let log = server.log();
+    for s in [secret, psk, product_secret.as_str(), KEY] {
+        assert!(!log.contains(s), "a secret was logged");
+    }
+    server.kill9();
+
+    // Without the key the store cannot be read: the server says which setting is missing.
+    let out = Command::new(env!("CARGO_BIN_EXE_nbhub"))
+        .arg("serve")
+        .current_dir(server.dir.path())
+        .env_clear()
+        .env("NBHUB_DATA_DIR", &data)
+        .env("NBHUB_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("NBHUB_COAP_LISTEN", "127.0.0.1:0")
+        .env("NBHUB_AES_LISTEN", "127.0.0.1:0")
+        .env("NBHUB_DTLS_LISTEN", "127.0.0.1:0")
+        .env("NBHUB_ADMIN_TOKEN", "t")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("store.secrets_key"), "{stderr}");
+}

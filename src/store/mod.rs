@@ -3,6 +3,7 @@
 //! single group-committing [`Writer`] so the order of writes is the order of commits.
 
 pub mod records;
+pub mod sealed;
 mod writer;
 
 use std::collections::HashMap;

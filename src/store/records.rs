@@ -20,6 +20,7 @@ pub enum OtaProtocol {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProductRecord {
     pub product_key: ProductKey,
+    #[serde(with = "super::sealed::secret")]
     pub product_secret: Secret,
     pub name: String,
     pub dynamic_registration: bool,
@@ -46,9 +47,11 @@ pub struct DeviceRecord {
     pub id: DeviceId,
     pub product_key: ProductKey,
     pub device_name: DeviceName,
+    #[serde(with = "super::sealed::secret")]
     pub device_secret: Secret,
     pub node_id: Option<NodeId>,
     /// Raw DTLS PSK, hex.
+    #[serde(default, with = "super::sealed::optional")]
     pub psk_hex: Option<String>,
     pub enabled: bool,
     /// Dynamic registration has handed out the secret (it is handed out once).
