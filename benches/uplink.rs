@@ -89,6 +89,7 @@ fn endpoint(f: &Fixture) -> Endpoint<DeviceFacing> {
             ack_timeout: Duration::from_secs(10),
             max_retransmit: 4,
             max_pending_writes: usize::MAX,
+            max_outgoing: usize::MAX,
         },
     )
 }

@@ -55,6 +55,7 @@ pub struct CoapConfig {
     pub ack_timeout_ms: u64,
     pub max_retransmit: u32,
     pub max_pending_writes: usize,
+    pub max_outgoing: usize,
 }
 
 impl CoapConfig {
@@ -281,6 +282,9 @@ impl Config {
         }
         if self.coap.max_retransmit > 20 {
             return bad(format!("coap.max_retransmit = {} must be at most 20", self.coap.max_retransmit));
+        }
+        if self.coap.max_outgoing < 1 {
+            return bad("coap.max_outgoing must be at least 1".into());
         }
         if self.coap.max_pending_writes < 1 {
             return bad("coap.max_pending_writes must be at least 1".into());

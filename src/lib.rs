@@ -187,6 +187,7 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
         ack_timeout: c.ack_timeout(),
         max_retransmit: c.max_retransmit,
         max_pending_writes: c.max_pending_writes,
+        max_outgoing: c.max_outgoing,
     };
     // Room for the largest acceptable request plus headers and options (and on DTLS a record
     // header, explicit IV, MAC and padding); anything longer is reported truncated and answered

@@ -16,6 +16,8 @@ pub mod metric {
     pub const RESPONSES: &str = "nbhub_coap_responses_total";
     pub const RETRANSMISSIONS: &str = "nbhub_coap_retransmissions_total";
     pub const CON_TIMEOUTS: &str = "nbhub_coap_con_timeouts_total";
+    pub const OUTGOING: &str = "nbhub_coap_outgoing";
+    pub const OUTGOING_FULL: &str = "nbhub_coap_outgoing_full_total";
     pub const DEDUP_ENTRIES: &str = "nbhub_coap_dedup_entries";
     pub const DEDUP_EVICTIONS: &str = "nbhub_coap_dedup_evictions_total";
     pub const AUTH: &str = "nbhub_auth_total";
@@ -40,6 +42,8 @@ pub mod metric {
     pub const WEBHOOK_DELIVERIES: &str = "nbhub_webhook_deliveries_total";
     pub const WEBHOOK_DROPPED: &str = "nbhub_webhook_events_dropped_total";
     pub const COMMANDS: &str = "nbhub_commands_total";
+    /// Commands refused because the device already had `downlink.max_pending` waiting.
+    pub const COMMANDS_REFUSED: &str = "nbhub_commands_refused_total";
     pub const RESIDENT_BYTES: &str = "nbhub_process_resident_bytes";
     pub const OTA_CHUNKS: &str = "nbhub_ota_chunks_served_total";
     pub const OTA_DEVICES: &str = "nbhub_ota_devices";

@@ -32,6 +32,9 @@ pub struct EndpointConfig {
     pub ack_timeout: Duration,
     pub max_retransmit: u32,
     pub max_pending_writes: usize,
+    /// Most CONs of our own (separate responses, commands, observe and PCP requests) awaiting an
+    /// ACK at once.
+    pub max_outgoing: usize,
 }
 
 pub struct Transmit {
@@ -55,6 +58,8 @@ pub struct EndpointStats {
     pub retransmissions: u64,
     pub con_timeouts: u64,
     pub pending_full: u64,
+    /// CONs not sent because `max_outgoing` were already awaiting an ACK.
+    pub outgoing_full: u64,
 }
 
 /// What a message waiting for a durable write gets once it is durable.
@@ -130,6 +135,11 @@ impl<R: Resources> Endpoint<R> {
         (std::mem::take(&mut self.stats), self.dedup.take_evictions(), self.dedup.len())
     }
 
+    /// CONs of our own awaiting an ACK.
+    pub fn outgoing(&self) -> usize {
+        self.outgoing.len()
+    }
+
     fn fresh_mid(&mut self) -> u16 {
         self.next_mid = self.next_mid.wrapping_add(1);
         self.next_mid
@@ -168,10 +178,18 @@ impl<R: Resources> Endpoint<R> {
 
     /// Carries out what the resources asked for in their last call.
     fn apply_effects(&mut self, now: Now, out: &mut Actions) {
-        let outgoing = std::mem::take(&mut self.effects.outgoing);
-        for o in outgoing {
-            self.originate(now, o, out);
+        // A CON refused for lack of room is reported at once, and the report may start another
+        // (the next command); a few rounds settle it, and more are never needed.
+        for _ in 0..4 {
+            let outgoing = std::mem::take(&mut self.effects.outgoing);
+            if outgoing.is_empty() {
+                return;
+            }
+            for o in outgoing {
+                self.originate(now, o, out);
+            }
         }
+        self.effects.outgoing.clear();
     }
 
     /// Sends a CON of our own and keeps it for retransmission.
@@ -195,6 +213,15 @@ impl<R: Resources> Endpoint<R> {
         exchange: Option<ExchangeKey>,
         out: &mut Actions,
     ) {
+        if self.outgoing.len() >= self.config.max_outgoing {
+            // Every CON kept costs memory until it is acknowledged or given up: beyond the limit
+            // it is not sent, and whoever started it hears so (a command stays queued).
+            self.stats.outgoing_full += 1;
+            if let Some(exchange) = exchange {
+                self.resources.handle_reply(now, exchange, Reply::Unsent, &mut self.effects);
+            }
+            return;
+        }
         let timeout = retransmit.ack_timeout;
         let give_up_at = now.instant + retransmit.give_up_after;
         let next_at = (now.instant + timeout).min(give_up_at);
@@ -622,6 +649,7 @@ mod tests {
                 ack_timeout: Duration::from_secs(2),
                 max_retransmit: 4,
                 max_pending_writes: 10,
+                max_outgoing: 1000,
             },
         )
     }
@@ -651,6 +679,21 @@ mod tests {
         assert_eq!(sent_at, [10, 30, 70, 150]);
         assert_eq!(ep.resources.ended, [(1, "timed out".to_string())]);
         assert_eq!(ep.poll_timeout(), None);
+    }
+
+    #[test]
+    fn cons_beyond_the_limit_are_not_sent_and_their_starter_hears_so() {
+        let mut ep = endpoint();
+        ep.config.max_outgoing = 2;
+        let start = Instant::now();
+        let mut out = Actions::default();
+        for d in 1..=3 {
+            ep.handle_kick(at(start, 0), DeviceId(d), &mut out);
+        }
+        assert_eq!(out.transmits.len(), 2);
+        assert_eq!(ep.outgoing(), 2);
+        assert_eq!(ep.resources.ended, [(3, "unsent".to_string())]);
+        assert_eq!(ep.take_stats().0.outgoing_full, 1);
     }
 
     #[test]

@@ -142,8 +142,9 @@ impl Registry {
                 }
                 (SendStrategy::Delay, _) => true,
             };
-            if queued {
-                s.commands.push(record.clone(), cfg.max_pending)?;
+            if queued && let Err(full) = s.commands.push(record.clone(), cfg.max_pending) {
+                metrics::counter!(crate::telemetry::metric::COMMANDS_REFUSED).increment(1);
+                return Err(full.into());
             }
             (self.writer.commit([Op::PutCommand(record.clone())]), (queued && awake).then_some(s.route).flatten())
         };

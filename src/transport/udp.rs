@@ -249,4 +249,6 @@ fn export_stats<R: Resources>(endpoint: &mut Endpoint<R>, port: &'static str) {
     metrics::counter!(metric::PENDING_WRITES_FULL, "port" => port).increment(s.pending_full);
     metrics::counter!(metric::DEDUP_EVICTIONS, "port" => port).increment(evictions);
     metrics::gauge!(metric::DEDUP_ENTRIES, "port" => port).set(dedup_len as f64);
+    metrics::counter!(metric::OUTGOING_FULL, "port" => port).increment(s.outgoing_full);
+    metrics::gauge!(metric::OUTGOING, "port" => port).set(endpoint.outgoing() as f64);
 }
