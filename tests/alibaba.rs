@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{AliDevice, Reply, Server, TokenIn};
+use common::{AliDevice, Peer, Reply, Server, TokenIn, coap_post};
 use nbhub::auth::sign::SignMethod;
 use nbhub::coap::message::{Code, MessageType};
 use serde_json::json;
@@ -478,4 +478,26 @@ fn topic_levels_must_be_plain_segments() {
         .build();
     assert_code(&d.peer.exchange(&req), Code::BAD_REQUEST);
     assert!(server.stored(&d.pk, &d.dn).is_empty());
+}
+
+#[test]
+fn a_flood_of_refused_requests_does_not_push_a_device_out_of_the_dedup_cache() {
+    let server = Server::start_with(&[("NBHUB_COAP_DEDUP_CAPACITY", "50"), ("NBHUB_COAP_SOCKETS_PER_PORT", "1")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dedup"}));
+    let mut d = AliDevice::new(server.endpoints.coap, &pk, &dn, &secret);
+    assert_code(&d.auth(), Code::CONTENT);
+    let topic = d.default_topic();
+    let req = d.uplink_request(MessageType::Con, &topic, b"once");
+    assert_code(&d.peer.exchange(&req), Code::CHANGED);
+    // A stranger sends twenty times the cache's capacity in requests that are all refused.
+    let mut stranger = Peer::new(server.endpoints.coap);
+    for _ in 0..1000 {
+        let mid = stranger.next_mid();
+        let bogus = coap_post(mid, &["topic", &pk, &dn, "update"], Some("not-a-token"), b"x");
+        stranger.send(&bogus);
+    }
+    while stranger.recv_within(Duration::from_millis(300)).is_some() {}
+    // The device's retransmission is still recognised: answered again, stored once.
+    assert_code(&d.peer.exchange(&req), Code::CHANGED);
+    assert_eq!(server.stored(&pk, &dn).len(), 1);
 }

@@ -472,7 +472,12 @@ impl<R: Resources> Endpoint<R> {
             data = bare.encode(mtype, mid, msg.token, None);
         }
         let data = Bytes::from(data);
-        self.dedup.insert(peer, msg.mid, request, Seen::Answered(data.clone()), now.instant);
+        // An error changed nothing, so a retransmission can be answered afresh. Not remembering
+        // errors keeps a flood of refused requests from strangers from pushing legitimate
+        // exchanges out of the cache (whose retransmissions would then be stored twice).
+        if response.code.class() < 4 {
+            self.dedup.insert(peer, msg.mid, request, Seen::Answered(data.clone()), now.instant);
+        }
         out.transmits.push(Transmit { peer, data });
     }
 
