@@ -42,6 +42,7 @@ pub mod metric {
     pub const WEBHOOK_DELIVERIES: &str = "nbhub_webhook_deliveries_total";
     pub const WEBHOOK_DROPPED: &str = "nbhub_webhook_events_dropped_total";
     pub const COMMANDS: &str = "nbhub_commands_total";
+    pub const ADMIN_RESPONSES: &str = "nbhub_admin_responses_total";
     /// Commands refused because the device already had `downlink.max_pending` waiting.
     pub const COMMANDS_REFUSED: &str = "nbhub_commands_refused_total";
     pub const RESIDENT_BYTES: &str = "nbhub_process_resident_bytes";

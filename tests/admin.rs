@@ -117,6 +117,7 @@ fn bad_bodies_name_the_field() {
     assert_eq!(body["error"]["code"], "bad_request");
     let big = format!("{{\"name\":\"{}\"}}", "x".repeat(2048));
     assert_eq!(raw(&server, "POST", "/api/v1/products", Some(TOKEN), Some(&big)).0, 413);
+    assert_eq!(server.metric("nbhub_admin_responses_total{status=\"413\"}"), 1.0, "refusals are counted");
     let (code, body) = raw(&server, "PUT", "/api/v1/products", Some(TOKEN), Some("{}"));
     assert_eq!(code, 405);
     assert_eq!(body["error"]["code"], "method_not_allowed");

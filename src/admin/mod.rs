@@ -53,7 +53,16 @@ pub fn router(state: AdminState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(state.registry.config.admin.max_body_bytes))
+        .layer(middleware::from_fn(count_responses))
         .with_state(state)
+}
+
+/// Counts answers by status, so refusals (401, 413 over `admin.max_body_bytes`, 429) show.
+async fn count_responses(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    metrics::counter!(crate::telemetry::metric::ADMIN_RESPONSES, "status" => response.status().as_u16().to_string())
+        .increment(1);
+    response
 }
 
 async fn require_token(State(state): State<AdminState>, headers: HeaderMap, req: Request, next: Next) -> Response {
