@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{AliDevice, Peer, Reply, Server};
+use nbhub::auth::sign::SignMethod;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType, empty};
 use nbhub::coap::option::OptionNumber;
 use serde_json::json;
@@ -224,17 +225,29 @@ fn libcoap_client_walks_through_the_plain_port() {
 #[test]
 fn a_reused_message_id_with_other_bytes_is_not_answered_from_the_cache() {
     let server = Server::start();
-    let mut p = Peer::new(server.endpoints.coap);
-    let mid = p.next_mid();
-    let first =
-        MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"nothing").build();
-    assert_eq!(p.exchange(&first).code, Code::NOT_FOUND);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dedup"}));
+    let mut d = AliDevice::new(server.endpoints.coap, &pk, &dn, &secret);
+    let first = d.auth_request(d.auth_body(SignMethod::HmacSha1, &[]).to_string().as_bytes(), Some(50), Some(50));
+    let token = d.peer.exchange(&first).json()["token"].clone();
+    assert!(token.is_string());
     // byte-identical retransmission: the same answer
-    assert_eq!(p.exchange(&first).code, Code::NOT_FOUND);
-    // same id, different message: ignored (never processed, never a cached reply)
+    assert_eq!(d.peer.exchange(&first).json()["token"], token);
+    // same id, different message: ignored (never processed, never the cached reply)
+    let mid = u16::from_be_bytes([first[2], first[3]]);
     let other = MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1])
         .option(OptionNumber::URI_PATH, b"elsewhere")
         .build();
-    p.send(&other);
-    assert!(p.recv_within(Duration::from_millis(300)).is_none());
+    d.peer.send(&other);
+    assert!(d.peer.recv_within(Duration::from_millis(300)).is_none());
+
+    // An error changed nothing and is not remembered: the same id is simply answered afresh.
+    let mut p = Peer::new(server.endpoints.coap);
+    let mid = p.next_mid();
+    let missing =
+        MessageBuilder::new(MessageType::Con, Code::GET, mid, &[1]).option(OptionNumber::URI_PATH, b"nothing").build();
+    assert_eq!(p.exchange(&missing).code, Code::NOT_FOUND);
+    assert_eq!(p.exchange(&missing).code, Code::NOT_FOUND);
+    let other =
+        MessageBuilder::new(MessageType::Con, Code::POST, mid, &[1]).option(OptionNumber::URI_PATH, b"auth").build();
+    assert_eq!(p.exchange(&other).code, Code::BAD_REQUEST, "processed as the new request it is");
 }
