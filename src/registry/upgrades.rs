@@ -242,8 +242,10 @@ impl Registry {
     /// A PCP message from `device`: moves its upgrade on and answers it.
     pub fn upgrade_pcp(&self, device: &Arc<Device>, s: &mut DeviceState, now: UnixMs, msg: &FromDevice) -> PcpOutcome {
         let mut ops = SmallVec::new();
+        // No task (yet): the upgrade, if any, stays as it is; the device gets the answer to a
+        // device in no upgrade.
         let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task));
-        let (Some(task), Some(mut up)) = (task, s.upgrade.take()) else {
+        let Some((task, mut up)) = task.and_then(|t| s.upgrade.take().map(|u| (t, u))) else {
             if let FromDevice::Version { result: ResultCode::OK, version }
             | FromDevice::UpgradeResult { result: ResultCode::OK, version } = msg
                 && s.version.as_deref() != Some(version.as_str())
@@ -359,8 +361,9 @@ impl Registry {
         let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
         let (stage, kick) = {
             let mut s = device.state();
-            let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task));
-            let (Some(task), Some(mut up)) = (task, s.upgrade.take()) else { return None };
+            // Taken out only when its task is known (a task is known once it is stored).
+            let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task))?;
+            let mut up = s.upgrade.take()?;
             let (target, awake, radio) = (task.target(), s.awake(now, awake_window), coverage(&s));
             let ctx = self.ota_ctx(&task, &target, timers, now);
             let step = up.tick(&ctx, awake, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.ota.budget));
