@@ -270,6 +270,8 @@ fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
     let home_st = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".local/bin/st");
     let st = if home_st.exists() { home_st } else { std::path::PathBuf::from("st") };
     let out = std::process::Command::new(&st)
+        // Its cache of failures goes in the temporary directory, not the source tree.
+        .current_dir(server.dir.path())
         .args(["run", schema.to_str().unwrap(), "--url", &server.admin_url()])
         .args([
             "-H",
