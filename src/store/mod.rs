@@ -85,10 +85,7 @@ pub fn chunk_key(id: PackageId, chunk: u16) -> [u8; 10] {
 
 /// `task id | device id`: a task's upgrades are one prefix range.
 pub fn upgrade_key(task: TaskId, device: DeviceId) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&task.0.to_be_bytes());
-    k[8..].copy_from_slice(&device.0.to_be_bytes());
-    k
+    pair_key(task.0, device.0)
 }
 
 /// What the presence column family holds, read at start.
@@ -139,17 +136,19 @@ pub fn device_key(pk: &ProductKey, dn: &DeviceName) -> Vec<u8> {
 
 /// `device id (BE) | command id (BE)`: a device's commands in creation order.
 pub fn command_key(device: DeviceId, id: CommandId) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&device.0.to_be_bytes());
-    k[8..].copy_from_slice(&id.0.to_be_bytes());
-    k
+    pair_key(device.0, id.0)
 }
 
 /// `device id (BE) | message id (BE)`: a device's messages in arrival order.
 pub fn message_key(device: DeviceId, id: MessageId) -> [u8; 16] {
+    pair_key(device.0, id.0)
+}
+
+/// Two ids big-endian, so records sort by the first, then the second: one prefix range per first.
+fn pair_key(first: u64, second: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&device.0.to_be_bytes());
-    k[8..].copy_from_slice(&id.0.to_be_bytes());
+    k[..8].copy_from_slice(&first.to_be_bytes());
+    k[8..].copy_from_slice(&second.to_be_bytes());
     k
 }
 
@@ -256,6 +255,25 @@ impl Store {
         Ok(out)
     }
 
+    /// The records whose [`pair_key`] starts with `first`, in key order.
+    fn scan_prefix<T>(
+        &self,
+        cf: &str,
+        first: u64,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let prefix = first.to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(f(&k, &v)?);
+        }
+        Ok(out)
+    }
+
     pub fn products(&self) -> Result<Vec<ProductRecord>, StoreError> {
         self.scan(CF_PRODUCTS, json)
     }
@@ -325,17 +343,7 @@ impl Store {
 
     /// A device's commands, oldest first.
     pub fn commands_of(&self, device: DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
-        let prefix = device.0.to_be_bytes();
-        let mut out = Vec::new();
-        let iter = self.db.iterator_cf(self.cf(CF_COMMANDS), IteratorMode::From(&prefix, Direction::Forward));
-        for item in iter {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            out.push(json(&k, &v)?);
-        }
-        Ok(out)
+        self.scan_prefix(CF_COMMANDS, device.0, json)
     }
 
     pub fn package(&self, id: PackageId) -> Result<Option<PackageRecord>, StoreError> {
@@ -359,17 +367,8 @@ impl Store {
 
     /// A task's upgrades, by device id.
     pub fn upgrades_of(&self, task: TaskId) -> Result<HashMap<DeviceId, Upgrade>, StoreError> {
-        let prefix = task.0.to_be_bytes();
-        let mut out = HashMap::new();
-        for item in self.db.iterator_cf(self.cf(CF_UPGRADES), IteratorMode::From(&prefix, Direction::Forward)) {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let u: Upgrade = json(&k, &v)?;
-            out.insert(u.device, u);
-        }
-        Ok(out)
+        let upgrades: Vec<Upgrade> = self.scan_prefix(CF_UPGRADES, task.0, json)?;
+        Ok(upgrades.into_iter().map(|u| (u.device, u)).collect())
     }
 
     /// Every webhook with its cursor (the last event id it took).
