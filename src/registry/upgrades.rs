@@ -35,6 +35,11 @@ pub struct Task {
 }
 
 impl Task {
+    /// What a step of one of this task's upgrades needs.
+    fn ctx<'a>(&self, target: &'a Target<'a>, timers: &'a upgrade::Timers, now: UnixMs) -> Ctx<'a> {
+        Ctx { now, target, timers, retry: self.record.retry }
+    }
+
     fn target(&self) -> Target<'_> {
         Target {
             version: &self.version,
@@ -159,10 +164,6 @@ pub struct PcpOutcome {
 }
 
 impl Registry {
-    fn ota_ctx<'a>(&self, task: &Task, target: &'a Target<'a>, timers: &'a upgrade::Timers, now: UnixMs) -> Ctx<'a> {
-        Ctx { now, target, timers, retry: task.record.retry }
-    }
-
     /// Carries out a step of `device`'s upgrade (put back in `s` by the caller): frees its
     /// slot, queues its request, and adds what to store to `ops`.
     fn apply_step(
@@ -233,7 +234,7 @@ impl Registry {
         let Some(mut up) = s.upgrade.take() else { return };
         if let Some(task) = self.ota.task(up.task) {
             let (target, timers) = (task.target(), self.config.ota.timers());
-            let step = up.contact(&self.ota_ctx(&task, &target, &timers, now));
+            let step = up.contact(&task.ctx(&target, &timers, now));
             self.apply_step(device, s, &up, &task, &step, ops);
         }
         s.upgrade = Some(up);
@@ -256,7 +257,7 @@ impl Registry {
             return PcpOutcome { answer: upgrade::without_task(msg).map(|f| f.encode()), ops };
         };
         let (target, timers) = (task.target(), self.config.ota.timers());
-        let ctx = self.ota_ctx(&task, &target, &timers, now);
+        let ctx = task.ctx(&target, &timers, now);
         let step = up.pcp(&ctx, msg);
         self.apply_step(device, s, &up, &task, &step, &mut ops);
         // A version answer may let the device on to its cell's queue at once.
@@ -365,7 +366,7 @@ impl Registry {
             let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task))?;
             let mut up = s.upgrade.take()?;
             let (target, awake, radio) = (task.target(), s.awake(now, awake_window), coverage(&s));
-            let ctx = self.ota_ctx(&task, &target, timers, now);
+            let ctx = task.ctx(&target, timers, now);
             let step = up.tick(&ctx, awake, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.ota.budget));
             self.apply_step(&device, &mut s, &up, &task, &step, &mut ops);
             let stage = up.stage;
@@ -455,7 +456,7 @@ impl Registry {
             let Some(device) = self.device_by_id(*device_id) else { continue };
             let mut s = device.state();
             let Some(mut up) = s.upgrade.take_if(|u| u.task == id) else { continue };
-            let step = up.stop(&self.ota_ctx(&stopped, &target, &timers, now));
+            let step = up.stop(&stopped.ctx(&target, &timers, now));
             self.apply_step(&device, &mut s, &up, &stopped, &step, &mut ops);
             s.upgrade = Some(up);
         }

@@ -71,12 +71,24 @@ impl Huawei {
             let changed = s.commands.settle(exchange, &settlement, now.wall.0);
             self.registry.record_commands(changed);
         }
+        self.next_after(now, device, token, reply, effects);
+    }
+
+    /// After a downlink exchange under the relation `token` ended: what goes next.
+    pub(super) fn next_after(
+        &mut self,
+        now: Now,
+        device: &Arc<Device>,
+        token: ObserveToken,
+        reply: &Reply<'_, '_>,
+        effects: &mut Effects,
+    ) {
         match reply {
             // The device no longer knows the relation (it rebooted): the rest wait for its bind.
             Reply::Reset => self.registry.end_observe(device, token),
             // Silence: the rest wait for its next report.
             Reply::TimedOut | Reply::Unsent => {}
-            // An answer means the device is listening: the next command follows.
+            // An answer means the device is listening: the next message follows.
             Reply::Ack(_) => self.deliver(now, device, effects),
         }
     }

@@ -80,7 +80,6 @@ impl Huawei {
         reply: &Reply<'_, '_>,
         effects: &mut Effects,
     ) {
-        let mut ops = smallvec::SmallVec::<[crate::store::Op; 3]>::new();
         {
             let mut s = device.state();
             PcpRequest::settle(&mut s.pcp_request, exchange, matches!(reply, Reply::Ack(_)));
@@ -88,16 +87,12 @@ impl Huawei {
             if let Reply::Ack(msg) = reply
                 && let Some(pcp) = self.registry.pcp_message(device, msg.payload)
             {
-                ops.extend(self.registry.upgrade_pcp(device, &mut s, now.wall, &pcp).ops);
-                if !ops.is_empty() {
-                    self.registry.writer().record(std::mem::take(&mut ops));
+                let outcome = self.registry.upgrade_pcp(device, &mut s, now.wall, &pcp);
+                if !outcome.ops.is_empty() {
+                    self.registry.writer().record(outcome.ops);
                 }
             }
         }
-        match reply {
-            Reply::Reset => self.registry.end_observe(device, token),
-            Reply::TimedOut | Reply::Unsent => {}
-            Reply::Ack(_) => self.deliver(now, device, effects),
-        }
+        self.next_after(now, device, token, reply, effects);
     }
 }
