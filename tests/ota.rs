@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::pcp::{Behaviour, Concurrency, PcpDevice};
 use common::*;
+use nbhub::ota::pcp::ResultCode;
 use serde_json::{Value, json};
 
 /// Fast ticks and re-asking, so tests run in seconds.
@@ -499,4 +500,58 @@ fn an_alibaba_device_upgrades_with_pcp_in_its_uplinks_and_pulls_on_5682() {
     assert_eq!(device_entry(&t, &dn)["state"], "succeeded", "{t}");
     let stored = server.stored(&pk, &dn);
     assert_eq!(stored.len(), 1, "only the radio report is business data");
+}
+
+#[test]
+fn answers_in_acks_a_missing_result_and_a_stop_in_the_middle_of_a_download() {
+    let server = Server::start_with(&[FAST[0], FAST[1], ("NBHUB_OTA_UPGRADE_TIMEOUT_S", "1")]);
+    let f = fleet(&server, 3, 600);
+    let data = Arc::new(package_bytes(20 * 50));
+    let package = upload(&server, &f.pk, "V2.0", &data, 50, "");
+    let addr = Arc::new(Mutex::new(server.endpoints.coap));
+    for (dn, _) in &f.devices {
+        server
+            .admin()
+            .patch(&format!("/api/v1/products/{}/devices/{dn}", f.pk), &json!({"radio": {"cell_id": "s"}}))
+            .unwrap();
+    }
+    // 0 answers the platform's requests inside its ACKs; 1 installs but never reports the result;
+    // 2 downloads slowly and its task is stopped.
+    let behaviours = [
+        Behaviour { answers_in_ack: true, ..Behaviour::healthy("V1.0") },
+        Behaviour { reports_result: false, ..Behaviour::healthy("V1.0") },
+        Behaviour { chunk_delay: Duration::from_millis(150), ..Behaviour::healthy("V1.0") },
+    ];
+    let devices: Vec<PcpDevice> =
+        f.devices.iter().zip(behaviours).map(|((_, node), b)| bound(&addr, node, b, &data)).collect();
+    let (a, b, c) = (f.devices[0].0.as_str(), f.devices[1].0.as_str(), f.devices[2].0.as_str());
+    let first = start_task(&server, &package, &f.pk, &[a, b], None);
+    let second = start_task(&server, &package, &f.pk, &[c], None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles = spawn(devices, &stop);
+
+    eventually(
+        || task(&server, &second),
+        |t| device_entry(t, c)["progress"].as_u64() >= Some(20),
+        |t| format!("no progress: {t}"),
+    );
+    let stopped = server.admin().post(&format!("/api/v1/ota/tasks/{second}/stop"), &json!({})).unwrap();
+    assert_eq!(device_entry(&stopped, c)["state"], "canceled");
+    let t = wait_task(&server, &first, "finished");
+    // The stopped device's next chunk requests are refused, not served.
+    std::thread::sleep(Duration::from_millis(700));
+    let devs = join(handles, &stop);
+
+    assert_eq!(device_entry(&t, a)["state"], "succeeded", "{t}");
+    assert_eq!(devs[0].log.image.as_deref(), Some(&data[..]));
+    assert_eq!(device_entry(&t, b)["state"], "succeeded", "the version query settled it: {t}");
+    assert!(devs[1].log.queries >= 2, "asked its version again after the upgrade");
+    assert_eq!(devs[1].version(), "V2.0");
+    assert!(devs[2].log.image.is_none(), "the stopped download never completed");
+    assert!(
+        devs[2].log.chunk_refusals.iter().all(|r| *r == ResultCode::NO_TASK) && !devs[2].log.chunk_refusals.is_empty(),
+        "{:?}",
+        devs[2].log.chunk_refusals
+    );
+    assert_eq!(device_entry(&task(&server, &second), c)["state"], "canceled");
 }

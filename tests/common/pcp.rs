@@ -43,6 +43,10 @@ pub struct Behaviour {
     pub install_result: u8,
     /// Whether it answers version queries.
     pub answers_query: bool,
+    /// Answers the platform's requests in the ACK rather than in a notification after it.
+    pub answers_in_ack: bool,
+    /// Reports the upgrade result (24) after the reboot; if not, only a version query tells.
+    pub reports_result: bool,
     /// After receiving this chunk it sleeps (hears nothing) for `sleep_for`, then reports data.
     pub sleep_after_chunk: Option<u16>,
     pub sleep_for: Duration,
@@ -60,6 +64,8 @@ impl Behaviour {
             notify_result: 0,
             install_result: 0,
             answers_query: true,
+            answers_in_ack: false,
+            reports_result: true,
             sleep_after_chunk: None,
             sleep_for: Duration::ZERO,
             chunk_delay: Duration::ZERO,
@@ -83,6 +89,8 @@ pub struct Log {
     pub upgrade_answered: bool,
     /// Frames from the platform that were not valid PCP.
     pub malformed: usize,
+    /// Result codes of chunk answers that carried no chunk.
+    pub chunk_refusals: Vec<ResultCode>,
 }
 
 struct Outstanding {
@@ -105,6 +113,8 @@ pub struct PcpDevice {
     package: Arc<Vec<u8>>,
     download: Option<Download>,
     outstanding: Option<Outstanding>,
+    /// Answers to the platform's request being handled.
+    replies: Vec<FromDevice>,
     asleep_until: Option<Instant>,
     rebooting_until: Option<Instant>,
     counted: bool,
@@ -124,6 +134,7 @@ impl PcpDevice {
             package,
             download: None,
             outstanding: None,
+            replies: Vec::new(),
             asleep_until: None,
             rebooting_until: None,
             counted: false,
@@ -183,8 +194,10 @@ impl PcpDevice {
             {
                 self.behaviour.version = v.to_string();
             }
-            let version = Version::new(&self.behaviour.version).unwrap();
-            self.request(FromDevice::UpgradeResult { result, version }, Duration::ZERO);
+            if self.behaviour.reports_result {
+                let version = Version::new(&self.behaviour.version).unwrap();
+                self.request(FromDevice::UpgradeResult { result, version }, Duration::ZERO);
+            }
         }
         let radio_off = self.asleep_until.is_some() || self.rebooting_until.is_some();
         if !radio_off
@@ -204,10 +217,16 @@ impl PcpDevice {
             return;
         }
         if reply.mtype == MessageType::Con && reply.code == Code::POST {
-            self.dev.answer(&reply, Code::CHANGED, b"");
             match FromPlatform::parse(&reply.payload) {
                 Ok(msg) => self.handle(msg),
                 Err(_) => self.log.malformed += 1,
+            }
+            // The answer to a request of the platform rides in the ACK, or follows it.
+            let in_ack = self.behaviour.answers_in_ack && !self.replies.is_empty();
+            let ack_payload = if in_ack { self.replies.remove(0).encode() } else { Vec::new() };
+            self.dev.answer(&reply, Code::CHANGED, &ack_payload);
+            for r in std::mem::take(&mut self.replies) {
+                self.send(&r);
             }
         }
     }
@@ -219,18 +238,18 @@ impl PcpDevice {
                 self.log.queries += 1;
                 if b.answers_query {
                     let version = Version::new(&b.version).unwrap();
-                    self.send(&FromDevice::Version { result: ResultCode::OK, version });
+                    self.replies.push(FromDevice::Version { result: ResultCode::OK, version });
                 }
             }
             FromPlatform::NewVersion { version, chunk_size, chunk_count } => {
                 self.log.notifications += 1;
                 if version.as_str() == b.version {
-                    return self.send(&FromDevice::NotifyAnswer { result: ResultCode::ALREADY_LATEST });
+                    return self.replies.push(FromDevice::NotifyAnswer { result: ResultCode::ALREADY_LATEST });
                 }
                 if b.notify_result != 0 {
-                    return self.send(&FromDevice::NotifyAnswer { result: ResultCode(b.notify_result) });
+                    return self.replies.push(FromDevice::NotifyAnswer { result: ResultCode(b.notify_result) });
                 }
-                self.send(&FromDevice::NotifyAnswer { result: ResultCode::OK });
+                self.replies.push(FromDevice::NotifyAnswer { result: ResultCode::OK });
                 if self.download.as_ref().is_none_or(|d| d.version != version) {
                     self.download = Some(Download {
                         version,
@@ -248,7 +267,11 @@ impl PcpDevice {
             }
             FromPlatform::Chunk { result, chunk, data } => {
                 let waiting = matches!(&self.outstanding, Some(Outstanding { msg: FromDevice::ChunkRequest { chunk: c, .. }, .. }) if *c == chunk);
-                if !waiting || result != ResultCode::OK {
+                if !waiting {
+                    return;
+                }
+                if result != ResultCode::OK {
+                    self.log.chunk_refusals.push(result);
                     return;
                 }
                 let Some(d) = &mut self.download else { return };
@@ -274,7 +297,7 @@ impl PcpDevice {
                     return;
                 }
                 self.outstanding = None;
-                self.send(&FromDevice::ExecuteAnswer { result: ResultCode::OK });
+                self.replies.push(FromDevice::ExecuteAnswer { result: ResultCode::OK });
                 self.rebooting_until = Some(Instant::now() + b.reboot);
             }
             FromPlatform::UpgradeResultAnswer { .. } => {
