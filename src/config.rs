@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Table, Value};
 
+use crate::identity::InstanceName;
+
 /// The embedded default configuration; `nbhub serve` with no arguments runs on exactly this.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -27,6 +29,7 @@ pub struct Config {
     pub ota: OtaConfig,
     pub webhooks: WebhooksConfig,
     pub store: StoreConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -188,6 +191,55 @@ impl WebhooksConfig {
             concurrency: self.concurrency,
         }
     }
+}
+
+/// This instance among its peers, for bootstrap and distribution (SPEC §10).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: InstanceName,
+    /// The host devices are told to reach this instance at; empty: the CoAP listener's address.
+    pub host: String,
+    pub peers: Vec<PeerConfig>,
+    pub nearest: Vec<NearestRule>,
+    pub retry_after_s: u32,
+    pub import_chunk: usize,
+    pub request_timeout_ms: u64,
+    pub poll_s: u64,
+}
+
+/// Another nbhub instance: where its devices connect, and its admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: InstanceName,
+    pub host: String,
+    #[serde(default = "default_coap_port")]
+    pub coap_port: u16,
+    #[serde(default = "default_aes_port")]
+    pub aes_port: u16,
+    #[serde(default = "default_dtls_port")]
+    pub dtls_port: u16,
+    pub admin_url: String,
+    pub token: String,
+}
+
+fn default_coap_port() -> u16 {
+    5683
+}
+fn default_aes_port() -> u16 {
+    5682
+}
+fn default_dtls_port() -> u16 {
+    5684
+}
+
+/// Devices whose source address is within `cidr` are nearest to `instance`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NearestRule {
+    pub cidr: String,
+    pub instance: InstanceName,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -369,6 +421,42 @@ impl Config {
         if !(1..=1_000_000).contains(&self.store.max_batch) {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let c = &self.cluster;
+        let mut names = vec![&c.name];
+        for (i, p) in c.peers.iter().enumerate() {
+            if names.contains(&&p.name) {
+                return bad(format!("cluster.peers[{i}].name = {:?} is used twice (or is this instance's)", p.name));
+            }
+            names.push(&p.name);
+            if p.host.is_empty() || p.coap_port == 0 || p.aes_port == 0 || p.dtls_port == 0 {
+                return bad(format!("cluster.peers[{i}] ({}): host and ports must be set", p.name));
+            }
+            if !(p.admin_url.starts_with("http://") || p.admin_url.starts_with("https://")) {
+                return bad(format!("cluster.peers[{i}].admin_url = {:?} must be an http(s) URL", p.admin_url));
+            }
+        }
+        for (i, rule) in c.nearest.iter().enumerate() {
+            if let Err(e) = crate::cluster::prefix::Cidr::parse(&rule.cidr) {
+                return bad(format!("cluster.nearest[{i}].cidr = {:?}: {e}", rule.cidr));
+            }
+            if !names.contains(&&rule.instance) {
+                return bad(format!(
+                    "cluster.nearest[{i}].instance = {:?} is neither this instance nor a peer",
+                    rule.instance
+                ));
+            }
+        }
+        if !(1..=3600).contains(&c.retry_after_s) || !(1..=1000).contains(&c.import_chunk) {
+            return bad("cluster.retry_after_s must be within 1..=3600 and cluster.import_chunk within 1..=1000".into());
+        }
+        if c.request_timeout_ms < 100 || !(1..=3600).contains(&c.poll_s) {
+            return bad("cluster.request_timeout_ms must be at least 100 and cluster.poll_s within 1..=3600".into());
+        }
         Ok(())
     }
 }
@@ -419,6 +507,13 @@ fn typed_like(current: &Value, raw: &str) -> Result<Value, String> {
         Value::Integer(_) => Value::Integer(raw.trim().parse().map_err(|_| format!("{raw:?} is not an integer"))?),
         Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| format!("{raw:?} is not a number"))?),
         Value::Boolean(_) => Value::Boolean(raw.trim().parse().map_err(|_| format!("{raw:?} is not true or false"))?),
+        // A TOML array, e.g. NBHUB_CLUSTER_PEERS='[{name = "b", host = "10.0.0.2", ...}]'.
+        Value::Array(_) => format!("v = {raw}")
+            .parse::<Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(Value::is_array)
+            .ok_or_else(|| format!("{raw:?} is not a TOML array"))?,
         _ => Value::String(raw.to_string()),
     })
 }

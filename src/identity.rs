@@ -84,6 +84,12 @@ identifier!(
     |s| name_chars(s, 1, 64, b"-_")
 );
 
+identifier!(
+    /// Names an nbhub instance among the peers devices are distributed between (SPEC §10).
+    InstanceName, "instance name", "1 to 32 characters of A-Z a-z 0-9 _ -",
+    |s| name_chars(s, 1, 32, b"_-")
+);
+
 impl ProductKey {
     pub fn generate() -> ProductKey {
         ProductKey(random_string(11))

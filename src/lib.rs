@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod coap;
 pub mod config;
 pub mod dialect;
@@ -127,6 +128,7 @@ async fn serve_with(
     };
     let dtls_link = || transport::dtls::Dtls::new(dtls::peers::PeerTable::new(dtls_context.clone(), limits));
     let dtls = spawn_port(&mut tasks, &registry, &writer, d.listen, PortFamily::Dtls, "dtls", dtls_link, &stop_rx)?;
+    registry.cluster.bound(coap, aes, dtls);
 
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
@@ -147,6 +149,7 @@ async fn serve_with(
     tasks.spawn(expire_commands(registry.clone(), stop_rx.clone()));
     tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
     tasks.spawn(advance_upgrades(registry.clone(), stop_rx.clone()));
+    tasks.spawn(cluster::runner::supervise(registry.clone(), stop_rx.clone()));
 
     let endpoints = Endpoints { coap, aes, dtls, admin };
     write_endpoints(&data_dir, &endpoints)?;

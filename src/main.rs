@@ -42,6 +42,11 @@ enum Verb {
         #[command(subcommand)]
         action: OtaAction,
     },
+    /// Move devices to other nbhub instances (distribution tasks).
+    Distribution {
+        #[command(subcommand)]
+        action: DistributionAction,
+    },
     /// Subscribe applications to events.
     Webhook {
         #[command(subcommand)]
@@ -203,6 +208,66 @@ enum OtaAction {
 }
 
 #[derive(Subcommand)]
+enum DistributionAction {
+    /// Move a product's devices (all it serves, or those named) to a peer instance.
+    Move {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        /// The peer's name in cluster.peers.
+        #[arg(long)]
+        to: String,
+        #[arg(long = "device")]
+        device_names: Vec<String>,
+        /// Grayscale: devices per batch; the next batch starts once this one is let through.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// What lets a batch through: its devices seen online at the destination, or `confirm`.
+        #[arg(long, value_parser = ["online", "confirm"])]
+        gate: Option<String>,
+        /// Seconds a batch may wait for its gate.
+        #[arg(long)]
+        batch_timeout: Option<u64>,
+        /// Then: `pause` the task, or `continue` with the next batch.
+        #[arg(long, value_parser = ["pause", "continue"])]
+        on_timeout: Option<String>,
+    },
+    /// Move each device, when it next bootstraps, to the instance nearest its address.
+    Nearest {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        #[arg(long = "device")]
+        device_names: Vec<String>,
+    },
+    List {
+        #[command(flatten)]
+        api: AdminArgs,
+    },
+    Show {
+        #[command(flatten)]
+        api: AdminArgs,
+        task_id: String,
+    },
+    /// Every device's result, as JSON or CSV.
+    Results {
+        #[command(flatten)]
+        api: AdminArgs,
+        task_id: String,
+        #[arg(long)]
+        csv: bool,
+    },
+    /// pause, resume, confirm (let the current batch through), retry (failed devices) or rollback.
+    Control {
+        #[command(flatten)]
+        api: AdminArgs,
+        task_id: String,
+        #[arg(value_parser = ["pause", "resume", "confirm", "retry", "rollback"])]
+        action: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum WebhookAction {
     /// Subscribe a URL; events: uplink, device_status, command_status, ota_progress (all if none).
     Create {
@@ -257,6 +322,7 @@ fn main() -> ExitCode {
         }),
         Verb::Command { action } => helper(|| command(action)),
         Verb::Ota { action } => helper(|| ota(action)),
+        Verb::Distribution { action } => helper(|| distribution(action)),
         Verb::Webhook { action } => helper(|| match action {
             WebhookAction::Create { api, url, events, secret } => {
                 let mut body = json!({ "url": url });
@@ -339,6 +405,45 @@ fn ota(action: OtaAction) -> HelperResult {
     }
 }
 
+fn distribution(action: DistributionAction) -> HelperResult {
+    const TASKS: &str = "/api/v1/distribution/tasks";
+    let names = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    match action {
+        DistributionAction::Move {
+            api,
+            product_key,
+            to,
+            device_names,
+            batch_size,
+            gate,
+            batch_timeout,
+            on_timeout,
+        } => {
+            let mut body = json!({ "product_key": product_key, "policy": "specified", "instance": to });
+            insert(&mut body, "device_names", names(device_names));
+            insert(&mut body, "batch_size", batch_size);
+            insert(&mut body, "gate", gate);
+            insert(&mut body, "batch_timeout_s", batch_timeout);
+            insert(&mut body, "on_timeout", on_timeout);
+            Ok(client(&api)?.post(TASKS, &body)?)
+        }
+        DistributionAction::Nearest { api, product_key, device_names } => {
+            let mut body = json!({ "product_key": product_key, "policy": "nearest" });
+            insert(&mut body, "device_names", names(device_names));
+            Ok(client(&api)?.post(TASKS, &body)?)
+        }
+        DistributionAction::List { api } => Ok(client(&api)?.get(TASKS)?),
+        DistributionAction::Show { api, task_id } => Ok(client(&api)?.get(&format!("{TASKS}/{task_id}"))?),
+        DistributionAction::Results { api, task_id, csv } => {
+            let format = if csv { "csv" } else { "json" };
+            Ok(client(&api)?.get(&format!("{TASKS}/{task_id}/devices?format={format}"))?)
+        }
+        DistributionAction::Control { api, task_id, action } => {
+            Ok(client(&api)?.post(&format!("{TASKS}/{task_id}/{action}"), &json!({}))?)
+        }
+    }
+}
+
 fn serve(config_path: Option<PathBuf>) -> ExitCode {
     let config = match Config::load(config_path.as_deref()) {
         Ok(c) => c,
@@ -379,8 +484,11 @@ type HelperResult = Result<Value, Box<dyn std::error::Error>>;
 fn helper(f: impl FnOnce() -> HelperResult) -> ExitCode {
     match f() {
         Ok(v) => {
-            if !v.is_null() {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            match v {
+                Value::Null => {}
+                // A text answer (a CSV download) as it came.
+                Value::String(text) => print!("{text}"),
+                v => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
             }
             ExitCode::SUCCESS
         }

@@ -48,6 +48,9 @@ pub mod metric {
     pub const RESIDENT_BYTES: &str = "nbhub_process_resident_bytes";
     pub const OTA_CHUNKS: &str = "nbhub_ota_chunks_served_total";
     pub const OTA_DEVICES: &str = "nbhub_ota_devices";
+    /// Devices a distribution task handled, by result (moved, failed, rolled_back, stayed).
+    pub const DISTRIBUTED: &str = "nbhub_distribution_devices_total";
+    pub const BOOTSTRAP: &str = "nbhub_bootstrap_total";
     pub const OTA_CELLS_SATURATED: &str = "nbhub_ota_cells_saturated";
 }
 

@@ -40,6 +40,7 @@ pub fn bed(product: &str, sync: SyncPolicy) -> Bed {
             awake_window_s: 20,
             ack_timeout_ms: None,
             max_retransmit: None,
+            unsigned_bootstrap: false,
         }))
         .unwrap();
     Bed { dir, runtime, registry, thread, product }

@@ -42,6 +42,7 @@ impl From<CommandError> for ApiError {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_pending_commands", e.to_string())
             }
             CommandError::NotPending(e) => ApiError::new(StatusCode::CONFLICT, "not_pending", e.to_string()),
+            e @ CommandError::Elsewhere(..) => ApiError::new(StatusCode::CONFLICT, "device_elsewhere", e.to_string()),
             CommandError::Store(e) => e.into(),
         }
     }

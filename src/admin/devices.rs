@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use super::error::{ApiError, ApiJson};
 use crate::clock::UnixMs;
+use crate::cluster::Home;
 use crate::identity::{DeviceName, NodeId, ProductKey, Secret};
 use crate::registry::{Device, DevicePatch, NewDevice, Status};
 use crate::store::MessageId;
@@ -50,6 +51,8 @@ pub struct DeviceView {
     address: Option<String>,
     version: Option<String>,
     radio: Radio,
+    /// Where it is served: here, or leaving for / moved to another instance.
+    home: Home,
 }
 
 fn view(d: &Device, state: &AdminState) -> DeviceView {
@@ -64,6 +67,7 @@ fn view(d: &Device, state: &AdminState) -> DeviceView {
         address: s.address.map(|a| a.to_string()),
         version: s.version.clone(),
         radio: s.radio.clone(),
+        home: s.home.clone(),
     }
 }
 
@@ -80,12 +84,7 @@ async fn create(
     ApiJson(body): ApiJson<CreateDevice>,
 ) -> Result<(StatusCode, Json<DeviceCreated>), ApiError> {
     let pk = ProductKey::new(pk).map_err(|e| ApiError::not_found(e.to_string()))?;
-    if let Some(psk) = &body.psk_hex {
-        let ok = hex::decode(psk).is_ok_and(|b| (1..=64).contains(&b.len()));
-        if !ok {
-            return Err(ApiError::bad_request("psk_hex must be 1 to 64 bytes written as hex"));
-        }
-    }
+    check_psk(body.psk_hex.as_deref())?;
     let d = state
         .registry
         .create_device(
@@ -133,6 +132,26 @@ struct RadioBody {
     cell_id: Option<String>,
 }
 
+pub(super) fn check_psk(psk_hex: Option<&str>) -> Result<(), ApiError> {
+    if psk_hex.is_some_and(|psk| !hex::decode(psk).is_ok_and(|b| (1..=64).contains(&b.len()))) {
+        return Err(ApiError::bad_request("psk_hex must be 1 to 64 bytes written as hex"));
+    }
+    Ok(())
+}
+
+pub(super) fn check_radio(r: &Radio) -> Result<(), ApiError> {
+    if r.rsrp.is_some_and(|v| !(-160.0..=0.0).contains(&v)) {
+        return Err(ApiError::bad_request("radio.rsrp must be within -160..=0 dBm"));
+    }
+    if r.sinr.is_some_and(|v| !(-30.0..=50.0).contains(&v)) {
+        return Err(ApiError::bad_request("radio.sinr must be within -30..=50 dB"));
+    }
+    if r.cell_id.as_ref().is_some_and(|c| c.is_empty() || c.len() > 64) {
+        return Err(ApiError::bad_request("radio.cell_id must be 1 to 64 characters"));
+    }
+    Ok(())
+}
+
 async fn update(
     State(state): State<AdminState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -141,16 +160,9 @@ async fn update(
     device(&state, &pk, &dn)?;
     let radio = match body.radio {
         Some(r) => {
-            if r.rsrp.is_some_and(|v| !(-160.0..=0.0).contains(&v)) {
-                return Err(ApiError::bad_request("radio.rsrp must be within -160..=0 dBm"));
-            }
-            if r.sinr.is_some_and(|v| !(-30.0..=50.0).contains(&v)) {
-                return Err(ApiError::bad_request("radio.sinr must be within -30..=50 dB"));
-            }
-            if r.cell_id.as_ref().is_some_and(|c| c.is_empty() || c.len() > 64) {
-                return Err(ApiError::bad_request("radio.cell_id must be 1 to 64 characters"));
-            }
-            Some(Radio { rsrp: r.rsrp, sinr: r.sinr, cell_id: r.cell_id })
+            let radio = Radio { rsrp: r.rsrp, sinr: r.sinr, cell_id: r.cell_id };
+            check_radio(&radio)?;
+            Some(radio)
         }
         None => None,
     };

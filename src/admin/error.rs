@@ -40,6 +40,7 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            RegistryError::Invalid(m) => ApiError::bad_request(m),
             RegistryError::Store(e) => {
                 tracing::error!(error = %e, "admin request failed in the store");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", e.to_string())

@@ -3,6 +3,7 @@
 
 mod commands;
 mod devices;
+mod distribution;
 pub mod error;
 mod ota;
 mod packages;
@@ -43,6 +44,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(webhooks::routes())
         .merge(packages::routes())
         .merge(ota::routes())
+        .merge(distribution::routes())
         // Inside the token check: an unknown /api/v1 path without the token is 401, not 404.
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));

@@ -29,6 +29,8 @@ struct CreateProduct {
     awake_window_s: Option<u32>,
     ack_timeout_ms: Option<u64>,
     max_retransmit: Option<u32>,
+    #[serde(default)]
+    unsigned_bootstrap: bool,
 }
 
 /// The PSM active timer most modules ship with (SPEC §5).
@@ -45,6 +47,8 @@ pub struct ProductView {
     /// This product's timers for CONs to its devices; null: the server's `[downlink]` defaults.
     ack_timeout_ms: Option<u64>,
     max_retransmit: Option<u32>,
+    /// Its devices may ask `/bootstrap` without a signature.
+    unsigned_bootstrap: bool,
 }
 
 impl From<&ProductRecord> for ProductView {
@@ -58,8 +62,31 @@ impl From<&ProductRecord> for ProductView {
             awake_window_s: p.awake_window_s,
             ack_timeout_ms: p.ack_timeout_ms,
             max_retransmit: p.max_retransmit,
+            unsigned_bootstrap: p.unsigned_bootstrap,
         }
     }
+}
+
+/// The limits on a product's settings, whether an operator or a peer sends them.
+pub(super) fn check_settings(
+    name: &str,
+    awake_window_s: u32,
+    ack_timeout_ms: Option<u64>,
+    max_retransmit: Option<u32>,
+) -> Result<(), ApiError> {
+    if name.is_empty() || name.chars().count() > 128 {
+        return Err(ApiError::bad_request("name must be 1 to 128 characters"));
+    }
+    if !(1..=86_400).contains(&awake_window_s) {
+        return Err(ApiError::bad_request("awake_window_s must be within 1..=86400"));
+    }
+    if ack_timeout_ms.is_some_and(|t| !(100..=600_000).contains(&t)) {
+        return Err(ApiError::bad_request("ack_timeout_ms must be within 100..=600000"));
+    }
+    if max_retransmit.is_some_and(|n| n > 20) {
+        return Err(ApiError::bad_request("max_retransmit must be at most 20"));
+    }
+    Ok(())
 }
 
 async fn create(
@@ -67,19 +94,8 @@ async fn create(
     ApiJson(body): ApiJson<CreateProduct>,
 ) -> Result<(StatusCode, Json<ProductView>), ApiError> {
     let name = body.name.trim().to_string();
-    if name.is_empty() || name.chars().count() > 128 {
-        return Err(ApiError::bad_request("name must be 1 to 128 characters"));
-    }
     let awake_window_s = body.awake_window_s.unwrap_or(DEFAULT_AWAKE_WINDOW_S);
-    if !(1..=86_400).contains(&awake_window_s) {
-        return Err(ApiError::bad_request("awake_window_s must be within 1..=86400"));
-    }
-    if body.ack_timeout_ms.is_some_and(|t| !(100..=600_000).contains(&t)) {
-        return Err(ApiError::bad_request("ack_timeout_ms must be within 100..=600000"));
-    }
-    if body.max_retransmit.is_some_and(|n| n > 20) {
-        return Err(ApiError::bad_request("max_retransmit must be at most 20"));
-    }
+    check_settings(&name, awake_window_s, body.ack_timeout_ms, body.max_retransmit)?;
     let product = state
         .registry
         .create_product(NewProduct {
@@ -91,6 +107,7 @@ async fn create(
             awake_window_s,
             ack_timeout_ms: body.ack_timeout_ms,
             max_retransmit: body.max_retransmit,
+            unsigned_bootstrap: body.unsigned_bootstrap,
         })
         .await?;
     tracing::info!(product_key = %product.product_key, "product created");

@@ -1,5 +1,6 @@
 //! A command and its states: PENDING → SENT → DELIVERED → SUCCESSFUL | FAILED, or EXPIRED (never
-//! sent before its expiry), TIMEOUT (sent, never acknowledged), CANCELED (seed 003 §4.5.2).
+//! sent before its expiry), TIMEOUT (sent, never acknowledged), CANCELED (seed 003 §4.5.2), or
+//! MOVED (its device moved to another instance, which took the command on under a new id).
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,7 @@ pub enum CommandStatus {
     Expired,
     Timeout,
     Canceled,
+    Moved,
 }
 
 impl CommandStatus {
@@ -56,6 +58,7 @@ impl CommandStatus {
             CommandStatus::Expired => "EXPIRED",
             CommandStatus::Timeout => "TIMEOUT",
             CommandStatus::Canceled => "CANCELED",
+            CommandStatus::Moved => "MOVED",
         }
     }
 }
@@ -110,9 +113,11 @@ impl CommandRecord {
                 self.delivered_at.get_or_insert(now);
                 self.finished_at = Some(now);
             }
-            CommandStatus::Failed | CommandStatus::Expired | CommandStatus::Timeout | CommandStatus::Canceled => {
-                self.finished_at = Some(now)
-            }
+            CommandStatus::Failed
+            | CommandStatus::Expired
+            | CommandStatus::Timeout
+            | CommandStatus::Canceled
+            | CommandStatus::Moved => self.finished_at = Some(now),
         }
     }
 
@@ -144,7 +149,7 @@ pub struct CommandView {
     delivered_at: Option<String>,
     finished_at: Option<String>,
     result_base64: Option<String>,
-    /// Why it ended as it did (FAILED, TIMEOUT, EXPIRED).
+    /// Why it ended as it did (FAILED, TIMEOUT, EXPIRED; MOVED names the new home and id).
     reason: Option<String>,
 }
 

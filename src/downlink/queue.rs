@@ -72,6 +72,11 @@ impl Queue {
         self.open.iter().find(|o| o.record.id == id).map(|o| &o.record)
     }
 
+    /// The open commands, oldest first.
+    pub fn records(&self) -> impl Iterator<Item = &CommandRecord> {
+        self.open.iter().map(|o| &o.record)
+    }
+
     /// Whether an exchange carrying commands is under way.
     pub fn in_flight(&self) -> bool {
         self.open.iter().any(|o| o.exchange.is_some())

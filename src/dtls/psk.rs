@@ -28,6 +28,8 @@ pub enum Refusal {
     UnknownDevice,
     NoKey,
     Disabled,
+    /// The device lives at another instance now (SPEC §10).
+    Moved,
 }
 
 impl Refusal {
@@ -37,6 +39,7 @@ impl Refusal {
             Refusal::UnknownDevice => "unknown_identity",
             Refusal::NoKey => "no_psk",
             Refusal::Disabled => "disabled",
+            Refusal::Moved => "moved",
         }
     }
 }
@@ -109,8 +112,14 @@ pub fn resolve(registry: &Registry, identity: &[u8]) -> Result<(Arc<Device>, Vec
             (device, key)
         }
     };
-    if !device.state().enabled {
-        return Err(Refusal::Disabled);
+    {
+        let s = device.state();
+        if !s.enabled {
+            return Err(Refusal::Disabled);
+        }
+        if !s.home.is_here() {
+            return Err(Refusal::Moved);
+        }
     }
     Ok((device, key))
 }

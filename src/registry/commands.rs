@@ -33,6 +33,8 @@ pub enum CommandError {
     Full(#[from] QueueFull),
     #[error(transparent)]
     NotPending(#[from] CancelError),
+    #[error("device {0} lives at instance {1} now: send its commands there")]
+    Elsewhere(String, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -126,6 +128,9 @@ impl Registry {
             let mut s = device.state();
             if s.deleted {
                 return Err(CommandError::NotFound(format!("device {}/{}", device.product_key, device.device_name)));
+            }
+            if let Some(home) = s.home.elsewhere() {
+                return Err(CommandError::Elsewhere(device.device_name.to_string(), home.to_string()));
             }
             let awake = s.awake(now, product.awake_window_s);
             let queued = match (new.strategy, awake) {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::UnixMs;
+use crate::cluster::Home;
 use crate::config::DeviceConfig;
 use crate::downlink::{PcpRequest, Queue};
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
@@ -57,6 +58,8 @@ pub struct DeviceState {
     pub upgrade: Option<Upgrade>,
     /// A PCP request waiting for the downlink channel.
     pub pcp_request: Option<PcpRequest>,
+    /// Served here, or moving or moved to another instance.
+    pub home: Home,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -106,6 +109,7 @@ impl Device {
                 version: r.version,
                 upgrade: None,
                 pcp_request: None,
+                home: r.home,
             }),
         }
     }
@@ -131,6 +135,7 @@ impl Device {
             created_at: self.created_at,
             observe: s.observe,
             version: s.version.clone(),
+            home: s.home.clone(),
         }
     }
 }
@@ -288,6 +293,7 @@ mod tests {
             version: None,
             upgrade: None,
             pcp_request: None,
+            home: Home::Here,
         };
         assert_eq!(s.status(now, &c), Status::Inactive);
         s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));
@@ -314,6 +320,7 @@ mod tests {
                 created_at: 0,
                 observe: None,
                 version: None,
+                home: Home::Here,
             },
             None,
             None,

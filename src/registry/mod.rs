@@ -4,6 +4,7 @@
 pub mod commands;
 mod contact;
 pub mod device;
+pub mod distribution;
 pub mod routes;
 pub mod sessions;
 pub mod upgrades;
@@ -46,6 +47,9 @@ pub enum RegistryError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The request contradicts itself or the configuration.
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -59,6 +63,7 @@ pub struct NewProduct {
     pub awake_window_s: u32,
     pub ack_timeout_ms: Option<u64>,
     pub max_retransmit: Option<u32>,
+    pub unsigned_bootstrap: bool,
 }
 
 pub struct NewDevice {
@@ -120,6 +125,8 @@ pub struct Registry {
     pub routes: Routes,
     pub command_timers: CommandTimers,
     pub ota: upgrades::Ota,
+    pub cluster: crate::cluster::Cluster,
+    pub distribution: distribution::Distribution,
     next_device_id: AtomicU64,
     next_command_id: AtomicU64,
     /// Keys of the exchanges the endpoints start, unique process-wide.
@@ -175,6 +182,8 @@ impl Registry {
             tracing::info!(commands = open, "restored open commands");
         }
         let ota = upgrades::Ota::load(&store, &devices.by_id)?;
+        let distribution = distribution::Distribution::load(&store)?;
+        let cluster = crate::cluster::Cluster::new(&config.cluster);
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
         for (token, record, window) in store.sessions()? {
@@ -212,6 +221,8 @@ impl Registry {
             routes: Routes::default(),
             command_timers,
             ota,
+            cluster,
+            distribution,
             next_device_id: AtomicU64::new(next_device_id),
             next_command_id: AtomicU64::new(next_command_id),
             next_exchange: AtomicU64::new(1),
@@ -346,6 +357,7 @@ impl Registry {
             created_at: UnixMs::now().0,
             ack_timeout_ms: new.ack_timeout_ms,
             max_retransmit: new.max_retransmit,
+            unsigned_bootstrap: new.unsigned_bootstrap,
         });
         {
             let mut products = write(&self.products);
@@ -378,6 +390,7 @@ impl Registry {
             created_at: UnixMs::now().0,
             observe: None,
             version: None,
+            home: crate::cluster::Home::Here,
         };
         let device = Arc::new(Device::from_record(record, None, None));
         {
@@ -536,6 +549,7 @@ mod tests {
                 awake_window_s: 20,
                 ack_timeout_ms: None,
                 max_retransmit: None,
+                unsigned_bootstrap: false,
             })
             .await
             .unwrap();

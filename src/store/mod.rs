@@ -15,6 +15,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 
 use crate::auth::replay::{self, ReplayWindow};
 use crate::clock::UnixMs;
+use crate::cluster::task::{Entry, TaskId as DistributionId, TaskRecord as DistributionRecord};
 use crate::downlink::{CommandId, CommandRecord};
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
 use crate::northbound::event::{Record, Stored, render_uplink};
@@ -50,8 +51,12 @@ pub const CF_CHUNKS: &str = "chunks";
 pub const CF_OTA_TASKS: &str = "ota_tasks";
 /// Each device's upgrade in a task: `task id | device id`.
 pub const CF_UPGRADES: &str = "upgrades";
+/// Distribution tasks by id.
+pub const CF_DISTRIBUTIONS: &str = "distributions";
+/// Each device's progress in a distribution task: `task id | device id`.
+pub const CF_DISTRIBUTION_ENTRIES: &str = "distribution_entries";
 
-const ALL_CFS: [&str; 16] = [
+const ALL_CFS: [&str; 18] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -68,6 +73,8 @@ const ALL_CFS: [&str; 16] = [
     CF_CHUNKS,
     CF_OTA_TASKS,
     CF_UPGRADES,
+    CF_DISTRIBUTIONS,
+    CF_DISTRIBUTION_ENTRIES,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
@@ -145,7 +152,7 @@ pub fn message_key(device: DeviceId, id: MessageId) -> [u8; 16] {
 }
 
 /// Two ids big-endian, so records sort by the first, then the second: one prefix range per first.
-fn pair_key(first: u64, second: u64) -> [u8; 16] {
+pub fn pair_key(first: u64, second: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&first.to_be_bytes());
     k[8..].copy_from_slice(&second.to_be_bytes());
@@ -369,6 +376,15 @@ impl Store {
     pub fn upgrades_of(&self, task: TaskId) -> Result<HashMap<DeviceId, Upgrade>, StoreError> {
         let upgrades: Vec<Upgrade> = self.scan_prefix(CF_UPGRADES, task.0, json)?;
         Ok(upgrades.into_iter().map(|u| (u.device, u)).collect())
+    }
+
+    pub fn distributions(&self) -> Result<Vec<DistributionRecord>, StoreError> {
+        self.scan(CF_DISTRIBUTIONS, json)
+    }
+
+    /// A distribution task's entries, in device id order.
+    pub fn distribution_entries(&self, task: DistributionId) -> Result<Vec<Entry>, StoreError> {
+        self.scan_prefix(CF_DISTRIBUTION_ENTRIES, task.0, json)
     }
 
     /// Every webhook with its cursor (the last event id it took).

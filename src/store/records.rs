@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixMs;
+use crate::cluster::Home;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -32,6 +33,9 @@ pub struct ProductRecord {
     pub ack_timeout_ms: Option<u64>,
     #[serde(default)]
     pub max_retransmit: Option<u32>,
+    /// Its devices may ask `/bootstrap` without a signature (SPEC §10).
+    #[serde(default)]
+    pub unsigned_bootstrap: bool,
 }
 
 /// Radio conditions a device reported or an operator set (used by OTA scheduling).
@@ -65,6 +69,9 @@ pub struct DeviceRecord {
     /// The firmware or software version the device last reported over PCP.
     #[serde(default)]
     pub version: Option<String>,
+    /// Where it is served (SPEC §10).
+    #[serde(default)]
+    pub home: Home,
 }
 
 /// Which listener family a token belongs to; a token is only valid on its own family, so a 5682

@@ -15,14 +15,15 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
 use super::{
-    CF_CHUNKS, CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_MESSAGES, CF_META, CF_OPEN_COMMANDS, CF_OTA_TASKS,
-    CF_OUTBOX, CF_PACKAGES, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, CF_UPGRADES, CF_WEBHOOKS,
-    META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError,
-    announced_key, chunk_key, command_key, device_key, message_key, records::MessageRecord, upgrade_key,
-    webhook_cursor_key,
+    CF_CHUNKS, CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_DISTRIBUTION_ENTRIES, CF_DISTRIBUTIONS, CF_MESSAGES,
+    CF_META, CF_OPEN_COMMANDS, CF_OTA_TASKS, CF_OUTBOX, CF_PACKAGES, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS,
+    CF_UPGRADES, CF_WEBHOOKS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID,
+    Store, StoreError, announced_key, chunk_key, command_key, device_key, message_key, pair_key,
+    records::MessageRecord, upgrade_key, webhook_cursor_key,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
+use crate::cluster::task::{Entry, TaskRecord as DistributionRecord};
 use crate::config::SyncPolicy;
 use crate::downlink::{CommandId, CommandRecord, CommandView};
 use crate::identity::{DeviceId, Token};
@@ -97,6 +98,8 @@ pub enum Op {
     PutTask(TaskRecord),
     /// A device's upgrade in a task created or changed.
     PutUpgrade(Upgrade),
+    PutDistribution(DistributionRecord),
+    PutDistributionEntry(Entry),
     /// An upgrade package and its chunks, in one write.
     PutPackage {
         record: PackageRecord,
@@ -437,6 +440,10 @@ impl BatchWriter {
                     }
                     Op::TrimOutbox { below } => {
                         batch.delete_range_cf(outbox, 0u64.to_be_bytes(), below.to_be_bytes());
+                    }
+                    Op::PutDistribution(t) => batch.put_cf(cf(CF_DISTRIBUTIONS), t.id.0.to_be_bytes(), to_json(&t)),
+                    Op::PutDistributionEntry(e) => {
+                        batch.put_cf(cf(CF_DISTRIBUTION_ENTRIES), pair_key(e.task.0, e.device.0), to_json(&e))
                     }
                     Op::PutTask(t) => batch.put_cf(cf(CF_OTA_TASKS), t.id.0.to_be_bytes(), to_json(&t)),
                     Op::PutUpgrade(u) => batch.put_cf(cf(CF_UPGRADES), upgrade_key(u.task, u.device), to_json(&u)),

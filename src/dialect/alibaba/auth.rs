@@ -51,6 +51,10 @@ impl Alibaba {
             if !state.enabled {
                 return refuse(Code::FORBIDDEN, "disabled");
             }
+            // Device software falls back to /bootstrap, which names its new home.
+            if !state.home.is_here() {
+                return refuse(Code::FORBIDDEN, "moved");
+            }
             if let Err(o) = admit(&mut state, req, &self.registry) {
                 return o;
             }

@@ -1,9 +1,10 @@
 //! Alibaba IoT CoAP dialect (seed 002 §3.3, SPEC §3): `/auth`, `/topic/...` uplinks, `/pull` for
-//! queued commands and `/auth/register/device`, on the plain port (5683), the AES port (5682) and
-//! inside DTLS (5684).
+//! queued commands, `/auth/register/device` and `/bootstrap` (SPEC §10), on the plain port
+//! (5683), the AES port (5682) and inside DTLS (5684).
 
 mod auth;
 pub mod body;
+mod bootstrap;
 mod pull;
 mod register;
 mod topic;
@@ -36,6 +37,7 @@ impl Alibaba {
     pub fn handle(&mut self, req: &Request<'_, '_>) -> Option<Outcome> {
         let handler: fn(&mut Self, &Request<'_, '_>) -> Outcome = match &req.path[..] {
             ["auth"] => Self::auth,
+            ["bootstrap"] => Self::bootstrap,
             ["auth", "register", "device"] => Self::register,
             ["topic", ..] => Self::topic,
             ["pull"] => Self::pull,

@@ -37,6 +37,9 @@ impl Alibaba {
         let Some(device) = self.registry.device(pk, dn) else { return refuse(Code::FORBIDDEN, "unknown_device") };
         {
             let mut state = device.state();
+            if !state.home.is_here() {
+                return refuse(Code::FORBIDDEN, "moved");
+            }
             if !state.enabled || state.activated() {
                 return refuse(Code::FORBIDDEN, "already_activated");
             }

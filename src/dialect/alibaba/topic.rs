@@ -85,7 +85,8 @@ impl Alibaba {
             Caller::Token(_, s) => s.device.clone(),
             Caller::Link(d) => d.clone(),
         };
-        if !device.state().enabled {
+        // A DTLS session outlives a move; the device is told to bootstrap.
+        if !device.state().enabled || !device.state().home.is_here() {
             return Err(Outcome::code(Code::FORBIDDEN));
         }
         allowed(&device).map_err(Outcome::code)?;

@@ -30,7 +30,8 @@ impl Huawei {
         let now = req.now.wall;
         {
             let mut s = device.state();
-            if !s.enabled {
+            // A device that moved to another instance asks /bootstrap on 4.03.
+            if !s.enabled || !s.home.is_here() {
                 return Outcome::code(Code::FORBIDDEN);
             }
             if let Err(retry_after) = s.admit(now, &self.registry.config.device) {

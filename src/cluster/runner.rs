@@ -1,0 +1,442 @@
+//! Drives distribution tasks over HTTP: one worker per task with work, doing what
+//! [`Task::next`](super::task::Task::next) asks (send the product, move a chunk of devices, ask
+//! the destination which moved devices came online), so a destination that is slow or down only
+//! holds up its own tasks. Also the operator's rollback, which asks the destination to give back
+//! devices that never connected there.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::PeerApi;
+use super::task::{Changed, EntryStatus, PeerFailure, Policy, TaskId, TaskStatus, Work};
+use super::transfer::{
+    ImportOutcome, ImportRequest, ImportResponse, ProductTransfer, ReleaseOutcome, ReleaseRequest, ReleaseResponse,
+};
+use crate::clock::UnixMs;
+use crate::identity::{DeviceName, InstanceName};
+use crate::registry::Registry;
+use crate::registry::distribution::{TaskCell, task_ops};
+use crate::store::Op;
+use crate::telemetry::metric;
+
+/// Destination devices read per page when looking for the ones that came online.
+const PAGE: usize = 1000;
+
+/// Runs a worker for every task with work until `stop` flips. Workers stopped mid-move leave
+/// their devices "leaving" in the store; the move is repeated at the next start.
+pub async fn supervise(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let Some(mut runnable) = registry.distribution.take_runnable() else { return Ok(()) };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(registry.config.cluster.request_timeout_ms))
+        .build()
+        .map_err(std::io::Error::other)?;
+    let mut running: HashMap<TaskId, Arc<TaskCell>> = HashMap::new();
+    let mut workers = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                workers.shutdown().await;
+                return Ok(());
+            }
+            Some(cell) = runnable.recv() => {
+                let id = cell.lock().record.id;
+                if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(id) {
+                    slot.insert(cell.clone());
+                    workers.spawn(work(registry.clone(), cell, client.clone()));
+                }
+            }
+            Some(done) = workers.join_next(), if !workers.is_empty() => {
+                let Ok(id) = done else { continue };
+                // Reopened (retried) while its worker was finishing: run it again.
+                if let Some(cell) = running.remove(&id)
+                    && cell.lock().record.status.is_open()
+                {
+                    running.insert(id, cell.clone());
+                    workers.spawn(work(registry.clone(), cell, client.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Stores a step's changes (logged, not fatal: the task is in memory and retried).
+async fn store(registry: &Registry, ops: Vec<Op>) -> bool {
+    if ops.is_empty() {
+        return true;
+    }
+    match registry.writer().commit(ops).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "could not store a distribution task's progress");
+            false
+        }
+    }
+}
+
+async fn work(registry: Arc<Registry>, cell: Arc<TaskCell>, client: reqwest::Client) -> TaskId {
+    let cfg = &registry.config.cluster;
+    let nearest_peers = registry.cluster.nearest_peers();
+    loop {
+        let now = UnixMs::now().0;
+        let (id, work, ops) = {
+            let mut task = cell.lock();
+            let changed = task.advance(now);
+            let ops = registry.task_changes(&task, &changed);
+            (task.record.id, task.next(now, cfg.import_chunk, cfg.poll_s * 1000, &nearest_peers), ops)
+        };
+        if !store(&registry, ops).await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        match work {
+            Work::SendProduct(instances) => send_product(&registry, &cell, &client, instances).await,
+            Work::Move { instance, entries } => move_devices(&registry, &cell, &client, instance, entries).await,
+            Work::Poll { instance, entries } => poll(&registry, &cell, &client, instance, entries).await,
+            Work::Wait(until) => {
+                if !cell.lock().record.status.is_open() {
+                    return id;
+                }
+                let sleep = until.map_or(Duration::from_secs(3600), |t| Duration::from_millis(t.saturating_sub(now)));
+                tokio::select! {
+                    _ = cell.wake.notified() => {}
+                    _ = tokio::time::sleep(sleep) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A peer's admin API answered, or how it failed. A 4xx means it refused the request as a whole
+/// and changed nothing (the API's rule for bad input); anything else after sending is unknown.
+async fn call<T: DeserializeOwned>(
+    client: &reqwest::Client,
+    api: &PeerApi,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&impl Serialize>,
+) -> Result<T, PeerFailure> {
+    let url = format!("{}{path}", api.url);
+    let mut req = client.request(method, &url).bearer_auth(&api.token);
+    if let Some(body) = body {
+        req = req
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(body).expect("transfers serialise"));
+    }
+    let response = req.send().await.map_err(|e| {
+        let m = format!("{url}: {e}");
+        if e.is_connect() { PeerFailure::NotDelivered(m) } else { PeerFailure::Unknown(m) }
+    })?;
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|e| PeerFailure::Unknown(format!("{url}: {e}")))?;
+    if status.is_client_error() {
+        return Err(PeerFailure::NotDelivered(format!("{url} answered {status}: {}", String::from_utf8_lossy(&bytes))));
+    }
+    if !status.is_success() {
+        return Err(PeerFailure::Unknown(format!("{url} answered {status}: {}", String::from_utf8_lossy(&bytes))));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| PeerFailure::Unknown(format!("{url} answered unreadably: {e}")))
+}
+
+fn peer_api(registry: &Registry, instance: &InstanceName) -> Result<PeerApi, PeerFailure> {
+    registry
+        .cluster
+        .peer(instance)
+        .map(|p| p.api.clone())
+        .ok_or_else(|| PeerFailure::NotDelivered(format!("instance {instance} is not a configured peer")))
+}
+
+fn product_of(registry: &Registry, cell: &TaskCell) -> Result<ProductTransfer, PeerFailure> {
+    let pk = cell.lock().record.product_key.clone();
+    registry
+        .product(pk.as_str())
+        .map(|p| ProductTransfer::from(&*p))
+        .ok_or_else(|| PeerFailure::NotDelivered(format!("product {pk} no longer exists here")))
+}
+
+async fn import(
+    registry: &Registry,
+    client: &reqwest::Client,
+    instance: &InstanceName,
+    req: &ImportRequest,
+) -> Result<ImportResponse, PeerFailure> {
+    let api = peer_api(registry, instance)?;
+    call(client, &api, reqwest::Method::POST, "/api/v1/distribution/imports", Some(req)).await
+}
+
+async fn send_product(registry: &Registry, cell: &TaskCell, client: &reqwest::Client, instances: Vec<InstanceName>) {
+    let mut result = product_of(registry, cell).map(|product| ImportRequest {
+        source: registry.cluster.name.clone(),
+        product,
+        devices: Vec::new(),
+    });
+    if let Ok(req) = &result {
+        for instance in &instances {
+            if let Err(f) = import(registry, client, instance, req).await {
+                result = Err(f);
+                break;
+            }
+        }
+    }
+    if let Err(f) = &result {
+        tracing::warn!(error = f.message(), "a distribution task could not send its product");
+    }
+    let ops = {
+        let mut task = cell.lock();
+        let changed = task.apply_product(result.map(|_| ()), UnixMs::now().0);
+        registry.task_changes(&task, &changed)
+    };
+    store(registry, ops).await;
+}
+
+/// Moves a chunk: the devices are marked leaving (durably) before the destination hears of them,
+/// so they are never served in two places.
+async fn move_devices(
+    registry: &Registry,
+    cell: &TaskCell,
+    client: &reqwest::Client,
+    instance: InstanceName,
+    entries: Vec<usize>,
+) {
+    let now = UnixMs::now().0;
+    let chosen: Vec<_> = {
+        let task = cell.lock();
+        entries.iter().map(|&i| (i, task.entries[i].device)).collect()
+    };
+    let (mut ops, mut transfers, mut moving, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, id) in chosen {
+        match registry.device_by_id(id).and_then(|d| registry.begin_leaving(&d, &instance).map(|l| (d, l))) {
+            Some((device, (leave, transfer))) => {
+                ops.extend(leave);
+                transfers.push(transfer);
+                moving.push((i, device));
+            }
+            None => gone.push(i),
+        }
+    }
+    let moving_idx: Vec<usize> = moving.iter().map(|(i, _)| *i).collect();
+    {
+        let mut task = cell.lock();
+        let mut changed = task.set(&moving_idx, EntryStatus::Moving, Some(&instance), None, now);
+        let failed = task.set(&gone, EntryStatus::Failed, None, Some("deleted, or no longer served here"), now);
+        changed.entries.extend(failed.entries);
+        ops.extend(registry.task_changes(&task, &changed));
+    }
+    if !store(registry, ops).await {
+        let mut ops: Vec<Op> = moving.iter().flat_map(|(_, d)| registry.abort_leaving(d, &instance)).collect();
+        {
+            let mut task = cell.lock();
+            let failure = PeerFailure::NotDelivered("the move could not be stored here".into());
+            let changed = task.apply_move_failure(&moving_idx, &failure, now);
+            ops.extend(registry.task_changes(&task, &changed));
+        }
+        store(registry, ops).await;
+        return;
+    }
+    if moving.is_empty() {
+        return;
+    }
+    let result = match product_of(registry, cell) {
+        Ok(product) => {
+            let req = ImportRequest { source: registry.cluster.name.clone(), product, devices: transfers };
+            import(registry, client, &instance, &req).await
+        }
+        Err(f) => Err(f),
+    };
+    let now = UnixMs::now().0;
+    let mut ops = Vec::new();
+    let mut changed = Changed::default();
+    match result {
+        Ok(response) => {
+            let answers: HashMap<&DeviceName, _> = response.devices.iter().map(|r| (&r.device_name, r)).collect();
+            let mut task = cell.lock();
+            for (i, device) in &moving {
+                let (status, error) = match answers.get(&device.device_name) {
+                    Some(answer) => {
+                        ops.extend(registry.finish_leaving(device, &instance, answer));
+                        match answer.result {
+                            ImportOutcome::Imported | ImportOutcome::AlreadyHere => (EntryStatus::Moved, None),
+                            ImportOutcome::Refused => (EntryStatus::Failed, answer.error.clone()),
+                        }
+                    }
+                    // Kept leaving: a retry asks again.
+                    None => (EntryStatus::Failed, Some(format!("{instance} did not answer for the device"))),
+                };
+                let label = if status == EntryStatus::Moved { "moved" } else { "failed" };
+                metrics::counter!(metric::DISTRIBUTED, "result" => label).increment(1);
+                changed.entries.extend(task.set(&[*i], status, None, error.as_deref(), now).entries);
+            }
+            tracing::info!(task = %task.record.id, %instance, devices = moving.len(), "devices moved");
+            ops.extend(registry.task_changes(&task, &changed));
+        }
+        Err(failure) => {
+            tracing::warn!(%instance, error = failure.message(), "a distribution move failed");
+            if let PeerFailure::NotDelivered(_) = failure {
+                for (_, device) in &moving {
+                    ops.extend(registry.abort_leaving(device, &instance));
+                }
+            }
+            metrics::counter!(metric::DISTRIBUTED, "result" => "failed").increment(moving.len() as u64);
+            let mut task = cell.lock();
+            let changed = task.apply_move_failure(&moving_idx, &failure, now);
+            ops.extend(registry.task_changes(&task, &changed));
+        }
+    }
+    store(registry, ops).await;
+}
+
+/// The names among `wanted` that the instance has seen online (a device it holds that has a
+/// last contact).
+async fn seen_at(
+    registry: &Registry,
+    client: &reqwest::Client,
+    instance: &InstanceName,
+    product_key: &str,
+    wanted: &HashSet<DeviceName>,
+) -> Result<HashSet<DeviceName>, PeerFailure> {
+    let api = peer_api(registry, instance)?;
+    let mut seen = HashSet::new();
+    let mut after = String::new();
+    loop {
+        let path = format!("/api/v1/products/{product_key}/devices?limit={PAGE}&after={after}");
+        let page: serde_json::Value = call(client, &api, reqwest::Method::GET, &path, None::<&()>).await?;
+        for d in page["devices"].as_array().into_iter().flatten() {
+            if let Some(name) = d["device_name"].as_str().and_then(|n| DeviceName::new(n).ok())
+                && !d["last_seen"].is_null()
+                && wanted.contains(&name)
+            {
+                seen.insert(name);
+            }
+        }
+        match page["next"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => return Ok(seen),
+        }
+    }
+}
+
+async fn poll(
+    registry: &Registry,
+    cell: &TaskCell,
+    client: &reqwest::Client,
+    instance: InstanceName,
+    entries: Vec<usize>,
+) {
+    let (product_key, wanted) = {
+        let task = cell.lock();
+        (task.record.product_key.clone(), entries.iter().map(|&i| task.entries[i].device_name.clone()).collect())
+    };
+    let result = seen_at(registry, client, &instance, product_key.as_str(), &wanted).await;
+    let now = UnixMs::now().0;
+    let ops = {
+        let mut task = cell.lock();
+        match result {
+            Ok(seen) => {
+                let idx: Vec<usize> =
+                    entries.into_iter().filter(|&i| seen.contains(&task.entries[i].device_name)).collect();
+                let changed = task.apply_seen(&idx, now);
+                registry.task_changes(&task, &changed)
+            }
+            Err(f) => {
+                // Asked again after the poll interval; not a reason to fail the task.
+                tracing::warn!(%instance, error = f.message(), "could not ask which moved devices came online");
+                task.record.updated_at = now;
+                Vec::new()
+            }
+        }
+    };
+    store(registry, ops).await;
+}
+
+/// What a rollback did.
+#[derive(Debug, Default, Serialize)]
+pub struct Rollback {
+    /// Taken back: served here again, with the commands they had there.
+    pub rolled_back: usize,
+    /// Connected at the destination already: they stay there.
+    pub stayed: usize,
+}
+
+/// Pauses the task and takes back its moved devices that never connected at the destination.
+pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, PeerFailure> {
+    let (instance, product_key, moved, paused) = {
+        let mut task = cell.lock();
+        let Policy::Specified(instance) = task.record.policy.clone() else {
+            return Err(PeerFailure::NotDelivered("only a task with the specified policy can be rolled back".into()));
+        };
+        if task.record.status == TaskStatus::InProgress || task.record.status == TaskStatus::Initializing {
+            task.record.status = TaskStatus::Paused;
+        }
+        let moved: Vec<(usize, DeviceName)> = (0..task.entries.len())
+            .filter(|&i| task.entries[i].status.is_moved())
+            .map(|i| (i, task.entries[i].device_name.clone()))
+            .collect();
+        let paused = task_ops(&task, &Changed { record: true, entries: Vec::new() });
+        (instance, task.record.product_key.clone(), moved, paused)
+    };
+    store(registry, paused).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(registry.config.cluster.request_timeout_ms))
+        .build()
+        .map_err(|e| PeerFailure::NotDelivered(e.to_string()))?;
+    let api = peer_api(registry, &instance)?;
+    let mut summary = Rollback::default();
+    for chunk in moved.chunks(registry.config.cluster.import_chunk) {
+        let req = ReleaseRequest {
+            source: registry.cluster.name.clone(),
+            product_key: product_key.clone(),
+            device_names: chunk.iter().map(|(_, n)| n.clone()).collect(),
+        };
+        let response: ReleaseResponse =
+            call(&client, &api, reqwest::Method::POST, "/api/v1/distribution/releases", Some(&req)).await?;
+        let index: HashMap<&DeviceName, usize> = chunk.iter().map(|(i, n)| (n, *i)).collect();
+        let mut back = Vec::new();
+        let mut stayed = Vec::new();
+        for r in response.devices {
+            let Some(&i) = index.get(&r.device_name) else { continue };
+            match (r.result, r.device) {
+                (ReleaseOutcome::Released, Some(device)) => back.push((i, device)),
+                (ReleaseOutcome::Seen, _) => stayed.push(i),
+                _ => {}
+            }
+        }
+        let product = product_of(registry, cell)?;
+        let names: Vec<usize> = back.iter().map(|(i, _)| *i).collect();
+        let results = registry
+            .import(ImportRequest {
+                source: instance.clone(),
+                product,
+                devices: back.into_iter().map(|(_, d)| d).collect(),
+            })
+            .await
+            .map_err(|e| PeerFailure::Unknown(format!("taking the devices back failed here: {e}")))?;
+        let now = UnixMs::now().0;
+        let ops = {
+            let mut task = cell.lock();
+            let mut changed = Changed { record: true, entries: Vec::new() };
+            for (i, r) in names.iter().zip(&results) {
+                let (status, error) = match r.result {
+                    ImportOutcome::Imported | ImportOutcome::AlreadyHere => (EntryStatus::RolledBack, None),
+                    ImportOutcome::Refused => (EntryStatus::Failed, r.error.clone()),
+                };
+                if status == EntryStatus::RolledBack {
+                    summary.rolled_back += 1;
+                    metrics::counter!(metric::DISTRIBUTED, "result" => "rolled_back").increment(1);
+                }
+                changed.entries.extend(task.set(&[*i], status, None, error.as_deref(), now).entries);
+            }
+            changed.entries.extend(task.set(&stayed, EntryStatus::Seen, None, None, now).entries);
+            summary.stayed += stayed.len();
+            task.record.updated_at = now;
+            task_ops(&task, &changed)
+        };
+        store(registry, ops).await;
+    }
+    tracing::info!(%instance, rolled_back = summary.rolled_back, stayed = summary.stayed, "distribution rolled back");
+    Ok(summary)
+}

@@ -1,0 +1,657 @@
+//! Devices moving between instances (SPEC §10), as the registry does it: a device leaving for
+//! another instance is refused here from the moment its move is stored until the destination
+//! refused it; one arriving is stored with its open commands in one write. Distribution tasks
+//! live here too; `cluster::runner` drives them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use tokio::sync::{Notify, mpsc};
+
+use super::{Device, Registry, RegistryError, write};
+use crate::clock::UnixMs;
+use crate::cluster::Home;
+use crate::cluster::task::{Changed, EntryStatus, Policy, Task, TaskId, TaskRecord, TaskStatus};
+use crate::cluster::transfer::{
+    CommandTransfer, DeviceTransfer, ImportOutcome, ImportRequest, ImportResult, ProductTransfer, ReleaseOutcome,
+    ReleaseRequest, ReleaseResult,
+};
+use crate::downlink::{CommandId, CommandRecord, CommandStatus};
+use crate::identity::{DeviceId, DeviceName, InstanceName};
+use crate::store::records::{DeviceRecord, PortFamily, ProductRecord};
+use crate::store::{Op, Store, StoreError};
+
+/// Most devices one task may move (seed 000: 10,000 per distribution).
+pub const MAX_TASK_DEVICES: usize = 10_000;
+
+/// A task and what wakes its runner (an operator's action, a bootstrap).
+pub struct TaskCell {
+    task: Mutex<Task>,
+    pub wake: Notify,
+}
+
+impl TaskCell {
+    pub fn lock(&self) -> MutexGuard<'_, Task> {
+        self.task.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The distribution tasks and the devices open ones hold.
+pub struct Distribution {
+    tasks: Mutex<BTreeMap<TaskId, Arc<TaskCell>>>,
+    members: Mutex<HashMap<DeviceId, TaskId>>,
+    next_id: AtomicU64,
+    /// Tasks with work for the runner (created, loaded unfinished, retried, resumed).
+    runnable: mpsc::UnboundedSender<Arc<TaskCell>>,
+    runnable_rx: Mutex<Option<mpsc::UnboundedReceiver<Arc<TaskCell>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Distribution {
+    pub fn load(store: &Store) -> Result<Distribution, StoreError> {
+        let (runnable, rx) = mpsc::unbounded_channel();
+        let mut tasks = BTreeMap::new();
+        let mut members = HashMap::new();
+        let mut max_id = 0;
+        for record in store.distributions()? {
+            max_id = max_id.max(record.id.0);
+            let mut entries = store.distribution_entries(record.id)?;
+            entries.sort_by(|a, b| (a.batch, &a.device_name).cmp(&(b.batch, &b.device_name)));
+            if record.status.is_open() {
+                members.extend(entries.iter().map(|e| (e.device, record.id)));
+            }
+            let (id, open) = (record.id, record.status.is_open());
+            let cell = Arc::new(TaskCell { task: Mutex::new(Task { record, entries }), wake: Notify::new() });
+            if open {
+                let _ = runnable.send(cell.clone());
+            }
+            tasks.insert(id, cell);
+        }
+        Ok(Distribution {
+            tasks: Mutex::new(tasks),
+            members: Mutex::new(members),
+            next_id: AtomicU64::new(max_id + 1),
+            runnable,
+            runnable_rx: Mutex::new(Some(rx)),
+        })
+    }
+
+    /// The runner's end of the queue of tasks with work (taken once).
+    pub fn take_runnable(&self) -> Option<mpsc::UnboundedReceiver<Arc<TaskCell>>> {
+        lock(&self.runnable_rx).take()
+    }
+
+    pub fn task(&self, id: TaskId) -> Option<Arc<TaskCell>> {
+        lock(&self.tasks).get(&id).cloned()
+    }
+
+    pub fn tasks(&self) -> Vec<Arc<TaskCell>> {
+        lock(&self.tasks).values().cloned().collect()
+    }
+
+    /// Hands a task (back) to the runner and wakes it.
+    pub fn run(&self, cell: &Arc<TaskCell>) {
+        cell.wake.notify_one();
+        let _ = self.runnable.send(cell.clone());
+    }
+
+    /// A finished task lets go of its devices.
+    fn release_members(&self, task: &Task) {
+        let mut members = lock(&self.members);
+        for e in &task.entries {
+            if members.get(&e.device) == Some(&task.record.id) {
+                members.remove(&e.device);
+            }
+        }
+    }
+}
+
+pub struct NewDistribution {
+    pub product_key: String,
+    /// None: every device of the product this instance serves.
+    pub device_names: Option<Vec<DeviceName>>,
+    pub policy: Policy,
+    pub batch_size: Option<usize>,
+    pub gate: crate::cluster::task::Gate,
+    pub batch_timeout_s: Option<u64>,
+    pub on_timeout: crate::cluster::task::OnTimeout,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Control {
+    Pause,
+    Resume,
+    Confirm,
+    Retry,
+}
+
+impl Control {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Pause => "pause",
+            Control::Resume => "resume",
+            Control::Confirm => "confirm",
+            Control::Retry => "retry",
+        }
+    }
+}
+
+/// What `/bootstrap` tells a device.
+#[derive(Debug)]
+pub enum BootstrapAnswer {
+    /// Connect here.
+    Go { host: String, port: u16 },
+    /// Its home is being decided or moved: ask again after this many seconds.
+    Later(u32),
+    /// Its home is an instance this one cannot name (a configuration mistake, logged).
+    Unknown(InstanceName),
+}
+
+/// The task changes to store, as ops.
+pub fn task_ops(task: &Task, changed: &Changed) -> Vec<Op> {
+    let mut ops: Vec<Op> = changed.entries.iter().map(|&i| Op::PutDistributionEntry(task.entries[i].clone())).collect();
+    if changed.record {
+        ops.push(Op::PutDistribution(task.record.clone()));
+    }
+    ops
+}
+
+impl Registry {
+    /// Stores a new distribution task and hands it to the runner.
+    pub async fn create_distribution(&self, new: NewDistribution) -> Result<Arc<TaskCell>, RegistryError> {
+        let product = self
+            .product(&new.product_key)
+            .ok_or_else(|| RegistryError::NotFound(format!("product {}", new.product_key)))?;
+        match &new.policy {
+            Policy::Specified(i) if self.cluster.peer(i).is_none() => {
+                return Err(RegistryError::Invalid(format!("instance {i} is not a configured peer (cluster.peers)")));
+            }
+            Policy::Nearest if self.cluster.nearest_peers().is_empty() => {
+                return Err(RegistryError::Invalid(
+                    "the nearest policy needs cluster.nearest rules naming peers".into(),
+                ));
+            }
+            _ => {}
+        }
+        let devices: Vec<Arc<Device>> = match &new.device_names {
+            Some(names) => {
+                let mut v = Vec::with_capacity(names.len());
+                for n in names {
+                    let d = self.device(product.product_key.as_str(), n.as_str()).ok_or_else(|| {
+                        RegistryError::NotFound(format!("device {n} in product {}", product.product_key))
+                    })?;
+                    v.push(d);
+                }
+                v.sort_by(|a, b| a.device_name.cmp(&b.device_name));
+                v.dedup_by(|a, b| a.id == b.id);
+                v
+            }
+            None => self
+                .devices_of(product.product_key.as_str(), None, usize::MAX)
+                .into_iter()
+                .filter(|d| d.state().home.is_here())
+                .collect(),
+        };
+        if devices.is_empty() {
+            return Err(RegistryError::Invalid("the task names no device this instance serves".into()));
+        }
+        if devices.len() > MAX_TASK_DEVICES {
+            return Err(RegistryError::Invalid(format!(
+                "{} devices: a task moves at most {MAX_TASK_DEVICES}",
+                devices.len()
+            )));
+        }
+        if let Some(d) = devices.iter().find(|d| !d.state().home.is_here()) {
+            return Err(RegistryError::Conflict(format!("device {} is not served here", d.device_name)));
+        }
+        let count = devices.len();
+        let batch_size = match (&new.policy, new.batch_size) {
+            (Policy::Nearest, Some(_)) => {
+                return Err(RegistryError::Invalid("batch_size applies to the specified policy only".into()));
+            }
+            (_, Some(0)) => return Err(RegistryError::Invalid("batch_size must be at least 1".into())),
+            (_, Some(n)) => n.min(count),
+            (_, None) => count,
+        };
+        let now = UnixMs::now().0;
+        let record = TaskRecord {
+            id: TaskId(self.distribution.next_id.fetch_add(1, Ordering::Relaxed)),
+            product_key: product.product_key.clone(),
+            policy: new.policy,
+            batch_size,
+            gate: new.gate,
+            batch_timeout_s: new.batch_timeout_s,
+            on_timeout: new.on_timeout,
+            status: TaskStatus::Initializing,
+            error: None,
+            batch: 0,
+            batches: count.div_ceil(batch_size) as u32,
+            batch_moved_at: None,
+            confirmed: false,
+            created_at: now,
+            updated_at: now,
+        };
+        let id = record.id;
+        let task = Task::new(record, devices.iter().map(|d| (d.id, d.device_name.clone())).collect());
+        {
+            let mut members = lock(&self.distribution.members);
+            if let Some(d) = devices.iter().find(|d| members.contains_key(&d.id)) {
+                return Err(RegistryError::Conflict(format!(
+                    "device {} is already in distribution task {}",
+                    d.device_name, members[&d.id]
+                )));
+            }
+            members.extend(devices.iter().map(|d| (d.id, id)));
+        }
+        let all = Changed { record: true, entries: (0..task.entries.len()).collect() };
+        if let Err(e) = self.writer.commit(task_ops(&task, &all)).await {
+            let mut members = lock(&self.distribution.members);
+            for d in &devices {
+                members.remove(&d.id);
+            }
+            return Err(e.into());
+        }
+        let cell = Arc::new(TaskCell { task: Mutex::new(task), wake: Notify::new() });
+        lock(&self.distribution.tasks).insert(id, cell.clone());
+        self.distribution.run(&cell);
+        Ok(cell)
+    }
+
+    /// What to store after a step; a task that completed lets go of its devices.
+    pub fn task_changes(&self, task: &Task, changed: &Changed) -> Vec<Op> {
+        if changed.record && !task.record.status.is_open() {
+            self.distribution.release_members(task);
+        }
+        task_ops(task, changed)
+    }
+
+    /// An operator's pause, resume, confirmation or retry (rollback is the runner's).
+    pub async fn control_distribution(&self, cell: &Arc<TaskCell>, action: Control) -> Result<(), RegistryError> {
+        let now = UnixMs::now().0;
+        let ops = {
+            let mut task = cell.lock();
+            let status = task.record.status;
+            let mut changed = Changed { record: true, entries: Vec::new() };
+            match action {
+                Control::Pause if matches!(status, TaskStatus::InProgress | TaskStatus::Initializing) => {
+                    task.record.status = TaskStatus::Paused;
+                }
+                Control::Resume if status == TaskStatus::Paused => {
+                    task.record.status = TaskStatus::InProgress;
+                    task.record.error = None;
+                    // The gate's timeout starts over; `confirm` lets a batch through.
+                    if task.record.batch_moved_at.is_some() {
+                        task.record.batch_moved_at = Some(now);
+                    }
+                }
+                Control::Confirm if matches!(status, TaskStatus::InProgress | TaskStatus::Paused) => {
+                    task.record.confirmed = true;
+                }
+                Control::Retry
+                    if task.entries.iter().any(|e| e.status == EntryStatus::Failed) || status == TaskStatus::Failed =>
+                {
+                    let id = task.record.id;
+                    {
+                        let mut members = lock(&self.distribution.members);
+                        let failed = task.entries.iter().filter(|e| e.status == EntryStatus::Failed);
+                        if let Some(e) = failed.clone().find(|e| members.get(&e.device).is_some_and(|t| *t != id)) {
+                            return Err(RegistryError::Conflict(format!(
+                                "device {} is in distribution task {} now",
+                                e.device_name, members[&e.device]
+                            )));
+                        }
+                        members.extend(failed.map(|e| (e.device, id)));
+                    }
+                    let homes = |d| self.device_by_id(d).map(|d| d.state().home.clone()).unwrap_or_default();
+                    changed = task.retry(homes, now);
+                }
+                _ => {
+                    return Err(RegistryError::Conflict(format!(
+                        "cannot {} a task that is {}",
+                        action.as_str(),
+                        serde_json::to_value(status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    )));
+                }
+            }
+            task.record.updated_at = now;
+            let more = task.advance(now);
+            changed.record |= more.record;
+            self.task_changes(&task, &changed)
+        };
+        self.writer.commit(ops).await?;
+        self.distribution.run(cell);
+        Ok(())
+    }
+
+    /// Where `/bootstrap` sends `device`, asking from `ip` on `family`. A device a "nearest" task
+    /// still holds is placed now: it stays if this instance is nearest, else its move starts and
+    /// it is told to ask again.
+    pub fn bootstrap(&self, device: &Arc<Device>, ip: IpAddr, family: PortFamily) -> BootstrapAnswer {
+        let home = device.state().home.clone();
+        let target = match home {
+            Home::Leaving(_) => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
+            Home::Moved(i) => i,
+            Home::Here => match self.place_nearest(device, ip) {
+                Some(true) => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
+                _ => self.cluster.name.clone(),
+            },
+        };
+        match self.cluster.endpoint(&target) {
+            Some(e) => BootstrapAnswer::Go { host: e.host.clone(), port: e.port(family) },
+            None => BootstrapAnswer::Unknown(target),
+        }
+    }
+
+    /// Places a device a running "nearest" task waits for: `Some(true)` if it is to move.
+    fn place_nearest(&self, device: &Arc<Device>, ip: IpAddr) -> Option<bool> {
+        let id = *lock(&self.distribution.members).get(&device.id)?;
+        let cell = self.distribution.task(id)?;
+        let mut task = cell.lock();
+        if task.record.policy != Policy::Nearest || task.record.status != TaskStatus::InProgress {
+            return None;
+        }
+        let i = task.index_of(device.id)?;
+        match task.entries[i].status {
+            EntryStatus::Pending => {}
+            // Placed already, its move not yet begun.
+            EntryStatus::Moving => return Some(true),
+            _ => return None,
+        }
+        let nearest = self.cluster.nearest(ip).clone();
+        let now = UnixMs::now().0;
+        let moving = !self.cluster.is_self(&nearest);
+        let status = if moving { EntryStatus::Moving } else { EntryStatus::Stayed };
+        let mut changed = task.set(&[i], status, Some(&nearest), None, now);
+        let more = task.advance(now);
+        changed.record = more.record;
+        self.writer.record(task_ops(&task, &changed));
+        if changed.record && !task.record.status.is_open() {
+            self.distribution.release_members(&task);
+        }
+        drop(task);
+        tracing::info!(device = %device.device_name, %ip, instance = %nearest, "nearest instance chosen at bootstrap");
+        cell.wake.notify_one();
+        Some(moving)
+    }
+
+    /// Starts moving `device` to `to`: from now on it is refused here (its sessions and observe
+    /// relation end). Returns what to store before telling the destination, and what to tell it;
+    /// `None` if the device is gone or already lives elsewhere. A device already leaving for `to`
+    /// is described again (a move resumed after a restart or an unknown outcome).
+    pub fn begin_leaving(&self, device: &Arc<Device>, to: &InstanceName) -> Option<(Vec<Op>, DeviceTransfer)> {
+        let mut devices = write(&self.devices);
+        let mut s = device.state();
+        if s.deleted {
+            return None;
+        }
+        match &s.home {
+            Home::Here => {}
+            Home::Leaving(i) if i == to => {}
+            _ => return None,
+        }
+        s.home = Home::Leaving(to.clone());
+        let mut ops = Vec::new();
+        for t in s.tokens.drain(..) {
+            self.sessions.remove(t.as_bytes());
+            ops.push(Op::DeleteSession(t));
+        }
+        for t in [s.observe.take(), s.pending_observe.take()].into_iter().flatten() {
+            devices.by_observe.remove(&t);
+        }
+        drop(devices);
+        let transfer = DeviceTransfer {
+            device_name: device.device_name.clone(),
+            device_secret: device.secret.clone(),
+            node_id: device.node_id.clone(),
+            psk_hex: device.psk_hex.clone(),
+            enabled: s.enabled,
+            registered: s.registered,
+            radio: s.radio.clone(),
+            version: s.version.clone(),
+            commands: s
+                .commands
+                .records()
+                .map(|c| CommandTransfer {
+                    id: c.id,
+                    payload_base64: STANDARD.encode(&c.payload),
+                    topic: c.topic.clone(),
+                    send_strategy: c.strategy,
+                    created_at: c.created_at,
+                    expires_at: c.expires_at,
+                })
+                .collect(),
+        };
+        ops.push(Op::PutDevice(device.clone()));
+        Some((ops, transfer))
+    }
+
+    /// The destination answered for a device leaving for `to`: taken (its open commands here end
+    /// MOVED, naming their new ids) or refused (it is served here again). What to store.
+    pub fn finish_leaving(&self, device: &Arc<Device>, to: &InstanceName, result: &ImportResult) -> Vec<Op> {
+        let mut s = device.state();
+        if s.home != Home::Leaving(to.clone()) {
+            return Vec::new();
+        }
+        let mut ops = Vec::new();
+        match result.result {
+            ImportOutcome::Imported | ImportOutcome::AlreadyHere => {
+                s.home = Home::Moved(to.clone());
+                let now = UnixMs::now().0;
+                let mut moved_ids = result.commands.iter();
+                for mut c in s.commands.drain().collect::<Vec<_>>() {
+                    c.set(CommandStatus::Moved, now);
+                    c.reason = Some(match moved_ids.next() {
+                        Some(id) => format!("moved with its device to instance {to} as command {id}"),
+                        None => format!("moved with its device to instance {to}"),
+                    });
+                    ops.push(Op::PutCommand(c));
+                }
+            }
+            ImportOutcome::Refused => s.home = Home::Here,
+        }
+        ops.push(Op::PutDevice(device.clone()));
+        ops
+    }
+
+    /// A move that certainly did not reach the destination: the device is served here again.
+    pub fn abort_leaving(&self, device: &Arc<Device>, to: &InstanceName) -> Vec<Op> {
+        let mut s = device.state();
+        if s.home != Home::Leaving(to.clone()) {
+            return Vec::new();
+        }
+        s.home = Home::Here;
+        vec![Op::PutDevice(device.clone())]
+    }
+
+    /// Takes a product and devices another instance sends (`POST /api/v1/distribution/imports`).
+    /// Each device is stored with its commands in one write; one already here with the same
+    /// secret is left as it is (a repeated request), one that lives elsewhere (it left this
+    /// instance earlier) comes home.
+    pub async fn import(&self, req: ImportRequest) -> Result<Vec<ImportResult>, RegistryError> {
+        let product = self.adopt_product(&req.product).await?;
+        let mut results = Vec::with_capacity(req.devices.len());
+        for d in req.devices {
+            results.push(self.adopt_device(&product, d).await);
+        }
+        Ok(results)
+    }
+
+    async fn adopt_product(&self, p: &ProductTransfer) -> Result<Arc<ProductRecord>, RegistryError> {
+        if let Some(existing) = self.product(p.product_key.as_str()) {
+            if existing.product_secret != p.product_secret {
+                return Err(RegistryError::Conflict(format!(
+                    "product {} exists here with another ProductSecret",
+                    p.product_key
+                )));
+            }
+            return Ok(existing);
+        }
+        let created = self
+            .create_product(super::NewProduct {
+                name: p.name.clone(),
+                product_key: Some(p.product_key.clone()),
+                product_secret: Some(p.product_secret.clone()),
+                dynamic_registration: p.dynamic_registration,
+                ota_protocol: p.ota_protocol,
+                awake_window_s: p.awake_window_s,
+                ack_timeout_ms: p.ack_timeout_ms,
+                max_retransmit: p.max_retransmit,
+                unsigned_bootstrap: p.unsigned_bootstrap,
+            })
+            .await;
+        match created {
+            // Two imports of a new product at once: the other one created it.
+            Err(RegistryError::Conflict(_)) => {
+                self.product(p.product_key.as_str()).ok_or_else(|| RegistryError::NotFound("product".into()))
+            }
+            other => other,
+        }
+    }
+
+    async fn adopt_device(&self, product: &ProductRecord, d: DeviceTransfer) -> ImportResult {
+        let refused = |error: String| ImportResult {
+            device_name: d.device_name.clone(),
+            result: ImportOutcome::Refused,
+            error: Some(error),
+            commands: Vec::new(),
+        };
+        let existing = self.device(product.product_key.as_str(), d.device_name.as_str());
+        if let Some(e) = &existing {
+            if e.secret != d.device_secret {
+                return refused(format!("device {} exists here with another DeviceSecret", d.device_name));
+            }
+            if e.state().home.is_here() {
+                return ImportResult {
+                    device_name: d.device_name.clone(),
+                    result: ImportOutcome::AlreadyHere,
+                    error: None,
+                    commands: Vec::new(),
+                };
+            }
+        }
+        if let Some(n) = &d.node_id
+            && let Some(other) = self.device_by_node(n.as_str())
+            && existing.as_ref().is_none_or(|e| e.id != other.id)
+        {
+            return refused(format!("node id {n} is used by device {} here", other.device_name));
+        }
+        let device = match existing {
+            Some(e) => e,
+            None => {
+                let record = DeviceRecord {
+                    id: DeviceId(self.next_device_id.fetch_add(1, Ordering::Relaxed)),
+                    product_key: product.product_key.clone(),
+                    device_name: d.device_name.clone(),
+                    device_secret: d.device_secret.clone(),
+                    node_id: d.node_id.clone(),
+                    psk_hex: d.psk_hex.clone(),
+                    enabled: d.enabled,
+                    registered: d.registered,
+                    radio: d.radio.clone(),
+                    created_at: UnixMs::now().0,
+                    observe: None,
+                    version: d.version.clone(),
+                    // Served once the write below is durable.
+                    home: Home::Leaving(self.cluster.name.clone()),
+                };
+                let device = Arc::new(Device::from_record(record, None, None));
+                let mut devices = write(&self.devices);
+                if devices.by_product.get(&product.product_key).is_some_and(|m| m.contains_key(&d.device_name)) {
+                    return refused(format!("device {} was created here meanwhile", d.device_name));
+                }
+                devices.insert(&device);
+                device
+            }
+        };
+        let now = UnixMs::now();
+        let (ops, ids, previous) = {
+            let mut s = device.state();
+            let previous = std::mem::replace(&mut s.home, Home::Here);
+            s.enabled = d.enabled;
+            s.radio = d.radio.clone();
+            s.version = d.version.clone();
+            let mut ops = vec![Op::PutDevice(device.clone())];
+            let mut ids = Vec::with_capacity(d.commands.len());
+            for c in &d.commands {
+                let payload = STANDARD.decode(&c.payload_base64).unwrap_or_default();
+                let record = CommandRecord {
+                    id: CommandId(self.next_command_id.fetch_add(1, Ordering::Relaxed)),
+                    device: device.id,
+                    product_key: device.product_key.clone(),
+                    device_name: device.device_name.clone(),
+                    payload,
+                    topic: c.topic.clone(),
+                    strategy: c.send_strategy,
+                    status: CommandStatus::Pending,
+                    created_at: c.created_at,
+                    expires_at: c.expires_at,
+                    sent_at: None,
+                    delivered_at: None,
+                    finished_at: None,
+                    result: None,
+                    reason: None,
+                };
+                ids.push(record.id);
+                self.command_timers.schedule(record.expires_at.max(now.0), device.id);
+                ops.push(Op::PutCommand(record.clone()));
+                // Past the queue limit too: the commands were accepted where they were created.
+                s.commands.restore(record);
+            }
+            (ops, ids, previous)
+        };
+        if let Err(e) = self.writer.commit(ops).await {
+            let mut s = device.state();
+            s.home = previous;
+            for id in &ids {
+                let _ = s.commands.cancel(*id, now.0);
+            }
+            let fresh = s.last_seen.is_none() && !s.home.is_here() && s.home.elsewhere() == Some(&self.cluster.name);
+            drop(s);
+            if fresh {
+                self.forget(&device);
+            }
+            return refused(format!("storage error: {e}"));
+        }
+        self.export_gauges();
+        tracing::info!(product_key = %device.product_key, device_name = %device.device_name, commands = ids.len(), "device imported");
+        ImportResult { device_name: d.device_name, result: ImportOutcome::Imported, error: None, commands: ids }
+    }
+
+    /// Gives back devices that never connected here (`POST /api/v1/distribution/releases`, a
+    /// rollback by the instance they came from): each is removed here and described, with its
+    /// open commands, for its old home to take back.
+    pub async fn release(&self, req: ReleaseRequest) -> Result<Vec<ReleaseResult>, RegistryError> {
+        let mut results = Vec::with_capacity(req.device_names.len());
+        for name in req.device_names {
+            let Some(device) = self.device(req.product_key.as_str(), name.as_str()) else {
+                results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::NotFound, device: None });
+                continue;
+            };
+            if device.state().last_seen.is_some() || !device.state().home.is_here() {
+                results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::Seen, device: None });
+                continue;
+            }
+            let Some((_, transfer)) = self.begin_leaving(&device, &req.source) else {
+                results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::Seen, device: None });
+                continue;
+            };
+            if let Err(e) = self.delete_device(req.product_key.as_str(), name.as_str()).await {
+                let _ = self.abort_leaving(&device, &req.source);
+                return Err(e);
+            }
+            tracing::info!(product_key = %req.product_key, device_name = %name, to = %req.source, "device released");
+            results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::Released, device: Some(transfer) });
+        }
+        Ok(results)
+    }
+}
