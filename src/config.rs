@@ -584,4 +584,25 @@ mod tests {
         std::fs::write(&path, "[coap]\nmax_payload = 512\n").unwrap();
         assert_eq!(Config::load_with_env(Some(&path), env(&[])).unwrap().coap.max_payload, 512);
     }
+
+    #[test]
+    fn peers_and_prefixes_come_from_the_environment_and_are_checked() {
+        let peer = r#"[{ name = "b", host = "10.0.0.2", admin_url = "http://10.0.0.2:8080", token = "t" }]"#;
+        let nearest = r#"[{ cidr = "10.1.0.0/16", instance = "b" }]"#;
+        let c = Config::load_with_env(
+            None,
+            env(&[("NBHUB_CLUSTER_NAME", "a"), ("NBHUB_CLUSTER_PEERS", peer), ("NBHUB_CLUSTER_NEAREST", nearest)]),
+        )
+        .unwrap();
+        assert_eq!((c.cluster.peers[0].name.as_str(), c.cluster.peers[0].dtls_port), ("b", 5684));
+        assert_eq!(c.cluster.nearest[0].cidr, "10.1.0.0/16");
+        let refused = |vars: &[(&str, &str)]| Config::load_with_env(None, env(vars)).unwrap_err().to_string();
+        assert!(refused(&[("NBHUB_CLUSTER_PEERS", "{ name = 1 }")]).contains("NBHUB_CLUSTER_PEERS"));
+        let unknown = r#"[{ cidr = "10.1.0.0/16", instance = "z" }]"#;
+        assert!(refused(&[("NBHUB_CLUSTER_NEAREST", unknown)]).contains("\"z\" is neither"));
+        let host_bits = r#"[{ cidr = "10.1.0.1/16", instance = "local" }]"#;
+        assert!(refused(&[("NBHUB_CLUSTER_NEAREST", host_bits)]).contains("10.1.0.0/16"));
+        let twice = format!("[{0}, {0}]", &peer[1..peer.len() - 1]);
+        assert!(refused(&[("NBHUB_CLUSTER_PEERS", &twice)]).contains("used twice"));
+    }
 }

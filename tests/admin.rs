@@ -157,7 +157,7 @@ fn devices_create_show_patch_delete() {
         shown,
         json!({"product_key": "prod1", "device_name": "meter-1", "node_id": "861234567890123", "status": "inactive",
                "enabled": true, "last_seen": null, "address": null, "version": null,
-               "radio": {"rsrp": null, "sinr": null, "cell_id": null}})
+               "radio": {"rsrp": null, "sinr": null, "cell_id": null}, "home": {"state": "here"}})
     );
     let patched = admin
         .patch(

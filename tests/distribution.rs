@@ -9,6 +9,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::*;
+use nbhub::auth::sign::SignMethod;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use serde_json::{Value, json};
@@ -40,7 +41,7 @@ fn peer(name: &str, server: &Server) -> String {
 /// `POST /bootstrap`, signed like `/auth` unless `signed` is false.
 fn bootstrap(dev: &mut AliDevice, signed: bool) -> Reply {
     let body = if signed {
-        dev.auth_body(nbhub::auth::sign::SignMethod::HmacSha256, &[])
+        dev.auth_body(SignMethod::HmacSha256, &[])
     } else {
         json!({"productKey": dev.pk, "deviceName": dev.dn})
     };
@@ -141,6 +142,24 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
     assert_eq!(home_of(&bootstrap(&mut on_aes, true)), b.endpoints.aes);
     let mut hw = HuaweiDevice::new(a.endpoints.coap, "860000000000001");
     assert_eq!(hw.bind_request().code, Code::FORBIDDEN);
+    // Over DTLS, with libcoap: the old home refuses the device's PSK, and bootstrap inside a
+    // certificate session names the new home's DTLS port.
+    let identity = format!("{pk}&{dn}");
+    let psk_auth = |s: &Server| {
+        let body = AliDevice::new(s.endpoints.dtls, &pk, &dn, &secret).auth_body(SignMethod::HmacSha256, &[]);
+        let uri = format!("coaps://127.0.0.1:{}/auth", s.endpoints.dtls.port());
+        coap_client(
+            "openssl",
+            &["-B", "3", "-m", "post", "-u", &identity, "-k", &secret, "-e", &body.to_string(), &uri],
+        )
+    };
+    assert!(!psk_auth(&a).contains("token"), "the old home refused the handshake");
+    assert!(psk_auth(&b).contains("token"), "the new home accepts it");
+    let ca = dev_certs().join("dev-ca.crt");
+    let body = dev.auth_body(SignMethod::HmacSha256, &[]).to_string();
+    let uri = format!("coaps://localhost:{}/bootstrap", a.endpoints.dtls.port());
+    let out = coap_client("openssl", &["-m", "post", "-R", ca.to_str().unwrap(), "-e", &body, &uri]);
+    assert!(out.contains(&format!("\"port\":{}", b.endpoints.dtls.port())), "{out}");
     let view = admin.get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
     assert_eq!(view["home"], json!({"state": "moved", "instance": "b"}));
     let refused =
@@ -308,7 +327,7 @@ fn a_destination_that_is_down_fails_the_task_cleanly_and_a_retry_completes_it() 
         r#"{{ name = "b", host = "127.0.0.1", coap_port = {}, aes_port = {}, dtls_port = {}, admin_url = "http://127.0.0.1:{}", token = "{TOKEN}" }}"#,
         ports[0], ports[1], ports[2], ports[3]
     );
-    let a = instance("a", &[("NBHUB_CLUSTER_PEERS", &format!("[{b_entry}]"))]);
+    let mut a = instance("a", &[("NBHUB_CLUSTER_PEERS", &format!("[{b_entry}]"))]);
     let (pk, dn, secret) = a.product_and_device(json!({"name": "down"}));
     let id = create_task(&a, json!({"product_key": pk, "policy": "specified", "instance": "b"}));
     let failed = wait_task(&a, &id, |t| t["status"] == "failed");
@@ -316,6 +335,12 @@ fn a_destination_that_is_down_fails_the_task_cleanly_and_a_retry_completes_it() 
     // Nothing moved: the device is still served at A.
     let mut dev = AliDevice::new(a.endpoints.coap, &pk, &dn, &secret);
     assert_eq!(home_of(&bootstrap(&mut dev, true)), a.endpoints.coap);
+    assert_eq!(dev.auth().code, Code::CONTENT);
+    // The failed task survives a crash of its instance.
+    a.kill9();
+    a.restart();
+    assert_eq!(task(&a, &id)["status"], "failed");
+    let mut dev = AliDevice::new(a.endpoints.coap, &pk, &dn, &secret);
     assert_eq!(dev.auth().code, Code::CONTENT);
 
     let (coap, aes, dtls, admin) = (listen(ports[0]), listen(ports[1]), listen(ports[2]), listen(ports[3]));

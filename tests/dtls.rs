@@ -4,27 +4,15 @@
 mod common;
 
 use std::net::UdpSocket;
-use std::process::Command;
 use std::time::Duration;
 
-use common::{AliDevice, Server, coap_post, link_sdk_identity};
+use common::{AliDevice, Server, coap_client, coap_post, link_sdk_identity};
 use nbhub::auth::sign::SignMethod;
 use nbhub::coap::message::{Code, Message};
 use nbhub::dtls::client::DtlsClient;
 use serde_json::json;
 
 const PSK_SUITES: &str = "PSK-AES128-CCM8:PSK-AES128-GCM-SHA256";
-
-/// Runs a libcoap client (`openssl` or `gnutls`) and returns what it printed.
-fn coap_client(tls: &str, args: &[&str]) -> String {
-    let bin = format!("coap-client-{tls}");
-    let out = Command::new(&bin)
-        .args(["-B", "5"])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{bin}: {e} (apt-get install libcoap3-bin)"));
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 fn uri(server: &Server, host: &str, path: &str) -> String {
     format!("coaps://{host}:{}/{path}", server.endpoints.dtls.port())

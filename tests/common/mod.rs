@@ -462,6 +462,17 @@ impl AliDevice {
     }
 }
 
+/// Runs a libcoap client (`openssl` or `gnutls`) and returns what it printed.
+pub fn coap_client(tls: &str, args: &[&str]) -> String {
+    let bin = format!("coap-client-{tls}");
+    let out = Command::new(&bin)
+        .args(["-B", "5"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e} (apt-get install libcoap3-bin)"));
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 /// A CON POST to `path`, with the token in option 2088 when given (what DTLS tests send inside
 /// a session).
 pub fn coap_post(mid: u16, path: &[&str], token: Option<&str>, payload: &[u8]) -> Vec<u8> {
