@@ -4,13 +4,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::AdminState;
 use super::error::{ApiError, ApiJson};
+use crate::cluster::transfer::ProductTransfer;
 use crate::identity::{ProductKey, Secret};
 use crate::registry::NewProduct;
-use crate::store::records::{OtaProtocol, ProductRecord};
+use crate::store::records::OtaProtocol;
 
 pub fn routes() -> Router<AdminState> {
     Router::new().route("/products", get(list).post(create)).route("/products/{product_key}", get(show))
@@ -35,37 +36,6 @@ struct CreateProduct {
 
 /// The PSM active timer most modules ship with (SPEC §5).
 const DEFAULT_AWAKE_WINDOW_S: u32 = 20;
-
-#[derive(Serialize)]
-pub struct ProductView {
-    product_key: String,
-    product_secret: String,
-    name: String,
-    dynamic_registration: bool,
-    ota_protocol: OtaProtocol,
-    awake_window_s: u32,
-    /// This product's timers for CONs to its devices; null: the server's `[downlink]` defaults.
-    ack_timeout_ms: Option<u64>,
-    max_retransmit: Option<u32>,
-    /// Its devices may ask `/bootstrap` without a signature.
-    unsigned_bootstrap: bool,
-}
-
-impl From<&ProductRecord> for ProductView {
-    fn from(p: &ProductRecord) -> ProductView {
-        ProductView {
-            product_key: p.product_key.to_string(),
-            product_secret: p.product_secret.expose().to_string(),
-            name: p.name.clone(),
-            dynamic_registration: p.dynamic_registration,
-            ota_protocol: p.ota_protocol,
-            awake_window_s: p.awake_window_s,
-            ack_timeout_ms: p.ack_timeout_ms,
-            max_retransmit: p.max_retransmit,
-            unsigned_bootstrap: p.unsigned_bootstrap,
-        }
-    }
-}
 
 /// The limits on a product's settings, whether an operator or a peer sends them.
 pub(super) fn check_settings(
@@ -92,7 +62,7 @@ pub(super) fn check_settings(
 async fn create(
     State(state): State<AdminState>,
     ApiJson(body): ApiJson<CreateProduct>,
-) -> Result<(StatusCode, Json<ProductView>), ApiError> {
+) -> Result<(StatusCode, Json<ProductTransfer>), ApiError> {
     let name = body.name.trim().to_string();
     let awake_window_s = body.awake_window_s.unwrap_or(DEFAULT_AWAKE_WINDOW_S);
     check_settings(&name, awake_window_s, body.ack_timeout_ms, body.max_retransmit)?;
@@ -111,15 +81,16 @@ async fn create(
         })
         .await?;
     tracing::info!(product_key = %product.product_key, "product created");
-    Ok((StatusCode::CREATED, Json(ProductView::from(&*product))))
+    Ok((StatusCode::CREATED, Json(ProductTransfer::from(&*product))))
 }
 
-async fn show(State(state): State<AdminState>, Path(pk): Path<String>) -> Result<Json<ProductView>, ApiError> {
+async fn show(State(state): State<AdminState>, Path(pk): Path<String>) -> Result<Json<ProductTransfer>, ApiError> {
     let product = state.registry.product(&pk).ok_or_else(|| ApiError::not_found(format!("product {pk} not found")))?;
-    Ok(Json(ProductView::from(&*product)))
+    Ok(Json(ProductTransfer::from(&*product)))
 }
 
 async fn list(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    let products: Vec<ProductView> = state.registry.products().iter().map(|p| ProductView::from(&**p)).collect();
+    let products: Vec<ProductTransfer> =
+        state.registry.products().iter().map(|p| ProductTransfer::from(&**p)).collect();
     Json(serde_json::json!({ "products": products }))
 }

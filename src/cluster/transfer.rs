@@ -8,6 +8,7 @@ use crate::downlink::{CommandId, SendStrategy};
 use crate::identity::{DeviceName, InstanceName, NodeId, ProductKey, Secret};
 use crate::store::records::{OtaProtocol, ProductRecord, Radio};
 
+/// A product as the admin API shows it, and as it travels to another instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProductTransfer {
@@ -17,8 +18,10 @@ pub struct ProductTransfer {
     pub dynamic_registration: bool,
     pub ota_protocol: OtaProtocol,
     pub awake_window_s: u32,
+    /// This product's timers for CONs to its devices; null: the server's `[downlink]` defaults.
     pub ack_timeout_ms: Option<u64>,
     pub max_retransmit: Option<u32>,
+    /// Its devices may ask `/bootstrap` without a signature.
     #[serde(default)]
     pub unsigned_bootstrap: bool,
 }

@@ -526,6 +526,7 @@ impl Registry {
             commands: Vec::new(),
         };
         let existing = self.device(product.product_key.as_str(), d.device_name.as_str());
+        let created = existing.is_none();
         if let Some(e) = &existing {
             if e.secret != d.device_secret {
                 return refused(format!("device {} exists here with another DeviceSecret", d.device_name));
@@ -615,9 +616,8 @@ impl Registry {
             for id in &ids {
                 let _ = s.commands.cancel(*id, now.0);
             }
-            let fresh = s.last_seen.is_none() && !s.home.is_here() && s.home.elsewhere() == Some(&self.cluster.name);
             drop(s);
-            if fresh {
+            if created {
                 self.forget(&device);
             }
             return refused(format!("storage error: {e}"));
