@@ -107,6 +107,12 @@ fn view(task: &Task) -> TaskView {
     }
 }
 
+/// Runs `work` to its end even if the caller goes away: it changes memory and then the store,
+/// and must not stop in between because a client closed its connection.
+async fn detached<T: Send + 'static>(work: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    tokio::spawn(work).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
 fn task(state: &AdminState, raw: &str) -> Result<Arc<TaskCell>, ApiError> {
     let not_found = || ApiError::not_found(format!("distribution task {raw} not found"));
     let id: u64 = raw.parse().map_err(|_| not_found())?;
@@ -131,18 +137,17 @@ async fn create(
     if body.batch_timeout_s.is_some_and(|t| !(1..=30 * 86_400).contains(&t)) {
         return Err(ApiError::bad_request("batch_timeout_s must be within 1..=2592000"));
     }
-    let cell = state
-        .registry
-        .create_distribution(NewDistribution {
-            product_key: body.product_key,
-            device_names: body.device_names,
-            policy,
-            batch_size: body.batch_size,
-            gate: body.gate,
-            batch_timeout_s: body.batch_timeout_s,
-            on_timeout: body.on_timeout,
-        })
-        .await?;
+    let new = NewDistribution {
+        product_key: body.product_key,
+        device_names: body.device_names,
+        policy,
+        batch_size: body.batch_size,
+        gate: body.gate,
+        batch_timeout_s: body.batch_timeout_s,
+        on_timeout: body.on_timeout,
+    };
+    let registry = state.registry.clone();
+    let cell = detached(async move { registry.create_distribution(new).await }).await?;
     let view = view(&cell.lock());
     tracing::info!(
         task = view.task_id,
@@ -240,7 +245,8 @@ async fn control(
     action: Control,
 ) -> Result<Json<TaskView>, ApiError> {
     let cell = task(&state, &id)?;
-    state.registry.control_distribution(&cell, action).await?;
+    let (registry, c) = (state.registry.clone(), cell.clone());
+    detached(async move { registry.control_distribution(&c, action).await }).await?;
     tracing::info!(task = id, action = action.as_str(), "distribution task controlled");
     Ok(Json(view(&cell.lock())))
 }
@@ -257,7 +263,8 @@ async fn rollback(
             "a nearest task moves each device when it bootstraps; only a specified task can be rolled back",
         ));
     }
-    let summary = runner::rollback(&state.registry, &cell).await.map_err(|f| {
+    let (registry, c) = (state.registry.clone(), cell.clone());
+    let summary = detached(async move { runner::rollback(&registry, &c).await }).await.map_err(|f| {
         ApiError::new(StatusCode::BAD_GATEWAY, "rollback_failed", format!("rollback stopped: {}", f.message()))
     })?;
     let view = view(&cell.lock());
@@ -274,7 +281,8 @@ async fn import(
     }
     check_import(&state, &body)?;
     let source = body.source.clone();
-    let devices = state.registry.import(body).await?;
+    let registry = state.registry.clone();
+    let devices = detached(async move { registry.import(body).await }).await?;
     tracing::info!(%source, devices = devices.len(), "import from a peer");
     Ok(Json(ImportResponse { devices }))
 }
@@ -323,6 +331,7 @@ async fn release(
     if state.registry.product(body.product_key.as_str()).is_none() {
         return Err(ApiError::not_found(format!("product {} not found", body.product_key)));
     }
-    let devices = state.registry.release(body).await?;
+    let registry = state.registry.clone();
+    let devices = detached(async move { registry.release(body).await }).await?;
     Ok(Json(ReleaseResponse { devices }))
 }

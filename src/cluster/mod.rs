@@ -30,6 +30,9 @@ pub enum Home {
     Leaving(InstanceName),
     /// Served by the instance.
     Moved(InstanceName),
+    /// Being taken from another instance: not served until its record is stored (the stored
+    /// record already says `Here`, so this is never stored).
+    Arriving,
 }
 
 impl Home {
@@ -40,7 +43,7 @@ impl Home {
     /// The instance the device lives at or is moving to; `None` for here.
     pub fn elsewhere(&self) -> Option<&InstanceName> {
         match self {
-            Home::Here => None,
+            Home::Here | Home::Arriving => None,
             Home::Leaving(i) | Home::Moved(i) => Some(i),
         }
     }

@@ -13,11 +13,11 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::PeerApi;
 use super::task::{Changed, EntryStatus, PeerFailure, Policy, TaskId, TaskStatus, Work};
 use super::transfer::{
     ImportOutcome, ImportRequest, ImportResponse, ProductTransfer, ReleaseOutcome, ReleaseRequest, ReleaseResponse,
 };
+use super::{Home, PeerApi};
 use crate::clock::UnixMs;
 use crate::identity::{DeviceName, InstanceName};
 use crate::registry::Registry;
@@ -38,6 +38,7 @@ pub async fn supervise(registry: Arc<Registry>, mut stop: watch::Receiver<bool>)
         .map_err(std::io::Error::other)?;
     let mut running: HashMap<TaskId, Arc<TaskCell>> = HashMap::new();
     let mut workers = JoinSet::new();
+    let mut worker_of: HashMap<tokio::task::Id, TaskId> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.changed() => {
@@ -48,17 +49,26 @@ pub async fn supervise(registry: Arc<Registry>, mut stop: watch::Receiver<bool>)
                 let id = cell.lock().record.id;
                 if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(id) {
                     slot.insert(cell.clone());
-                    workers.spawn(work(registry.clone(), cell, client.clone()));
+                    let handle = workers.spawn(work(registry.clone(), cell, client.clone()));
+                    worker_of.insert(handle.id(), id);
                 }
             }
-            Some(done) = workers.join_next(), if !workers.is_empty() => {
-                let Ok(id) = done else { continue };
-                // Reopened (retried) while its worker was finishing: run it again.
+            Some(done) = workers.join_next_with_id(), if !workers.is_empty() => {
+                let worker = match done {
+                    Ok((worker, _)) => worker,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a distribution worker ended abnormally");
+                        e.id()
+                    }
+                };
+                let Some(id) = worker_of.remove(&worker) else { continue };
+                // Reopened (retried) while its worker was finishing, or its worker died: run again.
                 if let Some(cell) = running.remove(&id)
                     && cell.lock().record.status.is_open()
                 {
                     running.insert(id, cell.clone());
-                    workers.spawn(work(registry.clone(), cell, client.clone()));
+                    let handle = workers.spawn(work(registry.clone(), cell, client.clone()));
+                    worker_of.insert(handle.id(), id);
                 }
             }
         }
@@ -210,7 +220,7 @@ async fn move_devices(
     };
     let (mut ops, mut transfers, mut moving, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, id) in chosen {
-        match registry.device_by_id(id).and_then(|d| registry.begin_leaving(&d, &instance).map(|l| (d, l))) {
+        match registry.device_by_id(id).and_then(|d| registry.begin_leaving(&d, &instance, false).map(|l| (d, l))) {
             Some((device, (leave, transfer))) => {
                 ops.extend(leave);
                 transfers.push(transfer);
@@ -258,14 +268,23 @@ async fn move_devices(
             for (i, device) in &moving {
                 let (status, error) = match answers.get(&device.device_name) {
                     Some(answer) => {
-                        ops.extend(registry.finish_leaving(device, &instance, answer));
-                        match answer.result {
-                            ImportOutcome::Imported | ImportOutcome::AlreadyHere => (EntryStatus::Moved, None),
-                            ImportOutcome::Refused => (EntryStatus::Failed, answer.error.clone()),
+                        let (finished, moved) = registry.finish_leaving(device, &instance, answer);
+                        ops.extend(finished);
+                        match (moved, answer.result) {
+                            (true, _) => (EntryStatus::Moved, None),
+                            (false, ImportOutcome::Refused) => (EntryStatus::Failed, answer.error.clone()),
+                            // Still leaving: a retry asks again.
+                            (false, ImportOutcome::Retry) => {
+                                let why = answer.error.as_deref().unwrap_or("not settled");
+                                (EntryStatus::Failed, Some(format!("{instance}: {why}; the device waits for a retry")))
+                            }
+                            (false, _) => (EntryStatus::Failed, Some("the device was no longer leaving".into())),
                         }
                     }
-                    // Kept leaving: a retry asks again.
-                    None => (EntryStatus::Failed, Some(format!("{instance} did not answer for the device"))),
+                    None => (
+                        EntryStatus::Failed,
+                        Some(format!("{instance} did not answer for the device; it waits for a retry")),
+                    ),
                 };
                 let label = if status == EntryStatus::Moved { "moved" } else { "failed" };
                 metrics::counter!(metric::DISTRIBUTED, "result" => label).increment(1);
@@ -362,9 +381,11 @@ pub struct Rollback {
     pub stayed: usize,
 }
 
-/// Pauses the task and takes back its moved devices that never connected at the destination.
+/// Pauses the task and takes back its moved devices that never connected at the destination:
+/// the destination stops serving them and describes them, this instance stores them, and only
+/// then does the destination forget them. Run again, it finishes what an interrupted run left.
 pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, PeerFailure> {
-    let (instance, product_key, moved, paused) = {
+    let (instance, product_key, moved, taken_back, paused) = {
         let mut task = cell.lock();
         let Policy::Specified(instance) = task.record.policy.clone() else {
             return Err(PeerFailure::NotDelivered("only a task with the specified policy can be rolled back".into()));
@@ -372,12 +393,24 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
         if task.record.status == TaskStatus::InProgress || task.record.status == TaskStatus::Initializing {
             task.record.status = TaskStatus::Paused;
         }
+        // Where each device lives is the truth, whatever an interrupted run recorded.
+        let elsewhere = |i: usize| {
+            registry
+                .device_by_id(task.entries[i].device)
+                .is_some_and(|d| d.state().home == Home::Moved(instance.clone()))
+        };
         let moved: Vec<(usize, DeviceName)> = (0..task.entries.len())
-            .filter(|&i| task.entries[i].status.is_moved())
+            .filter(|&i| elsewhere(i))
             .map(|i| (i, task.entries[i].device_name.clone()))
             .collect();
+        let taken_back: Vec<DeviceName> = task
+            .entries
+            .iter()
+            .filter(|e| e.status == EntryStatus::RolledBack)
+            .map(|e| e.device_name.clone())
+            .collect();
         let paused = task_ops(&task, &Changed { record: true, entries: Vec::new() });
-        (instance, task.record.product_key.clone(), moved, paused)
+        (instance, task.record.product_key.clone(), moved, taken_back, paused)
     };
     store(registry, paused).await;
     let client = reqwest::Client::builder()
@@ -385,57 +418,71 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
         .build()
         .map_err(|e| PeerFailure::NotDelivered(e.to_string()))?;
     let api = peer_api(registry, &instance)?;
-    let mut summary = Rollback::default();
-    for chunk in moved.chunks(registry.config.cluster.import_chunk) {
+    let release = |device_names: Vec<DeviceName>, confirm: bool| {
         let req = ReleaseRequest {
             source: registry.cluster.name.clone(),
             product_key: product_key.clone(),
-            device_names: chunk.iter().map(|(_, n)| n.clone()).collect(),
+            device_names,
+            confirm,
         };
-        let response: ReleaseResponse =
-            call(&client, &api, reqwest::Method::POST, "/api/v1/distribution/releases", Some(&req)).await?;
+        let (client, api) = (&client, &api);
+        async move {
+            call::<ReleaseResponse>(client, api, reqwest::Method::POST, "/api/v1/distribution/releases", Some(&req))
+                .await
+        }
+    };
+    // What an earlier run took back but could not tell the destination to forget.
+    for chunk in taken_back.chunks(registry.config.cluster.import_chunk) {
+        release(chunk.to_vec(), true).await?;
+    }
+    let mut summary = Rollback::default();
+    for chunk in moved.chunks(registry.config.cluster.import_chunk) {
+        let response = release(chunk.iter().map(|(_, n)| n.clone()).collect(), false).await?;
         let index: HashMap<&DeviceName, usize> = chunk.iter().map(|(i, n)| (n, *i)).collect();
-        let mut back = Vec::new();
-        let mut stayed = Vec::new();
+        let (mut back, mut stayed, mut gone) = (Vec::new(), Vec::new(), Vec::new());
         for r in response.devices {
             let Some(&i) = index.get(&r.device_name) else { continue };
             match (r.result, r.device) {
                 (ReleaseOutcome::Released, Some(device)) => back.push((i, device)),
                 (ReleaseOutcome::Seen, _) => stayed.push(i),
-                _ => {}
+                _ => gone.push(i),
             }
         }
         let product = product_of(registry, cell)?;
-        let names: Vec<usize> = back.iter().map(|(i, _)| *i).collect();
+        let returning: Vec<usize> = back.iter().map(|(i, _)| *i).collect();
+        let devices = back.into_iter().map(|(_, d)| d).collect();
         let results = registry
-            .import(ImportRequest {
-                source: instance.clone(),
-                product,
-                devices: back.into_iter().map(|(_, d)| d).collect(),
-            })
+            .import(ImportRequest { source: instance.clone(), product, devices })
             .await
             .map_err(|e| PeerFailure::Unknown(format!("taking the devices back failed here: {e}")))?;
         let now = UnixMs::now().0;
+        let mut confirmed = Vec::new();
         let ops = {
             let mut task = cell.lock();
             let mut changed = Changed { record: true, entries: Vec::new() };
-            for (i, r) in names.iter().zip(&results) {
+            for (&i, r) in returning.iter().zip(&results) {
                 let (status, error) = match r.result {
                     ImportOutcome::Imported | ImportOutcome::AlreadyHere => (EntryStatus::RolledBack, None),
-                    ImportOutcome::Refused => (EntryStatus::Failed, r.error.clone()),
+                    ImportOutcome::Refused | ImportOutcome::Retry => (EntryStatus::Failed, r.error.clone()),
                 };
                 if status == EntryStatus::RolledBack {
                     summary.rolled_back += 1;
+                    confirmed.push(task.entries[i].device_name.clone());
                     metrics::counter!(metric::DISTRIBUTED, "result" => "rolled_back").increment(1);
                 }
-                changed.entries.extend(task.set(&[*i], status, None, error.as_deref(), now).entries);
+                changed.entries.extend(task.set(&[i], status, None, error.as_deref(), now).entries);
             }
             changed.entries.extend(task.set(&stayed, EntryStatus::Seen, None, None, now).entries);
+            let lost = format!("{instance} no longer has the device");
+            changed.entries.extend(task.set(&gone, EntryStatus::Failed, None, Some(&lost), now).entries);
             summary.stayed += stayed.len();
             task.record.updated_at = now;
             task_ops(&task, &changed)
         };
         store(registry, ops).await;
+        if !confirmed.is_empty() {
+            release(confirmed, true).await?;
+        }
     }
     tracing::info!(%instance, rolled_back = summary.rolled_back, stayed = summary.stayed, "distribution rolled back");
     Ok(summary)

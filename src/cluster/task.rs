@@ -335,10 +335,12 @@ impl Task {
     /// The product reached every destination, or not.
     pub fn apply_product(&mut self, result: Result<(), PeerFailure>, now: u64) -> Changed {
         match result {
-            Ok(()) => {
+            // An operator's pause while the product was on its way stands.
+            Ok(()) if self.record.status == TaskStatus::Initializing => {
                 self.record.status = TaskStatus::InProgress;
                 self.record.error = None;
             }
+            Ok(()) => {}
             Err(f) => self.fail(f.message().to_string()),
         }
         self.record.updated_at = now;
@@ -385,7 +387,8 @@ impl Task {
         changed
     }
 
-    /// Operator's retry: failed devices are tried again (their product first).
+    /// Operator's retry: failed devices are tried again (their product first); a paused task
+    /// stays paused until resumed.
     pub fn retry(&mut self, homes: impl Fn(DeviceId) -> Home, now: u64) -> Changed {
         let mut changed = Changed { record: true, entries: Vec::new() };
         let mut first_batch = None;
@@ -404,7 +407,9 @@ impl Task {
         if let Some(b) = first_batch {
             self.record.batch = self.record.batch.min(b);
         }
-        self.record.status = TaskStatus::Initializing;
+        if self.record.status != TaskStatus::Paused {
+            self.record.status = TaskStatus::Initializing;
+        }
         self.record.error = None;
         self.record.updated_at = now;
         changed

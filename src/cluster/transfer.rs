@@ -85,9 +85,14 @@ pub struct ImportRequest {
 pub enum ImportOutcome {
     /// Stored here with its commands.
     Imported,
-    /// Already here with the same secret (an earlier attempt got through): nothing changed.
+    /// Already here with the same secret (an earlier attempt got through); commands it did not
+    /// have yet were added.
     AlreadyHere,
+    /// Not taken: it stays where it is.
     Refused,
+    /// Not settled now (an earlier request for it is still being stored, or the store failed):
+    /// ask again; the sender keeps it leaving meanwhile.
+    Retry,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,15 +118,20 @@ pub struct ReleaseRequest {
     pub source: InstanceName,
     pub product_key: ProductKey,
     pub device_names: Vec<DeviceName>,
+    /// False: stop serving the devices (durably) and describe them; asked again, the same
+    /// answer. True, once the sender stored them: forget them here.
+    #[serde(default)]
+    pub confirm: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseOutcome {
-    /// Removed here; `device` is what it takes back.
+    /// No longer served here; `device` is what the sender takes back (a confirmation: removed).
     Released,
     /// It connected here already: it stays.
     Seen,
+    /// Not here, or not released to this sender.
     NotFound,
 }
 

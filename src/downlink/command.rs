@@ -99,6 +99,10 @@ pub struct CommandRecord {
     /// Why it ended as it did, for the operator.
     #[serde(default)]
     pub reason: Option<String>,
+    /// Set when it moved here with its device: `<instance>/<its id there>` (a repeated move
+    /// finds it by this and does not queue it twice).
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 impl CommandRecord {

@@ -250,6 +250,7 @@ mod tests {
             finished_at: None,
             result: None,
             reason: None,
+            origin: None,
         }
     }
 

@@ -123,14 +123,16 @@ impl Registry {
             finished_at: None,
             result: None,
             reason: None,
+            origin: None,
         };
         let (commit, kick) = {
             let mut s = device.state();
             if s.deleted {
                 return Err(CommandError::NotFound(format!("device {}/{}", device.product_key, device.device_name)));
             }
-            if let Some(home) = s.home.elsewhere() {
-                return Err(CommandError::Elsewhere(device.device_name.to_string(), home.to_string()));
+            if !s.home.is_here() {
+                let home = s.home.elsewhere().map_or_else(|| "(arriving here)".to_string(), ToString::to_string);
+                return Err(CommandError::Elsewhere(device.device_name.to_string(), home));
             }
             let awake = s.awake(now, product.awake_window_s);
             let queued = match (new.strategy, awake) {

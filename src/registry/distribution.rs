@@ -284,7 +284,8 @@ impl Registry {
                     task.record.status = TaskStatus::Paused;
                 }
                 Control::Resume if status == TaskStatus::Paused => {
-                    task.record.status = TaskStatus::InProgress;
+                    // The product is sent again (harmless): the pause may have come before it went.
+                    task.record.status = TaskStatus::Initializing;
                     task.record.error = None;
                     // The gate's timeout starts over; `confirm` lets a batch through.
                     if task.record.batch_moved_at.is_some() {
@@ -334,14 +335,14 @@ impl Registry {
     }
 
     /// Where `/bootstrap` sends `device`, asking from `ip` on `family`. A device a "nearest" task
-    /// still holds is placed now: it stays if this instance is nearest, else its move starts and
-    /// it is told to ask again.
-    pub fn bootstrap(&self, device: &Arc<Device>, ip: IpAddr, family: PortFamily) -> BootstrapAnswer {
+    /// still holds is placed by a `signed` request (an unsigned one only reads): it stays if this
+    /// instance is nearest, else its move starts and it is told to ask again.
+    pub fn bootstrap(&self, device: &Arc<Device>, ip: IpAddr, family: PortFamily, signed: bool) -> BootstrapAnswer {
         let home = device.state().home.clone();
         let target = match home {
-            Home::Leaving(_) => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
+            Home::Leaving(_) | Home::Arriving => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
             Home::Moved(i) => i,
-            Home::Here => match self.place_nearest(device, ip) {
+            Home::Here => match signed.then(|| self.place_nearest(device, ip)).flatten() {
                 Some(true) => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
                 _ => self.cluster.name.clone(),
             },
@@ -386,16 +387,22 @@ impl Registry {
 
     /// Starts moving `device` to `to`: from now on it is refused here (its sessions and observe
     /// relation end). Returns what to store before telling the destination, and what to tell it;
-    /// `None` if the device is gone or already lives elsewhere. A device already leaving for `to`
-    /// is described again (a move resumed after a restart or an unknown outcome).
-    pub fn begin_leaving(&self, device: &Arc<Device>, to: &InstanceName) -> Option<(Vec<Op>, DeviceTransfer)> {
+    /// `None` if the device is gone, lives elsewhere, or (with `unseen_only`) has been seen here.
+    /// A device already leaving for `to` is described again (a move resumed after a restart or an
+    /// unknown outcome).
+    pub fn begin_leaving(
+        &self,
+        device: &Arc<Device>,
+        to: &InstanceName,
+        unseen_only: bool,
+    ) -> Option<(Vec<Op>, DeviceTransfer)> {
         let mut devices = write(&self.devices);
         let mut s = device.state();
         if s.deleted {
             return None;
         }
         match &s.home {
-            Home::Here => {}
+            Home::Here if !(unseen_only && s.last_seen.is_some()) => {}
             Home::Leaving(i) if i == to => {}
             _ => return None,
         }
@@ -436,11 +443,12 @@ impl Registry {
     }
 
     /// The destination answered for a device leaving for `to`: taken (its open commands here end
-    /// MOVED, naming their new ids) or refused (it is served here again). What to store.
-    pub fn finish_leaving(&self, device: &Arc<Device>, to: &InstanceName, result: &ImportResult) -> Vec<Op> {
+    /// MOVED, naming their new ids), refused (it is served here again), or to be asked again (it
+    /// stays leaving). What to store, and whether it moved.
+    pub fn finish_leaving(&self, device: &Arc<Device>, to: &InstanceName, result: &ImportResult) -> (Vec<Op>, bool) {
         let mut s = device.state();
         if s.home != Home::Leaving(to.clone()) {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let mut ops = Vec::new();
         match result.result {
@@ -458,9 +466,10 @@ impl Registry {
                 }
             }
             ImportOutcome::Refused => s.home = Home::Here,
+            ImportOutcome::Retry => return (ops, false),
         }
         ops.push(Op::PutDevice(device.clone()));
-        ops
+        (ops, s.home.elsewhere().is_some())
     }
 
     /// A move that certainly did not reach the destination: the device is served here again.
@@ -474,14 +483,15 @@ impl Registry {
     }
 
     /// Takes a product and devices another instance sends (`POST /api/v1/distribution/imports`).
-    /// Each device is stored with its commands in one write; one already here with the same
-    /// secret is left as it is (a repeated request), one that lives elsewhere (it left this
-    /// instance earlier) comes home.
+    /// Each device is stored with its commands in one write and served only once that is durable.
+    /// One already here with the same secret is answered "already here" (a repeated request;
+    /// commands it lacks are added); one that left for `source` earlier comes home; any other
+    /// (leaving, or living at a third instance) is refused.
     pub async fn import(&self, req: ImportRequest) -> Result<Vec<ImportResult>, RegistryError> {
         let product = self.adopt_product(&req.product).await?;
         let mut results = Vec::with_capacity(req.devices.len());
         for d in req.devices {
-            results.push(self.adopt_device(&product, d).await);
+            results.push(self.adopt_device(&product, &req.source, d).await);
         }
         Ok(results)
     }
@@ -511,41 +521,47 @@ impl Registry {
             .await;
         match created {
             // Two imports of a new product at once: the other one created it.
-            Err(RegistryError::Conflict(_)) => {
-                self.product(p.product_key.as_str()).ok_or_else(|| RegistryError::NotFound("product".into()))
-            }
+            Err(RegistryError::Conflict(_)) => self
+                .product(p.product_key.as_str())
+                .ok_or_else(|| RegistryError::Conflict(format!("product {} is being created", p.product_key))),
             other => other,
         }
     }
 
-    async fn adopt_device(&self, product: &ProductRecord, d: DeviceTransfer) -> ImportResult {
-        let refused = |error: String| ImportResult {
+    async fn adopt_device(&self, product: &ProductRecord, source: &InstanceName, d: DeviceTransfer) -> ImportResult {
+        let answer = |result: ImportOutcome, error: Option<String>, commands: Vec<CommandId>| ImportResult {
             device_name: d.device_name.clone(),
-            result: ImportOutcome::Refused,
-            error: Some(error),
-            commands: Vec::new(),
+            result,
+            error,
+            commands,
         };
         let existing = self.device(product.product_key.as_str(), d.device_name.as_str());
-        let created = existing.is_none();
         if let Some(e) = &existing {
             if e.secret != d.device_secret {
-                return refused(format!("device {} exists here with another DeviceSecret", d.device_name));
+                let error = format!("device {} exists here with another DeviceSecret", d.device_name);
+                return answer(ImportOutcome::Refused, Some(error), Vec::new());
             }
-            if e.state().home.is_here() {
-                return ImportResult {
-                    device_name: d.device_name.clone(),
-                    result: ImportOutcome::AlreadyHere,
-                    error: None,
-                    commands: Vec::new(),
-                };
+            let home = e.state().home.clone();
+            match home {
+                Home::Here => return self.add_commands(e, source, &d.commands).await,
+                Home::Arriving => {
+                    return answer(ImportOutcome::Retry, Some("an earlier import is being stored".into()), Vec::new());
+                }
+                Home::Moved(ref i) if i == source => {}
+                Home::Leaving(i) | Home::Moved(i) => {
+                    let error = format!("device {} lives at or leaves for instance {i}", d.device_name);
+                    return answer(ImportOutcome::Refused, Some(error), Vec::new());
+                }
             }
         }
         if let Some(n) = &d.node_id
             && let Some(other) = self.device_by_node(n.as_str())
             && existing.as_ref().is_none_or(|e| e.id != other.id)
         {
-            return refused(format!("node id {n} is used by device {} here", other.device_name));
+            let error = format!("node id {n} is used by device {} here", other.device_name);
+            return answer(ImportOutcome::Refused, Some(error), Vec::new());
         }
+        let created = existing.is_none();
         let device = match existing {
             Some(e) => e,
             None => {
@@ -562,13 +578,12 @@ impl Registry {
                     created_at: UnixMs::now().0,
                     observe: None,
                     version: d.version.clone(),
-                    // Served once the write below is durable.
-                    home: Home::Leaving(self.cluster.name.clone()),
+                    home: Home::Arriving,
                 };
                 let device = Arc::new(Device::from_record(record, None, None));
                 let mut devices = write(&self.devices);
                 if devices.by_product.get(&product.product_key).is_some_and(|m| m.contains_key(&d.device_name)) {
-                    return refused(format!("device {} was created here meanwhile", d.device_name));
+                    return answer(ImportOutcome::Retry, Some("the device is being created here".into()), Vec::new());
                 }
                 devices.insert(&device);
                 device
@@ -577,81 +592,171 @@ impl Registry {
         let now = UnixMs::now();
         let (ops, ids, previous) = {
             let mut s = device.state();
-            let previous = std::mem::replace(&mut s.home, Home::Here);
-            s.enabled = d.enabled;
-            s.radio = d.radio.clone();
-            s.version = d.version.clone();
-            let mut ops = vec![Op::PutDevice(device.clone())];
-            let mut ids = Vec::with_capacity(d.commands.len());
-            for c in &d.commands {
-                let payload = STANDARD.decode(&c.payload_base64).unwrap_or_default();
-                let record = CommandRecord {
-                    id: CommandId(self.next_command_id.fetch_add(1, Ordering::Relaxed)),
-                    device: device.id,
-                    product_key: device.product_key.clone(),
-                    device_name: device.device_name.clone(),
-                    payload,
-                    topic: c.topic.clone(),
-                    strategy: c.send_strategy,
-                    status: CommandStatus::Pending,
-                    created_at: c.created_at,
-                    expires_at: c.expires_at,
-                    sent_at: None,
-                    delivered_at: None,
-                    finished_at: None,
-                    result: None,
-                    reason: None,
-                };
-                ids.push(record.id);
-                self.command_timers.schedule(record.expires_at.max(now.0), device.id);
-                ops.push(Op::PutCommand(record.clone()));
-                // Past the queue limit too: the commands were accepted where they were created.
-                s.commands.restore(record);
-            }
+            let previous =
+                (std::mem::replace(&mut s.home, Home::Arriving), s.enabled, s.radio.clone(), s.version.clone());
+            (s.enabled, s.radio, s.version) = (d.enabled, d.radio.clone(), d.version.clone());
+            // Contact here, if any, was before it left: the grayscale gate and rollback ask
+            // whether it came online since it arrived.
+            (s.last_seen, s.address) = (None, None);
+            let mut stored = device.record_with(&s);
+            stored.home = Home::Here;
+            let mut ops = vec![Op::PutDevice(Arc::new(stored)), Op::ForgetPresence(device.id)];
+            let ids = self.queue_moved(&device, &mut s, source, &d.commands, now, &mut ops);
             (ops, ids, previous)
         };
         if let Err(e) = self.writer.commit(ops).await {
             let mut s = device.state();
-            s.home = previous;
             for id in &ids {
                 let _ = s.commands.cancel(*id, now.0);
             }
+            (s.home, s.enabled, s.radio, s.version) = previous;
             drop(s);
             if created {
                 self.forget(&device);
             }
-            return refused(format!("storage error: {e}"));
+            return answer(ImportOutcome::Refused, Some(format!("storage error: {e}")), Vec::new());
         }
+        device.state().home = Home::Here;
         self.export_gauges();
-        tracing::info!(product_key = %device.product_key, device_name = %device.device_name, commands = ids.len(), "device imported");
-        ImportResult { device_name: d.device_name, result: ImportOutcome::Imported, error: None, commands: ids }
+        tracing::info!(product_key = %device.product_key, device_name = %device.device_name, %source, commands = ids.len(), "device imported");
+        answer(ImportOutcome::Imported, None, ids)
+    }
+
+    /// Queues commands that moved from `source` (past the queue limit too: they were accepted
+    /// where they were created); their records go into `ops`. Returns their ids here.
+    fn queue_moved(
+        &self,
+        device: &Device,
+        s: &mut crate::registry::device::DeviceState,
+        source: &InstanceName,
+        commands: &[CommandTransfer],
+        now: UnixMs,
+        ops: &mut Vec<Op>,
+    ) -> Vec<CommandId> {
+        let mut ids = Vec::with_capacity(commands.len());
+        for c in commands {
+            let record = CommandRecord {
+                id: CommandId(self.next_command_id.fetch_add(1, Ordering::Relaxed)),
+                device: device.id,
+                product_key: device.product_key.clone(),
+                device_name: device.device_name.clone(),
+                payload: STANDARD.decode(&c.payload_base64).unwrap_or_default(),
+                topic: c.topic.clone(),
+                strategy: c.send_strategy,
+                status: CommandStatus::Pending,
+                created_at: c.created_at,
+                expires_at: c.expires_at,
+                sent_at: None,
+                delivered_at: None,
+                finished_at: None,
+                result: None,
+                reason: None,
+                origin: Some(origin(source, c.id)),
+            };
+            ids.push(record.id);
+            self.command_timers.schedule(record.expires_at.max(now.0), device.id);
+            ops.push(Op::PutCommand(record.clone()));
+            s.commands.restore(record);
+        }
+        ids
+    }
+
+    /// A repeated import of a device already here: the commands it lacks are queued; the answer
+    /// names every command's id here.
+    async fn add_commands(
+        &self,
+        device: &Arc<Device>,
+        source: &InstanceName,
+        commands: &[CommandTransfer],
+    ) -> ImportResult {
+        let retry = |error: String| ImportResult {
+            device_name: device.device_name.clone(),
+            result: ImportOutcome::Retry,
+            error: Some(error),
+            commands: Vec::new(),
+        };
+        let known: HashMap<String, CommandId> = match self.commands_of(device) {
+            Ok(all) => all.into_iter().filter_map(|c| Some((c.origin?, c.id))).collect(),
+            Err(e) => return retry(format!("storage error: {e}")),
+        };
+        let missing: Vec<CommandTransfer> =
+            commands.iter().filter(|c| !known.contains_key(&origin(source, c.id))).cloned().collect();
+        let now = UnixMs::now();
+        let mut ops = Vec::new();
+        let added = {
+            let mut s = device.state();
+            self.queue_moved(device, &mut s, source, &missing, now, &mut ops)
+        };
+        if !ops.is_empty()
+            && let Err(e) = self.writer.commit(ops).await
+        {
+            let mut s = device.state();
+            for id in &added {
+                let _ = s.commands.cancel(*id, now.0);
+            }
+            return retry(format!("storage error: {e}"));
+        }
+        let mut added = added.into_iter();
+        let ids = commands
+            .iter()
+            .filter_map(|c| known.get(&origin(source, c.id)).copied().or_else(|| added.next()))
+            .collect();
+        ImportResult {
+            device_name: device.device_name.clone(),
+            result: ImportOutcome::AlreadyHere,
+            error: None,
+            commands: ids,
+        }
     }
 
     /// Gives back devices that never connected here (`POST /api/v1/distribution/releases`, a
-    /// rollback by the instance they came from): each is removed here and described, with its
-    /// open commands, for its old home to take back.
+    /// rollback by the instance they came from), in two steps so that a lost answer loses
+    /// nothing: first they stop being served here (durably) and are described, with their open
+    /// commands; once the sender stored them it confirms, and they are removed here.
     pub async fn release(&self, req: ReleaseRequest) -> Result<Vec<ReleaseResult>, RegistryError> {
         let mut results = Vec::with_capacity(req.device_names.len());
+        let mut ops = Vec::new();
         for name in req.device_names {
-            let Some(device) = self.device(req.product_key.as_str(), name.as_str()) else {
-                results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::NotFound, device: None });
+            let device = self.device(req.product_key.as_str(), name.as_str());
+            let result = |result, device| ReleaseResult { device_name: name.clone(), result, device };
+            let Some(device) = device else {
+                results.push(result(ReleaseOutcome::NotFound, None));
                 continue;
             };
-            if device.state().last_seen.is_some() || !device.state().home.is_here() {
-                results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::Seen, device: None });
+            let home = device.state().home.clone();
+            if req.confirm {
+                if home != Home::Leaving(req.source.clone()) {
+                    results.push(result(ReleaseOutcome::NotFound, None));
+                    continue;
+                }
+                self.delete_device(req.product_key.as_str(), name.as_str()).await?;
+                tracing::info!(product_key = %req.product_key, device_name = %name, to = %req.source, "device released");
+                results.push(result(ReleaseOutcome::Released, None));
                 continue;
             }
-            let Some((_, transfer)) = self.begin_leaving(&device, &req.source) else {
-                results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::Seen, device: None });
-                continue;
-            };
-            if let Err(e) = self.delete_device(req.product_key.as_str(), name.as_str()).await {
-                let _ = self.abort_leaving(&device, &req.source);
-                return Err(e);
+            match self.begin_leaving(&device, &req.source, true) {
+                Some((leave, transfer)) => {
+                    ops.extend(leave);
+                    results.push(result(ReleaseOutcome::Released, Some(transfer)));
+                }
+                None if home.is_here() => results.push(result(ReleaseOutcome::Seen, None)),
+                None => results.push(result(ReleaseOutcome::NotFound, None)),
             }
-            tracing::info!(product_key = %req.product_key, device_name = %name, to = %req.source, "device released");
-            results.push(ReleaseResult { device_name: name, result: ReleaseOutcome::Released, device: Some(transfer) });
+        }
+        if let Err(e) = self.writer.commit(ops).await {
+            // Nothing was promised: they are served here again.
+            for r in results.iter().filter(|r| r.device.is_some()) {
+                if let Some(d) = self.device(req.product_key.as_str(), r.device_name.as_str()) {
+                    let _ = self.abort_leaving(&d, &req.source);
+                }
+            }
+            return Err(e.into());
         }
         Ok(results)
     }
+}
+
+/// How a moved command names where it came from.
+fn origin(source: &InstanceName, id: CommandId) -> String {
+    format!("{source}/{id}")
 }

@@ -278,7 +278,8 @@ impl Registry {
     pub fn ask_observe(&self, device: &Arc<Device>, token: ObserveToken) {
         let mut devices = write(&self.devices);
         let mut s = device.state();
-        if s.deleted {
+        // A device that began leaving after its bind was admitted gets no relation here.
+        if s.deleted || !s.home.is_here() {
             return;
         }
         if let Some(old) = s.pending_observe.replace(token) {
@@ -296,7 +297,7 @@ impl Registry {
         }
         let mut devices = write(&self.devices);
         let mut s = device.state();
-        if s.deleted || s.pending_observe != Some(token) {
+        if s.deleted || s.pending_observe != Some(token) || !s.home.is_here() {
             return false;
         }
         s.pending_observe = None;

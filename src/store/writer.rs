@@ -59,6 +59,9 @@ pub enum Op {
         device: DeviceId,
         record: PresenceRecord,
     },
+    /// A device's last contact is forgotten (it arrived from another instance: it has not been
+    /// seen here).
+    ForgetPresence(DeviceId),
     /// The status announced to subscribers (`device_status`), stored with its event.
     Announced {
         device: DeviceId,
@@ -111,6 +114,14 @@ pub enum Op {
 pub trait LiveRecord: Send + Sync + std::fmt::Debug {
     /// `None` once the device is deleted.
     fn current(&self) -> Option<DeviceRecord>;
+}
+
+/// A record as it is: for a device whose memory must not say what the write will (one that is
+/// not served until this write is durable).
+impl LiveRecord for DeviceRecord {
+    fn current(&self) -> Option<DeviceRecord> {
+        Some(self.clone())
+    }
 }
 
 /// Whom to tell when a job is durable.
@@ -375,6 +386,10 @@ impl BatchWriter {
                     }
                     Op::Presence { device, record } => {
                         self.presence.insert(device, record);
+                    }
+                    Op::ForgetPresence(device) => {
+                        self.presence.remove(&device);
+                        batch.delete_cf(presence_cf, device.0.to_be_bytes());
                     }
                     Op::Announced { device, status } => batch.put_cf(presence_cf, announced_key(device), [status]),
                     Op::PutProduct(p) => {

@@ -28,6 +28,7 @@ impl Alibaba {
         };
         // Unknown devices and bad signatures get the same answer, as on /auth.
         let Some(device) = self.registry.device(pk, dn) else { return refuse(Code::UNAUTHORIZED, "unknown_device") };
+        let signed = body.get("sign").is_some();
         match body.get("sign") {
             Some(sign) => {
                 let content = auth_content(body.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -47,7 +48,7 @@ impl Alibaba {
                 return o;
             }
         }
-        match self.registry.bootstrap(&device, req.peer.ip(), self.family) {
+        match self.registry.bootstrap(&device, req.peer.ip(), self.family, signed) {
             BootstrapAnswer::Go { host, port } => {
                 metrics::counter!(metric::BOOTSTRAP, "result" => "ok").increment(1);
                 tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, %host, port, "bootstrap");

@@ -26,7 +26,7 @@ impl Huawei {
         let now = req.now.wall;
         let contact = {
             let mut s = device.state();
-            if !s.enabled {
+            if !s.enabled || !s.home.is_here() {
                 return Notified::Reject;
             }
             if s.admit(now, &self.registry.config.device).is_err() {
