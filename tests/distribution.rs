@@ -185,12 +185,13 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
     for expected in ["first", "second"] {
         let con = hw.command(Duration::from_secs(10)).expect("the moved command");
         assert_eq!(con.payload, expected.as_bytes());
-        hw.answer(&con, Code::CHANGED, b"");
+        hw.answer(&con, Code::CHANGED, b"done");
     }
-    let at_b = b.admin().get(&format!("/api/v1/products/{pk}/devices/{hw_dn}/commands")).unwrap();
-    let statuses: Vec<&str> =
-        at_b["commands"].as_array().unwrap().iter().map(|c| c["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses.len(), 2);
+    for c in &moved {
+        let new_id = c["reason"].as_str().unwrap().rsplit(' ').next().unwrap().to_string();
+        let done = b.wait_command(&new_id, "SUCCESSFUL");
+        assert_eq!(done["created_at"], c["created_at"], "it keeps its creation time: {done}");
+    }
 
     // Per-device results, as JSON and as CSV.
     let mut results = device_statuses(&a, &id);
@@ -358,6 +359,103 @@ fn a_destination_that_is_down_fails_the_task_cleanly_and_a_retry_completes_it() 
     assert_eq!(dev.auth().code, Code::FORBIDDEN);
     let mut dev = AliDevice::new(b.endpoints.coap, &pk, &dn, &secret);
     assert_eq!(dev.auth().code, Code::CONTENT);
+}
+
+#[test]
+fn a_move_whose_outcome_is_unknown_keeps_the_device_leaving_across_a_restart_until_a_retry_settles_it() {
+    // B's admin port is first a hung peer: it accepts the product by hand, then never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_port = hung.local_addr().unwrap().port();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let b_entry = format!(
+        r#"{{ name = "b", host = "127.0.0.1", coap_port = {}, aes_port = {}, dtls_port = {}, admin_url = "http://127.0.0.1:{admin_port}", token = "{TOKEN}" }}"#,
+        ports[0], ports[1], ports[2]
+    );
+    let peers = format!("[{b_entry}]");
+    let env = [("NBHUB_CLUSTER_PEERS", peers.as_str()), ("NBHUB_CLUSTER_REQUEST_TIMEOUT_MS", "500")];
+    let mut a = instance("a", &env);
+    let (pk, dn, secret) = a.product_and_device(json!({"name": "hung"}));
+    a.send_command(&pk, &dn, json!({"payload_base64": base64(b"kept"), "expire_time": 3600}));
+    let peer = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = hung.accept().unwrap();
+        let mut buf = vec![0u8; 65536];
+        let _ = conn.read(&mut buf).unwrap();
+        let body = r#"{"devices":[]}"#;
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n", body.len());
+        write!(conn, "{head}connection: close\r\n\r\n{body}").unwrap();
+        drop(conn);
+        // The move: taken, never answered.
+        let (conn, _) = hung.accept().unwrap();
+        (hung, conn)
+    });
+    let id = create_task(&a, json!({"product_key": pk, "policy": "specified", "instance": "b"}));
+    let failed = wait_task(&a, &id, |t| t["status"] == "failed");
+    assert_eq!(failed["devices"], json!({"failed": 1}), "{failed}");
+    let (hung, _conn) = peer.join().unwrap();
+    // Neither here nor (as far as A knows) there: refused, and told to ask again later.
+    let mut dev = AliDevice::new(a.endpoints.coap, &pk, &dn, &secret);
+    assert_eq!(dev.auth().code, Code::FORBIDDEN);
+    assert_eq!(bootstrap(&mut dev, true).code, Code::SERVICE_UNAVAILABLE);
+    a.kill9();
+    a.restart();
+    let mut dev = AliDevice::new(a.endpoints.coap, &pk, &dn, &secret);
+    assert_eq!(dev.auth().code, Code::FORBIDDEN, "still leaving after a crash");
+    assert_eq!(bootstrap(&mut dev, true).code, Code::SERVICE_UNAVAILABLE);
+
+    // The real B comes up on that port; the retry repeats the move and settles it.
+    drop(hung);
+    let listen = |p: u16| format!("127.0.0.1:{p}");
+    let (coap, aes, dtls, admin) = (listen(ports[0]), listen(ports[1]), listen(ports[2]), listen(admin_port));
+    let b = instance(
+        "b",
+        &[
+            ("NBHUB_COAP_LISTEN", &coap),
+            ("NBHUB_AES_LISTEN", &aes),
+            ("NBHUB_DTLS_LISTEN", &dtls),
+            ("NBHUB_ADMIN_LISTEN", &admin),
+        ],
+    );
+    a.admin().post(&format!("/api/v1/distribution/tasks/{id}/retry"), &json!({})).unwrap();
+    wait_task(&a, &id, |t| t["status"] == "completed" && t["devices"]["moved"] == 1);
+    assert_eq!(home_of(&bootstrap(&mut dev, true)), b.endpoints.coap);
+    let commands = b.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}/commands")).unwrap();
+    assert_eq!(commands["commands"].as_array().unwrap().len(), 1, "the command moved once: {commands}");
+}
+
+#[test]
+fn the_import_endpoint_takes_a_device_once_and_refuses_what_it_must_not_take() {
+    let b = instance("b", &[]);
+    let product = json!({"product_key": "pk1", "product_secret": "ps", "name": "p", "dynamic_registration": false,
+                         "ota_protocol": "pcp", "awake_window_s": 20, "ack_timeout_ms": null, "max_retransmit": null});
+    let device = |secret: &str| {
+        json!({"device_name": "d1", "device_secret": secret, "node_id": null, "psk_hex": null, "enabled": true,
+               "registered": false, "radio": {"rsrp": null, "sinr": null, "cell_id": null}, "version": null,
+               "commands": [{"id": 7, "payload_base64": "AQ==", "topic": "/pk1/d1/get", "send_strategy": "delay",
+                             "created_at": 1, "expires_at": 4_102_444_800_000u64}]})
+    };
+    let import = |source: &str, d: Value| {
+        b.admin().post("/api/v1/distribution/imports", &json!({"source": source, "product": product, "devices": [d]}))
+    };
+    let first = import("a", device("s1")).unwrap();
+    assert_eq!(first["devices"][0]["result"], "imported");
+    let again = import("a", device("s1")).unwrap();
+    assert_eq!(again["devices"][0]["result"], "already_here");
+    assert_eq!(again["devices"][0]["commands"], first["devices"][0]["commands"], "the command is not queued twice");
+    let commands = b.admin().get("/api/v1/products/pk1/devices/d1/commands").unwrap();
+    assert_eq!(commands["commands"].as_array().unwrap().len(), 1);
+    assert_eq!(import("a", device("s2")).unwrap()["devices"][0]["result"], "refused");
+    // From this instance itself, an invalid product, or the product under another secret: refused whole.
+    let status = |r: Result<Value, nbhub::client::ClientError>| match r {
+        Err(nbhub::client::ClientError::Api { status, .. }) => status,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status(import("b", device("s1"))), 400);
+    let mut bad = json!({"source": "a", "product": product, "devices": []});
+    bad["product"]["product_secret"] = json!("other");
+    assert_eq!(status(b.admin().post("/api/v1/distribution/imports", &bad)), 409);
+    bad["product"]["awake_window_s"] = json!(0);
+    assert_eq!(status(b.admin().post("/api/v1/distribution/imports", &bad)), 400);
 }
 
 /// A loopback port nothing listens on at the moment (UDP and TCP).
