@@ -221,15 +221,19 @@ async fn move_devices(
     let (mut ops, mut transfers, mut moving, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, id) in chosen {
         match registry.device_by_id(id).and_then(|d| registry.begin_leaving(&d, &instance, false).map(|l| (d, l))) {
-            Some((device, (leave, transfer))) => {
-                ops.extend(leave);
-                transfers.push(transfer);
-                moving.push((i, device));
+            Some((device, leaving)) => {
+                ops.extend(leaving.ops);
+                transfers.push(leaving.transfer);
+                moving.push((i, device, leaving.resumed));
             }
             None => gone.push(i),
         }
     }
-    let moving_idx: Vec<usize> = moving.iter().map(|(i, _)| *i).collect();
+    let moving_idx: Vec<usize> = moving.iter().map(|(i, ..)| *i).collect();
+    // Devices an earlier attempt may have delivered: only the destination's answer settles them.
+    let (uncertain, fresh): (Vec<_>, Vec<_>) = moving.iter().partition(|(_, _, resumed)| *resumed);
+    let uncertain_idx: Vec<usize> = uncertain.iter().map(|(i, ..)| *i).collect();
+    let fresh_idx: Vec<usize> = fresh.iter().map(|(i, ..)| *i).collect();
     {
         let mut task = cell.lock();
         let mut changed = task.set(&moving_idx, EntryStatus::Moving, Some(&instance), None, now);
@@ -238,11 +242,11 @@ async fn move_devices(
         ops.extend(registry.task_changes(&task, &changed));
     }
     if !store(registry, ops).await {
-        let mut ops: Vec<Op> = moving.iter().flat_map(|(_, d)| registry.abort_leaving(d, &instance)).collect();
+        let mut ops: Vec<Op> = fresh.iter().flat_map(|(_, d, _)| registry.abort_leaving(d, &instance)).collect();
         {
             let mut task = cell.lock();
             let failure = PeerFailure::NotDelivered("the move could not be stored here".into());
-            let changed = task.apply_move_failure(&moving_idx, &failure, now);
+            let changed = task.apply_move_failure(&fresh_idx, &uncertain_idx, &failure, now);
             ops.extend(registry.task_changes(&task, &changed));
         }
         store(registry, ops).await;
@@ -260,49 +264,61 @@ async fn move_devices(
     };
     let now = UnixMs::now().0;
     let mut ops = Vec::new();
-    let mut changed = Changed::default();
     match result {
         Ok(response) => {
             let answers: HashMap<&DeviceName, _> = response.devices.iter().map(|r| (&r.device_name, r)).collect();
             let mut task = cell.lock();
-            for (i, device) in &moving {
+            let mut changed = Changed::default();
+            let mut unsettled = Vec::new();
+            for (i, device, _) in &moving {
+                let (finished, moved) = match answers.get(&device.device_name) {
+                    Some(answer) => registry.finish_leaving(device, &instance, answer),
+                    None => (Vec::new(), false),
+                };
+                ops.extend(finished);
+                let leaving = device.state().home == Home::Leaving(instance.clone());
                 let (status, error) = match answers.get(&device.device_name) {
-                    Some(answer) => {
-                        let (finished, moved) = registry.finish_leaving(device, &instance, answer);
-                        ops.extend(finished);
-                        match (moved, answer.result) {
-                            (true, _) => (EntryStatus::Moved, None),
-                            (false, ImportOutcome::Refused) => (EntryStatus::Failed, answer.error.clone()),
-                            // Still leaving: a retry asks again.
-                            (false, ImportOutcome::Retry) => {
-                                let why = answer.error.as_deref().unwrap_or("not settled");
-                                (EntryStatus::Failed, Some(format!("{instance}: {why}; the device waits for a retry")))
-                            }
-                            (false, _) => (EntryStatus::Failed, Some("the device was no longer leaving".into())),
-                        }
+                    _ if moved => (EntryStatus::Moved, None),
+                    _ if leaving => {
+                        unsettled.push(*i);
+                        continue;
                     }
-                    None => (
-                        EntryStatus::Failed,
-                        Some(format!("{instance} did not answer for the device; it waits for a retry")),
-                    ),
+                    Some(answer) if answer.result == ImportOutcome::Refused => {
+                        (EntryStatus::Failed, answer.error.clone())
+                    }
+                    _ => (EntryStatus::Failed, Some("the device was no longer leaving".into())),
                 };
                 let label = if status == EntryStatus::Moved { "moved" } else { "failed" };
                 metrics::counter!(metric::DISTRIBUTED, "result" => label).increment(1);
                 changed.entries.extend(task.set(&[*i], status, None, error.as_deref(), now).entries);
             }
+            if unsettled.is_empty() {
+                task.answered();
+            } else {
+                let failure = PeerFailure::Unknown(format!("{instance} could not settle some devices yet"));
+                let more = task.apply_move_failure(&[], &unsettled, &failure, now);
+                changed.entries.extend(more.entries);
+            }
+            changed.record = true;
             tracing::info!(task = %task.record.id, %instance, devices = moving.len(), "devices moved");
             ops.extend(registry.task_changes(&task, &changed));
         }
         Err(failure) => {
             tracing::warn!(%instance, error = failure.message(), "a distribution move failed");
-            if let PeerFailure::NotDelivered(_) = failure {
-                for (_, device) in &moving {
-                    ops.extend(registry.abort_leaving(device, &instance));
+            // A request that was not delivered reached nobody: fresh devices are served here
+            // again. Anything else may have reached the destination: they all stay leaving.
+            let (fresh_idx, uncertain_idx) = match failure {
+                PeerFailure::NotDelivered(_) => {
+                    for (_, device, _) in &fresh {
+                        ops.extend(registry.abort_leaving(device, &instance));
+                    }
+                    metrics::counter!(metric::DISTRIBUTED, "result" => "failed").increment(fresh.len() as u64);
+                    (fresh_idx, uncertain_idx)
                 }
-            }
-            metrics::counter!(metric::DISTRIBUTED, "result" => "failed").increment(moving.len() as u64);
+                PeerFailure::Unknown(_) => (Vec::new(), moving_idx),
+            };
             let mut task = cell.lock();
-            let changed = task.apply_move_failure(&moving_idx, &failure, now);
+            let changed = task.apply_move_failure(&fresh_idx, &uncertain_idx, &failure, now);
             ops.extend(registry.task_changes(&task, &changed));
         }
     }

@@ -90,6 +90,11 @@ pub struct TaskRecord {
     pub batch_moved_at: Option<u64>,
     /// An operator let the current batch through.
     pub confirmed: bool,
+    /// Moves whose outcome stayed unknown in a row, and when the next attempt may start.
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub backoff_until: Option<u64>,
     pub created_at: u64,
     pub updated_at: u64,
 }
@@ -225,9 +230,12 @@ impl Task {
             TaskStatus::InProgress => {}
             TaskStatus::Paused | TaskStatus::Completed | TaskStatus::Failed => return Work::Wait(None),
         }
-        // Moves under way first (after a restart they are resumed: the destination answers a
-        // repeated import with "already here").
+        // Moves under way first (after a restart or an unknown outcome they are repeated: the
+        // destination answers a repeated import with "already here").
         if let Some(first) = self.entries.iter().position(|e| e.status == EntryStatus::Moving) {
+            if let Some(at) = r.backoff_until.filter(|at| *at > now) {
+                return Work::Wait(Some(at));
+            }
             let instance = self.entries[first].instance.clone().expect("a moving entry names its destination");
             let entries = (first..self.entries.len())
                 .filter(|&i| {
@@ -373,22 +381,46 @@ impl Task {
         Changed { record: false, entries: entries.to_vec() }
     }
 
-    /// A move request failed as a whole: its devices failed, and so did the task (the destination
-    /// is unreachable; `retry` resumes). `homes` is what each device's home became.
-    pub fn apply_move_failure(&mut self, entries: &[usize], failure: &PeerFailure, now: u64) -> Changed {
-        let message = match failure {
-            PeerFailure::NotDelivered(m) => format!("not moved: {m}"),
-            PeerFailure::Unknown(m) => format!("outcome unknown, the device waits for a retry: {m}"),
-        };
-        let mut changed = self.set(entries, EntryStatus::Failed, None, Some(&message), now);
-        self.fail(failure.message().to_string());
+    /// A move request failed as a whole. Devices it certainly did not reach (`fresh`: not sent
+    /// before, and the request not delivered) failed, and when nothing else is at stake so did
+    /// the task (the destination is unreachable; `retry` resumes). Devices it may have reached
+    /// (`uncertain`) stay moving: the move is repeated after a back-off (doubling from a second
+    /// up to ten minutes) until the destination answers, since only its answer can settle them.
+    pub fn apply_move_failure(
+        &mut self,
+        fresh: &[usize],
+        uncertain: &[usize],
+        failure: &PeerFailure,
+        now: u64,
+    ) -> Changed {
+        let m = failure.message();
+        let mut changed = self.set(fresh, EntryStatus::Failed, None, Some(&format!("not moved: {m}")), now);
+        let asking = format!("outcome unknown, asking again: {m}");
+        changed.entries.extend(self.set(uncertain, EntryStatus::Moving, None, Some(&asking), now).entries);
+        if uncertain.is_empty() {
+            self.fail(m.to_string());
+        } else {
+            self.record.attempts = self.record.attempts.saturating_add(1);
+            let wait = 1000u64.saturating_mul(1 << self.record.attempts.min(10)).min(600_000);
+            self.record.backoff_until = Some(now + wait);
+            self.record.error = Some(asking);
+        }
         self.record.updated_at = now;
         changed.record = true;
         changed
     }
 
-    /// Operator's retry: failed devices are tried again (their product first); a paused task
-    /// stays paused until resumed.
+    /// The destination answered a move: the back-off ends.
+    pub fn answered(&mut self) {
+        if self.record.attempts > 0 {
+            self.record.attempts = 0;
+            self.record.backoff_until = None;
+            self.record.error = None;
+        }
+    }
+
+    /// Operator's retry: failed devices are tried again (their product first), and moves waiting
+    /// out a back-off at once; a paused task stays paused until resumed.
     pub fn retry(&mut self, homes: impl Fn(DeviceId) -> Home, now: u64) -> Changed {
         let mut changed = Changed { record: true, entries: Vec::new() };
         let mut first_batch = None;
@@ -410,6 +442,9 @@ impl Task {
         if self.record.status != TaskStatus::Paused {
             self.record.status = TaskStatus::Initializing;
         }
+        // Moves asked again after a back-off are asked now.
+        self.record.attempts = 0;
+        self.record.backoff_until = None;
         self.record.error = None;
         self.record.updated_at = now;
         changed
@@ -452,6 +487,8 @@ mod tests {
             batches: devices.div_ceil(batch_size) as u32,
             batch_moved_at: None,
             confirmed: false,
+            attempts: 0,
+            backoff_until: None,
             created_at: 0,
             updated_at: 0,
         };
@@ -532,7 +569,7 @@ mod tests {
         let Work::Move { entries, .. } = t.next(0, 2, 1000, &[]) else { panic!() };
         assert_eq!(entries, vec![0, 1]);
         t.set(&entries, EntryStatus::Moving, Some(&b()), None, 0);
-        t.apply_move_failure(&entries, &PeerFailure::NotDelivered("connection refused".into()), 1);
+        t.apply_move_failure(&entries, &[], &PeerFailure::NotDelivered("connection refused".into()), 1);
         assert_eq!(t.record.status, TaskStatus::Failed);
         assert_eq!(t.next(2, 2, 1000, &[]), Work::Wait(None));
         let changed = t.retry(|_| Home::Here, 3);
@@ -552,8 +589,15 @@ mod tests {
         t.set(&[2], EntryStatus::Moving, Some(&b()), None, 0);
         assert_eq!(t.next(0, 2, 1000, &[]), Work::Move { instance: b(), entries: vec![2] });
         let failure = PeerFailure::Unknown("timed out".into());
-        t.apply_move_failure(&[2], &failure, 1);
-        t.retry(|d| if d == DeviceId(3) { Home::Leaving(b()) } else { Home::Here }, 2);
+        t.apply_move_failure(&[], &[2], &failure, 1);
+        assert_eq!((t.record.status, t.entries[2].status), (TaskStatus::InProgress, EntryStatus::Moving));
+        assert_eq!(t.next(2, 2, 1000, &[]), Work::Wait(Some(2001)), "asked again after a back-off");
+        t.apply_move_failure(&[], &[2], &failure, 2001);
+        assert_eq!(t.next(2002, 2, 1000, &[]), Work::Wait(Some(6001)), "which doubles");
+        assert_eq!(t.next(6001, 2, 1000, &[]), Work::Move { instance: b(), entries: vec![2] });
+        // A retry after an operator's pause also repeats it rather than starting afresh.
+        t.set(&[2], EntryStatus::Failed, None, Some("x"), 6002);
+        t.retry(|d| if d == DeviceId(3) { Home::Leaving(b()) } else { Home::Here }, 6003);
         assert_eq!(t.entries[2].status, EntryStatus::Moving, "an unknown outcome is settled by repeating the move");
     }
 }

@@ -143,6 +143,16 @@ impl Control {
     }
 }
 
+/// A device that began leaving.
+pub struct Leaving {
+    /// To store before the destination hears of it.
+    pub ops: Vec<Op>,
+    /// What to send the destination.
+    pub transfer: DeviceTransfer,
+    /// It was leaving already: an earlier attempt may have reached the destination.
+    pub resumed: bool,
+}
+
 /// What `/bootstrap` tells a device.
 #[derive(Debug)]
 pub enum BootstrapAnswer {
@@ -235,6 +245,8 @@ impl Registry {
             batches: count.div_ceil(batch_size) as u32,
             batch_moved_at: None,
             confirmed: false,
+            attempts: 0,
+            backoff_until: None,
             created_at: now,
             updated_at: now,
         };
@@ -296,7 +308,9 @@ impl Registry {
                     task.record.confirmed = true;
                 }
                 Control::Retry
-                    if task.entries.iter().any(|e| e.status == EntryStatus::Failed) || status == TaskStatus::Failed =>
+                    if task.entries.iter().any(|e| e.status == EntryStatus::Failed)
+                        || status == TaskStatus::Failed
+                        || task.record.backoff_until.is_some() =>
                 {
                     let id = task.record.id;
                     {
@@ -390,22 +404,17 @@ impl Registry {
     /// `None` if the device is gone, lives elsewhere, or (with `unseen_only`) has been seen here.
     /// A device already leaving for `to` is described again (a move resumed after a restart or an
     /// unknown outcome).
-    pub fn begin_leaving(
-        &self,
-        device: &Arc<Device>,
-        to: &InstanceName,
-        unseen_only: bool,
-    ) -> Option<(Vec<Op>, DeviceTransfer)> {
+    pub fn begin_leaving(&self, device: &Arc<Device>, to: &InstanceName, unseen_only: bool) -> Option<Leaving> {
         let mut devices = write(&self.devices);
         let mut s = device.state();
         if s.deleted {
             return None;
         }
-        match &s.home {
-            Home::Here if !(unseen_only && s.last_seen.is_some()) => {}
-            Home::Leaving(i) if i == to => {}
+        let resumed = match &s.home {
+            Home::Here if !(unseen_only && s.last_seen.is_some()) => false,
+            Home::Leaving(i) if i == to => true,
             _ => return None,
-        }
+        };
         s.home = Home::Leaving(to.clone());
         let mut ops = Vec::new();
         for t in s.tokens.drain(..) {
@@ -439,7 +448,7 @@ impl Registry {
                 .collect(),
         };
         ops.push(Op::PutDevice(device.clone()));
-        Some((ops, transfer))
+        Some(Leaving { ops, transfer, resumed })
     }
 
     /// The destination answered for a device leaving for `to`: taken (its open commands here end
@@ -735,9 +744,9 @@ impl Registry {
                 continue;
             }
             match self.begin_leaving(&device, &req.source, true) {
-                Some((leave, transfer)) => {
-                    ops.extend(leave);
-                    results.push(result(ReleaseOutcome::Released, Some(transfer)));
+                Some(leaving) => {
+                    ops.extend(leaving.ops);
+                    results.push(result(ReleaseOutcome::Released, Some(leaving.transfer)));
                 }
                 None if home.is_here() => results.push(result(ReleaseOutcome::Seen, None)),
                 None => results.push(result(ReleaseOutcome::NotFound, None)),
