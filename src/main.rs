@@ -257,12 +257,13 @@ enum DistributionAction {
         #[arg(long)]
         csv: bool,
     },
-    /// pause, resume, confirm (let the current batch through), retry (failed devices) or rollback.
+    /// pause, resume, confirm (let the current batch through), retry (failed devices), cancel
+    /// (devices not moved stay) or rollback.
     Control {
         #[command(flatten)]
         api: AdminArgs,
         task_id: String,
-        #[arg(value_parser = ["pause", "resume", "confirm", "retry", "rollback"])]
+        #[arg(value_parser = ["pause", "resume", "confirm", "retry", "cancel", "rollback"])]
         action: String,
     },
 }

@@ -317,6 +317,15 @@ fn a_grayscale_migration_waits_for_a_batch_that_has_not_reconnected_and_a_rollba
     statuses.sort();
     let counts = |s: &str| statuses.iter().filter(|(_, st)| st == s).count();
     assert_eq!((counts("seen"), counts("rolled_back"), counts("pending")), (2, 2, 2), "{statuses:?}");
+
+    // Canceled, the task lets go of the devices it did not move: another task may take them.
+    let t = a.admin().post(&format!("/api/v1/distribution/tasks/{id}/cancel"), &json!({})).unwrap();
+    assert_eq!((&t["status"], &t["devices"]["canceled"]), (&json!("canceled"), &json!(2)), "{t}");
+    let again = create_task(
+        &a,
+        json!({"product_key": pk, "device_names": ["g4", "g5"], "policy": "specified", "instance": "b"}),
+    );
+    wait_task(&a, &again, |t| t["status"] == "completed" && t["devices"]["moved"] == 2);
 }
 
 #[test]

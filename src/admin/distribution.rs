@@ -34,6 +34,7 @@ pub fn routes() -> Router<AdminState> {
         .route("/distribution/tasks/{task_id}/resume", control(Control::Resume))
         .route("/distribution/tasks/{task_id}/confirm", control(Control::Confirm))
         .route("/distribution/tasks/{task_id}/retry", control(Control::Retry))
+        .route("/distribution/tasks/{task_id}/cancel", control(Control::Cancel))
         .route("/distribution/tasks/{task_id}/rollback", post(rollback))
         .route("/distribution/imports", post(import).layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES)))
         .route("/distribution/releases", post(release))

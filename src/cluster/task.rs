@@ -61,12 +61,14 @@ pub enum TaskStatus {
     Completed,
     /// The destination could not be reached; `retry` picks up where it stopped.
     Failed,
+    /// An operator ended it; devices it had not moved stay here.
+    Canceled,
 }
 
 impl TaskStatus {
     /// Whether the task still holds its devices (they cannot join another task).
     pub fn is_open(self) -> bool {
-        self != TaskStatus::Completed
+        !matches!(self, TaskStatus::Completed | TaskStatus::Canceled)
     }
 }
 
@@ -112,6 +114,8 @@ pub enum EntryStatus {
     Failed,
     /// Moved, then taken back before it connected at the destination.
     RolledBack,
+    /// Still here when an operator canceled the task.
+    Canceled,
 }
 
 impl EntryStatus {
@@ -124,6 +128,7 @@ impl EntryStatus {
             EntryStatus::Stayed => "stayed",
             EntryStatus::Failed => "failed",
             EntryStatus::RolledBack => "rolled_back",
+            EntryStatus::Canceled => "canceled",
         }
     }
 
@@ -228,7 +233,9 @@ impl Task {
                 });
             }
             TaskStatus::InProgress => {}
-            TaskStatus::Paused | TaskStatus::Completed | TaskStatus::Failed => return Work::Wait(None),
+            TaskStatus::Paused | TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Canceled => {
+                return Work::Wait(None);
+            }
         }
         // Moves under way first (after a restart or an unknown outcome they are repeated: the
         // destination answers a repeated import with "already here").
@@ -408,6 +415,21 @@ impl Task {
         self.record.updated_at = now;
         changed.record = true;
         changed
+    }
+
+    /// An operator's cancel: devices not moved stay here and the task lets go of them. Refused
+    /// (false) while a move is under way: only the destination's answer can settle it.
+    pub fn cancel(&mut self, now: u64) -> Option<Changed> {
+        if self.entries.iter().any(|e| e.status == EntryStatus::Moving) {
+            return None;
+        }
+        let pending: Vec<usize> =
+            (0..self.entries.len()).filter(|&i| self.entries[i].status == EntryStatus::Pending).collect();
+        let mut changed = self.set(&pending, EntryStatus::Canceled, None, None, now);
+        self.record.status = TaskStatus::Canceled;
+        self.record.updated_at = now;
+        changed.record = true;
+        Some(changed)
     }
 
     /// The destination answered a move: the back-off ends.

@@ -130,6 +130,7 @@ pub enum Control {
     Resume,
     Confirm,
     Retry,
+    Cancel,
 }
 
 impl Control {
@@ -139,6 +140,7 @@ impl Control {
             Control::Resume => "resume",
             Control::Confirm => "confirm",
             Control::Retry => "retry",
+            Control::Cancel => "cancel",
         }
     }
 }
@@ -307,6 +309,14 @@ impl Registry {
                 Control::Confirm if matches!(status, TaskStatus::InProgress | TaskStatus::Paused) => {
                     task.record.confirmed = true;
                 }
+                Control::Cancel if status.is_open() => match task.cancel(now) {
+                    Some(c) => changed = c,
+                    None => {
+                        return Err(RegistryError::Conflict(
+                            "devices are being moved: wait for the destination's answer (or retry), then cancel".into(),
+                        ));
+                    }
+                },
                 Control::Retry
                     if task.entries.iter().any(|e| e.status == EntryStatus::Failed)
                         || status == TaskStatus::Failed
