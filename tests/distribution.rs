@@ -131,7 +131,13 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
         })
         .collect();
 
-    let id = create_task(&a, json!({"product_key": pk, "policy": "specified", "instance": "b"}));
+    let too_many: Vec<String> = (0..10_001).map(|i| format!("d{i}")).collect();
+    let body = json!({"product_key": pk, "device_names": too_many, "policy": "specified", "instance": "b"});
+    let refused = admin.post("/api/v1/distribution/tasks", &body);
+    assert!(matches!(refused, Err(nbhub::client::ClientError::Api { status: 400, .. })), "{refused:?}");
+    // The operator's CLI starts the task.
+    let created: Value = serde_json::from_str(&cli(&a, &["distribution", "move", &pk, "--to", "b"])).unwrap();
+    let id = created["task_id"].as_str().unwrap().to_string();
     let done = wait_task(&a, &id, |t| t["status"] == "completed");
     assert_eq!(done["devices"], json!({"moved": 2}), "{done}");
 
@@ -197,13 +203,7 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
     let mut results = device_statuses(&a, &id);
     results.sort();
     assert_eq!(results, vec![(dn.clone(), "moved".into()), (hw_dn.clone(), "moved".into())]);
-    let csv = ureq::get(format!("{}/api/v1/distribution/tasks/{id}/devices?format=csv", a.admin_url()))
-        .header("Authorization", format!("Bearer {TOKEN}"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let csv = cli(&a, &["distribution", "results", &id, "--csv"]);
     let mut lines = csv.lines();
     assert_eq!(lines.next(), Some("device_name,status,batch,instance,error,updated_at"));
     assert_eq!(lines.filter(|l| l.contains(",moved,1,b,,")).count(), 2, "{csv}");
@@ -214,6 +214,17 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
         &json!({"product_key": pk, "device_names": [dn], "policy": "specified", "instance": "b"}),
     );
     assert!(matches!(again, Err(nbhub::client::ClientError::Api { status: 409, .. })), "{again:?}");
+}
+
+/// Runs the `nbhub` CLI against `server`'s admin API; what it printed.
+fn cli(server: &Server, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nbhub"))
+        .args(args)
+        .args(["--admin-url", &server.admin_url(), "--token", TOKEN])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nbhub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A socket on another loopback address, so the server sees another source prefix.
@@ -235,6 +246,9 @@ fn the_nearest_policy_places_each_device_by_its_source_prefix_when_it_bootstraps
     let devices: Vec<(String, String)> =
         (0..3).map(|i| create_device(&a, &pk, json!({"device_name": format!("n{i}")}))).collect();
     let id = create_task(&a, json!({"product_key": pk, "device_names": ["n0", "n1", "n2"], "policy": "nearest"}));
+    // This product does not allow unsigned bootstrap.
+    let (dn, secret) = &devices[0];
+    assert_eq!(bootstrap(&mut AliDevice::new(a.endpoints.coap, &pk, dn, secret), false).code, Code::UNAUTHORIZED);
     wait_task(&a, &id, |t| t["status"] == "in_progress");
     // The product reached both instances the table names before any device moves.
     for s in [&b, &c] {
@@ -295,6 +309,13 @@ fn a_grayscale_migration_waits_for_a_batch_that_has_not_reconnected_and_a_rollba
     };
     connect(0);
     wait_task(&a, &id, |t| t["devices"]["seen"] == 1);
+    // Paused and resumed, it goes on waiting where it was.
+    let paused = a.admin().post(&format!("/api/v1/distribution/tasks/{id}/pause"), &json!({})).unwrap();
+    assert_eq!(paused["status"], "paused");
+    let resumed = a.admin().post(&format!("/api/v1/distribution/tasks/{id}/pause"), &json!({}));
+    assert!(matches!(resumed, Err(nbhub::client::ClientError::Api { status: 409, .. })), "paused twice: {resumed:?}");
+    a.admin().post(&format!("/api/v1/distribution/tasks/{id}/resume"), &json!({})).unwrap();
+    wait_task(&a, &id, |t| t["status"] == "in_progress" && t["batch"] == 1);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(task(&a, &id)["batch"], 1);
     connect(1);
