@@ -197,6 +197,7 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
         let new_id = c["reason"].as_str().unwrap().rsplit(' ').next().unwrap().to_string();
         let done = b.wait_command(&new_id, "SUCCESSFUL");
         assert_eq!(done["created_at"], c["created_at"], "it keeps its creation time: {done}");
+        assert_eq!(done["payload_base64"], c["payload_base64"], "the reason names its own new id: {done}");
     }
 
     // Per-device results, as JSON and as CSV.

@@ -33,6 +33,9 @@ pub enum Home {
     /// Being taken from another instance: not served until its record is stored (the stored
     /// record already says `Here`, so this is never stored).
     Arriving,
+    /// Given back to the instance it came from (a rollback), until that instance confirms it
+    /// stored it; then it is removed here.
+    Released(InstanceName),
 }
 
 impl Home {
@@ -44,7 +47,7 @@ impl Home {
     pub fn elsewhere(&self) -> Option<&InstanceName> {
         match self {
             Home::Here | Home::Arriving => None,
-            Home::Leaving(i) | Home::Moved(i) => Some(i),
+            Home::Leaving(i) | Home::Moved(i) | Home::Released(i) => Some(i),
         }
     }
 }

@@ -19,6 +19,7 @@ use super::transfer::{
 };
 use super::{Home, PeerApi};
 use crate::clock::UnixMs;
+use crate::downlink::CommandId;
 use crate::identity::{DeviceName, InstanceName};
 use crate::registry::Registry;
 use crate::registry::distribution::{TaskCell, task_ops};
@@ -214,35 +215,43 @@ async fn move_devices(
     entries: Vec<usize>,
 ) {
     let now = UnixMs::now().0;
-    let chosen: Vec<_> = {
-        let task = cell.lock();
-        entries.iter().map(|&i| (i, task.entries[i].device)).collect()
-    };
+    let leaving_for = Home::Leaving(instance.clone());
     let (mut ops, mut transfers, mut moving, mut gone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (i, id) in chosen {
-        match registry.device_by_id(id).and_then(|d| registry.begin_leaving(&d, &instance, false).map(|l| (d, l))) {
-            Some((device, leaving)) => {
-                ops.extend(leaving.ops);
-                transfers.push(leaving.transfer);
-                moving.push((i, device, leaving.resumed));
-            }
-            None => gone.push(i),
-        }
-    }
-    let moving_idx: Vec<usize> = moving.iter().map(|(i, ..)| *i).collect();
-    // Devices an earlier attempt may have delivered: only the destination's answer settles them.
-    let (uncertain, fresh): (Vec<_>, Vec<_>) = moving.iter().partition(|(_, _, resumed)| *resumed);
-    let uncertain_idx: Vec<usize> = uncertain.iter().map(|(i, ..)| *i).collect();
-    let fresh_idx: Vec<usize> = fresh.iter().map(|(i, ..)| *i).collect();
     {
+        // Under the task's lock, so an operator's pause or cancel since `next` is honoured and a
+        // cancel cannot slip in before the entries say they are moving.
         let mut task = cell.lock();
+        if task.record.status != TaskStatus::InProgress {
+            return;
+        }
+        for i in entries {
+            if !matches!(task.entries[i].status, EntryStatus::Pending | EntryStatus::Moving) {
+                continue;
+            }
+            let device = registry.device_by_id(task.entries[i].device);
+            match device.and_then(|d| registry.begin_leaving(&d, leaving_for.clone()).map(|l| (d, l))) {
+                Some((device, leaving)) => {
+                    ops.extend(leaving.ops);
+                    let sent: Vec<CommandId> = leaving.transfer.commands.iter().map(|c| c.id).collect();
+                    transfers.push(leaving.transfer);
+                    moving.push((i, device, leaving.resumed, sent));
+                }
+                None => gone.push(i),
+            }
+        }
+        let moving_idx: Vec<usize> = moving.iter().map(|(i, ..)| *i).collect();
         let mut changed = task.set(&moving_idx, EntryStatus::Moving, Some(&instance), None, now);
         let failed = task.set(&gone, EntryStatus::Failed, None, Some("deleted, or no longer served here"), now);
         changed.entries.extend(failed.entries);
         ops.extend(registry.task_changes(&task, &changed));
     }
+    let moving_idx: Vec<usize> = moving.iter().map(|(i, ..)| *i).collect();
+    // Devices an earlier attempt may have delivered: only the destination's answer settles them.
+    let (uncertain, fresh): (Vec<_>, Vec<_>) = moving.iter().partition(|(_, _, resumed, _)| *resumed);
+    let uncertain_idx: Vec<usize> = uncertain.iter().map(|(i, ..)| *i).collect();
+    let fresh_idx: Vec<usize> = fresh.iter().map(|(i, ..)| *i).collect();
     if !store(registry, ops).await {
-        let mut ops: Vec<Op> = fresh.iter().flat_map(|(_, d, _)| registry.abort_leaving(d, &instance)).collect();
+        let mut ops: Vec<Op> = fresh.iter().flat_map(|(_, d, ..)| registry.abort_leaving(d, &leaving_for)).collect();
         {
             let mut task = cell.lock();
             let failure = PeerFailure::NotDelivered("the move could not be stored here".into());
@@ -270,13 +279,13 @@ async fn move_devices(
             let mut task = cell.lock();
             let mut changed = Changed::default();
             let mut unsettled = Vec::new();
-            for (i, device, _) in &moving {
+            for (i, device, _, sent) in &moving {
                 let (finished, moved) = match answers.get(&device.device_name) {
-                    Some(answer) => registry.finish_leaving(device, &instance, answer),
+                    Some(answer) => registry.finish_leaving(device, &instance, sent, answer),
                     None => (Vec::new(), false),
                 };
                 ops.extend(finished);
-                let leaving = device.state().home == Home::Leaving(instance.clone());
+                let leaving = device.state().home == leaving_for;
                 let (status, error) = match answers.get(&device.device_name) {
                     _ if moved => (EntryStatus::Moved, None),
                     _ if leaving => {
@@ -309,8 +318,8 @@ async fn move_devices(
             // again. Anything else may have reached the destination: they all stay leaving.
             let (fresh_idx, uncertain_idx) = match failure {
                 PeerFailure::NotDelivered(_) => {
-                    for (_, device, _) in &fresh {
-                        ops.extend(registry.abort_leaving(device, &instance));
+                    for (_, device, ..) in &fresh {
+                        ops.extend(registry.abort_leaving(device, &leaving_for));
                     }
                     metrics::counter!(metric::DISTRIBUTED, "result" => "failed").increment(fresh.len() as u64);
                     (fresh_idx, uncertain_idx)
@@ -419,10 +428,12 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
             .filter(|&i| elsewhere(i))
             .map(|i| (i, task.entries[i].device_name.clone()))
             .collect();
+        // Taken back by an earlier run (and stored here): the destination may forget them.
+        let here = |d| registry.device_by_id(d).is_some_and(|d| d.state().home.is_here());
         let taken_back: Vec<DeviceName> = task
             .entries
             .iter()
-            .filter(|e| e.status == EntryStatus::RolledBack)
+            .filter(|e| e.status == EntryStatus::RolledBack && here(e.device))
             .map(|e| e.device_name.clone())
             .collect();
         let paused = task_ops(&task, &Changed { record: true, entries: Vec::new() });
@@ -498,6 +509,13 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
         store(registry, ops).await;
         if !confirmed.is_empty() {
             release(confirmed, true).await?;
+        }
+        if let Some(r) =
+            results.iter().find(|r| !matches!(r.result, ImportOutcome::Imported | ImportOutcome::AlreadyHere))
+        {
+            // Not served anywhere until this is settled: say so, and a rerun finishes it.
+            let why = r.error.as_deref().unwrap_or("not taken");
+            return Err(PeerFailure::Unknown(format!("device {} could not be taken back here: {why}", r.device_name)));
         }
     }
     tracing::info!(%instance, rolled_back = summary.rolled_back, stayed = summary.stayed, "distribution rolled back");

@@ -451,8 +451,8 @@ impl Task {
                 continue;
             }
             // One whose outcome was unknown is still leaving: its move is repeated.
-            e.status =
-                if matches!(homes(e.device), Home::Leaving(_)) { EntryStatus::Moving } else { EntryStatus::Pending };
+            let leaving = e.instance.as_ref().is_some_and(|i| homes(e.device) == Home::Leaving(i.clone()));
+            e.status = if leaving { EntryStatus::Moving } else { EntryStatus::Pending };
             e.error = None;
             e.updated_at = now;
             changed.entries.push(i);

@@ -195,6 +195,11 @@ impl Registry {
         let device = self.device_by_id(stored.device).ok_or_else(not_found)?;
         let commit = {
             let mut s = device.state();
+            // Its queue travels with it: a cancel here could not reach the copy there.
+            if !s.home.is_here() {
+                let home = s.home.elsewhere().map_or_else(|| "(arriving here)".to_string(), ToString::to_string);
+                return Err(CommandError::Elsewhere(device.device_name.to_string(), home));
+            }
             let record = match s.commands.cancel(id, UnixMs::now().0) {
                 Ok(r) => r,
                 // Not open any more: report its state as stored.

@@ -147,9 +147,10 @@ impl std::fmt::Debug for Device {
 }
 
 impl crate::store::LiveRecord for Device {
+    /// Nothing for a deleted device, nor for an arriving one: its import writes its record.
     fn current(&self) -> Option<DeviceRecord> {
         let s = self.state();
-        (!s.deleted).then(|| self.record_with(&s))
+        (!s.deleted && s.home != Home::Arriving).then(|| self.record_with(&s))
     }
 }
 

@@ -364,7 +364,9 @@ impl Registry {
     pub fn bootstrap(&self, device: &Arc<Device>, ip: IpAddr, family: PortFamily, signed: bool) -> BootstrapAnswer {
         let home = device.state().home.clone();
         let target = match home {
-            Home::Leaving(_) | Home::Arriving => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
+            Home::Leaving(_) | Home::Released(_) | Home::Arriving => {
+                return BootstrapAnswer::Later(self.config.cluster.retry_after_s);
+            }
             Home::Moved(i) => i,
             Home::Here => match signed.then(|| self.place_nearest(device, ip)).flatten() {
                 Some(true) => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
@@ -409,23 +411,25 @@ impl Registry {
         Some(moving)
     }
 
-    /// Starts moving `device` to `to`: from now on it is refused here (its sessions and observe
-    /// relation end). Returns what to store before telling the destination, and what to tell it;
-    /// `None` if the device is gone, lives elsewhere, or (with `unseen_only`) has been seen here.
-    /// A device already leaving for `to` is described again (a move resumed after a restart or an
-    /// unknown outcome).
-    pub fn begin_leaving(&self, device: &Arc<Device>, to: &InstanceName, unseen_only: bool) -> Option<Leaving> {
+    /// Starts handing `device` to `to`: from now on it is refused here (its sessions and observe
+    /// relation end). `leaving` is [`Home::Leaving`] for a move, [`Home::Released`] for a device
+    /// given back (which must not have been seen here). Returns what to store before telling the
+    /// instance, and what to tell it; `None` if the device is gone, lives elsewhere or was seen.
+    /// One already in that state is described again (a move resumed after a restart or an
+    /// unknown outcome, a repeated release).
+    pub fn begin_leaving(&self, device: &Arc<Device>, leaving: Home) -> Option<Leaving> {
         let mut devices = write(&self.devices);
         let mut s = device.state();
         if s.deleted {
             return None;
         }
+        let release = matches!(leaving, Home::Released(_));
         let resumed = match &s.home {
-            Home::Here if !(unseen_only && s.last_seen.is_some()) => false,
-            Home::Leaving(i) if i == to => true,
+            Home::Here if !(release && s.last_seen.is_some()) => false,
+            home if *home == leaving => true,
             _ => return None,
         };
-        s.home = Home::Leaving(to.clone());
+        s.home = leaving;
         let mut ops = Vec::new();
         for t in s.tokens.drain(..) {
             self.sessions.remove(t.as_bytes());
@@ -441,7 +445,8 @@ impl Registry {
             node_id: device.node_id.clone(),
             psk_hex: device.psk_hex.clone(),
             enabled: s.enabled,
-            registered: s.registered,
+            // Seen here, it may no longer register dynamically there either.
+            registered: s.activated(),
             radio: s.radio.clone(),
             version: s.version.clone(),
             commands: s
@@ -462,9 +467,16 @@ impl Registry {
     }
 
     /// The destination answered for a device leaving for `to`: taken (its open commands here end
-    /// MOVED, naming their new ids), refused (it is served here again), or to be asked again (it
-    /// stays leaving). What to store, and whether it moved.
-    pub fn finish_leaving(&self, device: &Arc<Device>, to: &InstanceName, result: &ImportResult) -> (Vec<Op>, bool) {
+    /// MOVED, each naming its new id: `sent` are the ids sent, in the order of the answer's),
+    /// refused (it is served here again), or to be asked again (it stays leaving). What to
+    /// store, and whether it moved.
+    pub fn finish_leaving(
+        &self,
+        device: &Arc<Device>,
+        to: &InstanceName,
+        sent: &[CommandId],
+        result: &ImportResult,
+    ) -> (Vec<Op>, bool) {
         let mut s = device.state();
         if s.home != Home::Leaving(to.clone()) {
             return (Vec::new(), false);
@@ -474,10 +486,11 @@ impl Registry {
             ImportOutcome::Imported | ImportOutcome::AlreadyHere => {
                 s.home = Home::Moved(to.clone());
                 let now = UnixMs::now().0;
-                let mut moved_ids = result.commands.iter();
+                let new_ids: HashMap<CommandId, CommandId> =
+                    sent.iter().copied().zip(result.commands.iter().copied()).collect();
                 for mut c in s.commands.drain().collect::<Vec<_>>() {
                     c.set(CommandStatus::Moved, now);
-                    c.reason = Some(match moved_ids.next() {
+                    c.reason = Some(match new_ids.get(&c.id) {
                         Some(id) => format!("moved with its device to instance {to} as command {id}"),
                         None => format!("moved with its device to instance {to}"),
                     });
@@ -491,10 +504,11 @@ impl Registry {
         (ops, s.home.elsewhere().is_some())
     }
 
-    /// A move that certainly did not reach the destination: the device is served here again.
-    pub fn abort_leaving(&self, device: &Arc<Device>, to: &InstanceName) -> Vec<Op> {
+    /// A hand-over (`leaving`, as begun) that certainly reached nobody: the device is served
+    /// here again.
+    pub fn abort_leaving(&self, device: &Arc<Device>, leaving: &Home) -> Vec<Op> {
         let mut s = device.state();
-        if s.home != Home::Leaving(to.clone()) {
+        if s.home != *leaving {
             return Vec::new();
         }
         s.home = Home::Here;
@@ -567,7 +581,14 @@ impl Registry {
                     return answer(ImportOutcome::Retry, Some("an earlier import is being stored".into()), Vec::new());
                 }
                 Home::Moved(ref i) if i == source => {}
-                Home::Leaving(i) | Home::Moved(i) => {
+                // Two moves crossing (each side's outcome unknown to it): one side must give
+                // way, the same one whichever request arrives first. The greater name takes it.
+                Home::Leaving(ref i) if i == source && self.cluster.name > *source => {}
+                Home::Leaving(ref i) if i == source => {
+                    let error = format!("device {} is being moved to {source}; ask again", d.device_name);
+                    return answer(ImportOutcome::Retry, Some(error), Vec::new());
+                }
+                Home::Leaving(i) | Home::Moved(i) | Home::Released(i) => {
                     let error = format!("device {} lives at or leaves for instance {i}", d.device_name);
                     return answer(ImportOutcome::Refused, Some(error), Vec::new());
                 }
@@ -611,9 +632,15 @@ impl Registry {
         let now = UnixMs::now();
         let (ops, ids, previous) = {
             let mut s = device.state();
-            let previous =
-                (std::mem::replace(&mut s.home, Home::Arriving), s.enabled, s.radio.clone(), s.version.clone());
+            let previous = (
+                std::mem::replace(&mut s.home, Home::Arriving),
+                s.enabled,
+                s.registered,
+                s.radio.clone(),
+                s.version.clone(),
+            );
             (s.enabled, s.radio, s.version) = (d.enabled, d.radio.clone(), d.version.clone());
+            s.registered |= d.registered;
             // Contact here, if any, was before it left: the grayscale gate and rollback ask
             // whether it came online since it arrived.
             (s.last_seen, s.address) = (None, None);
@@ -628,7 +655,7 @@ impl Registry {
             for id in &ids {
                 let _ = s.commands.cancel(*id, now.0);
             }
-            (s.home, s.enabled, s.radio, s.version) = previous;
+            (s.home, s.enabled, s.registered, s.radio, s.version) = previous;
             drop(s);
             if created {
                 self.forget(&device);
@@ -694,16 +721,19 @@ impl Registry {
             error: Some(error),
             commands: Vec::new(),
         };
-        let known: HashMap<String, CommandId> = match self.commands_of(device) {
+        let mut known: HashMap<String, CommandId> = match self.store.commands_of(device.id) {
             Ok(all) => all.into_iter().filter_map(|c| Some((c.origin?, c.id))).collect(),
             Err(e) => return retry(format!("storage error: {e}")),
         };
-        let missing: Vec<CommandTransfer> =
-            commands.iter().filter(|c| !known.contains_key(&origin(source, c.id))).cloned().collect();
         let now = UnixMs::now();
         let mut ops = Vec::new();
         let added = {
+            // Under the device's lock, with what is queued but not yet stored: two imports at
+            // once cannot both find a command missing.
             let mut s = device.state();
+            known.extend(s.commands.records().filter_map(|c| Some((c.origin.clone()?, c.id))));
+            let missing: Vec<CommandTransfer> =
+                commands.iter().filter(|c| !known.contains_key(&origin(source, c.id))).cloned().collect();
             self.queue_moved(device, &mut s, source, &missing, now, &mut ops)
         };
         if !ops.is_empty()
@@ -743,8 +773,9 @@ impl Registry {
                 continue;
             };
             let home = device.state().home.clone();
+            let released = Home::Released(req.source.clone());
             if req.confirm {
-                if home != Home::Leaving(req.source.clone()) {
+                if home != released {
                     results.push(result(ReleaseOutcome::NotFound, None));
                     continue;
                 }
@@ -753,7 +784,7 @@ impl Registry {
                 results.push(result(ReleaseOutcome::Released, None));
                 continue;
             }
-            match self.begin_leaving(&device, &req.source, true) {
+            match self.begin_leaving(&device, released) {
                 Some(leaving) => {
                     ops.extend(leaving.ops);
                     results.push(result(ReleaseOutcome::Released, Some(leaving.transfer)));
@@ -764,9 +795,10 @@ impl Registry {
         }
         if let Err(e) = self.writer.commit(ops).await {
             // Nothing was promised: they are served here again.
+            let released = Home::Released(req.source.clone());
             for r in results.iter().filter(|r| r.device.is_some()) {
                 if let Some(d) = self.device(req.product_key.as_str(), r.device_name.as_str()) {
-                    let _ = self.abort_leaving(&d, &req.source);
+                    let _ = self.abort_leaving(&d, &released);
                 }
             }
             return Err(e.into());

@@ -426,6 +426,9 @@ impl Registry {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
         let previous = {
             let mut s = device.state();
+            if s.home == crate::cluster::Home::Arriving {
+                return Err(RegistryError::Conflict(format!("device {dn} is arriving from another instance")));
+            }
             let previous = (s.enabled, s.radio.clone());
             if let Some(e) = patch.enabled {
                 s.enabled = e;
@@ -450,6 +453,9 @@ impl Registry {
         let mut commands: Vec<_> = self.store.commands_of(device.id)?.into_iter().map(|c| c.id).collect();
         let (record, tokens, open) = {
             let mut s = device.state();
+            if s.home == crate::cluster::Home::Arriving {
+                return Err(RegistryError::Conflict(format!("device {dn} is arriving from another instance")));
+            }
             s.deleted = true;
             let open: Vec<_> = s.commands.drain().collect();
             commands.extend(open.iter().map(|c| c.id));
