@@ -26,16 +26,32 @@ fn instance(name: &str, env: &[(&str, &str)]) -> Server {
     Server::start_with(&all)
 }
 
+/// Loopback ports of an instance: CoAP, AES, DTLS, admin.
+type Ports = [u16; 4];
+
 /// `server` as a peer entry of `cluster.peers`.
 fn peer(name: &str, server: &Server) -> String {
     let e = &server.endpoints;
+    peer_at(name, [e.coap.port(), e.aes.port(), e.dtls.port(), e.admin.port()])
+}
+
+/// The peer entry of an instance that is to listen on `ports`.
+fn peer_at(name: &str, [coap, aes, dtls, admin]: Ports) -> String {
     format!(
-        r#"{{ name = "{name}", host = "127.0.0.1", coap_port = {}, aes_port = {}, dtls_port = {}, admin_url = "http://{}", token = "{TOKEN}" }}"#,
-        e.coap.port(),
-        e.aes.port(),
-        e.dtls.port(),
-        e.admin
+        r#"{{ name = "{name}", host = "127.0.0.1", coap_port = {coap}, aes_port = {aes}, dtls_port = {dtls}, admin_url = "http://127.0.0.1:{admin}", token = "{TOKEN}" }}"#
     )
+}
+
+/// An instance started on `ports` its peers were told of beforehand.
+fn instance_on(name: &str, ports: Ports) -> Server {
+    let [coap, aes, dtls, admin] = ports.map(|p| format!("127.0.0.1:{p}"));
+    let env = [
+        ("NBHUB_COAP_LISTEN", coap),
+        ("NBHUB_AES_LISTEN", aes),
+        ("NBHUB_DTLS_LISTEN", dtls),
+        ("NBHUB_ADMIN_LISTEN", admin),
+    ];
+    instance(name, &env.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>())
 }
 
 /// `POST /bootstrap`, signed like `/auth` unless `signed` is false.
@@ -353,13 +369,8 @@ fn a_grayscale_migration_waits_for_a_batch_that_has_not_reconnected_and_a_rollba
 #[test]
 fn a_destination_that_is_down_fails_the_task_cleanly_and_a_retry_completes_it() {
     // B's ports are chosen now and B started later, after the task failed.
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
-    let listen = |p: u16| format!("127.0.0.1:{p}");
-    let b_entry = format!(
-        r#"{{ name = "b", host = "127.0.0.1", coap_port = {}, aes_port = {}, dtls_port = {}, admin_url = "http://127.0.0.1:{}", token = "{TOKEN}" }}"#,
-        ports[0], ports[1], ports[2], ports[3]
-    );
-    let mut a = instance("a", &[("NBHUB_CLUSTER_PEERS", &format!("[{b_entry}]"))]);
+    let ports: Ports = std::array::from_fn(|_| free_port());
+    let mut a = instance("a", &[("NBHUB_CLUSTER_PEERS", &format!("[{}]", peer_at("b", ports)))]);
     let (pk, dn, secret) = a.product_and_device(json!({"name": "down"}));
     let id = create_task(&a, json!({"product_key": pk, "policy": "specified", "instance": "b"}));
     let failed = wait_task(&a, &id, |t| t["status"] == "failed");
@@ -375,16 +386,7 @@ fn a_destination_that_is_down_fails_the_task_cleanly_and_a_retry_completes_it() 
     let mut dev = AliDevice::new(a.endpoints.coap, &pk, &dn, &secret);
     assert_eq!(dev.auth().code, Code::CONTENT);
 
-    let (coap, aes, dtls, admin) = (listen(ports[0]), listen(ports[1]), listen(ports[2]), listen(ports[3]));
-    let b = instance(
-        "b",
-        &[
-            ("NBHUB_COAP_LISTEN", &coap),
-            ("NBHUB_AES_LISTEN", &aes),
-            ("NBHUB_DTLS_LISTEN", &dtls),
-            ("NBHUB_ADMIN_LISTEN", &admin),
-        ],
-    );
+    let b = instance_on("b", ports);
     a.admin().post(&format!("/api/v1/distribution/tasks/{id}/retry"), &json!({})).unwrap();
     wait_task(&a, &id, |t| t["status"] == "completed" && t["devices"]["moved"] == 1);
     assert_eq!(dev.auth().code, Code::FORBIDDEN);
@@ -397,12 +399,8 @@ fn a_move_whose_outcome_is_unknown_keeps_the_device_leaving_across_a_restart_unt
     // B's admin port is first a hung peer: it accepts the product by hand, then never answers.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let admin_port = hung.local_addr().unwrap().port();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let b_entry = format!(
-        r#"{{ name = "b", host = "127.0.0.1", coap_port = {}, aes_port = {}, dtls_port = {}, admin_url = "http://127.0.0.1:{admin_port}", token = "{TOKEN}" }}"#,
-        ports[0], ports[1], ports[2]
-    );
-    let peers = format!("[{b_entry}]");
+    let ports: Ports = [free_port(), free_port(), free_port(), admin_port];
+    let peers = format!("[{}]", peer_at("b", ports));
     let env = [("NBHUB_CLUSTER_PEERS", peers.as_str()), ("NBHUB_CLUSTER_REQUEST_TIMEOUT_MS", "500")];
     let mut a = instance("a", &env);
     let (pk, dn, secret) = a.product_and_device(json!({"name": "hung"}));
@@ -437,17 +435,7 @@ fn a_move_whose_outcome_is_unknown_keeps_the_device_leaving_across_a_restart_unt
 
     // The real B comes up on that port; the retry repeats the move at once and settles it.
     drop(hung);
-    let listen = |p: u16| format!("127.0.0.1:{p}");
-    let (coap, aes, dtls, admin) = (listen(ports[0]), listen(ports[1]), listen(ports[2]), listen(admin_port));
-    let b = instance(
-        "b",
-        &[
-            ("NBHUB_COAP_LISTEN", &coap),
-            ("NBHUB_AES_LISTEN", &aes),
-            ("NBHUB_DTLS_LISTEN", &dtls),
-            ("NBHUB_ADMIN_LISTEN", &admin),
-        ],
-    );
+    let b = instance_on("b", ports);
     a.admin().post(&format!("/api/v1/distribution/tasks/{id}/retry"), &json!({})).unwrap();
     wait_task(&a, &id, |t| t["status"] == "completed" && t["devices"]["moved"] == 1);
     assert_eq!(home_of(&bootstrap(&mut dev, true)), b.endpoints.coap);
@@ -490,10 +478,16 @@ fn the_import_endpoint_takes_a_device_once_and_refuses_what_it_must_not_take() {
     assert_eq!(status(b.admin().post("/api/v1/distribution/imports", &bad)), 400);
 }
 
-/// A loopback port nothing listens on at the moment (UDP and TCP).
+/// A loopback port nothing listens on at the moment, over UDP nor TCP (another test's server
+/// may still take it before the instance meant for it starts: the window is a second or two).
 fn free_port() -> u16 {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    tcp.local_addr().unwrap().port()
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn base64(data: &[u8]) -> String {
