@@ -341,6 +341,9 @@ fn commands_survive_kill_9_in_the_middle_of_delivery() {
     let cmd = dev.command(Duration::from_secs(5)).unwrap();
     assert_eq!(cmd.payload, b"first");
     server.wait_command(first["command_id"].as_str().unwrap(), "SENT");
+    // The report is a NON: nothing told the device it was stored (the command may go out while
+    // its write is still queued), so the crash comes once it is readable.
+    eventually(|| server.stored(&pk, &dn).len(), |n| *n == 1, |n| format!("{n} reports stored"));
 
     // Killed with the first command in flight; the short one expires while the server is down.
     server.kill9();
