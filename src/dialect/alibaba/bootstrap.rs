@@ -28,8 +28,9 @@ impl Alibaba {
         };
         // Unknown devices and bad signatures get the same answer, as on /auth.
         let Some(device) = self.registry.device(pk, dn) else { return refuse(Code::UNAUTHORIZED, "unknown_device") };
-        let signed = body.get("sign").is_some();
-        match body.get("sign") {
+        let sign = body.get("sign");
+        let signed = sign.is_some();
+        match sign {
             Some(sign) => {
                 let content = auth_content(body.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 if !body.method.verify(device.secret.expose().as_bytes(), content.as_bytes(), sign) {

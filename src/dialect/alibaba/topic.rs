@@ -86,7 +86,11 @@ impl Alibaba {
             Caller::Link(d) => d.clone(),
         };
         // A DTLS session outlives a move; the device is told to bootstrap.
-        if !device.state().enabled || !device.state().home.is_here() {
+        let served = {
+            let s = device.state();
+            s.enabled && s.home.is_here()
+        };
+        if !served {
             return Err(Outcome::code(Code::FORBIDDEN));
         }
         allowed(&device).map_err(Outcome::code)?;
