@@ -23,6 +23,8 @@ pub mod metric {
     pub const AUTH: &str = "nbhub_auth_total";
     pub const UPLINKS_STORED: &str = "nbhub_uplinks_stored_total";
     pub const FLOW_CONTROL: &str = "nbhub_flow_control_rejections_total";
+    /// Device requests that changed nothing, by dialect and reason (`dialect::refusal`).
+    pub const REFUSALS: &str = "nbhub_refusals_total";
     pub const PENDING_WRITES_FULL: &str = "nbhub_pending_writes_full_total";
     pub const STORE_COMMIT_SECONDS: &str = "nbhub_store_commit_seconds";
     pub const STORE_BATCH_JOBS: &str = "nbhub_store_batch_jobs";
@@ -74,10 +76,17 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_counter!(metric::DATAGRAMS_SENT, "UDP datagrams sent, by port");
     metrics::describe_counter!(metric::MALFORMED, "datagrams that are not well-formed CoAP");
     metrics::describe_counter!(metric::DUPLICATES, "retransmitted requests answered from the dedup cache");
-    metrics::describe_counter!(metric::RESPONSES, "responses sent, by code");
+    metrics::describe_counter!(
+        metric::RESPONSES,
+        "responses sent, by code (the server's own requests are not counted)"
+    );
     metrics::describe_counter!(metric::AUTH, "/auth and registration results");
     metrics::describe_counter!(metric::UPLINKS_STORED, "uplinks durably stored");
-    metrics::describe_counter!(metric::FLOW_CONTROL, "requests refused with 4.29");
+    metrics::describe_counter!(
+        metric::FLOW_CONTROL,
+        "requests over a device's flow-control budget, by action (refused with 4.29, or dropped unanswered)"
+    );
+    metrics::describe_counter!(metric::REFUSALS, "device requests refused or ignored, by dialect and reason");
     metrics::describe_counter!(metric::DTLS_HELLO_VERIFY, "stateless HelloVerifyRequests sent to new DTLS peers");
     metrics::describe_counter!(
         metric::DTLS_HANDSHAKES_STARTED,

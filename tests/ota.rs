@@ -555,3 +555,27 @@ fn answers_in_acks_a_missing_result_and_a_stop_in_the_middle_of_a_download() {
     );
     assert_eq!(device_entry(&task(&server, &second), c)["state"], "canceled");
 }
+
+#[test]
+fn chunk_requests_that_move_a_download_on_are_not_charged_to_flow_control() {
+    // The default limits: LiteOS asks for each next chunk as soon as it has the previous one.
+    let mut env = FAST.to_vec();
+    env.extend([("NBHUB_DEVICE_MAX_PER_SECOND", "5"), ("NBHUB_DEVICE_MAX_PER_MINUTE", "300")]);
+    let server = Server::start_with(&env);
+    let f = fleet(&server, 1, 600);
+    let (dn, node) = f.devices[0].clone();
+    let data = Arc::new(package_bytes(3000));
+    let package = upload(&server, &f.pk, "V2.0", &data, 100, "V1.0");
+    let addr = Arc::new(Mutex::new(server.endpoints.coap));
+    let mut dev = bound(&addr, &node, Behaviour::healthy("V1.0"), &data);
+    dev.dev.report(br#"{"rsrp": -92, "sinr": 11.5, "cell_id": "cell-a"}"#);
+    server.wait_device(&f.pk, &dn, |d| d["radio"]["cell_id"] == "cell-a");
+    let id = start_task(&server, &package, &f.pk, &[&dn], None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handles = spawn(vec![dev], &stop);
+    let t = wait_task(&server, &id, "finished");
+    let dev = join(handles, &stop).pop().unwrap();
+    assert_eq!(t["counts"]["succeeded"], 1, "{t}");
+    assert_eq!(dev.log.requested, (0..30).collect::<Vec<u16>>(), "30 chunks back to back, none dropped or asked twice");
+    assert_eq!(dev.log.image.as_deref(), Some(&data[..]));
+}

@@ -4,5 +4,6 @@
 pub mod dedup;
 pub mod endpoint;
 pub mod message;
+pub mod observe;
 pub mod option;
 pub mod resource;

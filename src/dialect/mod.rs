@@ -3,6 +3,7 @@
 
 pub mod alibaba;
 pub mod huawei;
+pub mod refusal;
 
 use std::sync::Arc;
 

@@ -210,6 +210,15 @@ pub struct Upgrade {
 }
 
 impl Upgrade {
+    /// Whether a request for `chunk` moves this download on: one beyond every chunk asked for
+    /// before, within the package. Such requests are bounded by the download itself (one per
+    /// chunk and attempt) and the cell budget bounds the downloads at once, so they are not
+    /// charged to the device's flow control: LiteOS asks for the next chunk as soon as it holds
+    /// one, faster than a per-second message limit allows. Asking again for a chunk is charged.
+    pub fn advanced_by(&self, chunk: u16, chunk_count: u16) -> bool {
+        self.stage.holds_slot() && chunk >= self.next_chunk && chunk < chunk_count
+    }
+
     pub fn new(task: TaskId, device: DeviceId, now: UnixMs) -> Upgrade {
         Upgrade {
             task,
@@ -547,6 +556,19 @@ mod tests {
             upgrade_ms: 1_800_000,
             resend_ms: 30_000,
         }
+    }
+
+    #[test]
+    fn only_requests_for_new_chunks_of_a_download_move_it_on() {
+        let mut up = Upgrade::new(TaskId(1), DeviceId(7), UnixMs(T0));
+        assert!(!up.advanced_by(0, 4), "not downloading yet");
+        up.stage = Stage::Downloading;
+        up.next_chunk = 2;
+        assert!(up.advanced_by(2, 4) && up.advanced_by(3, 4));
+        assert!(!up.advanced_by(1, 4), "asked before");
+        assert!(!up.advanced_by(4, 4), "beyond the package");
+        up.stage = Stage::Downloaded;
+        assert!(!up.advanced_by(3, 4));
     }
 
     struct Bench {

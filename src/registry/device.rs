@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::UnixMs;
 use crate::cluster::Home;
+use crate::coap::observe::Latest;
 use crate::config::DeviceConfig;
 use crate::downlink::{PcpRequest, Queue};
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
@@ -47,6 +48,9 @@ pub struct DeviceState {
     pub observe: Option<ObserveToken>,
     /// The relation asked for at the last bind, until the device acknowledges it.
     pub pending_observe: Option<ObserveToken>,
+    /// The newest notification of the current relation since it began or the server started:
+    /// a copy from another address may not move the device's downlink.
+    pub latest_notification: Option<Latest>,
     /// Commands not yet delivered or ended.
     pub commands: Queue,
     /// The status last told to subscribers (`device_status` events announce changes).
@@ -104,6 +108,7 @@ impl Device {
                 route: None,
                 observe: r.observe,
                 pending_observe: None,
+                latest_notification: None,
                 commands: Queue::default(),
                 announced: Status::Inactive,
                 version: r.version,
@@ -289,6 +294,7 @@ mod tests {
             route: None,
             observe: None,
             pending_observe: None,
+            latest_notification: None,
             commands: Queue::default(),
             announced: Status::Inactive,
             version: None,

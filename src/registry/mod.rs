@@ -301,6 +301,7 @@ impl Registry {
             return false;
         }
         s.pending_observe = None;
+        s.latest_notification = None;
         if let Some(old) = s.observe.replace(token) {
             devices.by_observe.remove(&old);
         }
@@ -494,12 +495,32 @@ impl Registry {
         Ok(n)
     }
 
+    /// The live session of `family` an identical signed `/auth` opened before, renewed for a
+    /// full lifetime: the body travels in the clear, so this is a replay or the device itself
+    /// (iotkit v3 always signs the same body on 5683; on 5682 the body's `seq` differs between
+    /// initialisations, so there it is a replay or an application-level retry). Answering it with
+    /// the same session keeps a captured `/auth` from cutting the real device off, and the
+    /// renewal keeps a device that re-initialised from being stranded when that token's idle
+    /// expiry was near. Returns the token and the record to store before it is revealed.
+    pub fn replayed_session(
+        &self,
+        device: &Arc<Device>,
+        family: PortFamily,
+        sign: &str,
+        now: UnixMs,
+    ) -> Option<(Token, SessionRecord)> {
+        // Lock order: device state, then a session shard (never the other way round).
+        let state = device.state();
+        state
+            .tokens
+            .iter()
+            .find_map(|t| Some((t.clone(), self.sessions.renew_signed(t.as_bytes(), family, sign, now)?)))
+    }
+
     /// Starts a session for `device`: the new token is usable at once; the device's previous
     /// token on the same port family keeps working for the grace period (the device may still
     /// retransmit with it). Returns the token and the writes that must be durable before it is
-    /// revealed, or no writes when an identical signed request on the plain family already holds
-    /// a live session: that is a replay (the body travels in the clear), and answering it with the
-    /// same token keeps a captured `/auth` from cutting the real device off.
+    /// revealed.
     pub fn open_session(&self, device: &Arc<Device>, record: SessionRecord, now: UnixMs) -> (Token, Vec<Op>) {
         let family = record.family;
         let grace_end = now.plus_secs(self.config.auth.token_grace_s);
@@ -507,14 +528,6 @@ impl Registry {
         // Lock order: device state, then a session shard (never the other way round).
         let mut state = device.state();
         state.tokens.retain(|t| self.sessions.is_live(t.as_bytes(), now));
-        if family == PortFamily::Plain
-            && let Some(same) = state
-                .tokens
-                .iter()
-                .find(|t| record.auth_sign.is_some() && self.sessions.auth_sign(t.as_bytes()) == record.auth_sign)
-        {
-            return (same.clone(), ops);
-        }
         for old in &state.tokens {
             if self.sessions.family(old.as_bytes()) == Some(family)
                 && let Some(r) = self.sessions.replace(old.as_bytes(), grace_end)

@@ -101,13 +101,14 @@ impl Sessions {
         self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
     }
 
-    /// Finds a usable session.
-    pub fn lookup(&self, token: &[u8], now: UnixMs) -> Lookup {
+    /// Finds a usable session of `family`: each port family recognises only the tokens it
+    /// issued.
+    pub fn lookup(&self, token: &[u8], family: PortFamily, now: UnixMs) -> Lookup {
         let view = {
             let shard = self.shard(token);
             let Some(s) = shard.get(token) else { return Lookup::Invalid };
             // An expired session stays until the sweep, which also deletes its stored record.
-            if s.expired(now, self.ttl_s) {
+            if s.family != family || s.expired(now, self.ttl_s) {
                 return Lookup::Invalid;
             }
             SessionView {
@@ -189,9 +190,21 @@ impl Sessions {
         gone
     }
 
-    /// The `sign` of the `/auth` that opened a session.
-    pub fn auth_sign(&self, token: &[u8]) -> Option<String> {
-        self.shard(token).get(token).and_then(|s| s.record.auth_sign.clone())
+    /// If `token` is a live, unreplaced session of `family` opened by an `/auth` signed `sign`,
+    /// renews its idle expiry to a full lifetime from `now` and returns the record to store.
+    pub fn renew_signed(&self, token: &[u8], family: PortFamily, sign: &str, now: UnixMs) -> Option<SessionRecord> {
+        let mut shard = self.shard(token);
+        let s = shard.get_mut(token)?;
+        if s.family != family
+            || s.record.replaced_until.is_some()
+            || s.expired(now, self.ttl_s)
+            || s.record.auth_sign.as_deref() != Some(sign)
+        {
+            return None;
+        }
+        s.record.last_used = s.record.last_used.max(now.0);
+        s.persisted_last_used = s.record.last_used;
+        Some(s.record.clone())
     }
 
     /// The family of a live token.

@@ -287,6 +287,15 @@ impl Registry {
 
     /// `payload` as a PCP message, if it is one (SPEC §6): the device's product upgrades over PCP
     /// and the frame is exactly right. Anything else is business data.
+    /// Whether `payload` asks for the next chunk of `device`'s download in progress
+    /// ([`Upgrade::advanced_by`]): such a request is not charged to its flow control.
+    pub fn advances_download(&self, device: &Device, payload: &[u8]) -> bool {
+        let Some(FromDevice::ChunkRequest { chunk, .. }) = self.pcp_message(device, payload) else { return false };
+        let s = device.state();
+        let Some(up) = &s.upgrade else { return false };
+        self.ota.task(up.task).is_some_and(|t| up.advanced_by(chunk, t.package.chunk_count))
+    }
+
     pub fn pcp_message(&self, device: &Device, payload: &[u8]) -> Option<FromDevice> {
         if !payload.starts_with(&[0xFF, 0xFE]) {
             return None;

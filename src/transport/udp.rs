@@ -59,9 +59,10 @@ struct PortMetrics {
 
 impl PortMetrics {
     fn count_response(&mut self, datagram: &[u8]) {
-        // Byte 1 is the code; Empty ACK/RST (0.00) are message-layer, not responses.
+        // Byte 1 is the code. Class 0 is not a response: Empty ACK/RST (0.00) are message-layer,
+        // 0.01-0.31 are the server's own requests (Huawei GET and POST /t/d).
         let Some(&code) = datagram.get(1) else { return };
-        if code == 0 {
+        if Code(code).class() == 0 {
             return;
         }
         let port = self.port;

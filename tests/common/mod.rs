@@ -303,10 +303,21 @@ impl Peer {
         Reply::parse(&self.recv_within(Duration::from_secs(5)).expect("a reply within 5 s"))
     }
 
-    /// Sends and waits for the reply matching `mid` (ACK) or, for NON, any reply.
+    /// Sends and waits for the reply to it: the ACK with its message id, or a response with its
+    /// token (a NON's, or a separate one). Anything else is a stray datagram, e.g. a late answer
+    /// to an earlier user of this ephemeral port in a parallel test, and is skipped.
     pub fn exchange(&self, data: &[u8]) -> Reply {
+        let request = Message::parse(data).expect("a well-formed request");
         self.send(data);
-        self.recv()
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now()).expect("a reply within 5 s");
+            let reply = Reply::parse(&self.recv_within(left).expect("a reply within 5 s"));
+            let same_mid = matches!(reply.mtype, MessageType::Ack | MessageType::Rst) && reply.mid == request.mid;
+            if same_mid || reply.token == request.token {
+                return reply;
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use super::{Alibaba, admit};
 use crate::auth::sign::{SignMethod, auth_content};
 use crate::coap::message::Code;
 use crate::coap::resource::{Outcome, Persist, Request};
+use crate::identity::Token;
 use crate::store::Op;
 use crate::store::records::{AckMode, PortFamily, SessionRecord};
 use crate::telemetry::metric;
@@ -19,6 +20,14 @@ const SEQ_OFFSET: u64 = 1;
 fn refuse(code: Code, reason: &'static str) -> Outcome {
     metrics::counter!(metric::AUTH, "result" => reason).increment(1);
     Outcome::code(code)
+}
+
+/// The 2.05 body of a session: on 5682 with the `random` its key derives from.
+fn answer(token: &Token, record: &SessionRecord) -> serde_json::Value {
+    match &record.random {
+        Some(random) => serde_json::json!({"random": random, "seqOffset": record.seq_offset, "token": token.as_str()}),
+        None => serde_json::json!({"token": token.as_str()}),
+    }
 }
 
 impl Alibaba {
@@ -45,9 +54,10 @@ impl Alibaba {
             return refuse(Code::UNAUTHORIZED, "bad_signature");
         }
         let now = req.now.wall;
+        let sign = sign.to_ascii_lowercase();
         let contact;
         {
-            let mut state = device.state();
+            let state = device.state();
             if !state.enabled {
                 return refuse(Code::FORBIDDEN, "disabled");
             }
@@ -55,7 +65,19 @@ impl Alibaba {
             if !state.home.is_here() {
                 return refuse(Code::FORBIDDEN, "moved");
             }
-            if let Err(o) = admit(&mut state, req, &self.registry) {
+            drop(state);
+            // A body signed before proves nothing fresh: it gets its session back, renewed, and
+            // is neither contact nor charged to the device (anyone may have captured it).
+            if let Some((token, record)) = self.registry.replayed_session(&device, self.family, &sign, now) {
+                metrics::counter!(metric::AUTH, "result" => "replayed").increment(1);
+                tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, ?token, "replayed /auth renewed its token");
+                let reply = answer(&token, &record);
+                let ops = smallvec::smallvec![Op::PutSession { token, record }];
+                return Persist { separate: ack_mode == AckMode::Separate, ..Persist::new(ops, body.reply(reply)) }
+                    .into();
+            }
+            let mut state = device.state();
+            if let Err(o) = admit(&mut state, req, &self.registry, &device) {
                 return o;
             }
             contact = self.registry.contact(&device, &mut state, now, req.peer, self.route);
@@ -64,23 +86,19 @@ impl Alibaba {
         let record = SessionRecord {
             device_id: device.id,
             family: self.family,
-            random: random.clone(),
+            random,
             seq_offset: SEQ_OFFSET,
             ack_mode,
             created_at: now.0,
             last_used: now.0,
             replaced_until: None,
-            auth_sign: Some(sign.to_ascii_lowercase()),
+            auth_sign: Some(sign),
         };
-        let (token, session_ops) = self.registry.open_session(&device, record, now);
-        let reused = session_ops.is_empty();
+        let (token, session_ops) = self.registry.open_session(&device, record.clone(), now);
         let mut ops: SmallVec<[Op; 3]> = session_ops.into_iter().collect();
         ops.extend(contact);
-        let reply = match random {
-            Some(random) => serde_json::json!({"random": random, "seqOffset": SEQ_OFFSET, "token": token.as_str()}),
-            None => serde_json::json!({"token": token.as_str()}),
-        };
-        metrics::counter!(metric::AUTH, "result" => if reused { "replayed" } else { "ok" }).increment(1);
+        let reply = answer(&token, &record);
+        metrics::counter!(metric::AUTH, "result" => "ok").increment(1);
         tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, ?token, "authenticated");
         Persist { separate: ack_mode == AckMode::Separate, ..Persist::new(ops, body.reply(reply)) }.into()
     }

@@ -3,8 +3,8 @@
 //! `/auth` (over every field but `sign` and `signmethod`) with the DeviceSecret; products that
 //! allow it may ask unsigned. Answering changes nothing but a "nearest" task's placement.
 
+use super::Alibaba;
 use super::body::SignedBody;
-use super::{Alibaba, admit};
 use crate::auth::sign::{SignMethod, auth_content};
 use crate::coap::message::Code;
 use crate::coap::resource::{Outcome, Request, Response};
@@ -40,14 +40,12 @@ impl Alibaba {
             None if self.registry.product(pk).is_some_and(|p| p.unsigned_bootstrap) => {}
             None => return refuse(Code::UNAUTHORIZED, "unsigned"),
         }
-        {
-            let mut state = device.state();
-            if !state.enabled {
-                return refuse(Code::FORBIDDEN, "disabled");
-            }
-            if let Err(o) = admit(&mut state, req, &self.registry) {
-                return o;
-            }
+        // Not charged to the device's flow control: a signed body carries no freshness, so
+        // anyone who captured one could otherwise spend the budget the device's uplinks need.
+        // Answering reads only (but for a "nearest" placement); the answer is no larger than the
+        // request.
+        if !device.state().enabled {
+            return refuse(Code::FORBIDDEN, "disabled");
         }
         match self.registry.bootstrap(&device, req.peer.ip(), self.family, signed) {
             BootstrapAnswer::Go { host, port } => {

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use crate::clock::Now;
 use crate::coap::message::Code;
 use crate::coap::resource::{ExchangeKey, Outcome, Reply, Request, Response};
+use crate::dialect::refusal::{self, Dialect, OverBudget};
 use crate::registry::device::DeviceState;
 use crate::registry::{Device, Registry, Route};
 use crate::store::records::PortFamily;
-use crate::telemetry::metric;
 
 pub struct Alibaba {
     registry: Arc<Registry>,
@@ -59,9 +59,9 @@ impl Alibaba {
 
 /// Applies the device's flow control (SPEC §7): 4.29 with Max-Age saying when to retry.
 #[allow(clippy::result_large_err)] // the error is the outcome handed straight back to the endpoint
-fn admit(state: &mut DeviceState, req: &Request<'_, '_>, registry: &Registry) -> Result<(), Outcome> {
+fn admit(state: &mut DeviceState, req: &Request<'_, '_>, registry: &Registry, device: &Device) -> Result<(), Outcome> {
     state.admit(req.now.wall, &registry.config.device).map_err(|retry_after| {
-        metrics::counter!(metric::FLOW_CONTROL).increment(1);
+        refusal::over_budget(Dialect::Alibaba, device, req.peer, OverBudget::Refused);
         Outcome::Respond(Response { max_age: Some(retry_after), ..Response::new(Code::TOO_MANY_REQUESTS) })
     })
 }

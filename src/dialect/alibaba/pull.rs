@@ -13,6 +13,7 @@ use crate::clock::Now;
 use crate::coap::message::Code;
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Outcome, Persist, Reply, Request, Response};
+use crate::dialect::refusal::Refusal;
 use crate::downlink::{PcpRequest, Settlement};
 use crate::registry::Device;
 use crate::store::Op;
@@ -26,13 +27,16 @@ pub const PCP_MESSAGE_ID: &str = "pcp";
 
 impl Alibaba {
     pub(super) fn pull(&mut self, req: &Request<'_, '_>) -> Outcome {
-        let Authorized { device, payload, key, ops: auth_ops, undo, .. } = match self.authorize(req, |_| Ok(())) {
-            Ok(a) => a,
-            Err(o) => return o,
-        };
+        // A /pull without a seq on 5682 would hand out commands to anyone who saw the token.
+        let unproven = || Outcome::code(Code::BAD_REQUEST);
+        let Authorized { device, payload, key, ops: auth_ops, undo, .. } =
+            match self.authorize(req, |_| Ok(()), unproven) {
+                Ok(a) => a,
+                Err(o) => return o,
+            };
         let page = match page_size(&payload, req) {
             Some(n) => n,
-            None => return Outcome::code(Code::BAD_REQUEST),
+            None => return self.refuse(req, Refusal::BadPageSize, Some(&device)),
         };
         let now = req.now;
         let exchange = self.registry.next_exchange();

@@ -43,7 +43,7 @@ impl Alibaba {
             if !state.enabled || state.activated() {
                 return refuse(Code::FORBIDDEN, "already_activated");
             }
-            if let Err(o) = admit(&mut state, req, &self.registry) {
+            if let Err(o) = admit(&mut state, req, &self.registry, &device) {
                 return o;
             }
             // Reserved now so a concurrent request cannot get the secret too.

@@ -11,6 +11,7 @@ use crate::auth::replay::Verdict;
 use crate::coap::message::Code;
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{Outcome, Persist, Request, Response, Undo};
+use crate::dialect::refusal::{Dialect, Refusal};
 use crate::identity::{DeviceName, ProductKey, Token};
 use crate::registry::device::Device;
 use crate::registry::sessions::SessionView;
@@ -38,6 +39,12 @@ pub fn owns_topic(pk: &ProductKey, dn: &DeviceName, segments: &[&str]) -> bool {
     }
 }
 
+/// A 5682 request's fresh seq and its decrypted payload.
+struct Proven {
+    seq: u64,
+    payload: Vec<u8>,
+}
+
 /// Who sends a request: a token's session, or the device a DTLS PSK session authenticated.
 enum Caller<'a> {
     Token(&'a [u8], SessionView),
@@ -61,52 +68,68 @@ pub(super) struct Authorized {
 
 impl Alibaba {
     /// Authenticates a request by its token (or its DTLS session), checks the device is enabled
-    /// and passes `allowed` (else the code it names), decrypts it on 5682 and admits it through
-    /// flow control.
+    /// and passes `allowed` (else the refusal it names), decrypts it on 5682 and admits it
+    /// through flow control (unless it asks for the next chunk of a download). On 5682 a request without a seq proves nothing (the token travels
+    /// in clear): `unproven` answers it, and nothing is changed or charged.
     #[allow(clippy::result_large_err)] // the error is the outcome handed straight back to the endpoint
     pub(super) fn authorize(
         &self,
         req: &Request<'_, '_>,
-        allowed: impl FnOnce(&Device) -> Result<(), Code>,
+        allowed: impl FnOnce(&Device) -> Result<(), Refusal>,
+        unproven: impl FnOnce() -> Outcome,
     ) -> Result<Authorized, Outcome> {
         let now = req.now.wall;
         let caller = match token(req) {
-            Some(token) => match self.registry.sessions.lookup(token, now) {
-                Lookup::Valid(s) if s.family == self.family => Caller::Token(token, s),
-                _ => return Err(Outcome::code(Code::UNAUTHORIZED)),
+            Some(token) => match self.registry.sessions.lookup(token, self.family, now) {
+                Lookup::Valid(s) => Caller::Token(token, s),
+                Lookup::Invalid => return Err(self.refuse(req, Refusal::UnknownToken, None)),
             },
             // A PSK-authenticated DTLS session is already a device identity (SPEC §3.3).
             None => match req.authenticated.and_then(|id| self.registry.device_by_id(id)) {
                 Some(device) => Caller::Link(device),
-                None => return Err(Outcome::code(Code::UNAUTHORIZED)),
+                None => return Err(self.refuse(req, Refusal::UnknownToken, None)),
             },
         };
         let device = match &caller {
             Caller::Token(_, s) => s.device.clone(),
             Caller::Link(d) => d.clone(),
         };
-        // A DTLS session outlives a move; the device is told to bootstrap.
-        let served = {
+        let (enabled, here) = {
             let s = device.state();
-            s.enabled && s.home.is_here()
+            (s.enabled, s.home.is_here())
         };
-        if !served {
-            return Err(Outcome::code(Code::FORBIDDEN));
+        if !enabled {
+            return Err(self.refuse(req, Refusal::Disabled, Some(&device)));
         }
-        allowed(&device).map_err(Outcome::code)?;
+        // A DTLS session outlives a move; the device is told to bootstrap.
+        if !here {
+            return Err(self.refuse(req, Refusal::Moved, Some(&device)));
+        }
+        allowed(&device).map_err(|r| self.refuse(req, r, Some(&device)))?;
         let (seq, payload) = match &caller {
-            Caller::Token(token, session) if self.family == PortFamily::Aes => self.decrypt(req, token, session)?,
+            Caller::Token(token, session) if self.family == PortFamily::Aes => {
+                match self.decrypt(req, token, session) {
+                    Ok(Some(Proven { seq, payload })) => (Some(seq), payload),
+                    Ok(None) => {
+                        Refusal::Unproven.record(Dialect::Alibaba, Some(&device), req.peer);
+                        return Err(unproven());
+                    }
+                    Err(refused) => return Err(self.refused(req, refused, &device)),
+                }
+            }
             _ => (None, req.msg.payload.to_vec()),
         };
-        admit(&mut device.state(), req, &self.registry)?;
+        if !self.registry.advances_download(&device, &payload) {
+            admit(&mut device.state(), req, &self.registry, &device)?;
+        }
         let mut ops = SmallVec::new();
         let mut undo: Option<Undo> = None;
         let (key, ack_mode) = match &caller {
             Caller::Token(token, session) => {
                 let touch = match self.registry.sessions.accept(token, seq, now) {
                     SeqOutcome::Accepted { touch } => touch,
-                    SeqOutcome::Replayed => return Err(Outcome::code(Code::BAD_REQUEST)),
-                    SeqOutcome::Invalid => return Err(Outcome::code(Code::UNAUTHORIZED)),
+                    SeqOutcome::Replayed => return Err(self.refuse(req, Refusal::ReplayedSeq, Some(&device))),
+                    SeqOutcome::Invalid => return Err(self.refuse(req, Refusal::UnknownToken, Some(&device))),
                 };
                 let token = Token::from_bytes(token).expect("a token that was found is well-formed");
                 if let Some(seq) = seq {
@@ -129,22 +152,39 @@ impl Alibaba {
         Ok(Authorized { device, payload, key, ops, undo, ack_mode })
     }
 
+    /// Counts and logs a refusal; the answer carries its code.
+    pub(super) fn refuse(&self, req: &Request<'_, '_>, refusal: Refusal, device: Option<&Device>) -> Outcome {
+        refusal.record(Dialect::Alibaba, device, req.peer);
+        Outcome::code(refusal.code())
+    }
+
+    /// Like [`Alibaba::refuse`], for a 5682 decryption refusal (4.13 names the limit in Size1).
+    fn refused(&self, req: &Request<'_, '_>, refusal: Refusal, device: &Device) -> Outcome {
+        refusal.record(Dialect::Alibaba, Some(device), req.peer);
+        let size1 = (refusal == Refusal::TooLarge).then_some(self.registry.config.coap.max_payload as u32);
+        Outcome::Respond(Response { size1, ..Response::new(refusal.code()) })
+    }
+
     pub(super) fn topic(&mut self, req: &Request<'_, '_>) -> Outcome {
         let segments = &req.path[1..];
         // A segment is one topic level: no separators, no relative levels, no control bytes.
         let well_formed = !segments.iter().any(|s| *s == "." || *s == ".." || s.bytes().any(|b| b == b'/' || b < 0x20));
-        let Authorized { device, payload, key, ops: auth_ops, undo, ack_mode } = match self.authorize(req, |d| {
+        let allowed = |d: &Device| {
             if !well_formed {
-                Err(Code::BAD_REQUEST)
+                Err(Refusal::BadTopic)
             } else if !owns_topic(&d.product_key, &d.device_name, segments) {
-                Err(Code::FORBIDDEN)
+                Err(Refusal::ForeignTopic)
             } else {
                 Ok(())
             }
-        }) {
-            Ok(a) => a,
-            Err(o) => return o,
         };
+        // Link SDK 4.x sends empty uplinks without a seq: answered, with nothing stored (no 2090).
+        let unproven = || Outcome::code(Code::CHANGED);
+        let Authorized { device, payload, key, ops: auth_ops, undo, ack_mode } =
+            match self.authorize(req, allowed, unproven) {
+                Ok(a) => a,
+                Err(o) => return o,
+            };
         let now = req.now.wall;
         let (contact, pcp) = {
             let mut s = device.state();
@@ -192,43 +232,30 @@ impl Alibaba {
         .into()
     }
 
-    /// 5682: the seq from option 2089 and the plaintext payload, both under the session key.
-    #[allow(clippy::result_large_err)] // the error is the outcome handed straight back to the endpoint
-    fn decrypt(
-        &self,
-        req: &Request<'_, '_>,
-        token: &[u8],
-        session: &SessionView,
-    ) -> Result<(Option<u64>, Vec<u8>), Outcome> {
-        let Some(key) = &session.key else { return Err(Outcome::code(Code::UNAUTHORIZED)) };
+    /// 5682: the seq from option 2089 and the plaintext payload, both under the session key;
+    /// `None` for an empty request without a seq (Link SDK 4.x), which proves nothing.
+    fn decrypt(&self, req: &Request<'_, '_>, token: &[u8], session: &SessionView) -> Result<Option<Proven>, Refusal> {
+        let Some(key) = &session.key else { return Err(Refusal::UnknownToken) };
         let seq = match req.msg.option(OptionNumber::ALI_SEQ) {
             Some(opt) => match key.decrypt_seq(opt) {
-                Some(seq) if seq >= session.seq_offset => Some(seq),
-                _ => return Err(Outcome::code(Code::BAD_REQUEST)),
+                Some(seq) if seq >= session.seq_offset => seq,
+                _ => return Err(Refusal::BadSeq),
             },
-            // Link SDK 4.x omits 2089 on empty payloads; nothing else may.
-            None if req.msg.payload.is_empty() => None,
-            None => return Err(Outcome::code(Code::BAD_REQUEST)),
+            None if req.msg.payload.is_empty() => return Ok(None),
+            None => return Err(Refusal::MissingSeq),
         };
         let payload = if req.msg.payload.is_empty() {
             Vec::new()
         } else {
-            key.decrypt(req.msg.payload).map_err(|_| Outcome::code(Code::BAD_REQUEST))?
+            key.decrypt(req.msg.payload).map_err(|_| Refusal::Undecryptable)?
         };
         if payload.len() > self.registry.config.coap.max_payload {
-            let max = self.registry.config.coap.max_payload as u32;
-            return Err(Outcome::Respond(Response {
-                size1: Some(max),
-                ..Response::new(Code::REQUEST_ENTITY_TOO_LARGE)
-            }));
+            return Err(Refusal::TooLarge);
         }
-        if let Some(seq) = seq
-            && self.registry.sessions.check_seq(token, seq) != Verdict::Fresh
-        {
-            // 4.00, not 4.01: a 4.01 would send the device back to /auth (SPEC §3.2).
-            return Err(Outcome::code(Code::BAD_REQUEST));
+        if self.registry.sessions.check_seq(token, seq) != Verdict::Fresh {
+            return Err(Refusal::ReplayedSeq);
         }
-        Ok((seq, payload))
+        Ok(Some(Proven { seq, payload }))
     }
 }
 

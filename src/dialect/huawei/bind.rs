@@ -8,7 +8,9 @@ use super::{Huawei, Started};
 use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::OptionNumber;
 use crate::coap::resource::{Outcome, Outgoing, Persist, Request, Response};
+use crate::dialect::refusal::{Dialect, Refusal};
 use crate::identity::ObserveToken;
+use crate::registry::Device;
 use crate::telemetry::metric;
 
 impl Huawei {
@@ -16,32 +18,35 @@ impl Huawei {
         if req.method() != Code::POST {
             return Outcome::code(Code::METHOD_NOT_ALLOWED);
         }
+        let refuse = |refusal: Refusal, device: Option<&Device>| {
+            refusal.record(Dialect::Huawei, device, req.peer);
+            Outcome::code(refusal.code())
+        };
         let Some(ep) = req.query("ep").and_then(|ep| std::str::from_utf8(ep).ok()) else {
-            return Outcome::code(Code::BAD_REQUEST);
+            return refuse(Refusal::BadQuery, None);
         };
         let Some(device) = self.registry.device_by_node(ep) else {
             metrics::counter!(metric::AUTH, "result" => "unknown_node").increment(1);
-            return Outcome::code(Code::INTERNAL_SERVER_ERROR);
+            return refuse(Refusal::UnknownNode, None);
         };
         // Inside DTLS the session already names a device: it may only bind as itself.
         if req.authenticated.is_some_and(|id| id != device.id) {
-            return Outcome::code(Code::FORBIDDEN);
+            return refuse(Refusal::ForeignIdentity, Some(&device));
         }
-        let now = req.now.wall;
         {
-            let mut s = device.state();
+            let s = device.state();
             // A device that moved to another instance asks /bootstrap on 4.03.
-            if !s.enabled || !s.home.is_here() {
-                return Outcome::code(Code::FORBIDDEN);
+            if !s.enabled {
+                return refuse(Refusal::Disabled, Some(&device));
             }
-            if let Err(retry_after) = s.admit(now, &self.registry.config.device) {
-                metrics::counter!(metric::FLOW_CONTROL).increment(1);
-                return Outcome::Respond(Response {
-                    max_age: Some(retry_after),
-                    ..Response::new(Code::TOO_MANY_REQUESTS)
-                });
+            if !s.home.is_here() {
+                return refuse(Refusal::Moved, Some(&device));
             }
         }
+        // Not charged to the device's flow control: a bind proves nothing until the device
+        // answers the observe request from that address, and node ids are no secret, so a
+        // charge would let anyone spend the budget its reports need. What a bind costs is
+        // bounded instead: one observe request to the address that asked, never retransmitted.
         metrics::counter!(metric::AUTH, "result" => "ok", "kind" => "bind").increment(1);
         let token = ObserveToken::generate();
         self.registry.ask_observe(&device, token);

@@ -7,32 +7,66 @@ use smallvec::smallvec;
 
 use super::{Huawei, UPLINK_TOPIC};
 use crate::coap::message::MessageType;
+use crate::coap::observe::Latest;
+use crate::coap::option::OptionNumber;
 use crate::coap::resource::{Effects, Notified, Request};
+use crate::dialect::refusal::{self, Dialect, OverBudget, Refusal};
 use crate::identity::ObserveToken;
+use crate::registry::Device;
 use crate::store::Op;
-use crate::telemetry::metric;
 
 impl Huawei {
     pub fn notification(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Notified {
-        let Some(token) = ObserveToken::from_bytes(req.msg.token) else { return Notified::Reject };
-        let Some(device) = self.registry.device_by_observe(&token) else { return Notified::Reject };
+        let refuse = |refusal: Refusal, device: Option<&Device>| {
+            refusal.record(Dialect::Huawei, device, req.peer);
+            Notified::Reject
+        };
+        let Some(device) = ObserveToken::from_bytes(req.msg.token).and_then(|t| self.registry.device_by_observe(&t))
+        else {
+            return refuse(Refusal::UnknownObserve, None);
+        };
+        let token = ObserveToken::from_bytes(req.msg.token).expect("a token that was found is well-formed");
         if req.authenticated.is_some_and(|id| id != device.id) {
-            return Notified::Reject;
+            return refuse(Refusal::ForeignIdentity, Some(&device));
         }
+        // Changes nothing: a CON gets an Empty ACK (so it is not sent again), a NON nothing.
+        let ignore = || if req.msg.mtype == MessageType::Con { Notified::Acknowledge } else { Notified::Drop };
         if req.msg.code.class() != 2 {
             // The device ends the relation (RFC 7641 §3.2): nothing to store.
-            return if req.msg.mtype == MessageType::Con { Notified::Acknowledge } else { Notified::Drop };
+            return ignore();
         }
         let now = req.now.wall;
         let contact = {
-            let mut s = device.state();
-            if !s.enabled || !s.home.is_here() {
-                return Notified::Reject;
+            let s = device.state();
+            if !s.enabled {
+                return refuse(Refusal::Disabled, Some(&device));
             }
-            if s.admit(now, &self.registry.config.device).is_err() {
-                // No 4.29 exists for a notification; unacknowledged, a CON comes again later.
-                metrics::counter!(metric::FLOW_CONTROL).increment(1);
+            if !s.home.is_here() {
+                return refuse(Refusal::Moved, Some(&device));
+            }
+            // The token is the only proof plain CoAP has, and it travels in clear: a copy of an
+            // earlier notification sent from elsewhere is acknowledged and changes nothing. From
+            // the device's own address an older one is a reordered report, and is stored.
+            let number = req.msg.uint_option(OptionNumber::OBSERVE).ok().flatten();
+            let newer = match (s.latest_notification, number) {
+                (None, _) => true,
+                (Some(latest), Some(n)) => latest.is_older_than(n, now.0),
+                (Some(_), None) => false,
+            };
+            if !newer && s.address != Some(req.peer) {
+                Refusal::StaleNotification.record(Dialect::Huawei, Some(&device), req.peer);
+                return ignore();
+            }
+            drop(s);
+            let charged = !self.registry.advances_download(&device, req.msg.payload);
+            let mut s = device.state();
+            if charged && s.admit(now, &self.registry.config.device).is_err() {
+                // No 4.29 exists for a notification.
+                refusal::over_budget(Dialect::Huawei, &device, req.peer, OverBudget::Dropped);
                 return Notified::Drop;
+            }
+            if newer && let Some(number) = number {
+                s.latest_notification = Some(Latest { number, at_ms: now.0 });
             }
             let mut contact = self.registry.contact(&device, &mut s, now, req.peer, self.route);
             if let Some(pcp) = self.registry.pcp_message(&device, req.msg.payload) {
