@@ -59,7 +59,8 @@ fn a_sleeping_huawei_device_gets_its_commands_in_order_one_at_a_time_after_it_re
     assert!(dev.command(QUIET).is_none(), "one command in flight at a time");
     assert_eq!(server.command(&ids[1])["status"], "PENDING");
 
-    // LiteOS answers a command with 2.05 and a one-byte result.
+    // An answer carrying a result (2.05 `0`) makes a command SUCCESSFUL; the released LiteOS
+    // agents answer an empty 2.04, which leaves it DELIVERED (the second command below).
     dev.answer(&first, Code::CONTENT, b"0");
     let second = dev.command(Duration::from_secs(5)).expect("the second follows the first's ACK");
     assert_eq!(second.payload, [2; 3]);

@@ -100,7 +100,7 @@ fn main() {
 }
 
 /// One device: binds, sleeps until told to wake, reports once and times its first command
-/// (which it acknowledges, as LiteOS does, with 2.05 and a one-byte result).
+/// (which it acknowledges as the released LiteOS agents do, with an empty 2.04).
 async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier>) -> Result<u32, &'static str> {
     // Every device passes both barriers, bound or not, so one failure cannot stall the rest.
     let bind = huawei_bind(&node, args.coap).await;
@@ -119,7 +119,7 @@ async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier
         let Ok(m) = Message::parse(&buf[..n]) else { continue };
         if m.mtype == MessageType::Con && m.code == Code::POST {
             let latency = sent.elapsed().as_micros() as u32;
-            let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).payload(b"0").build();
+            let ack = MessageBuilder::new(MessageType::Ack, Code::CHANGED, m.mid, m.token).build();
             socket.send(&ack).await.map_err(|_| "cannot send")?;
             return Ok(latency);
         }
