@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::UdpSocket;
+use std::process::Command;
 use std::time::Duration;
 
 use common::{AliDevice, Server, coap_client, coap_post, link_sdk_identity};
@@ -175,6 +176,44 @@ fn openssl_s_client_negotiates_psk_and_certificate_suites() {
 
 fn psk_client(socket: UdpSocket, identity: &str, key: &str) -> DtlsClient {
     DtlsClient::psk(socket, identity, key.as_bytes(), PSK_SUITES)
+}
+
+#[test]
+fn a_chain_rsa_only_clients_cannot_verify_is_named_at_start() {
+    // The RSA leaf signed by the EC CA, as scripts/dev-certs once made it.
+    let certs = common::dev_certs();
+    let dir = tempfile::tempdir().unwrap();
+    let (csr, leaf) = (dir.path().join("leaf.csr"), dir.path().join("server-rsa.crt"));
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let openssl = || Command::new("openssl");
+    run(openssl()
+        .args(["req", "-new", "-subj", "/CN=localhost", "-key"])
+        .arg(certs.join("server-rsa.key"))
+        .arg("-out")
+        .arg(&csr));
+    run(openssl()
+        .args(["x509", "-req", "-set_serial", "7", "-days", "1", "-sha256", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(certs.join("dev-ca.crt"))
+        .arg("-CAkey")
+        .arg(certs.join("dev-ca.key"))
+        .arg("-out")
+        .arg(&leaf));
+    let server = Server::start_with(&[("NBHUB_DTLS_RSA_CERT", leaf.to_str().unwrap())]);
+    let warning = format!(
+        "dtls.rsa_cert {}: the leaf is signed with ecdsa-with-SHA256; RSA-only clients (signature_algorithms RSA) \
+         cannot verify it",
+        leaf.display()
+    );
+    assert!(server.log().contains(&warning), "{}", server.log());
+    // The server still serves: other clients may verify the chain.
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-chain"}));
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &format!("{pk}&{dn}"), &secret);
+    device.handshake(None, Duration::from_secs(5)).unwrap();
 }
 
 #[test]

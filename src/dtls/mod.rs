@@ -5,6 +5,7 @@
 //! (`record`, `cbc`), which keeps an idle session under 2 KB instead of OpenSSL's 35 KB.
 
 mod cbc;
+mod chain;
 pub mod client;
 pub mod context;
 mod ffi;
@@ -38,6 +39,7 @@ pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext
     let mut certificates = Vec::new();
     for (key, cert, private_key) in config.certificates() {
         if cert.exists() {
+            warn_unverifiable(key, cert);
             certificates.push((cert, private_key));
         } else if DEFAULT_CERTS.iter().any(|d| cert == Path::new(d)) {
             tracing::warn!(cert = %cert.display(), "no DTLS server certificate here: run scripts/dev-certs; PSK devices are served regardless");
@@ -47,6 +49,16 @@ pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext
     }
     let ctx = context::build(registry, &config.ciphers, &certificates)?;
     Ok((ctx, certificates.len()))
+}
+
+/// Warns about what keeps the clients `cert` serves from verifying it. The server starts
+/// regardless: other clients may still verify the chain, and a file OpenSSL cannot read is
+/// reported by [`context::build`].
+fn warn_unverifiable(key: &'static str, cert: &Path) {
+    let Ok(certs) = std::fs::read(cert).map(|pem| openssl::x509::X509::stack_from_pem(&pem)) else { return };
+    for problem in certs.iter().flat_map(|c| chain::problems(c)) {
+        tracing::warn!("{key} {}: {problem}", cert.display());
+    }
 }
 
 /// DTLSPlaintext header (RFC 6347 §4.1): type, version, epoch, sequence, length; then the
