@@ -178,6 +178,49 @@ fn psk_client(socket: UdpSocket, identity: &str, key: &str) -> DtlsClient {
     DtlsClient::psk(socket, identity, key.as_bytes(), PSK_SUITES)
 }
 
+/// A client socket on the loopback address `ip` (all of 127/8 is loopback), connected to the server.
+fn socket_from(ip: &str, server: &Server) -> UdpSocket {
+    let s = UdpSocket::bind((ip, 0)).unwrap();
+    s.connect(server.endpoints.dtls).unwrap();
+    s
+}
+
+#[test]
+fn per_source_quotas_keep_a_handshake_flood_from_shutting_out_other_devices() {
+    // One socket so the limits below are exact. 25 flooding handshakes would fill all 20 slots.
+    let server = Server::start_with(&[
+        ("NBHUB_COAP_SOCKETS_PER_PORT", "1"),
+        ("NBHUB_DTLS_MAX_HANDSHAKES", "20"),
+        ("NBHUB_DTLS_MAX_HANDSHAKES_PER_ADDRESS", "5"),
+        ("NBHUB_DTLS_MAX_HANDSHAKES_PER_PREFIX", "8"),
+    ]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-quota"}));
+    // 15 ports of one address complete the cookie exchange and go silent: 5 are kept.
+    let mut flood = Vec::new();
+    for _ in 0..15 {
+        let mut c = psk_client(socket_from("127.0.0.1", &server), "x&y", "k");
+        assert_eq!(c.handshake(Some(2), Duration::from_secs(5)), Err("stopped".into()));
+        flood.push(c);
+    }
+    server.wait_metric(r#"nbhub_dtls_refused_total{port="dtls",limit="per_address"}"#, |v| v == 10.0);
+    // 10 more addresses of the same /24: the prefix holds 8 at most.
+    for i in 0..10 {
+        let mut c = psk_client(socket_from(&format!("127.0.0.{}", 10 + i), &server), "x&y", "k");
+        assert_eq!(c.handshake(Some(2), Duration::from_secs(5)), Err("stopped".into()));
+        flood.push(c);
+    }
+    server.wait_metric(r#"nbhub_dtls_refused_total{port="dtls",limit="per_prefix"}"#, |v| v == 7.0);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#), 8.0);
+    // A device in another /24 gets in while the flood still holds its slots.
+    let mut device = psk_client(socket_from("127.0.1.2", &server), &format!("{pk}&{dn}"), &secret);
+    device.handshake(None, Duration::from_secs(5)).expect("handshake beside the flood");
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"beside"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#), 8.0);
+    assert_eq!(server.metric(r#"nbhub_dtls_refused_total{port="dtls",limit="handshakes"}"#), 0.0);
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/up"), b"beside".to_vec())]);
+}
+
 #[test]
 fn a_chain_rsa_only_clients_cannot_verify_is_named_at_start() {
     // The RSA leaf signed by the EC CA, as scripts/dev-certs once made it.

@@ -12,6 +12,7 @@ mod ffi;
 pub mod peers;
 pub mod pipe;
 pub mod psk;
+pub mod quota;
 mod record;
 
 use std::path::Path;

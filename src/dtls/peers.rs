@@ -19,6 +19,7 @@ use super::context::Slots;
 use super::ffi::{self, Listen, ListenAddr};
 use super::pipe::Pipe;
 use super::psk::Refusal;
+use super::quota::{Handshakes, Quotas};
 use super::record::{CONTENT_ALERT, CONTENT_APPLICATION_DATA, Record, Session, server_hello_encrypt_then_mac};
 use super::{epoch, is_client_hello};
 use crate::identity::DeviceId;
@@ -30,7 +31,8 @@ const CLOSE_NOTIFY: u8 = 0;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub max_handshakes: usize,
+    /// Handshakes in progress, in all and per source.
+    pub handshakes: Quotas,
     pub max_sessions: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
@@ -100,7 +102,7 @@ pub struct PeerTable {
     listener: Option<SslStream<Pipe>>,
     listen_addr: ListenAddr,
     peers: HashMap<SocketAddr, Peer>,
-    handshaking: usize,
+    handshakes: Handshakes,
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
     stats: Stats,
 }
@@ -114,7 +116,7 @@ impl PeerTable {
             listener: None,
             listen_addr: ListenAddr::new(),
             peers: HashMap::new(),
-            handshaking: 0,
+            handshakes: Handshakes::new(limits.handshakes),
             timers: BinaryHeap::new(),
             stats: Stats::default(),
         }
@@ -125,11 +127,11 @@ impl PeerTable {
     }
 
     pub fn handshakes_in_progress(&self) -> usize {
-        self.handshaking
+        self.handshakes.in_progress()
     }
 
     pub fn sessions(&self) -> usize {
-        self.peers.len() - self.handshaking
+        self.peers.len() - self.handshakes.in_progress()
     }
 
     /// Feeds one datagram from `peer`. Decrypted CoAP datagrams go to `deliver` with the device
@@ -252,20 +254,19 @@ impl PeerTable {
             Listen::Verified => {}
         }
         // From here on the listener holds this peer's state.
-        if self.handshaking >= self.limits.max_handshakes {
-            *self.stats.refused.entry("handshakes").or_default() += 1;
-            return;
-        }
         let replacing = self.peers.contains_key(&peer);
         if !replacing && self.sessions() >= self.limits.max_sessions {
             *self.stats.refused.entry("sessions").or_default() += 1;
+            return;
+        }
+        if let Err(limit) = self.handshakes.admit(peer.ip()) {
+            *self.stats.refused.entry(limit.label()).or_default() += 1;
             return;
         }
         if replacing {
             self.remove(peer);
         }
         self.stats.started += 1;
-        self.handshaking += 1;
         let phase = Phase::Handshaking {
             stream: Box::new(listener),
             deadline: now + self.limits.handshake_timeout,
@@ -302,7 +303,7 @@ impl PeerTable {
                     return;
                 };
                 p.phase = Phase::Established { session, device, last_active: now };
-                self.handshaking -= 1;
+                self.handshakes.release(peer.ip());
                 *self.stats.completed.entry(suite).or_default() += 1;
                 schedule(&mut self.timers, p, peer, now + self.limits.idle_timeout);
             }
@@ -395,7 +396,7 @@ impl PeerTable {
         if let Some(p) = self.peers.remove(&peer)
             && matches!(p.phase, Phase::Handshaking { .. })
         {
-            self.handshaking -= 1;
+            self.handshakes.release(peer.ip());
         }
     }
 }
