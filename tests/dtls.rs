@@ -185,6 +185,75 @@ fn socket_from(ip: &str, server: &Server) -> UdpSocket {
     s
 }
 
+/// (content type, epoch) of each record in a datagram.
+fn record_kinds(mut datagram: &[u8]) -> Vec<(u8, u16)> {
+    let mut kinds = Vec::new();
+    while datagram.len() >= 13 {
+        kinds.push((datagram[0], u16::from_be_bytes([datagram[3], datagram[4]])));
+        let len = u16::from_be_bytes([datagram[11], datagram[12]]) as usize;
+        datagram = &datagram[(13 + len).min(datagram.len())..];
+    }
+    kinds
+}
+
+const FAILED_BAD_KEY: &str = r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="bad_key"}"#;
+const FAILED_TIMEOUT: &str = r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="timeout"}"#;
+
+#[test]
+fn a_wrong_key_and_an_unknown_identity_get_decrypt_error_at_once() {
+    // The longest handshake timeout there is: a failure counted within wait_metric's 20 s did
+    // not wait for it.
+    let server = Server::start_with(&[("NBHUB_DTLS_HANDSHAKE_TIMEOUT_S", "600")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-alert"}));
+    let triple = format!("{pk}&{dn}");
+
+    let mut wrong = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, "not-the-secret");
+    let error = wrong.handshake(None, Duration::from_secs(10)).unwrap_err();
+    assert!(error.contains("alert decrypt error"), "{error}");
+    // The client packed ClientKeyExchange, ChangeCipherSpec and Finished into one datagram.
+    assert_eq!(record_kinds(&wrong.last_sent), [(22, 0), (20, 0), (22, 1)]);
+    server.wait_metric(FAILED_BAD_KEY, |v| v == 1.0);
+
+    // The same alert at the same point for an identity that names no device.
+    let mut unknown = psk_client(DtlsClient::bind(server.endpoints.dtls), "nobody&nothing", "not-the-secret");
+    let error = unknown.handshake(None, Duration::from_secs(10)).unwrap_err();
+    assert!(error.contains("alert decrypt error"), "{error}");
+    assert_eq!(record_kinds(&unknown.last_sent), [(22, 0), (20, 0), (22, 1)]);
+    server.wait_metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="unknown_identity"}"#, |v| v == 1.0);
+    server.wait_metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#, |v| v == 0.0);
+
+    // The right key from the same port still gets in.
+    let mut device = psk_client(wrong.socket.try_clone().unwrap(), &triple, &secret);
+    device.handshake(None, Duration::from_secs(5)).expect("handshake with the right key");
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"right key"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    assert_eq!(server.metric(FAILED_BAD_KEY), 1.0);
+    assert_eq!(server.metric(FAILED_TIMEOUT), 0.0);
+}
+
+#[test]
+fn a_finished_that_overtakes_its_change_cipher_spec_is_not_judged_early() {
+    let server = Server::start_with(&[("NBHUB_DTLS_HANDSHAKE_TIMEOUT_S", "600")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-overtake"}));
+    let triple = format!("{pk}&{dn}");
+    // Finished, then ClientKeyExchange, then ChangeCipherSpec, each in its own datagram: OpenSSL
+    // holds the Finished until the ChangeCipherSpec, and the handshake completes.
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    device.overtake = true;
+    device.handshake(None, Duration::from_secs(5)).expect("handshake with an overtaking Finished");
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"overtaken"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    // With a wrong key the first, overtaken Finished is not judged on arrival; once OpenSSL holds
+    // the ChangeCipherSpec, the client's retransmitted Finished is, and gets the alert.
+    let mut wrong = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, "not-the-secret");
+    wrong.overtake = true;
+    let error = wrong.handshake(None, Duration::from_secs(10)).unwrap_err();
+    assert!(error.contains("alert decrypt error"), "{error}");
+    server.wait_metric(FAILED_BAD_KEY, |v| v == 1.0);
+    assert_eq!(server.metric(FAILED_TIMEOUT), 0.0);
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/up"), b"overtaken".to_vec())]);
+}
+
 #[test]
 fn per_source_quotas_keep_a_handshake_flood_from_shutting_out_other_devices() {
     // One socket so the limits below are exact. 25 flooding handshakes would fill all 20 slots.
