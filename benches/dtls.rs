@@ -14,6 +14,7 @@ mod common;
 use nbhub::config::SyncPolicy;
 use nbhub::dtls::peers::{Limits, PeerTable};
 use nbhub::dtls::pipe::Pipe;
+use nbhub::dtls::quota::{PrefixLengths, Quotas};
 use nbhub::identity::DeviceName;
 use nbhub::registry::NewDevice;
 use nbhub::store::WriterThread;
@@ -41,7 +42,12 @@ fn fixture(suite: &str) -> Fixture {
     runtime.block_on(registry.create_device(&product, device)).unwrap();
     let ctx = nbhub::dtls::context::build(registry, suite, &[]).unwrap();
     let limits = Limits {
-        max_handshakes: 1000,
+        handshakes: Quotas {
+            total: 1000,
+            per_address: 1000,
+            per_prefix: 1000,
+            prefix: PrefixLengths { v4: 24, v6: 56 },
+        },
         max_sessions: 1_000_000,
         handshake_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(3600),

@@ -89,6 +89,12 @@ pub struct DtlsConfig {
     /// OpenSSL cipher string restricting the suites; empty for all nbhub implements.
     pub ciphers: String,
     pub max_handshakes: usize,
+    /// Of `max_handshakes`, how many one source address, and one source prefix, may hold.
+    pub max_handshakes_per_address: usize,
+    pub max_handshakes_per_prefix: usize,
+    /// Leading bits that name a source's prefix, for IPv4 and IPv6 sources.
+    pub ipv4_prefix_len: u8,
+    pub ipv6_prefix_len: u8,
     pub max_sessions: usize,
     pub handshake_timeout_s: u64,
     pub idle_timeout_s: u64,
@@ -351,6 +357,21 @@ impl Config {
         }
         if d.max_handshakes < 1 || d.max_sessions < 1 {
             return bad("dtls.max_handshakes and dtls.max_sessions must be at least 1".into());
+        }
+        if d.max_handshakes_per_address < 1 {
+            return bad("dtls.max_handshakes_per_address must be at least 1".into());
+        }
+        if d.max_handshakes_per_prefix < d.max_handshakes_per_address {
+            return bad(format!(
+                "dtls.max_handshakes_per_prefix = {} must be at least dtls.max_handshakes_per_address = {}",
+                d.max_handshakes_per_prefix, d.max_handshakes_per_address
+            ));
+        }
+        if !(1..=32).contains(&d.ipv4_prefix_len) {
+            return bad(format!("dtls.ipv4_prefix_len = {} must be within 1..=32", d.ipv4_prefix_len));
+        }
+        if !(1..=128).contains(&d.ipv6_prefix_len) {
+            return bad(format!("dtls.ipv6_prefix_len = {} must be within 1..=128", d.ipv6_prefix_len));
         }
         if !(1..=600).contains(&d.handshake_timeout_s) {
             return bad(format!("dtls.handshake_timeout_s = {} must be within 1..=600", d.handshake_timeout_s));

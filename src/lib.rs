@@ -120,7 +120,12 @@ async fn serve_with(
     let d = &config.dtls;
     let per_socket = |n: usize| n.div_ceil(config.coap.sockets_per_port);
     let limits = dtls::peers::Limits {
-        max_handshakes: per_socket(d.max_handshakes),
+        handshakes: dtls::quota::Quotas {
+            total: per_socket(d.max_handshakes),
+            per_address: per_socket(d.max_handshakes_per_address),
+            per_prefix: per_socket(d.max_handshakes_per_prefix),
+            prefix: dtls::quota::PrefixLengths { v4: d.ipv4_prefix_len, v6: d.ipv6_prefix_len },
+        },
         max_sessions: per_socket(d.max_sessions),
         handshake_timeout: d.handshake_timeout(),
         idle_timeout: d.idle_timeout(),

@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::UdpSocket;
+use std::process::Command;
 use std::time::Duration;
 
 use common::{AliDevice, Server, coap_client, coap_post, link_sdk_identity};
@@ -175,6 +176,156 @@ fn openssl_s_client_negotiates_psk_and_certificate_suites() {
 
 fn psk_client(socket: UdpSocket, identity: &str, key: &str) -> DtlsClient {
     DtlsClient::psk(socket, identity, key.as_bytes(), PSK_SUITES)
+}
+
+/// A client socket on the loopback address `ip` (all of 127/8 is loopback), connected to the server.
+fn socket_from(ip: &str, server: &Server) -> UdpSocket {
+    let s = UdpSocket::bind((ip, 0)).unwrap();
+    s.connect(server.endpoints.dtls).unwrap();
+    s
+}
+
+/// (content type, epoch) of each record in a datagram.
+fn record_kinds(mut datagram: &[u8]) -> Vec<(u8, u16)> {
+    let mut kinds = Vec::new();
+    while datagram.len() >= 13 {
+        kinds.push((datagram[0], u16::from_be_bytes([datagram[3], datagram[4]])));
+        let len = u16::from_be_bytes([datagram[11], datagram[12]]) as usize;
+        datagram = &datagram[(13 + len).min(datagram.len())..];
+    }
+    kinds
+}
+
+const FAILED_BAD_KEY: &str = r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="bad_key"}"#;
+const FAILED_TIMEOUT: &str = r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="timeout"}"#;
+
+#[test]
+fn a_wrong_key_and_an_unknown_identity_get_decrypt_error_at_once() {
+    // The longest handshake timeout there is: a failure counted within wait_metric's 20 s did
+    // not wait for it.
+    let server = Server::start_with(&[("NBHUB_DTLS_HANDSHAKE_TIMEOUT_S", "600")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-alert"}));
+    let triple = format!("{pk}&{dn}");
+
+    let mut wrong = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, "not-the-secret");
+    let error = wrong.handshake(None, Duration::from_secs(10)).unwrap_err();
+    assert!(error.contains("alert decrypt error"), "{error}");
+    // The client packed ClientKeyExchange, ChangeCipherSpec and Finished into one datagram.
+    assert_eq!(record_kinds(&wrong.last_sent), [(22, 0), (20, 0), (22, 1)]);
+    server.wait_metric(FAILED_BAD_KEY, |v| v == 1.0);
+
+    // The same alert at the same point for an identity that names no device.
+    let mut unknown = psk_client(DtlsClient::bind(server.endpoints.dtls), "nobody&nothing", "not-the-secret");
+    let error = unknown.handshake(None, Duration::from_secs(10)).unwrap_err();
+    assert!(error.contains("alert decrypt error"), "{error}");
+    assert_eq!(record_kinds(&unknown.last_sent), [(22, 0), (20, 0), (22, 1)]);
+    server.wait_metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="unknown_identity"}"#, |v| v == 1.0);
+    server.wait_metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#, |v| v == 0.0);
+
+    // The right key from the same port still gets in.
+    let mut device = psk_client(wrong.socket.try_clone().unwrap(), &triple, &secret);
+    device.handshake(None, Duration::from_secs(5)).expect("handshake with the right key");
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"right key"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    assert_eq!(server.metric(FAILED_BAD_KEY), 1.0);
+    assert_eq!(server.metric(FAILED_TIMEOUT), 0.0);
+}
+
+#[test]
+fn a_finished_that_overtakes_its_change_cipher_spec_is_not_judged_early() {
+    let server = Server::start_with(&[("NBHUB_DTLS_HANDSHAKE_TIMEOUT_S", "600")]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-overtake"}));
+    let triple = format!("{pk}&{dn}");
+    // Finished, then ClientKeyExchange, then ChangeCipherSpec, each in its own datagram: OpenSSL
+    // holds the Finished until the ChangeCipherSpec, and the handshake completes.
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, &secret);
+    device.overtake = true;
+    device.handshake(None, Duration::from_secs(5)).expect("handshake with an overtaking Finished");
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"overtaken"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    // With a wrong key the first, overtaken Finished is not judged on arrival; once OpenSSL holds
+    // the ChangeCipherSpec, the client's retransmitted Finished is, and gets the alert.
+    let mut wrong = psk_client(DtlsClient::bind(server.endpoints.dtls), &triple, "not-the-secret");
+    wrong.overtake = true;
+    let error = wrong.handshake(None, Duration::from_secs(10)).unwrap_err();
+    assert!(error.contains("alert decrypt error"), "{error}");
+    server.wait_metric(FAILED_BAD_KEY, |v| v == 1.0);
+    assert_eq!(server.metric(FAILED_TIMEOUT), 0.0);
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/up"), b"overtaken".to_vec())]);
+}
+
+#[test]
+fn per_source_quotas_keep_a_handshake_flood_from_shutting_out_other_devices() {
+    // One socket so the limits below are exact. 25 flooding handshakes would fill all 20 slots.
+    let server = Server::start_with(&[
+        ("NBHUB_COAP_SOCKETS_PER_PORT", "1"),
+        ("NBHUB_DTLS_MAX_HANDSHAKES", "20"),
+        ("NBHUB_DTLS_MAX_HANDSHAKES_PER_ADDRESS", "5"),
+        ("NBHUB_DTLS_MAX_HANDSHAKES_PER_PREFIX", "8"),
+    ]);
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-quota"}));
+    // 15 ports of one address complete the cookie exchange and go silent: 5 are kept.
+    let mut flood = Vec::new();
+    for _ in 0..15 {
+        let mut c = psk_client(socket_from("127.0.0.1", &server), "x&y", "k");
+        assert_eq!(c.handshake(Some(2), Duration::from_secs(5)), Err("stopped".into()));
+        flood.push(c);
+    }
+    server.wait_metric(r#"nbhub_dtls_refused_total{port="dtls",limit="per_address"}"#, |v| v == 10.0);
+    // 10 more addresses of the same /24: the prefix holds 8 at most.
+    for i in 0..10 {
+        let mut c = psk_client(socket_from(&format!("127.0.0.{}", 10 + i), &server), "x&y", "k");
+        assert_eq!(c.handshake(Some(2), Duration::from_secs(5)), Err("stopped".into()));
+        flood.push(c);
+    }
+    server.wait_metric(r#"nbhub_dtls_refused_total{port="dtls",limit="per_prefix"}"#, |v| v == 7.0);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#), 8.0);
+    // A device in another /24 gets in while the flood still holds its slots.
+    let mut device = psk_client(socket_from("127.0.1.2", &server), &format!("{pk}&{dn}"), &secret);
+    device.handshake(None, Duration::from_secs(5)).expect("handshake beside the flood");
+    let reply = device.exchange(&coap_post(1, &["topic", &pk, &dn, "up"], None, b"beside"), Duration::from_secs(5));
+    assert_eq!(code_of(reply), Code::CHANGED);
+    assert_eq!(server.metric(r#"nbhub_dtls_handshakes_in_progress{port="dtls"}"#), 8.0);
+    assert_eq!(server.metric(r#"nbhub_dtls_refused_total{port="dtls",limit="handshakes"}"#), 0.0);
+    assert_eq!(server.stored(&pk, &dn), vec![(format!("/{pk}/{dn}/up"), b"beside".to_vec())]);
+}
+
+#[test]
+fn a_chain_rsa_only_clients_cannot_verify_is_named_at_start() {
+    // The RSA leaf signed by the EC CA, as scripts/dev-certs once made it.
+    let certs = common::dev_certs();
+    let dir = tempfile::tempdir().unwrap();
+    let (csr, leaf) = (dir.path().join("leaf.csr"), dir.path().join("server-rsa.crt"));
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let openssl = || Command::new("openssl");
+    run(openssl()
+        .args(["req", "-new", "-subj", "/CN=localhost", "-key"])
+        .arg(certs.join("server-rsa.key"))
+        .arg("-out")
+        .arg(&csr));
+    run(openssl()
+        .args(["x509", "-req", "-set_serial", "7", "-days", "1", "-sha256", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(certs.join("dev-ca.crt"))
+        .arg("-CAkey")
+        .arg(certs.join("dev-ca.key"))
+        .arg("-out")
+        .arg(&leaf));
+    let server = Server::start_with(&[("NBHUB_DTLS_RSA_CERT", leaf.to_str().unwrap())]);
+    let warning = format!(
+        "dtls.rsa_cert {}: the leaf is signed with ecdsa-with-SHA256; RSA-only clients (signature_algorithms RSA) \
+         cannot verify it",
+        leaf.display()
+    );
+    assert!(server.log().contains(&warning), "{}", server.log());
+    // The server still serves: other clients may verify the chain.
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "dtls-chain"}));
+    let mut device = psk_client(DtlsClient::bind(server.endpoints.dtls), &format!("{pk}&{dn}"), &secret);
+    device.handshake(None, Duration::from_secs(5)).unwrap();
 }
 
 #[test]

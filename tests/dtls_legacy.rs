@@ -24,7 +24,7 @@ fn reply(client: &mut DtlsClient, request: &[u8]) -> (Code, Vec<u8>) {
 fn s_client_negotiates_the_rsa_and_psk_cbc_suites() {
     let server = Server::start();
     let (pk, dn, secret) = server.product_and_device(json!({"name": "legacy-suites"}));
-    let ca = common::dev_certs().join("dev-ca.crt");
+    let ca = common::dev_certs().join("dev-ca-rsa.crt");
     let ca = ca.to_str().unwrap();
     for suite in ["AES256-SHA256", "AES128-SHA", "AES256-SHA", "AES128-SHA256"] {
         let out = server.s_client(&[
@@ -52,6 +52,28 @@ fn s_client_negotiates_the_rsa_and_psk_cbc_suites() {
         RSA-PSK-AES128-CBC-SHA256:RSA-PSK-AES128-CBC-SHA:PSK-AES256-CBC-SHA:PSK-AES128-CBC-SHA256:PSK-AES128-CBC-SHA";
     let out = server.s_client(&["-cipher", iotkit_v3, "-psk_identity", "unused", "-psk", "00", "-CAfile", ca]);
     assert!(out.contains("Cipher is AES256-SHA256"), "{out}");
+}
+
+#[test]
+fn an_rsa_only_client_verifies_the_rsa_chain() {
+    let server = Server::start();
+    let ca = common::dev_certs().join("dev-ca-rsa.crt");
+    // What iotkit v3's mbedTLS (no EC support) offers: RSA signatures only, and its first suite.
+    let out = server.s_client(&[
+        "-sigalgs",
+        "RSA+SHA256:RSA+SHA1",
+        "-cipher",
+        "AES256-SHA256",
+        "-CAfile",
+        ca.to_str().unwrap(),
+        "-verify_return_error",
+        "-verify_hostname",
+        "localhost",
+    ]);
+    assert!(out.contains("Cipher is AES256-SHA256"), "{out}");
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    // Every certificate of the chain is RSA-signed, so the start-up check finds nothing.
+    assert!(!server.log().contains("cannot verify it"), "{}", server.log());
 }
 
 #[test]

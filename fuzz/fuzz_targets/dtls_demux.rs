@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use nbhub::config::Config;
 use nbhub::dtls::peers::{Limits, PeerTable};
+use nbhub::dtls::quota::{PrefixLengths, Quotas};
 use nbhub::registry::Registry;
 use nbhub::store::{Store, WriterThread};
 
@@ -30,7 +31,12 @@ fn bed() -> &'static Bed {
         let registry = Arc::new(runtime.block_on(Registry::load(config, store, writer)).unwrap());
         let ctx = nbhub::dtls::context::build(registry, "", &[]).unwrap();
         let limits = Limits {
-            max_handshakes: 8,
+            handshakes: Quotas {
+                total: 8,
+                per_address: 8,
+                per_prefix: 8,
+                prefix: PrefixLengths { v4: 24, v6: 56 },
+            },
             max_sessions: 8,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),

@@ -29,6 +29,11 @@ pub struct DtlsClient {
     /// Datagrams received so far, and the ones (1-based) to drop as if lost on the way.
     received: usize,
     pub lose: Vec<usize>,
+    /// Sends the records of a datagram that holds several one by one, its last record first: a
+    /// network that lets the Finished of a packed flight overtake the rest.
+    pub overtake: bool,
+    /// The last datagram OpenSSL wrote, as it wrote it (before `overtake` splits it).
+    pub last_sent: Vec<u8>,
 }
 
 impl DtlsClient {
@@ -58,7 +63,15 @@ impl DtlsClient {
         let ssl = Ssl::new(&ctx.build()).expect("OpenSSL SSL");
         let stream = SslStream::new(ssl, Pipe::default()).expect("OpenSSL stream");
         let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
-        DtlsClient { socket, stream, hellos_sent: 0, received: 0, lose: Vec::new() }
+        DtlsClient {
+            socket,
+            stream,
+            hellos_sent: 0,
+            received: 0,
+            lose: Vec::new(),
+            overtake: false,
+            last_sent: Vec::new(),
+        }
     }
 
     pub fn bind(server: SocketAddr) -> UdpSocket {
@@ -78,7 +91,16 @@ impl DtlsClient {
             if super::is_client_hello(&d) {
                 self.hellos_sent += 1;
             }
-            self.socket.send(&d).unwrap();
+            if self.overtake {
+                let mut parts: Vec<&[u8]> = super::records(&d).map(|r| r.bytes).collect();
+                parts.rotate_right(1);
+                for part in parts {
+                    self.socket.send(part).unwrap();
+                }
+            } else {
+                self.socket.send(&d).unwrap();
+            }
+            self.last_sent = d;
         }
     }
 

@@ -1,6 +1,6 @@
 //! The few OpenSSL DTLS entry points the `openssl` crate does not wrap: the stateless cookie
-//! exchange (`DTLSv1_listen`) and the retransmission timer (`DTLSv1_get_timeout`/`_handle_timeout`,
-//! which are macros over `SSL_ctrl`).
+//! exchange (`DTLSv1_listen`), the retransmission timer (`DTLSv1_get_timeout`/`_handle_timeout`,
+//! which are macros over `SSL_ctrl`) and the handshake state (`SSL_get_state`).
 
 use std::os::raw::{c_int, c_long, c_void};
 use std::time::Duration;
@@ -19,7 +19,12 @@ unsafe extern "C" {
     fn BIO_ADDR_new() -> *mut BioAddr;
     fn BIO_ADDR_free(addr: *mut BioAddr);
     fn SSL_get_ciphers(ssl: *const openssl_sys::SSL) -> *mut openssl_sys::stack_st_SSL_CIPHER;
+    fn SSL_get_state(ssl: *const openssl_sys::SSL) -> c_int;
 }
+
+/// `TLS_ST_SR_CHANGE` of `OSSL_HANDSHAKE_STATE` (ssl.h). The enum's values are ABI: OpenSSL only
+/// appends new states, so this is the same in every 1.1.1 and 3.x library.
+const TLS_ST_SR_CHANGE: c_int = 31;
 
 const DTLS_CTRL_GET_TIMEOUT: c_int = 73;
 const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
@@ -94,6 +99,13 @@ pub fn handle_timeout(ssl: &mut SslRef) -> bool {
     let r: c_long = unsafe { openssl_sys::SSL_ctrl(ssl.as_ptr(), DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut()) };
     let _ = openssl::error::ErrorStack::get();
     r >= 0
+}
+
+/// Whether the server has read the client's ChangeCipherSpec and waits for its Finished: the
+/// read side already uses the negotiated keys.
+pub fn awaits_client_finished(ssl: &SslRef) -> bool {
+    // SAFETY: reads the state of a live SSL.
+    unsafe { SSL_get_state(ssl.as_ptr()) == TLS_ST_SR_CHANGE }
 }
 
 /// The suites `ssl` would offer, in order (what the context's cipher string expanded to).

@@ -19,18 +19,24 @@ use super::context::Slots;
 use super::ffi::{self, Listen, ListenAddr};
 use super::pipe::Pipe;
 use super::psk::Refusal;
-use super::record::{CONTENT_ALERT, CONTENT_APPLICATION_DATA, Record, Session, server_hello_encrypt_then_mac};
-use super::{epoch, is_client_hello};
+use super::quota::{Handshakes, Quotas};
+use super::record::{
+    CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_CHANGE_CIPHER_SPEC, CONTENT_HANDSHAKE, Record, Session, last_seq,
+    plaintext_alert, server_hello_encrypt_then_mac,
+};
+use super::{is_client_hello, records};
 use crate::identity::DeviceId;
 
-/// Alert levels and the one description that matters (RFC 5246 §7.2).
+/// Alert levels and the descriptions that matter (RFC 5246 §7.2).
 const WARNING: u8 = 1;
 const FATAL: u8 = 2;
 const CLOSE_NOTIFY: u8 = 0;
+const DECRYPT_ERROR: u8 = 51;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub max_handshakes: usize,
+    /// Handshakes in progress, in all and per source.
+    pub handshakes: Quotas,
     pub max_sessions: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
@@ -42,8 +48,7 @@ pub struct Limits {
 pub enum Failure {
     /// The peer stopped answering before finishing.
     Timeout,
-    /// The peer's Finished never verified: its key is not the device's (DTLS discards records
-    /// that fail authentication silently, so this surfaces as a timeout after encrypted data).
+    /// The peer's Finished did not verify: its key is not the device's.
     BadKey,
     /// The PSK identity named no usable device.
     Refused(Refusal),
@@ -80,7 +85,16 @@ pub struct Stats {
 
 enum Phase {
     /// OpenSSL runs the handshake.
-    Handshaking { stream: Box<SslStream<Pipe>>, deadline: Instant, saw_encrypted: bool, encrypt_then_mac: bool },
+    Handshaking {
+        stream: Box<SslStream<Pipe>>,
+        deadline: Instant,
+        /// The peer sent records under negotiated keys: at the deadline, a Finished that never
+        /// verified (one that came before its ChangeCipherSpec is not judged on arrival).
+        saw_encrypted: bool,
+        encrypt_then_mac: bool,
+        /// The highest epoch-0 sequence number sent to the peer; an alert of ours must follow it.
+        plain_seq: Option<u64>,
+    },
     /// Our own record layer carries the data; OpenSSL's state is gone.
     Established { session: Session, device: Option<DeviceId>, last_active: Instant },
 }
@@ -100,7 +114,7 @@ pub struct PeerTable {
     listener: Option<SslStream<Pipe>>,
     listen_addr: ListenAddr,
     peers: HashMap<SocketAddr, Peer>,
-    handshaking: usize,
+    handshakes: Handshakes,
     timers: BinaryHeap<Reverse<(Instant, SocketAddr)>>,
     stats: Stats,
 }
@@ -114,7 +128,7 @@ impl PeerTable {
             listener: None,
             listen_addr: ListenAddr::new(),
             peers: HashMap::new(),
-            handshaking: 0,
+            handshakes: Handshakes::new(limits.handshakes),
             timers: BinaryHeap::new(),
             stats: Stats::default(),
         }
@@ -125,11 +139,11 @@ impl PeerTable {
     }
 
     pub fn handshakes_in_progress(&self) -> usize {
-        self.handshaking
+        self.handshakes.in_progress()
     }
 
     pub fn sessions(&self) -> usize {
-        self.peers.len() - self.handshaking
+        self.peers.len() - self.handshakes.in_progress()
     }
 
     /// Feeds one datagram from `peer`. Decrypted CoAP datagrams go to `deliver` with the device
@@ -150,9 +164,18 @@ impl PeerTable {
             }
             Some(p) => match &mut p.phase {
                 Phase::Handshaking { stream, saw_encrypted, .. } => {
-                    *saw_encrypted |= epoch(data) != Some(0);
+                    let held = ClientRecords::of(data);
+                    *saw_encrypted |= held.encrypted;
+                    // Read under the negotiated keys only after OpenSSL took the client's
+                    // ChangeCipherSpec: an earlier one, or one before it in this datagram. A
+                    // Finished that overtook its ChangeCipherSpec is buffered, not judged.
+                    let judged =
+                        held.finished && (held.change_cipher_spec_first || ffi::awaits_client_finished(stream.ssl()));
                     stream.get_mut().put(data);
                     self.handshake(now, peer, wire);
+                    if judged {
+                        self.refuse_unverified_finished(peer, wire);
+                    }
                 }
                 Phase::Established { .. } => self.receive(now, peer, data, wire, deliver),
             },
@@ -194,7 +217,7 @@ impl PeerTable {
             }
             p.timer = None;
             match &mut p.phase {
-                Phase::Handshaking { stream, deadline, saw_encrypted, .. } => {
+                Phase::Handshaking { stream, deadline, saw_encrypted, plain_seq, .. } => {
                     if now >= *deadline {
                         let refusal = stream.ssl().ex_data(self.slots.refusal).copied();
                         let failure = match (refusal, *saw_encrypted) {
@@ -209,7 +232,7 @@ impl PeerTable {
                         self.fail(addr, Failure::Timeout);
                         continue;
                     }
-                    drain(addr, stream, wire);
+                    *plain_seq = (*plain_seq).max(drain(addr, stream, wire));
                     self.schedule_handshake(now, addr);
                 }
                 Phase::Established { last_active, .. } => {
@@ -252,25 +275,25 @@ impl PeerTable {
             Listen::Verified => {}
         }
         // From here on the listener holds this peer's state.
-        if self.handshaking >= self.limits.max_handshakes {
-            *self.stats.refused.entry("handshakes").or_default() += 1;
-            return;
-        }
         let replacing = self.peers.contains_key(&peer);
         if !replacing && self.sessions() >= self.limits.max_sessions {
             *self.stats.refused.entry("sessions").or_default() += 1;
+            return;
+        }
+        if let Err(limit) = self.handshakes.admit(peer.ip()) {
+            *self.stats.refused.entry(limit.label()).or_default() += 1;
             return;
         }
         if replacing {
             self.remove(peer);
         }
         self.stats.started += 1;
-        self.handshaking += 1;
         let phase = Phase::Handshaking {
             stream: Box::new(listener),
             deadline: now + self.limits.handshake_timeout,
             saw_encrypted: false,
             encrypt_then_mac: false,
+            plain_seq: None,
         };
         self.peers.insert(peer, Peer { phase, timer: None });
         self.handshake(now, peer, wire);
@@ -286,7 +309,7 @@ impl PeerTable {
     /// our record layer and OpenSSL's state is freed.
     fn handshake(&mut self, now: Instant, peer: SocketAddr, wire: &mut Vec<(SocketAddr, Bytes)>) {
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        let Phase::Handshaking { stream, encrypt_then_mac, .. } = &mut p.phase else { return };
+        let Phase::Handshaking { stream, encrypt_then_mac, plain_seq, .. } = &mut p.phase else { return };
         let result = stream.accept();
         stream.get_mut().clear_inbound();
         match result {
@@ -302,13 +325,13 @@ impl PeerTable {
                     return;
                 };
                 p.phase = Phase::Established { session, device, last_active: now };
-                self.handshaking -= 1;
+                self.handshakes.release(peer.ip());
                 *self.stats.completed.entry(suite).or_default() += 1;
                 schedule(&mut self.timers, p, peer, now + self.limits.idle_timeout);
             }
             Err(e) if e.code() == ErrorCode::WANT_READ => {
                 let start = wire.len();
-                drain(peer, stream, wire);
+                *plain_seq = (*plain_seq).max(drain(peer, stream, wire));
                 if let Some(etm) = wire[start..].iter().find_map(|(_, d)| server_hello_encrypt_then_mac(d)) {
                     *encrypt_then_mac = etm;
                 }
@@ -320,6 +343,27 @@ impl PeerTable {
                 self.fail(peer, Failure::Protocol);
             }
         }
+    }
+
+    /// After a datagram whose Finished OpenSSL read under the negotiated keys: if it still waits
+    /// for that Finished, the record did not authenticate (DTLS drops such records silently, RFC
+    /// 6347 §4.1.2.7), so the client holds another key. It is told at once with decrypt_error (RFC
+    /// 4279 §2) rather than left retransmitting on a radio it pays for until the handshake times
+    /// out. An identity that named no usable device got a random key from the PSK callback and
+    /// ends here alike: the same alert at the same point says nothing about which identities exist.
+    fn refuse_unverified_finished(&mut self, peer: SocketAddr, wire: &mut Vec<(SocketAddr, Bytes)>) {
+        let Some(Peer { phase: Phase::Handshaking { stream, plain_seq, .. }, .. }) = self.peers.get(&peer) else {
+            return;
+        };
+        if !ffi::awaits_client_finished(stream.ssl()) {
+            return;
+        }
+        wire.push((peer, plaintext_alert(plain_seq.map_or(0, |s| s + 1), FATAL, DECRYPT_ERROR)));
+        let failure = match stream.ssl().ex_data(self.slots.refusal) {
+            Some(&refusal) => Failure::Refused(refusal),
+            None => Failure::BadKey,
+        };
+        self.fail(peer, failure);
     }
 
     /// A datagram on an established session: its records, decrypted.
@@ -395,7 +439,7 @@ impl PeerTable {
         if let Some(p) = self.peers.remove(&peer)
             && matches!(p.phase, Phase::Handshaking { .. })
         {
-            self.handshaking -= 1;
+            self.handshakes.release(peer.ip());
         }
     }
 }
@@ -407,6 +451,70 @@ fn schedule(timers: &mut BinaryHeap<Reverse<(Instant, SocketAddr)>>, p: &mut Pee
     }
 }
 
-fn drain(peer: SocketAddr, stream: &mut SslStream<Pipe>, wire: &mut Vec<(SocketAddr, Bytes)>) {
+/// Moves what OpenSSL wrote for `peer` to `wire`; the highest epoch-0 sequence number in it.
+fn drain(peer: SocketAddr, stream: &mut SslStream<Pipe>, wire: &mut Vec<(SocketAddr, Bytes)>) -> Option<u64> {
+    let start = wire.len();
     wire.extend(stream.get_mut().take_outbound().map(|d| (peer, Bytes::from(d))));
+    wire[start..].iter().filter_map(|(_, d)| last_seq(d, 0)).max()
+}
+
+/// What the records of one datagram from a handshaking client hold. A client may pack its
+/// ClientKeyExchange, ChangeCipherSpec and Finished into one datagram (mbedTLS, wolfSSL and
+/// OpenSSL do; RFC 6347 §4.1.1), so every record counts, not the first.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ClientRecords {
+    /// A record under the negotiated keys (a later epoch than 0).
+    encrypted: bool,
+    /// The client's Finished: the only handshake message it sends under the negotiated keys.
+    finished: bool,
+    /// A ChangeCipherSpec before that Finished.
+    change_cipher_spec_first: bool,
+}
+
+impl ClientRecords {
+    fn of(datagram: &[u8]) -> ClientRecords {
+        let mut held = ClientRecords::default();
+        let mut change_cipher_spec = false;
+        for r in records(datagram) {
+            held.encrypted |= r.epoch != 0;
+            match (r.content_type, r.epoch) {
+                (CONTENT_CHANGE_CIPHER_SPEC, 0) => change_cipher_spec = true,
+                (CONTENT_HANDSHAKE, 1) => {
+                    held.finished = true;
+                    held.change_cipher_spec_first |= change_cipher_spec;
+                }
+                _ => {}
+            }
+        }
+        held
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtls::tests::record;
+
+    #[test]
+    fn a_packed_final_flight_holds_its_finished_after_the_change_cipher_spec() {
+        let flight = [record(22, 0, 70), record(20, 0, 1), record(22, 1, 40)].concat();
+        assert_eq!(
+            ClientRecords::of(&flight),
+            ClientRecords { encrypted: true, finished: true, change_cipher_spec_first: true }
+        );
+    }
+
+    #[test]
+    fn records_of_a_flight_sent_apart_or_reordered() {
+        let none = ClientRecords::default();
+        assert_eq!(ClientRecords::of(&record(22, 0, 70)), none, "ClientKeyExchange alone");
+        assert_eq!(ClientRecords::of(&record(20, 0, 1)), none, "ChangeCipherSpec alone");
+        let finished = ClientRecords { encrypted: true, finished: true, change_cipher_spec_first: false };
+        assert_eq!(ClientRecords::of(&record(22, 1, 40)), finished, "Finished alone");
+        let overtaken = [record(22, 1, 40), record(20, 0, 1)].concat();
+        assert_eq!(ClientRecords::of(&overtaken), finished, "Finished before its ChangeCipherSpec");
+        let data = ClientRecords { encrypted: true, ..none };
+        assert_eq!(ClientRecords::of(&[record(20, 0, 1), record(23, 1, 30)].concat()), data, "not a Finished");
+        assert_eq!(ClientRecords::of(b"\x16\xfe\xfd"), none, "too short for a record");
+    }
 }

@@ -24,6 +24,7 @@ use super::cbc::{CbcKeys, MacHash};
 type Aes128Ccm = Ccm<Aes128, U16, U12>;
 type Aes128Ccm8 = Ccm<Aes128, U8, U12>;
 
+pub const CONTENT_CHANGE_CIPHER_SPEC: u8 = 20;
 pub const CONTENT_ALERT: u8 = 21;
 pub const CONTENT_HANDSHAKE: u8 = 22;
 pub const CONTENT_APPLICATION_DATA: u8 = 23;
@@ -288,7 +289,7 @@ impl Session {
             ),
         };
         // The Finished in the final flight already used epoch 1's first sequence number(s).
-        let write_seq = final_flight.iter().filter_map(|d| last_seq(d)).max().map_or(0, |s| s + 1);
+        let write_seq = final_flight.iter().filter_map(|d| last_seq(d, EPOCH)).max().map_or(0, |s| s + 1);
         Some(Session {
             read,
             write,
@@ -410,17 +411,31 @@ fn seq48(b: &[u8]) -> u64 {
     b.iter().fold(0, |acc, &x| acc << 8 | x as u64)
 }
 
-/// The highest epoch-1 sequence number among the records of a datagram we sent.
-fn last_seq(mut datagram: &[u8]) -> Option<u64> {
+/// The highest sequence number of `epoch` among the records of a datagram we sent.
+pub fn last_seq(mut datagram: &[u8], epoch: u16) -> Option<u64> {
     let mut last = None;
     while datagram.len() >= HEADER_LEN {
-        if u16::from_be_bytes([datagram[3], datagram[4]]) == EPOCH {
+        if u16::from_be_bytes([datagram[3], datagram[4]]) == epoch {
             last = last.max(Some(seq48(&datagram[5..11])));
         }
         let len = u16::from_be_bytes([datagram[11], datagram[12]]) as usize;
         datagram = datagram.get(HEADER_LEN + len..)?;
     }
     last
+}
+
+/// A fatal alert in a plaintext record, for a handshake whose keys never agreed: the client
+/// still reads epoch 0 until our ChangeCipherSpec. `seq` follows the epoch-0 records sent before,
+/// so the client's replay check lets it through.
+pub fn plaintext_alert(seq: u64, level: u8, description: u8) -> Bytes {
+    let mut out = Vec::with_capacity(HEADER_LEN + 2);
+    out.push(CONTENT_ALERT);
+    out.extend_from_slice(&DTLS_1_2);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&seq.to_be_bytes()[2..]);
+    out.extend_from_slice(&2u16.to_be_bytes());
+    out.extend_from_slice(&[level, description]);
+    Bytes::from(out)
 }
 
 /// What a record's MAC or AEAD tag also covers (RFC 5246 §6.2.3.1 and §6.2.3.3, with DTLS's

@@ -191,14 +191,16 @@ fn placeholder() -> Endpoints {
     Endpoints { coap: a, aes: a, dtls: a, admin: a }
 }
 
-/// The development CA and server certificate, made once by the repo's own `scripts/dev-certs`
+/// The development CAs and server certificates, made once by the repo's own `scripts/dev-certs`
 /// (test processes run in parallel: each makes its own, the first to rename it into place wins).
 pub fn dev_certs() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dev-certs");
-        if !dir.join("server-rsa.key").exists() {
-            let _ = std::fs::remove_dir_all(&dir); // from before the RSA certificate existed
+        // Keyed on the newest file the script makes: a cache from an older script (no RSA chain,
+        // or an RSA leaf signed by the EC CA) is made again.
+        if !dir.join("dev-ca-rsa.crt").exists() {
+            let _ = std::fs::remove_dir_all(&dir);
             let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("dev-certs.{}", std::process::id()));
             let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dev-certs"))
                 .arg(&tmp)
