@@ -1,0 +1,599 @@
+//! Crash soak: runs nbhub under mixed load and kills it with SIGKILL at random moments, restarting
+//! it on the same data directory each time, then checks what survived. The load: Alibaba devices
+//! sending encrypted CON uplinks on 5682 and PSK devices sending uplinks inside DTLS, Huawei
+//! devices reporting with CON notifications and answering the commands an operator queues, and a
+//! webhook subscriber taking uplink and command events. Verified at the end:
+//! - every acknowledged uplink is stored exactly as sent; a stored uplink was sent; duplicates
+//!   (a retransmission across a crash, which CoAP allows) are counted;
+//! - every command the admin API created exists, ends in a legal state, and its states as the
+//!   webhook told them follow the legal order;
+//! - every stored uplink reached the subscriber at least once.
+//!
+//! Not in CI (the suite's `tests/crash.rs` is the short version). Loopback only; bounded by
+//! `--cycles`. Run from the repository: `cargo run --release --bin nbhub-soak -- --cycles 50`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use clap::Parser;
+use nbhub::client::AdminClient;
+use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
+use nbhub::dtls::client::DtlsClient;
+use nbhub::simulate::{AlibabaSession, alibaba_auth};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "nbhub-soak", about = "Kills nbhub at random moments under mixed load and verifies what survived")]
+struct Args {
+    /// Kill/restart cycles.
+    #[arg(long, default_value_t = 50)]
+    cycles: usize,
+    /// Seeds the moments of the kills.
+    #[arg(long, default_value_t = 20261202)]
+    seed: u64,
+    /// Longest run between two kills, in milliseconds (the shortest is a fifth of it).
+    #[arg(long, default_value_t = 2000)]
+    max_run_ms: u64,
+    #[arg(long, default_value_t = 4)]
+    aes_devices: usize,
+    #[arg(long, default_value_t = 2)]
+    dtls_devices: usize,
+    #[arg(long, default_value_t = 4)]
+    huawei_devices: usize,
+}
+
+const ADMIN_TOKEN: &str = "soak-admin-token";
+const PSK: &[u8] = b"soak-psk-0123456";
+
+/// The server process and where it listens now (ports change with every start).
+struct Node {
+    dir: PathBuf,
+    child: Option<Child>,
+    endpoints: nbhub::Endpoints,
+}
+
+impl Node {
+    fn start(dir: &Path) -> Node {
+        let mut n = Node { dir: dir.to_path_buf(), child: None, endpoints: placeholder() };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let data = self.dir.join("data");
+        let _ = std::fs::remove_file(data.join(nbhub::ENDPOINTS_FILE));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).unwrap();
+        let bin = std::env::current_exe().unwrap().with_file_name("nbhub");
+        let child = Command::new(bin)
+            .arg("serve")
+            .current_dir(&self.dir)
+            .env("NBHUB_DATA_DIR", &data)
+            .env("NBHUB_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_COAP_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_AES_LISTEN", "127.0.0.1:0")
+            .env("NBHUB_DTLS_LISTEN", "127.0.0.1:0")
+            // PSK only: no certificate needed.
+            .env("NBHUB_DTLS_CERT", "")
+            .env("NBHUB_DTLS_KEY", "")
+            .env("NBHUB_DTLS_RSA_CERT", "")
+            .env("NBHUB_DTLS_RSA_KEY", "")
+            .env("NBHUB_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("NBHUB_DEVICE_MAX_PER_SECOND", "100000")
+            .env("NBHUB_DEVICE_MAX_PER_MINUTE", "1000000")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| fail(format!("cannot start nbhub (build it first): {e}")));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        self.endpoints = loop {
+            if let Ok(text) = std::fs::read_to_string(data.join(nbhub::ENDPOINTS_FILE))
+                && let Ok(e) = serde_json::from_str(&text)
+            {
+                break e;
+            }
+            if Instant::now() > deadline {
+                fail("nbhub did not start within 60 s; see server.log")
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn admin(&self) -> AdminClient {
+        AdminClient::new(&format!("http://{}", self.endpoints.admin), ADMIN_TOKEN)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn placeholder() -> nbhub::Endpoints {
+    let a: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    nbhub::Endpoints { coap: a, aes: a, dtls: a, admin: a }
+}
+
+/// Where the devices find the server now; swapped at every restart.
+type Current = Arc<Mutex<nbhub::Endpoints>>;
+
+/// What one device sent and what it was told was stored, by payload.
+#[derive(Default)]
+struct Sent {
+    sent: BTreeSet<String>,
+    acknowledged: BTreeSet<String>,
+}
+
+type Logs = Arc<Mutex<HashMap<(String, String), Sent>>>;
+
+fn record(logs: &Logs, pk: &str, dn: &str, payload: &str, acknowledged: bool) {
+    let mut l = logs.lock().unwrap();
+    let s = l.entry((pk.to_string(), dn.to_string())).or_default();
+    s.sent.insert(payload.to_string());
+    if acknowledged {
+        s.acknowledged.insert(payload.to_string());
+    }
+}
+
+/// An Alibaba device on 5682: authenticates (again after a 4.01), sends numbered CON uplinks and
+/// retries each with the same message id until it is acknowledged.
+fn aes_device(current: Current, pk: String, dn: String, secret: String, logs: Logs, stop: Arc<AtomicBool>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut mid: u16 = rand::random();
+    let mut session: Option<AlibabaSession> = None;
+    let mut n = 0u32;
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let server = current.lock().unwrap().aes;
+        let Some(s) = session.as_mut() else {
+            mid = mid.wrapping_add(1);
+            let _ = socket.send_to(&alibaba_auth(&pk, &dn, &secret, mid), server);
+            if let Ok((len, _)) = socket.recv_from(&mut buf)
+                && let Ok(m) = Message::parse(&buf[..len])
+                && m.code == Code::CONTENT
+            {
+                session = AlibabaSession::from_answer(m.payload, &secret);
+            }
+            continue;
+        };
+        mid = mid.wrapping_add(1);
+        let payload = format!("aes-{dn}-{n}");
+        let req = s.uplink(&pk, &dn, mid, payload.as_bytes());
+        record(&logs, &pk, &dn, &payload, false);
+        loop {
+            let server = current.lock().unwrap().aes;
+            let _ = socket.send_to(&req, server);
+            let answer = socket
+                .recv_from(&mut buf)
+                .ok()
+                .and_then(|(len, _)| Message::parse(&buf[..len]).ok().map(|m| (m.mid, m.code)));
+            match answer {
+                Some((m, Code::CHANGED)) if m == mid => {
+                    record(&logs, &pk, &dn, &payload, true);
+                    break;
+                }
+                Some((m, Code::UNAUTHORIZED)) if m == mid => {
+                    session = None;
+                    break;
+                }
+                _ if stop.load(Ordering::Relaxed) => return,
+                _ => {}
+            }
+        }
+        n += 1;
+    }
+}
+
+/// A PSK device inside DTLS: handshakes (again after every restart), sends numbered uplinks;
+/// one is acknowledged when its 2.04 comes back inside the session.
+fn dtls_device(current: Current, pk: String, dn: String, logs: Logs, stop: Arc<AtomicBool>) {
+    let mut n = 0u32;
+    let mut mid: u16 = rand::random();
+    while !stop.load(Ordering::Relaxed) {
+        let server = current.lock().unwrap().dtls;
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        if socket.connect(server).is_err() {
+            continue;
+        }
+        let mut client = DtlsClient::psk(socket, &format!("{pk}&{dn}"), PSK, "PSK-AES128-CCM8");
+        if client.handshake(None, Duration::from_secs(3)).is_err() {
+            continue;
+        }
+        // Within one session: an unanswered uplink is sent again after a new handshake.
+        'session: while !stop.load(Ordering::Relaxed) {
+            mid = mid.wrapping_add(1);
+            let payload = format!("dtls-{dn}-{n}");
+            let req = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes())
+                .option(OptionNumber::URI_PATH, b"topic")
+                .option(OptionNumber::URI_PATH, pk.as_bytes())
+                .option(OptionNumber::URI_PATH, dn.as_bytes())
+                .option(OptionNumber::URI_PATH, b"update")
+                .payload(payload.as_bytes())
+                .build();
+            record(&logs, &pk, &dn, &payload, false);
+            for _ in 0..3 {
+                if client.send(&req).is_none() {
+                    break 'session;
+                }
+                if let Some(d) = client.recv(Duration::from_millis(300))
+                    && let Ok(m) = Message::parse(&d)
+                    && m.mid == mid
+                    && m.code == Code::CHANGED
+                {
+                    record(&logs, &pk, &dn, &payload, true);
+                    n += 1;
+                    continue 'session;
+                }
+            }
+            // Unanswered three times: the server restarted; the same payload goes again.
+            break;
+        }
+    }
+}
+
+/// A Huawei device: binds (again when its reports go unanswered), reports with numbered CON
+/// notifications, retrying each until acknowledged, and answers commands with an empty 2.04.
+fn huawei_device(current: Current, pk: String, dn: String, node: String, logs: Logs, stop: Arc<AtomicBool>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut mid: u16 = rand::random();
+    let mut buf = [0u8; 2048];
+    let mut token: Option<Vec<u8>> = None;
+    let mut observe: u32 = 0;
+    let mut n = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let server = current.lock().unwrap().coap;
+        let Some(t) = token.clone() else {
+            mid = mid.wrapping_add(1);
+            let bind = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[0xb1])
+                .option(OptionNumber::URI_PATH, b"t")
+                .option(OptionNumber::URI_PATH, b"r")
+                .option(OptionNumber::URI_QUERY, format!("ep={node}").as_bytes())
+                .build();
+            let _ = socket.send_to(&bind, server);
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                let Ok((len, _)) = socket.recv_from(&mut buf) else { continue };
+                let Ok(m) = Message::parse(&buf[..len]) else { continue };
+                if m.mtype == MessageType::Con && m.code == Code::GET {
+                    let _ = socket
+                        .send_to(&MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).build(), server);
+                    token = Some(m.token.to_vec());
+                    break;
+                }
+            }
+            continue;
+        };
+        mid = mid.wrapping_add(1);
+        observe = (observe + 1) & 0xFF_FFFF;
+        let payload = format!("huawei-{dn}-{n}");
+        let report = MessageBuilder::new(MessageType::Con, Code::CONTENT, mid, &t)
+            .uint_option(OptionNumber::OBSERVE, observe)
+            .payload(payload.as_bytes())
+            .build();
+        record(&logs, &pk, &dn, &payload, false);
+        let mut tries = 0;
+        loop {
+            let server = current.lock().unwrap().coap;
+            let _ = socket.send_to(&report, server);
+            let mut acknowledged = false;
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < deadline {
+                let Ok((len, _)) = socket.recv_from(&mut buf) else { break };
+                let Ok(m) = Message::parse(&buf[..len]) else { continue };
+                match (m.mtype, m.code) {
+                    (MessageType::Ack, _) if m.mid == mid => acknowledged = true,
+                    (MessageType::Rst, _) if m.mid == mid => {
+                        token = None; // the relation is gone: bind again
+                        break;
+                    }
+                    (MessageType::Con, Code::POST) => {
+                        let _ = socket.send_to(
+                            &MessageBuilder::new(MessageType::Ack, Code::CHANGED, m.mid, m.token).build(),
+                            server,
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            if acknowledged {
+                record(&logs, &pk, &dn, &payload, true);
+                n += 1;
+                break;
+            }
+            tries += 1;
+            if token.is_none() || tries >= 10 || stop.load(Ordering::Relaxed) {
+                // Unacknowledged: sent, maybe stored, never counted as acknowledged.
+                token = if tries >= 10 { None } else { token };
+                n += 1;
+                break;
+            }
+        }
+    }
+}
+
+/// What the subscriber took: uplink payloads by device, and each command's states by event id
+/// (deliveries may repeat and arrive out of order; the ids give the order they happened in).
+#[derive(Default)]
+struct Hooked {
+    uplinks: BTreeSet<(String, String, String)>,
+    commands: BTreeMap<String, BTreeMap<u64, String>>,
+}
+
+fn subscriber(hooked: Arc<Mutex<Hooked>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let hooked = hooked.clone();
+            std::thread::spawn(move || serve_http(conn, &hooked));
+        }
+    });
+    addr
+}
+
+fn serve_http(conn: std::net::TcpStream, hooked: &Mutex<Hooked>) {
+    let mut out = conn.try_clone().unwrap();
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut len = 0;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if let Ok(e) = serde_json::from_slice::<Value>(&body) {
+            let mut h = hooked.lock().unwrap();
+            let (pk, dn) = (
+                e["product_key"].as_str().unwrap_or("").to_string(),
+                e["device_name"].as_str().unwrap_or("").to_string(),
+            );
+            match e["event"].as_str() {
+                Some("uplink") => {
+                    let payload =
+                        STANDARD.decode(e["data"]["payload_base64"].as_str().unwrap_or("")).unwrap_or_default();
+                    h.uplinks.insert((pk, dn, String::from_utf8_lossy(&payload).into_owned()));
+                }
+                Some("command_status") => {
+                    let id = e["data"]["command_id"].as_str().unwrap_or("").to_string();
+                    let event: u64 = e["event_id"].as_str().and_then(|i| i.parse().ok()).unwrap_or(0);
+                    let status = e["data"]["status"].as_str().unwrap_or("").to_string();
+                    h.commands.entry(id).or_default().insert(event, status);
+                }
+                _ => {}
+            }
+        }
+        if out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether `next` may follow `prev` in a command's life (SPEC §5). A crash may send a SENT
+/// command again (at least once), so SENT may follow SENT or DELIVERED.
+fn legal_step(prev: &str, next: &str) -> bool {
+    matches!(
+        (prev, next),
+        ("PENDING", "SENT" | "EXPIRED" | "CANCELED" | "FAILED")
+            | ("SENT", "SENT" | "DELIVERED" | "SUCCESSFUL" | "FAILED" | "TIMEOUT" | "PENDING")
+            | ("DELIVERED", "SENT" | "SUCCESSFUL" | "FAILED" | "DELIVERED")
+    ) || prev == next
+}
+
+/// A tiny xorshift: the kill moments repeat for a seed.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn main() {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("nbhub-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    println!("data and server.log in {}", dir.display());
+    let mut node = Node::start(&dir);
+    let admin = node.admin();
+    let hooked = Arc::new(Mutex::new(Hooked::default()));
+    let hook = subscriber(hooked.clone());
+    admin
+        .post(
+            "/api/v1/webhooks",
+            &json!({"url": format!("http://{hook}/soak"), "events": ["uplink", "command_status"]}),
+        )
+        .unwrap_or_else(|e| fail(e));
+
+    let logs: Logs = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let current: Current = Arc::new(Mutex::new(node.endpoints.clone()));
+    let mut threads = Vec::new();
+    let ali = admin.post("/api/v1/products", &json!({"name": "soak-ali"})).unwrap_or_else(|e| fail(e));
+    let ali_pk = ali["product_key"].as_str().unwrap().to_string();
+    for i in 0..args.aes_devices + args.dtls_devices {
+        let body = if i < args.aes_devices { json!({}) } else { json!({"psk_hex": hex::encode(PSK)}) };
+        let d = admin.post(&format!("/api/v1/products/{ali_pk}/devices"), &body).unwrap_or_else(|e| fail(e));
+        let (dn, secret) =
+            (d["device_name"].as_str().unwrap().to_string(), d["device_secret"].as_str().unwrap().to_string());
+        let (c, l, s, pk) = (current.clone(), logs.clone(), stop.clone(), ali_pk.clone());
+        threads.push(if i < args.aes_devices {
+            std::thread::spawn(move || aes_device(c, pk, dn, secret, l, s))
+        } else {
+            std::thread::spawn(move || dtls_device(c, pk, dn, l, s))
+        });
+    }
+    let hw = admin
+        .post(
+            "/api/v1/products",
+            &json!({"name": "soak-huawei", "awake_window_s": 600, "ack_timeout_ms": 500, "max_retransmit": 2}),
+        )
+        .unwrap_or_else(|e| fail(e));
+    let hw_pk = hw["product_key"].as_str().unwrap().to_string();
+    let mut huawei = Vec::new();
+    for i in 0..args.huawei_devices {
+        let node_id = format!("soak{}-{i}", std::process::id());
+        let d = admin
+            .post(&format!("/api/v1/products/{hw_pk}/devices"), &json!({"node_id": node_id}))
+            .unwrap_or_else(|e| fail(e));
+        let dn = d["device_name"].as_str().unwrap().to_string();
+        huawei.push(dn.clone());
+        let (c, l, s, pk) = (current.clone(), logs.clone(), stop.clone(), hw_pk.clone());
+        threads.push(std::thread::spawn(move || huawei_device(c, pk, dn, node_id, l, s)));
+    }
+
+    let mut seed = args.seed.max(1);
+    let mut commands: Vec<String> = Vec::new();
+    let started = Instant::now();
+    for cycle in 0..args.cycles {
+        let run = args.max_run_ms / 5 + next(&mut seed) % (args.max_run_ms - args.max_run_ms / 5).max(1);
+        let until = Instant::now() + Duration::from_millis(run);
+        // The operator queues commands while the server runs; an answered create is a command.
+        while Instant::now() < until {
+            let dn = &huawei[commands.len() % huawei.len().max(1)];
+            let body = json!({"payload_base64": STANDARD.encode(format!("cmd-{}", commands.len()))});
+            if let Ok(c) = node.admin().post(&format!("/api/v1/products/{hw_pk}/devices/{dn}/commands"), &body)
+                && let Some(id) = c["command_id"].as_str()
+            {
+                commands.push(id.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        node.kill9();
+        node.spawn();
+        *current.lock().unwrap() = node.endpoints.clone();
+        println!("cycle {}/{}: killed after {run} ms, restarted", cycle + 1, args.cycles);
+    }
+    // A quiet end: the devices finish what is in flight, the subscriber catches up.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        let _ = t.join();
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let soak_s = started.elapsed().as_secs_f64();
+
+    let admin = node.admin();
+    let mut problems = Vec::new();
+    let (mut acknowledged, mut stored_total, mut duplicates) = (0usize, 0usize, 0usize);
+    let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    let logs = logs.lock().unwrap();
+    let hooked = hooked.lock().unwrap();
+    for ((pk, dn), sent) in logs.iter() {
+        let stored = stored_payloads(&admin, pk, dn);
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for p in &stored {
+            *counts.entry(p.as_str()).or_default() += 1;
+        }
+        stored_total += stored.len();
+        acknowledged += sent.acknowledged.len();
+        for p in &sent.acknowledged {
+            *by_kind
+                .entry(["aes", "dtls", "huawei"].into_iter().find(|k| p.starts_with(k)).unwrap_or("?"))
+                .or_default() += 1;
+        }
+        for p in &sent.acknowledged {
+            if !counts.contains_key(p.as_str()) {
+                problems.push(format!("{pk}/{dn}: acknowledged {p} is not stored"));
+            }
+        }
+        for (p, n) in &counts {
+            if !sent.sent.contains(*p) {
+                problems.push(format!("{pk}/{dn}: stored {p} was never sent"));
+            }
+            duplicates += n - 1;
+            if !hooked.uplinks.contains(&(pk.clone(), dn.clone(), p.to_string())) {
+                problems.push(format!("{pk}/{dn}: stored {p} never reached the webhook"));
+            }
+        }
+    }
+    let mut finals: BTreeMap<String, usize> = BTreeMap::new();
+    for id in &commands {
+        match admin.get(&format!("/api/v1/commands/{id}")) {
+            Ok(c) => *finals.entry(c["status"].as_str().unwrap_or("?").to_string()).or_default() += 1,
+            Err(e) => problems.push(format!("command {id} created but not readable: {e}")),
+        }
+        let told: Vec<String> = hooked.commands.get(id).into_iter().flat_map(|m| m.values().cloned()).collect();
+        for w in told.windows(2) {
+            if !legal_step(&w[0], &w[1]) {
+                problems.push(format!("command {id}: {} after {} ({told:?})", w[1], w[0]));
+            }
+        }
+    }
+    println!(
+        "{} cycles in {soak_s:.0} s: {acknowledged} uplinks acknowledged {by_kind:?}, {stored_total} stored ({duplicates} duplicates), {} commands {finals:?}",
+        args.cycles,
+        commands.len()
+    );
+    if problems.is_empty() {
+        println!(
+            "verified: nothing acknowledged lost, nothing stored unsent, every stored uplink delivered, command states legal"
+        );
+        drop(node);
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        for p in problems.iter().take(50) {
+            println!("PROBLEM {p}");
+        }
+        fail(format!("{} problems", problems.len()));
+    }
+}
+
+/// Every stored payload of a device, oldest first (all pages).
+fn stored_payloads(admin: &AdminClient, pk: &str, dn: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = admin
+            .get(&format!("/api/v1/products/{pk}/devices/{dn}/messages?limit=1000&after={after}"))
+            .unwrap_or_else(|e| fail(e));
+        for m in page["messages"].as_array().into_iter().flatten() {
+            let payload = STANDARD.decode(m["payload_base64"].as_str().unwrap_or("")).unwrap_or_default();
+            out.push(String::from_utf8_lossy(&payload).into_owned());
+        }
+        match page["next"].as_str() {
+            Some(n) => after = n.to_string(),
+            None => return out,
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ! {
+    eprintln!("nbhub-soak: {e}");
+    std::process::exit(1)
+}
