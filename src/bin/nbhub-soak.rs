@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,7 +74,16 @@ impl Node {
         let _ = std::fs::remove_file(data.join(nbhub::ENDPOINTS_FILE));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).unwrap();
         let bin = std::env::current_exe().unwrap().with_file_name("nbhub");
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        // The server dies with the soak on every way out, fail()'s exit included.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("serve")
             .current_dir(&self.dir)
             .env("NBHUB_DATA_DIR", &data)
@@ -570,7 +580,7 @@ fn main() {
         for p in problems.iter().take(50) {
             println!("PROBLEM {p}");
         }
-        fail(format!("{} problems", problems.len()));
+        fail(format!("{} problems; the data directory is kept", problems.len()));
     }
 }
 
