@@ -222,10 +222,12 @@ impl Store {
         // The 4 MiB default is taken from the disk up front: on a nearly full filesystem that is
         // what stops RocksDB from writing again. The MANIFEST only grows by a few records a flush.
         db_opts.set_manifest_preallocation_size(256 << 10);
-        let cfs = ALL_CFS.iter().map(|name| {
+        // The default column family is unused but always there, and its write buffer counts too:
+        // RocksDB waits for the largest of all to be free before it writes again.
+        let cfs = ALL_CFS.iter().copied().chain([rocksdb::DEFAULT_COLUMN_FAMILY_NAME]).map(|name| {
             let mut o = Options::default();
             o.set_write_buffer_size(write_buffer);
-            match *name {
+            match name {
                 CF_MESSAGES => {
                     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
                     // Uplinks arrive from many devices at once; one global skiplist made every
@@ -266,7 +268,7 @@ impl Store {
                 }
                 _ => {}
             }
-            ColumnFamilyDescriptor::new(*name, o)
+            ColumnFamilyDescriptor::new(name, o)
         });
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
         Ok(Store { db: Arc::new(db), retention, write_buffer })
