@@ -18,9 +18,9 @@ use nbhub::coap::message::Code;
 use nbhub::coap::option::OptionNumber;
 use serde_json::json;
 
-/// The smallest tmpfs the server starts on and still writes a few uplinks to with 1 MiB write
-/// buffers (RocksDB takes about 5 MiB at open: WAL and MANIFEST preallocation, OPTIONS files).
-const TMPFS: &str = "size=12m";
+/// A few MiB: with 1 MiB write buffers the server starts on 3 MiB; 4 leaves a margin and room
+/// for some uplinks before the ballast.
+const TMPFS: &str = "size=4m";
 
 /// A tmpfs mounted for the test's life; unmounted (even when the test fails) before its mount
 /// point is removed.
