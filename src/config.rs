@@ -254,6 +254,9 @@ pub struct StoreConfig {
     pub sync: SyncPolicy,
     pub max_batch: usize,
     pub message_retention_s: u64,
+    /// Each column family's RocksDB memtable, in MiB: after the disk was full, writes resume
+    /// only once this much is free.
+    pub write_buffer_mb: usize,
     /// Hex; empty when secrets are stored as given.
     pub secrets_key: String,
 }
@@ -263,6 +266,10 @@ impl StoreConfig {
     pub fn secrets_key(&self) -> Option<[u8; 32]> {
         let mut key = [0u8; 32];
         hex::decode_to_slice(&self.secrets_key, &mut key).ok().map(|_| key)
+    }
+
+    pub fn write_buffer(&self) -> usize {
+        self.write_buffer_mb << 20
     }
 
     pub fn message_retention(&self) -> Option<Duration> {
@@ -438,6 +445,9 @@ impl Config {
         if !self.store.secrets_key.is_empty() && self.store.secrets_key().is_none() {
             // The value itself is not repeated: it is a key.
             return bad("store.secrets_key must be 64 hex characters (32 bytes), or empty".into());
+        }
+        if !(1..=4096).contains(&self.store.write_buffer_mb) {
+            return bad(format!("store.write_buffer_mb = {} must be within 1..=4096", self.store.write_buffer_mb));
         }
         if !(1..=1_000_000).contains(&self.store.max_batch) {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));

@@ -79,7 +79,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     if let Some(key) = config.store.secrets_key() {
         store::sealed::set_key(&key);
     }
-    let store = Store::open(&data_dir.join("db"), config.store.message_retention())?;
+    let store = Store::open(&data_dir.join("db"), config.store.message_retention(), config.store.write_buffer())?;
     let (writer, writer_thread) = WriterThread::start(&store, config.store.sync, config.store.max_batch)?;
     let result = serve_with(config, store, writer, shutdown).await;
     // Also after a failed start: RocksDB's threads must not outlive the writer.

@@ -28,6 +28,11 @@ pub mod metric {
     pub const PENDING_WRITES_FULL: &str = "nbhub_pending_writes_full_total";
     pub const STORE_COMMIT_SECONDS: &str = "nbhub_store_commit_seconds";
     pub const STORE_BATCH_JOBS: &str = "nbhub_store_batch_jobs";
+    /// 1 while the store takes writes, 0 while its disk is full.
+    pub const STORE_WRITABLE: &str = "nbhub_store_writable";
+    /// Writes that failed without touching the data, by reason (`no_space`, `busy`), and state
+    /// changes held for a full disk that had to be dropped (`held_overflow`).
+    pub const STORE_WRITES_REFUSED: &str = "nbhub_store_writes_refused_total";
     pub const SESSIONS: &str = "nbhub_sessions";
     pub const DEVICES: &str = "nbhub_devices";
     pub const DTLS_HELLO_VERIFY: &str = "nbhub_dtls_hello_verify_requests_total";
@@ -104,6 +109,11 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_gauge!(metric::DTLS_HANDSHAKES_IN_PROGRESS, "DTLS handshakes in progress");
     metrics::describe_histogram!(metric::STORE_COMMIT_SECONDS, "time to commit one group of writes");
     metrics::describe_histogram!(metric::STORE_BATCH_JOBS, "jobs per committed batch");
+    metrics::describe_gauge!(metric::STORE_WRITABLE, "1 while the store takes writes, 0 while its disk is full");
+    metrics::describe_counter!(
+        metric::STORE_WRITES_REFUSED,
+        "writes refused (no_space, busy) and held state changes dropped (held_overflow)"
+    );
     Some(handle)
 }
 

@@ -8,17 +8,20 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use crate::registry::RegistryError;
+use crate::store::StoreError;
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent as Retry-After: when the failure passes by itself.
+    pub retry_after_s: Option<u32>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), retry_after_s: None }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -31,7 +34,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        response
     }
 }
 
@@ -41,17 +48,23 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             RegistryError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             RegistryError::Invalid(m) => ApiError::bad_request(m),
-            RegistryError::Store(e) => {
-                tracing::error!(error = %e, "admin request failed in the store");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage_error", e.to_string())
-            }
+            RegistryError::Store(e) => e.into(),
         }
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> ApiError {
-        RegistryError::Store(e).into()
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        let (status, code) = match &e {
+            // The writer logs a full disk itself, once.
+            StoreError::NoSpace { .. } => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
+            StoreError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_busy"),
+            _ => {
+                tracing::error!(error = %e, "admin request failed in the store");
+                (StatusCode::INTERNAL_SERVER_ERROR, "storage_error")
+            }
+        };
+        ApiError { status, code, message: e.to_string(), retry_after_s: e.retry_after_s() }
     }
 }
 

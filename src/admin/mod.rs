@@ -85,10 +85,14 @@ async fn require_token(State(state): State<AdminState>, headers: HeaderMap, req:
     }
 }
 
-/// Up once the listeners are (the admin API starts after them), down if the store writer died.
+/// Up once the listeners are (the admin API starts after them), down if the store writer died;
+/// says whether the store takes writes.
 async fn healthz(State(state): State<AdminState>) -> Response {
-    if state.registry.writer().is_alive() {
-        Json(serde_json::json!({"status": "ok"})).into_response()
+    let writer = state.registry.writer();
+    if writer.is_alive() {
+        // Still up with a full disk: it reads, and writes again by itself once space is freed.
+        let store = if writer.is_writable() { "writable" } else { "disk_full" };
+        Json(serde_json::json!({"status": "ok", "store": store})).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "store writer stopped"}))).into_response()
     }

@@ -519,12 +519,18 @@ impl<R: Resources> Endpoint<R> {
         };
         let (response, message_id, follow_up) = match result {
             Ok(id) => (response, id, follow_up),
-            Err(_) => {
+            Err(e) => {
                 if let Some(o) = follow_up {
                     self.resources.handle_reply(now, o.exchange, Reply::Unsent, &mut self.effects);
                     self.apply_effects(now, out);
                 }
-                (Response::new(Code::INTERNAL_SERVER_ERROR), None, None)
+                let response = match e.retry_after_s() {
+                    // Nothing was stored and a retry may well succeed (the disk was full): say
+                    // when, as for a full write queue.
+                    Some(s) => Response { max_age: Some(s), ..Response::new(Code::SERVICE_UNAVAILABLE) },
+                    None => Response::new(Code::INTERNAL_SERVER_ERROR),
+                };
+                (response, None, None)
             }
         };
         if separate {

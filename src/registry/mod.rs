@@ -555,7 +555,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::load_with_env(None, Vec::new()).unwrap();
         config.auth.token_ttl_s = 60;
-        let store = Store::open(dir.path(), None).unwrap();
+        let store = Store::open(dir.path(), None, config.store.write_buffer()).unwrap();
         let (writer, thread) = WriterThread::start(&store, config.store.sync, 16).unwrap();
         let registry = Registry::load(Arc::new(config), store.clone(), writer).await.unwrap();
         let pk = ProductKey::new("p").unwrap();

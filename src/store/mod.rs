@@ -4,10 +4,11 @@
 
 pub mod records;
 pub mod sealed;
+mod space;
 mod writer;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,6 +125,29 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("the store is shutting down")]
     Closed,
+    /// The data directory's filesystem is full: nothing is written until space is freed, then
+    /// writes resume by themselves (RocksDB checks every 5 s).
+    #[error(
+        "the filesystem of data directory {} is full ({free_bytes} bytes free); writes resume by themselves once {needed_bytes} bytes are free",
+        dir.display()
+    )]
+    NoSpace { dir: PathBuf, free_bytes: u64, needed_bytes: u64 },
+    /// RocksDB held writes back (a write stall) for longer than the writer waits.
+    #[error("the store is busy: {0}")]
+    Busy(String),
+}
+
+impl StoreError {
+    /// Seconds after which a retry may succeed, for errors that pass by themselves (told to
+    /// devices as Max-Age and to API clients as Retry-After); `None` for the others.
+    pub fn retry_after_s(&self) -> Option<u32> {
+        match self {
+            // RocksDB looks for freed space every 5 s and the writer probes every second after.
+            StoreError::NoSpace { .. } => Some(10),
+            StoreError::Busy(_) => Some(1),
+            _ => None,
+        }
+    }
 }
 
 impl From<rocksdb::Error> for StoreError {
@@ -164,6 +188,8 @@ pub struct Store {
     db: Arc<DB>,
     /// Uplinks older than this are expired (hidden from reads, dropped by compaction).
     retention: Option<Duration>,
+    /// Each column family's memtable size, in bytes.
+    write_buffer: usize,
 }
 
 /// Whether a stored message (by its encoded record) is older than `retention`.
@@ -181,7 +207,9 @@ fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, S
 }
 
 impl Store {
-    pub fn open(dir: &Path, retention: Option<Duration>) -> Result<Store, StoreError> {
+    /// `write_buffer` is each column family's memtable size in bytes. It is also the free space
+    /// RocksDB waits for before it writes again after the disk was full.
+    pub fn open(dir: &Path, retention: Option<Duration>, write_buffer: usize) -> Result<Store, StoreError> {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -191,12 +219,17 @@ impl Store {
         // Required by the hash-based memtable of the messages column family; nbhub has a
         // single writer thread, so concurrent memtable inserts would gain nothing.
         db_opts.set_allow_concurrent_memtable_write(false);
-        let cfs = ALL_CFS.iter().map(|name| {
+        // The 4 MiB default is taken from the disk up front: on a nearly full filesystem that is
+        // what stops RocksDB from writing again. The MANIFEST only grows by a few records a flush.
+        db_opts.set_manifest_preallocation_size(256 << 10);
+        // The default column family is unused but always there, and its write buffer counts too:
+        // RocksDB waits for the largest of all to be free before it writes again.
+        let cfs = ALL_CFS.iter().copied().chain([rocksdb::DEFAULT_COLUMN_FAMILY_NAME]).map(|name| {
             let mut o = Options::default();
-            match *name {
+            o.set_write_buffer_size(write_buffer);
+            match name {
                 CF_MESSAGES => {
                     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-                    o.set_write_buffer_size(64 << 20);
                     // Uplinks arrive from many devices at once; one global skiplist made every
                     // insert a deep, cache-missing search (the top item of the write path's
                     // profile). Hashing by device (the 8-byte key prefix) keeps each insert in a
@@ -235,10 +268,15 @@ impl Store {
                 }
                 _ => {}
             }
-            ColumnFamilyDescriptor::new(*name, o)
+            ColumnFamilyDescriptor::new(name, o)
         });
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        Ok(Store { db: Arc::new(db), retention })
+        Ok(Store { db: Arc::new(db), retention, write_buffer })
+    }
+
+    /// The error a failed write stands for (see [`space::classify`]).
+    pub(crate) fn write_error(&self, e: rocksdb::Error) -> StoreError {
+        space::classify(e.into_string(), self.db.path(), self.write_buffer as u64)
     }
 
     pub(crate) fn db(&self) -> &Arc<DB> {
@@ -485,7 +523,7 @@ mod tests {
     #[test]
     fn expired_messages_are_hidden_then_compacted_away() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Some(Duration::from_secs(60))).unwrap();
+        let store = Store::open(dir.path(), Some(Duration::from_secs(60)), 1 << 20).unwrap();
         let (writer, thread) = WriterThread::start(&store, SyncPolicy::Wal, 100).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let device = DeviceId(7);

@@ -3,12 +3,12 @@
 //! the `fsync` policy), then reports each job's completion. Concurrent uplinks thus share one sync
 //! (group commit) and no async task ever blocks on the disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
@@ -33,6 +33,16 @@ use crate::ota::package::PackageRecord;
 use crate::ota::task::TaskRecord;
 use crate::ota::upgrade::Upgrade;
 use crate::telemetry::metric;
+
+/// How long a write RocksDB stalls is retried before its jobs fail as busy.
+const STALL_PATIENCE: Duration = Duration::from_secs(2);
+/// While the disk is full: how often a write is tried again (RocksDB itself looks for freed
+/// space every 5 s); jobs arriving in between fail at once.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// While the disk is full: how often the writer says so again.
+const REMIND_INTERVAL: Duration = Duration::from_secs(60);
+/// Most state changes nobody waits for kept while the disk is full (then the oldest go).
+const MAX_HELD: usize = 100_000;
 
 /// Id of a stored uplink, assigned at commit so ids grow in commit order (cursor paging relies on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -159,6 +169,7 @@ enum Msg {
 pub struct Writer {
     tx: mpsc::Sender<Msg>,
     alive: Arc<AtomicBool>,
+    writable: Arc<AtomicBool>,
     wanted: Arc<Wanted>,
     events: watch::Receiver<u64>,
 }
@@ -199,6 +210,11 @@ impl Writer {
     /// False once the writer thread has ended (stopped, or died).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
+    }
+
+    /// False while writes fail because the data directory's filesystem is full.
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
     }
 }
 
@@ -248,8 +264,14 @@ impl WriterThread {
         let (tx, rx) = mpsc::channel();
         let wanted = Arc::new(Wanted::default());
         let (events_tx, events) = watch::channel(next_event_id - 1);
+        let writable = Arc::new(AtomicBool::new(true));
+        metrics::gauge!(metric::STORE_WRITABLE).set(1.0);
         let mut state = BatchWriter {
             db: store.db().clone(),
+            store: store.clone(),
+            writable: writable.clone(),
+            outage: None,
+            held: VecDeque::new(),
             policy,
             max_batch,
             next_message_id,
@@ -269,7 +291,7 @@ impl WriterThread {
                 state.run(rx)
             })
             .map_err(|e| StoreError::Rocks(format!("cannot start the writer thread: {e}")))?;
-        Ok((Writer { tx: tx.clone(), alive, wanted, events }, WriterThread { tx, handle }))
+        Ok((Writer { tx: tx.clone(), alive, writable, wanted, events }, WriterThread { tx, handle }))
     }
 
     /// Commits everything queued before this call, then stops the thread and syncs the WAL.
@@ -281,6 +303,15 @@ impl WriterThread {
 
 struct BatchWriter {
     db: Arc<DB>,
+    /// Tells what a failed write means.
+    store: Store,
+    writable: Arc<AtomicBool>,
+    /// Set while the disk is full.
+    outage: Option<Outage>,
+    /// State changes nobody waits for whose write failed for want of space (or a stall), oldest
+    /// first: written ahead of everything else by the next write, so nothing recorded is lost
+    /// and later changes still land after earlier ones.
+    held: VecDeque<Job>,
     policy: SyncPolicy,
     max_batch: usize,
     next_message_id: u64,
@@ -294,15 +325,40 @@ struct BatchWriter {
     presence: HashMap<DeviceId, PresenceRecord>,
 }
 
+/// The disk is full: what the writer knows of it.
+struct Outage {
+    since: Instant,
+    /// What waiting jobs are told.
+    error: StoreError,
+    /// No write is tried before this.
+    next_try: Instant,
+    /// Jobs failed since the last log line.
+    refused: u64,
+    logged: Instant,
+}
+
 impl BatchWriter {
     fn run(&mut self, rx: mpsc::Receiver<Msg>) {
         let mut jobs: Vec<Job> = Vec::with_capacity(self.max_batch);
         let mut ids: Vec<Option<MessageId>> = Vec::with_capacity(self.max_batch);
         let mut stopping = false;
         while !stopping {
-            match rx.recv() {
-                Ok(Msg::Job(j)) => jobs.push(j),
-                Ok(Msg::Stop) | Err(_) => break,
+            let msg = match &self.outage {
+                None => rx.recv().ok(),
+                // Wakes up to try again even when nothing arrives, so held changes are written
+                // (and health reported) as soon as space is back.
+                Some(o) => match rx.recv_timeout(o.next_try.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => Some(msg),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.commit(&mut jobs, &mut ids);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                },
+            };
+            match msg {
+                Some(Msg::Job(j)) => jobs.push(j),
+                Some(Msg::Stop) | None => break,
             }
             while jobs.len() < self.max_batch {
                 match rx.try_recv() {
@@ -314,40 +370,136 @@ impl BatchWriter {
                     Err(_) => break,
                 }
             }
-            let started = Instant::now();
-            let result = self.write(&mut jobs, &mut ids);
-            metrics::histogram!(metric::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-            metrics::histogram!(metric::STORE_BATCH_JOBS).record(jobs.len() as f64);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, jobs = jobs.len(), "store write failed; those requests get 5.00");
+            match &self.outage {
+                Some(o) if Instant::now() < o.next_try => self.refuse(&mut jobs),
+                _ => self.commit(&mut jobs, &mut ids),
             }
-            // Consecutive jobs of one endpoint are reported in one message: one wake-up per
-            // endpoint per batch instead of one per uplink.
-            let mut group: Option<(CommitSink, Vec<Committed>)> = None;
-            for (job, id) in jobs.drain(..).zip(ids.drain(..)) {
-                let r = result.clone().map(|()| id);
-                match job.completion {
-                    Completion::Endpoint { sink, ticket } => match &mut group {
-                        Some((s, done)) if s.same_channel(&sink) => done.push(Committed { ticket, result: r }),
-                        _ => {
-                            if let Some((s, done)) = group.replace((sink, vec![Committed { ticket, result: r }])) {
-                                let _ = s.send(done);
-                            }
-                        }
-                    },
-                    caller => complete(caller, r),
-                }
-            }
-            if let Some((s, done)) = group {
-                let _ = s.send(done);
-            }
+        }
+        if !self.held.is_empty() {
+            tracing::error!(changes = self.held.len(), "stopping with the disk full: recorded state changes are lost");
         }
         if let Err(e) = self.db.flush_wal(true) {
             tracing::error!(error = %e, "final WAL sync failed");
         }
     }
 
-    fn write(&mut self, jobs: &mut [Job], ids: &mut Vec<Option<MessageId>>) -> Result<(), StoreError> {
+    /// Writes the held changes then `jobs` as one batch and reports the result to each job.
+    fn commit(&mut self, jobs: &mut Vec<Job>, ids: &mut Vec<Option<MessageId>>) {
+        if !self.held.is_empty() {
+            jobs.splice(0..0, self.held.drain(..));
+        }
+        let started = Instant::now();
+        let result = self.write(jobs, ids);
+        metrics::histogram!(metric::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(metric::STORE_BATCH_JOBS).record(jobs.len() as f64);
+        match &result {
+            Ok(()) => self.recovered(),
+            Err(e @ StoreError::NoSpace { .. }) => self.out_of_space(e, jobs.len()),
+            Err(e @ StoreError::Busy(_)) => {
+                metrics::counter!(metric::STORE_WRITES_REFUSED, "reason" => "busy").increment(jobs.len() as u64);
+                tracing::warn!(error = %e, jobs = jobs.len(), "store write stalled; those requests get 5.03");
+            }
+            Err(e) => tracing::error!(error = %e, jobs = jobs.len(), "store write failed; those requests get 5.00"),
+        }
+        // Only a full disk or a stall leaves nothing written for certain and passes by itself.
+        let hold = result.as_ref().is_err_and(|e| e.retry_after_s().is_some());
+        // Consecutive jobs of one endpoint are reported in one message: one wake-up per
+        // endpoint per batch instead of one per uplink.
+        let mut group: Option<(CommitSink, Vec<Committed>)> = None;
+        for (job, id) in jobs.drain(..).zip(ids.drain(..)) {
+            let r = result.clone().map(|()| id);
+            match job.completion {
+                Completion::Detached if hold => self.hold(job),
+                Completion::Endpoint { sink, ticket } => match &mut group {
+                    Some((s, done)) if s.same_channel(&sink) => done.push(Committed { ticket, result: r }),
+                    _ => {
+                        if let Some((s, done)) = group.replace((sink, vec![Committed { ticket, result: r }])) {
+                            let _ = s.send(done);
+                        }
+                    }
+                },
+                caller => complete(caller, r),
+            }
+        }
+        if let Some((s, done)) = group {
+            let _ = s.send(done);
+        }
+    }
+
+    /// A write failed for want of space: says so once, then waits before trying again.
+    fn out_of_space(&mut self, error: &StoreError, jobs: usize) {
+        metrics::counter!(metric::STORE_WRITES_REFUSED, "reason" => "no_space").increment(jobs as u64);
+        let now = Instant::now();
+        match &mut self.outage {
+            Some(o) => {
+                o.error = error.clone();
+                o.next_try = now + PROBE_INTERVAL;
+                o.refused += jobs as u64;
+            }
+            None => {
+                tracing::error!(error = %error, "store disk full: devices get 5.03 and the admin API 507 until space is freed");
+                self.writable.store(false, Ordering::Relaxed);
+                metrics::gauge!(metric::STORE_WRITABLE).set(0.0);
+                self.outage = Some(Outage {
+                    since: now,
+                    error: error.clone(),
+                    next_try: now + PROBE_INTERVAL,
+                    refused: 0,
+                    logged: now,
+                });
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some(o) = self.outage.take() {
+            tracing::info!(after_s = o.since.elapsed().as_secs_f64(), "store writable again");
+            self.writable.store(true, Ordering::Relaxed);
+            metrics::gauge!(metric::STORE_WRITABLE).set(1.0);
+        }
+    }
+
+    /// Between tries while the disk is full: fails the waiting jobs at once (nothing is
+    /// written) and holds the others.
+    fn refuse(&mut self, jobs: &mut Vec<Job>) {
+        let Some(o) = &mut self.outage else { return };
+        o.error = o.error.clone().refreshed();
+        o.refused += jobs.len() as u64;
+        metrics::counter!(metric::STORE_WRITES_REFUSED, "reason" => "no_space").increment(jobs.len() as u64);
+        if o.logged.elapsed() >= REMIND_INTERVAL {
+            tracing::error!(
+                error = %o.error, refused = o.refused, since_s = o.since.elapsed().as_secs(),
+                "store disk still full"
+            );
+            o.refused = 0;
+            o.logged = Instant::now();
+        }
+        let error = o.error.clone();
+        for job in jobs.drain(..) {
+            match job.completion {
+                Completion::Detached => self.hold(job),
+                waiting => complete(waiting, Err(error.clone())),
+            }
+        }
+    }
+
+    fn hold(&mut self, job: Job) {
+        if self.held.len() == MAX_HELD {
+            self.held.pop_front();
+            metrics::counter!(metric::STORE_WRITES_REFUSED, "reason" => "held_overflow").increment(1);
+            if self.outage.as_ref().is_none_or(|o| o.logged.elapsed() >= REMIND_INTERVAL) {
+                tracing::error!(max = MAX_HELD, "too many state changes held for the full disk: dropping the oldest");
+                if let Some(o) = &mut self.outage {
+                    o.logged = Instant::now();
+                }
+            }
+        }
+        self.held.push_back(job);
+    }
+
+    /// Builds the batch from the jobs' ops without taking them, so a job whose write failed can
+    /// be held and written again.
+    fn write(&mut self, jobs: &[Job], ids: &mut Vec<Option<MessageId>>) -> Result<(), StoreError> {
         let cf = |name| self.db.cf_handle(name).expect("column families are created at open");
         let (messages, replay, presence_cf, sessions) =
             (cf(CF_MESSAGES), cf(CF_REPLAY), cf(CF_PRESENCE), cf(CF_SESSIONS));
@@ -362,38 +514,38 @@ impl BatchWriter {
             *next += 1;
         };
         self.presence.clear();
-        for job in jobs.iter_mut() {
+        for job in jobs {
             let mut id = None;
-            for op in job.ops.drain(..) {
+            for op in &job.ops {
                 match op {
                     Op::Uplink { device, received_at, topic, payload, source } => {
                         let mid = MessageId(self.next_message_id);
                         self.next_message_id += 1;
                         batch.put_cf(
                             messages,
-                            message_key(device, mid),
-                            MessageRecord::encode_parts(received_at, &topic, &payload),
+                            message_key(*device, mid),
+                            MessageRecord::encode_parts(*received_at, topic, payload),
                         );
                         id = Some(mid);
                         if let Some(source) = source {
-                            let record = uplink_record(&source, device, mid, received_at);
+                            let record = uplink_record(source, *device, mid, *received_at);
                             batch.put_cf(outbox, self.next_event_id.to_be_bytes(), record);
                             self.next_event_id += 1;
                         }
                     }
                     Op::SeenSeq { token, window, seq } => {
-                        batch.merge_cf(replay, token.as_bytes(), replay::seq_operand(window, seq));
+                        batch.merge_cf(replay, token.as_bytes(), replay::seq_operand(*window, *seq));
                     }
                     Op::Presence { device, record } => {
-                        self.presence.insert(device, record);
+                        self.presence.insert(*device, record.clone());
                     }
                     Op::ForgetPresence(device) => {
-                        self.presence.remove(&device);
+                        self.presence.remove(device);
                         batch.delete_cf(presence_cf, device.0.to_be_bytes());
                     }
-                    Op::Announced { device, status } => batch.put_cf(presence_cf, announced_key(device), [status]),
+                    Op::Announced { device, status } => batch.put_cf(presence_cf, announced_key(*device), [*status]),
                     Op::PutProduct(p) => {
-                        batch.put_cf(cf(CF_PRODUCTS), p.product_key.as_str(), to_json(&p));
+                        batch.put_cf(cf(CF_PRODUCTS), p.product_key.as_str(), to_json(p));
                     }
                     Op::PutDevice(live) => {
                         if let Some(d) = live.current() {
@@ -423,7 +575,7 @@ impl BatchWriter {
                         self.presence.remove(&record.id);
                     }
                     Op::PutSession { token, record } => {
-                        batch.put_cf(sessions, token.as_bytes(), to_json(&record));
+                        batch.put_cf(sessions, token.as_bytes(), to_json(record));
                     }
                     Op::DeleteSession(token) => {
                         batch.delete_cf(sessions, token.as_bytes());
@@ -432,11 +584,11 @@ impl BatchWriter {
                     Op::PutCommand(c) => {
                         metrics::counter!(metric::COMMANDS, "status" => c.status.as_str()).increment(1);
                         if self.wanted.wants(EventKind::CommandStatus) {
-                            append(&mut batch, &mut self.next_event_id, &command_event(&c));
+                            append(&mut batch, &mut self.next_event_id, &command_event(c));
                         }
                         self.next_command_id = self.next_command_id.max(c.id.0 + 1);
                         let key = command_key(c.device, c.id);
-                        batch.put_cf(cf(CF_COMMANDS), key, to_json(&c));
+                        batch.put_cf(cf(CF_COMMANDS), key, to_json(c));
                         batch.put_cf(cf(CF_COMMAND_IDS), c.id.0.to_be_bytes(), c.device.0.to_be_bytes());
                         if c.status.is_open() {
                             batch.put_cf(cf(CF_OPEN_COMMANDS), key, []);
@@ -444,29 +596,29 @@ impl BatchWriter {
                             batch.delete_cf(cf(CF_OPEN_COMMANDS), key);
                         }
                     }
-                    Op::Event(event) => append(&mut batch, &mut self.next_event_id, &event),
-                    Op::PutWebhook(w) => batch.put_cf(cf(CF_WEBHOOKS), w.id.0.to_be_bytes(), to_json(&w)),
+                    Op::Event(event) => append(&mut batch, &mut self.next_event_id, event),
+                    Op::PutWebhook(w) => batch.put_cf(cf(CF_WEBHOOKS), w.id.0.to_be_bytes(), to_json(w)),
                     Op::DeleteWebhook(w) => {
                         batch.delete_cf(cf(CF_WEBHOOKS), w.0.to_be_bytes());
-                        batch.delete_cf(cf(CF_WEBHOOKS), webhook_cursor_key(w));
+                        batch.delete_cf(cf(CF_WEBHOOKS), webhook_cursor_key(*w));
                     }
                     Op::WebhookCursor { webhook, delivered } => {
-                        batch.put_cf(cf(CF_WEBHOOKS), webhook_cursor_key(webhook), delivered.to_le_bytes());
+                        batch.put_cf(cf(CF_WEBHOOKS), webhook_cursor_key(*webhook), delivered.to_le_bytes());
                     }
                     Op::TrimOutbox { below } => {
                         batch.delete_range_cf(outbox, 0u64.to_be_bytes(), below.to_be_bytes());
                     }
-                    Op::PutDistribution(t) => batch.put_cf(cf(CF_DISTRIBUTIONS), t.id.0.to_be_bytes(), to_json(&t)),
+                    Op::PutDistribution(t) => batch.put_cf(cf(CF_DISTRIBUTIONS), t.id.0.to_be_bytes(), to_json(t)),
                     Op::PutDistributionEntry(e) => {
-                        batch.put_cf(cf(CF_DISTRIBUTION_ENTRIES), pair_key(e.task.0, e.device.0), to_json(&e))
+                        batch.put_cf(cf(CF_DISTRIBUTION_ENTRIES), pair_key(e.task.0, e.device.0), to_json(e))
                     }
-                    Op::PutTask(t) => batch.put_cf(cf(CF_OTA_TASKS), t.id.0.to_be_bytes(), to_json(&t)),
-                    Op::PutUpgrade(u) => batch.put_cf(cf(CF_UPGRADES), upgrade_key(u.task, u.device), to_json(&u)),
+                    Op::PutTask(t) => batch.put_cf(cf(CF_OTA_TASKS), t.id.0.to_be_bytes(), to_json(t)),
+                    Op::PutUpgrade(u) => batch.put_cf(cf(CF_UPGRADES), upgrade_key(u.task, u.device), to_json(u)),
                     Op::PutPackage { record, chunks } => {
                         for (i, chunk) in chunks.iter().enumerate() {
                             batch.put_cf(cf(CF_CHUNKS), chunk_key(record.id, i as u16), chunk);
                         }
-                        batch.put_cf(cf(CF_PACKAGES), record.id.0.to_be_bytes(), to_json(&record));
+                        batch.put_cf(cf(CF_PACKAGES), record.id.0.to_be_bytes(), to_json(record));
                     }
                 }
             }
@@ -475,7 +627,9 @@ impl BatchWriter {
         for (device, record) in self.presence.drain() {
             batch.put_cf(presence_cf, device.0.to_be_bytes(), record.encode());
         }
-        if self.next_message_id != first_message_id {
+        // While the disk is full, even a try with nothing else to write must prove a durable
+        // write works again: it rewrites a counter with its current value.
+        if self.next_message_id != first_message_id || self.outage.is_some() {
             batch.put_cf(cf(CF_META), META_NEXT_MESSAGE_ID, self.next_message_id.to_le_bytes());
         }
         if self.next_device_id != first_device_id {
@@ -489,15 +643,29 @@ impl BatchWriter {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(self.policy == SyncPolicy::Fsync);
-        let result = self.db.write_opt(batch, &opts).map_err(StoreError::from);
-        if result.is_err() {
-            // Nothing of this batch is stored: its ids may be handed out again.
-            self.next_message_id = first_message_id;
-            self.next_device_id = first_device_id;
-            self.next_command_id = first_command_id;
-            self.next_event_id = first_event_id;
-        } else if self.next_event_id != first_event_id {
+        // A write the write controller would delay fails at once instead: waiting inside
+        // RocksDB can deadlock with the flush that recovers from a full disk.
+        opts.set_no_slowdown(true);
+        // Ids of a failed batch are not handed out again: were its WAL record to survive (written,
+        // then the sync failed) a reused id would overwrite it, e.g. behind a webhook's cursor.
+        let result = self.write_stalled(batch, &opts);
+        if result.is_ok() && self.next_event_id != first_event_id {
             self.events.send_replace(self.next_event_id - 1);
+        }
+        result
+    }
+
+    /// Writes `batch`, trying it again with growing pauses while RocksDB reports a write stall,
+    /// for at most [`STALL_PATIENCE`].
+    fn write_stalled(&self, batch: WriteBatch, opts: &WriteOptions) -> Result<(), StoreError> {
+        let deadline = Instant::now() + STALL_PATIENCE;
+        let data = batch.data().to_vec();
+        let mut pause = Duration::from_millis(1);
+        let mut result = self.db.write_opt(batch, opts).map_err(|e| self.store.write_error(e));
+        while matches!(result, Err(StoreError::Busy(_))) && Instant::now() + pause < deadline {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+            result = self.db.write_opt(WriteBatch::from_data(&data), opts).map_err(|e| self.store.write_error(e));
         }
         result
     }

@@ -24,6 +24,7 @@ pub struct Server {
     child: Option<Child>,
     pub endpoints: Endpoints,
     extra_env: Vec<(String, String)>,
+    data: PathBuf,
 }
 
 impl Server {
@@ -34,14 +35,35 @@ impl Server {
     /// Starts with extra `NBHUB_*` variables (e.g. lower flow-control limits).
     pub fn start_with(env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        Server::start_on(dir, data, env)
+    }
+
+    /// Starts with its data directory at `data` (e.g. on a filesystem of its own); the log and
+    /// the working directory stay in a temporary directory.
+    pub fn start_on_data(data: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_on(tempfile::tempdir().expect("temp dir"), data.to_path_buf(), env)
+    }
+
+    fn start_on(dir: tempfile::TempDir, data: PathBuf, env: &[(&str, &str)]) -> Server {
         let extra_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut s = Server { dir, child: None, endpoints: placeholder(), extra_env };
+        let mut s = Server { dir, child: None, endpoints: placeholder(), extra_env, data };
         s.spawn();
         s
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data.clone()
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     fn spawn(&mut self) {
