@@ -47,7 +47,7 @@ fn bearer_token_is_required_except_for_health_and_metrics() {
     assert_eq!(raw(&server, "GET", "/api/v1/products", Some(TOKEN), None).0, 200);
     assert_eq!(raw(&server, "GET", "/api/v1/no-such-thing", None, None).0, 401);
     let (code, body) = raw(&server, "GET", "/healthz", None, None);
-    assert_eq!((code, body), (200, json!({"status": "ok"})));
+    assert_eq!((code, body), (200, json!({"status": "ok", "store": "writable"})));
     let (code, body) = raw(&server, "GET", "/metrics", None, None);
     assert_eq!(code, 200);
     assert!(body.as_str().unwrap().contains("nbhub_"), "{body}");

@@ -392,14 +392,26 @@ impl BatchWriter {
         let result = self.write(jobs, ids);
         metrics::histogram!(metric::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(metric::STORE_BATCH_JOBS).record(jobs.len() as f64);
+        // While the disk is full a try fails every second: only the outage's own lines are logged.
+        let quiet = self.outage.as_ref().is_some_and(|o| o.logged.elapsed() < REMIND_INTERVAL);
         match &result {
             Ok(()) => self.recovered(),
             Err(e @ StoreError::NoSpace { .. }) => self.out_of_space(e, jobs.len()),
             Err(e @ StoreError::Busy(_)) => {
                 metrics::counter!(metric::STORE_WRITES_REFUSED, "reason" => "busy").increment(jobs.len() as u64);
-                tracing::warn!(error = %e, jobs = jobs.len(), "store write stalled; those requests get 5.03");
+                if !quiet {
+                    tracing::warn!(error = %e, jobs = jobs.len(), "store write stalled; those requests get 5.03");
+                }
             }
-            Err(e) => tracing::error!(error = %e, jobs = jobs.len(), "store write failed; those requests get 5.00"),
+            Err(e) if !quiet => {
+                tracing::error!(error = %e, jobs = jobs.len(), "store write failed; those requests get 5.00")
+            }
+            Err(_) => {}
+        }
+        // Whatever failed while the disk is full (a stall in the recovery flush, or worse), the
+        // next try waits its turn: the writer never loops on a failing write.
+        if let (Err(_), Some(o)) = (&result, &mut self.outage) {
+            o.next_try = Instant::now() + PROBE_INTERVAL;
         }
         // Only a full disk or a stall leaves nothing written for certain and passes by itself.
         let hold = result.as_ref().is_err_and(|e| e.retry_after_s().is_some());
@@ -433,7 +445,6 @@ impl BatchWriter {
         match &mut self.outage {
             Some(o) => {
                 o.error = error.clone();
-                o.next_try = now + PROBE_INTERVAL;
                 o.refused += jobs as u64;
             }
             None => {
