@@ -289,9 +289,8 @@ impl Registry {
     /// and the frame is exactly right. Anything else is business data.
     /// Whether `payload` asks for the next chunk of `device`'s download in progress
     /// ([`Upgrade::advanced_by`]): such a request is not charged to its flow control.
-    pub fn advances_download(&self, device: &Device, payload: &[u8]) -> bool {
+    pub fn advances_download(&self, device: &Device, s: &DeviceState, payload: &[u8]) -> bool {
         let Some(FromDevice::ChunkRequest { chunk, .. }) = self.pcp_message(device, payload) else { return false };
-        let s = device.state();
         let Some(up) = &s.upgrade else { return false };
         self.ota.task(up.task).is_some_and(|t| up.advanced_by(chunk, t.package.chunk_count))
     }

@@ -119,8 +119,11 @@ impl Alibaba {
             }
             _ => (None, req.msg.payload.to_vec()),
         };
-        if !self.registry.advances_download(&device, &payload) {
-            admit(&mut device.state(), req, &self.registry, &device)?;
+        {
+            let mut s = device.state();
+            if !self.registry.advances_download(&device, &s, &payload) {
+                admit(&mut s, req, &self.registry, &device)?;
+            }
         }
         let mut ops = SmallVec::new();
         let mut undo: Option<Undo> = None;

@@ -21,11 +21,11 @@ impl Huawei {
             refusal.record(Dialect::Huawei, device, req.peer);
             Notified::Reject
         };
-        let Some(device) = ObserveToken::from_bytes(req.msg.token).and_then(|t| self.registry.device_by_observe(&t))
-        else {
+        let found =
+            ObserveToken::from_bytes(req.msg.token).and_then(|t| Some((t, self.registry.device_by_observe(&t)?)));
+        let Some((token, device)) = found else {
             return refuse(Refusal::UnknownObserve, None);
         };
-        let token = ObserveToken::from_bytes(req.msg.token).expect("a token that was found is well-formed");
         if req.authenticated.is_some_and(|id| id != device.id) {
             return refuse(Refusal::ForeignIdentity, Some(&device));
         }
@@ -37,7 +37,7 @@ impl Huawei {
         }
         let now = req.now.wall;
         let contact = {
-            let s = device.state();
+            let mut s = device.state();
             if !s.enabled {
                 return refuse(Refusal::Disabled, Some(&device));
             }
@@ -57,9 +57,7 @@ impl Huawei {
                 Refusal::StaleNotification.record(Dialect::Huawei, Some(&device), req.peer);
                 return ignore();
             }
-            drop(s);
-            let charged = !self.registry.advances_download(&device, req.msg.payload);
-            let mut s = device.state();
+            let charged = !self.registry.advances_download(&device, &s, req.msg.payload);
             if charged && s.admit(now, &self.registry.config.device).is_err() {
                 // No 4.29 exists for a notification.
                 refusal::over_budget(Dialect::Huawei, &device, req.peer, OverBudget::Dropped);
