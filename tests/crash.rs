@@ -146,7 +146,7 @@ fn kill_9_at_random_moments_under_load_loses_nothing_acknowledged() {
 
     assert_eq!(t["counts"]["succeeded"], 3, "{t}");
     for d in &pcp {
-        assert_eq!(d.log.image.as_deref(), Some(&data[..]), "every device has the whole package");
+        assert_eq!(d.log().image.as_deref(), Some(&data[..]), "every device has the whole package");
     }
     let log = log.lock().unwrap();
     let mut stored: BTreeMap<u32, usize> = BTreeMap::new();

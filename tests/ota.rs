@@ -129,10 +129,10 @@ fn a_device_downloads_every_chunk_verifies_it_and_upgrades() {
     let entry = device_entry(&t, &dn);
     assert_eq!((entry["state"].as_str(), entry["progress"].as_u64()), (Some("succeeded"), Some(100)));
     assert!(entry["failure_reason"].is_null());
-    assert_eq!(dev.log.requested, (0..13).collect::<Vec<u16>>(), "every chunk once, in order");
-    assert_eq!(dev.log.bad_chunks, 0);
-    assert_eq!(dev.log.image.as_deref(), Some(&data[..]), "the assembled image is the package");
-    assert_eq!(dev.log.malformed, 0);
+    assert_eq!(dev.log().requested, (0..13).collect::<Vec<u16>>(), "every chunk once, in order");
+    assert_eq!(dev.log().bad_chunks, 0);
+    assert_eq!(dev.log().image.as_deref(), Some(&data[..]), "the assembled image is the package");
+    assert_eq!(dev.log().malformed, 0);
     assert_eq!(dev.version(), "V2.0");
     let d = server.admin().get(&format!("/api/v1/products/{}/devices/{dn}", f.pk)).unwrap();
     assert_eq!(d["version"], "V2.0", "the version reported in the upgrade result: {d}");
@@ -177,9 +177,9 @@ fn a_device_that_sleeps_mid_download_resumes_from_the_chunk_it_kept() {
     let t = wait_task(&server, &id, "finished");
     let dev = join(handles, &stop).pop().unwrap();
     assert_eq!(device_entry(&t, &dn)["state"], "succeeded", "{t}");
-    assert_eq!(dev.log.requested, (0..10).collect::<Vec<u16>>(), "resumed at chunk 5, nothing asked twice");
-    assert!(dev.log.notifications >= 2, "woken by a repeated notification");
-    assert_eq!(dev.log.image.as_deref(), Some(&data[..]));
+    assert_eq!(dev.log().requested, (0..10).collect::<Vec<u16>>(), "resumed at chunk 5, nothing asked twice");
+    assert!(dev.log().notifications >= 2, "woken by a repeated notification");
+    assert_eq!(dev.log().image.as_deref(), Some(&data[..]));
 }
 
 #[test]
@@ -215,14 +215,14 @@ fn current_refusing_failing_and_unsupported_devices_end_as_they_should() {
     let entry = |i: usize| device_entry(&t, &f.devices[i].0).clone();
 
     assert_eq!(entry(0)["state"], "succeeded", "already on the target: {t}");
-    assert!(devs[0].log.requested.is_empty() && devs[0].log.notifications == 0, "nothing downloaded");
+    assert!(devs[0].log().requested.is_empty() && devs[0].log().notifications == 0, "nothing downloaded");
     assert_eq!(entry(1)["state"], "failed");
     assert!(entry(1)["failure_reason"].as_str().unwrap().contains("low battery"), "{t}");
-    assert!(devs[1].log.requested.is_empty());
+    assert!(devs[1].log().requested.is_empty());
     assert_eq!(entry(2)["state"], "failed");
     assert_eq!(entry(2)["failure_reason"], "Firmware update failed");
-    assert_eq!(devs[2].log.image.as_deref(), Some(&data[..]), "downloaded before the install failed");
-    assert!(devs[2].log.upgrade_answered, "the failure report is answered");
+    assert_eq!(devs[2].log().image.as_deref(), Some(&data[..]), "downloaded before the install failed");
+    assert!(devs[2].log().upgrade_answered, "the failure report is answered");
     assert_eq!(entry(3)["state"], "failed");
     assert!(entry(3)["failure_reason"].as_str().unwrap().contains("V0.9"), "not a source version: {t}");
     assert_eq!(t["counts"]["succeeded"], 1);
@@ -263,7 +263,7 @@ fn each_wait_times_out_with_its_own_reason_and_retries_follow_the_policy() {
             "retried once: {t}"
         );
     }
-    assert!(devs[0].log.queries >= 2, "asked again while unanswered, and again on the retry");
+    assert!(devs[0].log().queries >= 2, "asked again while unanswered, and again on the retry");
 }
 
 #[test]
@@ -312,7 +312,7 @@ fn concurrent_downloads_stay_within_each_cells_budget() {
     );
     let devs = join(handles, &stop);
     assert_eq!(t["counts"]["succeeded"].as_u64(), Some(total as u64), "{}", t["counts"]);
-    assert!(devs.iter().all(|d| d.log.bad_chunks == 0 && d.log.image.as_deref() == Some(&data[..])));
+    assert!(devs.iter().all(|d| d.log().bad_chunks == 0 && d.log().image.as_deref() == Some(&data[..])));
     for ((_, cell, _, _, limit), gauge) in groups.iter().zip(&gauges) {
         assert_eq!(gauge.peak(), *limit, "cell {cell}: the budget is used, never exceeded");
     }
@@ -359,8 +359,8 @@ fn a_campaign_survives_a_kill_9_and_resumes_where_each_device_was() {
     let devs = join(handles, &stop);
     assert_eq!(t["counts"]["succeeded"], 4, "{t}");
     for d in &devs {
-        assert_eq!(d.log.image.as_deref(), Some(&data[..]));
-        let mut asked = d.log.requested.clone();
+        assert_eq!(d.log().image.as_deref(), Some(&data[..]));
+        let mut asked = d.log().requested.clone();
         asked.dedup();
         assert_eq!(asked, (0..40).collect::<Vec<u16>>(), "each chunk asked for once, in order, across the restart");
     }
@@ -543,15 +543,16 @@ fn answers_in_acks_a_missing_result_and_a_stop_in_the_middle_of_a_download() {
     let devs = join(handles, &stop);
 
     assert_eq!(device_entry(&t, a)["state"], "succeeded", "{t}");
-    assert_eq!(devs[0].log.image.as_deref(), Some(&data[..]));
+    assert_eq!(devs[0].log().image.as_deref(), Some(&data[..]));
     assert_eq!(device_entry(&t, b)["state"], "succeeded", "the version query settled it: {t}");
-    assert!(devs[1].log.queries >= 2, "asked its version again after the upgrade");
+    assert!(devs[1].log().queries >= 2, "asked its version again after the upgrade");
     assert_eq!(devs[1].version(), "V2.0");
-    assert!(devs[2].log.image.is_none(), "the stopped download never completed");
+    assert!(devs[2].log().image.is_none(), "the stopped download never completed");
     assert!(
-        devs[2].log.chunk_refusals.iter().all(|r| *r == ResultCode::NO_TASK) && !devs[2].log.chunk_refusals.is_empty(),
+        devs[2].log().chunk_refusals.iter().all(|r| *r == ResultCode::NO_TASK)
+            && !devs[2].log().chunk_refusals.is_empty(),
         "{:?}",
-        devs[2].log.chunk_refusals
+        devs[2].log().chunk_refusals
     );
     assert_eq!(device_entry(&task(&server, &second), c)["state"], "canceled");
 }
@@ -576,6 +577,10 @@ fn chunk_requests_that_move_a_download_on_are_not_charged_to_flow_control() {
     let t = wait_task(&server, &id, "finished");
     let dev = join(handles, &stop).pop().unwrap();
     assert_eq!(t["counts"]["succeeded"], 1, "{t}");
-    assert_eq!(dev.log.requested, (0..30).collect::<Vec<u16>>(), "30 chunks back to back, none dropped or asked twice");
-    assert_eq!(dev.log.image.as_deref(), Some(&data[..]));
+    assert_eq!(
+        dev.log().requested,
+        (0..30).collect::<Vec<u16>>(),
+        "30 chunks back to back, none dropped or asked twice"
+    );
+    assert_eq!(dev.log().image.as_deref(), Some(&data[..]));
 }

@@ -1,6 +1,8 @@
-//! Simulated devices for the load generators and the fuzz suite: a product of Huawei devices made
-//! over the admin API and the bind as LiteOS performs it; Alibaba `/auth` and `/topic` requests as
-//! the Link SDK builds them.
+//! Simulated devices for the load generators, the soak, the fuzz suite and the tests: a product of
+//! Huawei devices made over the admin API and the bind as LiteOS performs it; Alibaba `/auth` and
+//! `/topic` requests as the Link SDK builds them; a PCP device (`pcp`).
+
+pub mod pcp;
 
 use std::net::SocketAddr;
 use std::time::Duration;
