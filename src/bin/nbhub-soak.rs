@@ -1,13 +1,16 @@
 //! Crash soak: runs nbhub under mixed load and kills it with SIGKILL at random moments, restarting
 //! it on the same data directory each time, then checks what survived. The load: Alibaba devices
 //! sending encrypted CON uplinks on 5682 and PSK devices sending uplinks inside DTLS, Huawei
-//! devices reporting with CON notifications and answering the commands an operator queues, and a
-//! webhook subscriber taking uplink and command events. Verified at the end:
+//! devices reporting with CON notifications and answering the commands an operator queues, PCP
+//! devices (`simulate::pcp`) upgraded by one campaign after another, and a webhook subscriber
+//! taking uplink and command events. Verified at the end:
 //! - every acknowledged uplink is stored exactly as sent; a stored uplink was sent; duplicates
 //!   (a retransmission across a crash, which CoAP allows) are counted;
 //! - every command the admin API created exists, ends in a legal state, and its states as the
 //!   webhook told them follow the legal order;
-//! - every stored uplink reached the subscriber at least once.
+//! - every stored uplink reached the subscriber at least once;
+//! - every campaign finished with every device upgraded, each having asked for every chunk once
+//!   and in order across the kills, and assembled exactly the package.
 //!
 //! Not in CI (the suite's `tests/crash.rs` is the short version). Loopback only; bounded by
 //! `--cycles`. Run from the repository: `cargo run --release --bin nbhub-soak -- --cycles 50`.
@@ -29,6 +32,8 @@ use nbhub::client::AdminClient;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::dtls::client::DtlsClient;
+use nbhub::ota::pcp::FromPlatform;
+use nbhub::simulate::pcp::{Behaviour, PcpDevice};
 use nbhub::simulate::{AlibabaSession, alibaba_auth};
 use serde_json::{Value, json};
 
@@ -50,6 +55,12 @@ struct Args {
     dtls_devices: usize,
     #[arg(long, default_value_t = 4)]
     huawei_devices: usize,
+    /// PCP devices in the upgrade campaigns (0: none).
+    #[arg(long, default_value_t = 4)]
+    ota_devices: usize,
+    /// The size of each campaign's package; chunks are 500 bytes.
+    #[arg(long, default_value_t = 48)]
+    package_kib: usize,
 }
 
 const ADMIN_TOKEN: &str = "soak-admin-token";
@@ -99,6 +110,9 @@ impl Node {
             .env("NBHUB_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("NBHUB_DEVICE_MAX_PER_SECOND", "100000")
             .env("NBHUB_DEVICE_MAX_PER_MINUTE", "1000000")
+            // Upgrades move at test pace: the platform re-asks an unanswered device after 1 s.
+            .env("NBHUB_OTA_TICK_MS", "100")
+            .env("NBHUB_OTA_RESEND_S", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -273,23 +287,7 @@ fn huawei_device(current: Current, pk: String, dn: String, node: String, logs: L
         let server = current.lock().unwrap().coap;
         let Some(t) = token.clone() else {
             mid = mid.wrapping_add(1);
-            let bind = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[0xb1])
-                .option(OptionNumber::URI_PATH, b"t")
-                .option(OptionNumber::URI_PATH, b"r")
-                .option(OptionNumber::URI_QUERY, format!("ep={node}").as_bytes())
-                .build();
-            let _ = socket.send_to(&bind, server);
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while Instant::now() < deadline {
-                let Ok((len, _)) = socket.recv_from(&mut buf) else { continue };
-                let Ok(m) = Message::parse(&buf[..len]) else { continue };
-                if m.mtype == MessageType::Con && m.code == Code::GET {
-                    let _ = socket
-                        .send_to(&MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).build(), server);
-                    token = Some(m.token.to_vec());
-                    break;
-                }
-            }
+            token = bind(&socket, server, &node, mid);
             continue;
         };
         mid = mid.wrapping_add(1);
@@ -337,6 +335,179 @@ fn huawei_device(current: Current, pk: String, dn: String, node: String, logs: L
                 break;
             }
         }
+    }
+}
+
+/// Sends a bind (`POST /t/r?ep=`) and accepts the observe request within a second: its token.
+fn bind(socket: &UdpSocket, server: SocketAddr, node: &str, mid: u16) -> Option<Vec<u8>> {
+    let bind = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[0xb1])
+        .option(OptionNumber::URI_PATH, b"t")
+        .option(OptionNumber::URI_PATH, b"r")
+        .option(OptionNumber::URI_QUERY, format!("ep={node}").as_bytes())
+        .build();
+    let _ = socket.send_to(&bind, server);
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        let Ok((len, _)) = socket.recv_from(&mut buf) else { continue };
+        let Ok(m) = Message::parse(&buf[..len]) else { continue };
+        if m.mtype == MessageType::Con && m.code == Code::GET {
+            let _ = socket.send_to(&MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).build(), server);
+            return Some(m.token.to_vec());
+        }
+    }
+    None
+}
+
+/// Each campaign's package, by version.
+type Packages = Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>;
+
+/// How one device's upgrade to one version ended, as the device saw it.
+struct Upgraded {
+    node: String,
+    version: String,
+    /// The assembled image is the package, and no chunk differed from it.
+    verified: bool,
+    /// Every chunk asked for in order, none after a later one: each download resumed where it
+    /// was after each kill.
+    in_order: bool,
+    /// Kills of the server it lived through.
+    kills: usize,
+}
+
+/// A PCP device: binds (again when the server moved: each run has new ports), reports what the
+/// simulated device sends as NON notifications and answers the platform's CON POSTs; tells
+/// `upgraded` when an upgrade's result has been answered.
+fn ota_device(current: Current, node: String, packages: Packages, upgraded: Arc<Mutex<Vec<Upgraded>>>, stop: Arc<AtomicBool>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let behaviour = Behaviour { chunk_delay: Duration::from_millis(20), ..Behaviour::healthy("V1") };
+    let mut sim = PcpDevice::new(behaviour, Arc::default());
+    let mut expecting = String::new();
+    let mut told = false;
+    let mut kills = 0;
+    let (mut mid, mut observe): (u16, u32) = (rand::random(), 0);
+    let mut bound: Option<(SocketAddr, Vec<u8>)> = None;
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let server = current.lock().unwrap().coap;
+        let token = match &bound {
+            Some((at, token)) if *at == server => token.clone(),
+            _ => {
+                kills += usize::from(bound.is_some());
+                mid = mid.wrapping_add(1);
+                bound = bind(&socket, server, &node, mid).map(|t| (server, t));
+                continue;
+            }
+        };
+        let mut notify = |payload: &[u8]| {
+            (mid, observe) = (mid.wrapping_add(1), (observe + 1) & 0xFF_FFFF);
+            let n = MessageBuilder::new(MessageType::Non, Code::CONTENT, mid, &token)
+                .uint_option(OptionNumber::OBSERVE, observe)
+                .payload(payload)
+                .build();
+            let _ = socket.send_to(&n, server);
+        };
+        for r in sim.due(Instant::now()) {
+            notify(&r.encode());
+        }
+        let Ok((len, _)) = socket.recv_from(&mut buf) else { continue };
+        let Ok(m) = Message::parse(&buf[..len]) else { continue };
+        if m.mtype != MessageType::Con || m.code != Code::POST {
+            continue;
+        }
+        if let Ok(FromPlatform::NewVersion { version, .. }) = FromPlatform::parse(m.payload)
+            && version.as_str() != expecting
+            && let Some(p) = packages.lock().unwrap().get(version.as_str())
+        {
+            sim.expect(p.clone());
+            (expecting, told, kills) = (version.to_string(), false, 0);
+        }
+        let Some(answers) = sim.receive(m.payload, Instant::now()) else { continue };
+        let in_ack = answers.in_ack.map(|a| a.encode()).unwrap_or_default();
+        let ack = MessageBuilder::new(MessageType::Ack, Code::CHANGED, m.mid, m.token).payload(&in_ack).build();
+        let _ = socket.send_to(&ack, server);
+        for a in answers.after {
+            notify(&a.encode());
+        }
+        if sim.log.upgrade_answered && !told {
+            told = true;
+            let log = &sim.log;
+            let package = packages.lock().unwrap().get(&expecting).cloned().unwrap_or_default();
+            let chunks = package.len().div_ceil(CHUNK_SIZE) as u16;
+            // A notification repeated after a restart makes the device ask again for the chunk
+            // it was waiting for: once more, not a step back.
+            let mut asked = log.requested.clone();
+            asked.dedup();
+            upgraded.lock().unwrap().push(Upgraded {
+                node: node.clone(),
+                version: sim.version().to_string(),
+                verified: log.bad_chunks == 0 && log.image.as_deref() == Some(&package[..]),
+                in_order: asked == (0..chunks).collect::<Vec<u16>>(),
+                kills,
+            });
+        }
+    }
+}
+
+const CHUNK_SIZE: usize = 500;
+
+/// The package of campaign `k` (its version is `V{k + 2}`): bytes that differ from one campaign
+/// to the next.
+fn package(k: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + i / 256 + k * 7) as u8).collect()
+}
+
+/// The upgrade campaigns: one task at a time over every PCP device, the next once it finished.
+struct Campaigns {
+    pk: String,
+    devices: Vec<Value>,
+    packages: Packages,
+    len: usize,
+    /// Task ids, in order; the last may still run.
+    tasks: Vec<String>,
+    finished: usize,
+    /// The next campaign's package, uploaded, its task not created yet.
+    uploaded: Option<Value>,
+}
+
+impl Campaigns {
+    /// Notes whether the running campaign finished and, if `next`, starts the next one when none
+    /// runs. An error (the server just restarted) waits for the next call.
+    fn drive(&mut self, admin: &AdminClient, next: bool) {
+        if let Some(id) = self.tasks.last()
+            && self.running()
+        {
+            match admin.get(&format!("/api/v1/ota/tasks/{id}")) {
+                Ok(t) if t["status"] == "finished" => self.finished += 1,
+                _ => return,
+            }
+        }
+        if !next || self.devices.is_empty() {
+            return;
+        }
+        let k = self.tasks.len();
+        if self.uploaded.is_none() {
+            let (version, source) = (format!("V{}", k + 2), format!("V{}", k + 1));
+            let data = Arc::new(package(k, self.len));
+            self.packages.lock().unwrap().insert(version.clone(), data.clone());
+            let query = format!(
+                "/api/v1/packages?product_key={}&version={version}&type=firmware&chunk_size={CHUNK_SIZE}&source_versions={source}",
+                self.pk
+            );
+            self.uploaded = admin.post_bytes(&query, &data).ok().map(|p| p["package_id"].clone());
+        }
+        if let Some(package) = &self.uploaded
+            && let Ok(t) = admin.post("/api/v1/ota/tasks", &json!({"package_id": package, "devices": self.devices}))
+            && let Some(id) = t["task_id"].as_str()
+        {
+            self.tasks.push(id.to_string());
+            self.uploaded = None;
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.finished < self.tasks.len()
     }
 }
 
@@ -487,6 +658,38 @@ fn main() {
         threads.push(std::thread::spawn(move || huawei_device(c, pk, dn, node_id, l, s)));
     }
 
+    let ota = admin
+        .post(
+            "/api/v1/products",
+            &json!({"name": "soak-ota", "awake_window_s": 600, "ack_timeout_ms": 500, "max_retransmit": 2}),
+        )
+        .unwrap_or_else(|e| fail(e));
+    let ota_pk = ota["product_key"].as_str().unwrap().to_string();
+    let packages: Packages = Arc::default();
+    let upgraded: Arc<Mutex<Vec<Upgraded>>> = Arc::default();
+    let mut campaigns = Campaigns {
+        pk: ota_pk.clone(),
+        devices: Vec::new(),
+        packages: packages.clone(),
+        len: args.package_kib * 1024,
+        tasks: Vec::new(),
+        finished: 0,
+        uploaded: None,
+    };
+    let mut ota_nodes = Vec::new();
+    for i in 0..args.ota_devices {
+        let node_id = format!("soak{}-ota{i}", std::process::id());
+        let devices = format!("/api/v1/products/{ota_pk}/devices");
+        let d = admin.post(&devices, &json!({"node_id": node_id})).unwrap_or_else(|e| fail(e));
+        let dn = d["device_name"].as_str().unwrap().to_string();
+        // One cell: the campaign's devices share its budget, as neighbours do.
+        admin.patch(&format!("{devices}/{dn}"), &json!({"radio": {"cell_id": "soak"}})).unwrap_or_else(|e| fail(e));
+        campaigns.devices.push(json!({"product_key": ota_pk, "device_name": dn}));
+        ota_nodes.push((node_id.clone(), dn));
+        let (c, p, u, s) = (current.clone(), packages.clone(), upgraded.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || ota_device(c, node_id, p, u, s)));
+    }
+
     let mut seed = args.seed.max(1);
     let mut commands: Vec<String> = Vec::new();
     let started = Instant::now();
@@ -502,6 +705,7 @@ fn main() {
             {
                 commands.push(id.to_string());
             }
+            campaigns.drive(&node.admin(), true);
             std::thread::sleep(Duration::from_millis(100));
         }
         node.kill9();
@@ -509,8 +713,14 @@ fn main() {
         *current.lock().unwrap() = node.endpoints.clone();
         println!("cycle {}/{}: killed after {run} ms, restarted", cycle + 1, args.cycles);
     }
-    // A quiet end: the devices finish what is in flight, the subscriber catches up.
+    // A quiet end: the devices finish what is in flight (the last campaign too), the subscriber
+    // catches up.
     std::thread::sleep(Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while campaigns.running() && Instant::now() < deadline {
+        campaigns.drive(&node.admin(), false);
+        std::thread::sleep(Duration::from_millis(200));
+    }
     stop.store(true, Ordering::SeqCst);
     for t in threads {
         let _ = t.join();
@@ -565,14 +775,44 @@ fn main() {
             }
         }
     }
+    let upgraded = upgraded.lock().unwrap();
+    for (k, id) in campaigns.tasks.iter().enumerate() {
+        let version = format!("V{}", k + 2);
+        match admin.get(&format!("/api/v1/ota/tasks/{id}")) {
+            Ok(t) if t["status"] == "finished" && t["counts"]["succeeded"] == ota_nodes.len() => {}
+            Ok(t) => problems.push(format!("campaign {version} did not upgrade every device: {t}")),
+            Err(e) => problems.push(format!("campaign {version} not readable: {e}")),
+        }
+        for (node_id, dn) in &ota_nodes {
+            match upgraded.iter().find(|u| &u.node == node_id && u.version == version) {
+                Some(u) if u.verified && u.in_order => {}
+                Some(u) => problems.push(format!(
+                    "{dn} upgraded to {version} with verified image {} and every chunk in order {}",
+                    u.verified, u.in_order
+                )),
+                None => problems.push(format!("{dn} never saw its upgrade to {version} answered")),
+            }
+        }
+    }
+    let last = format!("V{}", campaigns.tasks.len() + 1);
+    for (_, dn) in &ota_nodes {
+        let d = admin.get(&format!("/api/v1/products/{ota_pk}/devices/{dn}")).unwrap_or_else(|e| fail(e));
+        if d["version"] != last.as_str() && !campaigns.tasks.is_empty() {
+            problems.push(format!("{dn} is at {} after the last campaign brought {last}", d["version"]));
+        }
+    }
     println!(
-        "{} cycles in {soak_s:.0} s: {acknowledged} uplinks acknowledged {by_kind:?}, {stored_total} stored ({duplicates} duplicates), {} commands {finals:?}",
+        "{} cycles in {soak_s:.0} s: {acknowledged} uplinks acknowledged {by_kind:?}, {stored_total} stored ({duplicates} duplicates), {} commands {finals:?}, {} campaigns of {} devices ({} upgrades, {} of them across a kill)",
         args.cycles,
-        commands.len()
+        commands.len(),
+        campaigns.tasks.len(),
+        ota_nodes.len(),
+        upgraded.len(),
+        upgraded.iter().filter(|u| u.kills > 0).count()
     );
     if problems.is_empty() {
         println!(
-            "verified: nothing acknowledged lost, nothing stored unsent, every stored uplink delivered, command states legal"
+            "verified: nothing acknowledged lost, nothing stored unsent, every stored uplink delivered, command states legal, every upgrade finished with the package's image"
         );
         drop(node);
         let _ = std::fs::remove_dir_all(&dir);
