@@ -352,7 +352,8 @@ fn bind(socket: &UdpSocket, server: SocketAddr, node: &str, mid: u16) -> Option<
         let Ok((len, _)) = socket.recv_from(&mut buf) else { continue };
         let Ok(m) = Message::parse(&buf[..len]) else { continue };
         if m.mtype == MessageType::Con && m.code == Code::GET {
-            let _ = socket.send_to(&MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).build(), server);
+            let _ =
+                socket.send_to(&MessageBuilder::new(MessageType::Ack, Code::CONTENT, m.mid, m.token).build(), server);
             return Some(m.token.to_vec());
         }
     }
@@ -378,7 +379,13 @@ struct Upgraded {
 /// A PCP device: binds (again when the server moved: each run has new ports), reports what the
 /// simulated device sends as NON notifications and answers the platform's CON POSTs; tells
 /// `upgraded` when an upgrade's result has been answered.
-fn ota_device(current: Current, node: String, packages: Packages, upgraded: Arc<Mutex<Vec<Upgraded>>>, stop: Arc<AtomicBool>) {
+fn ota_device(
+    current: Current,
+    node: String,
+    packages: Packages,
+    upgraded: Arc<Mutex<Vec<Upgraded>>>,
+    stop: Arc<AtomicBool>,
+) {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     let behaviour = Behaviour { chunk_delay: Duration::from_millis(20), ..Behaviour::healthy("V1") };
