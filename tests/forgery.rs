@@ -227,18 +227,25 @@ fn spoofed_binds_and_replayed_bootstraps_cost_the_device_nothing() {
 #[test]
 fn a_replayed_auth_from_elsewhere_neither_replaces_the_session_nor_counts_as_contact() {
     let server = Server::start_with(&[("NBHUB_AUTH_TOKEN_GRACE_S", "0")]);
-    let (pk, dn, secret) = server.product_and_device(json!({"name": "aes"}));
-    let mut d = AliDevice::new(server.endpoints.aes, &pk, &dn, &secret);
+    // Both families: 5682's sessions carry a key, 5683's only a token.
+    for port in [server.endpoints.aes, server.endpoints.coap] {
+        replayed_auth_changes_nothing(&server, port);
+    }
+}
+
+fn replayed_auth_changes_nothing(server: &Server, port: std::net::SocketAddr) {
+    let (pk, dn, secret) = server.product_and_device(json!({"name": format!("replayed on {port}")}));
+    let mut d = AliDevice::new(port, &pk, &dn, &secret);
     let body = d.auth_body(SignMethod::HmacSha256, &[("seq", json!("3FA2"))]);
     let first = d.auth_with(&body);
     assert_eq!(first.code, Code::CONTENT);
     assert_eq!(d.send_uplink(b"one").code, Code::CHANGED);
-    let before = device_view(&server, &pk, &dn);
+    let before = device_view(server, &pk, &dn);
     // The captured body from elsewhere gets the same session back: nothing is replaced.
-    let mut replayer = AliDevice::new(server.endpoints.aes, &pk, &dn, &secret);
+    let mut replayer = AliDevice::new(port, &pk, &dn, &secret);
     let replay = replayer.auth_with(&body);
     assert_eq!(replay.json(), first.json());
-    let after = device_view(&server, &pk, &dn);
+    let after = device_view(server, &pk, &dn);
     assert_eq!((&after["address"], &after["last_seen"]), (&before["address"], &before["last_seen"]));
     assert_eq!(d.send_uplink(b"two").code, Code::CHANGED, "the device's session is whole");
     // A newly signed body (another seq) is a new session, replacing the old one.
