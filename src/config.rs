@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::{Table, Value};
 
 use crate::identity::InstanceName;
+use crate::telemetry::LogFormat;
 
 /// The embedded default configuration; `nbhub serve` with no arguments runs on exactly this.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -30,13 +31,6 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,19 +158,6 @@ pub struct OtaConfig {
     pub max_task_devices: usize,
 }
 
-impl OtaConfig {
-    pub fn timers(&self) -> crate::ota::upgrade::Timers {
-        crate::ota::upgrade::Timers {
-            online_ms: self.online_timeout_s * 1000,
-            query_ms: self.query_timeout_s * 1000,
-            radio_ms: self.radio_timeout_s * 1000,
-            download_ms: self.download_timeout_s * 1000,
-            upgrade_ms: self.upgrade_timeout_s * 1000,
-            resend_ms: self.resend_s * 1000,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhooksConfig {
@@ -185,18 +166,6 @@ pub struct WebhooksConfig {
     pub max_backoff_ms: u64,
     pub max_age_s: u64,
     pub concurrency: usize,
-}
-
-impl WebhooksConfig {
-    pub fn delivery(&self) -> crate::northbound::delivery::DeliveryConfig {
-        crate::northbound::delivery::DeliveryConfig {
-            timeout: Duration::from_millis(self.timeout_ms),
-            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
-            max_backoff: Duration::from_millis(self.max_backoff_ms),
-            max_age: Duration::from_secs(self.max_age_s),
-            concurrency: self.concurrency,
-        }
-    }
 }
 
 /// This instance among its peers, for bootstrap and distribution (SPEC §10).
@@ -472,7 +441,7 @@ impl Config {
             }
         }
         for (i, rule) in c.nearest.iter().enumerate() {
-            if let Err(e) = crate::cluster::prefix::Cidr::parse(&rule.cidr) {
+            if let Err(e) = crate::net::Cidr::parse(&rule.cidr) {
                 return bad(format!("cluster.nearest[{i}].cidr = {:?}: {e}", rule.cidr));
             }
             if !names.contains(&&rule.instance) {

@@ -12,6 +12,7 @@ pub mod dialect;
 pub mod downlink;
 pub mod dtls;
 pub mod identity;
+pub mod net;
 pub mod northbound;
 pub mod ota;
 pub mod registry;
@@ -109,7 +110,7 @@ async fn serve_with(
     let webhooks = northbound::Webhooks::start(
         registry.store().clone(),
         writer.clone(),
-        config.webhooks.delivery(),
+        northbound::delivery::DeliveryConfig::from(&config.webhooks),
         stop_rx.clone(),
     )?;
     let mut tasks = tokio::task::JoinSet::new();

@@ -3,8 +3,6 @@
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
-
 /// Metric names, in one place so dashboards and code agree.
 pub mod metric {
     pub const DATAGRAMS_RECEIVED: &str = "nbhub_datagrams_received_total";
@@ -61,10 +59,19 @@ pub mod metric {
     pub const OTA_CELLS_SATURATED: &str = "nbhub_ota_cells_saturated";
 }
 
-pub fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Logs to stderr: `filter` is an `EnvFilter` directive (`info`, `nbhub=debug`…).
+pub fn init_logging(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match config.log_format {
+    let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };

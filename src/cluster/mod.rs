@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ClusterConfig, PeerConfig};
 use crate::identity::InstanceName;
+use crate::net::Cidr;
 use crate::store::records::PortFamily;
-use prefix::{Cidr, PrefixTable};
+use prefix::PrefixTable;
 
 /// Where a device is served. Only `Here` devices may authenticate; the others are answered by
 /// bootstrap with their new home, so a device is never served by two instances at once.

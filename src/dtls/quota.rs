@@ -7,7 +7,9 @@
 //! counts are of real senders; the quotas only decide how much of the table one place may hold.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+
+use crate::net::Cidr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
@@ -29,21 +31,9 @@ pub struct PrefixLengths {
     pub v6: u8,
 }
 
-/// A source address with its host bits cleared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Prefix(IpAddr);
-
 impl PrefixLengths {
-    fn of(self, ip: IpAddr) -> Prefix {
-        // A shift by the full width (a length of 0) leaves no network bits.
-        Prefix(match ip {
-            IpAddr::V4(a) => IpAddr::from(Ipv4Addr::from(
-                u32::from(a) & u32::MAX.checked_shl(32u32.saturating_sub(self.v4.into())).unwrap_or(0),
-            )),
-            IpAddr::V6(a) => IpAddr::from(Ipv6Addr::from(
-                u128::from(a) & u128::MAX.checked_shl(128u32.saturating_sub(self.v6.into())).unwrap_or(0),
-            )),
-        })
+    fn of(self, ip: IpAddr) -> Cidr {
+        Cidr::of(ip, self.v4, self.v6)
     }
 }
 
@@ -70,7 +60,7 @@ pub struct Handshakes {
     quotas: Quotas,
     total: usize,
     by_address: HashMap<IpAddr, usize>,
-    by_prefix: HashMap<Prefix, usize>,
+    by_prefix: HashMap<Cidr, usize>,
 }
 
 impl Handshakes {
@@ -169,14 +159,5 @@ mod tests {
         h.release(ip("10.1.0.1"));
         assert_eq!(h.in_progress(), 0);
         assert!(h.by_address.is_empty() && h.by_prefix.is_empty());
-    }
-
-    #[test]
-    fn prefix_lengths_keep_the_network_bits() {
-        let p = PrefixLengths { v4: 24, v6: 56 };
-        assert_eq!(p.of(ip("198.51.100.77")), Prefix(ip("198.51.100.0")));
-        assert_eq!(p.of(ip("2001:db8:aa:bbcc::1")), Prefix(ip("2001:db8:aa:bb00::")));
-        let whole = PrefixLengths { v4: 32, v6: 128 };
-        assert_eq!(whole.of(ip("198.51.100.77")), Prefix(ip("198.51.100.77")));
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::event::Stored;
 use super::webhooks::{WebhookRecord, Webhooks};
 use crate::clock::UnixMs;
+use crate::config::WebhooksConfig;
 use crate::store::{Op, Store, Writer};
 use crate::telemetry::metric;
 
@@ -27,6 +28,18 @@ pub struct DeliveryConfig {
     pub max_age: Duration,
     /// Events in flight at once per subscriber.
     pub concurrency: usize,
+}
+
+impl From<&WebhooksConfig> for DeliveryConfig {
+    fn from(c: &WebhooksConfig) -> DeliveryConfig {
+        DeliveryConfig {
+            timeout: Duration::from_millis(c.timeout_ms),
+            initial_backoff: Duration::from_millis(c.initial_backoff_ms),
+            max_backoff: Duration::from_millis(c.max_backoff_ms),
+            max_age: Duration::from_secs(c.max_age_s),
+            concurrency: c.concurrency,
+        }
+    }
 }
 
 pub const SIGNATURE_HEADER: &str = "X-Nbhub-Signature";

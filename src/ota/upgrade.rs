@@ -12,6 +12,7 @@ use super::coverage::{CellBudget, Coverage};
 use super::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 use super::task::TaskId;
 use crate::clock::UnixMs;
+use crate::config::OtaConfig;
 use crate::identity::DeviceId;
 
 /// Where a device's upgrade stands (API.md's per-device `state`).
@@ -139,6 +140,19 @@ pub struct Timers {
     /// How long an unanswered request (19, 20, 23) or a silent download waits before it is sent
     /// again.
     pub resend_ms: u64,
+}
+
+impl From<&OtaConfig> for Timers {
+    fn from(c: &OtaConfig) -> Timers {
+        Timers {
+            online_ms: c.online_timeout_s * 1000,
+            query_ms: c.query_timeout_s * 1000,
+            radio_ms: c.radio_timeout_s * 1000,
+            download_ms: c.download_timeout_s * 1000,
+            upgrade_ms: c.upgrade_timeout_s * 1000,
+            resend_ms: c.resend_s * 1000,
+        }
+    }
 }
 
 /// A task's retry policy: a failed device starts over `count` more times, `interval_ms` apart.

@@ -19,7 +19,7 @@ use crate::ota::coverage::{CellBudget, Coverage, RadioReport};
 use crate::ota::package::PackageRecord;
 use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 use crate::ota::task::{TaskId, TaskRecord, TaskStatus};
-use crate::ota::upgrade::{self, Answer, Ctx, Retry, Stage, Step, Target, Upgrade};
+use crate::ota::upgrade::{self, Answer, Ctx, Retry, Stage, Step, Target, Timers, Upgrade};
 use crate::store::records::OtaProtocol;
 use crate::store::{Op, Store, StoreError};
 use crate::telemetry::metric;
@@ -233,7 +233,7 @@ impl Registry {
         }
         let Some(mut up) = s.upgrade.take() else { return };
         if let Some(task) = self.ota.task(up.task) {
-            let (target, timers) = (task.target(), self.config.ota.timers());
+            let (target, timers) = (task.target(), Timers::from(&self.config.ota));
             let step = up.contact(&task.ctx(&target, &timers, now));
             self.apply_step(device, s, &up, &task, &step, ops);
         }
@@ -256,7 +256,7 @@ impl Registry {
             }
             return PcpOutcome { answer: upgrade::without_task(msg).map(|f| f.encode()), ops };
         };
-        let (target, timers) = (task.target(), self.config.ota.timers());
+        let (target, timers) = (task.target(), Timers::from(&self.config.ota));
         let ctx = task.ctx(&target, &timers, now);
         let step = up.pcp(&ctx, msg);
         self.apply_step(device, s, &up, &task, &step, &mut ops);
@@ -320,7 +320,7 @@ impl Registry {
     /// cell slots and retries. Devices with something new to hear are told if they are awake.
     pub fn upgrade_tick(&self, now: UnixMs) {
         let ids: Vec<DeviceId> = lock(&self.ota.active).iter().copied().collect();
-        let timers = self.config.ota.timers();
+        let timers = Timers::from(&self.config.ota);
         let mut counts: HashMap<Stage, usize> = HashMap::new();
         for id in ids {
             if let Some(stage) = self.advance(id, now, &timers) {
@@ -338,7 +338,7 @@ impl Registry {
     /// cells, without waiting for the next tick.
     pub fn hand_off_slots(&self, now: UnixMs) {
         let cells: Vec<String> = lock(&self.ota.freed).drain().collect();
-        let timers = self.config.ota.timers();
+        let timers = Timers::from(&self.config.ota);
         for cell in cells {
             loop {
                 let first = lock(&self.ota.waiting).get(&cell).and_then(|q| q.first().copied());
@@ -458,7 +458,7 @@ impl Registry {
         let stopped = Arc::new(Task { record: record.clone(), package: task.package.clone(), version: task.version });
         write(&self.ota.tasks).insert(id, stopped.clone());
         let mut ops = vec![Op::PutTask(record)];
-        let timers = self.config.ota.timers();
+        let timers = Timers::from(&self.config.ota);
         let target = stopped.target();
         for (device_id, _) in &stopped.record.devices {
             let Some(device) = self.device_by_id(*device_id) else { continue };
