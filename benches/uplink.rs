@@ -21,6 +21,7 @@ use nbhub::identity::{DeviceName, ProductKey};
 use nbhub::registry::{NewDevice, Registry, Route};
 use nbhub::store::records::{AckMode, PortFamily, SessionRecord};
 use nbhub::store::{Completion, Job, WriterThread};
+use nbhub::transport::udp::written;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -161,7 +162,10 @@ fn bench(c: &mut Criterion) {
                     }
                     let n = actions.writes.len();
                     for (ticket, ops) in actions.writes.drain(..) {
-                        fx.writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket } });
+                        fx.writer.submit(Job {
+                            ops,
+                            completion: Completion::Endpoint { sink: sink.clone(), ticket: ticket.into() },
+                        });
                     }
                     fx.runtime.block_on(async {
                         let mut seen = 0;
@@ -169,7 +173,7 @@ fn bench(c: &mut Criterion) {
                             let batch: Vec<nbhub::store::Committed> = done.recv().await.unwrap();
                             seen += batch.len();
                             for c in batch {
-                                ep.handle_committed(now, c.ticket, c.result, &mut actions);
+                                ep.handle_committed(now, c.ticket.into(), written(c.result), &mut actions);
                             }
                         }
                     });

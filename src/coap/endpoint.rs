@@ -1,10 +1,9 @@
 //! The CoAP server endpoint of one socket, free of I/O and clocks (quinn-proto style): the shell
 //! feeds it datagrams, durable-write completions and timeouts, and carries out the [`Actions`] it
-//! returns. It owns the message layer (types, ids, dedup, RST/4.02 rules, separate responses and
-//! their retransmission); what a request means is up to the [`Resources`] it serves.
+//! returns. It owns the message layer (types, ids, dedup, RST/4.02 rules, separate responses);
+//! the CONs it sends are kept by its [`Reliability`] layer, the messages waiting for a write by
+//! [`Pending`]; what a request means is up to the [`Resources`] it serves.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,12 +13,14 @@ use smallvec::SmallVec;
 use super::dedup::{DedupCache, Duplicate, Seen};
 use super::message::{Code, FormatError, Header, Message, MessageType, empty};
 use super::option::OptionNumber;
+use super::pending::{Answer, Pending, Ticket, Waiting};
+use super::reliability::{Due, Reliability};
 use super::resource::{
-    Effects, ExchangeKey, Notified, Outcome, Outgoing, Persist, Reply, Request, Resources, Response, Retransmit, Undo,
+    Effects, ExchangeKey, Notified, Outcome, Outgoing, Persist, Reply, Request, Resources, Response, Retransmit,
+    Written,
 };
 use crate::clock::Now;
 use crate::identity::DeviceId;
-use crate::store::{MessageId, Op, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
@@ -42,12 +43,18 @@ pub struct Transmit {
     pub data: Bytes,
 }
 
-/// What the shell must do after a call into the endpoint.
-#[derive(Default)]
-pub struct Actions {
+/// What the shell must do after a call into the endpoint; `W` is what the resources ask to be
+/// written.
+pub struct Actions<W> {
     pub transmits: Vec<Transmit>,
     /// Writes to commit; report each back with [`Endpoint::handle_committed`] and its ticket.
-    pub writes: Vec<(u64, SmallVec<[Op; 3]>)>,
+    pub writes: Vec<(Ticket, W)>,
+}
+
+impl<W> Default for Actions<W> {
+    fn default() -> Actions<W> {
+        Actions { transmits: Vec::new(), writes: Vec::new() }
+    }
 }
 
 /// Counters the shell exports as metrics.
@@ -62,53 +69,12 @@ pub struct EndpointStats {
     pub outgoing_full: u64,
 }
 
-/// What a message waiting for a durable write gets once it is durable.
-enum Answer {
-    Response {
-        response: Response,
-        separate: bool,
-        receipt: Option<ExchangeKey>,
-        follow_up: Option<Outgoing>,
-    },
-    /// A notification: an Empty ACK for a CON, nothing for a NON; then `follow_up`.
-    Notification {
-        con: bool,
-        follow_up: Option<Outgoing>,
-    },
-}
-
-/// A message whose answer waits for a durable write.
-struct PendingExchange {
-    peer: SocketAddr,
-    mtype: MessageType,
-    mid: u16,
-    token: SmallVec<[u8; 8]>,
-    answer: Answer,
-    undo: Option<Undo>,
-}
-
-/// A CON we sent (a separate response, or a request of our own) not acknowledged yet.
-struct OutgoingCon {
-    peer: SocketAddr,
-    data: Bytes,
-    attempts: u32,
-    max_retransmit: u32,
-    timeout: Duration,
-    next_at: Instant,
-    give_up_at: Instant,
-    /// Whom to tell how it ended.
-    exchange: Option<ExchangeKey>,
-}
-
 pub struct Endpoint<R> {
     resources: R,
     config: EndpointConfig,
     dedup: DedupCache,
-    pending: HashMap<u64, PendingExchange>,
-    next_ticket: u64,
-    outgoing: HashMap<(SocketAddr, u16), OutgoingCon>,
-    /// Retransmission schedule; stale entries (already acknowledged) are skipped when popped.
-    schedule: BinaryHeap<Reverse<(Instant, SocketAddr, u16)>>,
+    pending: Pending,
+    reliability: Reliability,
     next_mid: u16,
     stats: EndpointStats,
     /// Scratch space the resources fill; applied after each call into them.
@@ -120,11 +86,9 @@ impl<R: Resources> Endpoint<R> {
         Endpoint {
             dedup: DedupCache::new(config.dedup_capacity, config.exchange_lifetime),
             resources,
+            pending: Pending::default(),
+            reliability: Reliability::new(config.max_outgoing),
             config,
-            pending: HashMap::new(),
-            next_ticket: 1,
-            outgoing: HashMap::new(),
-            schedule: BinaryHeap::new(),
             next_mid: rand::random(),
             stats: EndpointStats::default(),
             effects: Effects::default(),
@@ -137,7 +101,7 @@ impl<R: Resources> Endpoint<R> {
 
     /// CONs of our own awaiting an ACK.
     pub fn outgoing(&self) -> usize {
-        self.outgoing.len()
+        self.reliability.len()
     }
 
     fn fresh_mid(&mut self) -> u16 {
@@ -152,7 +116,7 @@ impl<R: Resources> Endpoint<R> {
         peer: SocketAddr,
         authenticated: Option<DeviceId>,
         data: &[u8],
-        out: &mut Actions,
+        out: &mut Actions<R::Writes>,
     ) {
         let msg = match Message::parse(data) {
             Ok(m) => m,
@@ -171,13 +135,13 @@ impl<R: Resources> Endpoint<R> {
     }
 
     /// The admin API has something for `device`, which this endpoint served last.
-    pub fn handle_kick(&mut self, now: Now, device: DeviceId, out: &mut Actions) {
+    pub fn handle_kick(&mut self, now: Now, device: DeviceId, out: &mut Actions<R::Writes>) {
         self.resources.handle_kick(now, device, &mut self.effects);
         self.apply_effects(now, out);
     }
 
     /// Carries out what the resources asked for in their last call.
-    fn apply_effects(&mut self, now: Now, out: &mut Actions) {
+    fn apply_effects(&mut self, now: Now, out: &mut Actions<R::Writes>) {
         // A CON refused for lack of room is reported at once, and the report may start another
         // (the next command); a few rounds settle it, and more are never needed.
         for _ in 0..4 {
@@ -193,7 +157,7 @@ impl<R: Resources> Endpoint<R> {
     }
 
     /// Sends a CON of our own and keeps it for retransmission.
-    fn originate(&mut self, now: Now, o: Outgoing, out: &mut Actions) {
+    fn originate(&mut self, now: Now, o: Outgoing, out: &mut Actions<R::Writes>) {
         let mut message = o.message;
         let mid = self.fresh_mid();
         if message.len() >= 4 {
@@ -211,34 +175,16 @@ impl<R: Resources> Endpoint<R> {
         data: Bytes,
         retransmit: Retransmit,
         exchange: Option<ExchangeKey>,
-        out: &mut Actions,
+        out: &mut Actions<R::Writes>,
     ) {
-        if self.outgoing.len() >= self.config.max_outgoing {
-            // Every CON kept costs memory until it is acknowledged or given up: beyond the limit
-            // it is not sent, and whoever started it hears so (a command stays queued).
+        if self.reliability.keep(now.instant, peer, mid, data.clone(), retransmit, exchange).is_err() {
+            // Not sent, and whoever started it hears so (a command stays queued).
             self.stats.outgoing_full += 1;
             if let Some(exchange) = exchange {
                 self.resources.handle_reply(now, exchange, Reply::Unsent, &mut self.effects);
             }
             return;
         }
-        let timeout = retransmit.ack_timeout;
-        let give_up_at = now.instant + retransmit.give_up_after;
-        let next_at = (now.instant + timeout).min(give_up_at);
-        self.outgoing.insert(
-            (peer, mid),
-            OutgoingCon {
-                peer,
-                data: data.clone(),
-                attempts: 0,
-                max_retransmit: retransmit.max_retransmit,
-                timeout,
-                next_at,
-                give_up_at,
-                exchange,
-            },
-        );
-        self.schedule.push(Reverse((next_at, peer, mid)));
         out.transmits.push(Transmit { peer, data });
     }
 
@@ -248,7 +194,7 @@ impl<R: Resources> Endpoint<R> {
 
     /// A datagram longer than the receive buffer, so far above the payload limit: a CON request
     /// still gets 4.13 with the limit in Size1, since its header and token are in the part read.
-    pub fn handle_oversized(&mut self, peer: SocketAddr, head: &[u8], out: &mut Actions) {
+    pub fn handle_oversized(&mut self, peer: SocketAddr, head: &[u8], out: &mut Actions<R::Writes>) {
         self.stats.malformed += 1;
         let Some(h) = Header::peek(head) else { return };
         let tkl = (head[0] & 0x0f) as usize;
@@ -262,7 +208,7 @@ impl<R: Resources> Endpoint<R> {
         send(out, peer, response.encode(MessageType::Ack, h.mid, &head[4..4 + tkl], None));
     }
 
-    fn reject_malformed(&mut self, peer: SocketAddr, data: &[u8], e: FormatError, out: &mut Actions) {
+    fn reject_malformed(&mut self, peer: SocketAddr, data: &[u8], e: FormatError, out: &mut Actions<R::Writes>) {
         self.stats.malformed += 1;
         tracing::debug!(%peer, error = %e, "malformed datagram");
         // §4.2: a malformed CON is rejected with a matching RST (4 bytes, never more than we got);
@@ -274,20 +220,13 @@ impl<R: Resources> Endpoint<R> {
         }
     }
 
-    fn handle_ack_or_reset(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, out: &mut Actions) {
-        // An ACK or RST matching one of our CONs ends its retransmission. A piggybacked response
-        // must also carry the CON's token (RFC 7252 §5.3.2), which someone guessing message ids
-        // does not know.
-        let matches = self.outgoing.get(&(peer, msg.mid)).is_some_and(|con| {
-            let tkl = (con.data[0] & 0x0f) as usize;
-            msg.code == Code::EMPTY || con.data.get(4..4 + tkl) == Some(msg.token)
-        });
-        if !matches {
+    fn handle_ack_or_reset(&mut self, now: Now, peer: SocketAddr, msg: &Message<'_>, out: &mut Actions<R::Writes>) {
+        // An ACK or RST matching one of our CONs ends its retransmission.
+        let Some(exchange) = self.reliability.settle(peer, msg) else {
             tracing::trace!(%peer, mid = msg.mid, "ACK/RST for nothing outstanding");
             return;
-        }
-        let Some(con) = self.outgoing.remove(&(peer, msg.mid)) else { return };
-        if let Some(exchange) = con.exchange {
+        };
+        if let Some(exchange) = exchange {
             let reply = if msg.mtype == MessageType::Rst { Reply::Reset } else { Reply::Ack(msg) };
             self.resources.handle_reply(now, exchange, reply, &mut self.effects);
             self.apply_effects(now, out);
@@ -301,7 +240,7 @@ impl<R: Resources> Endpoint<R> {
         peer: SocketAddr,
         msg: &Message<'_>,
         datagram: &[u8],
-        out: &mut Actions,
+        out: &mut Actions<R::Writes>,
     ) -> bool {
         let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) else { return false };
         self.stats.duplicates += 1;
@@ -322,7 +261,7 @@ impl<R: Resources> Endpoint<R> {
         authenticated: Option<DeviceId>,
         msg: &Message<'_>,
         datagram: &[u8],
-        out: &mut Actions,
+        out: &mut Actions<R::Writes>,
     ) {
         if self.answered_before(now, peer, msg, datagram, out) {
             return;
@@ -342,12 +281,11 @@ impl<R: Resources> Endpoint<R> {
         let request = Request { msg, peer, authenticated, now, path: SmallVec::new() };
         let notified = self.resources.handle_notification(&request, &mut self.effects);
         match notified {
-            Notified::Store { ops, undo, follow_up } => {
+            Notified::Store { writes, undo, follow_up } => {
                 self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
                 let answer = Answer::Notification { con, follow_up };
-                let exchange =
-                    PendingExchange { peer, mtype: msg.mtype, mid: msg.mid, token: SmallVec::new(), answer, undo };
-                self.await_write(exchange, ops, out);
+                let waiting = Waiting { peer, mtype: msg.mtype, mid: msg.mid, token: SmallVec::new(), answer, undo };
+                self.await_write(waiting, writes, out);
             }
             Notified::Acknowledge => {
                 let data = if con { Bytes::from(empty(MessageType::Ack, msg.mid)) } else { Bytes::new() };
@@ -369,7 +307,7 @@ impl<R: Resources> Endpoint<R> {
         authenticated: Option<DeviceId>,
         msg: &Message<'_>,
         datagram: &[u8],
-        out: &mut Actions,
+        out: &mut Actions<R::Writes>,
     ) {
         if self.answered_before(now, peer, msg, datagram, out) {
             return;
@@ -397,7 +335,7 @@ impl<R: Resources> Endpoint<R> {
         let outcome = self.resources.handle(&request, &mut self.effects);
         match outcome {
             Outcome::Respond(response) => self.respond_now(now, peer, msg, datagram, response, out),
-            Outcome::Persist(Persist { ops, response, separate, undo, receipt, follow_up }) => {
+            Outcome::Persist(Persist { writes, response, separate, undo, receipt, follow_up }) => {
                 let con = msg.mtype == MessageType::Con;
                 // With a receipt the response is a CON of its own whatever the request was.
                 let separate = (separate && con) || receipt.is_some();
@@ -410,7 +348,7 @@ impl<R: Resources> Endpoint<R> {
                 } else {
                     self.dedup.insert(peer, msg.mid, datagram, Seen::Pending, now.instant);
                 }
-                let exchange = PendingExchange {
+                let waiting = Waiting {
                     peer,
                     mtype: msg.mtype,
                     mid: msg.mid,
@@ -418,18 +356,16 @@ impl<R: Resources> Endpoint<R> {
                     answer: Answer::Response { response, separate, receipt, follow_up },
                     undo,
                 };
-                self.await_write(exchange, ops, out);
+                self.await_write(waiting, writes, out);
             }
         }
         self.apply_effects(now, out);
     }
 
-    /// Asks for `ops` to be written; `exchange` is answered once they are.
-    fn await_write(&mut self, exchange: PendingExchange, ops: SmallVec<[Op; 3]>, out: &mut Actions) {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        self.pending.insert(ticket, exchange);
-        out.writes.push((ticket, ops));
+    /// Asks for `writes` to be made durable; `waiting` is answered once they are.
+    fn await_write(&mut self, waiting: Waiting, writes: R::Writes, out: &mut Actions<R::Writes>) {
+        let ticket = self.pending.insert(waiting);
+        out.writes.push((ticket, writes));
     }
 
     /// Message-layer checks before any resource sees the request.
@@ -458,7 +394,7 @@ impl<R: Resources> Endpoint<R> {
         msg: &Message<'_>,
         request: &[u8],
         response: Response,
-        out: &mut Actions,
+        out: &mut Actions<R::Writes>,
     ) {
         let (mtype, mid) = match msg.mtype {
             MessageType::Con => (MessageType::Ack, msg.mid),
@@ -482,14 +418,8 @@ impl<R: Resources> Endpoint<R> {
     }
 
     /// A write requested in [`Actions::writes`] is durable (or failed): answer its message.
-    pub fn handle_committed(
-        &mut self,
-        now: Now,
-        ticket: u64,
-        result: Result<Option<MessageId>, StoreError>,
-        out: &mut Actions,
-    ) {
-        let Some(ex) = self.pending.remove(&ticket) else { return };
+    pub fn handle_committed(&mut self, now: Now, ticket: Ticket, result: Written, out: &mut Actions<R::Writes>) {
+        let Some(ex) = self.pending.remove(ticket) else { return };
         let failed = result.is_err();
         if failed && let Some(undo) = ex.undo {
             undo();
@@ -524,7 +454,7 @@ impl<R: Resources> Endpoint<R> {
                     self.resources.handle_reply(now, o.exchange, Reply::Unsent, &mut self.effects);
                     self.apply_effects(now, out);
                 }
-                let response = match e.retry_after_s() {
+                let response = match e.retry_after_s {
                     // Nothing was stored and a retry may well succeed (the disk was full): say
                     // when, as for a full write queue.
                     Some(s) => Response { max_age: Some(s), ..Response::new(Code::SERVICE_UNAVAILABLE) },
@@ -558,40 +488,30 @@ impl<R: Resources> Endpoint<R> {
     }
 
     /// Retransmits unacknowledged CONs with exponential back-off and expires old exchanges.
-    pub fn handle_timeout(&mut self, now: Now, out: &mut Actions) {
+    pub fn handle_timeout(&mut self, now: Now, out: &mut Actions<R::Writes>) {
         self.dedup.expire(now.instant);
-        while let Some(Reverse((at, peer, mid))) = self.schedule.peek().copied() {
-            if at > now.instant {
-                break;
-            }
-            self.schedule.pop();
-            let Some(con) = self.outgoing.get_mut(&(peer, mid)) else { continue };
-            if con.next_at != at {
-                continue;
-            }
-            if con.attempts >= con.max_retransmit || now.instant >= con.give_up_at {
-                let exchange = con.exchange;
-                self.outgoing.remove(&(peer, mid));
-                self.stats.con_timeouts += 1;
-                if let Some(exchange) = exchange {
-                    self.resources.handle_reply(now, exchange, Reply::TimedOut, &mut self.effects);
-                    self.apply_effects(now, out);
+        let mut due = Vec::new();
+        self.reliability.due(now.instant, &mut due);
+        for d in due {
+            match d {
+                Due::Retransmit { peer, data } => {
+                    self.stats.retransmissions += 1;
+                    out.transmits.push(Transmit { peer, data });
                 }
-                continue;
+                Due::GaveUp { exchange } => {
+                    self.stats.con_timeouts += 1;
+                    if let Some(exchange) = exchange {
+                        self.resources.handle_reply(now, exchange, Reply::TimedOut, &mut self.effects);
+                        self.apply_effects(now, out);
+                    }
+                }
             }
-            con.attempts += 1;
-            con.timeout *= 2;
-            con.next_at = (now.instant + con.timeout).min(con.give_up_at);
-            self.stats.retransmissions += 1;
-            out.transmits.push(Transmit { peer: con.peer, data: con.data.clone() });
-            self.schedule.push(Reverse((con.next_at, peer, mid)));
         }
     }
 
     /// When [`Endpoint::handle_timeout`] next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let retransmit = self.schedule.peek().map(|Reverse((at, _, _))| *at);
-        match (retransmit, self.dedup.next_expiry()) {
+        match (self.reliability.next_due(), self.dedup.next_expiry()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -602,7 +522,7 @@ impl<R: Resources> Endpoint<R> {
     }
 }
 
-fn send(out: &mut Actions, peer: SocketAddr, data: Vec<u8>) {
+fn send<W>(out: &mut Actions<W>, peer: SocketAddr, data: Vec<u8>) {
     out.transmits.push(Transmit { peer, data: Bytes::from(data) });
 }
 
@@ -621,7 +541,9 @@ mod tests {
     }
 
     impl Resources for Originator {
-        fn handle(&mut self, _req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome {
+        type Writes = ();
+
+        fn handle(&mut self, _req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome<()> {
             Outcome::code(Code::NOT_FOUND)
         }
 
@@ -650,6 +572,10 @@ mod tests {
     }
 
     fn endpoint() -> Endpoint<Originator> {
+        endpoint_with(1000)
+    }
+
+    fn endpoint_with(max_outgoing: usize) -> Endpoint<Originator> {
         Endpoint::new(
             Originator::default(),
             EndpointConfig {
@@ -660,7 +586,7 @@ mod tests {
                 ack_timeout: Duration::from_secs(2),
                 max_retransmit: 4,
                 max_pending_writes: 10,
-                max_outgoing: 1000,
+                max_outgoing,
             },
         )
     }
@@ -694,8 +620,7 @@ mod tests {
 
     #[test]
     fn cons_beyond_the_limit_are_not_sent_and_their_starter_hears_so() {
-        let mut ep = endpoint();
-        ep.config.max_outgoing = 2;
+        let mut ep = endpoint_with(2);
         let start = Instant::now();
         let mut out = Actions::default();
         for d in 1..=3 {

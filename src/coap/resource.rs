@@ -10,7 +10,6 @@ use super::message::{Code, Message, MessageBuilder, MessageType};
 use super::option::OptionNumber;
 use crate::clock::Now;
 use crate::identity::DeviceId;
-use crate::store::{MessageId, Op};
 
 pub struct Request<'r, 'a> {
     pub msg: &'r Message<'a>,
@@ -43,7 +42,7 @@ pub struct Response {
     pub max_age: Option<u32>,
     pub size1: Option<u32>,
     pub payload: Vec<u8>,
-    /// Carry the stored message id in option 2090 once the write has it.
+    /// Carry the stored message's id in option 2090 once the write has it.
     pub with_message_id: bool,
 }
 
@@ -56,7 +55,8 @@ impl Response {
         Response { content_format: Some(content_format), payload, ..Response::new(code) }
     }
 
-    pub fn encode(&self, mtype: MessageType, mid: u16, token: &[u8], message_id: Option<MessageId>) -> Vec<u8> {
+    /// The response as a message; `stored` is the id the write gave the stored message.
+    pub fn encode(&self, mtype: MessageType, mid: u16, token: &[u8], stored: Option<StoredId>) -> Vec<u8> {
         let mut b = MessageBuilder::new(mtype, self.code, mid, token);
         if let Some(cf) = self.content_format {
             b = b.uint_option(OptionNumber::CONTENT_FORMAT, cf);
@@ -68,7 +68,7 @@ impl Response {
             b = b.uint_option(OptionNumber::SIZE1, size);
         }
         let mut id_buf = itoa_buf();
-        if let (true, Some(id)) = (self.with_message_id, message_id) {
+        if let (true, Some(id)) = (self.with_message_id, stored) {
             b = b.option(OptionNumber::ALI_MESSAGE_ID, format_u64(&mut id_buf, id.0));
         }
         b.payload(&self.payload).build()
@@ -91,6 +91,21 @@ fn format_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
         }
     }
 }
+
+/// The id a durable write gave the message it stored (Alibaba option 2090).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredId(pub u64);
+
+/// Why a write a message waited for did not happen: nothing was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteFailed {
+    /// Set when a retry may well succeed soon (a full disk, a stall): the answer is 5.03 with
+    /// this Max-Age; otherwise 5.00.
+    pub retry_after_s: Option<u32>,
+}
+
+/// How a write a message waited for ended.
+pub type Written = Result<Option<StoredId>, WriteFailed>;
 
 /// Undoes an in-memory reservation when the write that would have made it permanent fails.
 pub type Undo = Box<dyn FnOnce() + Send>;
@@ -143,9 +158,9 @@ pub struct Effects {
     pub outgoing: Vec<Outgoing>,
 }
 
-/// Make `ops` durable, then answer.
-pub struct Persist {
-    pub ops: SmallVec<[Op; 3]>,
+/// Make `writes` durable, then answer.
+pub struct Persist<W> {
+    pub writes: W,
     pub response: Response,
     /// A CON request gets an empty ACK at once and the response later as its own CON (Alibaba
     /// `ackMode` 1, `/pull`).
@@ -158,37 +173,37 @@ pub struct Persist {
     pub follow_up: Option<Outgoing>,
 }
 
-impl Persist {
-    pub fn new(ops: SmallVec<[Op; 3]>, response: Response) -> Persist {
-        Persist { ops, response, separate: false, undo: None, receipt: None, follow_up: None }
+impl<W> Persist<W> {
+    pub fn new(writes: W, response: Response) -> Persist<W> {
+        Persist { writes, response, separate: false, undo: None, receipt: None, follow_up: None }
     }
 }
 
 #[allow(clippy::large_enum_variant)] // built once per request and consumed at once; boxing would add an allocation
-pub enum Outcome {
+pub enum Outcome<W> {
     /// Answer at once.
     Respond(Response),
-    Persist(Persist),
+    Persist(Persist<W>),
 }
 
-impl Outcome {
-    pub fn code(code: Code) -> Outcome {
+impl<W> Outcome<W> {
+    pub fn code(code: Code) -> Outcome<W> {
         Outcome::Respond(Response::new(code))
     }
 }
 
-impl From<Persist> for Outcome {
-    fn from(p: Persist) -> Outcome {
+impl<W> From<Persist<W>> for Outcome<W> {
+    fn from(p: Persist<W>) -> Outcome<W> {
         Outcome::Persist(p)
     }
 }
 
 #[allow(clippy::large_enum_variant)] // like Outcome: built once per notification and consumed at once
 /// What becomes of a notification (a CON or NON carrying a response code: a Huawei uplink).
-pub enum Notified {
-    /// Make `ops` durable, then acknowledge a CON with an Empty ACK (a NON gets nothing) and send
-    /// `follow_up` (an answer that must not go out before what it answers is stored).
-    Store { ops: SmallVec<[Op; 3]>, undo: Option<Undo>, follow_up: Option<Outgoing> },
+pub enum Notified<W> {
+    /// Make `writes` durable, then acknowledge a CON with an Empty ACK (a NON gets nothing) and
+    /// send `follow_up` (an answer that must not go out before what it answers is stored).
+    Store { writes: W, undo: Option<Undo>, follow_up: Option<Outgoing> },
     /// Acknowledged without storing anything.
     Acknowledge,
     /// Nobody asked for it (unknown token): RST, so the peer stops sending it (RFC 7641 §3.6).
@@ -200,10 +215,14 @@ pub enum Notified {
 /// A dialect: the resources served on one listener, and the client side of the exchanges it
 /// starts itself.
 pub trait Resources {
-    fn handle(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Outcome;
+    /// What a request asks to be made durable before it is answered; the endpoint hands it to
+    /// the shell and answers once told it is written.
+    type Writes;
+
+    fn handle(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Outcome<Self::Writes>;
 
     /// A response that arrived in a CON or NON of its own, matching none of our exchanges.
-    fn handle_notification(&mut self, _msg: &Request<'_, '_>, _effects: &mut Effects) -> Notified {
+    fn handle_notification(&mut self, _msg: &Request<'_, '_>, _effects: &mut Effects) -> Notified<Self::Writes> {
         Notified::Reject
     }
 
@@ -221,7 +240,7 @@ mod tests {
     #[test]
     fn message_id_option_is_decimal() {
         let r = Response { with_message_id: true, ..Response::new(Code::CHANGED) };
-        let bytes = r.encode(MessageType::Ack, 9, &[1], Some(MessageId(1234567)));
+        let bytes = r.encode(MessageType::Ack, 9, &[1], Some(StoredId(1234567)));
         let m = Message::parse(&bytes).unwrap();
         assert_eq!(m.option(OptionNumber::ALI_MESSAGE_ID), Some(&b"1234567"[..]));
         let mut buf = itoa_buf();

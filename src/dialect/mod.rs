@@ -9,12 +9,18 @@ use std::sync::Arc;
 
 use crate::clock::Now;
 use crate::coap::message::Code;
-use crate::coap::resource::{Effects, ExchangeKey, Notified, Outcome, Reply, Request, Resources};
+use crate::coap::resource::{self, Effects, ExchangeKey, Reply, Request, Resources};
 use crate::identity::DeviceId;
 use crate::registry::{Registry, Route};
 use crate::store::records::PortFamily;
 use alibaba::Alibaba;
 use huawei::Huawei;
+
+/// What a device's request asks to be made durable before it is answered.
+pub type Writes = crate::store::Ops;
+pub type Outcome = resource::Outcome<Writes>;
+pub type Persist = resource::Persist<Writes>;
+pub type Notified = resource::Notified<Writes>;
 
 /// The resources of one socket.
 pub struct DeviceFacing {
@@ -31,6 +37,8 @@ impl DeviceFacing {
 }
 
 impl Resources for DeviceFacing {
+    type Writes = Writes;
+
     fn handle(&mut self, req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome {
         if let (["t", "r"], Some(huawei)) = (&req.path[..], &mut self.huawei) {
             return huawei.bind(req);

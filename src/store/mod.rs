@@ -25,7 +25,9 @@ use crate::ota::package::{PackageId, PackageRecord};
 use crate::ota::task::{TaskId, TaskRecord};
 use crate::ota::upgrade::Upgrade;
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
-pub use writer::{Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Writer, WriterThread};
+pub use writer::{
+    Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Ops, Writer, WriterThread,
+};
 
 pub const CF_PRODUCTS: &str = "products";
 pub const CF_DEVICES: &str = "devices";

@@ -153,8 +153,11 @@ pub struct Committed {
     pub result: Result<Option<MessageId>, StoreError>,
 }
 
+/// The writes of one job: most hold one to three ops, kept inline.
+pub type Ops = smallvec::SmallVec<[Op; 3]>;
+
 pub struct Job {
-    pub ops: smallvec::SmallVec<[Op; 3]>,
+    pub ops: Ops,
     pub completion: Completion,
 }
 

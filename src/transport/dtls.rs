@@ -31,7 +31,7 @@ impl Link for Dtls {
         now: Now,
         datagram: Datagram<'_>,
         endpoint: &mut Endpoint<R>,
-        actions: &mut Actions,
+        actions: &mut Actions<R::Writes>,
         wire: &mut Wire,
     ) {
         if datagram.truncated {

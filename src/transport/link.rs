@@ -27,7 +27,7 @@ pub trait Link {
         now: Now,
         datagram: Datagram<'_>,
         endpoint: &mut Endpoint<R>,
-        actions: &mut Actions,
+        actions: &mut Actions<R::Writes>,
         wire: &mut Wire,
     );
 
@@ -52,7 +52,7 @@ impl Link for Plain {
         now: Now,
         datagram: Datagram<'_>,
         endpoint: &mut Endpoint<R>,
-        actions: &mut Actions,
+        actions: &mut Actions<R::Writes>,
         _wire: &mut Wire,
     ) {
         let Datagram { peer, data, truncated } = datagram;

@@ -18,9 +18,9 @@ use super::mmsg::{self, RecvBatch};
 use crate::clock::Now;
 use crate::coap::endpoint::{Actions, Endpoint};
 use crate::coap::message::Code;
-use crate::coap::resource::Resources;
+use crate::coap::resource::{Resources, StoredId, WriteFailed, Written};
 use crate::registry::routes::Kicks;
-use crate::store::{CommitSink, Committed, Completion, Job, Writer};
+use crate::store::{CommitSink, Committed, Completion, Job, MessageId, Ops, StoreError, Writer};
 use crate::telemetry::metric;
 
 /// Binds `count` sockets to `addr` with SO_REUSEPORT so the kernel spreads peers over them (a
@@ -102,7 +102,7 @@ pub struct Port {
 
 /// Runs one socket until `shutdown` flips, then waits (bounded) for its writes in flight so the
 /// devices waiting on them still get their answers.
-pub async fn serve<R: Resources, L: Link>(
+pub async fn serve<R: Resources<Writes = Ops>, L: Link>(
     socket: std::net::UdpSocket,
     mut endpoint: Endpoint<R>,
     mut link: L,
@@ -165,7 +165,7 @@ pub async fn serve<R: Resources, L: Link>(
                         if matches!(c.result, Ok(Some(_))) {
                             m.stored.increment(1);
                         }
-                        endpoint.handle_committed(now, c.ticket, c.result, &mut actions);
+                        endpoint.handle_committed(now, c.ticket.into(), written(c.result), &mut actions);
                     }
                     next = committed.try_recv().ok();
                 }
@@ -189,7 +189,7 @@ pub async fn serve<R: Resources, L: Link>(
         match tokio::time::timeout_at(drain_until, committed.recv()).await {
             Ok(Some(batch)) => {
                 for c in batch {
-                    endpoint.handle_committed(Now::read(), c.ticket, c.result, &mut actions);
+                    endpoint.handle_committed(Now::read(), c.ticket.into(), written(c.result), &mut actions);
                 }
             }
             _ => break,
@@ -201,17 +201,22 @@ pub async fn serve<R: Resources, L: Link>(
     Ok(())
 }
 
+/// What the endpoint hears of a write: the stored message's id, or whether to ask for a retry.
+pub fn written(result: Result<Option<MessageId>, StoreError>) -> Written {
+    result.map(|id| id.map(|m| StoredId(m.0))).map_err(|e| WriteFailed { retry_after_s: e.retry_after_s() })
+}
+
 async fn flush(
     socket: &UdpSocket,
     writer: &Writer,
     sink: &CommitSink,
     link: &mut impl Link,
-    actions: &mut Actions,
+    actions: &mut Actions<Ops>,
     outbox: &mut Wire,
     m: &mut PortMetrics,
 ) {
     for (ticket, ops) in actions.writes.drain(..) {
-        writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket } });
+        writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket: ticket.into() } });
     }
     for t in &actions.transmits {
         m.count_response(&t.data);

@@ -7,7 +7,8 @@ use super::Alibaba;
 use super::body::SignedBody;
 use crate::auth::sign::{SignMethod, auth_content};
 use crate::coap::message::Code;
-use crate::coap::resource::{Outcome, Request, Response};
+use crate::coap::resource::{Request, Response};
+use crate::dialect::Outcome;
 use crate::registry::distribution::BootstrapAnswer;
 use crate::telemetry::metric;
 

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use crate::clock::Now;
 use crate::coap::message::Code;
-use crate::coap::resource::{ExchangeKey, Outcome, Reply, Request, Response};
+use crate::coap::resource::{ExchangeKey, Reply, Request, Response};
+use crate::dialect::Outcome;
 use crate::dialect::refusal::{self, Dialect, OverBudget};
 use crate::registry::device::DeviceState;
 use crate::registry::{Device, Registry, Route};

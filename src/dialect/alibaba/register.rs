@@ -7,7 +7,8 @@ use super::body::SignedBody;
 use super::{Alibaba, admit};
 use crate::auth::sign::{SignMethod, register_content};
 use crate::coap::message::Code;
-use crate::coap::resource::{Outcome, Persist, Request};
+use crate::coap::resource::Request;
+use crate::dialect::{Outcome, Persist};
 use crate::store::Op;
 use crate::telemetry::metric;
 

@@ -9,7 +9,8 @@ use super::{Huawei, UPLINK_TOPIC};
 use crate::coap::message::MessageType;
 use crate::coap::observe::Latest;
 use crate::coap::option::OptionNumber;
-use crate::coap::resource::{Effects, Notified, Request};
+use crate::coap::resource::{Effects, Request};
+use crate::dialect::Notified;
 use crate::dialect::refusal::{self, Dialect, OverBudget, Refusal};
 use crate::identity::ObserveToken;
 use crate::registry::Device;
@@ -77,7 +78,7 @@ impl Huawei {
                     // An answer to our request: the next one may follow.
                     self.deliver(req.now, &device, effects);
                 }
-                return Notified::Store { ops: contact, undo: None, follow_up };
+                return Notified::Store { writes: contact, undo: None, follow_up };
             }
             contact.extend(self.registry.radio_report(&device, &mut s, req.msg.payload));
             contact
@@ -96,6 +97,6 @@ impl Huawei {
         ops.extend(contact);
         // The device is awake now: its next command leaves at once.
         self.deliver(req.now, &device, effects);
-        Notified::Store { ops, undo: None, follow_up: None }
+        Notified::Store { writes: ops, undo: None, follow_up: None }
     }
 }
