@@ -27,6 +27,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
     registry: Arc<Registry>,
+    cluster: Arc<nbhub::cluster::Cluster>,
     writer: nbhub::store::Writer,
     thread: Option<WriterThread>,
     /// (token, key) of one 5682 session per device.
@@ -35,6 +36,7 @@ struct Fixture {
 
 fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
     let common::Bed { dir, runtime, registry, thread, product: pk } = common::bed("benchProduct", sync);
+    let cluster = Arc::new(nbhub::cluster::Cluster::load(registry.clone()).unwrap());
     let writer = registry.writer().clone();
     let mut sessions = Vec::new();
     for i in 0..devices {
@@ -63,7 +65,7 @@ fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
         let key = nbhub::auth::cipher::SessionKey::derive(device.secret.expose(), &random);
         sessions.push((token.as_str().to_string(), key, pk.clone(), dn));
     }
-    Fixture { _dir: dir, runtime, registry, writer, thread: Some(thread), sessions }
+    Fixture { _dir: dir, runtime, registry, cluster, writer, thread: Some(thread), sessions }
 }
 
 fn uplink(token: &str, key: &nbhub::auth::cipher::SessionKey, pk: &str, dn: &str, mid: u16, seq: u64) -> Vec<u8> {
@@ -81,7 +83,7 @@ fn uplink(token: &str, key: &nbhub::auth::cipher::SessionKey, pk: &str, dn: &str
 
 fn endpoint(f: &Fixture) -> Endpoint<DeviceFacing> {
     Endpoint::new(
-        DeviceFacing::new(f.registry.clone(), Route { family: PortFamily::Aes, socket: 0 }),
+        DeviceFacing::new(f.registry.clone(), f.cluster.clone(), Route { family: PortFamily::Aes, socket: 0 }),
         EndpointConfig {
             max_payload: 1040,
             announced_max_payload: 1024,

@@ -1,7 +1,21 @@
 //! Time as the protocol cores see it: passed in, never read by them. `Now` pairs the monotonic
 //! instant (for timers) with wall-clock milliseconds (for stored timestamps).
+//!
+//! The wall clock can be moved forward ([`advance`]), for tests that must get past an awake
+//! window or an expiry without waiting for it; `admin.clock_control` exposes it, off by default.
+//! Only the wall clock moves: retransmissions keep real time.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How far the wall clock was moved forward, in milliseconds.
+static ADVANCED_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Moves this process's wall clock forward by `by`; returns the new time.
+pub fn advance(by: Duration) -> UnixMs {
+    ADVANCED_MS.fetch_add(by.as_millis().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    UnixMs::now()
+}
 
 /// Milliseconds since the Unix epoch, UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -9,7 +23,8 @@ pub struct UnixMs(pub u64);
 
 impl UnixMs {
     pub fn now() -> UnixMs {
-        UnixMs(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+        let system = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        UnixMs(system.saturating_add(ADVANCED_MS.load(Ordering::Relaxed)))
     }
 
     pub fn plus_secs(self, s: u64) -> UnixMs {

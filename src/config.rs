@@ -39,6 +39,9 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: String,
     pub max_body_bytes: usize,
+    /// Serves `POST /api/v1/clock/advance`, which moves the server's wall clock forward (tests
+    /// of awake windows and expiries). Never on in production.
+    pub clock_control: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

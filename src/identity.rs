@@ -5,6 +5,7 @@ use std::borrow::Borrow;
 use std::fmt;
 
 use rand::RngExt;
+use serde::{Deserialize, Serialize};
 
 const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
@@ -232,5 +233,38 @@ mod tests {
         let t = Token::generate();
         assert_eq!(t.as_bytes().len(), 32);
         assert!(!format!("{t:?}").contains(t.as_str()));
+    }
+}
+
+/// Where a device is served. Only `Here` devices may authenticate; the others are answered by
+/// bootstrap with their new home, so a device is never served by two instances at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "state", content = "instance")]
+pub enum Home {
+    #[default]
+    Here,
+    /// Being handed to the instance: refused here until it took the device (or the move failed).
+    Leaving(InstanceName),
+    /// Served by the instance.
+    Moved(InstanceName),
+    /// Being taken from another instance: not served until its record is stored (the stored
+    /// record already says `Here`, so this is never stored).
+    Arriving,
+    /// Given back to the instance it came from (a rollback), until that instance confirms it
+    /// stored it; then it is removed here.
+    Released(InstanceName),
+}
+
+impl Home {
+    pub fn is_here(&self) -> bool {
+        matches!(self, Home::Here)
+    }
+
+    /// The instance the device lives at or is moving to; `None` for here.
+    pub fn elsewhere(&self) -> Option<&InstanceName> {
+        match self {
+            Home::Here | Home::Arriving => None,
+            Home::Leaving(i) | Home::Moved(i) | Home::Released(i) => Some(i),
+        }
     }
 }

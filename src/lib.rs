@@ -12,12 +12,14 @@ pub mod dialect;
 pub mod downlink;
 pub mod dtls;
 pub mod identity;
+pub mod ingest;
 pub mod net;
 pub mod northbound;
 pub mod ota;
 pub mod registry;
 pub mod simulate;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod transport;
 
@@ -101,6 +103,7 @@ async fn serve_with(
 ) -> Result<(), ServeError> {
     let data_dir = config.data_dir.clone();
     let registry = Arc::new(Registry::load(config.clone(), store, writer.clone()).await?);
+    let cluster = Arc::new(cluster::Cluster::load(registry.clone())?);
     // Before any port is bound: a certificate or cipher mistake is a configuration error.
     let (dtls_context, certificates) = dtls::setup(registry.clone(), &config.dtls)?;
     let admin_token = admin_token(&config, &data_dir)?;
@@ -110,14 +113,15 @@ async fn serve_with(
     let webhooks = northbound::Webhooks::start(
         registry.store().clone(),
         writer.clone(),
+        registry.wanted().clone(),
         northbound::delivery::DeliveryConfig::from(&config.webhooks),
         stop_rx.clone(),
     )?;
     let mut tasks = tokio::task::JoinSet::new();
     let plain = || transport::link::Plain;
     let coap =
-        spawn_port(&mut tasks, &registry, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
-    let aes = spawn_port(&mut tasks, &registry, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
+        spawn_port(&mut tasks, &cluster, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
+    let aes = spawn_port(&mut tasks, &cluster, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
     let d = &config.dtls;
     let per_socket = |n: usize| n.div_ceil(config.coap.sockets_per_port);
     let limits = dtls::peers::Limits {
@@ -133,15 +137,23 @@ async fn serve_with(
         mtu: d.mtu,
     };
     let dtls_link = || transport::dtls::Dtls::new(dtls::peers::PeerTable::new(dtls_context.clone(), limits));
-    let dtls = spawn_port(&mut tasks, &registry, &writer, d.listen, PortFamily::Dtls, "dtls", dtls_link, &stop_rx)?;
-    registry.cluster.bound(coap, aes, dtls);
+    let dtls = spawn_port(&mut tasks, &cluster, &writer, d.listen, PortFamily::Dtls, "dtls", dtls_link, &stop_rx)?;
+    cluster.peers.bound(coap, aes, dtls);
 
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .map_err(io_err(format!("cannot listen for the admin API on {}", config.admin.listen)))?;
     let admin = listener.local_addr().map_err(io_err("admin listener"))?;
-    let router =
-        admin::router(admin::AdminState { registry: registry.clone(), webhooks, token: admin_token.into(), metrics });
+    if config.admin.clock_control {
+        tracing::warn!("admin.clock_control is on: POST /api/v1/clock/advance moves the wall clock (tests only)");
+    }
+    let router = admin::router(admin::AdminState {
+        registry: registry.clone(),
+        cluster: cluster.clone(),
+        webhooks,
+        token: admin_token.into(),
+        metrics,
+    });
     let mut admin_stop = stop_rx.clone();
     tasks.spawn(async move {
         axum::serve(listener, router)
@@ -155,7 +167,7 @@ async fn serve_with(
     tasks.spawn(expire_commands(registry.clone(), stop_rx.clone()));
     tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
     tasks.spawn(advance_upgrades(registry.clone(), stop_rx.clone()));
-    tasks.spawn(cluster::runner::supervise(registry.clone(), stop_rx.clone()));
+    tasks.spawn(cluster::runner::supervise(cluster.clone(), stop_rx.clone()));
 
     let endpoints = Endpoints { coap, aes, dtls, admin };
     write_endpoints(&data_dir, &endpoints)?;
@@ -177,7 +189,7 @@ async fn serve_with(
 #[allow(clippy::too_many_arguments)] // one call per listener, each naming all of them
 fn spawn_port<L: transport::link::Link + Send + 'static>(
     tasks: &mut tokio::task::JoinSet<std::io::Result<()>>,
-    registry: &Arc<Registry>,
+    cluster: &Arc<cluster::Cluster>,
     writer: &store::Writer,
     listen: SocketAddr,
     family: PortFamily,
@@ -185,6 +197,7 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     link: impl Fn() -> L,
     stop: &watch::Receiver<bool>,
 ) -> Result<SocketAddr, ServeError> {
+    let registry = &cluster.registry;
     let c = &registry.config.coap;
     // AES ciphertext is up to one block longer than the plaintext the limit applies to.
     let cipher_slack = if family == PortFamily::Aes { 16 } else { 0 };
@@ -208,7 +221,8 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     for (i, socket) in sockets.into_iter().enumerate() {
         let route = Route { family, socket: i as u16 };
         let kicks = registry.routes.open(route);
-        let endpoint = Endpoint::new(DeviceFacing::new(registry.clone(), route), endpoint_config.clone());
+        let endpoint =
+            Endpoint::new(DeviceFacing::new(registry.clone(), cluster.clone(), route), endpoint_config.clone());
         let port = transport::udp::Port { label, recv_slot, kicks };
         tasks.spawn(transport::udp::serve(socket, endpoint, link(), writer.clone(), port, stop.clone()));
     }

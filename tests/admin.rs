@@ -292,3 +292,30 @@ fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("passed"), "{text}");
 }
+
+#[test]
+fn the_clock_moves_only_where_clock_control_is_on_and_only_forward_by_a_bounded_step() {
+    let off = Server::start();
+    let (code, body) = raw(&off, "POST", "/api/v1/clock/advance", Some(TOKEN), Some(r#"{"milliseconds": 1000}"#));
+    assert_eq!(code, 404, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("clock_control"), "{body}");
+
+    let on = Server::start_with(&[("NBHUB_ADMIN_CLOCK_CONTROL", "true")]);
+    let advance = |body: &str| raw(&on, "POST", "/api/v1/clock/advance", Some(TOKEN), Some(body));
+    assert_eq!(raw(&on, "POST", "/api/v1/clock/advance", None, Some(r#"{"milliseconds": 1}"#)).0, 401);
+    for bad in [r#"{"milliseconds": 0}"#, r#"{"milliseconds": 2592000001}"#, r#"{"milliseconds": -5}"#, r#"{}"#, "{"] {
+        let (code, body) = advance(bad);
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+    // Two days ahead: a device heard just now is no longer online (online means heard within 25 h).
+    let (pk, dn, secret) = on.product_and_device(json!({"name": "clocked"}));
+    let mut dev = AliDevice::new(on.endpoints.coap, &pk, &dn, &secret);
+    dev.auth();
+    assert_eq!(dev.send_uplink(b"now").code, nbhub::coap::message::Code::CHANGED);
+    let seen = on.wait_device(&pk, &dn, |d| d["status"] == "online")["last_seen"].as_str().unwrap().to_string();
+    let (code, body) = advance(r#"{"milliseconds": 172800000}"#);
+    assert_eq!(code, 200, "{body}");
+    let now = body["now"].as_str().unwrap();
+    assert!(now[..10] > seen[..10], "{now} is days after {seen}");
+    on.wait_device(&pk, &dn, |d| d["status"] != "online");
+}

@@ -33,14 +33,17 @@ fn unb64(v: &Value) -> Vec<u8> {
 
 const QUIET: Duration = Duration::from_millis(400);
 
+/// Awake windows and expiries pass by moving the server's clock, not by waiting for them.
+const MOVABLE_CLOCK: &[(&str, &str)] = &[("NBHUB_ADMIN_CLOCK_CONTROL", "true")];
+
 #[test]
 fn a_sleeping_huawei_device_gets_its_commands_in_order_one_at_a_time_after_it_reports() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890001", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890001");
     dev.bind();
     server.wait_device(&pk, &dn, |d| d["status"] == "online");
-    std::thread::sleep(Duration::from_millis(1200)); // past its awake window: asleep
+    server.advance_clock(Duration::from_millis(1200)); // past its awake window: asleep
 
     let ids: Vec<String> = (1..=3u8)
         .map(|i| {
@@ -90,7 +93,7 @@ fn a_sleeping_huawei_device_gets_its_commands_in_order_one_at_a_time_after_it_re
 
 #[test]
 fn bind_answers_what_liteos_expects() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890002", json!({"name": "meters", "ack_timeout_ms": 200}));
     // LiteOS reads an ACK 5.00 as "this device does not exist".
     let mut stranger = HuaweiDevice::new(server.endpoints.coap, "869999999999999");
@@ -129,7 +132,7 @@ fn bind_answers_what_liteos_expects() {
 
 #[test]
 fn immediately_fails_for_a_sleeping_device_and_reaches_an_awake_one() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890003", json!({"name": "meters", "awake_window_s": 2}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890003");
     let asleep = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"now"), "send_strategy": "immediately"}));
@@ -147,7 +150,7 @@ fn immediately_fails_for_a_sleeping_device_and_reaches_an_awake_one() {
     // The never-sent one stays as it was.
     assert_eq!(server.command(asleep["command_id"].as_str().unwrap())["status"], "FAILED");
 
-    std::thread::sleep(Duration::from_millis(2200));
+    server.advance_clock(Duration::from_millis(2200));
     let late = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"now"), "send_strategy": "immediately"}));
     assert_eq!(late["status"], "FAILED");
     assert!(dev.command(QUIET).is_none());
@@ -155,7 +158,7 @@ fn immediately_fails_for_a_sleeping_device_and_reaches_an_awake_one() {
 
 #[test]
 fn an_unanswered_command_times_out_after_its_retransmissions() {
-    let server = Server::start_with(&[("NBHUB_DOWNLINK_TIMEOUT_S", "3")]);
+    let server = Server::start_with(&[("NBHUB_DOWNLINK_TIMEOUT_S", "3"), MOVABLE_CLOCK[0]]);
     let product = json!({"name": "meters", "awake_window_s": 30, "ack_timeout_ms": 200, "max_retransmit": 2});
     let (pk, dn) = huawei_device(&server, "861234567890004", product);
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890004");
@@ -185,7 +188,7 @@ fn an_unanswered_command_times_out_after_its_retransmissions() {
 
 #[test]
 fn pending_commands_expire_are_bounded_and_can_be_canceled() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890005", json!({"name": "meters"}));
     let admin = server.admin();
     let path = format!("/api/v1/products/{pk}/devices/{dn}/commands");
@@ -236,12 +239,12 @@ fn pending_commands_expire_are_bounded_and_can_be_canceled() {
 
 #[test]
 fn a_device_whose_port_changes_between_reports_still_gets_its_commands() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890006", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890006");
     dev.bind();
     let old_port = dev.wire.socket.local_addr().unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    server.advance_clock(Duration::from_millis(1200));
     let c = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"after NAT")}));
 
     // The NAT binding expired while the device slept: it comes back from another port.
@@ -273,7 +276,7 @@ fn pull_request(dev: &mut AliDevice, page_size: u32) -> Vec<u8> {
 
 #[test]
 fn an_alibaba_device_pulls_its_commands_on_5682_and_its_ack_delivers_them() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn, secret) = server.product_and_device(json!({"name": "ali"}));
     let ids: Vec<String> = ["one", "two", "three"]
         .iter()
@@ -330,11 +333,11 @@ fn an_alibaba_device_pulls_its_commands_on_5682_and_its_ack_delivers_them() {
 
 #[test]
 fn commands_survive_kill_9_in_the_middle_of_delivery() {
-    let mut server = Server::start();
+    let mut server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890007", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890007");
     dev.bind();
-    std::thread::sleep(Duration::from_millis(1200));
+    server.advance_clock(Duration::from_millis(1200));
     let first = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"first")}));
     let short = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"short"), "expire_time": 2}));
     let kept = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"kept")}));
@@ -348,6 +351,7 @@ fn commands_survive_kill_9_in_the_middle_of_delivery() {
 
     // Killed with the first command in flight; the short one expires while the server is down.
     server.kill9();
+    // Real time: a clock moved in the killed process would be lost with it.
     std::thread::sleep(Duration::from_millis(2200));
     server.restart();
     dev.wire.server = server.endpoints.coap;
@@ -371,7 +375,7 @@ fn commands_survive_kill_9_in_the_middle_of_delivery() {
 
 #[test]
 fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let admin = server.admin();
     let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
     let pk = p["product_key"].as_str().unwrap();
@@ -404,12 +408,12 @@ fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
 
 #[test]
 fn a_reset_command_ends_the_observe_relation_and_the_rest_wait_for_the_next_bind() {
-    let server = Server::start();
+    let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890010", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890010");
     dev.bind();
     server.wait_device(&pk, &dn, |d| d["status"] == "online");
-    std::thread::sleep(Duration::from_millis(1200));
+    server.advance_clock(Duration::from_millis(1200));
     let first = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"one")}));
     let second = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"two")}));
     dev.report(b"awake");

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use super::error::{ApiError, ApiJson};
 use crate::clock::UnixMs;
-use crate::cluster::Home;
+use crate::identity::Home;
 use crate::identity::{DeviceName, NodeId, ProductKey, Secret};
 use crate::registry::{Device, DevicePatch, NewDevice, Status};
 use crate::store::MessageId;

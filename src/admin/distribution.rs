@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use super::error::{ApiError, ApiJson};
 use crate::clock::UnixMs;
+use crate::cluster::distribution::{Control, DistributionCell, MAX_TASK_DEVICES, NewDistribution};
 use crate::cluster::runner;
-use crate::cluster::task::{Gate, OnTimeout, Policy, Task, TaskId, TaskStatus};
+use crate::cluster::task::{Distribution, DistributionId, DistributionStatus, Gate, OnTimeout, Policy};
 use crate::cluster::transfer::{ImportRequest, ImportResponse, ReleaseRequest, ReleaseResponse};
 use crate::identity::{DeviceName, InstanceName};
-use crate::registry::distribution::{Control, MAX_TASK_DEVICES, NewDistribution, TaskCell};
 
 /// A peer sends up to `cluster.import_chunk` devices with their commands in one request.
 const MAX_IMPORT_BYTES: usize = 64 << 20;
@@ -63,12 +63,12 @@ struct CreateTask {
 }
 
 #[derive(Serialize)]
-struct TaskView {
+struct DistributionView {
     task_id: String,
     product_key: String,
     policy: &'static str,
     instance: Option<String>,
-    status: TaskStatus,
+    status: DistributionStatus,
     error: Option<String>,
     /// The batch being moved or waited on, from 1.
     batch: u32,
@@ -83,13 +83,13 @@ struct TaskView {
     updated_at: String,
 }
 
-fn view(task: &Task) -> TaskView {
+fn view(task: &Distribution) -> DistributionView {
     let r = &task.record;
     let (policy, instance) = match &r.policy {
         Policy::Specified(i) => ("specified", Some(i.to_string())),
         Policy::Nearest => ("nearest", None),
     };
-    TaskView {
+    DistributionView {
         task_id: r.id.to_string(),
         product_key: r.product_key.to_string(),
         policy,
@@ -114,16 +114,16 @@ async fn detached<T: Send + 'static>(work: impl std::future::Future<Output = T> 
     tokio::spawn(work).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
-fn task(state: &AdminState, raw: &str) -> Result<Arc<TaskCell>, ApiError> {
+fn task(state: &AdminState, raw: &str) -> Result<Arc<DistributionCell>, ApiError> {
     let not_found = || ApiError::not_found(format!("distribution task {raw} not found"));
     let id: u64 = raw.parse().map_err(|_| not_found())?;
-    state.registry.distribution.task(TaskId(id)).ok_or_else(not_found)
+    state.cluster.distribution.task(DistributionId(id)).ok_or_else(not_found)
 }
 
 async fn create(
     State(state): State<AdminState>,
     ApiJson(body): ApiJson<CreateTask>,
-) -> Result<(StatusCode, Json<TaskView>), ApiError> {
+) -> Result<(StatusCode, Json<DistributionView>), ApiError> {
     let policy = match (body.policy, body.instance) {
         (PolicyName::Specified, Some(i)) => Policy::Specified(i),
         (PolicyName::Specified, None) => return Err(ApiError::bad_request("the specified policy needs `instance`")),
@@ -147,8 +147,8 @@ async fn create(
         batch_timeout_s: body.batch_timeout_s,
         on_timeout: body.on_timeout,
     };
-    let registry = state.registry.clone();
-    let cell = detached(async move { registry.create_distribution(new).await }).await?;
+    let cluster = state.cluster.clone();
+    let cell = detached(async move { cluster.create_distribution(new).await }).await?;
     let view = view(&cell.lock());
     tracing::info!(
         task = view.task_id,
@@ -160,11 +160,11 @@ async fn create(
 }
 
 async fn list(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    let tasks: Vec<TaskView> = state.registry.distribution.tasks().iter().map(|c| view(&c.lock())).collect();
+    let tasks: Vec<DistributionView> = state.cluster.distribution.tasks().iter().map(|c| view(&c.lock())).collect();
     Json(serde_json::json!({ "tasks": tasks }))
 }
 
-async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<TaskView>, ApiError> {
+async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<DistributionView>, ApiError> {
     Ok(Json(view(&task(&state, &id)?.lock())))
 }
 
@@ -244,10 +244,10 @@ async fn control(
     State(state): State<AdminState>,
     Path(id): Path<String>,
     action: Control,
-) -> Result<Json<TaskView>, ApiError> {
+) -> Result<Json<DistributionView>, ApiError> {
     let cell = task(&state, &id)?;
-    let (registry, c) = (state.registry.clone(), cell.clone());
-    detached(async move { registry.control_distribution(&c, action).await }).await?;
+    let (cluster, c) = (state.cluster.clone(), cell.clone());
+    detached(async move { cluster.control_distribution(&c, action).await }).await?;
     tracing::info!(task = id, action = action.as_str(), "distribution task controlled");
     Ok(Json(view(&cell.lock())))
 }
@@ -264,8 +264,8 @@ async fn rollback(
             "a nearest task moves each device when it bootstraps; only a specified task can be rolled back",
         ));
     }
-    let (registry, c) = (state.registry.clone(), cell.clone());
-    let summary = detached(async move { runner::rollback(&registry, &c).await }).await.map_err(|f| {
+    let (cluster, c) = (state.cluster.clone(), cell.clone());
+    let summary = detached(async move { runner::rollback(&cluster, &c).await }).await.map_err(|f| {
         ApiError::new(StatusCode::BAD_GATEWAY, "rollback_failed", format!("rollback stopped: {}", f.message()))
     })?;
     let view = view(&cell.lock());
@@ -277,13 +277,13 @@ async fn import(
     State(state): State<AdminState>,
     ApiJson(body): ApiJson<ImportRequest>,
 ) -> Result<Json<ImportResponse>, ApiError> {
-    if body.source == state.registry.cluster.name {
+    if body.source == state.cluster.peers.name {
         return Err(ApiError::bad_request(format!("source {} is this instance", body.source)));
     }
     check_import(&state, &body)?;
     let source = body.source.clone();
-    let registry = state.registry.clone();
-    let devices = detached(async move { registry.import(body).await }).await?;
+    let cluster = state.cluster.clone();
+    let devices = detached(async move { cluster.import(body).await }).await?;
     tracing::info!(%source, devices = devices.len(), "import from a peer");
     Ok(Json(ImportResponse { devices }))
 }
@@ -332,7 +332,7 @@ async fn release(
     if state.registry.product(body.product_key.as_str()).is_none() {
         return Err(ApiError::not_found(format!("product {} not found", body.product_key)));
     }
-    let registry = state.registry.clone();
-    let devices = detached(async move { registry.release(body).await }).await?;
+    let cluster = state.cluster.clone();
+    let devices = detached(async move { cluster.release(body).await }).await?;
     Ok(Json(ReleaseResponse { devices }))
 }

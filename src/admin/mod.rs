@@ -1,6 +1,7 @@
 //! The admin HTTP API (API.md): products, devices and their messages under `/api/v1` behind a
 //! bearer token, plus `/healthz` and `/metrics` without one.
 
+mod clock;
 mod commands;
 mod devices;
 mod distribution;
@@ -30,6 +31,7 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 #[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
+    pub cluster: Arc<crate::cluster::Cluster>,
     pub webhooks: Arc<crate::northbound::Webhooks>,
     pub token: Arc<str>,
     pub metrics: Option<PrometheusHandle>,
@@ -45,6 +47,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(packages::routes())
         .merge(ota::routes())
         .merge(distribution::routes())
+        .merge(clock::routes())
         // Inside the token check: an unknown /api/v1 path without the token is 401, not 404.
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));

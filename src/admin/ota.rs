@@ -13,7 +13,7 @@ use super::AdminState;
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
 use crate::ota::package::PackageId;
-use crate::ota::task::{MAX_RETRIES, MAX_RETRY_INTERVAL_MIN, TaskId};
+use crate::ota::task::{MAX_RETRIES, MAX_RETRY_INTERVAL_MIN, UpgradeTaskId};
 use crate::ota::upgrade::Retry;
 use crate::registry::upgrades::TaskView;
 use crate::store::records::OtaProtocol;
@@ -67,7 +67,7 @@ async fn create(
     }
     let package_not_found = || ApiError::not_found(format!("package {} not found", body.package_id));
     let package_id = PackageId(body.package_id.parse().map_err(|_| package_not_found())?);
-    let package = registry.store().package(package_id)?.ok_or_else(package_not_found)?;
+    let package = crate::ota::stored::package(registry.store(), package_id)?.ok_or_else(package_not_found)?;
     let product = registry
         .product(package.product_key.as_str())
         .ok_or_else(|| ApiError::not_found(format!("product {} not found", package.product_key)))?;
@@ -96,12 +96,12 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, id).await?)))
 }
 
-fn task_id(raw: &str) -> Result<TaskId, ApiError> {
-    raw.parse().map(TaskId).map_err(|_| ApiError::not_found(format!("task {raw} not found")))
+fn task_id(raw: &str) -> Result<UpgradeTaskId, ApiError> {
+    raw.parse().map(UpgradeTaskId).map_err(|_| ApiError::not_found(format!("task {raw} not found")))
 }
 
 /// Reads every device's upgrade, off the async threads (a task may name many devices).
-async fn view(state: &AdminState, id: TaskId) -> Result<TaskView, ApiError> {
+async fn view(state: &AdminState, id: UpgradeTaskId) -> Result<TaskView, ApiError> {
     let registry = state.registry.clone();
     let view = tokio::task::spawn_blocking(move || registry.task_view(id))
         .await

@@ -14,7 +14,7 @@ use crate::clock::UnixMs;
 use crate::identity::ProductKey;
 use crate::ota::package::{self, DEFAULT_CHUNK_SIZE, MAX_CHUNKS, PackageId, PackageKind, PackageRecord};
 use crate::ota::pcp::Version;
-use crate::store::Op;
+use crate::ota::stored;
 
 /// The largest package PCP can carry: 65,535 chunks of 500 bytes.
 const MAX_PACKAGE_BYTES: usize = MAX_CHUNKS * 500;
@@ -98,8 +98,8 @@ async fn upload(
         sha256: hex::encode(Sha256::digest(&body)),
         created_at: UnixMs::now().0,
     };
-    let chunks = package::chunks(&body, chunk_size).map(<[u8]>::to_vec).collect();
-    state.registry.writer().commit([Op::PutPackage { record: record.clone(), chunks }]).await?;
+    let chunks: Vec<Vec<u8>> = package::chunks(&body, chunk_size).map(<[u8]>::to_vec).collect();
+    state.registry.writer().commit(stored::put_package(&record, &chunks)).await?;
     tracing::info!(package = record.id.0, product_key = %record.product_key, version = record.version, size = record.size, "package stored");
     Ok((StatusCode::CREATED, Json(record.into())))
 }
@@ -108,7 +108,7 @@ async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result
     let not_found = || ApiError::not_found(format!("package {id} not found"));
     let pid = PackageId(id.parse().map_err(|_| not_found())?);
     let store = state.registry.store().clone();
-    let record = tokio::task::spawn_blocking(move || store.package(pid))
+    let record = tokio::task::spawn_blocking(move || stored::package(&store, pid))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     Ok(Json(record.ok_or_else(not_found)?.into()))

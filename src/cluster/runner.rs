@@ -1,5 +1,5 @@
 //! Drives distribution tasks over HTTP: one worker per task with work, doing what
-//! [`Task::next`](super::task::Task::next) asks (send the product, move a chunk of devices, ask
+//! [`Distribution::next`](super::task::Distribution::next) asks (send the product, move a chunk of devices, ask
 //! the destination which moved devices came online), so a destination that is slow or down only
 //! holds up its own tasks. Also the operator's rollback, which asks the destination to give back
 //! devices that never connected there.
@@ -13,16 +13,17 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::task::{Changed, EntryStatus, PeerFailure, Policy, TaskId, TaskStatus, Work};
+use super::Cluster;
+use super::PeerApi;
+use super::distribution::{DistributionCell, task_ops};
+use super::task::{Changed, DistributionId, DistributionStatus, EntryStatus, PeerFailure, Policy, Work};
 use super::transfer::{
     ImportOutcome, ImportRequest, ImportResponse, ProductTransfer, ReleaseOutcome, ReleaseRequest, ReleaseResponse,
 };
-use super::{Home, PeerApi};
 use crate::clock::UnixMs;
 use crate::downlink::CommandId;
+use crate::identity::Home;
 use crate::identity::{DeviceName, InstanceName};
-use crate::registry::Registry;
-use crate::registry::distribution::{TaskCell, task_ops};
 use crate::store::Op;
 use crate::telemetry::metric;
 
@@ -31,15 +32,15 @@ const PAGE: usize = 1000;
 
 /// Runs a worker for every task with work until `stop` flips. Workers stopped mid-move leave
 /// their devices "leaving" in the store; the move is repeated at the next start.
-pub async fn supervise(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    let Some(mut runnable) = registry.distribution.take_runnable() else { return Ok(()) };
+pub async fn supervise(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let Some(mut runnable) = cluster.distribution.take_runnable() else { return Ok(()) };
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(registry.config.cluster.request_timeout_ms))
+        .timeout(Duration::from_millis(cluster.registry.config.cluster.request_timeout_ms))
         .build()
         .map_err(std::io::Error::other)?;
-    let mut running: HashMap<TaskId, Arc<TaskCell>> = HashMap::new();
+    let mut running: HashMap<DistributionId, Arc<DistributionCell>> = HashMap::new();
     let mut workers = JoinSet::new();
-    let mut worker_of: HashMap<tokio::task::Id, TaskId> = HashMap::new();
+    let mut worker_of: HashMap<tokio::task::Id, DistributionId> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.changed() => {
@@ -50,7 +51,7 @@ pub async fn supervise(registry: Arc<Registry>, mut stop: watch::Receiver<bool>)
                 let id = cell.lock().record.id;
                 if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(id) {
                     slot.insert(cell.clone());
-                    let handle = workers.spawn(work(registry.clone(), cell, client.clone()));
+                    let handle = workers.spawn(work(cluster.clone(), cell, client.clone()));
                     worker_of.insert(handle.id(), id);
                 }
             }
@@ -68,7 +69,7 @@ pub async fn supervise(registry: Arc<Registry>, mut stop: watch::Receiver<bool>)
                     && cell.lock().record.status.is_open()
                 {
                     running.insert(id, cell.clone());
-                    let handle = workers.spawn(work(registry.clone(), cell, client.clone()));
+                    let handle = workers.spawn(work(cluster.clone(), cell, client.clone()));
                     worker_of.insert(handle.id(), id);
                 }
             }
@@ -77,11 +78,11 @@ pub async fn supervise(registry: Arc<Registry>, mut stop: watch::Receiver<bool>)
 }
 
 /// Stores a step's changes (logged, not fatal: the task is in memory and retried).
-async fn store(registry: &Registry, ops: Vec<Op>) -> bool {
+async fn store(cluster: &Cluster, ops: Vec<Op>) -> bool {
     if ops.is_empty() {
         return true;
     }
-    match registry.writer().commit(ops).await {
+    match cluster.registry.writer().commit(ops).await {
         Ok(_) => true,
         Err(e) => {
             tracing::error!(error = %e, "could not store a distribution task's progress");
@@ -90,25 +91,25 @@ async fn store(registry: &Registry, ops: Vec<Op>) -> bool {
     }
 }
 
-async fn work(registry: Arc<Registry>, cell: Arc<TaskCell>, client: reqwest::Client) -> TaskId {
-    let cfg = &registry.config.cluster;
-    let nearest_peers = registry.cluster.nearest_peers();
+async fn work(cluster: Arc<Cluster>, cell: Arc<DistributionCell>, client: reqwest::Client) -> DistributionId {
+    let cfg = &cluster.registry.config.cluster;
+    let nearest_peers = cluster.peers.nearest_peers();
     loop {
         let now = UnixMs::now().0;
         let (id, work, ops) = {
             let mut task = cell.lock();
             let changed = task.advance(now);
-            let ops = registry.task_changes(&task, &changed);
+            let ops = cluster.task_changes(&task, &changed);
             (task.record.id, task.next(now, cfg.import_chunk, cfg.poll_s * 1000, &nearest_peers), ops)
         };
-        if !store(&registry, ops).await {
+        if !store(&cluster, ops).await {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         match work {
-            Work::SendProduct(instances) => send_product(&registry, &cell, &client, instances).await,
-            Work::Move { instance, entries } => move_devices(&registry, &cell, &client, instance, entries).await,
-            Work::Poll { instance, entries } => poll(&registry, &cell, &client, instance, entries).await,
+            Work::SendProduct(instances) => send_product(&cluster, &cell, &client, instances).await,
+            Work::Move { instance, entries } => move_devices(&cluster, &cell, &client, instance, entries).await,
+            Work::Poll { instance, entries } => poll(&cluster, &cell, &client, instance, entries).await,
             Work::Wait(until) => {
                 if !cell.lock().record.status.is_open() {
                     return id;
@@ -154,41 +155,47 @@ async fn call<T: DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| PeerFailure::Unknown(format!("{url} answered unreadably: {e}")))
 }
 
-fn peer_api(registry: &Registry, instance: &InstanceName) -> Result<PeerApi, PeerFailure> {
-    registry
-        .cluster
+fn peer_api(cluster: &Cluster, instance: &InstanceName) -> Result<PeerApi, PeerFailure> {
+    cluster
+        .peers
         .peer(instance)
         .map(|p| p.api.clone())
         .ok_or_else(|| PeerFailure::NotDelivered(format!("instance {instance} is not a configured peer")))
 }
 
-fn product_of(registry: &Registry, cell: &TaskCell) -> Result<ProductTransfer, PeerFailure> {
+fn product_of(cluster: &Cluster, cell: &DistributionCell) -> Result<ProductTransfer, PeerFailure> {
     let pk = cell.lock().record.product_key.clone();
-    registry
+    cluster
+        .registry
         .product(pk.as_str())
         .map(|p| ProductTransfer::from(&*p))
         .ok_or_else(|| PeerFailure::NotDelivered(format!("product {pk} no longer exists here")))
 }
 
 async fn import(
-    registry: &Registry,
+    cluster: &Cluster,
     client: &reqwest::Client,
     instance: &InstanceName,
     req: &ImportRequest,
 ) -> Result<ImportResponse, PeerFailure> {
-    let api = peer_api(registry, instance)?;
+    let api = peer_api(cluster, instance)?;
     call(client, &api, reqwest::Method::POST, "/api/v1/distribution/imports", Some(req)).await
 }
 
-async fn send_product(registry: &Registry, cell: &TaskCell, client: &reqwest::Client, instances: Vec<InstanceName>) {
-    let mut result = product_of(registry, cell).map(|product| ImportRequest {
-        source: registry.cluster.name.clone(),
+async fn send_product(
+    cluster: &Cluster,
+    cell: &DistributionCell,
+    client: &reqwest::Client,
+    instances: Vec<InstanceName>,
+) {
+    let mut result = product_of(cluster, cell).map(|product| ImportRequest {
+        source: cluster.peers.name.clone(),
         product,
         devices: Vec::new(),
     });
     if let Ok(req) = &result {
         for instance in &instances {
-            if let Err(f) = import(registry, client, instance, req).await {
+            if let Err(f) = import(cluster, client, instance, req).await {
                 result = Err(f);
                 break;
             }
@@ -200,16 +207,16 @@ async fn send_product(registry: &Registry, cell: &TaskCell, client: &reqwest::Cl
     let ops = {
         let mut task = cell.lock();
         let changed = task.apply_product(result.map(|_| ()), UnixMs::now().0);
-        registry.task_changes(&task, &changed)
+        cluster.task_changes(&task, &changed)
     };
-    store(registry, ops).await;
+    store(cluster, ops).await;
 }
 
 /// Moves a chunk: the devices are marked leaving (durably) before the destination hears of them,
 /// so they are never served in two places.
 async fn move_devices(
-    registry: &Registry,
-    cell: &TaskCell,
+    cluster: &Cluster,
+    cell: &DistributionCell,
     client: &reqwest::Client,
     instance: InstanceName,
     entries: Vec<usize>,
@@ -221,15 +228,15 @@ async fn move_devices(
         // Under the task's lock, so an operator's pause or cancel since `next` is honoured and a
         // cancel cannot slip in before the entries say they are moving.
         let mut task = cell.lock();
-        if task.record.status != TaskStatus::InProgress {
+        if task.record.status != DistributionStatus::InProgress {
             return;
         }
         for i in entries {
             if !matches!(task.entries[i].status, EntryStatus::Pending | EntryStatus::Moving) {
                 continue;
             }
-            let device = registry.device_by_id(task.entries[i].device);
-            match device.and_then(|d| registry.begin_leaving(&d, leaving_for.clone()).map(|l| (d, l))) {
+            let device = cluster.registry.device_by_id(task.entries[i].device);
+            match device.and_then(|d| cluster.begin_leaving(&d, leaving_for.clone()).map(|l| (d, l))) {
                 Some((device, leaving)) => {
                     ops.extend(leaving.ops);
                     let sent: Vec<CommandId> = leaving.transfer.commands.iter().map(|c| c.id).collect();
@@ -243,31 +250,31 @@ async fn move_devices(
         let mut changed = task.set(&moving_idx, EntryStatus::Moving, Some(&instance), None, now);
         let failed = task.set(&gone, EntryStatus::Failed, None, Some("deleted, or no longer served here"), now);
         changed.entries.extend(failed.entries);
-        ops.extend(registry.task_changes(&task, &changed));
+        ops.extend(cluster.task_changes(&task, &changed));
     }
     let moving_idx: Vec<usize> = moving.iter().map(|(i, ..)| *i).collect();
     // Devices an earlier attempt may have delivered: only the destination's answer settles them.
     let (uncertain, fresh): (Vec<_>, Vec<_>) = moving.iter().partition(|(_, _, resumed, _)| *resumed);
     let uncertain_idx: Vec<usize> = uncertain.iter().map(|(i, ..)| *i).collect();
     let fresh_idx: Vec<usize> = fresh.iter().map(|(i, ..)| *i).collect();
-    if !store(registry, ops).await {
-        let mut ops: Vec<Op> = fresh.iter().flat_map(|(_, d, ..)| registry.abort_leaving(d, &leaving_for)).collect();
+    if !store(cluster, ops).await {
+        let mut ops: Vec<Op> = fresh.iter().flat_map(|(_, d, ..)| cluster.abort_leaving(d, &leaving_for)).collect();
         {
             let mut task = cell.lock();
             let failure = PeerFailure::NotDelivered("the move could not be stored here".into());
             let changed = task.apply_move_failure(&fresh_idx, &uncertain_idx, &failure, now);
-            ops.extend(registry.task_changes(&task, &changed));
+            ops.extend(cluster.task_changes(&task, &changed));
         }
-        store(registry, ops).await;
+        store(cluster, ops).await;
         return;
     }
     if moving.is_empty() {
         return;
     }
-    let result = match product_of(registry, cell) {
+    let result = match product_of(cluster, cell) {
         Ok(product) => {
-            let req = ImportRequest { source: registry.cluster.name.clone(), product, devices: transfers };
-            import(registry, client, &instance, &req).await
+            let req = ImportRequest { source: cluster.peers.name.clone(), product, devices: transfers };
+            import(cluster, client, &instance, &req).await
         }
         Err(f) => Err(f),
     };
@@ -281,7 +288,7 @@ async fn move_devices(
             let mut unsettled = Vec::new();
             for (i, device, _, sent) in &moving {
                 let (finished, moved) = match answers.get(&device.device_name) {
-                    Some(answer) => registry.finish_leaving(device, &instance, sent, answer),
+                    Some(answer) => cluster.finish_leaving(device, &instance, sent, answer),
                     None => (Vec::new(), false),
                 };
                 ops.extend(finished);
@@ -310,7 +317,7 @@ async fn move_devices(
             }
             changed.record = true;
             tracing::info!(task = %task.record.id, %instance, devices = moving.len(), "devices moved");
-            ops.extend(registry.task_changes(&task, &changed));
+            ops.extend(cluster.task_changes(&task, &changed));
         }
         Err(failure) => {
             tracing::warn!(%instance, error = failure.message(), "a distribution move failed");
@@ -319,7 +326,7 @@ async fn move_devices(
             let (fresh_idx, uncertain_idx) = match failure {
                 PeerFailure::NotDelivered(_) => {
                     for (_, device, ..) in &fresh {
-                        ops.extend(registry.abort_leaving(device, &leaving_for));
+                        ops.extend(cluster.abort_leaving(device, &leaving_for));
                     }
                     metrics::counter!(metric::DISTRIBUTED, "result" => "failed").increment(fresh.len() as u64);
                     (fresh_idx, uncertain_idx)
@@ -328,22 +335,22 @@ async fn move_devices(
             };
             let mut task = cell.lock();
             let changed = task.apply_move_failure(&fresh_idx, &uncertain_idx, &failure, now);
-            ops.extend(registry.task_changes(&task, &changed));
+            ops.extend(cluster.task_changes(&task, &changed));
         }
     }
-    store(registry, ops).await;
+    store(cluster, ops).await;
 }
 
 /// The names among `wanted` that the instance has seen online (a device it holds that has a
 /// last contact).
 async fn seen_at(
-    registry: &Registry,
+    cluster: &Cluster,
     client: &reqwest::Client,
     instance: &InstanceName,
     product_key: &str,
     wanted: &HashSet<DeviceName>,
 ) -> Result<HashSet<DeviceName>, PeerFailure> {
-    let api = peer_api(registry, instance)?;
+    let api = peer_api(cluster, instance)?;
     let mut seen = HashSet::new();
     let mut after = String::new();
     loop {
@@ -365,8 +372,8 @@ async fn seen_at(
 }
 
 async fn poll(
-    registry: &Registry,
-    cell: &TaskCell,
+    cluster: &Cluster,
+    cell: &DistributionCell,
     client: &reqwest::Client,
     instance: InstanceName,
     entries: Vec<usize>,
@@ -375,7 +382,7 @@ async fn poll(
         let task = cell.lock();
         (task.record.product_key.clone(), entries.iter().map(|&i| task.entries[i].device_name.clone()).collect())
     };
-    let result = seen_at(registry, client, &instance, product_key.as_str(), &wanted).await;
+    let result = seen_at(cluster, client, &instance, product_key.as_str(), &wanted).await;
     let now = UnixMs::now().0;
     let ops = {
         let mut task = cell.lock();
@@ -384,7 +391,7 @@ async fn poll(
                 let idx: Vec<usize> =
                     entries.into_iter().filter(|&i| seen.contains(&task.entries[i].device_name)).collect();
                 let changed = task.apply_seen(&idx, now);
-                registry.task_changes(&task, &changed)
+                cluster.task_changes(&task, &changed)
             }
             Err(f) => {
                 // Asked again after the poll interval; not a reason to fail the task.
@@ -394,7 +401,7 @@ async fn poll(
             }
         }
     };
-    store(registry, ops).await;
+    store(cluster, ops).await;
 }
 
 /// What a rollback did.
@@ -409,18 +416,21 @@ pub struct Rollback {
 /// Pauses the task and takes back its moved devices that never connected at the destination:
 /// the destination stops serving them and describes them, this instance stores them, and only
 /// then does the destination forget them. Run again, it finishes what an interrupted run left.
-pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, PeerFailure> {
+pub async fn rollback(cluster: &Cluster, cell: &DistributionCell) -> Result<Rollback, PeerFailure> {
     let (instance, product_key, moved, taken_back, paused) = {
         let mut task = cell.lock();
         let Policy::Specified(instance) = task.record.policy.clone() else {
             return Err(PeerFailure::NotDelivered("only a task with the specified policy can be rolled back".into()));
         };
-        if task.record.status == TaskStatus::InProgress || task.record.status == TaskStatus::Initializing {
-            task.record.status = TaskStatus::Paused;
+        if task.record.status == DistributionStatus::InProgress
+            || task.record.status == DistributionStatus::Initializing
+        {
+            task.record.status = DistributionStatus::Paused;
         }
         // Where each device lives is the truth, whatever an interrupted run recorded.
         let elsewhere = |i: usize| {
-            registry
+            cluster
+                .registry
                 .device_by_id(task.entries[i].device)
                 .is_some_and(|d| d.state().home == Home::Moved(instance.clone()))
         };
@@ -429,7 +439,7 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
             .map(|i| (i, task.entries[i].device_name.clone()))
             .collect();
         // Taken back by an earlier run (and stored here): the destination may forget them.
-        let here = |d| registry.device_by_id(d).is_some_and(|d| d.state().home.is_here());
+        let here = |d| cluster.registry.device_by_id(d).is_some_and(|d| d.state().home.is_here());
         let taken_back: Vec<DeviceName> = task
             .entries
             .iter()
@@ -439,15 +449,15 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
         let paused = task_ops(&task, &Changed { record: true, entries: Vec::new() });
         (instance, task.record.product_key.clone(), moved, taken_back, paused)
     };
-    store(registry, paused).await;
+    store(cluster, paused).await;
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(registry.config.cluster.request_timeout_ms))
+        .timeout(Duration::from_millis(cluster.registry.config.cluster.request_timeout_ms))
         .build()
         .map_err(|e| PeerFailure::NotDelivered(e.to_string()))?;
-    let api = peer_api(registry, &instance)?;
+    let api = peer_api(cluster, &instance)?;
     let release = |device_names: Vec<DeviceName>, confirm: bool| {
         let req = ReleaseRequest {
-            source: registry.cluster.name.clone(),
+            source: cluster.peers.name.clone(),
             product_key: product_key.clone(),
             device_names,
             confirm,
@@ -459,11 +469,11 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
         }
     };
     // What an earlier run took back but could not tell the destination to forget.
-    for chunk in taken_back.chunks(registry.config.cluster.import_chunk) {
+    for chunk in taken_back.chunks(cluster.registry.config.cluster.import_chunk) {
         release(chunk.to_vec(), true).await?;
     }
     let mut summary = Rollback::default();
-    for chunk in moved.chunks(registry.config.cluster.import_chunk) {
+    for chunk in moved.chunks(cluster.registry.config.cluster.import_chunk) {
         let response = release(chunk.iter().map(|(_, n)| n.clone()).collect(), false).await?;
         let index: HashMap<&DeviceName, usize> = chunk.iter().map(|(i, n)| (n, *i)).collect();
         let (mut back, mut stayed, mut gone) = (Vec::new(), Vec::new(), Vec::new());
@@ -475,10 +485,10 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
                 _ => gone.push(i),
             }
         }
-        let product = product_of(registry, cell)?;
+        let product = product_of(cluster, cell)?;
         let returning: Vec<usize> = back.iter().map(|(i, _)| *i).collect();
         let devices = back.into_iter().map(|(_, d)| d).collect();
-        let results = registry
+        let results = cluster
             .import(ImportRequest { source: instance.clone(), product, devices })
             .await
             .map_err(|e| PeerFailure::Unknown(format!("taking the devices back failed here: {e}")))?;
@@ -506,7 +516,7 @@ pub async fn rollback(registry: &Registry, cell: &TaskCell) -> Result<Rollback, 
             task.record.updated_at = now;
             task_ops(&task, &changed)
         };
-        store(registry, ops).await;
+        store(cluster, ops).await;
         if !confirmed.is_empty() {
             release(confirmed, true).await?;
         }

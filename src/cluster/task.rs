@@ -1,19 +1,18 @@
 //! A distribution task (seed 000 "distribution tasks", seed 001 grayscale migration): which
 //! devices of a product go where, in which batches, and how far each got. Pure state: the runner
-//! asks [`Task::next`] what to do, does it over HTTP, and reports back through the `apply_*`
+//! asks [`Distribution::next`] what to do, does it over HTTP, and reports back through the `apply_*`
 //! methods; every change it makes is returned as the records to store.
 
 use serde::{Deserialize, Serialize};
 
-use super::Home;
-use crate::identity::{DeviceId, DeviceName, InstanceName, ProductKey};
+use crate::identity::{DeviceId, DeviceName, Home, InstanceName, ProductKey};
 
 /// Identifies a distribution task instance-wide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct TaskId(pub u64);
+pub struct DistributionId(pub u64);
 
-impl std::fmt::Display for TaskId {
+impl std::fmt::Display for DistributionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)
     }
@@ -53,7 +52,7 @@ pub enum OnTimeout {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum TaskStatus {
+pub enum DistributionStatus {
     /// The product is not yet at the destination.
     Initializing,
     InProgress,
@@ -65,17 +64,17 @@ pub enum TaskStatus {
     Canceled,
 }
 
-impl TaskStatus {
+impl DistributionStatus {
     /// Whether the task still holds its devices (they cannot join another task).
     pub fn is_open(self) -> bool {
-        !matches!(self, TaskStatus::Completed | TaskStatus::Canceled)
+        !matches!(self, DistributionStatus::Completed | DistributionStatus::Canceled)
     }
 }
 
 /// The task itself, stored apart from its devices' entries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskRecord {
-    pub id: TaskId,
+pub struct DistributionRecord {
+    pub id: DistributionId,
     pub product_key: ProductKey,
     pub policy: Policy,
     /// Devices per batch (grayscale); the whole task is one batch when it is the device count.
@@ -83,7 +82,7 @@ pub struct TaskRecord {
     pub gate: Gate,
     pub batch_timeout_s: Option<u64>,
     pub on_timeout: OnTimeout,
-    pub status: TaskStatus,
+    pub status: DistributionStatus,
     pub error: Option<String>,
     /// The batch being moved or waited on (0-based).
     pub batch: u32,
@@ -141,7 +140,7 @@ impl EntryStatus {
 /// One device's progress in a task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
-    pub task: TaskId,
+    pub task: DistributionId,
     pub device: DeviceId,
     pub device_name: DeviceName,
     pub batch: u32,
@@ -185,8 +184,8 @@ impl PeerFailure {
 
 /// A task with its entries, in batch order.
 #[derive(Debug, Clone)]
-pub struct Task {
-    pub record: TaskRecord,
+pub struct Distribution {
+    pub record: DistributionRecord,
     pub entries: Vec<Entry>,
 }
 
@@ -197,9 +196,9 @@ pub struct Changed {
     pub entries: Vec<usize>,
 }
 
-impl Task {
+impl Distribution {
     /// A new task over `devices` (already in their batch order).
-    pub fn new(record: TaskRecord, devices: Vec<(DeviceId, DeviceName)>) -> Task {
+    pub fn new(record: DistributionRecord, devices: Vec<(DeviceId, DeviceName)>) -> Distribution {
         let size = record.batch_size.max(1);
         let entries = devices
             .into_iter()
@@ -215,7 +214,7 @@ impl Task {
                 updated_at: record.created_at,
             })
             .collect();
-        Task { record, entries }
+        Distribution { record, entries }
     }
 
     pub fn index_of(&self, device: DeviceId) -> Option<usize> {
@@ -226,14 +225,17 @@ impl Task {
     pub fn next(&self, now: u64, chunk: usize, poll_ms: u64, nearest_peers: &[InstanceName]) -> Work {
         let r = &self.record;
         match r.status {
-            TaskStatus::Initializing => {
+            DistributionStatus::Initializing => {
                 return Work::SendProduct(match &r.policy {
                     Policy::Specified(i) => vec![i.clone()],
                     Policy::Nearest => nearest_peers.to_vec(),
                 });
             }
-            TaskStatus::InProgress => {}
-            TaskStatus::Paused | TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Canceled => {
+            DistributionStatus::InProgress => {}
+            DistributionStatus::Paused
+            | DistributionStatus::Completed
+            | DistributionStatus::Failed
+            | DistributionStatus::Canceled => {
                 return Work::Wait(None);
             }
         }
@@ -294,10 +296,10 @@ impl Task {
 
     /// Moves the task on where nothing external is awaited: finished batches open the next one
     /// when their gate allows, a task whose devices are all settled completes. Call after every
-    /// step and before asking [`Task::next`].
+    /// step and before asking [`Distribution::next`].
     pub fn advance(&mut self, now: u64) -> Changed {
         let mut changed = Changed::default();
-        if self.record.status != TaskStatus::InProgress {
+        if self.record.status != DistributionStatus::InProgress {
             return changed;
         }
         loop {
@@ -315,7 +317,7 @@ impl Task {
                 let unsettled =
                     self.entries.iter().any(|e| matches!(e.status, EntryStatus::Pending | EntryStatus::Moving));
                 if !unsettled {
-                    self.record.status = TaskStatus::Completed;
+                    self.record.status = DistributionStatus::Completed;
                     changed.record = true;
                 }
                 break;
@@ -330,7 +332,7 @@ impl Task {
             if !(open_gate || carry_on) {
                 if timed_out {
                     let waited = r.batch_timeout_s.unwrap_or(0);
-                    self.record.status = TaskStatus::Paused;
+                    self.record.status = DistributionStatus::Paused;
                     self.record.error = Some(format!("batch {} was not let through within {waited} s", batch + 1));
                     changed.record = true;
                 }
@@ -351,8 +353,8 @@ impl Task {
     pub fn apply_product(&mut self, result: Result<(), PeerFailure>, now: u64) -> Changed {
         match result {
             // An operator's pause while the product was on its way stands.
-            Ok(()) if self.record.status == TaskStatus::Initializing => {
-                self.record.status = TaskStatus::InProgress;
+            Ok(()) if self.record.status == DistributionStatus::Initializing => {
+                self.record.status = DistributionStatus::InProgress;
                 self.record.error = None;
             }
             Ok(()) => {}
@@ -363,7 +365,7 @@ impl Task {
     }
 
     fn fail(&mut self, error: String) {
-        self.record.status = TaskStatus::Failed;
+        self.record.status = DistributionStatus::Failed;
         self.record.error = Some(error);
     }
 
@@ -426,7 +428,7 @@ impl Task {
         let pending: Vec<usize> =
             (0..self.entries.len()).filter(|&i| self.entries[i].status == EntryStatus::Pending).collect();
         let mut changed = self.set(&pending, EntryStatus::Canceled, None, None, now);
-        self.record.status = TaskStatus::Canceled;
+        self.record.status = DistributionStatus::Canceled;
         self.record.updated_at = now;
         changed.record = true;
         Some(changed)
@@ -461,8 +463,8 @@ impl Task {
         if let Some(b) = first_batch {
             self.record.batch = self.record.batch.min(b);
         }
-        if self.record.status != TaskStatus::Paused {
-            self.record.status = TaskStatus::Initializing;
+        if self.record.status != DistributionStatus::Paused {
+            self.record.status = DistributionStatus::Initializing;
         }
         // Moves asked again after a back-off are asked now.
         self.record.attempts = 0;
@@ -493,17 +495,23 @@ impl Task {
 mod tests {
     use super::*;
 
-    fn task(devices: usize, batch_size: usize, gate: Gate, timeout: Option<u64>, on_timeout: OnTimeout) -> Task {
+    fn task(
+        devices: usize,
+        batch_size: usize,
+        gate: Gate,
+        timeout: Option<u64>,
+        on_timeout: OnTimeout,
+    ) -> Distribution {
         let b = InstanceName::new("b").unwrap();
-        let record = TaskRecord {
-            id: TaskId(1),
+        let record = DistributionRecord {
+            id: DistributionId(1),
             product_key: ProductKey::new("p").unwrap(),
             policy: Policy::Specified(b),
             batch_size,
             gate,
             batch_timeout_s: timeout,
             on_timeout,
-            status: TaskStatus::Initializing,
+            status: DistributionStatus::Initializing,
             error: None,
             batch: 0,
             batches: devices.div_ceil(batch_size) as u32,
@@ -516,7 +524,7 @@ mod tests {
         };
         let devices =
             (0..devices).map(|i| (DeviceId(i as u64 + 1), DeviceName::new(format!("d{i}")).unwrap())).collect();
-        Task::new(record, devices)
+        Distribution::new(record, devices)
     }
 
     fn b() -> InstanceName {
@@ -524,7 +532,7 @@ mod tests {
     }
 
     /// Moves whatever `next` asks to move, successfully.
-    fn move_all(t: &mut Task, now: u64) {
+    fn move_all(t: &mut Distribution, now: u64) {
         while let Work::Move { instance, entries } = t.next(now, 2, 1000, &[]) {
             t.set(&entries, EntryStatus::Moved, Some(&instance), None, now);
             t.advance(now);
@@ -552,7 +560,7 @@ mod tests {
         t.advance(4000);
         assert_eq!(t.record.batch, 2);
         move_all(&mut t, 5000);
-        assert_eq!(t.record.status, TaskStatus::Completed, "the last batch needs no gate");
+        assert_eq!(t.record.status, DistributionStatus::Completed, "the last batch needs no gate");
     }
 
     #[test]
@@ -565,15 +573,15 @@ mod tests {
         t.advance(0);
         assert_eq!(t.next(0, 2, 1000, &[]), Work::Wait(Some(60_000)));
         t.advance(59_999);
-        assert_eq!(t.record.status, TaskStatus::InProgress);
+        assert_eq!(t.record.status, DistributionStatus::InProgress);
         t.advance(60_000);
-        assert_eq!(t.record.status, TaskStatus::Paused);
+        assert_eq!(t.record.status, DistributionStatus::Paused);
 
         let mut t = task(4, 2, Gate::Confirm, Some(60), OnTimeout::Continue);
         t.apply_product(Ok(()), 0);
         move_all(&mut t, 0);
         t.advance(60_000);
-        assert_eq!((t.record.batch, t.record.status), (1, TaskStatus::InProgress));
+        assert_eq!((t.record.batch, t.record.status), (1, DistributionStatus::InProgress));
 
         let mut t = task(4, 2, Gate::Confirm, None, OnTimeout::Pause);
         t.apply_product(Ok(()), 0);
@@ -592,7 +600,7 @@ mod tests {
         assert_eq!(entries, vec![0, 1]);
         t.set(&entries, EntryStatus::Moving, Some(&b()), None, 0);
         t.apply_move_failure(&entries, &[], &PeerFailure::NotDelivered("connection refused".into()), 1);
-        assert_eq!(t.record.status, TaskStatus::Failed);
+        assert_eq!(t.record.status, DistributionStatus::Failed);
         assert_eq!(t.next(2, 2, 1000, &[]), Work::Wait(None));
         let changed = t.retry(|_| Home::Here, 3);
         assert_eq!(changed.entries, vec![0, 1]);
@@ -600,7 +608,7 @@ mod tests {
         t.apply_product(Ok(()), 3);
         assert_eq!(t.next(3, 2, 1000, &[]), Work::Move { instance: b(), entries: vec![0, 1] });
         move_all(&mut t, 4);
-        assert_eq!(t.record.status, TaskStatus::Completed);
+        assert_eq!(t.record.status, DistributionStatus::Completed);
         assert_eq!(t.counts().get("moved"), Some(&3));
     }
 
@@ -612,7 +620,7 @@ mod tests {
         assert_eq!(t.next(0, 2, 1000, &[]), Work::Move { instance: b(), entries: vec![2] });
         let failure = PeerFailure::Unknown("timed out".into());
         t.apply_move_failure(&[], &[2], &failure, 1);
-        assert_eq!((t.record.status, t.entries[2].status), (TaskStatus::InProgress, EntryStatus::Moving));
+        assert_eq!((t.record.status, t.entries[2].status), (DistributionStatus::InProgress, EntryStatus::Moving));
         assert_eq!(t.next(2, 2, 1000, &[]), Work::Wait(Some(2001)), "asked again after a back-off");
         t.apply_move_failure(&[], &[2], &failure, 2001);
         assert_eq!(t.next(2002, 2, 1000, &[]), Work::Wait(Some(6001)), "which doubles");

@@ -8,6 +8,7 @@ pub mod refusal;
 use std::sync::Arc;
 
 use crate::clock::Now;
+use crate::cluster::Cluster;
 use crate::coap::message::Code;
 use crate::coap::resource::{self, Effects, ExchangeKey, Reply, Request, Resources};
 use crate::identity::DeviceId;
@@ -30,9 +31,9 @@ pub struct DeviceFacing {
 }
 
 impl DeviceFacing {
-    pub fn new(registry: Arc<Registry>, route: Route) -> DeviceFacing {
+    pub fn new(registry: Arc<Registry>, cluster: Arc<Cluster>, route: Route) -> DeviceFacing {
         let huawei = (route.family != PortFamily::Aes).then(|| Huawei::new(registry.clone(), route));
-        DeviceFacing { alibaba: Alibaba::new(registry, route), huawei }
+        DeviceFacing { alibaba: Alibaba::new(registry, cluster, route), huawei }
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod command;
 pub mod queue;
+pub mod stored;
 
 pub use command::{CommandId, CommandRecord, CommandStatus, CommandView, SendStrategy};
 pub use queue::{CancelError, Queue, QueueFull, Settlement};

@@ -11,10 +11,11 @@ use sha2::Sha256;
 use tokio::sync::watch;
 
 use super::event::Stored;
+use super::stored;
 use super::webhooks::{WebhookRecord, Webhooks};
 use crate::clock::UnixMs;
 use crate::config::WebhooksConfig;
-use crate::store::{Op, Store, Writer};
+use crate::store::{Store, Writer};
 use crate::telemetry::metric;
 
 #[derive(Debug, Clone)]
@@ -73,15 +74,15 @@ impl Task {
         let mut committed = self.writer.events();
         loop {
             let (store, after) = (self.store.clone(), self.cursor);
-            let (events, last) = match tokio::task::spawn_blocking(move || store.events_after(after, READ_BATCH)).await
-            {
-                Ok(Ok(read)) => read,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot read the webhook outbox");
-                    (Vec::new(), None)
-                }
-                Err(_) => return,
-            };
+            let (events, last) =
+                match tokio::task::spawn_blocking(move || stored::events_after(&store, after, READ_BATCH)).await {
+                    Ok(Ok(read)) => read,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot read the webhook outbox");
+                        (Vec::new(), None)
+                    }
+                    Err(_) => return,
+                };
             let Some(last) = last else {
                 tokio::select! {
                     _ = deleted.changed() => return,
@@ -111,7 +112,7 @@ impl Task {
                 return;
             }
             self.cursor = last;
-            self.writer.record([Op::WebhookCursor { webhook: self.hook.id, delivered: last }]);
+            self.writer.record([stored::cursor(self.hook.id, last)]);
             match self.hooks.upgrade() {
                 Some(hooks) => hooks.advanced(self.hook.id, last),
                 None => return,

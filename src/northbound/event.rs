@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixMs;
 use crate::identity::{DeviceId, DeviceName, ProductKey};
-use crate::store::MessageId;
 use crate::store::records::MessageRecord;
+use crate::store::{MessageId, OutboxEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -59,13 +59,6 @@ impl Wanted {
     }
 }
 
-/// Names the device an uplink event is about (the store knows devices only by number).
-#[derive(Debug, Clone)]
-pub struct EventSource {
-    pub product_key: ProductKey,
-    pub device_name: DeviceName,
-}
-
 /// An event to append; the writer gives it its id.
 #[derive(Debug)]
 pub struct Event {
@@ -76,9 +69,9 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
-impl Event {
-    /// The outbox record for this event under `id`.
-    pub fn encode(&self, id: u64) -> Vec<u8> {
+/// The outbox record for this event under `id`.
+impl OutboxEvent for Event {
+    fn encode(&self, id: u64) -> Vec<u8> {
         let body = serde_json::json!({
             "event_id": id.to_string(),
             "event": self.kind.as_str(),
@@ -95,9 +88,16 @@ impl Event {
     }
 }
 
-/// The outbox record of an uplink event: it names the stored message.
-pub fn uplink_record(source: &EventSource, device: DeviceId, message: MessageId, received_at: UnixMs) -> Vec<u8> {
-    let (pk, dn) = (source.product_key.as_str(), source.device_name.as_str());
+/// The outbox record of an uplink event: it names the stored message, and the device (which the
+/// store knows only by number) by its names.
+pub fn uplink_record(
+    product_key: &ProductKey,
+    device_name: &DeviceName,
+    device: DeviceId,
+    message: MessageId,
+    received_at: UnixMs,
+) -> Vec<u8> {
+    let (pk, dn) = (product_key.as_str(), device_name.as_str());
     let mut out = Vec::with_capacity(26 + pk.len() + dn.len());
     out.push(EventKind::Uplink as u8);
     out.extend_from_slice(&received_at.0.to_le_bytes());
@@ -183,8 +183,7 @@ mod tests {
         assert_eq!(body["event"], "command_status");
         assert_eq!(body["time"], "2026-11-23T09:30:40.123Z");
         assert_eq!(body["data"]["status"], "SENT");
-        let source = EventSource { product_key: e.product_key.clone(), device_name: e.device_name.clone() };
-        let record = uplink_record(&source, DeviceId(3), MessageId(9), e.time);
+        let record = uplink_record(&e.product_key, &e.device_name, DeviceId(3), MessageId(9), e.time);
         let expected = Record::Uplink {
             device: DeviceId(3),
             message: MessageId(9),

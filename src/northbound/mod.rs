@@ -4,7 +4,8 @@
 
 pub mod delivery;
 pub mod event;
+pub mod stored;
 pub mod webhooks;
 
-pub use event::{Event, EventKind, EventSource, Wanted};
+pub use event::{Event, EventKind, Wanted};
 pub use webhooks::{WebhookId, WebhookRecord, Webhooks};

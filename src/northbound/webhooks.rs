@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::delivery::{self, DeliveryConfig};
-use super::event::EventKind;
+use super::event::{EventKind, Wanted};
+use super::stored;
 use crate::clock::UnixMs;
-use crate::store::{Op, Store, StoreError, Writer};
+use crate::store::{Store, StoreError, Writer};
+use crate::sync::lock;
 
 /// Events delivered to every subscriber before the outbox is trimmed.
 const TRIM_STEP: u64 = 4096;
@@ -41,6 +43,8 @@ struct Running {
 pub struct Webhooks {
     store: Store,
     writer: Writer,
+    /// Told which event kinds the running subscriptions want.
+    wanted: Arc<Wanted>,
     config: DeliveryConfig,
     client: reqwest::Client,
     shutdown: watch::Receiver<bool>,
@@ -54,6 +58,7 @@ impl Webhooks {
     pub fn start(
         store: Store,
         writer: Writer,
+        wanted: Arc<Wanted>,
         config: DeliveryConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Webhooks>, StoreError> {
@@ -62,10 +67,11 @@ impl Webhooks {
             .user_agent(concat!("nbhub/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| StoreError::Rocks(format!("cannot build the webhook HTTP client: {e}")))?;
-        let loaded = store.webhooks()?;
+        let loaded = stored::webhooks(&store)?;
         let hooks = Arc::new(Webhooks {
             store,
             writer,
+            wanted,
             config,
             client,
             shutdown,
@@ -85,7 +91,7 @@ impl Webhooks {
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<WebhookId, Running>> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.running)
     }
 
     /// Counts a subscription (for trimming and for the event kinds written) before its task runs.
@@ -114,7 +120,7 @@ impl Webhooks {
     /// What is appended to the outbox follows the subscriptions; set under their lock, so
     /// concurrent changes cannot leave a stale set behind.
     fn update_wanted(&self, running: &HashMap<WebhookId, Running>) {
-        self.writer.wanted().set(running.values().flat_map(|r| r.record.events.clone()));
+        self.wanted.set(running.values().flat_map(|r| r.record.events.clone()));
     }
 
     /// Subscribes `url` to `events` from now on.
@@ -130,9 +136,7 @@ impl Webhooks {
         // commit so no trim meanwhile can pass its cursor.
         let cursor = *self.writer.events().borrow();
         self.register(record.clone(), cursor);
-        let commit = self
-            .writer
-            .commit([Op::PutWebhook((*record).clone()), Op::WebhookCursor { webhook: id, delivered: cursor }]);
+        let commit = self.writer.commit([stored::put_webhook(&record), stored::cursor(id, cursor)]);
         if let Err(e) = commit.await {
             let mut running = self.running();
             running.remove(&id);
@@ -152,7 +156,7 @@ impl Webhooks {
             }
             self.update_wanted(&running);
         }
-        self.writer.commit([Op::DeleteWebhook(id)]).await?;
+        self.writer.commit(stored::delete_webhook(id)).await?;
         self.trim();
         Ok(true)
     }
@@ -185,10 +189,10 @@ impl Webhooks {
                 None => (*self.writer.events().borrow() + 1, false),
             }
         };
-        let mut trimmed = self.trimmed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut trimmed = lock(&self.trimmed);
         if below > *trimmed && (below - *trimmed >= TRIM_STEP || !subscribed) {
             *trimmed = below;
-            self.writer.record([Op::TrimOutbox { below }]);
+            self.writer.record([stored::trim_outbox(below)]);
         }
     }
 }

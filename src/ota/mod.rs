@@ -5,5 +5,6 @@
 pub mod coverage;
 pub mod package;
 pub mod pcp;
+pub mod stored;
 pub mod task;
 pub mod upgrade;

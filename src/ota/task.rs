@@ -9,9 +9,9 @@ use crate::identity::{DeviceId, DeviceName, ProductKey};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct TaskId(pub u64);
+pub struct UpgradeTaskId(pub u64);
 
-impl std::fmt::Display for TaskId {
+impl std::fmt::Display for UpgradeTaskId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)
     }
@@ -22,8 +22,8 @@ pub const MAX_RETRIES: u8 = 5;
 pub const MAX_RETRY_INTERVAL_MIN: u64 = 1440;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskRecord {
-    pub id: TaskId,
+pub struct UpgradeTaskRecord {
+    pub id: UpgradeTaskId,
     pub package: PackageId,
     /// Every device is of the package's product.
     pub product_key: ProductKey,
@@ -35,7 +35,7 @@ pub struct TaskRecord {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TaskStatus {
+pub enum UpgradeTaskStatus {
     Running,
     Stopped,
     Finished,

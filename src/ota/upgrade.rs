@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::coverage::{CellBudget, Coverage};
 use super::pcp::{FromDevice, FromPlatform, ResultCode, Version};
-use super::task::TaskId;
+use super::task::UpgradeTaskId;
 use crate::clock::UnixMs;
 use crate::config::OtaConfig;
 use crate::identity::DeviceId;
@@ -196,7 +196,7 @@ pub struct Step {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Upgrade {
-    pub task: TaskId,
+    pub task: UpgradeTaskId,
     pub device: DeviceId,
     pub stage: Stage,
     /// When the stage began; its timeout counts from here (the download's from `notified_at`).
@@ -233,7 +233,7 @@ impl Upgrade {
         self.stage.holds_slot() && chunk >= self.next_chunk && chunk < chunk_count
     }
 
-    pub fn new(task: TaskId, device: DeviceId, now: UnixMs) -> Upgrade {
+    pub fn new(task: UpgradeTaskId, device: DeviceId, now: UnixMs) -> Upgrade {
         Upgrade {
             task,
             device,
@@ -253,7 +253,7 @@ impl Upgrade {
     }
 
     /// A device already in another task's upgrade.
-    pub fn conflict(task: TaskId, device: DeviceId, now: UnixMs) -> Upgrade {
+    pub fn conflict(task: UpgradeTaskId, device: DeviceId, now: UnixMs) -> Upgrade {
         Upgrade { stage: Stage::Failed, failure: Some(reason::TASK_CONFLICT.into()), ..Upgrade::new(task, device, now) }
     }
 
@@ -574,7 +574,7 @@ mod tests {
 
     #[test]
     fn only_requests_for_new_chunks_of_a_download_move_it_on() {
-        let mut up = Upgrade::new(TaskId(1), DeviceId(7), UnixMs(T0));
+        let mut up = Upgrade::new(UpgradeTaskId(1), DeviceId(7), UnixMs(T0));
         assert!(!up.advanced_by(0, 4), "not downloading yet");
         up.stage = Stage::Downloading;
         up.next_chunk = 2;
@@ -598,7 +598,7 @@ mod tests {
     impl Bench {
         fn new() -> Bench {
             Bench {
-                up: Upgrade::new(TaskId(1), DeviceId(7), UnixMs(T0)),
+                up: Upgrade::new(UpgradeTaskId(1), DeviceId(7), UnixMs(T0)),
                 version: Version::new("V2.0").unwrap(),
                 sources: Vec::new(),
                 timers: timers(),

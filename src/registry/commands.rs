@@ -11,10 +11,11 @@ use super::{Device, Registry};
 use crate::clock::UnixMs;
 use crate::coap::resource::Retransmit;
 use crate::config::DownlinkConfig;
-use crate::downlink::{CancelError, CommandId, CommandRecord, CommandStatus, QueueFull, SendStrategy};
+use crate::downlink::{CancelError, CommandId, CommandRecord, CommandStatus, QueueFull, SendStrategy, stored};
 use crate::identity::DeviceId;
 use crate::store::records::ProductRecord;
 use crate::store::{Op, StoreError};
+use crate::sync::lock;
 
 pub struct NewCommand {
     pub payload: Vec<u8>,
@@ -48,11 +49,11 @@ pub struct CommandTimers {
 
 impl CommandTimers {
     pub fn schedule(&self, at_ms: u64, device: DeviceId) {
-        self.heap.lock().unwrap_or_else(|p| p.into_inner()).push(Reverse((at_ms, device)));
+        lock(&self.heap).push(Reverse((at_ms, device)));
     }
 
     fn due(&self, now: UnixMs) -> Vec<DeviceId> {
-        let mut heap = self.heap.lock().unwrap_or_else(|p| p.into_inner());
+        let mut heap = lock(&self.heap);
         let mut due = Vec::new();
         while let Some(Reverse((at, device))) = heap.peek().copied() {
             if at > now.0 {
@@ -80,8 +81,13 @@ impl Registry {
     /// changes are stored in the order they happened.
     pub fn record_commands(&self, changed: Vec<CommandRecord>) {
         if !changed.is_empty() {
-            self.writer.record(changed.into_iter().map(Op::PutCommand));
+            self.writer.record(changed.iter().flat_map(|c| self.command_writes(c)));
         }
+    }
+
+    /// What storing a created or changed command writes (its event included, when wanted).
+    pub fn command_writes(&self, c: &CommandRecord) -> Vec<Op> {
+        stored::put_command(c, &self.wanted)
     }
 
     /// How CONs to this product's devices are retransmitted.
@@ -108,7 +114,7 @@ impl Registry {
             cfg.default_topic.replace("{pk}", device.product_key.as_str()).replace("{dn}", device.device_name.as_str())
         });
         let mut record = CommandRecord {
-            id: CommandId(self.next_command_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            id: self.new_command_id(),
             device: device.id,
             product_key: device.product_key.clone(),
             device_name: device.device_name.clone(),
@@ -153,7 +159,7 @@ impl Registry {
                 metrics::counter!(crate::telemetry::metric::COMMANDS_REFUSED).increment(1);
                 return Err(full.into());
             }
-            (self.writer.commit([Op::PutCommand(record.clone())]), (queued && awake).then_some(s.route).flatten())
+            (self.writer.commit(self.command_writes(&record)), (queued && awake).then_some(s.route).flatten())
         };
         if let Err(e) = commit.await {
             // Not stored, so not queued either.
@@ -171,14 +177,14 @@ impl Registry {
 
     /// A command by id: the live version while it is open, else the stored one.
     pub fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
-        let Some(stored) = self.store.command(id)? else { return Ok(None) };
+        let Some(stored) = stored::get(&self.store, id)? else { return Ok(None) };
         let live = self.device_by_id(stored.device).and_then(|d| d.state().commands.get(id).cloned());
         Ok(Some(live.unwrap_or(stored)))
     }
 
     /// A device's commands, oldest first, open ones in their live version.
     pub fn commands_of(&self, device: &Device) -> Result<Vec<CommandRecord>, StoreError> {
-        let mut all = self.store.commands_of(device.id)?;
+        let mut all = stored::of(&self.store, device.id)?;
         let s = device.state();
         for c in &mut all {
             if let Some(live) = s.commands.get(c.id) {
@@ -191,7 +197,7 @@ impl Registry {
     /// Cancels a PENDING command.
     pub async fn cancel_command(&self, id: CommandId) -> Result<CommandRecord, CommandError> {
         let not_found = || CommandError::NotFound(format!("command {id}"));
-        let stored = self.store.command(id)?.ok_or_else(not_found)?;
+        let stored = stored::get(&self.store, id)?.ok_or_else(not_found)?;
         let device = self.device_by_id(stored.device).ok_or_else(not_found)?;
         let commit = {
             let mut s = device.state();
@@ -208,7 +214,7 @@ impl Registry {
                 }
                 Err(e) => return Err(e.into()),
             };
-            (self.writer.commit([Op::PutCommand(record.clone())]), record)
+            (self.writer.commit(self.command_writes(&record)), record)
         };
         if let Err(e) = commit.0.await {
             // Still PENDING in the store, so still queued.

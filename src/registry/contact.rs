@@ -8,8 +8,8 @@ use smallvec::SmallVec;
 use super::device::DeviceState;
 use super::{Device, Registry, Route, Status};
 use crate::clock::UnixMs;
-use crate::northbound::{Event, EventKind, EventSource};
-use crate::store::Op;
+use crate::northbound::{Event, EventKind};
+use crate::store::{Op, UplinkEvent};
 
 impl Registry {
     /// The device spoke from `peer` through `route`; returns what to store with the request: its
@@ -41,21 +41,21 @@ impl Registry {
         }
         let previous = std::mem::replace(&mut s.announced, status);
         ops.push(Op::Announced { device: device.id, status: status.to_byte() });
-        if self.writer.wanted().wants(EventKind::DeviceStatus) {
-            ops.push(Op::Event(Event {
+        if self.wanted.wants(EventKind::DeviceStatus) {
+            ops.push(Op::Event(Box::new(Event {
                 kind: EventKind::DeviceStatus,
                 product_key: device.product_key.clone(),
                 device_name: device.device_name.clone(),
                 time: now,
                 data: serde_json::json!({ "status": status, "previous": previous }),
-            }));
+            })));
         }
         ops
     }
 
     /// Announces devices that turned abnormal or offline by staying silent; returns how many.
     pub fn sweep_statuses(&self, now: UnixMs) -> usize {
-        let devices: Vec<_> = super::read(&self.devices).by_id.values().cloned().collect();
+        let devices: Vec<_> = crate::sync::read(&self.devices).by_id.values().cloned().collect();
         let mut changed = 0;
         for d in devices {
             let mut s = d.state();
@@ -70,11 +70,8 @@ impl Registry {
         changed
     }
 
-    /// Who an uplink event names, when uplink events are wanted at all.
-    pub fn event_source(&self, device: &Device) -> Option<EventSource> {
-        self.writer
-            .wanted()
-            .wants(EventKind::Uplink)
-            .then(|| EventSource { product_key: device.product_key.clone(), device_name: device.device_name.clone() })
+    /// The source of `device`'s uplink event, when uplink events are wanted at all.
+    pub fn uplink_event(&self, device: &Arc<Device>) -> Option<Arc<dyn UplinkEvent>> {
+        self.wanted.wants(EventKind::Uplink).then(|| device.clone() as Arc<dyn UplinkEvent>)
     }
 }

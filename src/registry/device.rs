@@ -5,14 +5,15 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::clock::UnixMs;
-use crate::cluster::Home;
 use crate::coap::observe::Latest;
 use crate::config::DeviceConfig;
 use crate::downlink::{PcpRequest, Queue};
+use crate::identity::Home;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
 use crate::ota::upgrade::Upgrade;
 use crate::registry::routes::Route;
 use crate::store::records::{DeviceRecord, PresenceRecord, Radio};
+use crate::sync::lock;
 
 /// How stale the stored last contact may get. A busy device would otherwise add a write to every
 /// uplink; status thresholds are hours, so after a crash a minute of staleness costs nothing.
@@ -122,7 +123,7 @@ impl Device {
     pub fn state(&self) -> MutexGuard<'_, DeviceState> {
         // A panic while holding this lock cannot leave the counters inconsistent in a way that
         // matters more than refusing every later request would.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// The stored form for `s`, this device's state locked by the caller.
@@ -156,6 +157,14 @@ impl crate::store::LiveRecord for Device {
     fn current(&self) -> Option<DeviceRecord> {
         let s = self.state();
         (!s.deleted && s.home != Home::Arriving).then(|| self.record_with(&s))
+    }
+}
+
+/// An uplink event names the device that sent it: the live device is the event's source, so
+/// asking for one costs no allocation.
+impl crate::store::UplinkEvent for Device {
+    fn encode(&self, device: DeviceId, message: crate::store::MessageId, received_at: UnixMs) -> Vec<u8> {
+        crate::northbound::event::uplink_record(&self.product_key, &self.device_name, device, message, received_at)
     }
 }
 

@@ -4,7 +4,6 @@
 pub mod commands;
 mod contact;
 pub mod device;
-pub mod distribution;
 pub mod routes;
 pub mod sessions;
 pub mod upgrades;
@@ -12,16 +11,19 @@ pub mod upgrades;
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock};
 
 use crate::auth::replay::ReplayWindow;
 use crate::clock::UnixMs;
 use crate::config::Config;
+use crate::downlink::CommandId;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
+use crate::northbound::Wanted;
 use crate::store::records::{DeviceRecord, OtaProtocol, PortFamily, ProductRecord, Radio, SessionRecord};
-use crate::store::{META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
+use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
+use crate::sync::{read, write};
 pub use commands::{CommandError, CommandTimers, NewCommand};
-pub use device::{Device, Status};
+pub use device::{Device, DeviceState, Status};
 pub use routes::{Route, Routes};
 pub use sessions::{Lookup, SeqOutcome, Session, SessionView, Sessions};
 
@@ -125,21 +127,14 @@ pub struct Registry {
     pub routes: Routes,
     pub command_timers: CommandTimers,
     pub ota: upgrades::Ota,
-    pub cluster: crate::cluster::Cluster,
-    pub distribution: distribution::Distribution,
     next_device_id: AtomicU64,
     next_command_id: AtomicU64,
     /// Keys of the exchanges the endpoints start, unique process-wide.
     next_exchange: AtomicU64,
     writer: Writer,
     store: Store,
-}
-
-fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
+    /// The event kinds subscribers want (set by the webhooks, read where events arise).
+    wanted: Arc<Wanted>,
 }
 
 impl Registry {
@@ -169,9 +164,9 @@ impl Registry {
         }
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1).max(max_id + 1);
         let command_timers = CommandTimers::default();
-        let mut next_command_id = store.meta_u64(META_NEXT_COMMAND_ID)?.unwrap_or(1);
+        let mut next_command_id = crate::downlink::stored::next_id(&store)?;
         let mut open = 0;
-        for c in store.open_commands()? {
+        for c in crate::downlink::stored::open(&store)? {
             next_command_id = next_command_id.max(c.id.0 + 1);
             let Some(device) = devices.by_id.get(&c.device) else { continue };
             command_timers.schedule(commands::deadline(&c, &config.downlink), c.device);
@@ -182,8 +177,6 @@ impl Registry {
             tracing::info!(commands = open, "restored open commands");
         }
         let ota = upgrades::Ota::load(&store, &devices.by_id)?;
-        let distribution = distribution::Distribution::load(&store)?;
-        let cluster = crate::cluster::Cluster::new(&config.cluster);
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
         for (token, record, window) in store.sessions()? {
@@ -221,13 +214,12 @@ impl Registry {
             routes: Routes::default(),
             command_timers,
             ota,
-            cluster,
-            distribution,
             next_device_id: AtomicU64::new(next_device_id),
             next_command_id: AtomicU64::new(next_command_id),
             next_exchange: AtomicU64::new(1),
             writer,
             store,
+            wanted: Arc::new(Wanted::default()),
         };
         registry.export_gauges();
         Ok(registry)
@@ -239,6 +231,11 @@ impl Registry {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The event kinds subscribers want, for the webhooks to set.
+    pub fn wanted(&self) -> &Arc<Wanted> {
+        &self.wanted
     }
 
     pub fn export_gauges(&self) {
@@ -380,7 +377,7 @@ impl Registry {
             return Err(RegistryError::NotFound(format!("product {pk}")));
         }
         let record = DeviceRecord {
-            id: DeviceId(self.next_device_id.fetch_add(1, Ordering::Relaxed)),
+            id: self.new_device_id(),
             product_key: pk.clone(),
             device_name: new.device_name.unwrap_or_else(DeviceName::generate),
             device_secret: new.device_secret.unwrap_or_else(|| Secret::generate(32)),
@@ -392,25 +389,10 @@ impl Registry {
             created_at: UnixMs::now().0,
             observe: None,
             version: None,
-            home: crate::cluster::Home::Here,
+            home: crate::identity::Home::Here,
         };
         let device = Arc::new(Device::from_record(record, None, None));
-        {
-            let mut devices = write(&self.devices);
-            let names = devices.by_product.entry(pk.clone()).or_default();
-            if names.contains_key(&device.device_name) {
-                return Err(RegistryError::Conflict(format!(
-                    "device {} already exists in product {pk}",
-                    device.device_name
-                )));
-            }
-            if let Some(n) = &device.node_id
-                && devices.by_node.contains_key(n)
-            {
-                return Err(RegistryError::Conflict(format!("node id {n} is already used by another device")));
-            }
-            devices.insert(&device);
-        }
+        self.insert(&device)?;
         if let Err(e) = self.writer.commit([Op::PutDevice(device.clone())]).await {
             self.forget(&device);
             return Err(e.into());
@@ -419,15 +401,66 @@ impl Registry {
         Ok(device)
     }
 
-    fn forget(&self, device: &Device) {
+    /// Adds a new device to the directory, unless its product has a device of that name or its
+    /// node id is taken.
+    pub fn insert(&self, device: &Arc<Device>) -> Result<(), RegistryError> {
+        let mut devices = write(&self.devices);
+        let pk = &device.product_key;
+        if devices.by_product.get(pk).is_some_and(|names| names.contains_key(&device.device_name)) {
+            return Err(RegistryError::Conflict(format!(
+                "device {} already exists in product {pk}",
+                device.device_name
+            )));
+        }
+        if let Some(n) = &device.node_id
+            && devices.by_node.contains_key(n)
+        {
+            return Err(RegistryError::Conflict(format!("node id {n} is already used by another device")));
+        }
+        devices.insert(device);
+        Ok(())
+    }
+
+    /// Removes a device from the directory (one not stored after all, or deleted).
+    pub fn forget(&self, device: &Device) {
         write(&self.devices).remove(device);
+    }
+
+    /// Stops serving `device` here if `decide` says so: its sessions and observe relations end.
+    /// `decide` runs under the directory's lock, then the device's (the lock order). Returns the
+    /// device's state, still locked, what `decide` returned, and the writes ending its sessions.
+    pub fn detach<'d, R>(
+        &self,
+        device: &'d Device,
+        decide: impl FnOnce(&mut DeviceState) -> Option<R>,
+    ) -> Option<(std::sync::MutexGuard<'d, DeviceState>, R, Vec<Op>)> {
+        let mut devices = write(&self.devices);
+        let mut s = device.state();
+        let decided = decide(&mut s)?;
+        let mut ops = Vec::new();
+        for t in s.tokens.drain(..) {
+            self.sessions.remove(t.as_bytes());
+            ops.push(Op::DeleteSession(t));
+        }
+        for t in [s.observe.take(), s.pending_observe.take()].into_iter().flatten() {
+            devices.by_observe.remove(&t);
+        }
+        Some((s, decided, ops))
+    }
+
+    pub fn new_device_id(&self) -> DeviceId {
+        DeviceId(self.next_device_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub fn new_command_id(&self) -> CommandId {
+        CommandId(self.next_command_id.fetch_add(1, Ordering::Relaxed))
     }
 
     pub async fn update_device(&self, pk: &str, dn: &str, patch: DevicePatch) -> Result<Arc<Device>, RegistryError> {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
         let previous = {
             let mut s = device.state();
-            if s.home == crate::cluster::Home::Arriving {
+            if s.home == crate::identity::Home::Arriving {
                 return Err(RegistryError::Conflict(format!("device {dn} is arriving from another instance")));
             }
             let previous = (s.enabled, s.radio.clone());
@@ -451,10 +484,11 @@ impl Registry {
     /// Removes the device, its sessions and its messages.
     pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<(), RegistryError> {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
-        let mut commands: Vec<_> = self.store.commands_of(device.id)?.into_iter().map(|c| c.id).collect();
+        let mut commands: Vec<_> =
+            crate::downlink::stored::of(&self.store, device.id)?.into_iter().map(|c| c.id).collect();
         let (record, tokens, open) = {
             let mut s = device.state();
-            if s.home == crate::cluster::Home::Arriving {
+            if s.home == crate::identity::Home::Arriving {
                 return Err(RegistryError::Conflict(format!("device {dn} is arriving from another instance")));
             }
             s.deleted = true;
@@ -468,7 +502,9 @@ impl Registry {
         for t in &tokens {
             self.sessions.remove(t.as_bytes());
         }
-        if let Err(e) = self.writer.commit([Op::DeleteDevice { record, tokens, commands }]).await {
+        let mut ops = crate::downlink::stored::delete_commands(device.id, &commands);
+        ops.push(Op::DeleteDevice { record, tokens });
+        if let Err(e) = self.writer.commit(ops).await {
             // Still stored, so still served; its sessions were dropped and it must authenticate again.
             let mut s = device.state();
             s.deleted = false;

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::identity::DeviceId;
 use crate::store::records::PortFamily;
+use crate::sync::{read, write};
 
 /// One socket of one listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,13 +30,13 @@ impl Routes {
     /// Registers a socket task; returns its inbox.
     pub fn open(&self, route: Route) -> Kicks {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.senders.write().unwrap_or_else(|p| p.into_inner()).insert(route, tx);
+        write(&self.senders).insert(route, tx);
         rx
     }
 
     /// Tells the socket task behind `route` that `device` has something to be sent.
     pub fn kick(&self, route: Route, device: DeviceId) {
-        if let Some(tx) = self.senders.read().unwrap_or_else(|p| p.into_inner()).get(&route) {
+        if let Some(tx) = read(&self.senders).get(&route) {
             let _ = tx.send(device);
         }
     }

@@ -13,6 +13,7 @@ use crate::clock::UnixMs;
 use crate::identity::Token;
 use crate::registry::device::Device;
 use crate::store::records::{AckMode, PortFamily, SessionRecord};
+use crate::sync::lock;
 
 /// How often (at most) a session's sliding expiry is written back: a token's lifetime is days,
 /// so an hour of staleness after a crash costs nothing and saves a write per uplink.
@@ -82,7 +83,7 @@ impl Sessions {
 
     fn shard(&self, token: &[u8]) -> MutexGuard<'_, HashMap<Token, Session, RandomState>> {
         let i = self.hasher.hash_one(token) as usize % self.shards.len();
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shards[i])
     }
 
     pub fn insert(&self, token: Token, session: Session) {
@@ -178,7 +179,7 @@ impl Sessions {
     pub fn drain_expired(&self, now: UnixMs) -> Vec<Token> {
         let mut gone = Vec::new();
         for shard in self.shards.iter() {
-            let mut m = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = lock(shard);
             m.retain(|t, s| {
                 let keep = !s.expired(now, self.ttl_s);
                 if !keep {

@@ -5,36 +5,38 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use smallvec::SmallVec;
 
 use super::device::DeviceState;
-use super::{Device, Registry, RegistryError, read, write};
+use super::{Device, Registry, RegistryError};
 use crate::clock::UnixMs;
 use crate::identity::{DeviceId, ProductKey};
 use crate::northbound::{Event, EventKind};
 use crate::ota::coverage::{CellBudget, Coverage, RadioReport};
 use crate::ota::package::PackageRecord;
 use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
-use crate::ota::task::{TaskId, TaskRecord, TaskStatus};
+use crate::ota::stored;
+use crate::ota::task::{UpgradeTaskId, UpgradeTaskRecord, UpgradeTaskStatus};
 use crate::ota::upgrade::{self, Answer, Ctx, Retry, Stage, Step, Target, Timers, Upgrade};
 use crate::store::records::OtaProtocol;
 use crate::store::{Op, Store, StoreError};
+use crate::sync::{lock, read, write};
 use crate::telemetry::metric;
 
 /// Devices whose radio names no cell share this one, so together they never load more than a cell.
 const UNKNOWN_CELL: &str = "";
 
 /// A task and the package it installs, as steps need them.
-pub struct Task {
-    pub record: TaskRecord,
+pub struct UpgradeTask {
+    pub record: UpgradeTaskRecord,
     pub package: PackageRecord,
     version: Version,
 }
 
-impl Task {
+impl UpgradeTask {
     /// What a step of one of this task's upgrades needs.
     fn ctx<'a>(&self, target: &'a Target<'a>, timers: &'a upgrade::Timers, now: UnixMs) -> Ctx<'a> {
         Ctx { now, target, timers, retry: self.record.retry }
@@ -53,7 +55,7 @@ impl Task {
 /// The running upgrades: tasks, the devices in an unfinished upgrade, and the cell budget.
 #[derive(Default)]
 pub struct Ota {
-    tasks: RwLock<HashMap<TaskId, Arc<Task>>>,
+    tasks: RwLock<HashMap<UpgradeTaskId, Arc<UpgradeTask>>>,
     active: Mutex<BTreeSet<DeviceId>>,
     budget: Mutex<CellBudget>,
     /// Devices waiting for a slot, per cell, by when they started waiting. Entries of devices
@@ -66,27 +68,23 @@ pub struct Ota {
     next_task_id: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Ota {
     /// Tasks and upgrades from the store; unfinished upgrades take their cell slots again.
     pub(super) fn load(store: &Store, by_id: &HashMap<DeviceId, Arc<Device>>) -> Result<Ota, StoreError> {
         let ota = Ota::default();
         let mut max_id = 0;
-        for record in store.ota_tasks()? {
+        for record in stored::tasks(store)? {
             max_id = max_id.max(record.id.0);
-            let Some(package) = store.package(record.package)? else {
+            let Some(package) = stored::package(store, record.package)? else {
                 tracing::warn!(task = %record.id, "upgrade task without its package; ignored");
                 continue;
             };
             let Ok(version) = Version::new(&package.version) else { continue };
-            write(&ota.tasks).insert(record.id, Arc::new(Task { record, package, version }));
+            write(&ota.tasks).insert(record.id, Arc::new(UpgradeTask { record, package, version }));
         }
         ota.next_task_id.store(max_id + 1, Ordering::Relaxed);
         let mut resumed = 0;
-        for u in store.upgrades()? {
+        for u in stored::upgrades(store)? {
             let Some(device) = by_id.get(&u.device) else { continue };
             if !read(&ota.tasks).contains_key(&u.task) {
                 continue;
@@ -115,7 +113,7 @@ impl Ota {
         Ok(ota)
     }
 
-    pub fn task(&self, id: TaskId) -> Option<Arc<Task>> {
+    pub fn task(&self, id: UpgradeTaskId) -> Option<Arc<UpgradeTask>> {
         read(&self.tasks).get(&id).cloned()
     }
 }
@@ -141,7 +139,7 @@ pub struct TaskView {
     pub package_id: String,
     pub product_key: String,
     pub version: String,
-    pub status: TaskStatus,
+    pub status: UpgradeTaskStatus,
     pub created_at: String,
     pub stopped_at: Option<String>,
     pub retry: RetryView,
@@ -171,7 +169,7 @@ impl Registry {
         device: &Arc<Device>,
         s: &mut DeviceState,
         up: &Upgrade,
-        task: &Task,
+        task: &UpgradeTask,
         step: &Step,
         ops: &mut impl Extend<Op>,
     ) {
@@ -199,10 +197,10 @@ impl Registry {
             ops.extend([Op::PutDevice(device.clone())]);
         }
         if step.changed {
-            ops.extend([Op::PutUpgrade(up.clone())]);
+            ops.extend([stored::put_upgrade(up)]);
         }
-        if step.progressed && self.writer.wanted().wants(EventKind::OtaProgress) {
-            ops.extend([Op::Event(Event {
+        if step.progressed && self.wanted.wants(EventKind::OtaProgress) {
+            ops.extend([Op::Event(Box::new(Event {
                 kind: EventKind::OtaProgress,
                 product_key: device.product_key.clone(),
                 device_name: device.device_name.clone(),
@@ -216,7 +214,7 @@ impl Registry {
                     "failure_reason": up.failure,
                     "attempt": up.attempt,
                 }),
-            })]);
+            }))]);
         }
     }
 
@@ -270,7 +268,7 @@ impl Registry {
         let answer = match step.answer {
             None => None,
             Some(Answer::Frame(f)) => Some(f.encode()),
-            Some(Answer::Chunk(n)) => match self.store.chunk(task.package.id, n) {
+            Some(Answer::Chunk(n)) => match stored::chunk(&self.store, task.package.id, n) {
                 Ok(Some(data)) => {
                     metrics::counter!(metric::OTA_CHUNKS).increment(1);
                     Some(FromPlatform::Chunk { result: ResultCode::OK, chunk: n, data }.encode())
@@ -405,13 +403,13 @@ impl Registry {
         package: PackageRecord,
         devices: Vec<Arc<Device>>,
         retry: Retry,
-    ) -> Result<TaskId, RegistryError> {
+    ) -> Result<UpgradeTaskId, RegistryError> {
         let version = Version::new(&package.version).map_err(|_| {
             RegistryError::Conflict(format!("package version {:?} cannot travel in PCP", package.version))
         })?;
         let now = UnixMs::now();
-        let id = TaskId(self.ota.next_task_id.fetch_add(1, Ordering::Relaxed));
-        let record = TaskRecord {
+        let id = UpgradeTaskId(self.ota.next_task_id.fetch_add(1, Ordering::Relaxed));
+        let record = UpgradeTaskRecord {
             id,
             package: package.id,
             product_key: package.product_key.clone(),
@@ -420,16 +418,16 @@ impl Registry {
             created_at: now.0,
             stopped_at: None,
         };
-        let mut ops = vec![Op::PutTask(record.clone())];
+        let mut ops = vec![stored::put_task(&record)];
         let mut started = Vec::new();
         for d in &devices {
             let mut s = d.state();
             if s.upgrade.as_ref().is_some_and(|u| !u.stage.is_final()) {
-                ops.push(Op::PutUpgrade(Upgrade::conflict(id, d.id, now)));
+                ops.push(stored::put_upgrade(&Upgrade::conflict(id, d.id, now)));
                 continue;
             }
             let up = Upgrade::new(id, d.id, now);
-            ops.push(Op::PutUpgrade(up.clone()));
+            ops.push(stored::put_upgrade(&up));
             started.push((d.clone(), s.upgrade.replace(up)));
         }
         let commit = self.writer.commit(ops);
@@ -440,14 +438,14 @@ impl Registry {
             return Err(e.into());
         }
         // Only a stored task moves: the tick finds its devices from now on.
-        write(&self.ota.tasks).insert(id, Arc::new(Task { record, package, version }));
+        write(&self.ota.tasks).insert(id, Arc::new(UpgradeTask { record, package, version }));
         lock(&self.ota.active).extend(started.iter().map(|(d, _)| d.id));
         tracing::info!(task = %id, devices = devices.len(), "upgrade task created");
         Ok(id)
     }
 
     /// Stops a task: its unfinished upgrades become canceled and free their slots.
-    pub async fn stop_task(&self, id: TaskId) -> Result<(), RegistryError> {
+    pub async fn stop_task(&self, id: UpgradeTaskId) -> Result<(), RegistryError> {
         let task = self.ota.task(id).ok_or_else(|| RegistryError::NotFound(format!("task {id}")))?;
         if task.record.stopped_at.is_some() {
             return Ok(());
@@ -455,9 +453,10 @@ impl Registry {
         let now = UnixMs::now();
         let mut record = task.record.clone();
         record.stopped_at = Some(now.0);
-        let stopped = Arc::new(Task { record: record.clone(), package: task.package.clone(), version: task.version });
+        let stopped =
+            Arc::new(UpgradeTask { record: record.clone(), package: task.package.clone(), version: task.version });
         write(&self.ota.tasks).insert(id, stopped.clone());
-        let mut ops = vec![Op::PutTask(record)];
+        let mut ops = vec![stored::put_task(&record)];
         let timers = Timers::from(&self.config.ota);
         let target = stopped.target();
         for (device_id, _) in &stopped.record.devices {
@@ -474,9 +473,9 @@ impl Registry {
     }
 
     /// A task with every device's upgrade, the unfinished ones as they are now.
-    pub fn task_view(&self, id: TaskId) -> Result<Option<TaskView>, StoreError> {
+    pub fn task_view(&self, id: UpgradeTaskId) -> Result<Option<TaskView>, StoreError> {
         let Some(task) = self.ota.task(id) else { return Ok(None) };
-        let stored = self.store.upgrades_of(id)?;
+        let stored = stored::upgrades_of(&self.store, id)?;
         let pk: &ProductKey = &task.record.product_key;
         let mut counts: HashMap<&'static str, usize> = Stage::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let mut unfinished = false;
@@ -503,9 +502,9 @@ impl Registry {
             })
             .collect();
         let status = match (task.record.stopped_at, unfinished) {
-            (Some(_), _) => TaskStatus::Stopped,
-            (None, true) => TaskStatus::Running,
-            (None, false) => TaskStatus::Finished,
+            (Some(_), _) => UpgradeTaskStatus::Stopped,
+            (None, true) => UpgradeTaskStatus::Running,
+            (None, false) => UpgradeTaskStatus::Finished,
         };
         Ok(Some(TaskView {
             task_id: id.to_string(),

@@ -16,17 +16,11 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 
 use crate::auth::replay::{self, ReplayWindow};
 use crate::clock::UnixMs;
-use crate::cluster::task::{Entry, TaskId as DistributionId, TaskRecord as DistributionRecord};
-use crate::downlink::{CommandId, CommandRecord};
 use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
-use crate::northbound::event::{Record, Stored, render_uplink};
-use crate::northbound::{WebhookId, WebhookRecord};
-use crate::ota::package::{PackageId, PackageRecord};
-use crate::ota::task::{TaskId, TaskRecord};
-use crate::ota::upgrade::Upgrade;
 use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
 pub use writer::{
-    Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Ops, Writer, WriterThread,
+    Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Ops, OutboxEvent, UplinkEvent, Writer,
+    WriterThread,
 };
 
 pub const CF_PRODUCTS: &str = "products";
@@ -85,19 +79,6 @@ pub const META_NEXT_MESSAGE_ID: &[u8] = b"next_message_id";
 pub const META_NEXT_COMMAND_ID: &[u8] = b"next_command_id";
 pub const META_NEXT_EVENT_ID: &[u8] = b"next_event_id";
 
-/// `package id | chunk number`.
-pub fn chunk_key(id: PackageId, chunk: u16) -> [u8; 10] {
-    let mut k = [0u8; 10];
-    k[..8].copy_from_slice(&id.0.to_be_bytes());
-    k[8..].copy_from_slice(&chunk.to_be_bytes());
-    k
-}
-
-/// `task id | device id`: a task's upgrades are one prefix range.
-pub fn upgrade_key(task: TaskId, device: DeviceId) -> [u8; 16] {
-    pair_key(task.0, device.0)
-}
-
 /// What the presence column family holds, read at start.
 pub struct Presence {
     pub contacts: HashMap<DeviceId, PresenceRecord>,
@@ -109,13 +90,6 @@ pub struct Presence {
 pub fn announced_key(device: DeviceId) -> [u8; 9] {
     let mut k = [b's'; 9];
     k[..8].copy_from_slice(&device.0.to_be_bytes());
-    k
-}
-
-/// Where a webhook's cursor is kept: beside its record.
-pub fn webhook_cursor_key(id: WebhookId) -> [u8; 9] {
-    let mut k = [b'c'; 9];
-    k[..8].copy_from_slice(&id.0.to_be_bytes());
     k
 }
 
@@ -167,11 +141,6 @@ pub fn device_key(pk: &ProductKey, dn: &DeviceName) -> Vec<u8> {
     k
 }
 
-/// `device id (BE) | command id (BE)`: a device's commands in creation order.
-pub fn command_key(device: DeviceId, id: CommandId) -> [u8; 16] {
-    pair_key(device.0, id.0)
-}
-
 /// `device id (BE) | message id (BE)`: a device's messages in arrival order.
 pub fn message_key(device: DeviceId, id: MessageId) -> [u8; 16] {
     pair_key(device.0, id.0)
@@ -201,7 +170,8 @@ fn expired(record: &[u8], retention: Duration, now: UnixMs) -> bool {
     received.saturating_add(retention.as_millis() as u64) < now.0
 }
 
-fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+/// A record kept as JSON (see [`Op::put_json`]), or why it cannot be read.
+pub fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).replace('\0', "/"),
         reason: e.to_string(),
@@ -289,7 +259,8 @@ impl Store {
         self.db.cf_handle(name).expect("column families are created at open")
     }
 
-    fn scan<T>(
+    /// Every record of `cf`, in key order, through `f`.
+    pub fn scan<T>(
         &self,
         cf: &str,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>,
@@ -303,7 +274,7 @@ impl Store {
     }
 
     /// The records whose [`pair_key`] starts with `first`, in key order.
-    fn scan_prefix<T>(
+    pub fn scan_prefix<T>(
         &self,
         cf: &str,
         first: u64,
@@ -316,6 +287,27 @@ impl Store {
             if !k.starts_with(&prefix) {
                 break;
             }
+            out.push(f(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// The record under `key` in `cf`.
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    /// Up to `limit` records of `cf` from `start` on, in key order, through `f`.
+    pub fn scan_from<T>(
+        &self,
+        cf: &str,
+        start: &[u8],
+        limit: usize,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::From(start, Direction::Forward)).take(limit) {
+            let (k, v) = item?;
             out.push(f(&k, &v)?);
         }
         Ok(out)
@@ -367,115 +359,6 @@ impl Store {
         })
     }
 
-    /// Every open command, in id order per device.
-    pub fn open_commands(&self) -> Result<Vec<CommandRecord>, StoreError> {
-        let keys = self.scan(CF_OPEN_COMMANDS, |k, _| Ok(k.to_vec()))?;
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            match self.db.get_pinned_cf(self.cf(CF_COMMANDS), &k)? {
-                Some(v) => out.push(json(&k, &v)?),
-                None => return Err(corrupt(&k, "open command without a record")),
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn command(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
-        let key = id.0.to_be_bytes();
-        let Some(device) = self.db.get_pinned_cf(self.cf(CF_COMMAND_IDS), key)? else { return Ok(None) };
-        let device = DeviceId(u64::from_be_bytes(device.as_ref().try_into().map_err(|_| corrupt(&key, "bad index"))?));
-        let k = command_key(device, id);
-        self.db.get_pinned_cf(self.cf(CF_COMMANDS), k)?.map(|v| json(&k, &v)).transpose()
-    }
-
-    /// A device's commands, oldest first.
-    pub fn commands_of(&self, device: DeviceId) -> Result<Vec<CommandRecord>, StoreError> {
-        self.scan_prefix(CF_COMMANDS, device.0, json)
-    }
-
-    pub fn package(&self, id: PackageId) -> Result<Option<PackageRecord>, StoreError> {
-        let k = id.0.to_be_bytes();
-        self.db.get_pinned_cf(self.cf(CF_PACKAGES), k)?.map(|v| json(&k, &v)).transpose()
-    }
-
-    /// One chunk of a package.
-    pub fn chunk(&self, id: PackageId, chunk: u16) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_cf(self.cf(CF_CHUNKS), chunk_key(id, chunk))?)
-    }
-
-    pub fn ota_tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
-        self.scan(CF_OTA_TASKS, json)
-    }
-
-    /// Every device's upgrade in every task, in task order.
-    pub fn upgrades(&self) -> Result<Vec<Upgrade>, StoreError> {
-        self.scan(CF_UPGRADES, json)
-    }
-
-    /// A task's upgrades, by device id.
-    pub fn upgrades_of(&self, task: TaskId) -> Result<HashMap<DeviceId, Upgrade>, StoreError> {
-        let upgrades: Vec<Upgrade> = self.scan_prefix(CF_UPGRADES, task.0, json)?;
-        Ok(upgrades.into_iter().map(|u| (u.device, u)).collect())
-    }
-
-    pub fn distributions(&self) -> Result<Vec<DistributionRecord>, StoreError> {
-        self.scan(CF_DISTRIBUTIONS, json)
-    }
-
-    /// A distribution task's entries, in device id order.
-    pub fn distribution_entries(&self, task: DistributionId) -> Result<Vec<Entry>, StoreError> {
-        self.scan_prefix(CF_DISTRIBUTION_ENTRIES, task.0, json)
-    }
-
-    /// Every webhook with its cursor (the last event id it took).
-    pub fn webhooks(&self) -> Result<Vec<(WebhookRecord, u64)>, StoreError> {
-        let mut records = Vec::new();
-        let mut cursors = HashMap::new();
-        self.scan(CF_WEBHOOKS, |k, v| {
-            match k.len() {
-                8 => records.push(json::<WebhookRecord>(k, v)?),
-                9 => {
-                    let id = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
-                    cursors.insert(id, u64::from_le_bytes(v.try_into().map_err(|_| corrupt(k, "bad cursor"))?));
-                }
-                _ => return Err(corrupt(k, "unexpected webhook key")),
-            }
-            Ok(())
-        })?;
-        Ok(records.into_iter().map(|r| (cursors.get(&r.id.0).copied().unwrap_or(0), r)).map(|(c, r)| (r, c)).collect())
-    }
-
-    /// Up to `limit` outbox records after `after` (exclusive), oldest first, as events ready to
-    /// send, and the id of the last record read. An uplink event whose message is gone (deleted
-    /// with its device, or past retention) is passed over.
-    pub fn events_after(&self, after: u64, limit: usize) -> Result<(Vec<Stored>, Option<u64>), StoreError> {
-        let start = after.saturating_add(1).to_be_bytes();
-        let (mut out, mut last, mut read) = (Vec::new(), None, 0);
-        for item in self.db.iterator_cf(self.cf(CF_OUTBOX), IteratorMode::From(&start, Direction::Forward)) {
-            let (k, v) = item?;
-            let id = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| corrupt(&k, "bad event key"))?);
-            let (kind, time, record) = Record::decode(&v).ok_or_else(|| corrupt(&k, "bad event record"))?;
-            let body = match record {
-                Record::Body(body) => Some(body),
-                Record::Uplink { device, message, product_key, device_name } => {
-                    let key = message_key(device, message);
-                    let stored = self.db.get_pinned_cf(self.cf(CF_MESSAGES), key)?;
-                    let m = stored.as_deref().and_then(MessageRecord::decode);
-                    m.map(|m| render_uplink(id, &product_key, &device_name, message, &m))
-                }
-            };
-            if let Some(body) = body {
-                out.push(Stored { id, kind, time, body });
-            }
-            last = Some(id);
-            read += 1;
-            if read == limit {
-                break;
-            }
-        }
-        Ok((out, last))
-    }
-
     /// One page of a device's messages after `after` (exclusive), oldest first, and whether more follow.
     pub fn messages(
         &self,
@@ -512,7 +395,8 @@ impl Store {
     }
 }
 
-fn corrupt(key: &[u8], reason: &str) -> StoreError {
+/// A record under `key` that cannot be read, and why.
+pub fn corrupt(key: &[u8], reason: &str) -> StoreError {
     StoreError::Corrupt { key: hex::encode(key), reason: reason.into() }
 }
 
@@ -536,7 +420,7 @@ mod tests {
                 received_at: UnixMs(now.0 - age_s * 1000),
                 topic: "/p/d/t".into(),
                 payload: payload.as_bytes().to_vec(),
-                source: None,
+                event: None,
             };
             rt.block_on(writer.commit([op])).unwrap();
         }

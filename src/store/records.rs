@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixMs;
-use crate::cluster::Home;
-use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret};
+use crate::identity::{DeviceId, DeviceName, Home, NodeId, ObserveToken, ProductKey, Secret};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

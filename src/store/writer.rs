@@ -15,23 +15,14 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
 use super::{
-    CF_CHUNKS, CF_COMMAND_IDS, CF_COMMANDS, CF_DEVICES, CF_DISTRIBUTION_ENTRIES, CF_DISTRIBUTIONS, CF_MESSAGES,
-    CF_META, CF_OPEN_COMMANDS, CF_OTA_TASKS, CF_OUTBOX, CF_PACKAGES, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS,
-    CF_UPGRADES, CF_WEBHOOKS, META_NEXT_COMMAND_ID, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID,
-    Store, StoreError, announced_key, chunk_key, command_key, device_key, message_key, pair_key,
-    records::MessageRecord, upgrade_key, webhook_cursor_key,
+    CF_DEVICES, CF_MESSAGES, CF_META, CF_OUTBOX, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, META_NEXT_DEVICE_ID,
+    META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError, announced_key, device_key, message_key,
+    records::MessageRecord,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
-use crate::cluster::task::{Entry, TaskRecord as DistributionRecord};
 use crate::config::SyncPolicy;
-use crate::downlink::{CommandId, CommandRecord, CommandView};
 use crate::identity::{DeviceId, Token};
-use crate::northbound::event::uplink_record;
-use crate::northbound::{Event, EventKind, EventSource, Wanted, WebhookId, WebhookRecord};
-use crate::ota::package::PackageRecord;
-use crate::ota::task::TaskRecord;
-use crate::ota::upgrade::Upgrade;
 use crate::telemetry::metric;
 
 /// How long a write RocksDB stalls is retried before its jobs fail as busy.
@@ -57,7 +48,7 @@ pub enum Op {
         topic: String,
         payload: Vec<u8>,
         /// Set when subscribers want uplink events: the event goes in the same batch.
-        source: Option<EventSource>,
+        event: Option<Arc<dyn UplinkEvent>>,
     },
     /// A 5682 seq accepted with the uplink in the same job (merged into the session's window).
     SeenSeq {
@@ -81,43 +72,58 @@ pub enum Op {
     /// Writes the device's state as it is when the batch is built, so concurrent changes can
     /// never be stored out of order (nothing is written for a deleted device).
     PutDevice(Arc<dyn LiveRecord>),
+    /// A device with its presence, messages and sessions (the domains delete what they keep).
     DeleteDevice {
         record: DeviceRecord,
         tokens: Vec<Token>,
-        /// Its commands, whose id index entries go too.
-        commands: Vec<CommandId>,
     },
     PutSession {
         token: Token,
         record: SessionRecord,
     },
     DeleteSession(Token),
-    /// A command created or changed: the whole record, whose status says whether it is open.
-    /// Subscribers wanting command events get one from the same batch.
-    PutCommand(CommandRecord),
     /// An event for the outbox (the writer assigns its id).
-    Event(Event),
-    PutWebhook(WebhookRecord),
-    DeleteWebhook(WebhookId),
-    /// A webhook took every event up to `delivered`.
-    WebhookCursor {
-        webhook: WebhookId,
-        delivered: u64,
+    Event(Box<dyn OutboxEvent>),
+    /// The counter under `key` in the meta column family becomes at least `to`: ids handed out
+    /// concurrently may be queued out of order, and the counter must never go back.
+    RaiseCounter {
+        key: &'static [u8],
+        to: u64,
     },
-    /// No subscriber needs events below `below` any more.
-    TrimOutbox {
-        below: u64,
+    /// A record another domain encoded itself: `value` under `key` in the column family `cf`.
+    Put {
+        cf: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
     },
-    PutTask(TaskRecord),
-    /// A device's upgrade in a task created or changed.
-    PutUpgrade(Upgrade),
-    PutDistribution(DistributionRecord),
-    PutDistributionEntry(Entry),
-    /// An upgrade package and its chunks, in one write.
-    PutPackage {
-        record: PackageRecord,
-        chunks: Vec<Vec<u8>>,
+    Delete {
+        cf: &'static str,
+        key: Vec<u8>,
     },
+    /// Every key from `from` (included) to `to` (excluded).
+    DeleteRange {
+        cf: &'static str,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+impl Op {
+    /// `record` as JSON under `key`: how the domains keep their records.
+    pub fn put_json(cf: &'static str, key: impl Into<Vec<u8>>, record: &impl serde::Serialize) -> Op {
+        Op::Put { cf, key: key.into(), value: to_json(record) }
+    }
+}
+
+/// An event the domain it comes from encodes; its body names the id the writer gives it.
+pub trait OutboxEvent: Send + Sync + std::fmt::Debug {
+    fn encode(&self, id: u64) -> Vec<u8>;
+}
+
+/// Who an uplink event is about: encodes the outbox record naming the stored message, whose id
+/// is known only at commit.
+pub trait UplinkEvent: Send + Sync + std::fmt::Debug {
+    fn encode(&self, device: DeviceId, message: MessageId, received_at: UnixMs) -> Vec<u8>;
 }
 
 /// Something whose current state is a device record (the registry's live device).
@@ -173,7 +179,6 @@ pub struct Writer {
     tx: mpsc::Sender<Msg>,
     alive: Arc<AtomicBool>,
     writable: Arc<AtomicBool>,
-    wanted: Arc<Wanted>,
     events: watch::Receiver<u64>,
 }
 
@@ -198,11 +203,6 @@ impl Writer {
     /// they happen, so callers queue while holding that record's lock.
     pub fn record(&self, ops: impl IntoIterator<Item = Op>) {
         self.submit(Job { ops: ops.into_iter().collect(), completion: Completion::Detached });
-    }
-
-    /// The event kinds subscribers want (set by the webhook registry, read by event sources).
-    pub fn wanted(&self) -> &Arc<Wanted> {
-        &self.wanted
     }
 
     /// The id of the last event committed to the outbox.
@@ -262,10 +262,8 @@ impl WriterThread {
     pub fn start(store: &Store, policy: SyncPolicy, max_batch: usize) -> Result<(Writer, WriterThread), StoreError> {
         let next_message_id = store.meta_u64(META_NEXT_MESSAGE_ID)?.unwrap_or(1);
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1);
-        let next_command_id = store.meta_u64(META_NEXT_COMMAND_ID)?.unwrap_or(1);
         let next_event_id = store.meta_u64(META_NEXT_EVENT_ID)?.unwrap_or(1);
         let (tx, rx) = mpsc::channel();
-        let wanted = Arc::new(Wanted::default());
         let (events_tx, events) = watch::channel(next_event_id - 1);
         let writable = Arc::new(AtomicBool::new(true));
         metrics::gauge!(metric::STORE_WRITABLE).set(1.0);
@@ -279,9 +277,8 @@ impl WriterThread {
             max_batch,
             next_message_id,
             next_device_id,
-            next_command_id,
             next_event_id,
-            wanted: wanted.clone(),
+            counters: HashMap::new(),
             events: events_tx,
             presence: HashMap::new(),
         };
@@ -294,7 +291,7 @@ impl WriterThread {
                 state.run(rx)
             })
             .map_err(|e| StoreError::Rocks(format!("cannot start the writer thread: {e}")))?;
-        Ok((Writer { tx: tx.clone(), alive, writable, wanted, events }, WriterThread { tx, handle }))
+        Ok((Writer { tx: tx.clone(), alive, writable, events }, WriterThread { tx, handle }))
     }
 
     /// Commits everything queued before this call, then stops the thread and syncs the WAL.
@@ -319,9 +316,10 @@ struct BatchWriter {
     max_batch: usize,
     next_message_id: u64,
     next_device_id: u64,
-    next_command_id: u64,
     next_event_id: u64,
-    wanted: Arc<Wanted>,
+    /// Counters raised by [`Op::RaiseCounter`], as last written (read from the store when first
+    /// raised).
+    counters: HashMap<&'static [u8], u64>,
     /// Told the last committed event id after each batch that appended events.
     events: watch::Sender<u64>,
     /// Latest presence per device within the current batch (written once per batch).
@@ -514,25 +512,22 @@ impl BatchWriter {
     /// Builds the batch from the jobs' ops without taking them, so a job whose write failed can
     /// be held and written again.
     fn write(&mut self, jobs: &[Job], ids: &mut Vec<Option<MessageId>>) -> Result<(), StoreError> {
-        let cf = |name| self.db.cf_handle(name).expect("column families are created at open");
+        let db = self.db.clone();
+        let cf = |name| db.cf_handle(name).expect("column families are created at open");
         let (messages, replay, presence_cf, sessions) =
             (cf(CF_MESSAGES), cf(CF_REPLAY), cf(CF_PRESENCE), cf(CF_SESSIONS));
         let mut batch = WriteBatch::default();
         let first_message_id = self.next_message_id;
         let first_device_id = self.next_device_id;
-        let first_command_id = self.next_command_id;
         let first_event_id = self.next_event_id;
         let outbox = cf(CF_OUTBOX);
-        let append = |batch: &mut WriteBatch, next: &mut u64, event: &Event| {
-            batch.put_cf(outbox, next.to_be_bytes(), event.encode(*next));
-            *next += 1;
-        };
+        let mut raised: HashMap<&'static [u8], u64> = HashMap::new();
         self.presence.clear();
         for job in jobs {
             let mut id = None;
             for op in &job.ops {
                 match op {
-                    Op::Uplink { device, received_at, topic, payload, source } => {
+                    Op::Uplink { device, received_at, topic, payload, event } => {
                         let mid = MessageId(self.next_message_id);
                         self.next_message_id += 1;
                         batch.put_cf(
@@ -541,8 +536,8 @@ impl BatchWriter {
                             MessageRecord::encode_parts(*received_at, topic, payload),
                         );
                         id = Some(mid);
-                        if let Some(source) = source {
-                            let record = uplink_record(source, *device, mid, *received_at);
+                        if let Some(event) = event {
+                            let record = event.encode(*device, mid, *received_at);
                             batch.put_cf(outbox, self.next_event_id.to_be_bytes(), record);
                             self.next_event_id += 1;
                         }
@@ -567,13 +562,7 @@ impl BatchWriter {
                             batch.put_cf(cf(CF_DEVICES), device_key(&d.product_key, &d.device_name), to_json(&d));
                         }
                     }
-                    Op::DeleteDevice { record, tokens, commands } => {
-                        let (from, to) = (record.id.0.to_be_bytes(), (record.id.0 + 1).to_be_bytes());
-                        batch.delete_range_cf(cf(CF_COMMANDS), from.as_slice(), to.as_slice());
-                        batch.delete_range_cf(cf(CF_OPEN_COMMANDS), from.as_slice(), to.as_slice());
-                        for c in commands {
-                            batch.delete_cf(cf(CF_COMMAND_IDS), c.0.to_be_bytes());
-                        }
+                    Op::DeleteDevice { record, tokens } => {
                         batch.delete_cf(cf(CF_DEVICES), device_key(&record.product_key, &record.device_name));
                         batch.delete_cf(presence_cf, record.id.0.to_be_bytes());
                         batch.delete_cf(presence_cf, announced_key(record.id));
@@ -595,45 +584,22 @@ impl BatchWriter {
                         batch.delete_cf(sessions, token.as_bytes());
                         batch.delete_cf(replay, token.as_bytes());
                     }
-                    Op::PutCommand(c) => {
-                        metrics::counter!(metric::COMMANDS, "status" => c.status.as_str()).increment(1);
-                        if self.wanted.wants(EventKind::CommandStatus) {
-                            append(&mut batch, &mut self.next_event_id, &command_event(c));
-                        }
-                        self.next_command_id = self.next_command_id.max(c.id.0 + 1);
-                        let key = command_key(c.device, c.id);
-                        batch.put_cf(cf(CF_COMMANDS), key, to_json(c));
-                        batch.put_cf(cf(CF_COMMAND_IDS), c.id.0.to_be_bytes(), c.device.0.to_be_bytes());
-                        if c.status.is_open() {
-                            batch.put_cf(cf(CF_OPEN_COMMANDS), key, []);
-                        } else {
-                            batch.delete_cf(cf(CF_OPEN_COMMANDS), key);
+                    Op::Event(event) => {
+                        batch.put_cf(outbox, self.next_event_id.to_be_bytes(), event.encode(self.next_event_id));
+                        self.next_event_id += 1;
+                    }
+                    Op::RaiseCounter { key, to } => {
+                        let current = match raised.get(key) {
+                            Some(v) => *v,
+                            None => self.counter(key)?,
+                        };
+                        if *to > current {
+                            raised.insert(key, *to);
                         }
                     }
-                    Op::Event(event) => append(&mut batch, &mut self.next_event_id, event),
-                    Op::PutWebhook(w) => batch.put_cf(cf(CF_WEBHOOKS), w.id.0.to_be_bytes(), to_json(w)),
-                    Op::DeleteWebhook(w) => {
-                        batch.delete_cf(cf(CF_WEBHOOKS), w.0.to_be_bytes());
-                        batch.delete_cf(cf(CF_WEBHOOKS), webhook_cursor_key(*w));
-                    }
-                    Op::WebhookCursor { webhook, delivered } => {
-                        batch.put_cf(cf(CF_WEBHOOKS), webhook_cursor_key(*webhook), delivered.to_le_bytes());
-                    }
-                    Op::TrimOutbox { below } => {
-                        batch.delete_range_cf(outbox, 0u64.to_be_bytes(), below.to_be_bytes());
-                    }
-                    Op::PutDistribution(t) => batch.put_cf(cf(CF_DISTRIBUTIONS), t.id.0.to_be_bytes(), to_json(t)),
-                    Op::PutDistributionEntry(e) => {
-                        batch.put_cf(cf(CF_DISTRIBUTION_ENTRIES), pair_key(e.task.0, e.device.0), to_json(e))
-                    }
-                    Op::PutTask(t) => batch.put_cf(cf(CF_OTA_TASKS), t.id.0.to_be_bytes(), to_json(t)),
-                    Op::PutUpgrade(u) => batch.put_cf(cf(CF_UPGRADES), upgrade_key(u.task, u.device), to_json(u)),
-                    Op::PutPackage { record, chunks } => {
-                        for (i, chunk) in chunks.iter().enumerate() {
-                            batch.put_cf(cf(CF_CHUNKS), chunk_key(record.id, i as u16), chunk);
-                        }
-                        batch.put_cf(cf(CF_PACKAGES), record.id.0.to_be_bytes(), to_json(record));
-                    }
+                    Op::Put { cf: name, key, value } => batch.put_cf(cf(name), key, value),
+                    Op::Delete { cf: name, key } => batch.delete_cf(cf(name), key),
+                    Op::DeleteRange { cf: name, from, to } => batch.delete_range_cf(cf(name), from, to),
                 }
             }
             ids.push(id);
@@ -649,8 +615,8 @@ impl BatchWriter {
         if self.next_device_id != first_device_id {
             batch.put_cf(cf(CF_META), META_NEXT_DEVICE_ID, self.next_device_id.to_le_bytes());
         }
-        if self.next_command_id != first_command_id {
-            batch.put_cf(cf(CF_META), META_NEXT_COMMAND_ID, self.next_command_id.to_le_bytes());
+        for (key, value) in &raised {
+            batch.put_cf(cf(CF_META), key, value.to_le_bytes());
         }
         if self.next_event_id != first_event_id {
             batch.put_cf(cf(CF_META), META_NEXT_EVENT_ID, self.next_event_id.to_le_bytes());
@@ -663,10 +629,23 @@ impl BatchWriter {
         // Ids of a failed batch are not handed out again: were its WAL record to survive (written,
         // then the sync failed) a reused id would overwrite it, e.g. behind a webhook's cursor.
         let result = self.write_stalled(batch, &opts);
-        if result.is_ok() && self.next_event_id != first_event_id {
-            self.events.send_replace(self.next_event_id - 1);
+        if result.is_ok() {
+            self.counters.extend(raised);
+            if self.next_event_id != first_event_id {
+                self.events.send_replace(self.next_event_id - 1);
+            }
         }
         result
+    }
+
+    /// The value of a raised counter as last written.
+    fn counter(&mut self, key: &'static [u8]) -> Result<u64, StoreError> {
+        if let Some(v) = self.counters.get(key) {
+            return Ok(*v);
+        }
+        let v = self.store.meta_u64(key)?.unwrap_or(0);
+        self.counters.insert(key, v);
+        Ok(v)
     }
 
     /// Writes `batch`, trying it again with growing pauses while RocksDB reports a write stall,
@@ -682,17 +661,6 @@ impl BatchWriter {
             result = self.db.write_opt(WriteBatch::from_data(&data), opts).map_err(|e| self.store.write_error(e));
         }
         result
-    }
-}
-
-fn command_event(c: &CommandRecord) -> Event {
-    let time = UnixMs([c.finished_at, c.delivered_at, c.sent_at].into_iter().flatten().max().unwrap_or(c.created_at));
-    Event {
-        kind: EventKind::CommandStatus,
-        product_key: c.product_key.clone(),
-        device_name: c.device_name.clone(),
-        time,
-        data: serde_json::to_value(CommandView::from(c.clone())).expect("a command serialises"),
     }
 }
 

@@ -663,6 +663,13 @@ impl Reply {
 }
 
 impl Server {
+    /// Moves the server's wall clock forward (it runs with `NBHUB_ADMIN_CLOCK_CONTROL=true`).
+    pub fn advance_clock(&self, by: Duration) {
+        self.admin()
+            .post("/api/v1/clock/advance", &json!({"milliseconds": by.as_millis() as u64}))
+            .expect("move the clock");
+    }
+
     /// Queues a command; returns the created command.
     pub fn send_command(&self, pk: &str, dn: &str, body: Value) -> Value {
         self.admin().post(&format!("/api/v1/products/{pk}/devices/{dn}/commands"), &body).expect("create command")

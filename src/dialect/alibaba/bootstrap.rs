@@ -6,10 +6,10 @@
 use super::Alibaba;
 use super::body::SignedBody;
 use crate::auth::sign::{SignMethod, auth_content};
+use crate::cluster::distribution::BootstrapAnswer;
 use crate::coap::message::Code;
 use crate::coap::resource::{Request, Response};
 use crate::dialect::Outcome;
-use crate::registry::distribution::BootstrapAnswer;
 use crate::telemetry::metric;
 
 fn refuse(code: Code, reason: &'static str) -> Outcome {
@@ -48,7 +48,7 @@ impl Alibaba {
         if !device.state().enabled {
             return refuse(Code::FORBIDDEN, "disabled");
         }
-        match self.registry.bootstrap(&device, req.peer.ip(), self.family, signed) {
+        match self.cluster.bootstrap(&device, req.peer.ip(), self.family, signed) {
             BootstrapAnswer::Go { host, port } => {
                 metrics::counter!(metric::BOOTSTRAP, "result" => "ok").increment(1);
                 tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, %host, port, "bootstrap");

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::clock::Now;
+use crate::cluster::Cluster;
 use crate::coap::message::Code;
 use crate::coap::resource::{ExchangeKey, Reply, Request, Response};
 use crate::dialect::Outcome;
@@ -23,6 +24,8 @@ use crate::store::records::PortFamily;
 
 pub struct Alibaba {
     registry: Arc<Registry>,
+    /// Where `/bootstrap` sends a device.
+    cluster: Arc<Cluster>,
     family: PortFamily,
     route: Route,
     /// `/pull` answers not yet acknowledged, by the key of their separate response.
@@ -30,8 +33,8 @@ pub struct Alibaba {
 }
 
 impl Alibaba {
-    pub fn new(registry: Arc<Registry>, route: Route) -> Alibaba {
-        Alibaba { registry, family: route.family, route, pulls: HashMap::new() }
+    pub fn new(registry: Arc<Registry>, cluster: Arc<Cluster>, route: Route) -> Alibaba {
+        Alibaba { registry, cluster, family: route.family, route, pulls: HashMap::new() }
     }
 
     /// The request if it is one of this dialect's resources.
@@ -61,8 +64,11 @@ impl Alibaba {
 /// Applies the device's flow control (SPEC §7): 4.29 with Max-Age saying when to retry.
 #[allow(clippy::result_large_err)] // the error is the outcome handed straight back to the endpoint
 fn admit(state: &mut DeviceState, req: &Request<'_, '_>, registry: &Registry, device: &Device) -> Result<(), Outcome> {
-    state.admit(req.now.wall, &registry.config.device).map_err(|retry_after| {
-        refusal::over_budget(Dialect::Alibaba, device, req.peer, OverBudget::Refused);
-        Outcome::Respond(Response { max_age: Some(retry_after), ..Response::new(Code::TOO_MANY_REQUESTS) })
-    })
+    state.admit(req.now.wall, &registry.config.device).map_err(|retry_after| over_budget(req, device, retry_after))
+}
+
+/// 4.29 with Max-Age saying when to retry, counted.
+fn over_budget(req: &Request<'_, '_>, device: &Device, retry_after: u32) -> Outcome {
+    refusal::over_budget(Dialect::Alibaba, device, req.peer, OverBudget::Refused);
+    Outcome::Respond(Response { max_age: Some(retry_after), ..Response::new(Code::TOO_MANY_REQUESTS) })
 }

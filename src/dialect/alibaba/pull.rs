@@ -60,7 +60,7 @@ impl Alibaba {
                 &mut changed,
             );
             // SENT is durable before the commands leave (they leave once these writes are).
-            ops.extend(changed.into_iter().map(Op::PutCommand));
+            ops.extend(changed.iter().flat_map(|c| self.registry.command_writes(c)));
             (pcp, commands)
         };
         ops.extend(auth_ops);

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use smallvec::{SmallVec, smallvec};
+use smallvec::SmallVec;
 
-use super::{Alibaba, admit};
+use super::{Alibaba, over_budget};
 use crate::auth::replay::Verdict;
 use crate::coap::message::Code;
 use crate::coap::option::{OptionNumber, content_format};
@@ -14,6 +14,7 @@ use crate::coap::resource::{Request, Response, Undo};
 use crate::dialect::refusal::{Dialect, Refusal};
 use crate::dialect::{Outcome, Persist};
 use crate::identity::{DeviceName, ProductKey, Token};
+use crate::ingest::{self, Accepted, Uplink};
 use crate::registry::device::Device;
 use crate::registry::sessions::SessionView;
 use crate::registry::{Lookup, SeqOutcome};
@@ -120,11 +121,8 @@ impl Alibaba {
             }
             _ => (None, req.msg.payload.to_vec()),
         };
-        {
-            let mut s = device.state();
-            if !self.registry.advances_download(&device, &s, &payload) {
-                admit(&mut s, req, &self.registry, &device)?;
-            }
+        if let Err(retry_after) = ingest::admit(&self.registry, &device, &mut device.state(), &payload, now) {
+            return Err(over_budget(req, &device, retry_after));
         }
         let mut ops = SmallVec::new();
         let mut undo: Option<Undo> = None;
@@ -189,51 +187,32 @@ impl Alibaba {
                 Ok(a) => a,
                 Err(o) => return o,
             };
-        let now = req.now.wall;
-        let (contact, pcp) = {
-            let mut s = device.state();
-            let mut contact = self.registry.contact(&device, &mut s, now, req.peer, self.route);
-            let pcp = self
-                .registry
-                .pcp_message(&device, &payload)
-                .map(|m| self.registry.upgrade_pcp(&device, &mut s, now, &m));
-            if pcp.is_none() {
-                contact.extend(self.registry.radio_report(&device, &mut s, &payload));
-            }
-            (contact, pcp)
-        };
-        if let Some(pcp) = pcp {
-            // Not business data: the answer travels in the response, once what it changed is stored.
-            let mut ops = contact;
-            ops.extend(pcp.ops);
-            ops.extend(auth_ops);
-            let answer = pcp.answer.unwrap_or_default();
-            let payload = match (&key, answer.is_empty()) {
-                (Some(key), false) => key.encrypt(&answer),
-                _ => answer,
-            };
-            let response = if payload.is_empty() {
-                Response::new(Code::CHANGED)
-            } else {
-                Response::with_payload(Code::CHANGED, content_format::OCTET_STREAM, payload)
-            };
-            return Persist { separate: ack_mode == AckMode::Separate, undo, ..Persist::new(ops, response) }.into();
-        }
         let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
         for s in segments {
             topic.push('/');
             topic.push_str(s);
         }
-        let source = self.registry.event_source(&device);
-        let mut ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload, source }];
-        ops.extend(contact);
+        let uplink = Uplink { topic, payload, peer: req.peer, route: self.route, now: req.now.wall };
+        let accepted = ingest::accept(&self.registry, &device, &mut device.state(), uplink);
+        let (mut ops, response) = match accepted {
+            Accepted::Data(ops) => (ops, Response { with_message_id: true, ..Response::new(Code::CHANGED) }),
+            // Not business data: the answer travels in the response, once what it changed is stored.
+            Accepted::Pcp { writes, answer } => {
+                let answer = answer.unwrap_or_default();
+                let payload = match (&key, answer.is_empty()) {
+                    (Some(key), false) => key.encrypt(&answer),
+                    _ => answer,
+                };
+                let response = if payload.is_empty() {
+                    Response::new(Code::CHANGED)
+                } else {
+                    Response::with_payload(Code::CHANGED, content_format::OCTET_STREAM, payload)
+                };
+                (writes, response)
+            }
+        };
         ops.extend(auth_ops);
-        Persist {
-            separate: ack_mode == AckMode::Separate,
-            undo,
-            ..Persist::new(ops, Response { with_message_id: true, ..Response::new(Code::CHANGED) })
-        }
-        .into()
+        Persist { separate: ack_mode == AckMode::Separate, undo, ..Persist::new(ops, response) }.into()
     }
 
     /// 5682: the seq from option 2089 and the plaintext payload, both under the session key;

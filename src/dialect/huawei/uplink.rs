@@ -3,8 +3,6 @@
 //! A PCP message (SPEC §6) is not business data: it moves the device's upgrade on, and its answer
 //! goes down the downlink channel once what it changed is stored.
 
-use smallvec::smallvec;
-
 use super::{Huawei, UPLINK_TOPIC};
 use crate::coap::message::MessageType;
 use crate::coap::observe::Latest;
@@ -13,8 +11,8 @@ use crate::coap::resource::{Effects, Request};
 use crate::dialect::Notified;
 use crate::dialect::refusal::{self, Dialect, OverBudget, Refusal};
 use crate::identity::ObserveToken;
+use crate::ingest::{self, Accepted, Uplink};
 use crate::registry::Device;
-use crate::store::Op;
 
 impl Huawei {
     pub fn notification(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Notified {
@@ -37,7 +35,7 @@ impl Huawei {
             return ignore();
         }
         let now = req.now.wall;
-        let contact = {
+        let accepted = {
             let mut s = device.state();
             if !s.enabled {
                 return refuse(Refusal::Disabled, Some(&device));
@@ -58,8 +56,7 @@ impl Huawei {
                 Refusal::StaleNotification.record(Dialect::Huawei, Some(&device), req.peer);
                 return ignore();
             }
-            let charged = !self.registry.advances_download(&device, &s, req.msg.payload);
-            if charged && s.admit(now, &self.registry.config.device).is_err() {
+            if ingest::admit(&self.registry, &device, &mut s, req.msg.payload, now).is_err() {
                 // No 4.29 exists for a notification.
                 refusal::over_budget(Dialect::Huawei, &device, req.peer, OverBudget::Dropped);
                 return Notified::Drop;
@@ -67,36 +64,33 @@ impl Huawei {
             if newer && let Some(number) = number {
                 s.latest_notification = Some(Latest { number, at_ms: now.0 });
             }
-            let mut contact = self.registry.contact(&device, &mut s, now, req.peer, self.route);
-            if let Some(pcp) = self.registry.pcp_message(&device, req.msg.payload) {
-                let outcome = self.registry.upgrade_pcp(&device, &mut s, now, &pcp);
-                contact.extend(outcome.ops);
-                drop(s);
-                self.registry.establish_observe(&device, token);
-                let follow_up = outcome.answer.map(|frame| self.pcp_answer(&device, token, req.peer, &frame));
-                if follow_up.is_none() {
-                    // An answer to our request: the next one may follow.
-                    self.deliver(req.now, &device, effects);
-                }
-                return Notified::Store { writes: contact, undo: None, follow_up };
-            }
-            contact.extend(self.registry.radio_report(&device, &mut s, req.msg.payload));
-            contact
+            let uplink = Uplink {
+                topic: UPLINK_TOPIC.into(),
+                payload: req.msg.payload.to_vec(),
+                peer: req.peer,
+                route: self.route,
+                now,
+            };
+            ingest::accept(&self.registry, &device, &mut s, uplink)
         };
         // The device acknowledged the relation with a separate notification rather than in the ACK.
         if self.registry.establish_observe(&device, token) {
             tracing::debug!(device = ?device, "observe relation established by a notification");
         }
-        let mut ops = smallvec![Op::Uplink {
-            device: device.id,
-            received_at: now,
-            topic: UPLINK_TOPIC.into(),
-            payload: req.msg.payload.to_vec(),
-            source: self.registry.event_source(&device),
-        }];
-        ops.extend(contact);
-        // The device is awake now: its next command leaves at once.
-        self.deliver(req.now, &device, effects);
-        Notified::Store { writes: ops, undo: None, follow_up: None }
+        match accepted {
+            Accepted::Data(writes) => {
+                // The device is awake now: its next command leaves at once.
+                self.deliver(req.now, &device, effects);
+                Notified::Store { writes, undo: None, follow_up: None }
+            }
+            Accepted::Pcp { writes, answer } => {
+                let follow_up = answer.map(|frame| self.pcp_answer(&device, token, req.peer, &frame));
+                if follow_up.is_none() {
+                    // An answer to our request: the next one may follow.
+                    self.deliver(req.now, &device, effects);
+                }
+                Notified::Store { writes, undo: None, follow_up }
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
-//! Devices moving between instances (SPEC §10), as the registry does it: a device leaving for
-//! another instance is refused here from the moment its move is stored until the destination
-//! refused it; one arriving is stored with its open commands in one write. Distribution tasks
-//! live here too; `cluster::runner` drives them.
+//! Devices moving between instances (SPEC §10): a device leaving for another instance is refused
+//! here from the moment its move is stored until the destination refused it; one arriving is
+//! stored with its open commands in one write. The distributions (tasks moving devices) live here
+//! too; `cluster::runner` drives them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -12,69 +12,69 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use tokio::sync::{Notify, mpsc};
 
-use super::{Device, Registry, RegistryError, write};
-use crate::clock::UnixMs;
-use crate::cluster::Home;
-use crate::cluster::task::{Changed, EntryStatus, Policy, Task, TaskId, TaskRecord, TaskStatus};
-use crate::cluster::transfer::{
+use super::Cluster;
+use super::stored;
+use super::task::{Changed, Distribution, DistributionId, DistributionRecord, DistributionStatus, EntryStatus, Policy};
+use super::transfer::{
     CommandTransfer, DeviceTransfer, ImportOutcome, ImportRequest, ImportResult, ProductTransfer, ReleaseOutcome,
     ReleaseRequest, ReleaseResult,
 };
+use crate::clock::UnixMs;
 use crate::downlink::{CommandId, CommandRecord, CommandStatus};
+use crate::identity::Home;
 use crate::identity::{DeviceId, DeviceName, InstanceName};
+use crate::registry::{Device, RegistryError};
 use crate::store::records::{DeviceRecord, PortFamily, ProductRecord};
 use crate::store::{Op, Store, StoreError};
+use crate::sync::lock;
 
 /// Most devices one task may move (seed 000: 10,000 per distribution).
 pub const MAX_TASK_DEVICES: usize = 10_000;
 
 /// A task and what wakes its runner (an operator's action, a bootstrap).
-pub struct TaskCell {
-    task: Mutex<Task>,
+pub struct DistributionCell {
+    task: Mutex<Distribution>,
     pub wake: Notify,
 }
 
-impl TaskCell {
-    pub fn lock(&self) -> MutexGuard<'_, Task> {
-        self.task.lock().unwrap_or_else(|p| p.into_inner())
+impl DistributionCell {
+    pub fn lock(&self) -> MutexGuard<'_, Distribution> {
+        lock(&self.task)
     }
 }
 
 /// The distribution tasks and the devices open ones hold.
-pub struct Distribution {
-    tasks: Mutex<BTreeMap<TaskId, Arc<TaskCell>>>,
-    members: Mutex<HashMap<DeviceId, TaskId>>,
+pub struct Distributions {
+    tasks: Mutex<BTreeMap<DistributionId, Arc<DistributionCell>>>,
+    members: Mutex<HashMap<DeviceId, DistributionId>>,
     next_id: AtomicU64,
     /// Tasks with work for the runner (created, loaded unfinished, retried, resumed).
-    runnable: mpsc::UnboundedSender<Arc<TaskCell>>,
-    runnable_rx: Mutex<Option<mpsc::UnboundedReceiver<Arc<TaskCell>>>>,
+    runnable: mpsc::UnboundedSender<Arc<DistributionCell>>,
+    runnable_rx: Mutex<Option<mpsc::UnboundedReceiver<Arc<DistributionCell>>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Distribution {
-    pub fn load(store: &Store) -> Result<Distribution, StoreError> {
+impl Distributions {
+    pub fn load(store: &Store) -> Result<Distributions, StoreError> {
         let (runnable, rx) = mpsc::unbounded_channel();
         let mut tasks = BTreeMap::new();
         let mut members = HashMap::new();
         let mut max_id = 0;
-        for record in store.distributions()? {
+        for record in stored::tasks(store)? {
             max_id = max_id.max(record.id.0);
-            let mut entries = store.distribution_entries(record.id)?;
+            let mut entries = stored::entries(store, record.id)?;
             entries.sort_by(|a, b| (a.batch, &a.device_name).cmp(&(b.batch, &b.device_name)));
             if record.status.is_open() {
                 members.extend(entries.iter().map(|e| (e.device, record.id)));
             }
             let (id, open) = (record.id, record.status.is_open());
-            let cell = Arc::new(TaskCell { task: Mutex::new(Task { record, entries }), wake: Notify::new() });
+            let cell =
+                Arc::new(DistributionCell { task: Mutex::new(Distribution { record, entries }), wake: Notify::new() });
             if open {
                 let _ = runnable.send(cell.clone());
             }
             tasks.insert(id, cell);
         }
-        Ok(Distribution {
+        Ok(Distributions {
             tasks: Mutex::new(tasks),
             members: Mutex::new(members),
             next_id: AtomicU64::new(max_id + 1),
@@ -84,26 +84,26 @@ impl Distribution {
     }
 
     /// The runner's end of the queue of tasks with work (taken once).
-    pub fn take_runnable(&self) -> Option<mpsc::UnboundedReceiver<Arc<TaskCell>>> {
+    pub fn take_runnable(&self) -> Option<mpsc::UnboundedReceiver<Arc<DistributionCell>>> {
         lock(&self.runnable_rx).take()
     }
 
-    pub fn task(&self, id: TaskId) -> Option<Arc<TaskCell>> {
+    pub fn task(&self, id: DistributionId) -> Option<Arc<DistributionCell>> {
         lock(&self.tasks).get(&id).cloned()
     }
 
-    pub fn tasks(&self) -> Vec<Arc<TaskCell>> {
+    pub fn tasks(&self) -> Vec<Arc<DistributionCell>> {
         lock(&self.tasks).values().cloned().collect()
     }
 
     /// Hands a task (back) to the runner and wakes it.
-    pub fn run(&self, cell: &Arc<TaskCell>) {
+    pub fn run(&self, cell: &Arc<DistributionCell>) {
         cell.wake.notify_one();
         let _ = self.runnable.send(cell.clone());
     }
 
     /// A finished task lets go of its devices.
-    fn release_members(&self, task: &Task) {
+    fn release_members(&self, task: &Distribution) {
         let mut members = lock(&self.members);
         for e in &task.entries {
             if members.get(&e.device) == Some(&task.record.id) {
@@ -119,9 +119,9 @@ pub struct NewDistribution {
     pub device_names: Option<Vec<DeviceName>>,
     pub policy: Policy,
     pub batch_size: Option<usize>,
-    pub gate: crate::cluster::task::Gate,
+    pub gate: super::task::Gate,
     pub batch_timeout_s: Option<u64>,
-    pub on_timeout: crate::cluster::task::OnTimeout,
+    pub on_timeout: super::task::OnTimeout,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -167,25 +167,26 @@ pub enum BootstrapAnswer {
 }
 
 /// The task changes to store, as ops.
-pub fn task_ops(task: &Task, changed: &Changed) -> Vec<Op> {
-    let mut ops: Vec<Op> = changed.entries.iter().map(|&i| Op::PutDistributionEntry(task.entries[i].clone())).collect();
+pub fn task_ops(task: &Distribution, changed: &Changed) -> Vec<Op> {
+    let mut ops: Vec<Op> = changed.entries.iter().map(|&i| stored::put_entry(&task.entries[i])).collect();
     if changed.record {
-        ops.push(Op::PutDistribution(task.record.clone()));
+        ops.push(stored::put_task(&task.record));
     }
     ops
 }
 
-impl Registry {
+impl Cluster {
     /// Stores a new distribution task and hands it to the runner.
-    pub async fn create_distribution(&self, new: NewDistribution) -> Result<Arc<TaskCell>, RegistryError> {
+    pub async fn create_distribution(&self, new: NewDistribution) -> Result<Arc<DistributionCell>, RegistryError> {
         let product = self
+            .registry
             .product(&new.product_key)
             .ok_or_else(|| RegistryError::NotFound(format!("product {}", new.product_key)))?;
         match &new.policy {
-            Policy::Specified(i) if self.cluster.peer(i).is_none() => {
+            Policy::Specified(i) if self.peers.peer(i).is_none() => {
                 return Err(RegistryError::Invalid(format!("instance {i} is not a configured peer (cluster.peers)")));
             }
-            Policy::Nearest if self.cluster.nearest_peers().is_empty() => {
+            Policy::Nearest if self.peers.nearest_peers().is_empty() => {
                 return Err(RegistryError::Invalid(
                     "the nearest policy needs cluster.nearest rules naming peers".into(),
                 ));
@@ -196,7 +197,7 @@ impl Registry {
             Some(names) => {
                 let mut v = Vec::with_capacity(names.len());
                 for n in names {
-                    let d = self.device(product.product_key.as_str(), n.as_str()).ok_or_else(|| {
+                    let d = self.registry.device(product.product_key.as_str(), n.as_str()).ok_or_else(|| {
                         RegistryError::NotFound(format!("device {n} in product {}", product.product_key))
                     })?;
                     v.push(d);
@@ -206,6 +207,7 @@ impl Registry {
                 v
             }
             None => self
+                .registry
                 .devices_of(product.product_key.as_str(), None, usize::MAX)
                 .into_iter()
                 .filter(|d| d.state().home.is_here())
@@ -233,15 +235,15 @@ impl Registry {
             (_, None) => count,
         };
         let now = UnixMs::now().0;
-        let record = TaskRecord {
-            id: TaskId(self.distribution.next_id.fetch_add(1, Ordering::Relaxed)),
+        let record = DistributionRecord {
+            id: DistributionId(self.distribution.next_id.fetch_add(1, Ordering::Relaxed)),
             product_key: product.product_key.clone(),
             policy: new.policy,
             batch_size,
             gate: new.gate,
             batch_timeout_s: new.batch_timeout_s,
             on_timeout: new.on_timeout,
-            status: TaskStatus::Initializing,
+            status: DistributionStatus::Initializing,
             error: None,
             batch: 0,
             batches: count.div_ceil(batch_size) as u32,
@@ -253,7 +255,7 @@ impl Registry {
             updated_at: now,
         };
         let id = record.id;
-        let task = Task::new(record, devices.iter().map(|d| (d.id, d.device_name.clone())).collect());
+        let task = Distribution::new(record, devices.iter().map(|d| (d.id, d.device_name.clone())).collect());
         {
             let mut members = lock(&self.distribution.members);
             if let Some(d) = devices.iter().find(|d| members.contains_key(&d.id)) {
@@ -265,21 +267,21 @@ impl Registry {
             members.extend(devices.iter().map(|d| (d.id, id)));
         }
         let all = Changed { record: true, entries: (0..task.entries.len()).collect() };
-        if let Err(e) = self.writer.commit(task_ops(&task, &all)).await {
+        if let Err(e) = self.registry.writer().commit(task_ops(&task, &all)).await {
             let mut members = lock(&self.distribution.members);
             for d in &devices {
                 members.remove(&d.id);
             }
             return Err(e.into());
         }
-        let cell = Arc::new(TaskCell { task: Mutex::new(task), wake: Notify::new() });
+        let cell = Arc::new(DistributionCell { task: Mutex::new(task), wake: Notify::new() });
         lock(&self.distribution.tasks).insert(id, cell.clone());
         self.distribution.run(&cell);
         Ok(cell)
     }
 
     /// What to store after a step; a task that completed lets go of its devices.
-    pub fn task_changes(&self, task: &Task, changed: &Changed) -> Vec<Op> {
+    pub fn task_changes(&self, task: &Distribution, changed: &Changed) -> Vec<Op> {
         if changed.record && !task.record.status.is_open() {
             self.distribution.release_members(task);
         }
@@ -287,26 +289,32 @@ impl Registry {
     }
 
     /// An operator's pause, resume, confirmation or retry (rollback is the runner's).
-    pub async fn control_distribution(&self, cell: &Arc<TaskCell>, action: Control) -> Result<(), RegistryError> {
+    pub async fn control_distribution(
+        &self,
+        cell: &Arc<DistributionCell>,
+        action: Control,
+    ) -> Result<(), RegistryError> {
         let now = UnixMs::now().0;
         let ops = {
             let mut task = cell.lock();
             let status = task.record.status;
             let mut changed = Changed { record: true, entries: Vec::new() };
             match action {
-                Control::Pause if matches!(status, TaskStatus::InProgress | TaskStatus::Initializing) => {
-                    task.record.status = TaskStatus::Paused;
+                Control::Pause
+                    if matches!(status, DistributionStatus::InProgress | DistributionStatus::Initializing) =>
+                {
+                    task.record.status = DistributionStatus::Paused;
                 }
-                Control::Resume if status == TaskStatus::Paused => {
+                Control::Resume if status == DistributionStatus::Paused => {
                     // The product is sent again (harmless): the pause may have come before it went.
-                    task.record.status = TaskStatus::Initializing;
+                    task.record.status = DistributionStatus::Initializing;
                     task.record.error = None;
                     // The gate's timeout starts over; `confirm` lets a batch through.
                     if task.record.batch_moved_at.is_some() {
                         task.record.batch_moved_at = Some(now);
                     }
                 }
-                Control::Confirm if matches!(status, TaskStatus::InProgress | TaskStatus::Paused) => {
+                Control::Confirm if matches!(status, DistributionStatus::InProgress | DistributionStatus::Paused) => {
                     task.record.confirmed = true;
                 }
                 Control::Cancel if status.is_open() => match task.cancel(now) {
@@ -319,7 +327,7 @@ impl Registry {
                 },
                 Control::Retry
                     if task.entries.iter().any(|e| e.status == EntryStatus::Failed)
-                        || status == TaskStatus::Failed
+                        || status == DistributionStatus::Failed
                         || task.record.backoff_until.is_some() =>
                 {
                     let id = task.record.id;
@@ -334,7 +342,7 @@ impl Registry {
                         }
                         members.extend(failed.map(|e| (e.device, id)));
                     }
-                    let homes = |d| self.device_by_id(d).map(|d| d.state().home.clone()).unwrap_or_default();
+                    let homes = |d| self.registry.device_by_id(d).map(|d| d.state().home.clone()).unwrap_or_default();
                     changed = task.retry(homes, now);
                 }
                 _ => {
@@ -353,7 +361,7 @@ impl Registry {
             changed.record |= more.record;
             self.task_changes(&task, &changed)
         };
-        self.writer.commit(ops).await?;
+        self.registry.writer().commit(ops).await?;
         self.distribution.run(cell);
         Ok(())
     }
@@ -365,15 +373,15 @@ impl Registry {
         let home = device.state().home.clone();
         let target = match home {
             Home::Leaving(_) | Home::Released(_) | Home::Arriving => {
-                return BootstrapAnswer::Later(self.config.cluster.retry_after_s);
+                return BootstrapAnswer::Later(self.registry.config.cluster.retry_after_s);
             }
             Home::Moved(i) => i,
             Home::Here => match signed.then(|| self.place_nearest(device, ip)).flatten() {
-                Some(true) => return BootstrapAnswer::Later(self.config.cluster.retry_after_s),
-                _ => self.cluster.name.clone(),
+                Some(true) => return BootstrapAnswer::Later(self.registry.config.cluster.retry_after_s),
+                _ => self.peers.name.clone(),
             },
         };
-        match self.cluster.endpoint(&target) {
+        match self.peers.endpoint(&target) {
             Some(e) => BootstrapAnswer::Go { host: e.host.clone(), port: e.port(family) },
             None => BootstrapAnswer::Unknown(target),
         }
@@ -384,7 +392,7 @@ impl Registry {
         let id = *lock(&self.distribution.members).get(&device.id)?;
         let cell = self.distribution.task(id)?;
         let mut task = cell.lock();
-        if task.record.policy != Policy::Nearest || task.record.status != TaskStatus::InProgress {
+        if task.record.policy != Policy::Nearest || task.record.status != DistributionStatus::InProgress {
             return None;
         }
         let i = task.index_of(device.id)?;
@@ -394,14 +402,14 @@ impl Registry {
             EntryStatus::Moving => return Some(true),
             _ => return None,
         }
-        let nearest = self.cluster.nearest(ip).clone();
+        let nearest = self.peers.nearest(ip).clone();
         let now = UnixMs::now().0;
-        let moving = !self.cluster.is_self(&nearest);
+        let moving = !self.peers.is_self(&nearest);
         let status = if moving { EntryStatus::Moving } else { EntryStatus::Stayed };
         let mut changed = task.set(&[i], status, Some(&nearest), None, now);
         let more = task.advance(now);
         changed.record = more.record;
-        self.writer.record(task_ops(&task, &changed));
+        self.registry.writer().record(task_ops(&task, &changed));
         if changed.record && !task.record.status.is_open() {
             self.distribution.release_members(&task);
         }
@@ -418,27 +426,19 @@ impl Registry {
     /// One already in that state is described again (a move resumed after a restart or an
     /// unknown outcome, a repeated release).
     pub fn begin_leaving(&self, device: &Arc<Device>, leaving: Home) -> Option<Leaving> {
-        let mut devices = write(&self.devices);
-        let mut s = device.state();
-        if s.deleted {
-            return None;
-        }
         let release = matches!(leaving, Home::Released(_));
-        let resumed = match &s.home {
-            Home::Here if !(release && s.last_seen.is_some()) => false,
-            home if *home == leaving => true,
-            _ => return None,
-        };
-        s.home = leaving;
-        let mut ops = Vec::new();
-        for t in s.tokens.drain(..) {
-            self.sessions.remove(t.as_bytes());
-            ops.push(Op::DeleteSession(t));
-        }
-        for t in [s.observe.take(), s.pending_observe.take()].into_iter().flatten() {
-            devices.by_observe.remove(&t);
-        }
-        drop(devices);
+        let (s, resumed, mut ops) = self.registry.detach(device, |s| {
+            if s.deleted {
+                return None;
+            }
+            let resumed = match &s.home {
+                Home::Here if !(release && s.last_seen.is_some()) => false,
+                home if *home == leaving => true,
+                _ => return None,
+            };
+            s.home = leaving;
+            Some(resumed)
+        })?;
         let transfer = DeviceTransfer {
             device_name: device.device_name.clone(),
             device_secret: device.secret.clone(),
@@ -494,7 +494,7 @@ impl Registry {
                         Some(id) => format!("moved with its device to instance {to} as command {id}"),
                         None => format!("moved with its device to instance {to}"),
                     });
-                    ops.push(Op::PutCommand(c));
+                    ops.extend(self.registry.command_writes(&c));
                 }
             }
             ImportOutcome::Refused => s.home = Home::Here,
@@ -530,7 +530,7 @@ impl Registry {
     }
 
     async fn adopt_product(&self, p: &ProductTransfer) -> Result<Arc<ProductRecord>, RegistryError> {
-        if let Some(existing) = self.product(p.product_key.as_str()) {
+        if let Some(existing) = self.registry.product(p.product_key.as_str()) {
             if existing.product_secret != p.product_secret {
                 return Err(RegistryError::Conflict(format!(
                     "product {} exists here with another ProductSecret",
@@ -540,7 +540,8 @@ impl Registry {
             return Ok(existing);
         }
         let created = self
-            .create_product(super::NewProduct {
+            .registry
+            .create_product(crate::registry::NewProduct {
                 name: p.name.clone(),
                 product_key: Some(p.product_key.clone()),
                 product_secret: Some(p.product_secret.clone()),
@@ -555,6 +556,7 @@ impl Registry {
         match created {
             // Two imports of a new product at once: the other one created it.
             Err(RegistryError::Conflict(_)) => self
+                .registry
                 .product(p.product_key.as_str())
                 .ok_or_else(|| RegistryError::Conflict(format!("product {} is being created", p.product_key))),
             other => other,
@@ -568,7 +570,7 @@ impl Registry {
             error,
             commands,
         };
-        let existing = self.device(product.product_key.as_str(), d.device_name.as_str());
+        let existing = self.registry.device(product.product_key.as_str(), d.device_name.as_str());
         if let Some(e) = &existing {
             if e.secret != d.device_secret {
                 let error = format!("device {} exists here with another DeviceSecret", d.device_name);
@@ -583,7 +585,7 @@ impl Registry {
                 Home::Moved(ref i) if i == source => {}
                 // Two moves crossing (each side's outcome unknown to it): one side must give
                 // way, the same one whichever request arrives first. The greater name takes it.
-                Home::Leaving(ref i) if i == source && self.cluster.name > *source => {}
+                Home::Leaving(ref i) if i == source && self.peers.name > *source => {}
                 Home::Leaving(ref i) if i == source => {
                     let error = format!("device {} is being moved to {source}; ask again", d.device_name);
                     return answer(ImportOutcome::Retry, Some(error), Vec::new());
@@ -595,7 +597,7 @@ impl Registry {
             }
         }
         if let Some(n) = &d.node_id
-            && let Some(other) = self.device_by_node(n.as_str())
+            && let Some(other) = self.registry.device_by_node(n.as_str())
             && existing.as_ref().is_none_or(|e| e.id != other.id)
         {
             let error = format!("node id {n} is used by device {} here", other.device_name);
@@ -606,7 +608,7 @@ impl Registry {
             Some(e) => e,
             None => {
                 let record = DeviceRecord {
-                    id: DeviceId(self.next_device_id.fetch_add(1, Ordering::Relaxed)),
+                    id: self.registry.new_device_id(),
                     product_key: product.product_key.clone(),
                     device_name: d.device_name.clone(),
                     device_secret: d.device_secret.clone(),
@@ -621,11 +623,9 @@ impl Registry {
                     home: Home::Arriving,
                 };
                 let device = Arc::new(Device::from_record(record, None, None));
-                let mut devices = write(&self.devices);
-                if devices.by_product.get(&product.product_key).is_some_and(|m| m.contains_key(&d.device_name)) {
+                if self.registry.insert(&device).is_err() {
                     return answer(ImportOutcome::Retry, Some("the device is being created here".into()), Vec::new());
                 }
-                devices.insert(&device);
                 device
             }
         };
@@ -650,7 +650,7 @@ impl Registry {
             let ids = self.queue_moved(&device, &mut s, source, &d.commands, now, &mut ops);
             (ops, ids, previous)
         };
-        if let Err(e) = self.writer.commit(ops).await {
+        if let Err(e) = self.registry.writer().commit(ops).await {
             let mut s = device.state();
             for id in &ids {
                 let _ = s.commands.cancel(*id, now.0);
@@ -658,12 +658,12 @@ impl Registry {
             (s.home, s.enabled, s.registered, s.radio, s.version) = previous;
             drop(s);
             if created {
-                self.forget(&device);
+                self.registry.forget(&device);
             }
             return answer(ImportOutcome::Refused, Some(format!("storage error: {e}")), Vec::new());
         }
         device.state().home = Home::Here;
-        self.export_gauges();
+        self.registry.export_gauges();
         tracing::info!(product_key = %device.product_key, device_name = %device.device_name, %source, commands = ids.len(), "device imported");
         answer(ImportOutcome::Imported, None, ids)
     }
@@ -673,7 +673,7 @@ impl Registry {
     fn queue_moved(
         &self,
         device: &Device,
-        s: &mut crate::registry::device::DeviceState,
+        s: &mut crate::registry::DeviceState,
         source: &InstanceName,
         commands: &[CommandTransfer],
         now: UnixMs,
@@ -682,7 +682,7 @@ impl Registry {
         let mut ids = Vec::with_capacity(commands.len());
         for c in commands {
             let record = CommandRecord {
-                id: CommandId(self.next_command_id.fetch_add(1, Ordering::Relaxed)),
+                id: self.registry.new_command_id(),
                 device: device.id,
                 product_key: device.product_key.clone(),
                 device_name: device.device_name.clone(),
@@ -700,8 +700,8 @@ impl Registry {
                 origin: Some(origin(source, c.id)),
             };
             ids.push(record.id);
-            self.command_timers.schedule(record.expires_at.max(now.0), device.id);
-            ops.push(Op::PutCommand(record.clone()));
+            self.registry.command_timers.schedule(record.expires_at.max(now.0), device.id);
+            ops.extend(self.registry.command_writes(&record));
             s.commands.restore(record);
         }
         ids
@@ -721,7 +721,8 @@ impl Registry {
             error: Some(error),
             commands: Vec::new(),
         };
-        let mut known: HashMap<String, CommandId> = match self.store.commands_of(device.id) {
+        let mut known: HashMap<String, CommandId> = match crate::downlink::stored::of(self.registry.store(), device.id)
+        {
             Ok(all) => all.into_iter().filter_map(|c| Some((c.origin?, c.id))).collect(),
             Err(e) => return retry(format!("storage error: {e}")),
         };
@@ -737,7 +738,7 @@ impl Registry {
             self.queue_moved(device, &mut s, source, &missing, now, &mut ops)
         };
         if !ops.is_empty()
-            && let Err(e) = self.writer.commit(ops).await
+            && let Err(e) = self.registry.writer().commit(ops).await
         {
             let mut s = device.state();
             for id in &added {
@@ -766,7 +767,7 @@ impl Registry {
         let mut results = Vec::with_capacity(req.device_names.len());
         let mut ops = Vec::new();
         for name in req.device_names {
-            let device = self.device(req.product_key.as_str(), name.as_str());
+            let device = self.registry.device(req.product_key.as_str(), name.as_str());
             let result = |result, device| ReleaseResult { device_name: name.clone(), result, device };
             let Some(device) = device else {
                 results.push(result(ReleaseOutcome::NotFound, None));
@@ -779,7 +780,7 @@ impl Registry {
                     results.push(result(ReleaseOutcome::NotFound, None));
                     continue;
                 }
-                self.delete_device(req.product_key.as_str(), name.as_str()).await?;
+                self.registry.delete_device(req.product_key.as_str(), name.as_str()).await?;
                 tracing::info!(product_key = %req.product_key, device_name = %name, to = %req.source, "device released");
                 results.push(result(ReleaseOutcome::Released, None));
                 continue;
@@ -793,11 +794,11 @@ impl Registry {
                 None => results.push(result(ReleaseOutcome::NotFound, None)),
             }
         }
-        if let Err(e) = self.writer.commit(ops).await {
+        if let Err(e) = self.registry.writer().commit(ops).await {
             // Nothing was promised: they are served here again.
             let released = Home::Released(req.source.clone());
             for r in results.iter().filter(|r| r.device.is_some()) {
-                if let Some(d) = self.device(req.product_key.as_str(), r.device_name.as_str()) {
+                if let Some(d) = self.registry.device(req.product_key.as_str(), r.device_name.as_str()) {
                     let _ = self.abort_leaving(&d, &released);
                 }
             }
