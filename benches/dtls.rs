@@ -11,12 +11,12 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 mod common;
-use nbhub::config::SyncPolicy;
 use nbhub::dtls::peers::{Limits, PeerTable};
 use nbhub::dtls::pipe::Pipe;
 use nbhub::dtls::quota::{PrefixLengths, Quotas};
 use nbhub::identity::DeviceName;
 use nbhub::registry::NewDevice;
+use nbhub::store::SyncPolicy;
 use nbhub::store::WriterThread;
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslStream, SslVerifyMode};
 

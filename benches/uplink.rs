@@ -15,11 +15,12 @@ use nbhub::clock::Now;
 use nbhub::coap::endpoint::{Actions, Endpoint, EndpointConfig};
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
-use nbhub::config::SyncPolicy;
 use nbhub::dialect::DeviceFacing;
 use nbhub::identity::{DeviceName, ProductKey};
+use nbhub::net::PortFamily;
+use nbhub::registry::{AckMode, SessionRecord};
 use nbhub::registry::{NewDevice, Registry, Route};
-use nbhub::store::records::{AckMode, PortFamily, SessionRecord};
+use nbhub::store::SyncPolicy;
 use nbhub::store::{Completion, Job, WriterThread};
 use nbhub::transport::udp::written;
 

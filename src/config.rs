@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::{Table, Value};
 
 use crate::identity::InstanceName;
+use crate::store::SyncPolicy;
 use crate::telemetry::LogFormat;
 
 /// The embedded default configuration; `nbhub serve` with no arguments runs on exactly this.
@@ -247,16 +248,6 @@ impl StoreConfig {
     pub fn message_retention(&self) -> Option<Duration> {
         (self.message_retention_s > 0).then(|| Duration::from_secs(self.message_retention_s))
     }
-}
-
-/// How a group-committed batch is made durable before devices see success.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncPolicy {
-    /// fsync every batch: survives power loss.
-    Fsync,
-    /// write the WAL without fsync: survives a crash of the process, not of the machine.
-    Wal,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -35,8 +35,8 @@ use tokio::sync::watch;
 use coap::endpoint::{Endpoint, EndpointConfig};
 use config::Config;
 use dialect::DeviceFacing;
+use net::PortFamily;
 use registry::{Registry, Route};
-use store::records::PortFamily;
 use store::{Store, StoreError, WriterThread};
 
 /// File in the data directory naming the bound addresses (useful with port 0).

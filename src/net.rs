@@ -1,7 +1,20 @@
-//! Address prefixes (CIDR): the ones the config names, and the network a source address is
-//! counted in.
+//! The network as devices meet it: the port families they reach the server on, and address
+//! prefixes (CIDR), the ones the config names and the network a source address is counted in.
 
 use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Which listener family a token belongs to; a token is only valid on its own family, so a 5682
+/// token cannot be used in the clear on 5683.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortFamily {
+    Plain,
+    Aes,
+    /// Tokens from `/auth` inside a DTLS session (5684).
+    Dtls,
+}
 
 /// An address prefix such as `10.1.0.0/16` or `2001:db8::/32`. IPv4 devices reaching an IPv6
 /// socket arrive as IPv4-mapped addresses and match IPv4 prefixes.

@@ -150,9 +150,9 @@ const LEAVES: [(&str, &[&str]); 8] = [
     ("sync", &[]),
     ("net", &[]),
     ("telemetry", &[]),
-    ("config", &["identity", "net", "telemetry"]),
+    ("config", &["identity", "net", "store", "telemetry"]),
     ("coap", &["clock", "identity"]),
-    ("store", &["auth", "clock", "config", "identity", "telemetry"]),
+    ("store", &["auth", "clock", "identity", "telemetry"]),
 ];
 
 #[test]

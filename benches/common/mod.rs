@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use nbhub::config::{Config, SyncPolicy};
+use nbhub::config::Config;
 use nbhub::identity::ProductKey;
 use nbhub::registry::{NewProduct, Registry};
+use nbhub::store::SyncPolicy;
 use nbhub::store::records::OtaProtocol;
 use nbhub::store::{Store, WriterThread};
 

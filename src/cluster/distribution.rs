@@ -23,8 +23,9 @@ use crate::clock::UnixMs;
 use crate::downlink::{CommandId, CommandRecord, CommandStatus};
 use crate::identity::Home;
 use crate::identity::{DeviceId, DeviceName, InstanceName};
+use crate::net::PortFamily;
 use crate::registry::{Device, RegistryError};
-use crate::store::records::{DeviceRecord, PortFamily, ProductRecord};
+use crate::store::records::{DeviceRecord, ProductRecord};
 use crate::store::{Op, Store, StoreError};
 use crate::sync::lock;
 

@@ -9,7 +9,7 @@ use super::prefix::PrefixTable;
 use crate::config::{ClusterConfig, PeerConfig};
 use crate::identity::InstanceName;
 use crate::net::Cidr;
-use crate::store::records::PortFamily;
+use crate::net::PortFamily;
 
 /// Where devices reach an instance: a host and one port per listener family.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use crate::cluster::Cluster;
 use crate::coap::message::Code;
 use crate::coap::resource::{self, Effects, ExchangeKey, Reply, Request, Resources};
 use crate::identity::DeviceId;
+use crate::net::PortFamily;
 use crate::registry::{Registry, Route};
-use crate::store::records::PortFamily;
 use alibaba::Alibaba;
 use huawei::Huawei;
 

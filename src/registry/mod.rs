@@ -18,14 +18,15 @@ use crate::clock::UnixMs;
 use crate::config::Config;
 use crate::downlink::CommandId;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
+use crate::net::PortFamily;
 use crate::northbound::Wanted;
-use crate::store::records::{DeviceRecord, OtaProtocol, PortFamily, ProductRecord, Radio, SessionRecord};
+use crate::store::records::{DeviceRecord, OtaProtocol, ProductRecord, Radio};
 use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
 use crate::sync::{read, write};
 pub use commands::{CommandError, CommandTimers, NewCommand};
 pub use device::{Device, DeviceState, Status};
 pub use routes::{Route, Routes};
-pub use sessions::{Lookup, SeqOutcome, Session, SessionView, Sessions};
+pub use sessions::{AckMode, Lookup, SeqOutcome, Session, SessionRecord, SessionView, Sessions};
 
 impl Borrow<str> for ProductKey {
     fn borrow(&self) -> &str {
@@ -179,7 +180,7 @@ impl Registry {
         let ota = upgrades::Ota::load(&store, &devices.by_id)?;
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
-        for (token, record, window) in store.sessions()? {
+        for (token, record, window) in sessions::stored(&store)? {
             let Some(device) = devices.by_id.get(&record.device_id) else {
                 stale.push(Op::DeleteSession(token));
                 continue;
@@ -568,13 +569,13 @@ impl Registry {
             if self.sessions.family(old.as_bytes()) == Some(family)
                 && let Some(r) = self.sessions.replace(old.as_bytes(), grace_end)
             {
-                ops.push(Op::PutSession { token: old.clone(), record: r });
+                ops.push(sessions::put(old.clone(), &r));
             }
         }
         let token = Token::generate();
         state.tokens.push(token.clone());
         let window = (family == PortFamily::Aes).then(|| ReplayWindow::new(self.config.auth.replay_window));
-        ops.push(Op::PutSession { token: token.clone(), record: record.clone() });
+        ops.push(sessions::put(token.clone(), &record));
         self.sessions.insert(token.clone(), Session::new(device.clone(), record, window));
         (token, ops)
     }
@@ -582,9 +583,9 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use super::sessions::AckMode;
     use super::*;
     use crate::store::WriterThread;
-    use crate::store::records::AckMode;
 
     #[tokio::test]
     async fn expired_sessions_are_swept_from_memory_and_store() {
@@ -632,7 +633,7 @@ mod tests {
         // the second /auth replaced the first token; the first was idle past the TTL anyway
         assert_eq!(registry.sweep_expired_sessions(now).await.unwrap(), 1);
         assert_eq!(registry.sessions.len(), 1);
-        assert_eq!(store.sessions().unwrap().len(), 1);
+        assert_eq!(sessions::stored(&store).unwrap().len(), 1);
         thread.stop();
     }
 }

@@ -8,7 +8,7 @@ use std::sync::RwLock;
 use tokio::sync::mpsc;
 
 use crate::identity::DeviceId;
-use crate::store::records::PortFamily;
+use crate::net::PortFamily;
 use crate::sync::{read, write};
 
 /// One socket of one listener.

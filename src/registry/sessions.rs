@@ -5,19 +5,65 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::cipher::SessionKey;
 use crate::auth::replay::{ReplayWindow, Verdict};
 use crate::clock::UnixMs;
-use crate::identity::Token;
+use crate::identity::{DeviceId, Token};
+use crate::net::PortFamily;
 use crate::registry::device::Device;
-use crate::store::records::{AckMode, PortFamily, SessionRecord};
+use crate::store::{CF_REPLAY, CF_SESSIONS, Op, Store, StoreError, corrupt, json};
 use crate::sync::lock;
 
 /// How often (at most) a session's sliding expiry is written back: a token's lifetime is days,
 /// so an hour of staleness after a crash costs nothing and saves a write per uplink.
 pub const LAST_USED_WRITE_INTERVAL_MS: u64 = 3_600_000;
+
+/// How a session's requests are answered (the `/auth` body's `ackMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Result piggybacked on the ACK.
+    #[default]
+    Piggybacked,
+    /// Empty ACK at once, the result later as a separate CON response.
+    Separate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub device_id: DeviceId,
+    pub family: PortFamily,
+    /// The `random` of a 5682 session, from which its AES key is derived.
+    pub random: Option<String>,
+    pub seq_offset: u64,
+    pub ack_mode: AckMode,
+    pub created_at: u64,
+    pub last_used: u64,
+    /// Set when a newer `/auth` replaced this token: it then ends at this time regardless of use.
+    pub replaced_until: Option<u64>,
+    /// The `sign` of the `/auth` request that opened this session (to recognise its replay).
+    #[serde(default)]
+    pub auth_sign: Option<String>,
+}
+
+/// A session as stored, under its token; a 5682 session's anti-replay window is kept beside it
+/// (merged by the store, so each accepted seq is a small write).
+pub fn put(token: Token, record: &SessionRecord) -> Op {
+    Op::put_json(CF_SESSIONS, token.as_bytes().to_vec(), record)
+}
+
+/// Every stored session with its anti-replay window (5682 sessions only have one).
+pub fn stored(store: &Store) -> Result<Vec<(Token, SessionRecord, Option<ReplayWindow>)>, StoreError> {
+    store.scan(CF_SESSIONS, |k, v| {
+        let token = Token::from_bytes(k).ok_or_else(|| corrupt(k, "bad token key"))?;
+        let record: SessionRecord = json(k, v)?;
+        let window = store.get(CF_REPLAY, k)?.and_then(|w| ReplayWindow::decode(&w));
+        Ok((token, record, window))
+    })
+}
 
 pub struct Session {
     pub device: Arc<Device>,

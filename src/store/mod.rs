@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 
-use crate::auth::replay::{self, ReplayWindow};
+use crate::auth::replay;
 use crate::clock::UnixMs;
-use crate::identity::{DeviceId, DeviceName, ProductKey, Token};
-use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord, SessionRecord};
+use crate::identity::{DeviceId, DeviceName, ProductKey};
+pub use records::MessageId;
+use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord};
 pub use writer::{
-    Commit, CommitSink, Committed, Completion, Job, LiveRecord, MessageId, Op, Ops, OutboxEvent, UplinkEvent, Writer,
+    Commit, CommitSink, Committed, Completion, Job, LiveRecord, Op, Ops, OutboxEvent, SyncPolicy, UplinkEvent, Writer,
     WriterThread,
 };
 
@@ -342,16 +343,6 @@ impl Store {
         Ok(Presence { contacts: presence, announced })
     }
 
-    /// Every stored session with its anti-replay window (5682 sessions only have one).
-    pub fn sessions(&self) -> Result<Vec<(Token, SessionRecord, Option<ReplayWindow>)>, StoreError> {
-        self.scan(CF_SESSIONS, |k, v| {
-            let token = Token::from_bytes(k).ok_or_else(|| corrupt(k, "bad token key"))?;
-            let record: SessionRecord = json(k, v)?;
-            let window = self.db.get_pinned_cf(self.cf(CF_REPLAY), k)?.and_then(|w| ReplayWindow::decode(&w));
-            Ok((token, record, window))
-        })
-    }
-
     pub fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
         Ok(match self.db.get_pinned_cf(self.cf(CF_META), key)? {
             Some(v) => Some(u64::from_le_bytes(v.as_ref().try_into().map_err(|_| corrupt(key, "not a u64"))?)),
@@ -403,7 +394,6 @@ pub fn corrupt(key: &[u8], reason: &str) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SyncPolicy;
     use records::MessageRecord;
 
     #[test]

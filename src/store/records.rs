@@ -73,45 +73,6 @@ pub struct DeviceRecord {
     pub home: Home,
 }
 
-/// Which listener family a token belongs to; a token is only valid on its own family, so a 5682
-/// token cannot be used in the clear on 5683.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PortFamily {
-    Plain,
-    Aes,
-    /// Tokens from `/auth` inside a DTLS session (5684).
-    Dtls,
-}
-
-/// How a session's requests are answered (the `/auth` body's `ackMode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AckMode {
-    /// Result piggybacked on the ACK.
-    #[default]
-    Piggybacked,
-    /// Empty ACK at once, the result later as a separate CON response.
-    Separate,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionRecord {
-    pub device_id: DeviceId,
-    pub family: PortFamily,
-    /// The `random` of a 5682 session, from which its AES key is derived.
-    pub random: Option<String>,
-    pub seq_offset: u64,
-    pub ack_mode: AckMode,
-    pub created_at: u64,
-    pub last_used: u64,
-    /// Set when a newer `/auth` replaced this token: it then ends at this time regardless of use.
-    pub replaced_until: Option<u64>,
-    /// The `sign` of the `/auth` request that opened this session (to recognise its replay).
-    #[serde(default)]
-    pub auth_sign: Option<String>,
-}
-
 /// Last contact of a device; written at most once per device per committed batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceRecord {
@@ -174,3 +135,7 @@ mod tests {
         assert_eq!(MessageRecord::decode(&[1, 2]), None);
     }
 }
+
+/// Id of a stored uplink, assigned at commit so ids grow in commit order (cursor paging relies on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(pub u64);

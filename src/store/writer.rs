@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 
-use super::records::{DeviceRecord, PresenceRecord, ProductRecord, SessionRecord};
+use super::records::MessageId;
+use super::records::{DeviceRecord, PresenceRecord, ProductRecord};
 use super::{
     CF_DEVICES, CF_MESSAGES, CF_META, CF_OUTBOX, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, META_NEXT_DEVICE_ID,
     META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError, announced_key, device_key, message_key,
@@ -21,7 +22,6 @@ use super::{
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
-use crate::config::SyncPolicy;
 use crate::identity::{DeviceId, Token};
 use crate::telemetry::metric;
 
@@ -35,9 +35,15 @@ const REMIND_INTERVAL: Duration = Duration::from_secs(60);
 /// Most state changes nobody waits for kept while the disk is full (then the oldest go).
 const MAX_HELD: usize = 100_000;
 
-/// Id of a stored uplink, assigned at commit so ids grow in commit order (cursor paging relies on it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MessageId(pub u64);
+/// How a group-committed batch is made durable before devices see success.
+#[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// fsync every batch: survives power loss.
+    Fsync,
+    /// write the WAL without fsync: survives a crash of the process, not of the machine.
+    Wal,
+}
 
 /// One change to the store.
 #[derive(Debug)]
@@ -76,10 +82,6 @@ pub enum Op {
     DeleteDevice {
         record: DeviceRecord,
         tokens: Vec<Token>,
-    },
-    PutSession {
-        token: Token,
-        record: SessionRecord,
     },
     DeleteSession(Token),
     /// An event for the outbox (the writer assigns its id).
@@ -576,9 +578,6 @@ impl BatchWriter {
                             batch.delete_cf(replay, t.as_bytes());
                         }
                         self.presence.remove(&record.id);
-                    }
-                    Op::PutSession { token, record } => {
-                        batch.put_cf(sessions, token.as_bytes(), to_json(record));
                     }
                     Op::DeleteSession(token) => {
                         batch.delete_cf(sessions, token.as_bytes());

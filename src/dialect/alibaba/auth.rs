@@ -10,8 +10,9 @@ use crate::coap::message::Code;
 use crate::coap::resource::Request;
 use crate::dialect::{Outcome, Persist};
 use crate::identity::Token;
+use crate::net::PortFamily;
+use crate::registry::{AckMode, SessionRecord};
 use crate::store::Op;
-use crate::store::records::{AckMode, PortFamily, SessionRecord};
 use crate::telemetry::metric;
 
 /// Sequence numbers on 5682 start here; the key is new for every session, so a fixed start
@@ -73,7 +74,7 @@ impl Alibaba {
                 metrics::counter!(metric::AUTH, "result" => "replayed").increment(1);
                 tracing::debug!(product_key = pk, device_name = dn, peer = %req.peer, ?token, "replayed /auth renewed its token");
                 let reply = answer(&token, &record);
-                let ops = smallvec::smallvec![Op::PutSession { token, record }];
+                let ops = smallvec::smallvec![crate::registry::sessions::put(token, &record)];
                 return Persist { separate: ack_mode == AckMode::Separate, ..Persist::new(ops, body.reply(reply)) }
                     .into();
             }

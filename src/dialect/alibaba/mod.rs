@@ -18,9 +18,9 @@ use crate::coap::message::Code;
 use crate::coap::resource::{ExchangeKey, Reply, Request, Response};
 use crate::dialect::Outcome;
 use crate::dialect::refusal::{self, Dialect, OverBudget};
+use crate::net::PortFamily;
 use crate::registry::device::DeviceState;
 use crate::registry::{Device, Registry, Route};
-use crate::store::records::PortFamily;
 
 pub struct Alibaba {
     registry: Arc<Registry>,

@@ -15,11 +15,12 @@ use crate::dialect::refusal::{Dialect, Refusal};
 use crate::dialect::{Outcome, Persist};
 use crate::identity::{DeviceName, ProductKey, Token};
 use crate::ingest::{self, Accepted, Uplink};
+use crate::net::PortFamily;
+use crate::registry::AckMode;
 use crate::registry::device::Device;
 use crate::registry::sessions::SessionView;
 use crate::registry::{Lookup, SeqOutcome};
 use crate::store::Op;
-use crate::store::records::{AckMode, PortFamily};
 
 /// The token as sent: options win over the query, 2088 over 61 (both exist in the field).
 fn token<'a>(req: &'a Request<'_, '_>) -> Option<&'a [u8]> {
@@ -145,7 +146,7 @@ impl Alibaba {
                     undo = Some(Box::new(move || registry.sessions.unmark(token.as_bytes(), seq)));
                 }
                 if let Some(record) = touch {
-                    ops.push(Op::PutSession { token, record });
+                    ops.push(crate::registry::sessions::put(token, &record));
                 }
                 (session.key.clone(), session.ack_mode)
             }
