@@ -15,7 +15,6 @@ use subtle::ConstantTimeEq;
 
 use super::psk::{self, Refusal};
 use crate::identity::DeviceId;
-use crate::registry::Registry;
 
 /// Suites served, all implemented by the record layer of established sessions. The client's
 /// order decides (no server preference): iotkit v3 devices in certificate mode also offer PSK
@@ -72,7 +71,7 @@ pub enum ContextError {
 /// Builds the context for `ciphers` (an OpenSSL cipher string; empty for [`CIPHERS`]). With
 /// `certificates` ((chain, key) pairs, one per key type), the certificate suites are offered too.
 pub fn build(
-    registry: Arc<Registry>,
+    keys: Arc<dyn psk::Keys>,
     ciphers: &str,
     certificates: &[(&Path, &Path)],
 ) -> Result<SslContext, ContextError> {
@@ -94,10 +93,10 @@ pub fn build(
 
     b.set_psk_server_callback(move |ssl, identity, out| {
         let identity = identity.unwrap_or_default();
-        match psk::resolve(&registry, identity) {
+        match psk::resolve(&*keys, identity) {
             Ok((device, key)) if key.len() <= out.len() => {
                 out[..key.len()].copy_from_slice(&key);
-                ssl.set_ex_data(slots.device, device.id);
+                ssl.set_ex_data(slots.device, device);
                 Ok(key.len())
             }
             result => {

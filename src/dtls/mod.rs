@@ -21,7 +21,6 @@ use std::sync::Arc;
 use openssl::ssl::SslContext;
 
 use crate::config::DtlsConfig;
-use crate::registry::Registry;
 
 /// Where the embedded default configuration looks for certificates; when nothing is there the
 /// server still starts (PSK only), so `nbhub serve` works before `scripts/dev-certs` has run.
@@ -36,7 +35,7 @@ pub enum SetupError {
 }
 
 /// The context for `config`, and how many certificates it serves.
-pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext, usize), SetupError> {
+pub fn setup(keys: Arc<dyn psk::Keys>, config: &DtlsConfig) -> Result<(SslContext, usize), SetupError> {
     let mut certificates = Vec::new();
     for (key, cert, private_key) in config.certificates() {
         if cert.exists() {
@@ -48,7 +47,7 @@ pub fn setup(registry: Arc<Registry>, config: &DtlsConfig) -> Result<(SslContext
             return Err(SetupError::MissingCertificate { key, path: cert.display().to_string() });
         }
     }
-    let ctx = context::build(registry, &config.ciphers, &certificates)?;
+    let ctx = context::build(keys, &config.ciphers, &certificates)?;
     Ok((ctx, certificates.len()))
 }
 

@@ -1,12 +1,25 @@
 //! DTLS PSK identities (SPEC §3.3): which device a ClientKeyExchange names, and the key it must
-//! hold. Pure functions over the registry; the handshake calls [`resolve`] from OpenSSL's PSK
-//! callback.
-
-use std::sync::Arc;
+//! hold. Pure functions over a [`Keys`] lookup (the registry, or a table in tests); the handshake
+//! calls [`resolve`] from OpenSSL's PSK callback.
 
 use crate::auth::sign::SignMethod;
-use crate::registry::Registry;
-use crate::registry::device::Device;
+use crate::identity::{DeviceId, Secret};
+
+/// What an identity can name: the devices and the keying material they hold.
+pub trait Keys: Send + Sync {
+    fn by_names(&self, product_key: &str, device_name: &str) -> Option<Holder>;
+    fn by_node(&self, node: &str) -> Option<Holder>;
+}
+
+/// A device as PSK lookup sees it.
+pub struct Holder {
+    pub device: DeviceId,
+    pub secret: Secret,
+    /// Its provisioned raw PSK, hex.
+    pub psk_hex: Option<String>,
+    /// Whether it may open a session here now.
+    pub served: Result<(), Refusal>,
+}
 
 /// The identity forms devices send.
 #[derive(Debug, PartialEq, Eq)]
@@ -90,42 +103,34 @@ pub fn link_sdk_psk(
 }
 
 /// The device `identity` names and the PSK it must prove.
-pub fn resolve(registry: &Registry, identity: &[u8]) -> Result<(Arc<Device>, Vec<u8>), Refusal> {
+pub fn resolve(keys: &dyn Keys, identity: &[u8]) -> Result<(DeviceId, Vec<u8>), Refusal> {
     let parsed = PskIdentity::parse(identity).ok_or(Refusal::Malformed)?;
-    let (device, key) = match parsed {
+    let (holder, key) = match parsed {
         PskIdentity::LinkSdk { method, product_key, device_name, timestamp } => {
-            let device = registry.device(product_key, device_name).ok_or(Refusal::UnknownDevice)?;
-            let key = link_sdk_psk(method, device.secret.expose(), product_key, device_name, timestamp);
-            (device, key)
+            let holder = keys.by_names(product_key, device_name).ok_or(Refusal::UnknownDevice)?;
+            let key = link_sdk_psk(method, holder.secret.expose(), product_key, device_name, timestamp);
+            (holder, key)
         }
         PskIdentity::Device { product_key, device_name } => {
-            let device = registry.device(product_key, device_name).ok_or(Refusal::UnknownDevice)?;
-            let key = match raw_psk(&device) {
+            let holder = keys.by_names(product_key, device_name).ok_or(Refusal::UnknownDevice)?;
+            let key = match raw_psk(&holder) {
                 Some(k) => k,
-                None => device.secret.expose().as_bytes().to_vec(),
+                None => holder.secret.expose().as_bytes().to_vec(),
             };
-            (device, key)
+            (holder, key)
         }
         PskIdentity::Node(node) => {
-            let device = registry.device_by_node(node).ok_or(Refusal::UnknownDevice)?;
-            let key = raw_psk(&device).ok_or(Refusal::NoKey)?;
-            (device, key)
+            let holder = keys.by_node(node).ok_or(Refusal::UnknownDevice)?;
+            let key = raw_psk(&holder).ok_or(Refusal::NoKey)?;
+            (holder, key)
         }
     };
-    {
-        let s = device.state();
-        if !s.enabled {
-            return Err(Refusal::Disabled);
-        }
-        if !s.home.is_here() {
-            return Err(Refusal::Moved);
-        }
-    }
-    Ok((device, key))
+    holder.served?;
+    Ok((holder.device, key))
 }
 
-fn raw_psk(device: &Device) -> Option<Vec<u8>> {
-    device.psk_hex.as_deref().and_then(|h| hex::decode(h).ok())
+fn raw_psk(holder: &Holder) -> Option<Vec<u8>> {
+    holder.psk_hex.as_deref().and_then(|h| hex::decode(h).ok())
 }
 
 #[cfg(test)]
@@ -163,6 +168,63 @@ mod tests {
         ] {
             assert_eq!(PskIdentity::parse(bad), None, "{bad:?}");
         }
+    }
+
+    /// Devices by names and by node, as a registry would hold them.
+    struct Table(Vec<(&'static str, &'static str, Option<&'static str>, Holder)>);
+
+    impl Keys for Table {
+        fn by_names(&self, pk: &str, dn: &str) -> Option<Holder> {
+            self.0.iter().find(|(p, d, ..)| *p == pk && *d == dn).map(|(.., h)| h.copy())
+        }
+        fn by_node(&self, node: &str) -> Option<Holder> {
+            self.0.iter().find(|(_, _, n, _)| *n == Some(node)).map(|(.., h)| h.copy())
+        }
+    }
+
+    impl Holder {
+        fn copy(&self) -> Holder {
+            Holder {
+                device: self.device,
+                secret: self.secret.clone(),
+                psk_hex: self.psk_hex.clone(),
+                served: self.served,
+            }
+        }
+    }
+
+    fn holder(id: u64, secret: &str, psk_hex: Option<&str>, served: Result<(), Refusal>) -> Holder {
+        Holder {
+            device: DeviceId(id),
+            secret: Secret::new(secret).unwrap(),
+            psk_hex: psk_hex.map(String::from),
+            served,
+        }
+    }
+
+    #[test]
+    fn each_identity_form_resolves_to_its_device_and_key() {
+        let keys = Table(vec![
+            ("pk", "dn", None, holder(1, "s3cret", None, Ok(()))),
+            ("pk", "raw", Some("863921034567890"), holder(2, "other", Some("0a0b0c"), Ok(()))),
+            ("pk", "off", Some("863921034567891"), holder(3, "x", Some("01"), Err(Refusal::Disabled))),
+            ("pk", "gone", None, holder(4, "y", None, Err(Refusal::Moved))),
+        ]);
+        let link = b"devicename|hmacsha256|pk&dn|2524608000000";
+        let expected = link_sdk_psk(SignMethod::HmacSha256, "s3cret", "pk", "dn", "2524608000000");
+        assert_eq!(resolve(&keys, link), Ok((DeviceId(1), expected)));
+        // `{pk}&{dn}`: the raw PSK when provisioned, else the DeviceSecret's bytes.
+        assert_eq!(resolve(&keys, b"pk&dn"), Ok((DeviceId(1), b"s3cret".to_vec())));
+        assert_eq!(resolve(&keys, b"pk&raw"), Ok((DeviceId(2), vec![10, 11, 12])));
+        // A node id needs a raw PSK.
+        assert_eq!(resolve(&keys, b"863921034567890"), Ok((DeviceId(2), vec![10, 11, 12])));
+        assert_eq!(resolve(&keys, b"863921034567899"), Err(Refusal::UnknownDevice));
+        assert_eq!(resolve(&keys, b"pk&nobody"), Err(Refusal::UnknownDevice));
+        assert_eq!(resolve(&keys, b"863921034567891"), Err(Refusal::Disabled));
+        assert_eq!(resolve(&keys, b"pk&gone"), Err(Refusal::Moved));
+        assert_eq!(resolve(&keys, b"devicename|md4|pk&dn|1"), Err(Refusal::Malformed));
+        let no_psk = Table(vec![("pk", "dn", Some("8639"), holder(5, "s", None, Ok(())))]);
+        assert_eq!(resolve(&no_psk, b"8639"), Err(Refusal::NoKey));
     }
 
     #[test]

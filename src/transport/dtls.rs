@@ -6,8 +6,35 @@ use crate::clock::Now;
 use crate::coap::endpoint::{Actions, Endpoint, Transmit};
 use crate::coap::resource::Resources;
 use crate::dtls::peers::PeerTable;
+use crate::dtls::psk::{self, Holder};
+use crate::registry::{Device, Registry};
 use crate::telemetry::metric;
 use crate::transport::link::{Datagram, Link, Wire};
+
+/// PSK identities name the registry's devices.
+impl crate::dtls::psk::Keys for Registry {
+    fn by_names(&self, product_key: &str, device_name: &str) -> Option<Holder> {
+        self.device(product_key, device_name).map(|d| holder(&d))
+    }
+
+    fn by_node(&self, node: &str) -> Option<Holder> {
+        self.device_by_node(node).map(|d| holder(&d))
+    }
+}
+
+fn holder(device: &Device) -> Holder {
+    let served = {
+        let s = device.state();
+        if !s.enabled {
+            Err(psk::Refusal::Disabled)
+        } else if !s.home.is_here() {
+            Err(psk::Refusal::Moved)
+        } else {
+            Ok(())
+        }
+    };
+    Holder { device: device.id, secret: device.secret.clone(), psk_hex: device.psk_hex.clone(), served }
+}
 
 pub struct Dtls {
     peers: PeerTable,
