@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -14,7 +14,7 @@ use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::ota::coverage::{CELL_UNITS, Coverage};
-use nbhub::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
+use nbhub::simulate::pcp::{Behaviour, Concurrency, PcpDevice};
 use nbhub::simulate::{huawei_bind, huawei_fleet};
 use serde_json::json;
 use tokio::sync::Barrier;
@@ -44,13 +44,6 @@ struct Args {
 
 const CHUNK_SIZE: usize = 500;
 
-/// Download budget in use in one cell, in the server's units (a cell holds 50).
-#[derive(Default)]
-struct CellUse {
-    now: AtomicU32,
-    peak: AtomicU32,
-}
-
 /// Every 20th device hears its cell at level 2, three in 20 at level 1, the rest at level 0.
 fn level_of(i: usize) -> u8 {
     match i % 20 {
@@ -73,7 +66,7 @@ fn main() {
     eprintln!("created {} devices in product {pk} and package {package_id}", nodes.len());
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let cells: Arc<Vec<CellUse>> = Arc::new((0..args.cells).map(|_| CellUse::default()).collect());
+    let cells: Arc<Vec<Arc<Concurrency>>> = Arc::new((0..args.cells).map(|_| Arc::default()).collect());
     let chunks = Arc::new(AtomicU64::new(0));
     let ready = Arc::new(Barrier::new(nodes.len() + 1));
     let tasks: Vec<_> = nodes
@@ -102,7 +95,7 @@ fn main() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let view = admin.get(&format!("/api/v1/ota/tasks/{task_id}")).unwrap_or_else(|e| fail(e));
-    let peaks: Vec<u32> = cells.iter().map(|c| c.peak.load(Ordering::SeqCst)).collect();
+    let peaks: Vec<u32> = cells.iter().map(|c| c.peak() as u32).collect();
     let served = chunks.load(Ordering::SeqCst);
     println!(
         "{}",
@@ -132,13 +125,14 @@ fn main() {
 struct Sim {
     args: Args,
     package: Arc<Vec<u8>>,
-    cells: Arc<Vec<CellUse>>,
+    cells: Arc<Vec<Arc<Concurrency>>>,
     chunks: Arc<AtomicU64>,
 }
 
 impl Sim {
     /// One device: binds, reports its radio, then follows the platform through the upgrade as
-    /// the LiteOS agent does; what it ended with.
+    /// the LiteOS agent does (`nbhub::simulate::pcp`, which the tests and the soak run too);
+    /// what it ended with.
     async fn device(self, node: String, i: usize, ready: Arc<Barrier>) -> Result<&'static str, &'static str> {
         let cell = i % self.args.cells;
         let level = level_of(i);
@@ -150,85 +144,46 @@ impl Sim {
         }
         ready.wait().await;
         let (socket, token) = bound?;
-        let units = Coverage::Level(level).units();
-        let use_ = &self.cells[cell];
-        let mut buf = [0u8; 2048];
-        let mut observe = 1u8;
-        let mut outstanding: Option<FromDevice> = None;
-        let mut next_chunk = 0u16;
-        let mut count = 0u16;
-        let mut downloading = false;
-        let resend = Duration::from_millis(self.args.resend_ms);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.args.timeout_s);
-        let mut send = |msg: &FromDevice| {
-            observe = observe.wrapping_add(1);
-            notification(&token, observe, &msg.encode())
+        let behaviour = Behaviour {
+            resend: Duration::from_millis(self.args.resend_ms),
+            reboot: Duration::from_millis(500),
+            ..Behaviour::healthy("V1")
         };
+        let units = Coverage::Level(level).units() as usize;
+        let mut sim = PcpDevice::new(behaviour, self.package.clone()).counting(self.cells[cell].clone(), units);
+        let mut observe = 1u8;
+        let mut buf = [0u8; 2048];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.args.timeout_s);
         loop {
-            let wait = (tokio::time::Instant::now() + resend).min(deadline);
-            let n = match tokio::time::timeout_at(wait, socket.recv(&mut buf)).await {
+            for report in sim.due(Instant::now()) {
+                observe = observe.wrapping_add(1);
+                let _ = socket.send(&notification(&token, observe, &report.encode())).await;
+            }
+            if sim.log.bad_chunks > 0 {
+                return Err("a chunk's bytes differ from the package");
+            }
+            if sim.log.upgrade_answered {
+                self.chunks.fetch_add(sim.log.requested.len() as u64, Ordering::Relaxed);
+                return Ok("upgraded");
+            }
+            let wake = sim.next_due().map_or(deadline, |t| tokio::time::Instant::from_std(t).min(deadline));
+            let n = match tokio::time::timeout_at(wake, socket.recv(&mut buf)).await {
                 Ok(Ok(n)) => n,
                 Ok(Err(_)) => return Err("socket error"),
                 Err(_) if tokio::time::Instant::now() >= deadline => return Err("unfinished at the time limit"),
-                Err(_) => {
-                    if let Some(msg) = &outstanding {
-                        let _ = socket.send(&send(msg)).await;
-                    }
-                    continue;
-                }
+                Err(_) => continue,
             };
             let Ok(m) = Message::parse(&buf[..n]) else { continue };
             if m.mtype != MessageType::Con || m.code != Code::POST {
                 continue;
             }
-            let _ = socket.send(&MessageBuilder::new(MessageType::Ack, Code::CHANGED, m.mid, m.token).build()).await;
-            let Ok(msg) = FromPlatform::parse(m.payload) else { return Err("malformed PCP frame") };
-            let reply = match msg {
-                FromPlatform::QueryVersion => {
-                    Some(FromDevice::Version { result: ResultCode::OK, version: Version::new("V1").unwrap() })
-                }
-                FromPlatform::NewVersion { version, chunk_count, .. } => {
-                    let _ = socket.send(&send(&FromDevice::NotifyAnswer { result: ResultCode::OK })).await;
-                    if !downloading {
-                        downloading = true;
-                        let now = use_.now.fetch_add(units, Ordering::SeqCst) + units;
-                        use_.peak.fetch_max(now, Ordering::SeqCst);
-                    }
-                    count = chunk_count;
-                    outstanding = Some(FromDevice::ChunkRequest { version, chunk: next_chunk });
-                    outstanding.clone()
-                }
-                FromPlatform::Chunk { result: ResultCode::OK, chunk, data } if chunk == next_chunk => {
-                    let at = chunk as usize * CHUNK_SIZE;
-                    if self.package.get(at..at + data.len()) != Some(&data[..]) {
-                        return Err("a chunk's bytes differ from the package");
-                    }
-                    self.chunks.fetch_add(1, Ordering::Relaxed);
-                    next_chunk += 1;
-                    outstanding = Some(if next_chunk == count {
-                        use_.now.fetch_sub(units, Ordering::SeqCst);
-                        downloading = false;
-                        FromDevice::DownloadResult { result: ResultCode::OK }
-                    } else {
-                        let version = Version::new("V2").unwrap();
-                        FromDevice::ChunkRequest { version, chunk: next_chunk }
-                    });
-                    outstanding.clone()
-                }
-                FromPlatform::Execute if matches!(outstanding, Some(FromDevice::DownloadResult { .. })) => {
-                    let _ = socket.send(&send(&FromDevice::ExecuteAnswer { result: ResultCode::OK })).await;
-                    // The reboot.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    let done =
-                        FromDevice::UpgradeResult { result: ResultCode::OK, version: Version::new("V2").unwrap() };
-                    outstanding = Some(done);
-                    outstanding.clone()
-                }
-                FromPlatform::UpgradeResultAnswer { .. } => return Ok("upgraded"),
-                _ => None,
-            };
-            if let Some(r) = reply {
-                let _ = socket.send(&send(&r)).await;
+            let Some(answers) = sim.receive(m.payload, Instant::now()) else { continue };
+            let in_ack = answers.in_ack.map(|a| a.encode()).unwrap_or_default();
+            let ack = MessageBuilder::new(MessageType::Ack, Code::CHANGED, m.mid, m.token).payload(&in_ack).build();
+            let _ = socket.send(&ack).await;
+            for answer in answers.after {
+                observe = observe.wrapping_add(1);
+                let _ = socket.send(&notification(&token, observe, &answer.encode())).await;
             }
         }
     }

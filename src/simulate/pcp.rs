@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 
-/// How many simulated devices download at once, and the most that ever did.
+/// How much of a shared budget simulated devices use while they download (each its own weight:
+/// one per device, or its coverage level's share of a cell), and the most ever used at once.
 #[derive(Default)]
 pub struct Concurrency {
     now: AtomicUsize,
@@ -20,12 +21,12 @@ pub struct Concurrency {
 }
 
 impl Concurrency {
-    fn start(&self) {
-        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+    fn start(&self, weight: usize) {
+        let n = self.now.fetch_add(weight, Ordering::SeqCst) + weight;
         self.peak.fetch_max(n, Ordering::SeqCst);
     }
-    fn end(&self) {
-        self.now.fetch_sub(1, Ordering::SeqCst);
+    fn end(&self, weight: usize) {
+        self.now.fetch_sub(weight, Ordering::SeqCst);
     }
     pub fn peak(&self) -> usize {
         self.peak.load(Ordering::SeqCst)
@@ -140,7 +141,8 @@ pub struct PcpDevice {
     asleep_until: Option<Instant>,
     rebooting_until: Option<Instant>,
     counted: bool,
-    concurrency: Option<Arc<Concurrency>>,
+    /// What it counts in while downloading, with its weight.
+    concurrency: Option<(Arc<Concurrency>, usize)>,
 }
 
 impl PcpDevice {
@@ -158,9 +160,16 @@ impl PcpDevice {
         }
     }
 
-    pub fn counting(mut self, c: Arc<Concurrency>) -> PcpDevice {
-        self.concurrency = Some(c);
+    /// Counts its downloads in `c` with `weight`.
+    pub fn counting(mut self, c: Arc<Concurrency>, weight: usize) -> PcpDevice {
+        self.concurrency = Some((c, weight));
         self
+    }
+
+    /// When [`PcpDevice::due`] next has something to do, if ever.
+    pub fn next_due(&self) -> Option<Instant> {
+        let request = self.outstanding.as_ref().filter(|_| !self.radio_off()).map(|o| o.next_at);
+        [self.asleep_until, self.rebooting_until, request].into_iter().flatten().min()
     }
 
     pub fn version(&self) -> &str {
@@ -263,8 +272,8 @@ impl PcpDevice {
                 }
                 if !self.counted {
                     self.counted = true;
-                    if let Some(c) = &self.concurrency {
-                        c.start();
+                    if let Some((c, weight)) = &self.concurrency {
+                        c.start(*weight);
                     }
                 }
                 self.ask_next(now);
@@ -324,8 +333,8 @@ impl PcpDevice {
                 self.log.image = Some(d.chunks.iter().flatten().flatten().copied().collect());
                 if self.counted {
                     self.counted = false;
-                    if let Some(c) = &self.concurrency {
-                        c.end();
+                    if let Some((c, weight)) = &self.concurrency {
+                        c.end(*weight);
                     }
                 }
                 self.request(FromDevice::DownloadResult { result: ResultCode::OK }, at);
@@ -352,8 +361,10 @@ mod tests {
         let notify = FromPlatform::NewVersion { version: version("V2"), chunk_size: 10, chunk_count: 3 };
         let a = d.receive(&notify.encode(), t0).unwrap();
         assert_eq!(a.after, [FromDevice::NotifyAnswer { result: ResultCode::OK }]);
+        assert_eq!(d.next_due(), Some(t0), "the first chunk request is due at once");
         for n in 0..3u16 {
             let asked = d.due(t0);
+            assert_eq!(d.next_due(), Some(t0 + Duration::from_millis(300)), "then again after the resend time");
             assert_eq!(asked, [Report::Pcp(FromDevice::ChunkRequest { version: version("V2"), chunk: n })]);
             assert!(d.due(t0).is_empty(), "not sent again before the resend time");
             let data = package[n as usize * 10..(n as usize * 10 + 10).min(25)].to_vec();
@@ -366,6 +377,7 @@ mod tests {
         let a = d.receive(&FromPlatform::Execute.encode(), later).unwrap();
         assert_eq!(a.after, [FromDevice::ExecuteAnswer { result: ResultCode::OK }]);
         assert!(d.radio_off(), "rebooting");
+        assert_eq!(d.next_due(), Some(later + Duration::from_millis(300)), "the reboot ends");
         assert!(d.receive(&FromPlatform::QueryVersion.encode(), later).is_none(), "nothing heard while rebooting");
         let up = d.due(later + Duration::from_millis(300));
         assert_eq!(up, [Report::Pcp(FromDevice::UpgradeResult { result: ResultCode::OK, version: version("V2") })]);

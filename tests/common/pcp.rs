@@ -27,7 +27,7 @@ impl PcpDevice {
     }
 
     pub fn counting(mut self, c: Arc<Concurrency>) -> PcpDevice {
-        self.sim = self.sim.counting(c);
+        self.sim = self.sim.counting(c, 1);
         self
     }
 
