@@ -4,6 +4,7 @@
 pub mod commands;
 mod contact;
 pub mod device;
+mod observe;
 pub mod routes;
 pub mod sessions;
 pub mod upgrades;
@@ -25,6 +26,7 @@ use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
 use crate::sync::{read, write};
 pub use commands::{CommandError, CommandTimers, NewCommand};
 pub use device::{Device, DeviceState, Status};
+pub use observe::NotificationOrder;
 pub use routes::{Route, Routes};
 pub use sessions::{AckMode, Lookup, SeqOutcome, Session, SessionRecord, SessionView, Sessions};
 
@@ -266,68 +268,6 @@ impl Registry {
 
     pub fn device_by_node(&self, node: &str) -> Option<Arc<Device>> {
         read(&self.devices).by_node.get(node).cloned()
-    }
-
-    pub fn device_by_observe(&self, token: &ObserveToken) -> Option<Arc<Device>> {
-        read(&self.devices).by_observe.get(token).cloned()
-    }
-
-    /// Indexes the relation a bind asks for (replacing an earlier unacknowledged one).
-    pub fn ask_observe(&self, device: &Arc<Device>, token: ObserveToken) {
-        let mut devices = write(&self.devices);
-        let mut s = device.state();
-        // A device that began leaving after its bind was admitted gets no relation here.
-        if s.deleted || !s.home.is_here() {
-            return;
-        }
-        if let Some(old) = s.pending_observe.replace(token) {
-            devices.by_observe.remove(&old);
-        }
-        devices.by_observe.insert(token, device.clone());
-    }
-
-    /// The device acknowledged the relation asked for with `token`: it replaces the previous one
-    /// and is stored. False if `token` is not the one asked for last.
-    pub fn establish_observe(&self, device: &Arc<Device>, token: ObserveToken) -> bool {
-        // Every Huawei uplink asks; only the first after a bind needs the registry-wide lock.
-        if device.state().pending_observe != Some(token) {
-            return false;
-        }
-        let mut devices = write(&self.devices);
-        let mut s = device.state();
-        if s.deleted || s.pending_observe != Some(token) || !s.home.is_here() {
-            return false;
-        }
-        s.pending_observe = None;
-        s.latest_notification = None;
-        if let Some(old) = s.observe.replace(token) {
-            devices.by_observe.remove(&old);
-        }
-        // Queued under the device's lock, so relation changes are stored in their order.
-        self.writer.record([Op::PutDevice(device.clone())]);
-        true
-    }
-
-    /// Ends the relation `token` names (the device answered it with RST: it no longer knows it,
-    /// RFC 7641 §3.6); its commands wait for the next bind.
-    pub fn end_observe(&self, device: &Arc<Device>, token: ObserveToken) {
-        let mut devices = write(&self.devices);
-        let mut s = device.state();
-        if s.observe == Some(token) {
-            s.observe = None;
-            devices.by_observe.remove(&token);
-            self.writer.record([Op::PutDevice(device.clone())]);
-        }
-    }
-
-    /// Forgets a relation the device refused or never acknowledged.
-    pub fn drop_pending_observe(&self, device: &Arc<Device>, token: ObserveToken) {
-        let mut devices = write(&self.devices);
-        let mut s = device.state();
-        if s.pending_observe == Some(token) {
-            s.pending_observe = None;
-            devices.by_observe.remove(&token);
-        }
     }
 
     /// A key for an exchange an endpoint starts.

@@ -5,7 +5,6 @@
 
 use super::{Huawei, UPLINK_TOPIC};
 use crate::coap::message::MessageType;
-use crate::coap::observe::Latest;
 use crate::coap::option::OptionNumber;
 use crate::coap::resource::{Effects, Request};
 use crate::dialect::Notified;
@@ -13,6 +12,7 @@ use crate::dialect::refusal::{self, Dialect, OverBudget, Refusal};
 use crate::identity::ObserveToken;
 use crate::ingest::{self, Accepted, Uplink};
 use crate::registry::Device;
+use crate::registry::NotificationOrder;
 
 impl Huawei {
     pub fn notification(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Notified {
@@ -47,12 +47,8 @@ impl Huawei {
             // earlier notification sent from elsewhere is acknowledged and changes nothing. From
             // the device's own address an older one is a reordered report, and is stored.
             let number = req.msg.uint_option(OptionNumber::OBSERVE).ok().flatten();
-            let newer = match (s.latest_notification, number) {
-                (None, _) => true,
-                (Some(latest), Some(n)) => latest.is_older_than(n, now.0),
-                (Some(_), None) => false,
-            };
-            if !newer && s.address != Some(req.peer) {
+            let order = s.notification_order(number, req.peer, now);
+            if order == NotificationOrder::Stale {
                 Refusal::StaleNotification.record(Dialect::Huawei, Some(&device), req.peer);
                 return ignore();
             }
@@ -61,9 +57,7 @@ impl Huawei {
                 refusal::over_budget(Dialect::Huawei, &device, req.peer, OverBudget::Dropped);
                 return Notified::Drop;
             }
-            if newer && let Some(number) = number {
-                s.latest_notification = Some(Latest { number, at_ms: now.0 });
-            }
+            s.notification_accepted(order, number, now);
             let uplink = Uplink {
                 topic: UPLINK_TOPIC.into(),
                 payload: req.msg.payload.to_vec(),
