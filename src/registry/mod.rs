@@ -306,7 +306,7 @@ impl Registry {
             }
             products.insert(key.clone(), record.clone());
         }
-        if let Err(e) = self.writer.commit([Op::PutProduct((*record).clone())]).await {
+        if let Err(e) = self.writer.commit([Op::PutProduct(Box::new((*record).clone()))]).await {
             write(&self.products).remove(&key);
             return Err(e.into());
         }
@@ -444,7 +444,7 @@ impl Registry {
             self.sessions.remove(t.as_bytes());
         }
         let mut ops = crate::downlink::stored::delete_commands(device.id, &commands);
-        ops.push(Op::DeleteDevice { record, tokens });
+        ops.push(Op::DeleteDevice { record: Box::new(record), tokens });
         if let Err(e) = self.writer.commit(ops).await {
             // Still stored, so still served; its sessions were dropped and it must authenticate again.
             let mut s = device.state();

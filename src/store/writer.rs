@@ -74,13 +74,15 @@ pub enum Op {
         device: DeviceId,
         status: u8,
     },
-    PutProduct(ProductRecord),
+    // The rare large records are boxed: every uplink's job moves its ops several times, so an
+    // op is kept to the size of an uplink.
+    PutProduct(Box<ProductRecord>),
     /// Writes the device's state as it is when the batch is built, so concurrent changes can
     /// never be stored out of order (nothing is written for a deleted device).
     PutDevice(Arc<dyn LiveRecord>),
     /// A device with its presence, messages and sessions (the domains delete what they keep).
     DeleteDevice {
-        record: DeviceRecord,
+        record: Box<DeviceRecord>,
         tokens: Vec<Token>,
     },
     DeleteSession(Token),
@@ -109,6 +111,9 @@ pub enum Op {
         to: Vec<u8>,
     },
 }
+
+// Checked where it is decided: a bigger variant makes every uplink's job dearer to move.
+const _: () = assert!(std::mem::size_of::<Op>() <= 80, "box the large variant");
 
 impl Op {
     /// `record` as JSON under `key`: how the domains keep their records.
