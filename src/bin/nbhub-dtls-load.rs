@@ -2,10 +2,19 @@
 //! exchange, one uplink and a close_notify), then, with `--keep`, the server's memory per
 //! established idle session. With `--server-pid` it also reports the server's own CPU time per
 //! handshake, which is what its capacity is on a machine the generator does not share.
+//!
+//! With `--established N` it measures uplinks instead: N sessions are opened first, then each
+//! sends CON uplinks (stored, fsynced under the default policy, before their ACK) with `--window`
+//! in flight; then as many devices do the same on 5682 (`/auth`, then AES uplinks), driven the
+//! same way, and the report gives both rates and their ratio: what DTLS costs over the cheapest
+//! secure port, measured in the same run.
 
+use std::collections::HashMap;
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -13,6 +22,8 @@ use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::dtls::client::{ClientConfig, DtlsClient};
+use nbhub::simulate::{AlibabaSession, alibaba_auth};
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(name = "nbhub-dtls-load", about = "DTLS PSK handshakes per second and memory per session against nbhub")]
@@ -21,15 +32,32 @@ struct Args {
     admin: AdminArgs,
     #[arg(long, default_value = "127.0.0.1:5684")]
     dtls: SocketAddr,
-    /// Devices created for the run; handshakes cycle through them.
+    /// Devices created for the run; handshakes cycle through them. At least `--established`.
     #[arg(long, default_value_t = 200)]
     devices: usize,
-    /// Client threads, each running one handshake at a time.
+    /// Client threads, each running one handshake at a time or, with `--established`, driving its
+    /// share of the sessions.
     #[arg(long, default_value_t = 4)]
     threads: usize,
-    /// Seconds of handshakes.
+    /// Seconds of handshakes, or of uplinks on each port with `--established`.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Open this many PSK sessions, one device each, and measure uplinks over them, then over as
+    /// many 5682 AES sessions; no handshakes per second.
+    #[arg(long, default_value_t = 0)]
+    established: usize,
+    /// Uplinks in flight per session (`--established`).
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Bytes of each uplink's payload (`--established`).
+    #[arg(long, default_value_t = 64)]
+    payload_size: usize,
+    /// The server's AES port (`--established`).
+    #[arg(long, default_value = "127.0.0.1:5682")]
+    aes: SocketAddr,
+    /// Print the `--established` figures as one JSON line instead of a table.
+    #[arg(long)]
+    json: bool,
     /// Cipher suites offered (OpenSSL names).
     #[arg(long, default_value = "PSK-AES128-CCM8")]
     ciphers: String,
@@ -57,10 +85,15 @@ struct Device {
 fn main() {
     let args = Args::parse();
     let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
-    let fleet = admin.create_fleet("nbhub-dtls-load", "dtls", args.devices.max(1)).unwrap_or_else(|e| fail(e));
+    let count = args.devices.max(args.established).max(1);
+    let fleet = admin.create_fleet("nbhub-dtls-load", "dtls", count).unwrap_or_else(|e| fail(e));
     let pk = fleet.product_key;
     let devices: Arc<Vec<Device>> =
         Arc::new(fleet.devices.into_iter().map(|(dn, secret)| Device { pk: pk.clone(), dn, secret }).collect());
+    if args.established > 0 {
+        established(&args, &devices[..args.established]);
+        return;
+    }
 
     let cpu_before = args.server_pid.and_then(server_cpu);
     let stop = Arc::new(AtomicBool::new(false));
@@ -126,7 +159,7 @@ fn run_worker(
         let d = &devices[i % devices.len()];
         i += 7;
         let t = Instant::now();
-        match session(d, mode, server, payload) {
+        match session(d, mode, server, payload.map(|p| (rand::random(), p))) {
             Some(client) => {
                 client.close();
                 latencies.push(t.elapsed());
@@ -143,21 +176,429 @@ struct Mode {
     psk: bool,
 }
 
-/// A new port, a full handshake and, with a payload, one acknowledged uplink.
-fn session(d: &Device, mode: &Mode, server: SocketAddr, payload: Option<&[u8]>) -> Option<DtlsClient> {
+/// A new port, a full handshake and, given a message id and payload, one acknowledged uplink.
+fn session(d: &Device, mode: &Mode, server: SocketAddr, first: Option<(u16, &[u8])>) -> Option<DtlsClient> {
     let identity = format!("{}&{}", d.pk, d.dn);
     let psk = mode.psk.then_some((identity.as_str(), d.secret.as_bytes()));
     let config = ClientConfig { psk, ciphers: &mode.ciphers, encrypt_then_mac: true };
     let mut client = DtlsClient::new(DtlsClient::bind(server), &config);
     client.handshake(None, Duration::from_secs(5)).ok()?;
-    let Some(payload) = payload else { return Some(client) };
-    let mid: u16 = rand::random();
+    let Some((mid, payload)) = first else { return Some(client) };
+    let reply = client.exchange(&uplink(d, mid, payload), Duration::from_secs(5))?;
+    (Message::parse(&reply).ok()?.code == Code::CHANGED).then_some(client)
+}
+
+/// The uplink a PSK session sends: CON `POST /topic/{pk}/{dn}/load`, its message id as token.
+fn uplink(d: &Device, mid: u16, payload: &[u8]) -> Vec<u8> {
     let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes());
     for seg in ["topic", &d.pk, &d.dn, "load"] {
         b = b.option(OptionNumber::URI_PATH, seg.as_bytes());
     }
-    let reply = client.exchange(&b.payload(payload).build(), Duration::from_secs(5))?;
-    (Message::parse(&reply).ok()?.code == Code::CHANGED).then_some(client)
+    b.payload(payload).build()
+}
+
+/// `--established`: uplinks over DTLS sessions, then over as many 5682 AES sessions, and the ratio.
+fn established(args: &Args, devices: &[Device]) {
+    let mode = Mode { ciphers: args.ciphers.clone(), psk: true };
+    eprintln!("opening {} DTLS sessions ({})", devices.len(), args.ciphers);
+    let dtls = run_sessions(args, devices, |d| Dtls::open(d, &mode, args.dtls));
+    eprintln!("opening {} AES sessions on {}", devices.len(), args.aes);
+    let aes = run_sessions(args, devices, |d| Aes::open(d, args.aes));
+    let ratio = dtls.acknowledged_per_second / aes.acknowledged_per_second.max(1.0);
+    let report = Report {
+        sessions: devices.len(),
+        window: args.window,
+        payload_size: args.payload_size,
+        ciphers: &args.ciphers,
+        ratio,
+        dtls,
+        aes,
+    };
+    report.print(args.json);
+}
+
+/// One established session of either port, as [`drive`] runs it.
+trait Session {
+    fn fd(&self) -> RawFd;
+    /// Sends the next uplink; its message id, or `None` if it could not be sent. Message ids
+    /// follow the one the session was opened with, so none repeats that exchange's.
+    fn send(&mut self, payload: &[u8]) -> Option<u16>;
+    /// The message id and code of the answer waiting on the socket, if it is one.
+    fn answer(&mut self) -> Option<(u16, Code)>;
+    fn close(self);
+}
+
+/// A PSK session on 5684.
+struct Dtls<'a> {
+    device: &'a Device,
+    client: DtlsClient,
+    mid: u16,
+}
+
+impl<'a> Dtls<'a> {
+    /// A handshake and one acknowledged uplink, as in handshake mode, then a non-blocking socket.
+    fn open(device: &'a Device, mode: &Mode, server: SocketAddr) -> Option<Dtls<'a>> {
+        let mid = rand::random();
+        let client = session(device, mode, server, Some((mid, b"open")))?;
+        client.socket.set_nonblocking(true).ok()?;
+        Some(Dtls { device, client, mid })
+    }
+}
+
+impl Session for Dtls<'_> {
+    fn fd(&self) -> RawFd {
+        self.client.socket.as_raw_fd()
+    }
+
+    fn send(&mut self, payload: &[u8]) -> Option<u16> {
+        self.mid = self.mid.wrapping_add(1);
+        self.client.send(&uplink(self.device, self.mid, payload))?;
+        Some(self.mid)
+    }
+
+    fn answer(&mut self) -> Option<(u16, Code)> {
+        // Called when a datagram is waiting, so this returns at once; only a record that is not
+        // application data (none is expected) spins until the millisecond is up.
+        let reply = self.client.recv(Duration::from_millis(1))?;
+        let m = Message::parse(&reply).ok()?;
+        Some((m.mid, m.code))
+    }
+
+    fn close(self) {
+        self.client.close();
+    }
+}
+
+/// An Alibaba session on 5682: `/auth`, then encrypted `/topic` uplinks.
+struct Aes<'a> {
+    device: &'a Device,
+    socket: UdpSocket,
+    session: AlibabaSession,
+    mid: u16,
+}
+
+impl<'a> Aes<'a> {
+    /// `/auth` from a new port, then a non-blocking socket. The answer waits until the session is
+    /// durable, which takes seconds on a busy disk, so it is tried for about half a minute.
+    fn open(device: &'a Device, server: SocketAddr) -> Option<Aes<'a>> {
+        let socket = DtlsClient::bind(server);
+        socket.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        let mut buf = [0u8; 2048];
+        for _ in 0..4 {
+            let mid = rand::random();
+            let request = alibaba_auth(&device.pk, &device.dn, &device.secret, mid);
+            for _ in 0..AUTH_TRIES_PER_ID {
+                socket.send(&request).ok()?;
+                let Ok(n) = socket.recv(&mut buf) else { continue };
+                let Ok(m) = Message::parse(&buf[..n]) else { continue };
+                let session = AlibabaSession::from_answer(m.payload, &device.secret).filter(|s| s.key.is_some());
+                if let Some(session) = session {
+                    socket.set_nonblocking(true).ok()?;
+                    return Some(Aes { device, socket, session, mid });
+                }
+            }
+        }
+        None
+    }
+}
+
+/// `/auth` is sent this many times with one message id before it takes another. A retry with the
+/// same id is answered from the server's dedup cache once the session is stored, however slow the
+/// disk; a new id gets past an exchange of an earlier run's socket on the same port with that id,
+/// which the server remembers for 247 s and ignores a different request under.
+const AUTH_TRIES_PER_ID: usize = 3;
+
+impl Session for Aes<'_> {
+    fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    fn send(&mut self, payload: &[u8]) -> Option<u16> {
+        self.mid = self.mid.wrapping_add(1);
+        self.socket.send(&self.session.uplink(&self.device.pk, &self.device.dn, self.mid, payload)).ok()?;
+        Some(self.mid)
+    }
+
+    fn answer(&mut self) -> Option<(u16, Code)> {
+        let mut buf = [0u8; 2048];
+        let n = self.socket.recv(&mut buf).ok()?;
+        let m = Message::parse(&buf[..n]).ok()?;
+        Some((m.mid, m.code))
+    }
+
+    fn close(self) {}
+}
+
+/// Opens one session per device with `open`, spread over the threads; once all are open, every
+/// thread drives its own for `duration` seconds. The figures of all of them.
+fn run_sessions<'d, S: Session>(
+    args: &Args,
+    devices: &'d [Device],
+    open: impl Fn(&'d Device) -> Option<S> + Sync,
+) -> Figures {
+    let threads = args.threads.clamp(1, devices.len());
+    let stop = AtomicBool::new(false);
+    let ready = Barrier::new(threads + 1);
+    let payload: Vec<u8> = (0..args.payload_size).map(|i| b'a' + (i % 26) as u8).collect();
+    let opening = Instant::now();
+    std::thread::scope(|scope| {
+        let (stop, ready, open, payload) = (&stop, &ready, &open, &payload);
+        let workers: Vec<_> = (0..threads)
+            .map(|w| {
+                scope.spawn(move || {
+                    let sessions: Vec<S> = devices.iter().skip(w).step_by(threads).filter_map(open).collect();
+                    let opened = sessions.len();
+                    ready.wait();
+                    let mut stats = drive(sessions, args.window, payload, stop);
+                    stats.opened = opened;
+                    stats
+                })
+            })
+            .collect();
+        ready.wait();
+        eprintln!("opened in {:.1?}; sending for {} s", opening.elapsed(), args.duration);
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_secs(args.duration));
+        stop.store(true, Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        let mut total = Stats::default();
+        for w in workers {
+            total.merge(w.join().expect("worker"));
+        }
+        total.figures(devices.len(), elapsed)
+    })
+}
+
+/// A request unanswered this long counts as lost.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often requests are checked for that timeout, and the longest wait for a datagram.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Uplinks over `sessions` until `stop`, `window` in flight on each, then the answers to those:
+/// one thread for hundreds of sessions, woken by epoll only for those with an answer waiting.
+fn drive<S: Session>(mut sessions: Vec<S>, window: usize, payload: &[u8], stop: &AtomicBool) -> Stats {
+    let mut stats = Stats::default();
+    let epoll = Epoll::new(sessions.iter().map(|s| s.fd())).unwrap_or_else(|e| fail(format!("epoll: {e}")));
+    let mut flights: Vec<Flight> = sessions.iter().map(|_| Flight::default()).collect();
+    for (s, f) in sessions.iter_mut().zip(&mut flights) {
+        f.fill(s, window, payload, &mut stats);
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut last_sweep = Instant::now();
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if stopping && flights.iter().all(|f| f.in_flight.is_empty()) {
+            break;
+        }
+        // After the stop only the answers to what is in flight are awaited.
+        let window = if stopping { 0 } else { window };
+        for i in epoll.wait(&mut events, SWEEP_INTERVAL) {
+            let (s, f) = (&mut sessions[i], &mut flights[i]);
+            if let Some((mid, code)) = s.answer()
+                && let Some(sent_at) = f.settle(mid)
+            {
+                // Read again: an answer that came after the stop is not within the measured time.
+                stats.answered(code, sent_at, stop.load(Ordering::Relaxed));
+            }
+            f.fill(s, window, payload, &mut stats);
+        }
+        if last_sweep.elapsed() >= SWEEP_INTERVAL {
+            last_sweep = Instant::now();
+            for (s, f) in sessions.iter_mut().zip(&mut flights) {
+                let before = f.in_flight.len();
+                f.in_flight.retain(|(_, t)| t.elapsed() < ANSWER_TIMEOUT);
+                stats.lost += (before - f.in_flight.len()) as u64;
+                f.fill(s, window, payload, &mut stats);
+            }
+        }
+    }
+    sessions.into_iter().for_each(Session::close);
+    stats
+}
+
+/// One session's requests in flight: message id and when it was sent.
+#[derive(Default)]
+struct Flight {
+    in_flight: Vec<(u16, Instant)>,
+}
+
+impl Flight {
+    /// Sends until `window` requests are in flight.
+    fn fill(&mut self, session: &mut impl Session, window: usize, payload: &[u8], stats: &mut Stats) {
+        while self.in_flight.len() < window {
+            let Some(mid) = session.send(payload) else { return };
+            self.in_flight.push((mid, Instant::now()));
+            stats.sent += 1;
+        }
+    }
+
+    /// When the request `mid` was sent, if it was in flight.
+    fn settle(&mut self, mid: u16) -> Option<Instant> {
+        let i = self.in_flight.iter().position(|(m, _)| *m == mid)?;
+        Some(self.in_flight.swap_remove(i).1)
+    }
+}
+
+/// Readiness of many sockets at once, level-triggered: a socket is reported for as long as a
+/// datagram waits on it.
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    /// Watches `fds` for reading; each is reported by its position.
+    fn new(fds: impl Iterator<Item = RawFd>) -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 has no preconditions; its result is checked before use.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor that nothing else owns.
+        let epoll = Epoll(unsafe { OwnedFd::from_raw_fd(fd) });
+        for (i, fd) in fds.enumerate() {
+            let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+            // SAFETY: both descriptors are open and `event` outlives the call.
+            if unsafe { libc::epoll_ctl(epoll.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(epoll)
+    }
+
+    /// The positions of the sockets with a datagram waiting, after waiting at most `timeout`.
+    fn wait<'e>(&self, events: &'e mut [libc::epoll_event], timeout: Duration) -> impl Iterator<Item = usize> + 'e {
+        let (len, ms) = (events.len() as libc::c_int, timeout.as_millis() as libc::c_int);
+        // SAFETY: `events` has room for `len` entries; the kernel writes at most that many.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), len, ms) };
+        // n < 0 is EINTR (nothing ready) or a bad descriptor, which cannot happen here.
+        events[..n.max(0) as usize].iter().map(|e| e.u64 as usize)
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    opened: usize,
+    sent: u64,
+    /// 2.04 received while sending (what the rate is computed from).
+    ok: u64,
+    /// 2.04 received after the stop for requests sent before it.
+    after_stop: u64,
+    other: HashMap<String, u64>,
+    /// Requests unanswered within the timeout. On loopback these are mostly ids that an earlier
+    /// run's socket on the same port used less than 247 s before: the server ignores a different
+    /// request under a remembered id (`nbhub_coap_duplicates_total`).
+    lost: u64,
+    latencies: Vec<Duration>,
+}
+
+impl Stats {
+    fn answered(&mut self, code: Code, sent_at: Instant, stopping: bool) {
+        match (code == Code::CHANGED, stopping) {
+            (true, true) => self.after_stop += 1,
+            (true, false) => {
+                self.ok += 1;
+                self.latencies.push(sent_at.elapsed());
+            }
+            (false, _) => *self.other.entry(code.to_string()).or_default() += 1,
+        }
+    }
+
+    fn merge(&mut self, o: Stats) {
+        self.opened += o.opened;
+        self.sent += o.sent;
+        self.ok += o.ok;
+        self.after_stop += o.after_stop;
+        self.lost += o.lost;
+        for (k, v) in o.other {
+            *self.other.entry(k).or_default() += v;
+        }
+        self.latencies.extend(o.latencies);
+    }
+
+    fn figures(mut self, sessions: usize, elapsed: Duration) -> Figures {
+        self.latencies.sort_unstable();
+        let ms = |p: f64| {
+            let i = ((self.latencies.len() as f64 - 1.0) * p).round().max(0.0) as usize;
+            self.latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        let seconds = elapsed.as_secs_f64();
+        Figures {
+            sessions_failed: sessions - self.opened,
+            seconds,
+            sent: self.sent,
+            acknowledged_2_04: self.ok,
+            acknowledged_after_stop: self.after_stop,
+            unanswered: self.lost,
+            acknowledged_per_second: (self.ok as f64 / seconds).round(),
+            latency_ms: Latency { p50: ms(0.5), p99: ms(0.99), max: ms(1.0) },
+            other_codes: self.other,
+        }
+    }
+}
+
+/// One port's result in `--established` mode.
+#[derive(Serialize)]
+struct Figures {
+    /// Sessions that could not be opened (and sent nothing).
+    sessions_failed: usize,
+    seconds: f64,
+    sent: u64,
+    acknowledged_2_04: u64,
+    acknowledged_after_stop: u64,
+    other_codes: HashMap<String, u64>,
+    unanswered: u64,
+    acknowledged_per_second: f64,
+    latency_ms: Latency,
+}
+
+#[derive(Serialize)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    sessions: usize,
+    window: usize,
+    payload_size: usize,
+    ciphers: &'a str,
+    /// The DTLS rate over the AES one.
+    ratio: f64,
+    dtls: Figures,
+    aes: Figures,
+}
+
+impl Report<'_> {
+    fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(self).expect("serialisable"));
+            return;
+        }
+        println!(
+            "{} sessions on each port, window {}, {}-byte payloads",
+            self.sessions, self.window, self.payload_size
+        );
+        self.dtls.print(&format!("DTLS 5684 ({})", self.ciphers));
+        self.aes.print("AES 5682");
+        println!("{:<30} {:.2}", "dtls / aes", self.ratio);
+    }
+}
+
+impl Figures {
+    fn print(&self, label: &str) {
+        let l = &self.latency_ms;
+        print!(
+            "{label:<30} {:>7.0} uplinks/s  p50 {:.1} ms  p99 {:.1} ms  sent {}  unanswered {}",
+            self.acknowledged_per_second, l.p50, l.p99, self.sent, self.unanswered
+        );
+        if self.sessions_failed > 0 {
+            print!("  sessions failed {}", self.sessions_failed);
+        }
+        if !self.other_codes.is_empty() {
+            print!("  other {:?}", self.other_codes);
+        }
+        println!();
+    }
 }
 
 fn keep_sessions(args: &Args, devices: &[Device]) {
@@ -171,7 +612,7 @@ fn keep_sessions(args: &Args, devices: &[Device]) {
     let mode = Mode { ciphers: args.ciphers.clone(), psk: !args.certificate };
     let payload: Option<&[u8]> = (!args.certificate).then_some(b"keep");
     for i in 0..args.keep {
-        match session(&devices[i % devices.len()], &mode, args.dtls, payload) {
+        match session(&devices[i % devices.len()], &mode, args.dtls, payload.map(|p| (rand::random(), p))) {
             Some(c) => kept.push(c),
             None => eprintln!("session {i} failed"),
         }

@@ -1,24 +1,37 @@
 //! Load generator: simulates many Alibaba devices that authenticate on 5682 and send encrypted
 //! CON uplinks, then reports acknowledged messages per second and latency percentiles.
 //!
+//! Before the real load the same devices, with the same sockets, window, duration and datagrams,
+//! drive a trivial UDP echo server this process starts on loopback (skip it with `--no-ceiling`).
+//! The echo server has nbhub's socket shell and nothing behind it, so its figure is what the
+//! machine, the kernel's UDP path and this generator allow at all; nbhub's rate as a fraction of
+//! it says more than the raw rate on shared, noisy cores.
+//!
 //! The server's per-device flow control (5/s, 300/min by default) caps what one device may send;
 //! to measure the server rather than the limit, run it with higher limits, e.g.
 //! `NBHUB_DEVICE_MAX_PER_SECOND=100000 NBHUB_DEVICE_MAX_PER_MINUTE=10000000 nbhub serve`.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Parser;
-use nbhub::client::AdminArgs;
-use nbhub::coap::message::{Code, Message};
+use nbhub::client::{AdminArgs, Fleet};
+use nbhub::coap::message::{Code, Message, MessageType};
 use nbhub::simulate::{AlibabaSession, alibaba_auth};
-use serde_json::json;
+use nbhub::transport::mmsg::{self, RecvBatch};
+use serde::Serialize;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
+use tokio::runtime::Runtime;
+use tokio::sync::Barrier;
 
-#[derive(Parser, Clone)]
+#[derive(Parser)]
 #[command(name = "nbhub-load", about = "Simulated NB-IoT devices sending encrypted uplinks to nbhub")]
 struct Args {
     #[command(flatten)]
@@ -31,7 +44,7 @@ struct Args {
     /// Requests in flight per device (each device has its own socket, as real ones do).
     #[arg(long, default_value_t = 1)]
     window: usize,
-    /// Seconds of sending after all devices have authenticated.
+    /// Seconds of sending after all devices have authenticated (and as long again for the ceiling).
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Messages per second over all devices; 0 sends as fast as the window allows.
@@ -42,53 +55,63 @@ struct Args {
     /// A request unanswered this long counts as lost.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Skip the UDP echo ceiling measured before the real load.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Sockets of the echo server, as the server's `coap.sockets_per_port`.
+    #[arg(long, default_value_t = 2)]
+    echo_sockets: usize,
+    /// Print the figures as one JSON line instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
-struct SimDevice {
+/// An authenticated device, on the socket it authenticated from.
+struct Device {
+    socket: UdpSocket,
+    uplinks: Uplinks,
+}
+
+/// The next encrypted uplinks of one device's session.
+struct Uplinks {
     pk: String,
     dn: String,
-    secret: String,
-    session: Option<AlibabaSession>,
+    session: AlibabaSession,
+    mid: u16,
+}
+
+impl Uplinks {
+    /// The next request and its message id.
+    fn next(&mut self, payload: &[u8]) -> (u16, Vec<u8>) {
+        self.mid = self.mid.wrapping_add(1);
+        (self.mid, self.session.uplink(&self.pk, &self.dn, self.mid, payload))
+    }
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = Arc::new(Args::parse());
     let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
     let setup = Instant::now();
     let fleet = admin.create_fleet("nbhub-load", "load", args.devices).unwrap_or_else(|e| fail(e));
-    let pk = fleet.product_key;
-    let devices: Vec<SimDevice> =
-        fleet.devices.into_iter().map(|(dn, secret)| SimDevice { pk: pk.clone(), dn, secret, session: None }).collect();
-    eprintln!("created product {pk} and {} devices in {:.1?}", devices.len(), setup.elapsed());
+    eprintln!("created product {} and {} devices in {:.1?}", fleet.product_key, fleet.devices.len(), setup.elapsed());
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    runtime.block_on(run(devices, args));
-}
-
-/// Every device authenticates, then all send for `duration` seconds.
-async fn run(devices: Vec<SimDevice>, args: Args) {
-    let args = Arc::new(args);
-    let stop = Arc::new(AtomicBool::new(false));
-    let ready = Arc::new(tokio::sync::Barrier::new(devices.len() + 1));
     let auth_started = Instant::now();
-    let tasks: Vec<_> = devices
-        .into_iter()
-        .map(|d| {
-            let (args, stop, ready) = (args.clone(), stop.clone(), ready.clone());
-            tokio::spawn(async move { device(d, &args, &stop, &ready).await })
-        })
-        .collect();
-    ready.wait().await;
-    eprintln!("all devices authenticated in {:.1?}; sending for {} s", auth_started.elapsed(), args.duration);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(args.duration)).await;
-    stop.store(true, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let mut total = Stats::default();
-    for t in tasks {
-        total.merge(t.await.expect("device task"));
-    }
-    total.report(elapsed);
+    let mut devices = runtime.block_on(authenticate_all(fleet, args.aes));
+    eprintln!("all devices authenticated in {:.1?}", auth_started.elapsed());
+    let ceiling = if args.no_ceiling {
+        None
+    } else {
+        let (echo, addr) = start_echo(args.echo_sockets).unwrap_or_else(|e| fail(format!("echo server: {e}")));
+        eprintln!("UDP echo ceiling on {addr}: sending for {} s", args.duration);
+        let (back, figures) = runtime.block_on(phase(devices, Some(addr), &args));
+        echo.shutdown_background();
+        devices = back;
+        Some(figures)
+    };
+    eprintln!("nbhub on {}: sending for {} s", args.aes, args.duration);
+    let (_, nbhub) = runtime.block_on(phase(devices, None, &args));
+    Report::new(&args, ceiling, nbhub).print(args.json);
 }
 
 fn fail(e: impl std::fmt::Display) -> ! {
@@ -96,73 +119,102 @@ fn fail(e: impl std::fmt::Display) -> ! {
     std::process::exit(1);
 }
 
-#[derive(Default)]
-struct Stats {
-    sent: u64,
-    /// 2.04 received while sending (what the rate is computed from).
-    ok: u64,
-    /// 2.04 received after the stop for requests sent before it.
-    after_stop: u64,
-    other: HashMap<String, u64>,
-    lost: u64,
-    latencies_us: Vec<u32>,
+/// Every device of `fleet` opens its 5682 session, each from a socket of its own.
+async fn authenticate_all(fleet: Fleet, server: SocketAddr) -> Vec<Device> {
+    let Fleet { product_key, devices } = fleet;
+    let tasks: Vec<_> = devices
+        .into_iter()
+        .map(|(dn, secret)| {
+            let pk = product_key.clone();
+            tokio::spawn(async move {
+                let socket = connected(server).await;
+                let (session, mid) = authenticate(&socket, &pk, &dn, &secret).await;
+                Device { socket, uplinks: Uplinks { pk, dn, session, mid } }
+            })
+        })
+        .collect();
+    let mut authenticated = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        authenticated.push(t.await.expect("device task"));
+    }
+    authenticated
 }
 
-impl Stats {
-    fn merge(&mut self, o: Stats) {
-        self.sent += o.sent;
-        self.ok += o.ok;
-        self.after_stop += o.after_stop;
-        self.lost += o.lost;
-        for (k, v) in o.other {
-            *self.other.entry(k).or_default() += v;
-        }
-        self.latencies_us.extend(o.latencies_us);
-    }
-
-    fn report(mut self, elapsed: Duration) {
-        self.latencies_us.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if self.latencies_us.is_empty() {
-                return 0.0;
-            }
-            let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-            self.latencies_us[i] as f64 / 1000.0
-        };
-        let secs = elapsed.as_secs_f64();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "seconds": secs,
-                "sent": self.sent,
-                "acknowledged_2_04": self.ok,
-                "acknowledged_after_stop": self.after_stop,
-                "other_codes": self.other,
-                "unanswered": self.lost,
-                "acknowledged_per_second": (self.ok as f64 / secs).round(),
-                "latency_ms": {
-                    "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "p99.9": pct(0.999),
-                    "max": self.latencies_us.last().map(|v| *v as f64 / 1000.0).unwrap_or(0.0),
-                },
-            }))
-            .unwrap()
-        );
-    }
-}
-
-async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio::sync::Barrier) -> Stats {
+async fn connected(server: SocketAddr) -> UdpSocket {
     let socket = UdpSocket::bind("0.0.0.0:0").await.expect("device socket");
-    socket.connect(args.aes).await.expect("connect");
-    let mut mid: u16 = rand::random();
-    let mut buf = vec![0u8; 2048];
-    authenticate(&socket, &mut d, &mut mid, &mut buf).await;
-    ready.wait().await;
+    socket.connect(server).await.expect("connect");
+    socket
+}
 
+/// `/auth` on 5682 with hmacsha256, retried until answered; the session and the message id used.
+async fn authenticate(socket: &UdpSocket, pk: &str, dn: &str, secret: &str) -> (AlibabaSession, u16) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let mid: u16 = rand::random();
+        let request = alibaba_auth(pk, dn, secret, mid);
+        for _ in 0..AUTH_TRIES_PER_ID {
+            let _ = socket.send(&request).await;
+            let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), socket.recv(&mut buf)).await else { continue };
+            let Ok(m) = Message::parse(&buf[..n]) else { continue };
+            if let Some(session) = AlibabaSession::from_answer(m.payload, secret).filter(|s| s.key.is_some()) {
+                return (session, mid);
+            }
+            eprintln!("nbhub-load: /auth of {dn} answered {}", m.code);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// `/auth` is sent this many times with one message id before it takes another. A retry with the
+/// same id is answered from the server's dedup cache once the session is stored, however slow the
+/// disk; a new id gets past an exchange of an earlier run's socket on the same port with that id,
+/// which the server remembers for 247 s and ignores a different request under.
+const AUTH_TRIES_PER_ID: usize = 3;
+
+/// All devices send for `duration` seconds, to the echo server at `echo` or else to nbhub; they
+/// come back for the next phase, with the phase's figures.
+async fn phase(devices: Vec<Device>, echo: Option<SocketAddr>, args: &Arc<Args>) -> (Vec<Device>, Figures) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(devices.len() + 1));
+    let tasks: Vec<_> = devices
+        .into_iter()
+        .map(|mut d| {
+            let (args, stop, ready) = (args.clone(), stop.clone(), ready.clone());
+            tokio::spawn(async move {
+                // Echoed on a socket of its own, bound and connected as the device's own was.
+                let echo_socket = match echo {
+                    Some(addr) => Some(connected(addr).await),
+                    None => None,
+                };
+                ready.wait().await;
+                let stats = send(echo_socket.as_ref().unwrap_or(&d.socket), &mut d.uplinks, &args, &stop).await;
+                (d, stats)
+            })
+        })
+        .collect();
+    ready.wait().await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut devices = Vec::with_capacity(tasks.len());
+    let mut total = Stats::default();
+    for t in tasks {
+        let (d, stats) = t.await.expect("device task");
+        devices.push(d);
+        total.merge(stats);
+    }
+    (devices, total.figures(elapsed))
+}
+
+/// One device's uplinks until `stop`, keeping `window` in flight; then the answers to those.
+async fn send(socket: &UdpSocket, uplinks: &mut Uplinks, args: &Args, stop: &AtomicBool) -> Stats {
     let payload: Vec<u8> = (0..args.payload_size).map(|i| b'a' + (i % 26) as u8).collect();
     let timeout = Duration::from_millis(args.timeout_ms);
     // Each device paces itself so that all together send `rate` messages per second.
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(args.devices as f64 / args.rate as f64));
     let mut next_send = tokio::time::Instant::now();
+    let mut buf = vec![0u8; 2048];
     let mut stats = Stats::default();
     let mut in_flight: HashMap<u16, Instant> = HashMap::with_capacity(args.window);
     loop {
@@ -175,9 +227,8 @@ async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio:
             && in_flight.len() < args.window
             && interval.is_none_or(|_| tokio::time::Instant::now() >= next_send)
         {
-            mid = mid.wrapping_add(1);
-            let session = d.session.as_mut().expect("authenticated");
-            if socket.send(&session.uplink(&d.pk, &d.dn, mid, &payload)).await.is_err() {
+            let (mid, request) = uplinks.next(&payload);
+            if socket.send(&request).await.is_err() {
                 break;
             }
             in_flight.insert(mid, Instant::now());
@@ -196,14 +247,8 @@ async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio:
             Ok(Ok(n)) => {
                 let Ok(m) = Message::parse(&buf[..n]) else { continue };
                 let Some(sent_at) = in_flight.remove(&m.mid) else { continue };
-                if m.code == Code::CHANGED && stopping {
-                    stats.after_stop += 1;
-                } else if m.code == Code::CHANGED {
-                    stats.ok += 1;
-                    stats.latencies_us.push(sent_at.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                } else {
-                    *stats.other.entry(m.code.to_string()).or_default() += 1;
-                }
+                // Read again: an answer that came after the stop is not within the measured time.
+                stats.answered(m.code, sent_at, stop.load(Ordering::Relaxed));
             }
             _ => {
                 let before = in_flight.len();
@@ -215,20 +260,199 @@ async fn device(mut d: SimDevice, args: &Args, stop: &AtomicBool, ready: &tokio:
     stats
 }
 
-/// `/auth` on 5682 with hmacsha256, retried until answered.
-async fn authenticate(socket: &UdpSocket, d: &mut SimDevice, mid: &mut u16, buf: &mut [u8]) {
-    *mid = mid.wrapping_add(1);
-    let req = alibaba_auth(&d.pk, &d.dn, &d.secret, *mid);
+/// Datagrams read per `recvmmsg`, their slot, and the reads per turn of the loop: what
+/// `transport::udp::serve` uses on 5682 (its slot is `coap.max_payload` + 16 + 1024 by default).
+const ECHO_BATCH: usize = 32;
+const ECHO_SLOT: usize = 2064;
+const ECHO_READS_PER_TURN: usize = 8;
+
+/// Starts the echo server on a loopback port: `sockets` SO_REUSEPORT sockets bound as nbhub binds
+/// its ports, each served by a task on a runtime of its own (as the server is a process of its
+/// own), reading and answering in nbhub's batches.
+fn start_echo(sockets: usize) -> io::Result<(Runtime, SocketAddr)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let sockets = nbhub::transport::udp::bind("127.0.0.1:0".parse().expect("an address"), sockets.max(1))?;
+    let addr = sockets[0].local_addr()?;
+    for socket in sockets {
+        runtime.spawn(echo(socket));
+    }
+    Ok((runtime, addr))
+}
+
+/// One echo socket, until its runtime is shut down: a turn reads up to `ECHO_READS_PER_TURN`
+/// batches, then sends every answer with `sendmmsg`, as a turn of nbhub's socket loop does.
+async fn echo(socket: std::net::UdpSocket) -> io::Result<()> {
+    let socket = UdpSocket::from_std(socket)?;
+    let fd = socket.as_raw_fd();
+    let mut batch = RecvBatch::new(ECHO_BATCH, ECHO_SLOT);
+    let mut outbox: Vec<(SocketAddr, Bytes)> = Vec::new();
     loop {
-        // A retransmission keeps the message id, so the server answers it from its dedup cache.
-        let _ = socket.send(&req).await;
-        let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), socket.recv(buf)).await else { continue };
-        let Ok(m) = Message::parse(&buf[..n]) else { continue };
-        if let Some(session) = AlibabaSession::from_answer(m.payload, &d.secret).filter(|s| s.key.is_some()) {
-            d.session = Some(session);
+        socket.readable().await?;
+        for _ in 0..ECHO_READS_PER_TURN {
+            // Errors are WouldBlock, or ICMP reports that concern one peer: nothing to do.
+            let Ok(n) = socket.try_io(Interest::READABLE, || batch.recv(fd)) else { break };
+            outbox.extend((0..n).filter_map(|i| batch.get(i)).map(|(peer, data, _)| (peer, answer(data))));
+            if n < batch.capacity() {
+                break;
+            }
+        }
+        let mut sent = 0;
+        while sent < outbox.len() {
+            match socket.try_io(Interest::WRITABLE, || mmsg::send(fd, &outbox[sent..])) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
+                Err(_) => break,
+            }
+        }
+        outbox.clear();
+    }
+}
+
+/// The request back, same size, marked as a piggybacked 2.04 so that the devices count it as they
+/// count nbhub's answers.
+fn answer(request: &[u8]) -> Bytes {
+    let mut answer = request.to_vec();
+    if let [first, code, ..] = answer.as_mut_slice() {
+        // Byte 0 is version (2 bits), type (2 bits) and token length.
+        *first = (*first & 0xcf) | ((MessageType::Ack as u8) << 4);
+        *code = Code::CHANGED.0;
+    }
+    Bytes::from(answer)
+}
+
+#[derive(Default)]
+struct Stats {
+    sent: u64,
+    /// 2.04 received while sending (what the rate is computed from).
+    ok: u64,
+    /// 2.04 received after the stop for requests sent before it.
+    after_stop: u64,
+    other: HashMap<String, u64>,
+    /// Requests unanswered within the timeout. On loopback these are mostly ids that an earlier
+    /// run's socket on the same port used less than 247 s before: the server ignores a different
+    /// request under a remembered id (`nbhub_coap_duplicates_total`).
+    lost: u64,
+    latencies_us: Vec<u32>,
+}
+
+impl Stats {
+    fn answered(&mut self, code: Code, sent_at: Instant, stopping: bool) {
+        if code == Code::CHANGED && stopping {
+            self.after_stop += 1;
+        } else if code == Code::CHANGED {
+            self.ok += 1;
+            self.latencies_us.push(sent_at.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        } else {
+            *self.other.entry(code.to_string()).or_default() += 1;
+        }
+    }
+
+    fn merge(&mut self, o: Stats) {
+        self.sent += o.sent;
+        self.ok += o.ok;
+        self.after_stop += o.after_stop;
+        self.lost += o.lost;
+        for (k, v) in o.other {
+            *self.other.entry(k).or_default() += v;
+        }
+        self.latencies_us.extend(o.latencies_us);
+    }
+
+    fn figures(mut self, elapsed: Duration) -> Figures {
+        self.latencies_us.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if self.latencies_us.is_empty() {
+                return 0.0;
+            }
+            let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+            self.latencies_us[i] as f64 / 1000.0
+        };
+        let seconds = elapsed.as_secs_f64();
+        Figures {
+            seconds,
+            sent: self.sent,
+            acknowledged_2_04: self.ok,
+            acknowledged_after_stop: self.after_stop,
+            unanswered: self.lost,
+            acknowledged_per_second: (self.ok as f64 / seconds).round(),
+            latency_ms: Latency {
+                p50: pct(0.50),
+                p90: pct(0.90),
+                p99: pct(0.99),
+                p99_9: pct(0.999),
+                max: self.latencies_us.last().map_or(0.0, |v| *v as f64 / 1000.0),
+            },
+            other_codes: self.other,
+        }
+    }
+}
+
+/// One phase's result.
+#[derive(Serialize)]
+struct Figures {
+    seconds: f64,
+    sent: u64,
+    acknowledged_2_04: u64,
+    acknowledged_after_stop: u64,
+    other_codes: HashMap<String, u64>,
+    unanswered: u64,
+    acknowledged_per_second: f64,
+    latency_ms: Latency,
+}
+
+#[derive(Serialize)]
+struct Latency {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    #[serde(rename = "p99.9")]
+    p99_9: f64,
+    max: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    devices: usize,
+    window: usize,
+    payload_size: usize,
+    /// nbhub's rate over the ceiling's.
+    ratio: Option<f64>,
+    ceiling: Option<Figures>,
+    nbhub: Figures,
+}
+
+impl Report {
+    fn new(args: &Args, ceiling: Option<Figures>, nbhub: Figures) -> Report {
+        let ratio = ceiling.as_ref().map(|c| nbhub.acknowledged_per_second / c.acknowledged_per_second);
+        Report { devices: args.devices, window: args.window, payload_size: args.payload_size, ratio, ceiling, nbhub }
+    }
+
+    fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(&self).expect("serialisable"));
             return;
         }
-        eprintln!("nbhub-load: /auth of {} answered {}", d.dn, m.code);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        println!("{} devices, window {}, {}-byte payloads", self.devices, self.window, self.payload_size);
+        if let Some(c) = &self.ceiling {
+            c.print("UDP echo ceiling");
+        }
+        self.nbhub.print("nbhub (5682 AES)");
+        if let Some(r) = self.ratio {
+            println!("nbhub / ceiling     {r:.2}");
+        }
+    }
+}
+
+impl Figures {
+    fn print(&self, label: &str) {
+        let l = &self.latency_ms;
+        print!(
+            "{label:<18} {:>8.0} msgs/s  p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  sent {}  unanswered {}",
+            self.acknowledged_per_second, l.p50, l.p99, l.p99_9, self.sent, self.unanswered
+        );
+        if !self.other_codes.is_empty() {
+            print!("  other {:?}", self.other_codes);
+        }
+        println!();
     }
 }
