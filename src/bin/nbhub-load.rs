@@ -456,3 +456,21 @@ impl Figures {
         println!();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbhub::coap::message::MessageBuilder;
+
+    #[test]
+    fn the_echo_answers_as_nbhub_does_in_as_many_bytes() {
+        let request = MessageBuilder::new(MessageType::Con, Code::POST, 0x1234, b"tk").payload(b"data").build();
+        let echoed = answer(&request);
+        assert_eq!(echoed.len(), request.len());
+        let m = Message::parse(&echoed).unwrap();
+        assert_eq!(
+            (m.mtype, m.code, m.mid, m.token, m.payload),
+            (MessageType::Ack, Code::CHANGED, 0x1234, &b"tk"[..], &b"data"[..])
+        );
+    }
+}
