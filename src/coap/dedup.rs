@@ -2,6 +2,7 @@
 //! message id within EXCHANGE_LIFETIME is not processed again; it gets the response already sent,
 //! or nothing while that response is still waiting for its write to be durable.
 
+use std::collections::hash_map;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -83,13 +84,16 @@ impl DedupCache {
         while self.map.len() >= self.capacity && budget > 0 {
             budget -= 1;
             let Some((at, key)) = self.order.pop_front() else { break };
-            match self.map.get(&key) {
-                Some(e) if e.at == at && e.seen == Seen::Pending => self.order.push_back((at, key)),
-                Some(e) if e.at == at => {
-                    self.map.remove(&key);
+            // One probe per eviction: the map is large and each probe a likely cache miss.
+            if let hash_map::Entry::Occupied(e) = self.map.entry(key)
+                && e.get().at == at
+            {
+                if e.get().seen == Seen::Pending {
+                    self.order.push_back((at, key));
+                } else {
+                    e.remove();
                     self.evictions += 1;
                 }
-                _ => {}
             }
         }
         let fingerprint = self.fingerprint(request);
@@ -110,8 +114,10 @@ impl DedupCache {
                 break;
             }
             self.order.pop_front();
-            if self.map.get(&key).is_some_and(|e| e.at == at) {
-                self.map.remove(&key);
+            if let hash_map::Entry::Occupied(e) = self.map.entry(key)
+                && e.get().at == at
+            {
+                e.remove();
             }
         }
     }

@@ -2,7 +2,6 @@
 //! through its [`Link`] (plain or DTLS), hands writes to the store's writer and sends what the
 //! endpoint decides, when it decides it.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -53,8 +52,9 @@ struct PortMetrics {
     bytes_in: Counter,
     bytes_out: Counter,
     stored: Counter,
-    /// Responses by code, registered on first use.
-    codes: HashMap<u8, Counter>,
+    /// Responses by code (indexed by the code byte), registered on first use: a lookup per
+    /// response, so no hashing.
+    codes: Box<[Option<Counter>; 256]>,
 }
 
 impl PortMetrics {
@@ -66,16 +66,17 @@ impl PortMetrics {
             return;
         }
         let port = self.port;
-        self.codes
-            .entry(code)
-            .or_insert_with(|| metrics::counter!(metric::RESPONSES, "port" => port, "code" => Code(code).to_string()))
+        self.codes[code as usize]
+            .get_or_insert_with(
+                || metrics::counter!(metric::RESPONSES, "port" => port, "code" => Code(code).to_string()),
+            )
             .increment(1);
     }
 
     fn new(port: &'static str) -> PortMetrics {
         PortMetrics {
             port,
-            codes: HashMap::new(),
+            codes: Box::new(std::array::from_fn(|_| None)),
             received: metrics::counter!(metric::DATAGRAMS_RECEIVED, "port" => port),
             sent: metrics::counter!(metric::DATAGRAMS_SENT, "port" => port),
             bytes_in: metrics::counter!(metric::BYTES_RECEIVED, "port" => port),
