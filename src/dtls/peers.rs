@@ -495,6 +495,197 @@ mod tests {
     use super::*;
     use crate::dtls::tests::record;
 
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use openssl::ssl::{ErrorCode, Ssl, SslContext as ClientContext, SslMethod, SslStream};
+
+    use crate::dtls::pipe::Pipe;
+    use crate::dtls::psk::{Holder, Keys};
+    use crate::dtls::quota::{PrefixLengths, Quotas};
+    use crate::identity::Secret;
+
+    /// One device, `pk&dn` with DeviceSecret `secret`.
+    struct OneDevice;
+
+    impl Keys for OneDevice {
+        fn by_names(&self, pk: &str, dn: &str) -> Option<Holder> {
+            ((pk, dn) == ("pk", "dn")).then(|| Holder {
+                device: DeviceId(7),
+                secret: Secret::new("secret").unwrap(),
+                psk_hex: None,
+                served: Ok(()),
+            })
+        }
+        fn by_node(&self, _node: &str) -> Option<Holder> {
+            None
+        }
+    }
+
+    const IDLE: Duration = Duration::from_secs(600);
+    const HANDSHAKE: Duration = Duration::from_secs(30);
+
+    fn table(per_address: usize) -> PeerTable {
+        let ctx = crate::dtls::context::build(Arc::new(OneDevice), "PSK-AES128-CCM8", &[]).unwrap();
+        let handshakes = Quotas { total: 100, per_address, per_prefix: 100, prefix: PrefixLengths { v4: 24, v6: 56 } };
+        let limits =
+            Limits { handshakes, max_sessions: 100, handshake_timeout: HANDSHAKE, idle_timeout: IDLE, mtu: 1280 };
+        PeerTable::new(ctx, limits)
+    }
+
+    /// A device's DTLS client in memory, proving `key` for `pk&dn`.
+    fn client(key: &'static [u8]) -> SslStream<Pipe> {
+        let mut ctx = ClientContext::builder(SslMethod::dtls_client()).unwrap();
+        ctx.set_cipher_list("PSK-AES128-CCM8").unwrap();
+        ctx.set_psk_client_callback(move |_, _, id, out| {
+            id[..6].copy_from_slice(b"pk&dn\0");
+            out[..key.len()].copy_from_slice(key);
+            Ok(key.len())
+        });
+        SslStream::new(Ssl::new(&ctx.build()).unwrap(), Pipe::default()).unwrap()
+    }
+
+    type Delivered = Vec<(Option<DeviceId>, Vec<u8>)>;
+
+    /// Feeds what the client wrote to the table; returns what the table sent back.
+    fn to_table(
+        t: &mut PeerTable,
+        c: &mut SslStream<Pipe>,
+        from: SocketAddr,
+        now: Instant,
+        got: &mut Delivered,
+    ) -> Vec<Bytes> {
+        let sent: Vec<Vec<u8>> = c.get_mut().take_outbound().collect();
+        let mut wire = Vec::new();
+        for d in sent {
+            t.handle_datagram(now, from, &d, &mut wire, &mut |_, device, plain| got.push((device, plain.to_vec())));
+        }
+        wire.into_iter()
+            .map(|(to, d)| {
+                assert_eq!(to, from);
+                d
+            })
+            .collect()
+    }
+
+    /// Runs the client's handshake against the table, datagram by datagram, at `now`: `Ok` once
+    /// the client completes it, the client's error otherwise (`WANT_READ`: the table went silent).
+    fn handshake(t: &mut PeerTable, c: &mut SslStream<Pipe>, from: SocketAddr, now: Instant) -> Result<(), ErrorCode> {
+        let mut got = Vec::new();
+        loop {
+            match c.connect() {
+                Ok(()) => {
+                    to_table(t, c, from, now, &mut got);
+                    return Ok(());
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                Err(e) => return Err(e.code()),
+            }
+            let answers = to_table(t, c, from, now, &mut got);
+            if answers.is_empty() {
+                return Err(ErrorCode::WANT_READ);
+            }
+            for d in answers {
+                c.get_mut().put(&d);
+                match c.connect() {
+                    Ok(()) => {
+                        to_table(t, c, from, now, &mut got);
+                        return Ok(());
+                    }
+                    Err(e) if e.code() == ErrorCode::WANT_READ => {}
+                    Err(e) => return Err(e.code()),
+                }
+            }
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_psk_session_names_its_device_and_carries_datagrams_both_ways() {
+        let (mut t, now, device) = (table(10), Instant::now(), addr("10.0.0.1:40000"));
+        let mut c = client(b"secret");
+        assert_eq!(handshake(&mut t, &mut c, device, now), Ok(()));
+        let stats = t.take_stats();
+        assert_eq!((stats.hello_verify_requests, stats.started), (1, 1), "a stateless cookie first");
+        assert_eq!(stats.completed.values().sum::<u64>(), 1);
+        assert_eq!((t.sessions(), t.handshakes_in_progress()), (1, 0));
+
+        c.ssl_write(b"coap request").unwrap();
+        let mut got = Vec::new();
+        to_table(&mut t, &mut c, device, now, &mut got);
+        assert_eq!(got, [(Some(DeviceId(7)), b"coap request".to_vec())]);
+
+        let mut wire = Vec::new();
+        assert!(t.send(device, b"coap answer", &mut wire));
+        c.get_mut().put(&wire[0].1);
+        let mut buf = [0u8; 64];
+        let n = c.ssl_read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"coap answer");
+        assert!(!t.send(addr("10.0.0.2:1"), b"nobody", &mut wire), "no session, nothing sent");
+    }
+
+    #[test]
+    fn a_wrong_key_opens_nothing_and_is_counted() {
+        let (mut t, now, device) = (table(10), Instant::now(), addr("10.0.0.1:40000"));
+        let mut c = client(b"not the secret");
+        assert!(handshake(&mut t, &mut c, device, now).is_err());
+        let stats = t.take_stats();
+        assert_eq!(stats.failed.get("bad_key"), Some(&1), "{stats:?}");
+        assert_eq!((t.sessions(), t.handshakes_in_progress()), (0, 0));
+        c.ssl_write(b"x").ok();
+        let mut got = Vec::new();
+        to_table(&mut t, &mut c, device, now, &mut got);
+        assert!(got.is_empty(), "nothing is delivered without a session");
+    }
+
+    #[test]
+    fn idle_sessions_and_silent_handshakes_end_with_time_alone() {
+        let (mut t, now) = (table(10), Instant::now());
+        let mut done = client(b"secret");
+        assert_eq!(handshake(&mut t, &mut done, addr("10.0.0.1:1"), now), Ok(()));
+        // Another device answers the cookie, then goes silent mid-handshake.
+        let mut silent = client(b"secret");
+        let mut got = Vec::new();
+        let _ = silent.connect();
+        let verify = to_table(&mut t, &mut silent, addr("10.0.0.2:1"), now, &mut got);
+        silent.get_mut().put(&verify[0]);
+        let _ = silent.connect();
+        to_table(&mut t, &mut silent, addr("10.0.0.2:1"), now, &mut got);
+        assert_eq!((t.sessions(), t.handshakes_in_progress()), (1, 1));
+        let next = t.poll_timeout().expect("timers run");
+        assert!(next <= now + HANDSHAKE);
+
+        let mut wire = Vec::new();
+        t.handle_timeout(now + HANDSHAKE + Duration::from_millis(1), &mut wire);
+        assert_eq!((t.sessions(), t.handshakes_in_progress()), (1, 0));
+        assert_eq!(t.take_stats().failed.get("timeout"), Some(&1));
+        t.handle_timeout(now + IDLE + Duration::from_secs(1), &mut wire);
+        assert_eq!(t.sessions(), 0);
+        assert_eq!(t.take_stats().evicted_idle, 1);
+    }
+
+    #[test]
+    fn handshakes_from_one_address_are_limited() {
+        let (mut t, now) = (table(1), Instant::now());
+        let mut got = Vec::new();
+        let mut start = |t: &mut PeerTable, from: SocketAddr| {
+            let mut c = client(b"secret");
+            let _ = c.connect();
+            let verify = to_table(t, &mut c, from, now, &mut got);
+            c.get_mut().put(&verify[0]);
+            let _ = c.connect();
+            to_table(t, &mut c, from, now, &mut got)
+        };
+        assert!(!start(&mut t, addr("10.0.0.1:1")).is_empty(), "the first goes on");
+        assert!(start(&mut t, addr("10.0.0.1:2")).is_empty(), "a second from the same address is dropped");
+        assert_eq!(t.take_stats().refused.values().sum::<u64>(), 1);
+        assert!(!start(&mut t, addr("10.0.9.1:1")).is_empty(), "another address is not held up");
+        assert_eq!(t.handshakes_in_progress(), 2);
+    }
+
     #[test]
     fn a_packed_final_flight_holds_its_finished_after_the_change_cipher_spec() {
         let flight = [record(22, 0, 70), record(20, 0, 1), record(22, 1, 40)].concat();
