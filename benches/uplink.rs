@@ -167,7 +167,10 @@ fn bench(c: &mut Criterion) {
                     for (ticket, ops) in actions.writes.drain(..) {
                         fx.writer.submit(Job {
                             ops,
-                            completion: Completion::Endpoint { sink: sink.clone(), ticket: ticket.into() },
+                            completion: Completion::Endpoint {
+                                sink: sink.clone(),
+                                ticket: ticket.expect("an uplink waits for its write").into(),
+                            },
                         });
                     }
                     fx.runtime.block_on(async {

@@ -47,8 +47,9 @@ pub struct Transmit {
 /// written.
 pub struct Actions<W> {
     pub transmits: Vec<Transmit>,
-    /// Writes to commit; report each back with [`Endpoint::handle_committed`] and its ticket.
-    pub writes: Vec<(Ticket, W)>,
+    /// Writes to commit, in order: report each with a ticket back with
+    /// [`Endpoint::handle_committed`]; the others nobody waits for.
+    pub writes: Vec<(Option<Ticket>, W)>,
 }
 
 impl<W> Default for Actions<W> {
@@ -69,7 +70,7 @@ pub struct EndpointStats {
     pub outgoing_full: u64,
 }
 
-pub struct Endpoint<R> {
+pub struct Endpoint<R: Resources> {
     resources: R,
     config: EndpointConfig,
     dedup: DedupCache,
@@ -78,7 +79,7 @@ pub struct Endpoint<R> {
     next_mid: u16,
     stats: EndpointStats,
     /// Scratch space the resources fill; applied after each call into them.
-    effects: Effects,
+    effects: Effects<R::Writes>,
 }
 
 impl<R: Resources> Endpoint<R> {
@@ -145,6 +146,7 @@ impl<R: Resources> Endpoint<R> {
         // A CON refused for lack of room is reported at once, and the report may start another
         // (the next command); a few rounds settle it, and more are never needed.
         for _ in 0..4 {
+            out.writes.extend(self.effects.writes.drain(..).map(|w| (None, w)));
             let outgoing = std::mem::take(&mut self.effects.outgoing);
             if outgoing.is_empty() {
                 return;
@@ -153,6 +155,7 @@ impl<R: Resources> Endpoint<R> {
                 self.originate(now, o, out);
             }
         }
+        out.writes.extend(self.effects.writes.drain(..).map(|w| (None, w)));
         self.effects.outgoing.clear();
     }
 
@@ -365,7 +368,7 @@ impl<R: Resources> Endpoint<R> {
     /// Asks for `writes` to be made durable; `waiting` is answered once they are.
     fn await_write(&mut self, waiting: Waiting, writes: R::Writes, out: &mut Actions<R::Writes>) {
         let ticket = self.pending.insert(waiting);
-        out.writes.push((ticket, writes));
+        out.writes.push((Some(ticket), writes));
     }
 
     /// Message-layer checks before any resource sees the request.
@@ -543,11 +546,11 @@ mod tests {
     impl Resources for Originator {
         type Writes = ();
 
-        fn handle(&mut self, _req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome<()> {
+        fn handle(&mut self, _req: &Request<'_, '_>, _effects: &mut Effects<()>) -> Outcome<()> {
             Outcome::code(Code::NOT_FOUND)
         }
 
-        fn handle_kick(&mut self, _now: Now, device: DeviceId, effects: &mut Effects) {
+        fn handle_kick(&mut self, _now: Now, device: DeviceId, effects: &mut Effects<()>) {
             effects.outgoing.push(Outgoing {
                 peer: "10.0.0.1:5683".parse().unwrap(),
                 message: MessageBuilder::new(MessageType::Con, Code::POST, 0, &[7]).payload(b"cmd").build(),
@@ -560,7 +563,7 @@ mod tests {
             });
         }
 
-        fn handle_reply(&mut self, _now: Now, exchange: ExchangeKey, reply: Reply<'_, '_>, _effects: &mut Effects) {
+        fn handle_reply(&mut self, _now: Now, exchange: ExchangeKey, reply: Reply<'_, '_>, _effects: &mut Effects<()>) {
             let how = match reply {
                 Reply::Ack(m) => format!("ack {}", m.code),
                 Reply::Reset => "reset".into(),

@@ -153,9 +153,16 @@ pub enum Reply<'m, 'a> {
 }
 
 /// What a dialect asks of the endpoint besides answering the message at hand.
-#[derive(Default)]
-pub struct Effects {
+pub struct Effects<W> {
     pub outgoing: Vec<Outgoing>,
+    /// Writes nobody waits for (state the call changed), queued in the order they are added.
+    pub writes: Vec<W>,
+}
+
+impl<W> Default for Effects<W> {
+    fn default() -> Effects<W> {
+        Effects { outgoing: Vec::new(), writes: Vec::new() }
+    }
 }
 
 /// Make `writes` durable, then answer.
@@ -219,18 +226,29 @@ pub trait Resources {
     /// the shell and answers once told it is written.
     type Writes;
 
-    fn handle(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Outcome<Self::Writes>;
+    fn handle(&mut self, req: &Request<'_, '_>, effects: &mut Effects<Self::Writes>) -> Outcome<Self::Writes>;
 
     /// A response that arrived in a CON or NON of its own, matching none of our exchanges.
-    fn handle_notification(&mut self, _msg: &Request<'_, '_>, _effects: &mut Effects) -> Notified<Self::Writes> {
+    fn handle_notification(
+        &mut self,
+        _msg: &Request<'_, '_>,
+        _effects: &mut Effects<Self::Writes>,
+    ) -> Notified<Self::Writes> {
         Notified::Reject
     }
 
     /// How an exchange begun with [`Outgoing`] or a [`Persist::receipt`] ended.
-    fn handle_reply(&mut self, _now: Now, _exchange: ExchangeKey, _reply: Reply<'_, '_>, _effects: &mut Effects) {}
+    fn handle_reply(
+        &mut self,
+        _now: Now,
+        _exchange: ExchangeKey,
+        _reply: Reply<'_, '_>,
+        _effects: &mut Effects<Self::Writes>,
+    ) {
+    }
 
     /// Someone else (the admin API) has something for `device`, last heard on this endpoint.
-    fn handle_kick(&mut self, _now: Now, _device: DeviceId, _effects: &mut Effects) {}
+    fn handle_kick(&mut self, _now: Now, _device: DeviceId, _effects: &mut Effects<Self::Writes>) {}
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ struct Resource;
 impl Resources for Resource {
     type Writes = Vec<u8>;
 
-    fn handle(&mut self, req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome<Vec<u8>> {
+    fn handle(&mut self, req: &Request<'_, '_>, _effects: &mut Effects<Vec<u8>>) -> Outcome<Vec<u8>> {
         match (&req.path[..], req.method()) {
             (["store"], Code::POST) => {
                 let response = Response { with_message_id: true, ..Response::new(Code::CHANGED) };
@@ -69,7 +69,8 @@ impl Harness {
     fn send(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Actions::default();
         self.ep.handle_datagram(self.now(), self.peer, None, data, &mut out);
-        self.writes.extend(out.writes);
+        // This resource records nothing without waiting for it: every write has a ticket.
+        self.writes.extend(out.writes.into_iter().map(|(t, w)| (t.expect("a ticket"), w)));
         out.transmits.into_iter().map(|t| t.data.to_vec()).collect()
     }
 

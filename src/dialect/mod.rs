@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::clock::Now;
 use crate::cluster::Cluster;
 use crate::coap::message::Code;
-use crate::coap::resource::{self, Effects, ExchangeKey, Reply, Request, Resources};
+use crate::coap::resource::{self, ExchangeKey, Reply, Request, Resources};
 use crate::identity::DeviceId;
 use crate::net::PortFamily;
 use crate::registry::{Registry, Route};
@@ -22,6 +22,7 @@ pub type Writes = crate::store::Ops;
 pub type Outcome = resource::Outcome<Writes>;
 pub type Persist = resource::Persist<Writes>;
 pub type Notified = resource::Notified<Writes>;
+pub type Effects = resource::Effects<Writes>;
 
 /// The resources of one socket.
 pub struct DeviceFacing {

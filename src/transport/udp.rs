@@ -217,7 +217,11 @@ async fn flush(
     m: &mut PortMetrics,
 ) {
     for (ticket, ops) in actions.writes.drain(..) {
-        writer.submit(Job { ops, completion: Completion::Endpoint { sink: sink.clone(), ticket: ticket.into() } });
+        let completion = match ticket {
+            Some(ticket) => Completion::Endpoint { sink: sink.clone(), ticket: ticket.into() },
+            None => Completion::Detached,
+        };
+        writer.submit(Job { ops, completion });
     }
     for t in &actions.transmits {
         m.count_response(&t.data);

@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::clock::Now;
-use crate::coap::resource::{Effects, ExchangeKey, Reply};
+use crate::coap::resource::{ExchangeKey, Reply};
+use crate::dialect::Effects;
 use crate::identity::{DeviceId, ObserveToken};
 use crate::registry::{Device, Registry, Route};
 use crate::store::Op;
@@ -97,7 +98,7 @@ impl Huawei {
                     // Always stored: a bind is the device's first word after a (re)start.
                     ops.retain(|op| !matches!(op, Op::Presence { .. }));
                     ops.push(Op::Presence { device: device.id, record: s.presence() });
-                    self.registry.writer().record(ops);
+                    effects.writes.push(ops);
                     drop(s);
                     self.deliver(now, device, effects);
                 }

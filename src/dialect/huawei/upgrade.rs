@@ -9,7 +9,8 @@ use super::{Huawei, Started};
 use crate::clock::Now;
 use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
-use crate::coap::resource::{Effects, ExchangeKey, Outgoing, Reply};
+use crate::coap::resource::{ExchangeKey, Outgoing, Reply};
+use crate::dialect::Effects;
 use crate::downlink::PcpRequest;
 use crate::identity::ObserveToken;
 use crate::registry::Device;
@@ -89,7 +90,7 @@ impl Huawei {
             {
                 let outcome = self.registry.upgrade_pcp(device, &mut s, now.wall, &pcp);
                 if !outcome.ops.is_empty() {
-                    self.registry.writer().record(outcome.ops);
+                    effects.writes.push(outcome.ops);
                 }
             }
         }

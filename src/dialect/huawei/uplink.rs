@@ -6,7 +6,8 @@
 use super::{Huawei, UPLINK_TOPIC};
 use crate::coap::message::MessageType;
 use crate::coap::option::OptionNumber;
-use crate::coap::resource::{Effects, Request};
+use crate::coap::resource::Request;
+use crate::dialect::Effects;
 use crate::dialect::Notified;
 use crate::dialect::refusal::{self, Dialect, OverBudget, Refusal};
 use crate::identity::ObserveToken;
