@@ -43,25 +43,7 @@ impl DtlsClient {
     }
 
     pub fn new(socket: UdpSocket, config: &ClientConfig<'_>) -> DtlsClient {
-        let mut ctx = SslContext::builder(SslMethod::dtls_client()).expect("OpenSSL DTLS client context");
-        if let Err(e) = ctx.set_cipher_list(config.ciphers) {
-            panic!("cipher list {:?}: {e}", config.ciphers);
-        }
-        ctx.set_verify(SslVerifyMode::NONE);
-        if !config.encrypt_then_mac {
-            ctx.set_options(SslOptions::from_bits_retain(NO_ENCRYPT_THEN_MAC));
-        }
-        if let Some((identity, key)) = config.psk {
-            let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
-            ctx.set_psk_client_callback(move |_, _hint, id_out, key_out| {
-                id_out[..identity.len()].copy_from_slice(&identity);
-                id_out[identity.len()] = 0;
-                key_out[..key.len()].copy_from_slice(&key);
-                Ok(key.len())
-            });
-        }
-        let ssl = Ssl::new(&ctx.build()).expect("OpenSSL SSL");
-        let stream = SslStream::new(ssl, Pipe::default()).expect("OpenSSL stream");
+        let stream = stream(config);
         let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
         DtlsClient {
             socket,
@@ -186,4 +168,28 @@ impl DtlsClient {
         self.send_outbound();
         self.socket
     }
+}
+
+/// The device side of DTLS over an in-memory pipe, as `config` says: what [`DtlsClient`] runs
+/// over its socket, and what unit tests run against the peer table directly.
+pub fn stream(config: &ClientConfig<'_>) -> SslStream<Pipe> {
+    let mut ctx = SslContext::builder(SslMethod::dtls_client()).expect("OpenSSL DTLS client context");
+    if let Err(e) = ctx.set_cipher_list(config.ciphers) {
+        panic!("cipher list {:?}: {e}", config.ciphers);
+    }
+    ctx.set_verify(SslVerifyMode::NONE);
+    if !config.encrypt_then_mac {
+        ctx.set_options(SslOptions::from_bits_retain(NO_ENCRYPT_THEN_MAC));
+    }
+    if let Some((identity, key)) = config.psk {
+        let (identity, key) = (identity.as_bytes().to_vec(), key.to_vec());
+        ctx.set_psk_client_callback(move |_, _hint, id_out, key_out| {
+            id_out[..identity.len()].copy_from_slice(&identity);
+            id_out[identity.len()] = 0;
+            key_out[..key.len()].copy_from_slice(&key);
+            Ok(key.len())
+        });
+    }
+    let ssl = Ssl::new(&ctx.build()).expect("OpenSSL SSL");
+    SslStream::new(ssl, Pipe::default()).expect("OpenSSL stream")
 }

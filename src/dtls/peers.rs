@@ -498,7 +498,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use openssl::ssl::{ErrorCode, Ssl, SslContext as ClientContext, SslMethod, SslStream};
+    use openssl::ssl::{ErrorCode, SslStream};
+
+    use crate::dtls::client::ClientConfig;
 
     use crate::dtls::pipe::Pipe;
     use crate::dtls::psk::{Holder, Keys};
@@ -535,14 +537,8 @@ mod tests {
 
     /// A device's DTLS client in memory, proving `key` for `pk&dn`.
     fn client(key: &'static [u8]) -> SslStream<Pipe> {
-        let mut ctx = ClientContext::builder(SslMethod::dtls_client()).unwrap();
-        ctx.set_cipher_list("PSK-AES128-CCM8").unwrap();
-        ctx.set_psk_client_callback(move |_, _, id, out| {
-            id[..6].copy_from_slice(b"pk&dn\0");
-            out[..key.len()].copy_from_slice(key);
-            Ok(key.len())
-        });
-        SslStream::new(Ssl::new(&ctx.build()).unwrap(), Pipe::default()).unwrap()
+        let psk = Some(("pk&dn", key));
+        crate::dtls::client::stream(&ClientConfig { psk, ciphers: "PSK-AES128-CCM8", encrypt_then_mac: true })
     }
 
     type Delivered = Vec<(Option<DeviceId>, Vec<u8>)>;
@@ -568,33 +564,31 @@ mod tests {
             .collect()
     }
 
+    /// One handshake step of the client: `Ok(true)` once it completed.
+    fn step(c: &mut SslStream<Pipe>) -> Result<bool, ErrorCode> {
+        match c.connect() {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == ErrorCode::WANT_READ => Ok(false),
+            Err(e) => Err(e.code()),
+        }
+    }
+
     /// Runs the client's handshake against the table, datagram by datagram, at `now`: `Ok` once
     /// the client completes it, the client's error otherwise (`WANT_READ`: the table went silent).
     fn handshake(t: &mut PeerTable, c: &mut SslStream<Pipe>, from: SocketAddr, now: Instant) -> Result<(), ErrorCode> {
         let mut got = Vec::new();
+        let mut done = step(c)?;
         loop {
-            match c.connect() {
-                Ok(()) => {
-                    to_table(t, c, from, now, &mut got);
-                    return Ok(());
-                }
-                Err(e) if e.code() == ErrorCode::WANT_READ => {}
-                Err(e) => return Err(e.code()),
-            }
             let answers = to_table(t, c, from, now, &mut got);
+            if done {
+                return Ok(());
+            }
             if answers.is_empty() {
                 return Err(ErrorCode::WANT_READ);
             }
             for d in answers {
                 c.get_mut().put(&d);
-                match c.connect() {
-                    Ok(()) => {
-                        to_table(t, c, from, now, &mut got);
-                        return Ok(());
-                    }
-                    Err(e) if e.code() == ErrorCode::WANT_READ => {}
-                    Err(e) => return Err(e.code()),
-                }
+                done = step(c)?;
             }
         }
     }

@@ -262,6 +262,27 @@ impl FlowCounter {
     }
 }
 
+/// A device of product `p` named `d`, last heard at 0 from `address`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_device(address: Option<SocketAddr>) -> Device {
+    let record = DeviceRecord {
+        id: DeviceId(1),
+        product_key: ProductKey::new("p").unwrap(),
+        device_name: DeviceName::new("d").unwrap(),
+        device_secret: Secret::new("s").unwrap(),
+        node_id: None,
+        psk_hex: None,
+        enabled: true,
+        registered: false,
+        radio: Radio::default(),
+        created_at: 0,
+        observe: None,
+        version: None,
+        home: Home::Here,
+    };
+    Device::from_record(record, address.map(|_| UnixMs(0)), address)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,25 +343,7 @@ mod tests {
 
     #[test]
     fn presence_is_written_once_a_minute_or_on_a_move() {
-        let mut s = Device::from_record(
-            DeviceRecord {
-                id: crate::identity::DeviceId(1),
-                product_key: ProductKey::new("p").unwrap(),
-                device_name: DeviceName::new("d").unwrap(),
-                device_secret: Secret::new("s").unwrap(),
-                node_id: None,
-                psk_hex: None,
-                enabled: true,
-                registered: false,
-                radio: Radio::default(),
-                created_at: 0,
-                observe: None,
-                version: None,
-                home: Home::Here,
-            },
-            None,
-            None,
-        );
+        let mut s = test_device(None);
         let s = s.state.get_mut().unwrap();
         let a: SocketAddr = "10.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "10.0.0.2:1".parse().unwrap();

@@ -114,32 +114,11 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{DeviceId, DeviceName, Home, ProductKey, Secret};
-    use crate::store::records::{DeviceRecord, Radio};
-
-    fn device() -> Device {
-        let record = DeviceRecord {
-            id: DeviceId(1),
-            product_key: ProductKey::new("p").unwrap(),
-            device_name: DeviceName::new("d").unwrap(),
-            device_secret: Secret::new("s").unwrap(),
-            node_id: None,
-            psk_hex: None,
-            enabled: true,
-            registered: true,
-            radio: Radio::default(),
-            created_at: 0,
-            observe: None,
-            version: None,
-            home: Home::Here,
-        };
-        let own: SocketAddr = "10.0.0.1:5000".parse().unwrap();
-        Device::from_record(record, Some(UnixMs(0)), Some(own))
-    }
+    use crate::registry::device::test_device;
 
     #[test]
     fn notifications_are_ordered_by_number_and_copies_from_elsewhere_are_stale() {
-        let d = device();
+        let d = test_device(Some("10.0.0.1:5000".parse().unwrap()));
         let mut s = d.state();
         let (own, other): (SocketAddr, SocketAddr) = ("10.0.0.1:5000".parse().unwrap(), "10.9.9.9:1".parse().unwrap());
         let t = UnixMs(1_000_000);
