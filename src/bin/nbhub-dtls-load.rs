@@ -9,7 +9,6 @@
 //! same way, and the report gives both rates and their ratio: what DTLS costs over the cheapest
 //! secure port, measured in the same run.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -22,6 +21,7 @@ use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::dtls::client::{ClientConfig, DtlsClient};
+use nbhub::simulate::tally::{Figures, Tally};
 use nbhub::simulate::{AlibabaSession, alibaba_auth};
 use serde::Serialize;
 
@@ -204,7 +204,7 @@ fn established(args: &Args, devices: &[Device]) {
     let dtls = run_sessions(args, devices, |d| Dtls::open(d, &mode, args.dtls));
     eprintln!("opening {} AES sessions on {}", devices.len(), args.aes);
     let aes = run_sessions(args, devices, |d| Aes::open(d, args.aes));
-    let ratio = dtls.acknowledged_per_second / aes.acknowledged_per_second.max(1.0);
+    let ratio = dtls.figures.acknowledged_per_second / aes.figures.acknowledged_per_second.max(1.0);
     let report = Report {
         sessions: devices.len(),
         window: args.window,
@@ -335,7 +335,7 @@ fn run_sessions<'d, S: Session>(
     args: &Args,
     devices: &'d [Device],
     open: impl Fn(&'d Device) -> Option<S> + Sync,
-) -> Figures {
+) -> Port {
     let threads = args.threads.clamp(1, devices.len());
     let stop = AtomicBool::new(false);
     let ready = Barrier::new(threads + 1);
@@ -349,9 +349,7 @@ fn run_sessions<'d, S: Session>(
                     let sessions: Vec<S> = devices.iter().skip(w).step_by(threads).filter_map(open).collect();
                     let opened = sessions.len();
                     ready.wait();
-                    let mut stats = drive(sessions, args.window, payload, stop);
-                    stats.opened = opened;
-                    stats
+                    (opened, drive(sessions, args.window, payload, stop))
                 })
             })
             .collect();
@@ -361,11 +359,13 @@ fn run_sessions<'d, S: Session>(
         std::thread::sleep(Duration::from_secs(args.duration));
         stop.store(true, Ordering::Relaxed);
         let elapsed = started.elapsed();
-        let mut total = Stats::default();
+        let (mut opened, mut total) = (0, Tally::default());
         for w in workers {
-            total.merge(w.join().expect("worker"));
+            let (o, t) = w.join().expect("worker");
+            opened += o;
+            total.merge(t);
         }
-        total.figures(devices.len(), elapsed)
+        Port { sessions_failed: devices.len() - opened, figures: total.figures(elapsed) }
     })
 }
 
@@ -376,8 +376,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Uplinks over `sessions` until `stop`, `window` in flight on each, then the answers to those:
 /// one thread for hundreds of sessions, woken by epoll only for those with an answer waiting.
-fn drive<S: Session>(mut sessions: Vec<S>, window: usize, payload: &[u8], stop: &AtomicBool) -> Stats {
-    let mut stats = Stats::default();
+fn drive<S: Session>(mut sessions: Vec<S>, window: usize, payload: &[u8], stop: &AtomicBool) -> Tally {
+    let mut stats = Tally::default();
     let epoll = Epoll::new(sessions.iter().map(|s| s.fd())).unwrap_or_else(|e| fail(format!("epoll: {e}")));
     let mut flights: Vec<Flight> = sessions.iter().map(|_| Flight::default()).collect();
     for (s, f) in sessions.iter_mut().zip(&mut flights) {
@@ -424,7 +424,7 @@ struct Flight {
 
 impl Flight {
     /// Sends until `window` requests are in flight.
-    fn fill(&mut self, session: &mut impl Session, window: usize, payload: &[u8], stats: &mut Stats) {
+    fn fill(&mut self, session: &mut impl Session, window: usize, payload: &[u8], stats: &mut Tally) {
         while self.in_flight.len() < window {
             let Some(mid) = session.send(payload) else { return };
             self.in_flight.push((mid, Instant::now()));
@@ -473,87 +473,23 @@ impl Epoll {
     }
 }
 
-#[derive(Default)]
-struct Stats {
-    opened: usize,
-    sent: u64,
-    /// 2.04 received while sending (what the rate is computed from).
-    ok: u64,
-    /// 2.04 received after the stop for requests sent before it.
-    after_stop: u64,
-    other: HashMap<String, u64>,
-    /// Requests unanswered within the timeout. On loopback these are mostly ids that an earlier
-    /// run's socket on the same port used less than 247 s before: the server ignores a different
-    /// request under a remembered id (`nbhub_coap_duplicates_total`).
-    lost: u64,
-    latencies: Vec<Duration>,
-}
-
-impl Stats {
-    fn answered(&mut self, code: Code, sent_at: Instant, stopping: bool) {
-        match (code == Code::CHANGED, stopping) {
-            (true, true) => self.after_stop += 1,
-            (true, false) => {
-                self.ok += 1;
-                self.latencies.push(sent_at.elapsed());
-            }
-            (false, _) => *self.other.entry(code.to_string()).or_default() += 1,
-        }
-    }
-
-    fn merge(&mut self, o: Stats) {
-        self.opened += o.opened;
-        self.sent += o.sent;
-        self.ok += o.ok;
-        self.after_stop += o.after_stop;
-        self.lost += o.lost;
-        for (k, v) in o.other {
-            *self.other.entry(k).or_default() += v;
-        }
-        self.latencies.extend(o.latencies);
-    }
-
-    fn figures(mut self, sessions: usize, elapsed: Duration) -> Figures {
-        self.latencies.sort_unstable();
-        let ms = |p: f64| {
-            let i = ((self.latencies.len() as f64 - 1.0) * p).round().max(0.0) as usize;
-            self.latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-        };
-        let seconds = elapsed.as_secs_f64();
-        Figures {
-            sessions_failed: sessions - self.opened,
-            seconds,
-            sent: self.sent,
-            acknowledged_2_04: self.ok,
-            acknowledged_after_stop: self.after_stop,
-            unanswered: self.lost,
-            acknowledged_per_second: (self.ok as f64 / seconds).round(),
-            latency_ms: Latency { p50: ms(0.5), p99: ms(0.99), max: ms(1.0) },
-            other_codes: self.other,
-        }
-    }
-}
-
 /// One port's result in `--established` mode.
 #[derive(Serialize)]
-struct Figures {
+struct Port {
     /// Sessions that could not be opened (and sent nothing).
     sessions_failed: usize,
-    seconds: f64,
-    sent: u64,
-    acknowledged_2_04: u64,
-    acknowledged_after_stop: u64,
-    other_codes: HashMap<String, u64>,
-    unanswered: u64,
-    acknowledged_per_second: f64,
-    latency_ms: Latency,
+    #[serde(flatten)]
+    figures: Figures,
 }
 
-#[derive(Serialize)]
-struct Latency {
-    p50: f64,
-    p99: f64,
-    max: f64,
+impl Port {
+    fn print(&self, label: &str) {
+        let failed = match self.sessions_failed {
+            0 => String::new(),
+            n => format!("  sessions failed {n}"),
+        };
+        self.figures.print(label, "uplinks", &failed);
+    }
 }
 
 #[derive(Serialize)]
@@ -564,8 +500,8 @@ struct Report<'a> {
     ciphers: &'a str,
     /// The DTLS rate over the AES one.
     ratio: f64,
-    dtls: Figures,
-    aes: Figures,
+    dtls: Port,
+    aes: Port,
 }
 
 impl Report<'_> {
@@ -581,23 +517,6 @@ impl Report<'_> {
         self.dtls.print(&format!("DTLS 5684 ({})", self.ciphers));
         self.aes.print("AES 5682");
         println!("{:<30} {:.2}", "dtls / aes", self.ratio);
-    }
-}
-
-impl Figures {
-    fn print(&self, label: &str) {
-        let l = &self.latency_ms;
-        print!(
-            "{label:<30} {:>7.0} uplinks/s  p50 {:.1} ms  p99 {:.1} ms  sent {}  unanswered {}",
-            self.acknowledged_per_second, l.p50, l.p99, self.sent, self.unanswered
-        );
-        if self.sessions_failed > 0 {
-            print!("  sessions failed {}", self.sessions_failed);
-        }
-        if !self.other_codes.is_empty() {
-            print!("  other {:?}", self.other_codes);
-        }
-        println!();
     }
 }
 

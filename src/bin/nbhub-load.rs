@@ -23,6 +23,7 @@ use bytes::Bytes;
 use clap::Parser;
 use nbhub::client::{AdminArgs, Fleet};
 use nbhub::coap::message::{Code, Message, MessageType};
+use nbhub::simulate::tally::{Figures, Tally};
 use nbhub::simulate::{AlibabaSession, alibaba_auth};
 use nbhub::transport::mmsg::{self, RecvBatch};
 use serde::Serialize;
@@ -198,7 +199,7 @@ async fn phase(devices: Vec<Device>, echo: Option<SocketAddr>, args: &Arc<Args>)
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let mut devices = Vec::with_capacity(tasks.len());
-    let mut total = Stats::default();
+    let mut total = Tally::default();
     for t in tasks {
         let (d, stats) = t.await.expect("device task");
         devices.push(d);
@@ -208,14 +209,14 @@ async fn phase(devices: Vec<Device>, echo: Option<SocketAddr>, args: &Arc<Args>)
 }
 
 /// One device's uplinks until `stop`, keeping `window` in flight; then the answers to those.
-async fn send(socket: &UdpSocket, uplinks: &mut Uplinks, args: &Args, stop: &AtomicBool) -> Stats {
+async fn send(socket: &UdpSocket, uplinks: &mut Uplinks, args: &Args, stop: &AtomicBool) -> Tally {
     let payload: Vec<u8> = (0..args.payload_size).map(|i| b'a' + (i % 26) as u8).collect();
     let timeout = Duration::from_millis(args.timeout_ms);
     // Each device paces itself so that all together send `rate` messages per second.
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(args.devices as f64 / args.rate as f64));
     let mut next_send = tokio::time::Instant::now();
     let mut buf = vec![0u8; 2048];
-    let mut stats = Stats::default();
+    let mut stats = Tally::default();
     let mut in_flight: HashMap<u16, Instant> = HashMap::with_capacity(args.window);
     loop {
         let stopping = stop.load(Ordering::Relaxed);
@@ -320,96 +321,6 @@ fn answer(request: &[u8]) -> Bytes {
     Bytes::from(answer)
 }
 
-#[derive(Default)]
-struct Stats {
-    sent: u64,
-    /// 2.04 received while sending (what the rate is computed from).
-    ok: u64,
-    /// 2.04 received after the stop for requests sent before it.
-    after_stop: u64,
-    other: HashMap<String, u64>,
-    /// Requests unanswered within the timeout. On loopback these are mostly ids that an earlier
-    /// run's socket on the same port used less than 247 s before: the server ignores a different
-    /// request under a remembered id (`nbhub_coap_duplicates_total`).
-    lost: u64,
-    latencies_us: Vec<u32>,
-}
-
-impl Stats {
-    fn answered(&mut self, code: Code, sent_at: Instant, stopping: bool) {
-        if code == Code::CHANGED && stopping {
-            self.after_stop += 1;
-        } else if code == Code::CHANGED {
-            self.ok += 1;
-            self.latencies_us.push(sent_at.elapsed().as_micros().min(u32::MAX as u128) as u32);
-        } else {
-            *self.other.entry(code.to_string()).or_default() += 1;
-        }
-    }
-
-    fn merge(&mut self, o: Stats) {
-        self.sent += o.sent;
-        self.ok += o.ok;
-        self.after_stop += o.after_stop;
-        self.lost += o.lost;
-        for (k, v) in o.other {
-            *self.other.entry(k).or_default() += v;
-        }
-        self.latencies_us.extend(o.latencies_us);
-    }
-
-    fn figures(mut self, elapsed: Duration) -> Figures {
-        self.latencies_us.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if self.latencies_us.is_empty() {
-                return 0.0;
-            }
-            let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-            self.latencies_us[i] as f64 / 1000.0
-        };
-        let seconds = elapsed.as_secs_f64();
-        Figures {
-            seconds,
-            sent: self.sent,
-            acknowledged_2_04: self.ok,
-            acknowledged_after_stop: self.after_stop,
-            unanswered: self.lost,
-            acknowledged_per_second: (self.ok as f64 / seconds).round(),
-            latency_ms: Latency {
-                p50: pct(0.50),
-                p90: pct(0.90),
-                p99: pct(0.99),
-                p99_9: pct(0.999),
-                max: self.latencies_us.last().map_or(0.0, |v| *v as f64 / 1000.0),
-            },
-            other_codes: self.other,
-        }
-    }
-}
-
-/// One phase's result.
-#[derive(Serialize)]
-struct Figures {
-    seconds: f64,
-    sent: u64,
-    acknowledged_2_04: u64,
-    acknowledged_after_stop: u64,
-    other_codes: HashMap<String, u64>,
-    unanswered: u64,
-    acknowledged_per_second: f64,
-    latency_ms: Latency,
-}
-
-#[derive(Serialize)]
-struct Latency {
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    #[serde(rename = "p99.9")]
-    p99_9: f64,
-    max: f64,
-}
-
 #[derive(Serialize)]
 struct Report {
     devices: usize,
@@ -434,26 +345,12 @@ impl Report {
         }
         println!("{} devices, window {}, {}-byte payloads", self.devices, self.window, self.payload_size);
         if let Some(c) = &self.ceiling {
-            c.print("UDP echo ceiling");
+            c.print("UDP echo ceiling", "msgs", "");
         }
-        self.nbhub.print("nbhub (5682 AES)");
+        self.nbhub.print("nbhub (5682 AES)", "msgs", "");
         if let Some(r) = self.ratio {
-            println!("nbhub / ceiling     {r:.2}");
+            println!("{:<30} {r:.2}", "nbhub / ceiling");
         }
-    }
-}
-
-impl Figures {
-    fn print(&self, label: &str) {
-        let l = &self.latency_ms;
-        print!(
-            "{label:<18} {:>8.0} msgs/s  p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  sent {}  unanswered {}",
-            self.acknowledged_per_second, l.p50, l.p99, l.p99_9, self.sent, self.unanswered
-        );
-        if !self.other_codes.is_empty() {
-            print!("  other {:?}", self.other_codes);
-        }
-        println!();
     }
 }
 

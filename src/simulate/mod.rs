@@ -3,6 +3,7 @@
 //! `/topic` requests as the Link SDK builds them; a PCP device (`pcp`).
 
 pub mod pcp;
+pub mod tally;
 
 use std::net::SocketAddr;
 use std::time::Duration;
