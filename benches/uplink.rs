@@ -5,7 +5,6 @@
 
 use std::hint::black_box;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -19,7 +18,7 @@ use nbhub::dialect::DeviceFacing;
 use nbhub::identity::{DeviceName, ProductKey};
 use nbhub::net::PortFamily;
 use nbhub::registry::{AckMode, SessionRecord};
-use nbhub::registry::{NewDevice, Registry, Route};
+use nbhub::registry::{NewDevice, Route};
 use nbhub::store::SyncPolicy;
 use nbhub::store::{Completion, Job, WriterThread};
 use nbhub::transport::udp::written;
@@ -27,8 +26,7 @@ use nbhub::transport::udp::written;
 struct Fixture {
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
-    registry: Arc<Registry>,
-    cluster: Arc<nbhub::cluster::Cluster>,
+    services: nbhub::dialect::Services,
     writer: nbhub::store::Writer,
     thread: Option<WriterThread>,
     /// (token, key) of one 5682 session per device.
@@ -37,7 +35,7 @@ struct Fixture {
 
 fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
     let common::Bed { dir, runtime, registry, thread, product: pk } = common::bed("benchProduct", sync);
-    let cluster = Arc::new(nbhub::cluster::Cluster::load(registry.clone()).unwrap());
+    let services = nbhub::dialect::Services::load(registry.clone()).unwrap();
     let writer = registry.writer().clone();
     let mut sessions = Vec::new();
     for i in 0..devices {
@@ -66,7 +64,7 @@ fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
         let key = nbhub::auth::cipher::SessionKey::derive(device.secret.expose(), &random);
         sessions.push((token.as_str().to_string(), key, pk.clone(), dn));
     }
-    Fixture { _dir: dir, runtime, registry, cluster, writer, thread: Some(thread), sessions }
+    Fixture { _dir: dir, runtime, services, writer, thread: Some(thread), sessions }
 }
 
 fn uplink(token: &str, key: &nbhub::auth::cipher::SessionKey, pk: &str, dn: &str, mid: u16, seq: u64) -> Vec<u8> {
@@ -84,7 +82,7 @@ fn uplink(token: &str, key: &nbhub::auth::cipher::SessionKey, pk: &str, dn: &str
 
 fn endpoint(f: &Fixture) -> Endpoint<DeviceFacing> {
     Endpoint::new(
-        DeviceFacing::new(f.registry.clone(), f.cluster.clone(), Route { family: PortFamily::Aes, socket: 0 }),
+        DeviceFacing::new(&f.services, Route { family: PortFamily::Aes, socket: 0 }),
         EndpointConfig {
             max_payload: 1040,
             announced_max_payload: 1024,

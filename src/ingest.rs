@@ -9,6 +9,7 @@ use std::sync::Arc;
 use smallvec::smallvec;
 
 use crate::clock::UnixMs;
+use crate::ota::campaign::Campaign;
 use crate::registry::{Device, DeviceState, Registry, Route};
 use crate::store::{Op, Ops};
 
@@ -37,27 +38,50 @@ pub enum Accepted {
 /// device's budget never stalls its own upgrade.
 pub fn admit(
     registry: &Registry,
+    campaign: &Campaign,
     device: &Device,
     s: &mut DeviceState,
     payload: &[u8],
     now: UnixMs,
 ) -> Result<(), u32> {
-    if registry.advances_download(device, s, payload) {
+    if campaign.advances_download(device, s, payload) {
         return Ok(());
     }
     s.admit(now, &registry.config.device)
 }
 
+/// The device spoke from `peer` through `route`: what to store with the request (its presence
+/// and status, [`Registry::contact`]), and the start of an upgrade that waited for it.
+pub fn contact(
+    registry: &Registry,
+    campaign: &Campaign,
+    device: &Arc<Device>,
+    s: &mut DeviceState,
+    now: UnixMs,
+    peer: SocketAddr,
+    route: Route,
+) -> Ops {
+    let mut ops = registry.contact(device, s, now, peer, route);
+    campaign.contact(device, s, now, &mut ops);
+    ops
+}
+
 /// Classifies an admitted uplink and gathers what it changes, under the device's lock.
-pub fn accept(registry: &Registry, device: &Arc<Device>, s: &mut DeviceState, uplink: Uplink) -> Accepted {
+pub fn accept(
+    registry: &Registry,
+    campaign: &Campaign,
+    device: &Arc<Device>,
+    s: &mut DeviceState,
+    uplink: Uplink,
+) -> Accepted {
     let Uplink { topic, payload, peer, route, now } = uplink;
-    let mut contact = registry.contact(device, s, now, peer, route);
-    if let Some(message) = registry.pcp_message(device, &payload) {
-        let outcome = registry.upgrade_pcp(device, s, now, &message);
+    let mut contact = contact(registry, campaign, device, s, now, peer, route);
+    if let Some(message) = campaign.pcp_message(device, &payload) {
+        let outcome = campaign.pcp(device, s, now, &message);
         contact.extend(outcome.ops);
         return Accepted::Pcp { writes: contact, answer: outcome.answer };
     }
-    contact.extend(registry.radio_report(device, s, &payload));
+    contact.extend(campaign.radio_report(device, s, &payload));
     let event = registry.uplink_event(device);
     let mut writes: Ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload, event }];
     writes.extend(contact);

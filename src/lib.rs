@@ -103,7 +103,8 @@ async fn serve_with(
 ) -> Result<(), ServeError> {
     let data_dir = config.data_dir.clone();
     let registry = Arc::new(Registry::load(config.clone(), store, writer.clone()).await?);
-    let cluster = Arc::new(cluster::Cluster::load(registry.clone())?);
+    let services = dialect::Services::load(registry.clone())?;
+    let dialect::Services { commands, campaign, cluster, .. } = services.clone();
     // Before any port is bound: a certificate or cipher mistake is a configuration error.
     let (dtls_context, certificates) = dtls::setup(registry.clone(), &config.dtls)?;
     let admin_token = admin_token(&config, &data_dir)?;
@@ -120,8 +121,8 @@ async fn serve_with(
     let mut tasks = tokio::task::JoinSet::new();
     let plain = || transport::link::Plain;
     let coap =
-        spawn_port(&mut tasks, &cluster, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
-    let aes = spawn_port(&mut tasks, &cluster, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
+        spawn_port(&mut tasks, &services, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
+    let aes = spawn_port(&mut tasks, &services, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
     let d = &config.dtls;
     let per_socket = |n: usize| n.div_ceil(config.coap.sockets_per_port);
     let limits = dtls::peers::Limits {
@@ -137,7 +138,7 @@ async fn serve_with(
         mtu: d.mtu,
     };
     let dtls_link = || transport::dtls::Dtls::new(dtls::peers::PeerTable::new(dtls_context.clone(), limits));
-    let dtls = spawn_port(&mut tasks, &cluster, &writer, d.listen, PortFamily::Dtls, "dtls", dtls_link, &stop_rx)?;
+    let dtls = spawn_port(&mut tasks, &services, &writer, d.listen, PortFamily::Dtls, "dtls", dtls_link, &stop_rx)?;
     cluster.peers.bound(coap, aes, dtls);
 
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
@@ -149,6 +150,8 @@ async fn serve_with(
     }
     let router = admin::router(admin::AdminState {
         registry: registry.clone(),
+        commands: commands.clone(),
+        campaign: campaign.clone(),
         cluster: cluster.clone(),
         webhooks,
         token: admin_token.into(),
@@ -164,9 +167,9 @@ async fn serve_with(
     });
 
     tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
-    tasks.spawn(expire_commands(registry.clone(), stop_rx.clone()));
+    tasks.spawn(expire_commands(commands, stop_rx.clone()));
     tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
-    tasks.spawn(advance_upgrades(registry.clone(), stop_rx.clone()));
+    tasks.spawn(advance_upgrades(campaign, registry.config.ota.tick_ms, stop_rx.clone()));
     tasks.spawn(cluster::runner::supervise(cluster.clone(), stop_rx.clone()));
 
     let endpoints = Endpoints { coap, aes, dtls, admin };
@@ -189,7 +192,7 @@ async fn serve_with(
 #[allow(clippy::too_many_arguments)] // one call per listener, each naming all of them
 fn spawn_port<L: transport::link::Link + Send + 'static>(
     tasks: &mut tokio::task::JoinSet<std::io::Result<()>>,
-    cluster: &Arc<cluster::Cluster>,
+    services: &dialect::Services,
     writer: &store::Writer,
     listen: SocketAddr,
     family: PortFamily,
@@ -197,7 +200,7 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     link: impl Fn() -> L,
     stop: &watch::Receiver<bool>,
 ) -> Result<SocketAddr, ServeError> {
-    let registry = &cluster.registry;
+    let registry = &services.registry;
     let c = &registry.config.coap;
     // AES ciphertext is up to one block longer than the plaintext the limit applies to.
     let cipher_slack = if family == PortFamily::Aes { 16 } else { 0 };
@@ -221,8 +224,7 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     for (i, socket) in sockets.into_iter().enumerate() {
         let route = Route { family, socket: i as u16 };
         let kicks = registry.routes.open(route);
-        let endpoint =
-            Endpoint::new(DeviceFacing::new(registry.clone(), cluster.clone(), route), endpoint_config.clone());
+        let endpoint = Endpoint::new(DeviceFacing::new(services, route), endpoint_config.clone());
         let port = transport::udp::Port { label, recv_slot, kicks };
         tasks.spawn(transport::udp::serve(socket, endpoint, link(), writer.clone(), port, stop.clone()));
     }
@@ -231,18 +233,22 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
 
 /// Moves upgrades on with time (timeouts, free cell slots, retries) every tick, and hands a
 /// freed cell slot on at once; off the async threads, since a large campaign takes a while to walk.
-async fn advance_upgrades(registry: Arc<Registry>, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
-    let mut interval = tokio::time::interval(std::time::Duration::from_millis(registry.config.ota.tick_ms));
+async fn advance_upgrades(
+    campaign: Arc<ota::campaign::Campaign>,
+    tick_ms: u64,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(tick_ms));
     interval.tick().await;
     loop {
-        let registry = registry.clone();
+        let c = campaign.clone();
         tokio::select! {
             _ = stop.changed() => return Ok(()),
             _ = interval.tick() => {
-                let _ = tokio::task::spawn_blocking(move || registry.upgrade_tick(clock::UnixMs::now())).await;
+                let _ = tokio::task::spawn_blocking(move || c.tick(clock::UnixMs::now())).await;
             }
-            _ = registry.ota.slot_freed.notified() => {
-                let _ = tokio::task::spawn_blocking(move || registry.hand_off_slots(clock::UnixMs::now())).await;
+            _ = campaign.slot_freed.notified() => {
+                let _ = tokio::task::spawn_blocking(move || c.hand_off_slots(clock::UnixMs::now())).await;
             }
         }
     }
@@ -279,9 +285,9 @@ async fn sweep_sessions(registry: Arc<Registry>, stop: watch::Receiver<bool>) ->
 
 /// Ends commands that expired (or, restored after a restart, were never acknowledged), checked
 /// every second: expiry times are in seconds.
-async fn expire_commands(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+async fn expire_commands(commands: Arc<downlink::Commands>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
     every(std::time::Duration::from_secs(1), stop, || async {
-        let ended = registry.expire_commands(clock::UnixMs::now());
+        let ended = commands.expire(clock::UnixMs::now());
         if ended > 0 {
             tracing::debug!(commands = ended, "commands expired");
         }

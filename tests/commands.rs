@@ -244,6 +244,9 @@ fn a_device_whose_port_changes_between_reports_still_gets_its_commands() {
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890006");
     dev.bind();
     let old_port = dev.wire.socket.local_addr().unwrap();
+    // The relation counts as contact once the server has the device's answer to its GET: the
+    // device is asleep only after that.
+    server.wait_device(&pk, &dn, |d| d["address"] == old_port.to_string());
     server.advance_clock(Duration::from_millis(1200));
     let c = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"after NAT")}));
 

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use super::AdminState;
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
+use crate::downlink::{CommandError, NewCommand};
 use crate::downlink::{CommandId, CommandView, SendStrategy};
-use crate::registry::{CommandError, NewCommand};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -74,7 +74,7 @@ async fn create(
     }
     let d = device(&state, &pk, &dn)?;
     let new = NewCommand { payload, strategy: body.send_strategy, expire_s: body.expire_time, topic: body.topic };
-    let command = state.registry.create_command(&d, new).await?;
+    let command = state.commands.create(&d, new).await?;
     tracing::info!(product_key = pk, device_name = dn, command = %command.id, status = command.status.as_str(), "command created");
     Ok((StatusCode::CREATED, Json(command.into())))
 }
@@ -85,7 +85,7 @@ fn command_id(raw: &str) -> Result<CommandId, ApiError> {
 
 async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<CommandView>, ApiError> {
     let id = command_id(&id)?;
-    let command = state.registry.command(id)?.ok_or_else(|| ApiError::not_found(format!("command {id} not found")))?;
+    let command = state.commands.get(id)?.ok_or_else(|| ApiError::not_found(format!("command {id} not found")))?;
     Ok(Json(command.into()))
 }
 
@@ -94,13 +94,13 @@ async fn list(
     Path((pk, dn)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = device(&state, &pk, &dn)?;
-    let commands: Vec<CommandView> = state.registry.commands_of(&d)?.into_iter().map(CommandView::from).collect();
+    let commands: Vec<CommandView> = state.commands.of(&d)?.into_iter().map(CommandView::from).collect();
     Ok(Json(serde_json::json!({ "commands": commands })))
 }
 
 async fn cancel(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<CommandView>, ApiError> {
     let id = command_id(&id)?;
-    let command = state.registry.cancel_command(id).await?;
+    let command = state.commands.cancel(id).await?;
     tracing::info!(command = %id, "command canceled");
     Ok(Json(command.into()))
 }

@@ -175,7 +175,7 @@ async fn remove(
     Path((pk, dn)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     device(&state, &pk, &dn)?;
-    state.registry.delete_device(&pk, &dn).await?;
+    state.registry.delete_device(&pk, &dn, &*state.commands).await?;
     tracing::info!(product_key = pk, device_name = dn, "device deleted");
     Ok(StatusCode::NO_CONTENT)
 }

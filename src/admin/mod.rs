@@ -31,6 +31,8 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 #[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
+    pub commands: Arc<crate::downlink::Commands>,
+    pub campaign: Arc<crate::ota::campaign::Campaign>,
     pub cluster: Arc<crate::cluster::Cluster>,
     pub webhooks: Arc<crate::northbound::Webhooks>,
     pub token: Arc<str>,

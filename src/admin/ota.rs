@@ -12,10 +12,10 @@ use serde::Deserialize;
 use super::AdminState;
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
+use crate::ota::campaign::TaskView;
 use crate::ota::package::PackageId;
 use crate::ota::task::{MAX_RETRIES, MAX_RETRY_INTERVAL_MIN, UpgradeTaskId};
 use crate::ota::upgrade::Retry;
-use crate::registry::upgrades::TaskView;
 use crate::store::records::OtaProtocol;
 
 pub fn routes() -> Router<AdminState> {
@@ -92,7 +92,7 @@ async fn create(
         }
         devices.push(d);
     }
-    let id = registry.create_task(package, devices, retry).await?;
+    let id = state.campaign.create_task(package, devices, retry).await?;
     Ok((StatusCode::CREATED, Json(view(&state, id).await?)))
 }
 
@@ -102,8 +102,8 @@ fn task_id(raw: &str) -> Result<UpgradeTaskId, ApiError> {
 
 /// Reads every device's upgrade, off the async threads (a task may name many devices).
 async fn view(state: &AdminState, id: UpgradeTaskId) -> Result<TaskView, ApiError> {
-    let registry = state.registry.clone();
-    let view = tokio::task::spawn_blocking(move || registry.task_view(id))
+    let campaign = state.campaign.clone();
+    let view = tokio::task::spawn_blocking(move || campaign.task_view(id))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     view.ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
@@ -115,6 +115,6 @@ async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result
 
 async fn stop(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<TaskView>, ApiError> {
     let id = task_id(&id)?;
-    state.registry.stop_task(id).await?;
+    state.campaign.stop_task(id).await?;
     Ok(Json(view(&state, id).await?))
 }

@@ -450,9 +450,10 @@ impl Cluster {
             registered: s.activated(),
             radio: s.radio.clone(),
             version: s.version.clone(),
-            commands: s
+            commands: self
                 .commands
-                .records()
+                .open(device.id, &s)
+                .iter()
                 .map(|c| CommandTransfer {
                     id: c.id,
                     payload_base64: STANDARD.encode(&c.payload),
@@ -486,17 +487,12 @@ impl Cluster {
         match result.result {
             ImportOutcome::Imported | ImportOutcome::AlreadyHere => {
                 s.home = Home::Moved(to.clone());
-                let now = UnixMs::now().0;
                 let new_ids: HashMap<CommandId, CommandId> =
                     sent.iter().copied().zip(result.commands.iter().copied()).collect();
-                for mut c in s.commands.drain().collect::<Vec<_>>() {
-                    c.set(CommandStatus::Moved, now);
-                    c.reason = Some(match new_ids.get(&c.id) {
-                        Some(id) => format!("moved with its device to instance {to} as command {id}"),
-                        None => format!("moved with its device to instance {to}"),
-                    });
-                    ops.extend(self.registry.command_writes(&c));
-                }
+                ops.extend(self.commands.end_moved(device.id, &s, |id| match new_ids.get(&id) {
+                    Some(new) => format!("moved with its device to instance {to} as command {new}"),
+                    None => format!("moved with its device to instance {to}"),
+                }));
             }
             ImportOutcome::Refused => s.home = Home::Here,
             ImportOutcome::Retry => return (ops, false),
@@ -648,14 +644,12 @@ impl Cluster {
             let mut stored = device.record_with(&s);
             stored.home = Home::Here;
             let mut ops = vec![Op::PutDevice(Arc::new(stored)), Op::ForgetPresence(device.id)];
-            let ids = self.queue_moved(&device, &mut s, source, &d.commands, now, &mut ops);
+            let ids = self.queue_moved(&device, &s, source, &d.commands, now, &mut ops);
             (ops, ids, previous)
         };
         if let Err(e) = self.registry.writer().commit(ops).await {
             let mut s = device.state();
-            for id in &ids {
-                let _ = s.commands.cancel(*id, now.0);
-            }
+            self.commands.unadopt(device.id, &s, &ids);
             (s.home, s.enabled, s.registered, s.radio, s.version) = previous;
             drop(s);
             if created {
@@ -674,16 +668,16 @@ impl Cluster {
     fn queue_moved(
         &self,
         device: &Device,
-        s: &mut crate::registry::DeviceState,
+        s: &crate::registry::DeviceState,
         source: &InstanceName,
         commands: &[CommandTransfer],
         now: UnixMs,
         ops: &mut Vec<Op>,
     ) -> Vec<CommandId> {
-        let mut ids = Vec::with_capacity(commands.len());
-        for c in commands {
-            let record = CommandRecord {
-                id: self.registry.new_command_id(),
+        let records: Vec<CommandRecord> = commands
+            .iter()
+            .map(|c| CommandRecord {
+                id: self.commands.new_id(),
                 device: device.id,
                 product_key: device.product_key.clone(),
                 device_name: device.device_name.clone(),
@@ -699,12 +693,10 @@ impl Cluster {
                 result: None,
                 reason: None,
                 origin: Some(origin(source, c.id)),
-            };
-            ids.push(record.id);
-            self.registry.command_timers.schedule(record.expires_at.max(now.0), device.id);
-            ops.extend(self.registry.command_writes(&record));
-            s.commands.restore(record);
-        }
+            })
+            .collect();
+        let ids = records.iter().map(|r| r.id).collect();
+        ops.extend(self.commands.adopt(device.id, s, records, now));
         ids
     }
 
@@ -732,19 +724,17 @@ impl Cluster {
         let added = {
             // Under the device's lock, with what is queued but not yet stored: two imports at
             // once cannot both find a command missing.
-            let mut s = device.state();
-            known.extend(s.commands.records().filter_map(|c| Some((c.origin.clone()?, c.id))));
+            let s = device.state();
+            known.extend(self.commands.open(device.id, &s).into_iter().filter_map(|c| Some((c.origin?, c.id))));
             let missing: Vec<CommandTransfer> =
                 commands.iter().filter(|c| !known.contains_key(&origin(source, c.id))).cloned().collect();
-            self.queue_moved(device, &mut s, source, &missing, now, &mut ops)
+            self.queue_moved(device, &s, source, &missing, now, &mut ops)
         };
         if !ops.is_empty()
             && let Err(e) = self.registry.writer().commit(ops).await
         {
-            let mut s = device.state();
-            for id in &added {
-                let _ = s.commands.cancel(*id, now.0);
-            }
+            let s = device.state();
+            self.commands.unadopt(device.id, &s, &added);
             return retry(format!("storage error: {e}"));
         }
         let mut added = added.into_iter();
@@ -781,7 +771,7 @@ impl Cluster {
                     results.push(result(ReleaseOutcome::NotFound, None));
                     continue;
                 }
-                self.registry.delete_device(req.product_key.as_str(), name.as_str()).await?;
+                self.registry.delete_device(req.product_key.as_str(), name.as_str(), &*self.commands).await?;
                 tracing::info!(product_key = %req.product_key, device_name = %name, to = %req.source, "device released");
                 results.push(result(ReleaseOutcome::Released, None));
                 continue;

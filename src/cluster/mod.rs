@@ -13,6 +13,7 @@ pub mod transfer;
 
 use std::sync::Arc;
 
+use crate::downlink::Commands;
 use crate::registry::Registry;
 use crate::store::StoreError;
 pub use peers::{CoapEndpoint, Peer, PeerApi, Peers};
@@ -20,15 +21,17 @@ pub use peers::{CoapEndpoint, Peer, PeerApi, Peers};
 /// The cluster service: this instance's part in moving devices between instances.
 pub struct Cluster {
     pub registry: Arc<Registry>,
+    /// The queues that travel with their devices.
+    pub commands: Arc<Commands>,
     pub peers: Peers,
     pub distribution: distribution::Distributions,
 }
 
 impl Cluster {
     /// The peers from the registry's configuration and the distribution tasks from its store.
-    pub fn load(registry: Arc<Registry>) -> Result<Cluster, StoreError> {
+    pub fn load(registry: Arc<Registry>, commands: Arc<Commands>) -> Result<Cluster, StoreError> {
         let distribution = distribution::Distributions::load(registry.store())?;
         let peers = Peers::new(&registry.config.cluster);
-        Ok(Cluster { registry, peers, distribution })
+        Ok(Cluster { registry, commands, peers, distribution })
     }
 }

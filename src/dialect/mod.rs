@@ -11,8 +11,10 @@ use crate::clock::Now;
 use crate::cluster::Cluster;
 use crate::coap::message::Code;
 use crate::coap::resource::{self, ExchangeKey, Reply, Request, Resources};
+use crate::downlink::Commands;
 use crate::identity::DeviceId;
 use crate::net::PortFamily;
+use crate::ota::campaign::Campaign;
 use crate::registry::{Registry, Route};
 use alibaba::Alibaba;
 use huawei::Huawei;
@@ -24,6 +26,26 @@ pub type Persist = resource::Persist<Writes>;
 pub type Notified = resource::Notified<Writes>;
 pub type Effects = resource::Effects<Writes>;
 
+/// The services the dialects serve devices with.
+#[derive(Clone)]
+pub struct Services {
+    pub registry: Arc<Registry>,
+    pub commands: Arc<Commands>,
+    pub campaign: Arc<Campaign>,
+    /// Where `/bootstrap` sends a device.
+    pub cluster: Arc<Cluster>,
+}
+
+impl Services {
+    /// The services over `registry`, their state read from its store.
+    pub fn load(registry: Arc<Registry>) -> Result<Services, crate::store::StoreError> {
+        let commands = Arc::new(Commands::load(registry.clone())?);
+        let campaign = Arc::new(Campaign::load(registry.clone())?);
+        let cluster = Arc::new(Cluster::load(registry.clone(), commands.clone())?);
+        Ok(Services { registry, commands, campaign, cluster })
+    }
+}
+
 /// The resources of one socket.
 pub struct DeviceFacing {
     alibaba: Alibaba,
@@ -32,9 +54,9 @@ pub struct DeviceFacing {
 }
 
 impl DeviceFacing {
-    pub fn new(registry: Arc<Registry>, cluster: Arc<Cluster>, route: Route) -> DeviceFacing {
-        let huawei = (route.family != PortFamily::Aes).then(|| Huawei::new(registry.clone(), route));
-        DeviceFacing { alibaba: Alibaba::new(registry, cluster, route), huawei }
+    pub fn new(services: &Services, route: Route) -> DeviceFacing {
+        let huawei = (route.family != PortFamily::Aes).then(|| Huawei::new(services, route));
+        DeviceFacing { alibaba: Alibaba::new(services, route), huawei }
     }
 }
 

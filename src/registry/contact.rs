@@ -13,8 +13,7 @@ use crate::store::{Op, UplinkEvent};
 
 impl Registry {
     /// The device spoke from `peer` through `route`; returns what to store with the request: its
-    /// presence when due, a `device_status` event if it just came (back) online, and the start of
-    /// an upgrade that waited for it.
+    /// presence when due, and a `device_status` event if it just came (back) online.
     pub fn contact(
         &self,
         device: &Arc<Device>,
@@ -28,7 +27,6 @@ impl Registry {
             ops.push(Op::Presence { device: device.id, record });
         }
         ops.extend(self.announce(device, s, Status::Online, now));
-        self.upgrade_contact(device, s, now, &mut ops);
         ops
     }
 

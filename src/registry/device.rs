@@ -7,10 +7,8 @@ use std::sync::{Mutex, MutexGuard};
 use crate::clock::UnixMs;
 use crate::coap::observe::Latest;
 use crate::config::DeviceConfig;
-use crate::downlink::{PcpRequest, Queue};
 use crate::identity::Home;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
-use crate::ota::upgrade::Upgrade;
 use crate::registry::routes::Route;
 use crate::store::records::{DeviceRecord, PresenceRecord, Radio};
 use crate::sync::lock;
@@ -52,17 +50,10 @@ pub struct DeviceState {
     /// The newest notification of the current relation since it began or the server started:
     /// a copy from another address may not move the device's downlink.
     pub latest_notification: Option<Latest>,
-    /// Commands not yet delivered or ended.
-    pub commands: Queue,
     /// The status last told to subscribers (`device_status` events announce changes).
     pub announced: Status,
     /// The version the device last reported over PCP.
     pub version: Option<String>,
-    /// Its upgrade in the latest task that includes it (kept once finished, so a repeated
-    /// request is still answered the same).
-    pub upgrade: Option<Upgrade>,
-    /// A PCP request waiting for the downlink channel.
-    pub pcp_request: Option<PcpRequest>,
     /// Served here, or moving or moved to another instance.
     pub home: Home,
 }
@@ -110,11 +101,8 @@ impl Device {
                 observe: r.observe,
                 pending_observe: None,
                 latest_notification: None,
-                commands: Queue::default(),
                 announced: Status::Inactive,
                 version: r.version,
-                upgrade: None,
-                pcp_request: None,
                 home: r.home,
             }),
         }
@@ -325,11 +313,8 @@ mod tests {
             observe: None,
             pending_observe: None,
             latest_notification: None,
-            commands: Queue::default(),
             announced: Status::Inactive,
             version: None,
-            upgrade: None,
-            pcp_request: None,
             home: Home::Here,
         };
         assert_eq!(s.status(now, &c), Status::Inactive);

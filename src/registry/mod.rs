@@ -1,13 +1,11 @@
 //! The in-memory directory of products, devices and sessions, loaded from the store at start and
 //! kept in step with it: every change is committed through the writer before it is reported done.
 
-pub mod commands;
 mod contact;
 pub mod device;
 mod observe;
 pub mod routes;
 pub mod sessions;
-pub mod upgrades;
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -17,14 +15,12 @@ use std::sync::{Arc, RwLock};
 use crate::auth::replay::ReplayWindow;
 use crate::clock::UnixMs;
 use crate::config::Config;
-use crate::downlink::CommandId;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
 use crate::net::PortFamily;
 use crate::northbound::Wanted;
 use crate::store::records::{DeviceRecord, OtaProtocol, ProductRecord, Radio};
 use crate::store::{META_NEXT_DEVICE_ID, Op, Store, StoreError, Writer};
 use crate::sync::{read, write};
-pub use commands::{CommandError, CommandTimers, NewCommand};
 pub use device::{Device, DeviceState, Status};
 pub use observe::NotificationOrder;
 pub use routes::{Route, Routes};
@@ -57,6 +53,15 @@ pub enum RegistryError {
     Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What another service keeps for each device beside the directory (its command queue): taken
+/// with the writes deleting its stored form as the device is deleted, and put back if the
+/// deletion cannot be stored. Both run under the device's lock.
+pub trait Held {
+    type Taken;
+    fn take(&self, device: &Device, s: &DeviceState) -> Result<(Self::Taken, Vec<Op>), StoreError>;
+    fn put_back(&self, device: &Device, s: &DeviceState, taken: Self::Taken);
 }
 
 pub struct NewProduct {
@@ -128,10 +133,7 @@ pub struct Registry {
     devices: RwLock<Devices>,
     pub sessions: Sessions,
     pub routes: Routes,
-    pub command_timers: CommandTimers,
-    pub ota: upgrades::Ota,
     next_device_id: AtomicU64,
-    next_command_id: AtomicU64,
     /// Keys of the exchanges the endpoints start, unique process-wide.
     next_exchange: AtomicU64,
     writer: Writer,
@@ -166,20 +168,6 @@ impl Registry {
             devices.insert(&d);
         }
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1).max(max_id + 1);
-        let command_timers = CommandTimers::default();
-        let mut next_command_id = crate::downlink::stored::next_id(&store)?;
-        let mut open = 0;
-        for c in crate::downlink::stored::open(&store)? {
-            next_command_id = next_command_id.max(c.id.0 + 1);
-            let Some(device) = devices.by_id.get(&c.device) else { continue };
-            command_timers.schedule(commands::deadline(&c, &config.downlink), c.device);
-            device.state().commands.restore(c);
-            open += 1;
-        }
-        if open > 0 {
-            tracing::info!(commands = open, "restored open commands");
-        }
-        let ota = upgrades::Ota::load(&store, &devices.by_id)?;
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
         for (token, record, window) in sessions::stored(&store)? {
@@ -215,10 +203,7 @@ impl Registry {
             devices: RwLock::new(devices),
             sessions,
             routes: Routes::default(),
-            command_timers,
-            ota,
             next_device_id: AtomicU64::new(next_device_id),
-            next_command_id: AtomicU64::new(next_command_id),
             next_exchange: AtomicU64::new(1),
             writer,
             store,
@@ -393,10 +378,6 @@ impl Registry {
         DeviceId(self.next_device_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    pub fn new_command_id(&self) -> CommandId {
-        CommandId(self.next_command_id.fetch_add(1, Ordering::Relaxed))
-    }
-
     pub async fn update_device(&self, pk: &str, dn: &str, patch: DevicePatch) -> Result<Arc<Device>, RegistryError> {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
         let previous = {
@@ -422,36 +403,28 @@ impl Registry {
         Ok(device)
     }
 
-    /// Removes the device, its sessions and its messages.
-    pub async fn delete_device(&self, pk: &str, dn: &str) -> Result<(), RegistryError> {
+    /// Removes the device, its sessions, and what `held` keeps for it (its commands).
+    pub async fn delete_device<H: Held>(&self, pk: &str, dn: &str, held: &H) -> Result<(), RegistryError> {
         let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
-        let mut commands: Vec<_> =
-            crate::downlink::stored::of(&self.store, device.id)?.into_iter().map(|c| c.id).collect();
-        let (record, tokens, open) = {
+        let (record, tokens, taken, mut ops) = {
             let mut s = device.state();
             if s.home == crate::identity::Home::Arriving {
                 return Err(RegistryError::Conflict(format!("device {dn} is arriving from another instance")));
             }
+            let (taken, ops) = held.take(&device, &s)?;
             s.deleted = true;
-            let open: Vec<_> = s.commands.drain().collect();
-            commands.extend(open.iter().map(|c| c.id));
-            (device.record_with(&s), s.tokens.clone(), open)
+            (device.record_with(&s), s.tokens.clone(), taken, ops)
         };
-        commands.sort_unstable();
-        commands.dedup();
         self.forget(&device);
         for t in &tokens {
             self.sessions.remove(t.as_bytes());
         }
-        let mut ops = crate::downlink::stored::delete_commands(device.id, &commands);
         ops.push(Op::DeleteDevice { record: Box::new(record), tokens });
         if let Err(e) = self.writer.commit(ops).await {
             // Still stored, so still served; its sessions were dropped and it must authenticate again.
             let mut s = device.state();
             s.deleted = false;
-            for c in open {
-                s.commands.restore(c);
-            }
+            held.put_back(&device, &s, taken);
             drop(s);
             write(&self.devices).insert(&device);
             return Err(e.into());

@@ -2,11 +2,10 @@
 //! rarely meet on a lock.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 
 use crate::auth::cipher::SessionKey;
 use crate::auth::replay::{ReplayWindow, Verdict};
@@ -15,7 +14,7 @@ use crate::identity::{DeviceId, Token};
 use crate::net::PortFamily;
 use crate::registry::device::Device;
 use crate::store::{CF_REPLAY, CF_SESSIONS, Op, Store, StoreError, corrupt, json};
-use crate::sync::lock;
+use crate::sync::Sharded;
 
 /// How often (at most) a session's sliding expiry is written back: a token's lifetime is days,
 /// so an hour of staleness after a crash costs nothing and saves a write per uplink.
@@ -113,23 +112,17 @@ pub enum SeqOutcome {
 }
 
 pub struct Sessions {
-    shards: Box<[Mutex<HashMap<Token, Session, RandomState>>]>,
-    hasher: RandomState,
+    shards: Sharded<Token, Session>,
     ttl_s: u64,
 }
 
 impl Sessions {
     pub fn new(ttl_s: u64) -> Sessions {
-        Sessions {
-            shards: (0..64).map(|_| Mutex::new(HashMap::default())).collect(),
-            hasher: RandomState::default(),
-            ttl_s,
-        }
+        Sessions { shards: Sharded::new(64), ttl_s }
     }
 
     fn shard(&self, token: &[u8]) -> MutexGuard<'_, HashMap<Token, Session, RandomState>> {
-        let i = self.hasher.hash_one(token) as usize % self.shards.len();
-        lock(&self.shards[i])
+        self.shards.shard(token)
     }
 
     pub fn insert(&self, token: Token, session: Session) {
@@ -145,7 +138,7 @@ impl Sessions {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+        self.shards.len()
     }
 
     /// Finds a usable session of `family`: each port family recognises only the tokens it
@@ -224,8 +217,7 @@ impl Sessions {
     /// Removes every expired session from memory and returns their tokens.
     pub fn drain_expired(&self, now: UnixMs) -> Vec<Token> {
         let mut gone = Vec::new();
-        for shard in self.shards.iter() {
-            let mut m = lock(shard);
+        for mut m in self.shards.shards() {
             m.retain(|t, s| {
                 let keep = !s.expired(now, self.ttl_s);
                 if !keep {

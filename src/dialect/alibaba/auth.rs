@@ -82,7 +82,8 @@ impl Alibaba {
             if let Err(o) = admit(&mut state, req, &self.registry, &device) {
                 return o;
             }
-            contact = self.registry.contact(&device, &mut state, now, req.peer, self.route);
+            contact =
+                crate::ingest::contact(&self.registry, &self.campaign, &device, &mut state, now, req.peer, self.route);
         }
         let random = (self.family == PortFamily::Aes).then(|| hex::encode(rand::random::<[u8; 8]>()));
         let record = SessionRecord {

@@ -16,14 +16,18 @@ use crate::clock::Now;
 use crate::cluster::Cluster;
 use crate::coap::message::Code;
 use crate::coap::resource::{ExchangeKey, Reply, Request, Response};
-use crate::dialect::Outcome;
 use crate::dialect::refusal::{self, Dialect, OverBudget};
+use crate::dialect::{Outcome, Services};
+use crate::downlink::Commands;
 use crate::net::PortFamily;
+use crate::ota::campaign::Campaign;
 use crate::registry::device::DeviceState;
 use crate::registry::{Device, Registry, Route};
 
 pub struct Alibaba {
     registry: Arc<Registry>,
+    commands: Arc<Commands>,
+    campaign: Arc<Campaign>,
     /// Where `/bootstrap` sends a device.
     cluster: Arc<Cluster>,
     family: PortFamily,
@@ -33,8 +37,16 @@ pub struct Alibaba {
 }
 
 impl Alibaba {
-    pub fn new(registry: Arc<Registry>, cluster: Arc<Cluster>, route: Route) -> Alibaba {
-        Alibaba { registry, cluster, family: route.family, route, pulls: HashMap::new() }
+    pub fn new(services: &Services, route: Route) -> Alibaba {
+        Alibaba {
+            registry: services.registry.clone(),
+            commands: services.commands.clone(),
+            campaign: services.campaign.clone(),
+            cluster: services.cluster.clone(),
+            family: route.family,
+            route,
+            pulls: HashMap::new(),
+        }
     }
 
     /// The request if it is one of this dialect's resources.

@@ -15,7 +15,9 @@ use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Reply, Request, Response};
 use crate::dialect::refusal::Refusal;
 use crate::dialect::{Outcome, Persist};
-use crate::downlink::{PcpRequest, Settlement};
+use crate::downlink::Settlement;
+use crate::ingest;
+use crate::ota::campaign::PlatformRequest;
 use crate::registry::Device;
 use crate::store::Op;
 
@@ -44,23 +46,23 @@ impl Alibaba {
         let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
         let (pcp, commands) = {
             let mut s = device.state();
-            ops.extend(self.registry.contact(&device, &mut s, now.wall, req.peer, self.route));
+            ops.extend(ingest::contact(
+                &self.registry,
+                &self.campaign,
+                &device,
+                &mut s,
+                now.wall,
+                req.peer,
+                self.route,
+            ));
             // An upgrade request goes first, in the place of one command.
-            let pcp = s.pcp_request.as_mut().filter(|r| r.in_flight.is_none()).map(|r| {
-                r.in_flight = Some(exchange);
-                r.frame.clone()
-            });
-            let mut changed = Vec::new();
-            let commands = s.commands.pull(
-                now.wall.0,
-                page - pcp.is_some() as usize,
-                self.registry.config.coap.max_payload,
-                exchange,
-                self.registry.config.downlink.timeout_ms(),
-                &mut changed,
-            );
+            let pcp = match self.campaign.request(device.id, &mut s, exchange) {
+                PlatformRequest::Send(frame) => Some(frame),
+                PlatformRequest::None | PlatformRequest::InFlight => None,
+            };
+            let (commands, sent) = self.commands.pull(device.id, &s, now.wall, page - pcp.is_some() as usize, exchange);
             // SENT is durable before the commands leave (they leave once these writes are).
-            ops.extend(changed.iter().flat_map(|c| self.registry.command_writes(c)));
+            ops.extend(sent);
             (pcp, commands)
         };
         ops.extend(auth_ops);
@@ -88,10 +90,10 @@ impl Alibaba {
     }
 
     pub(super) fn settle_pull(&mut self, now: Now, device: &Device, exchange: ExchangeKey, reply: &Reply<'_, '_>) {
-        PcpRequest::settle(&mut device.state().pcp_request, exchange, matches!(reply, Reply::Ack(_)));
+        self.campaign.request_ended(device.id, &mut device.state(), exchange, matches!(reply, Reply::Ack(_)));
         let settlement = match reply {
             Reply::Unsent => {
-                device.state().commands.unsend(exchange);
+                self.commands.unsend(device, exchange);
                 return;
             }
             Reply::Ack(_) => Settlement::Delivered,
@@ -100,9 +102,7 @@ impl Alibaba {
             }
             Reply::TimedOut => Settlement::TimedOut,
         };
-        let s = &mut *device.state();
-        let changed = s.commands.settle(exchange, &settlement, now.wall.0);
-        self.registry.record_commands(changed);
+        self.commands.settle(device, exchange, &settlement, now.wall);
     }
 }
 

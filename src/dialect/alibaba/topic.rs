@@ -122,7 +122,9 @@ impl Alibaba {
             }
             _ => (None, req.msg.payload.to_vec()),
         };
-        if let Err(retry_after) = ingest::admit(&self.registry, &device, &mut device.state(), &payload, now) {
+        if let Err(retry_after) =
+            ingest::admit(&self.registry, &self.campaign, &device, &mut device.state(), &payload, now)
+        {
             return Err(over_budget(req, &device, retry_after));
         }
         let mut ops = SmallVec::new();
@@ -194,7 +196,7 @@ impl Alibaba {
             topic.push_str(s);
         }
         let uplink = Uplink { topic, payload, peer: req.peer, route: self.route, now: req.now.wall };
-        let accepted = ingest::accept(&self.registry, &device, &mut device.state(), uplink);
+        let accepted = ingest::accept(&self.registry, &self.campaign, &device, &mut device.state(), uplink);
         let (mut ops, response) = match accepted {
             Accepted::Data(ops) => (ops, Response { with_message_id: true, ..Response::new(Code::CHANGED) }),
             // Not business data: the answer travels in the response, once what it changed is stored.

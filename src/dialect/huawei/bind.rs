@@ -59,7 +59,7 @@ impl Huawei {
             .option(OptionNumber::URI_PATH, b"t")
             .option(OptionNumber::URI_PATH, b"d")
             .build();
-        let mut retransmit = self.registry.downlink_timers(product.as_deref());
+        let mut retransmit = crate::downlink::service::retransmit(&self.registry.config.downlink, product.as_deref());
         if req.authenticated.is_none() {
             // Anyone can send a bind naming a known node id from any address: the observe
             // request goes once (a device that misses it binds again), never several times to

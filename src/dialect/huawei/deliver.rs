@@ -9,7 +9,7 @@ use crate::clock::Now;
 use crate::coap::message::Code;
 use crate::coap::resource::{ExchangeKey, Outgoing, Reply};
 use crate::dialect::Effects;
-use crate::downlink::Settlement;
+use crate::downlink::{Settlement, service as downlink};
 use crate::identity::ObserveToken;
 use crate::registry::Device;
 
@@ -22,17 +22,13 @@ impl Huawei {
         }
         let exchange = self.registry.next_exchange();
         let (command, token, peer) = {
-            let mut s = device.state();
+            let s = device.state();
             // Every uplink asks; most devices have nothing queued.
-            if s.commands.is_empty() {
+            if !self.commands.any(device.id, &s) {
                 return;
             }
             let (Some(token), Some(peer)) = (s.observe, s.address) else { return };
-            let mut changed = Vec::new();
-            let command =
-                s.commands.send_next(now.wall.0, exchange, self.registry.config.downlink.timeout_ms(), &mut changed);
-            self.registry.record_commands(changed);
-            let Some(command) = command else { return };
+            let Some(command) = self.commands.send_next(device.id, &s, now.wall, exchange) else { return };
             (command, token, peer)
         };
         let product = self.registry.product(device.product_key.as_str());
@@ -41,7 +37,7 @@ impl Huawei {
         effects.outgoing.push(Outgoing {
             peer,
             message,
-            retransmit: self.registry.downlink_timers(product.as_deref()),
+            retransmit: downlink::retransmit(&self.registry.config.downlink, product.as_deref()),
             exchange,
         });
         self.started.insert(exchange, Started::Command { device: device.clone(), token });
@@ -67,11 +63,7 @@ impl Huawei {
             Reply::Reset => Settlement::Failed { reason: "the device rejected the command (RST)".into(), result: None },
             Reply::TimedOut | Reply::Unsent => Settlement::TimedOut,
         };
-        {
-            let mut s = device.state();
-            let changed = s.commands.settle(exchange, &settlement, now.wall.0);
-            self.registry.record_commands(changed);
-        }
+        self.commands.settle(device, exchange, &settlement, now.wall);
         self.next_after(now, device, token, reply, effects);
     }
 

@@ -14,8 +14,10 @@ use std::sync::Arc;
 
 use crate::clock::Now;
 use crate::coap::resource::{ExchangeKey, Reply};
-use crate::dialect::Effects;
+use crate::dialect::{Effects, Services};
+use crate::downlink::Commands;
 use crate::identity::{DeviceId, ObserveToken};
+use crate::ota::campaign::Campaign;
 use crate::registry::{Device, Registry, Route};
 use crate::store::Op;
 
@@ -36,13 +38,21 @@ enum Started {
 
 pub struct Huawei {
     registry: Arc<Registry>,
+    commands: Arc<Commands>,
+    campaign: Arc<Campaign>,
     route: Route,
     started: HashMap<ExchangeKey, Started>,
 }
 
 impl Huawei {
-    pub fn new(registry: Arc<Registry>, route: Route) -> Huawei {
-        Huawei { registry, route, started: HashMap::new() }
+    pub fn new(services: &Services, route: Route) -> Huawei {
+        Huawei {
+            registry: services.registry.clone(),
+            commands: services.commands.clone(),
+            campaign: services.campaign.clone(),
+            route,
+            started: HashMap::new(),
+        }
     }
 
     /// How an exchange this dialect started ended; false if `exchange` is not one of them.
@@ -94,7 +104,15 @@ impl Huawei {
                 if self.registry.establish_observe(device, token) {
                     tracing::debug!(device = ?device, %peer, "observe relation established");
                     let mut s = device.state();
-                    let mut ops = self.registry.contact(device, &mut s, now.wall, peer, self.route);
+                    let mut ops = crate::ingest::contact(
+                        &self.registry,
+                        &self.campaign,
+                        device,
+                        &mut s,
+                        now.wall,
+                        peer,
+                        self.route,
+                    );
                     // Always stored: a bind is the device's first word after a (re)start.
                     ops.retain(|op| !matches!(op, Op::Presence { .. }));
                     ops.push(Op::Presence { device: device.id, record: s.presence() });

@@ -11,8 +11,9 @@ use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Outgoing, Reply};
 use crate::dialect::Effects;
-use crate::downlink::PcpRequest;
+use crate::downlink::service as downlink;
 use crate::identity::ObserveToken;
+use crate::ota::campaign::PlatformRequest;
 use crate::registry::Device;
 
 /// `POST /t/d` with `payload`, as commands go.
@@ -37,7 +38,7 @@ impl Huawei {
         frame: &[u8],
     ) -> Outgoing {
         let product = self.registry.product(device.product_key.as_str());
-        let mut retransmit = self.registry.downlink_timers(product.as_deref());
+        let mut retransmit = downlink::retransmit(&self.registry.config.downlink, product.as_deref());
         retransmit.max_retransmit = 0;
         retransmit.give_up_after = retransmit.ack_timeout;
         let exchange = self.registry.next_exchange();
@@ -51,21 +52,20 @@ impl Huawei {
         let exchange = self.registry.next_exchange();
         let (frame, token, peer) = {
             let mut s = device.state();
-            let (Some(token), Some(peer)) = (s.observe, s.address) else { return s.pcp_request.is_some() };
-            match &mut s.pcp_request {
-                None => return false,
-                Some(r) if r.in_flight.is_some() => return true,
-                Some(r) => {
-                    r.in_flight = Some(exchange);
-                    (r.frame.clone(), token, peer)
-                }
+            let (Some(token), Some(peer)) = (s.observe, s.address) else {
+                return self.campaign.has_request(device.id, &mut s);
+            };
+            match self.campaign.request(device.id, &mut s, exchange) {
+                PlatformRequest::None => return false,
+                PlatformRequest::InFlight => return true,
+                PlatformRequest::Send(frame) => (frame, token, peer),
             }
         };
         let product = self.registry.product(device.product_key.as_str());
         effects.outgoing.push(Outgoing {
             peer,
             message: post_t_d(token, &frame),
-            retransmit: self.registry.downlink_timers(product.as_deref()),
+            retransmit: downlink::retransmit(&self.registry.config.downlink, product.as_deref()),
             exchange,
         });
         self.started.insert(exchange, Started::PcpRequest { device: device.clone(), token });
@@ -83,12 +83,12 @@ impl Huawei {
     ) {
         {
             let mut s = device.state();
-            PcpRequest::settle(&mut s.pcp_request, exchange, matches!(reply, Reply::Ack(_)));
+            self.campaign.request_ended(device.id, &mut s, exchange, matches!(reply, Reply::Ack(_)));
             // The device may answer in the ACK itself.
             if let Reply::Ack(msg) = reply
-                && let Some(pcp) = self.registry.pcp_message(device, msg.payload)
+                && let Some(pcp) = self.campaign.pcp_message(device, msg.payload)
             {
-                let outcome = self.registry.upgrade_pcp(device, &mut s, now.wall, &pcp);
+                let outcome = self.campaign.pcp(device, &mut s, now.wall, &pcp);
                 if !outcome.ops.is_empty() {
                     effects.writes.push(outcome.ops);
                 }

@@ -53,7 +53,7 @@ impl Huawei {
                 Refusal::StaleNotification.record(Dialect::Huawei, Some(&device), req.peer);
                 return ignore();
             }
-            if ingest::admit(&self.registry, &device, &mut s, req.msg.payload, now).is_err() {
+            if ingest::admit(&self.registry, &self.campaign, &device, &mut s, req.msg.payload, now).is_err() {
                 // No 4.29 exists for a notification.
                 refusal::over_budget(Dialect::Huawei, &device, req.peer, OverBudget::Dropped);
                 return Notified::Drop;
@@ -66,7 +66,7 @@ impl Huawei {
                 route: self.route,
                 now,
             };
-            ingest::accept(&self.registry, &device, &mut s, uplink)
+            ingest::accept(&self.registry, &self.campaign, &device, &mut s, uplink)
         };
         // The device acknowledged the relation with a separate notification rather than in the ACK.
         if self.registry.establish_observe(&device, token) {

@@ -1,7 +1,11 @@
-//! Upgrade tasks as the registry runs them (SPEC §6): each device's [`Upgrade`] lives in its
-//! state, beside its commands, and moves on what the device says, on any contact and on a
-//! periodic tick. Every change is queued for the store under the device's lock; the cell budget
-//! is locked after it (never the other way round).
+//! The upgrade campaign (SPEC §6): tasks, each device's upgrade and the PCP request waiting for
+//! its downlink channel, and the cell budget. An upgrade moves on what the device says, on any
+//! contact and on a periodic tick. Devices in no upgrade have no slot here.
+//!
+//! Lock order: the device's state (the directory's lock), then the shard holding its slot, then
+//! the cell budget and the waiting lists (never the other way round). Every change is queued for
+//! the store while the device's lock is held, or returned to be made durable before the answer
+//! that depends on it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,24 +14,65 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 use smallvec::SmallVec;
 
-use super::device::DeviceState;
-use super::{Device, Registry, RegistryError};
+use super::coverage::{CellBudget, Coverage, RadioReport};
+use super::package::PackageRecord;
+use super::pcp::{FromDevice, FromPlatform, ResultCode, Version};
+use super::stored;
+use super::task::{UpgradeTaskId, UpgradeTaskRecord, UpgradeTaskStatus};
+use super::upgrade::{self, Answer, Ctx, Retry, Stage, Step, Target, Timers, Upgrade};
 use crate::clock::UnixMs;
+use crate::coap::resource::ExchangeKey;
 use crate::identity::{DeviceId, ProductKey};
 use crate::northbound::{Event, EventKind};
-use crate::ota::coverage::{CellBudget, Coverage, RadioReport};
-use crate::ota::package::PackageRecord;
-use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
-use crate::ota::stored;
-use crate::ota::task::{UpgradeTaskId, UpgradeTaskRecord, UpgradeTaskStatus};
-use crate::ota::upgrade::{self, Answer, Ctx, Retry, Stage, Step, Target, Timers, Upgrade};
+use crate::registry::{Device, DeviceState, Registry, RegistryError};
 use crate::store::records::OtaProtocol;
-use crate::store::{Op, Store, StoreError};
-use crate::sync::{lock, read, write};
+use crate::store::{Op, StoreError};
+use crate::sync::{Sharded, lock, read, write};
 use crate::telemetry::metric;
 
 /// Devices whose radio names no cell share this one, so together they never load more than a cell.
 const UNKNOWN_CELL: &str = "";
+
+/// A PCP request of the platform (19, 20 or 23) for the device's downlink channel. Only the latest
+/// is kept: each replaces the one before, which the upgrade no longer needs.
+#[derive(Debug, Clone)]
+struct PcpRequest {
+    frame: Vec<u8>,
+    /// The exchange carrying it, while one does.
+    in_flight: Option<ExchangeKey>,
+}
+
+/// What the campaign keeps for one device.
+#[derive(Default)]
+struct Slot {
+    /// Its upgrade in the latest task that includes it (kept once finished, so a repeated
+    /// request is still answered the same).
+    upgrade: Option<Upgrade>,
+    /// A PCP request waiting for the downlink channel.
+    request: Option<PcpRequest>,
+}
+
+impl Slot {
+    fn holds_anything(&self) -> bool {
+        self.upgrade.is_some() || self.request.is_some()
+    }
+
+    /// Queues `frame` unless the same request is already on its way.
+    fn queue(&mut self, frame: Vec<u8>) {
+        if self.request.as_ref().is_none_or(|p| p.frame != frame || p.in_flight.is_none()) {
+            self.request = Some(PcpRequest { frame, in_flight: None });
+        }
+    }
+}
+
+/// Where the device's PCP request stands, for the channel that would carry it.
+pub enum PlatformRequest {
+    None,
+    /// On its way in an exchange not yet ended.
+    InFlight,
+    /// To send now: the exchange given carries it from here on.
+    Send(Vec<u8>),
+}
 
 /// A task and the package it installs, as steps need them.
 pub struct UpgradeTask {
@@ -52,9 +97,11 @@ impl UpgradeTask {
     }
 }
 
-/// The running upgrades: tasks, the devices in an unfinished upgrade, and the cell budget.
-#[derive(Default)]
-pub struct Ota {
+/// The running upgrades: tasks, every device's upgrade, the devices in an unfinished one, and the
+/// cell budget.
+pub struct Campaign {
+    registry: Arc<Registry>,
+    slots: Sharded<DeviceId, Slot>,
     tasks: RwLock<HashMap<UpgradeTaskId, Arc<UpgradeTask>>>,
     active: Mutex<BTreeSet<DeviceId>>,
     budget: Mutex<CellBudget>,
@@ -68,10 +115,21 @@ pub struct Ota {
     next_task_id: AtomicU64,
 }
 
-impl Ota {
+impl Campaign {
     /// Tasks and upgrades from the store; unfinished upgrades take their cell slots again.
-    pub(super) fn load(store: &Store, by_id: &HashMap<DeviceId, Arc<Device>>) -> Result<Ota, StoreError> {
-        let ota = Ota::default();
+    pub fn load(registry: Arc<Registry>) -> Result<Campaign, StoreError> {
+        let ota = Campaign {
+            slots: Sharded::new(64),
+            tasks: RwLock::default(),
+            active: Mutex::default(),
+            budget: Mutex::default(),
+            waiting: Mutex::default(),
+            freed: Mutex::default(),
+            slot_freed: tokio::sync::Notify::new(),
+            next_task_id: AtomicU64::new(1),
+            registry,
+        };
+        let store = ota.registry.store();
         let mut max_id = 0;
         for record in stored::tasks(store)? {
             max_id = max_id.max(record.id.0);
@@ -85,13 +143,13 @@ impl Ota {
         ota.next_task_id.store(max_id + 1, Ordering::Relaxed);
         let mut resumed = 0;
         for u in stored::upgrades(store)? {
-            let Some(device) = by_id.get(&u.device) else { continue };
-            if !read(&ota.tasks).contains_key(&u.task) {
+            if ota.registry.device_by_id(u.device).is_none() || !read(&ota.tasks).contains_key(&u.task) {
                 continue;
             }
-            let mut s = device.state();
+            let mut slots = ota.slots.shard(&u.device);
+            let slot = slots.entry(u.device).or_default();
             // At most one upgrade is unfinished; otherwise the latest task's stands.
-            let replaces = match &s.upgrade {
+            let replaces = match &slot.upgrade {
                 None => true,
                 Some(current) => !u.stage.is_final() || (current.stage.is_final() && u.task > current.task),
             };
@@ -105,7 +163,7 @@ impl Ota {
                     lock(&ota.budget).acquire(u.device, cell, *coverage);
                 }
             }
-            s.upgrade = Some(u);
+            slot.upgrade = Some(u);
         }
         if resumed > 0 {
             tracing::info!(upgrades = resumed, "resumed unfinished upgrades");
@@ -115,6 +173,22 @@ impl Ota {
 
     pub fn task(&self, id: UpgradeTaskId) -> Option<Arc<UpgradeTask>> {
         read(&self.tasks).get(&id).cloned()
+    }
+
+    /// Runs `f` on `device`'s slot and its state, locked by the caller.
+    fn with_slot<R>(
+        &self,
+        device: DeviceId,
+        s: &mut DeviceState,
+        f: impl FnOnce(&mut Slot, &mut DeviceState) -> R,
+    ) -> R {
+        self.slots.update(device, Slot::holds_anything, |slot| f(slot, s))
+    }
+
+    /// `device`'s upgrade in `task` as it is now.
+    fn upgrade_in(&self, device: &Device, task: UpgradeTaskId) -> Option<Upgrade> {
+        let mut s = device.state();
+        self.with_slot(device.id, &mut s, |slot, _| slot.upgrade.clone().filter(|u| u.task == task))
     }
 }
 
@@ -161,13 +235,19 @@ pub struct PcpOutcome {
     pub ops: SmallVec<[Op; 3]>,
 }
 
-impl Registry {
-    /// Carries out a step of `device`'s upgrade (put back in `s` by the caller): frees its
-    /// slot, queues its request, and adds what to store to `ops`.
+impl Campaign {
+    fn timers(&self) -> Timers {
+        Timers::from(&self.registry.config.ota)
+    }
+
+    /// Carries out a step of `device`'s upgrade `up` (put back in `slot` by the caller): frees
+    /// its cell slot, queues its request, and adds what to store to `ops`.
+    #[allow(clippy::too_many_arguments)]
     fn apply_step(
         &self,
         device: &Arc<Device>,
         s: &mut DeviceState,
+        slot: &mut Slot,
         up: &Upgrade,
         task: &UpgradeTask,
         step: &Step,
@@ -181,14 +261,14 @@ impl Registry {
             && let Some((cell, _)) = coverage(s)
         {
             // In the order they started waiting.
-            lock(&self.ota.waiting).entry(cell).or_default().insert((up.since, device.id));
+            lock(&self.waiting).entry(cell).or_default().insert((up.since, device.id));
         }
         if let Some(request) = &step.send {
-            crate::downlink::PcpRequest::queue(&mut s.pcp_request, request.encode());
+            slot.queue(request.encode());
         }
         if up.stage.is_final() {
-            lock(&self.ota.active).remove(&device.id);
-            s.pcp_request = None;
+            lock(&self.active).remove(&device.id);
+            slot.request = None;
         }
         if let Some(v) = &step.version
             && s.version.as_ref() != Some(v)
@@ -199,7 +279,7 @@ impl Registry {
         if step.changed {
             ops.extend([stored::put_upgrade(up)]);
         }
-        if step.progressed && self.wanted.wants(EventKind::OtaProgress) {
+        if step.progressed && self.registry.wanted().wants(EventKind::OtaProgress) {
             ops.extend([Op::Event(Box::new(Event {
                 kind: EventKind::OtaProgress,
                 product_key: device.product_key.clone(),
@@ -218,86 +298,93 @@ impl Registry {
         }
     }
 
-    /// The device showed life; what to store with the request that showed it.
-    pub(super) fn upgrade_contact(
-        &self,
-        device: &Arc<Device>,
-        s: &mut DeviceState,
-        now: UnixMs,
-        ops: &mut impl Extend<Op>,
-    ) {
-        if s.upgrade.as_ref().is_none_or(|u| u.stage != Stage::WaitingOnline) {
-            return;
-        }
-        let Some(mut up) = s.upgrade.take() else { return };
-        if let Some(task) = self.ota.task(up.task) {
-            let (target, timers) = (task.target(), Timers::from(&self.config.ota));
-            let step = up.contact(&task.ctx(&target, &timers, now));
-            self.apply_step(device, s, &up, &task, &step, ops);
-        }
-        s.upgrade = Some(up);
+    /// The device showed life (its state locked by the caller); what to store with the request
+    /// that showed it.
+    pub fn contact(&self, device: &Arc<Device>, s: &mut DeviceState, now: UnixMs, ops: &mut impl Extend<Op>) {
+        self.with_slot(device.id, s, |slot, s| {
+            if slot.upgrade.as_ref().is_none_or(|u| u.stage != Stage::WaitingOnline) {
+                return;
+            }
+            let Some(mut up) = slot.upgrade.take() else { return };
+            if let Some(task) = self.task(up.task) {
+                let (target, timers) = (task.target(), self.timers());
+                let step = up.contact(&task.ctx(&target, &timers, now));
+                self.apply_step(device, s, slot, &up, &task, &step, ops);
+            }
+            slot.upgrade = Some(up);
+        })
     }
 
-    /// A PCP message from `device`: moves its upgrade on and answers it.
-    pub fn upgrade_pcp(&self, device: &Arc<Device>, s: &mut DeviceState, now: UnixMs, msg: &FromDevice) -> PcpOutcome {
+    /// A PCP message from `device` (its state locked by the caller): moves its upgrade on and
+    /// answers it.
+    pub fn pcp(&self, device: &Arc<Device>, s: &mut DeviceState, now: UnixMs, msg: &FromDevice) -> PcpOutcome {
         let mut ops = SmallVec::new();
-        // No task (yet): the upgrade, if any, stays as it is; the device gets the answer to a
-        // device in no upgrade.
-        let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task));
-        let Some((task, mut up)) = task.and_then(|t| s.upgrade.take().map(|u| (t, u))) else {
-            if let FromDevice::Version { result: ResultCode::OK, version }
-            | FromDevice::UpgradeResult { result: ResultCode::OK, version } = msg
-                && s.version.as_deref() != Some(version.as_str())
-            {
-                s.version = Some(version.to_string());
-                ops.push(Op::PutDevice(device.clone()));
+        let answer = self.with_slot(device.id, s, |slot, s| {
+            // No task (yet): the upgrade, if any, stays as it is; the device gets the answer to a
+            // device in no upgrade.
+            let task = slot.upgrade.as_ref().and_then(|u| self.task(u.task));
+            let Some((task, mut up)) = task.and_then(|t| slot.upgrade.take().map(|u| (t, u))) else {
+                if let FromDevice::Version { result: ResultCode::OK, version }
+                | FromDevice::UpgradeResult { result: ResultCode::OK, version } = msg
+                    && s.version.as_deref() != Some(version.as_str())
+                {
+                    s.version = Some(version.to_string());
+                    ops.push(Op::PutDevice(device.clone()));
+                }
+                return upgrade::without_task(msg).map(|f| f.encode());
+            };
+            let (target, timers) = (task.target(), self.timers());
+            let ctx = task.ctx(&target, &timers, now);
+            let step = up.pcp(&ctx, msg);
+            self.apply_step(device, s, slot, &up, &task, &step, &mut ops);
+            // A version answer may let the device on to its cell's queue at once.
+            if matches!(up.stage, Stage::WaitingRadio) {
+                let radio = coverage(s);
+                let next = up.tick(&ctx, false, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.budget));
+                self.apply_step(device, s, slot, &up, &task, &next, &mut ops);
             }
-            return PcpOutcome { answer: upgrade::without_task(msg).map(|f| f.encode()), ops };
-        };
-        let (target, timers) = (task.target(), Timers::from(&self.config.ota));
-        let ctx = task.ctx(&target, &timers, now);
-        let step = up.pcp(&ctx, msg);
-        self.apply_step(device, s, &up, &task, &step, &mut ops);
-        // A version answer may let the device on to its cell's queue at once.
-        if matches!(up.stage, Stage::WaitingRadio) {
-            let radio = coverage(s);
-            let next = up.tick(&ctx, false, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.ota.budget));
-            self.apply_step(device, s, &up, &task, &next, &mut ops);
-        }
-        s.upgrade = Some(up);
-        let answer = match step.answer {
-            None => None,
-            Some(Answer::Frame(f)) => Some(f.encode()),
-            Some(Answer::Chunk(n)) => match stored::chunk(&self.store, task.package.id, n) {
-                Ok(Some(data)) => {
-                    metrics::counter!(metric::OTA_CHUNKS).increment(1);
-                    Some(FromPlatform::Chunk { result: ResultCode::OK, chunk: n, data }.encode())
-                }
-                // Unanswered, the device asks again.
-                Ok(None) | Err(_) => {
-                    tracing::error!(package = task.package.id.0, chunk = n, "cannot read a package chunk");
-                    None
-                }
-            },
-        };
+            slot.upgrade = Some(up);
+            match step.answer? {
+                Answer::Frame(f) => Some(f.encode()),
+                Answer::Chunk(n) => self.chunk(&task, n),
+            }
+        });
         PcpOutcome { answer, ops }
+    }
+
+    /// The answer carrying chunk `n` of `task`'s package.
+    fn chunk(&self, task: &UpgradeTask, n: u16) -> Option<Vec<u8>> {
+        match stored::chunk(self.registry.store(), task.package.id, n) {
+            Ok(Some(data)) => {
+                metrics::counter!(metric::OTA_CHUNKS).increment(1);
+                Some(FromPlatform::Chunk { result: ResultCode::OK, chunk: n, data }.encode())
+            }
+            // Unanswered, the device asks again.
+            Ok(None) | Err(_) => {
+                tracing::error!(package = task.package.id.0, chunk = n, "cannot read a package chunk");
+                None
+            }
+        }
+    }
+
+    /// Whether `payload` asks for the next chunk of `device`'s download in progress
+    /// ([`Upgrade::advanced_by`]; its state locked by the caller): such a request is not charged
+    /// to its flow control.
+    pub fn advances_download(&self, device: &Device, s: &mut DeviceState, payload: &[u8]) -> bool {
+        let Some(FromDevice::ChunkRequest { chunk, .. }) = self.pcp_message(device, payload) else { return false };
+        self.with_slot(device.id, s, |slot, _| {
+            let Some(up) = &slot.upgrade else { return false };
+            self.task(up.task).is_some_and(|t| up.advanced_by(chunk, t.package.chunk_count))
+        })
     }
 
     /// `payload` as a PCP message, if it is one (SPEC §6): the device's product upgrades over PCP
     /// and the frame is exactly right. Anything else is business data.
-    /// Whether `payload` asks for the next chunk of `device`'s download in progress
-    /// ([`Upgrade::advanced_by`]): such a request is not charged to its flow control.
-    pub fn advances_download(&self, device: &Device, s: &DeviceState, payload: &[u8]) -> bool {
-        let Some(FromDevice::ChunkRequest { chunk, .. }) = self.pcp_message(device, payload) else { return false };
-        let Some(up) = &s.upgrade else { return false };
-        self.ota.task(up.task).is_some_and(|t| up.advanced_by(chunk, t.package.chunk_count))
-    }
-
     pub fn pcp_message(&self, device: &Device, payload: &[u8]) -> Option<FromDevice> {
         if !payload.starts_with(&[0xFF, 0xFE]) {
             return None;
         }
-        let product = self.product(device.product_key.as_str())?;
+        let product = self.registry.product(device.product_key.as_str())?;
         if product.ota_protocol != OtaProtocol::Pcp {
             return None;
         }
@@ -314,11 +401,46 @@ impl Registry {
         (s.radio != before).then(|| Op::PutDevice(device.clone()))
     }
 
+    /// Whether `device` (its state locked by the caller) has a PCP request waiting or on its
+    /// way: commands wait behind it.
+    pub fn has_request(&self, device: DeviceId, s: &mut DeviceState) -> bool {
+        self.with_slot(device, s, |slot, _| slot.request.is_some())
+    }
+
+    /// `device`'s PCP request (its state locked by the caller), handed to `exchange` if it is
+    /// waiting.
+    pub fn request(&self, device: DeviceId, s: &mut DeviceState, exchange: ExchangeKey) -> PlatformRequest {
+        self.with_slot(device, s, |slot, _| match &mut slot.request {
+            None => PlatformRequest::None,
+            Some(r) if r.in_flight.is_some() => PlatformRequest::InFlight,
+            Some(r) => {
+                r.in_flight = Some(exchange);
+                PlatformRequest::Send(r.frame.clone())
+            }
+        })
+    }
+
+    /// The exchange carrying `device`'s PCP request ended: delivered (gone), or not (it waits
+    /// for the next chance).
+    pub fn request_ended(&self, device: DeviceId, s: &mut DeviceState, exchange: ExchangeKey, delivered: bool) {
+        self.with_slot(device, s, |slot, _| {
+            if let Some(p) = &mut slot.request
+                && p.in_flight == Some(exchange)
+            {
+                if delivered {
+                    slot.request = None;
+                } else {
+                    p.in_flight = None;
+                }
+            }
+        })
+    }
+
     /// Moves every unfinished upgrade on with time: timeouts, requests sent again, radio, free
     /// cell slots and retries. Devices with something new to hear are told if they are awake.
-    pub fn upgrade_tick(&self, now: UnixMs) {
-        let ids: Vec<DeviceId> = lock(&self.ota.active).iter().copied().collect();
-        let timers = Timers::from(&self.config.ota);
+    pub fn tick(&self, now: UnixMs) {
+        let ids: Vec<DeviceId> = lock(&self.active).iter().copied().collect();
+        let timers = self.timers();
         let mut counts: HashMap<Stage, usize> = HashMap::new();
         for id in ids {
             if let Some(stage) = self.advance(id, now, &timers) {
@@ -329,23 +451,23 @@ impl Registry {
             let n = counts.get(&stage).copied().unwrap_or(0);
             metrics::gauge!(metric::OTA_DEVICES, "state" => stage.as_str()).set(n as f64);
         }
-        metrics::gauge!(metric::OTA_CELLS_SATURATED).set(lock(&self.ota.budget).saturated() as f64);
+        metrics::gauge!(metric::OTA_CELLS_SATURATED).set(lock(&self.budget).saturated() as f64);
     }
 
     /// Gives the slots freed since the last call to the devices that waited longest in those
     /// cells, without waiting for the next tick.
     pub fn hand_off_slots(&self, now: UnixMs) {
-        let cells: Vec<String> = lock(&self.ota.freed).drain().collect();
-        let timers = Timers::from(&self.config.ota);
+        let cells: Vec<String> = lock(&self.freed).drain().collect();
+        let timers = self.timers();
         for cell in cells {
             loop {
-                let first = lock(&self.ota.waiting).get(&cell).and_then(|q| q.first().copied());
+                let first = lock(&self.waiting).get(&cell).and_then(|q| q.first().copied());
                 let Some(entry) = first else { break };
                 if self.advance(entry.1, now, &timers) == Some(Stage::WaitingSlot) {
                     // The cell is full again.
                     break;
                 }
-                let mut waiting = lock(&self.ota.waiting);
+                let mut waiting = lock(&self.waiting);
                 if let Some(q) = waiting.get_mut(&cell) {
                     q.remove(&entry);
                     if q.is_empty() {
@@ -358,41 +480,45 @@ impl Registry {
 
     /// Moves one device's upgrade on with time; its stage afterwards (`None` if it has none).
     fn advance(&self, id: DeviceId, now: UnixMs, timers: &upgrade::Timers) -> Option<Stage> {
-        let Some(device) = self.device_by_id(id) else {
+        let Some(device) = self.registry.device_by_id(id) else {
             // Deleted: its slot goes to someone else.
-            lock(&self.ota.active).remove(&id);
+            lock(&self.active).remove(&id);
+            self.slots.shard(&id).remove(&id);
             self.release_slot(id);
             return None;
         };
-        let awake_window = self.product(device.product_key.as_str()).map_or(0, |p| p.awake_window_s);
+        let awake_window = self.registry.product(device.product_key.as_str()).map_or(0, |p| p.awake_window_s);
         let mut ops: SmallVec<[Op; 3]> = SmallVec::new();
         let (stage, kick) = {
             let mut s = device.state();
-            // Taken out only when its task is known (a task is known once it is stored).
-            let task = s.upgrade.as_ref().and_then(|u| self.ota.task(u.task))?;
-            let mut up = s.upgrade.take()?;
-            let (target, awake, radio) = (task.target(), s.awake(now, awake_window), coverage(&s));
-            let ctx = task.ctx(&target, timers, now);
-            let step = up.tick(&ctx, awake, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.ota.budget));
-            self.apply_step(&device, &mut s, &up, &task, &step, &mut ops);
-            let stage = up.stage;
-            s.upgrade = Some(up);
+            let (stage, sent) = self.with_slot(id, &mut s, |slot, s| {
+                // Taken out only when its task is known (a task is known once it is stored).
+                let task = slot.upgrade.as_ref().and_then(|u| self.task(u.task))?;
+                let mut up = slot.upgrade.take()?;
+                let (target, awake, radio) = (task.target(), s.awake(now, awake_window), coverage(s));
+                let ctx = task.ctx(&target, timers, now);
+                let step = up.tick(&ctx, awake, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.budget));
+                self.apply_step(&device, s, slot, &up, &task, &step, &mut ops);
+                let stage = up.stage;
+                slot.upgrade = Some(up);
+                Some((stage, step.send.is_some() && awake))
+            })?;
             if !ops.is_empty() {
-                self.writer.record(ops);
+                self.registry.writer().record(ops);
             }
-            (stage, step.send.is_some().then_some(s.route).flatten().filter(|_| awake))
+            (stage, s.route.filter(|_| sent))
         };
         if let Some(route) = kick {
-            self.routes.kick(route, id);
+            self.registry.routes.kick(route, id);
         }
         Some(stage)
     }
 
     /// Frees `device`'s slot and has its cell handed to the next waiting device.
     fn release_slot(&self, device: DeviceId) {
-        if let Some(cell) = lock(&self.ota.budget).release(device) {
-            lock(&self.ota.freed).insert(cell);
-            self.ota.slot_freed.notify_one();
+        if let Some(cell) = lock(&self.budget).release(device) {
+            lock(&self.freed).insert(cell);
+            self.slot_freed.notify_one();
         }
     }
 
@@ -408,7 +534,7 @@ impl Registry {
             RegistryError::Conflict(format!("package version {:?} cannot travel in PCP", package.version))
         })?;
         let now = UnixMs::now();
-        let id = UpgradeTaskId(self.ota.next_task_id.fetch_add(1, Ordering::Relaxed));
+        let id = UpgradeTaskId(self.next_task_id.fetch_add(1, Ordering::Relaxed));
         let record = UpgradeTaskRecord {
             id,
             package: package.id,
@@ -422,31 +548,34 @@ impl Registry {
         let mut started = Vec::new();
         for d in &devices {
             let mut s = d.state();
-            if s.upgrade.as_ref().is_some_and(|u| !u.stage.is_final()) {
-                ops.push(stored::put_upgrade(&Upgrade::conflict(id, d.id, now)));
-                continue;
-            }
-            let up = Upgrade::new(id, d.id, now);
-            ops.push(stored::put_upgrade(&up));
-            started.push((d.clone(), s.upgrade.replace(up)));
+            self.with_slot(d.id, &mut s, |slot, _| {
+                if slot.upgrade.as_ref().is_some_and(|u| !u.stage.is_final()) {
+                    ops.push(stored::put_upgrade(&Upgrade::conflict(id, d.id, now)));
+                    return;
+                }
+                let up = Upgrade::new(id, d.id, now);
+                ops.push(stored::put_upgrade(&up));
+                started.push((d.clone(), slot.upgrade.replace(up)));
+            });
         }
-        let commit = self.writer.commit(ops);
+        let commit = self.registry.writer().commit(ops);
         if let Err(e) = commit.await {
             for (d, previous) in started {
-                d.state().upgrade = previous;
+                let mut s = d.state();
+                self.with_slot(d.id, &mut s, |slot, _| slot.upgrade = previous);
             }
             return Err(e.into());
         }
         // Only a stored task moves: the tick finds its devices from now on.
-        write(&self.ota.tasks).insert(id, Arc::new(UpgradeTask { record, package, version }));
-        lock(&self.ota.active).extend(started.iter().map(|(d, _)| d.id));
+        write(&self.tasks).insert(id, Arc::new(UpgradeTask { record, package, version }));
+        lock(&self.active).extend(started.iter().map(|(d, _)| d.id));
         tracing::info!(task = %id, devices = devices.len(), "upgrade task created");
         Ok(id)
     }
 
     /// Stops a task: its unfinished upgrades become canceled and free their slots.
     pub async fn stop_task(&self, id: UpgradeTaskId) -> Result<(), RegistryError> {
-        let task = self.ota.task(id).ok_or_else(|| RegistryError::NotFound(format!("task {id}")))?;
+        let task = self.task(id).ok_or_else(|| RegistryError::NotFound(format!("task {id}")))?;
         if task.record.stopped_at.is_some() {
             return Ok(());
         }
@@ -455,27 +584,29 @@ impl Registry {
         record.stopped_at = Some(now.0);
         let stopped =
             Arc::new(UpgradeTask { record: record.clone(), package: task.package.clone(), version: task.version });
-        write(&self.ota.tasks).insert(id, stopped.clone());
+        write(&self.tasks).insert(id, stopped.clone());
         let mut ops = vec![stored::put_task(&record)];
-        let timers = Timers::from(&self.config.ota);
+        let timers = self.timers();
         let target = stopped.target();
         for (device_id, _) in &stopped.record.devices {
-            let Some(device) = self.device_by_id(*device_id) else { continue };
+            let Some(device) = self.registry.device_by_id(*device_id) else { continue };
             let mut s = device.state();
-            let Some(mut up) = s.upgrade.take_if(|u| u.task == id) else { continue };
-            let step = up.stop(&stopped.ctx(&target, &timers, now));
-            self.apply_step(&device, &mut s, &up, &stopped, &step, &mut ops);
-            s.upgrade = Some(up);
+            self.with_slot(device.id, &mut s, |slot, s| {
+                let Some(mut up) = slot.upgrade.take_if(|u| u.task == id) else { return };
+                let step = up.stop(&stopped.ctx(&target, &timers, now));
+                self.apply_step(&device, s, slot, &up, &stopped, &step, &mut ops);
+                slot.upgrade = Some(up);
+            });
         }
-        self.writer.commit(ops).await?;
+        self.registry.writer().commit(ops).await?;
         tracing::info!(task = %id, "upgrade task stopped");
         Ok(())
     }
 
     /// A task with every device's upgrade, the unfinished ones as they are now.
     pub fn task_view(&self, id: UpgradeTaskId) -> Result<Option<TaskView>, StoreError> {
-        let Some(task) = self.ota.task(id) else { return Ok(None) };
-        let stored = stored::upgrades_of(&self.store, id)?;
+        let Some(task) = self.task(id) else { return Ok(None) };
+        let stored = stored::upgrades_of(self.registry.store(), id)?;
         let pk: &ProductKey = &task.record.product_key;
         let mut counts: HashMap<&'static str, usize> = Stage::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let mut unfinished = false;
@@ -484,8 +615,7 @@ impl Registry {
             .devices
             .iter()
             .filter_map(|(device_id, name)| {
-                let live =
-                    self.device_by_id(*device_id).and_then(|d| d.state().upgrade.clone().filter(|u| u.task == id));
+                let live = self.registry.device_by_id(*device_id).and_then(|d| self.upgrade_in(&d, id));
                 let up = live.or_else(|| stored.get(device_id).cloned())?;
                 *counts.entry(up.stage.as_str()).or_default() += 1;
                 unfinished |= !up.stage.is_final();
