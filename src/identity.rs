@@ -137,18 +137,22 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct DeviceId(pub u64);
 
-/// Opaque session token handed out by `/auth` (32 hex characters, 128 random bits).
+/// Opaque session token handed out by `/auth`: 32 hex characters, 128 random bits. Held inline,
+/// since every uplink copies its token into the writes it makes. Hashed as its bytes (as an
+/// array hashes), so a map keyed by tokens is searched by the bytes a request carries.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Token(Box<[u8]>);
+pub struct Token([u8; 32]);
 
 impl Token {
     pub fn generate() -> Token {
-        let bytes: [u8; 16] = rand::random();
-        Token(hex::encode(bytes).into_bytes().into_boxed_slice())
+        let random: [u8; 16] = rand::random();
+        let mut t = [0; 32];
+        hex::encode_to_slice(random, &mut t).expect("16 bytes are 32 hex characters");
+        Token(t)
     }
-    /// A token as found on the wire or in the store (at most 64 bytes, per SPEC §3.1).
+    /// A token as found on the wire or in the store: only the server's own form is one.
     pub fn from_bytes(bytes: &[u8]) -> Option<Token> {
-        (!bytes.is_empty() && bytes.len() <= 64).then(|| Token(bytes.into()))
+        bytes.try_into().ok().map(Token)
     }
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -160,14 +164,16 @@ impl Token {
 
 impl Borrow<[u8]> for Token {
     fn borrow(&self) -> &[u8] {
-        &self.0
+        self.as_bytes()
     }
 }
 
 impl fmt::Debug for Token {
     /// Tokens are credentials: only a prefix is ever shown.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let shown = &self.as_str()[..self.0.len().min(6)];
+        let s = self.as_str();
+        let end = (0..=s.len().min(6)).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+        let shown = &s[..end];
         write!(f, "Token({shown}..)")
     }
 }
@@ -212,6 +218,24 @@ impl<'de> serde::Deserialize<'de> for ObserveToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_their_bytes() {
+        assert!(Token::from_bytes(b"").is_none());
+        assert!(Token::from_bytes(&[b'a'; 31]).is_none());
+        assert!(Token::from_bytes(&[b'a'; 33]).is_none());
+        let t = Token::generate();
+        assert_eq!(t.as_str().len(), 32);
+        assert!(t.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(Token::from_bytes(t.as_bytes()), Some(t.clone()));
+        // found in a map by the bytes a request carries
+        let map: std::collections::HashMap<Token, u8> = [(t.clone(), 1)].into();
+        assert_eq!(map.get(t.as_bytes()), Some(&1));
+        // a credential: only a prefix is shown, and a multi-byte character there is no panic
+        assert_eq!(format!("{:?}", Token::from_bytes(b"0123456789abcdef0123456789abcdef").unwrap()), "Token(012345..)");
+        let odd = Token::from_bytes(format!("abcdeé{}", "x".repeat(25)).as_bytes()).unwrap();
+        assert_eq!(format!("{odd:?}"), "Token(abcde..)");
+    }
 
     #[test]
     fn validation() {
