@@ -35,7 +35,7 @@ struct Fixture {
 
 fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
     let common::Bed { dir, runtime, registry, thread, product: pk } = common::bed("benchProduct", sync);
-    let services = nbhub::dialect::Services::load(registry.clone()).unwrap();
+    let services = nbhub::dialect::Services::new(registry.clone());
     let writer = registry.writer().clone();
     let mut sessions = Vec::new();
     for i in 0..devices {

@@ -102,8 +102,8 @@ async fn serve_with(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let data_dir = config.data_dir.clone();
-    let registry = Arc::new(Registry::load(config.clone(), store, writer.clone()).await?);
-    let services = dialect::Services::load(registry.clone())?;
+    let registry = Arc::new(Registry::load(config.clone(), &store, writer.clone()).await?);
+    let services = dialect::Services::load(registry.clone(), &store)?;
     let dialect::Services { commands, campaign, cluster, .. } = services.clone();
     // Before any port is bound: a certificate or cipher mistake is a configuration error.
     let (dtls_context, certificates) = dtls::setup(registry.clone(), &config.dtls)?;
@@ -112,7 +112,7 @@ async fn serve_with(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let webhooks = northbound::Webhooks::start(
-        registry.store().clone(),
+        store.clone(),
         writer.clone(),
         registry.wanted().clone(),
         northbound::delivery::DeliveryConfig::from(&config.webhooks),
@@ -150,6 +150,7 @@ async fn serve_with(
     }
     let router = admin::router(admin::AdminState {
         registry: registry.clone(),
+        store,
         commands: commands.clone(),
         campaign: campaign.clone(),
         cluster: cluster.clone(),

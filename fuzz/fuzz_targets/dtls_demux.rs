@@ -28,7 +28,7 @@ fn bed() -> &'static Bed {
         let store = Store::open(&dir.path().join("db"), None, config.store.write_buffer()).unwrap();
         let (writer, thread) = WriterThread::start(&store, config.store.sync, 64).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let registry = Arc::new(runtime.block_on(Registry::load(config, store, writer)).unwrap());
+        let registry = Arc::new(runtime.block_on(Registry::load(config, &store, writer)).unwrap());
         let ctx = nbhub::dtls::context::build(registry, "", &[]).unwrap();
         let limits = Limits {
             handshakes: Quotas {

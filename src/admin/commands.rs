@@ -85,7 +85,8 @@ fn command_id(raw: &str) -> Result<CommandId, ApiError> {
 
 async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<CommandView>, ApiError> {
     let id = command_id(&id)?;
-    let command = state.commands.get(id)?.ok_or_else(|| ApiError::not_found(format!("command {id} not found")))?;
+    let command =
+        state.commands.get(&state.store, id)?.ok_or_else(|| ApiError::not_found(format!("command {id} not found")))?;
     Ok(Json(command.into()))
 }
 
@@ -94,13 +95,13 @@ async fn list(
     Path((pk, dn)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let d = device(&state, &pk, &dn)?;
-    let commands: Vec<CommandView> = state.commands.of(&d)?.into_iter().map(CommandView::from).collect();
+    let commands: Vec<CommandView> = state.commands.of(&state.store, &d)?.into_iter().map(CommandView::from).collect();
     Ok(Json(serde_json::json!({ "commands": commands })))
 }
 
 async fn cancel(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<CommandView>, ApiError> {
     let id = command_id(&id)?;
-    let command = state.commands.cancel(id).await?;
+    let command = state.commands.cancel(&state.store, id).await?;
     tracing::info!(command = %id, "command canceled");
     Ok(Json(command.into()))
 }

@@ -174,8 +174,9 @@ async fn remove(
     State(state): State<AdminState>,
     Path((pk, dn)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    device(&state, &pk, &dn)?;
-    state.registry.delete_device(&pk, &dn, &*state.commands).await?;
+    let d = device(&state, &pk, &dn)?;
+    let held = state.commands.deleting(&state.store, d.id)?;
+    state.registry.delete_device(&d, &held).await?;
     tracing::info!(product_key = pk, device_name = dn, "device deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -236,7 +237,7 @@ async fn messages(
         Some(a) => Some(MessageId(a.parse().map_err(|_| ApiError::bad_request("after must be a cursor from `next`"))?)),
     };
     let d = device(&state, &pk, &dn)?;
-    let store = state.registry.store().clone();
+    let store = state.store.clone();
     let (rows, more) = tokio::task::spawn_blocking(move || store.messages(d.id, after, limit))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;

@@ -264,8 +264,8 @@ async fn rollback(
             "a nearest task moves each device when it bootstraps; only a specified task can be rolled back",
         ));
     }
-    let (cluster, c) = (state.cluster.clone(), cell.clone());
-    let summary = detached(async move { runner::rollback(&cluster, &c).await }).await.map_err(|f| {
+    let (cluster, store, c) = (state.cluster.clone(), state.store.clone(), cell.clone());
+    let summary = detached(async move { runner::rollback(&cluster, &store, &c).await }).await.map_err(|f| {
         ApiError::new(StatusCode::BAD_GATEWAY, "rollback_failed", format!("rollback stopped: {}", f.message()))
     })?;
     let view = view(&cell.lock());
@@ -282,8 +282,8 @@ async fn import(
     }
     check_import(&state, &body)?;
     let source = body.source.clone();
-    let cluster = state.cluster.clone();
-    let devices = detached(async move { cluster.import(body).await }).await?;
+    let (cluster, store) = (state.cluster.clone(), state.store.clone());
+    let devices = detached(async move { cluster.import(&store, body).await }).await?;
     tracing::info!(%source, devices = devices.len(), "import from a peer");
     Ok(Json(ImportResponse { devices }))
 }
@@ -332,7 +332,7 @@ async fn release(
     if state.registry.product(body.product_key.as_str()).is_none() {
         return Err(ApiError::not_found(format!("product {} not found", body.product_key)));
     }
-    let cluster = state.cluster.clone();
-    let devices = detached(async move { cluster.release(body).await }).await?;
+    let (cluster, store) = (state.cluster.clone(), state.store.clone());
+    let devices = detached(async move { cluster.release(&store, body).await }).await?;
     Ok(Json(ReleaseResponse { devices }))
 }

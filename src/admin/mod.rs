@@ -31,6 +31,8 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 #[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
+    /// What the admin API reads back (messages, commands, packages, tasks).
+    pub store: crate::store::Store,
     pub commands: Arc<crate::downlink::Commands>,
     pub campaign: Arc<crate::ota::campaign::Campaign>,
     pub cluster: Arc<crate::cluster::Cluster>,

@@ -67,7 +67,7 @@ async fn create(
     }
     let package_not_found = || ApiError::not_found(format!("package {} not found", body.package_id));
     let package_id = PackageId(body.package_id.parse().map_err(|_| package_not_found())?);
-    let package = crate::ota::stored::package(registry.store(), package_id)?.ok_or_else(package_not_found)?;
+    let package = crate::ota::stored::package(&state.store, package_id)?.ok_or_else(package_not_found)?;
     let product = registry
         .product(package.product_key.as_str())
         .ok_or_else(|| ApiError::not_found(format!("product {} not found", package.product_key)))?;
@@ -92,7 +92,14 @@ async fn create(
         }
         devices.push(d);
     }
-    let id = state.campaign.create_task(package, devices, retry).await?;
+    let store = state.store.clone();
+    let (package, chunks) = tokio::task::spawn_blocking(move || {
+        let chunks = crate::ota::stored::chunks(&store, &package)?;
+        Ok::<_, crate::store::StoreError>((package, chunks))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let id = state.campaign.create_task(package, chunks, devices, retry).await?;
     Ok((StatusCode::CREATED, Json(view(&state, id).await?)))
 }
 
@@ -102,8 +109,8 @@ fn task_id(raw: &str) -> Result<UpgradeTaskId, ApiError> {
 
 /// Reads every device's upgrade, off the async threads (a task may name many devices).
 async fn view(state: &AdminState, id: UpgradeTaskId) -> Result<TaskView, ApiError> {
-    let campaign = state.campaign.clone();
-    let view = tokio::task::spawn_blocking(move || campaign.task_view(id))
+    let (campaign, store) = (state.campaign.clone(), state.store.clone());
+    let view = tokio::task::spawn_blocking(move || campaign.task_view(&store, id))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     view.ok_or_else(|| ApiError::not_found(format!("task {id} not found")))

@@ -107,7 +107,7 @@ async fn upload(
 async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<PackageView>, ApiError> {
     let not_found = || ApiError::not_found(format!("package {id} not found"));
     let pid = PackageId(id.parse().map_err(|_| not_found())?);
-    let store = state.registry.store().clone();
+    let store = state.store.clone();
     let record = tokio::task::spawn_blocking(move || stored::package(&store, pid))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;

@@ -54,9 +54,23 @@ pub struct Distributions {
     runnable_rx: Mutex<Option<mpsc::UnboundedReceiver<Arc<DistributionCell>>>>,
 }
 
+impl Default for Distributions {
+    /// No distribution tasks yet.
+    fn default() -> Distributions {
+        let (runnable, rx) = mpsc::unbounded_channel();
+        Distributions {
+            tasks: Mutex::default(),
+            members: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            runnable,
+            runnable_rx: Mutex::new(Some(rx)),
+        }
+    }
+}
+
 impl Distributions {
     pub fn load(store: &Store) -> Result<Distributions, StoreError> {
-        let (runnable, rx) = mpsc::unbounded_channel();
+        let distributions = Distributions::default();
         let mut tasks = BTreeMap::new();
         let mut members = HashMap::new();
         let mut max_id = 0;
@@ -71,7 +85,7 @@ impl Distributions {
             let cell =
                 Arc::new(DistributionCell { task: Mutex::new(Distribution { record, entries }), wake: Notify::new() });
             if open {
-                let _ = runnable.send(cell.clone());
+                let _ = distributions.runnable.send(cell.clone());
             }
             tasks.insert(id, cell);
         }
@@ -79,8 +93,7 @@ impl Distributions {
             tasks: Mutex::new(tasks),
             members: Mutex::new(members),
             next_id: AtomicU64::new(max_id + 1),
-            runnable,
-            runnable_rx: Mutex::new(Some(rx)),
+            ..distributions
         })
     }
 
@@ -517,11 +530,11 @@ impl Cluster {
     /// One already here with the same secret is answered "already here" (a repeated request;
     /// commands it lacks are added); one that left for `source` earlier comes home; any other
     /// (leaving, or living at a third instance) is refused.
-    pub async fn import(&self, req: ImportRequest) -> Result<Vec<ImportResult>, RegistryError> {
+    pub async fn import(&self, store: &Store, req: ImportRequest) -> Result<Vec<ImportResult>, RegistryError> {
         let product = self.adopt_product(&req.product).await?;
         let mut results = Vec::with_capacity(req.devices.len());
         for d in req.devices {
-            results.push(self.adopt_device(&product, &req.source, d).await);
+            results.push(self.adopt_device(store, &product, &req.source, d).await);
         }
         Ok(results)
     }
@@ -560,7 +573,13 @@ impl Cluster {
         }
     }
 
-    async fn adopt_device(&self, product: &ProductRecord, source: &InstanceName, d: DeviceTransfer) -> ImportResult {
+    async fn adopt_device(
+        &self,
+        store: &Store,
+        product: &ProductRecord,
+        source: &InstanceName,
+        d: DeviceTransfer,
+    ) -> ImportResult {
         let answer = |result: ImportOutcome, error: Option<String>, commands: Vec<CommandId>| ImportResult {
             device_name: d.device_name.clone(),
             result,
@@ -575,7 +594,7 @@ impl Cluster {
             }
             let home = e.state().home.clone();
             match home {
-                Home::Here => return self.add_commands(e, source, &d.commands).await,
+                Home::Here => return self.add_commands(store, e, source, &d.commands).await,
                 Home::Arriving => {
                     return answer(ImportOutcome::Retry, Some("an earlier import is being stored".into()), Vec::new());
                 }
@@ -704,6 +723,7 @@ impl Cluster {
     /// names every command's id here.
     async fn add_commands(
         &self,
+        store: &Store,
         device: &Arc<Device>,
         source: &InstanceName,
         commands: &[CommandTransfer],
@@ -714,8 +734,7 @@ impl Cluster {
             error: Some(error),
             commands: Vec::new(),
         };
-        let mut known: HashMap<String, CommandId> = match crate::downlink::stored::of(self.registry.store(), device.id)
-        {
+        let mut known: HashMap<String, CommandId> = match crate::downlink::stored::of(store, device.id) {
             Ok(all) => all.into_iter().filter_map(|c| Some((c.origin?, c.id))).collect(),
             Err(e) => return retry(format!("storage error: {e}")),
         };
@@ -754,7 +773,7 @@ impl Cluster {
     /// rollback by the instance they came from), in two steps so that a lost answer loses
     /// nothing: first they stop being served here (durably) and are described, with their open
     /// commands; once the sender stored them it confirms, and they are removed here.
-    pub async fn release(&self, req: ReleaseRequest) -> Result<Vec<ReleaseResult>, RegistryError> {
+    pub async fn release(&self, store: &Store, req: ReleaseRequest) -> Result<Vec<ReleaseResult>, RegistryError> {
         let mut results = Vec::with_capacity(req.device_names.len());
         let mut ops = Vec::new();
         for name in req.device_names {
@@ -771,7 +790,8 @@ impl Cluster {
                     results.push(result(ReleaseOutcome::NotFound, None));
                     continue;
                 }
-                self.registry.delete_device(req.product_key.as_str(), name.as_str(), &*self.commands).await?;
+                let held = self.commands.deleting(store, device.id)?;
+                self.registry.delete_device(&device, &held).await?;
                 tracing::info!(product_key = %req.product_key, device_name = %name, to = %req.source, "device released");
                 results.push(result(ReleaseOutcome::Released, None));
                 continue;

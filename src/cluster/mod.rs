@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::downlink::Commands;
 use crate::registry::Registry;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 pub use peers::{CoapEndpoint, Peer, PeerApi, Peers};
 
 /// The cluster service: this instance's part in moving devices between instances.
@@ -29,9 +29,14 @@ pub struct Cluster {
 
 impl Cluster {
     /// The peers from the registry's configuration and the distribution tasks from its store.
-    pub fn load(registry: Arc<Registry>, commands: Arc<Commands>) -> Result<Cluster, StoreError> {
-        let distribution = distribution::Distributions::load(registry.store())?;
+    pub fn load(registry: Arc<Registry>, commands: Arc<Commands>, store: &Store) -> Result<Cluster, StoreError> {
+        let distribution = distribution::Distributions::load(store)?;
+        Ok(Cluster { distribution, ..Cluster::new(registry, commands) })
+    }
+
+    /// The peers from the registry's configuration, and no distribution tasks yet.
+    pub fn new(registry: Arc<Registry>, commands: Arc<Commands>) -> Cluster {
         let peers = Peers::new(&registry.config.cluster);
-        Ok(Cluster { registry, commands, peers, distribution })
+        Cluster { registry, commands, peers, distribution: distribution::Distributions::default() }
     }
 }

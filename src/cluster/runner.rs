@@ -24,7 +24,7 @@ use crate::clock::UnixMs;
 use crate::downlink::CommandId;
 use crate::identity::Home;
 use crate::identity::{DeviceName, InstanceName};
-use crate::store::Op;
+use crate::store::{Op, Store};
 use crate::telemetry::metric;
 
 /// Destination devices read per page when looking for the ones that came online.
@@ -416,7 +416,7 @@ pub struct Rollback {
 /// Pauses the task and takes back its moved devices that never connected at the destination:
 /// the destination stops serving them and describes them, this instance stores them, and only
 /// then does the destination forget them. Run again, it finishes what an interrupted run left.
-pub async fn rollback(cluster: &Cluster, cell: &DistributionCell) -> Result<Rollback, PeerFailure> {
+pub async fn rollback(cluster: &Cluster, db: &Store, cell: &DistributionCell) -> Result<Rollback, PeerFailure> {
     let (instance, product_key, moved, taken_back, paused) = {
         let mut task = cell.lock();
         let Policy::Specified(instance) = task.record.policy.clone() else {
@@ -489,7 +489,7 @@ pub async fn rollback(cluster: &Cluster, cell: &DistributionCell) -> Result<Roll
         let returning: Vec<usize> = back.iter().map(|(i, _)| *i).collect();
         let devices = back.into_iter().map(|(_, d)| d).collect();
         let results = cluster
-            .import(ImportRequest { source: instance.clone(), product, devices })
+            .import(db, ImportRequest { source: instance.clone(), product, devices })
             .await
             .map_err(|e| PeerFailure::Unknown(format!("taking the devices back failed here: {e}")))?;
         let now = UnixMs::now().0;

@@ -4,6 +4,8 @@
 pub mod alibaba;
 pub mod huawei;
 pub mod refusal;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use crate::identity::DeviceId;
 use crate::net::PortFamily;
 use crate::ota::campaign::Campaign;
 use crate::registry::{Registry, Route};
+use crate::store::{Store, StoreError};
 use alibaba::Alibaba;
 use huawei::Huawei;
 
@@ -37,12 +40,20 @@ pub struct Services {
 }
 
 impl Services {
-    /// The services over `registry`, their state read from its store.
-    pub fn load(registry: Arc<Registry>) -> Result<Services, crate::store::StoreError> {
-        let commands = Arc::new(Commands::load(registry.clone())?);
-        let campaign = Arc::new(Campaign::load(registry.clone())?);
-        let cluster = Arc::new(Cluster::load(registry.clone(), commands.clone())?);
+    /// The services over `registry`, their state read from `store`.
+    pub fn load(registry: Arc<Registry>, store: &Store) -> Result<Services, StoreError> {
+        let commands = Arc::new(Commands::load(registry.clone(), store)?);
+        let campaign = Arc::new(Campaign::load(registry.clone(), store)?);
+        let cluster = Arc::new(Cluster::load(registry.clone(), commands.clone(), store)?);
         Ok(Services { registry, commands, campaign, cluster })
+    }
+
+    /// The services over `registry` with nothing stored yet.
+    pub fn new(registry: Arc<Registry>) -> Services {
+        let commands = Arc::new(Commands::new(registry.clone()));
+        let campaign = Arc::new(Campaign::new(registry.clone()));
+        let cluster = Arc::new(Cluster::new(registry.clone(), commands.clone()));
+        Services { registry, commands, campaign, cluster }
     }
 }
 

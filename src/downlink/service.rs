@@ -20,7 +20,7 @@ use crate::config::DownlinkConfig;
 use crate::identity::DeviceId;
 use crate::registry::{Device, DeviceState, Held, Registry};
 use crate::store::records::ProductRecord;
-use crate::store::{Op, StoreError};
+use crate::store::{Op, Store, StoreError};
 use crate::sync::{Sharded, lock};
 
 pub struct NewCommand {
@@ -101,11 +101,14 @@ pub struct Commands {
 }
 
 impl Commands {
+    /// No commands yet.
+    pub fn new(registry: Arc<Registry>) -> Commands {
+        Commands { queues: Sharded::new(64), timers: Timers::default(), next_id: AtomicU64::new(1), registry }
+    }
+
     /// The open commands from the store, each back in its device's queue.
-    pub fn load(registry: Arc<Registry>) -> Result<Commands, StoreError> {
-        let commands =
-            Commands { queues: Sharded::new(64), timers: Timers::default(), next_id: AtomicU64::new(0), registry };
-        let store = commands.registry.store();
+    pub fn load(registry: Arc<Registry>, store: &Store) -> Result<Commands, StoreError> {
+        let commands = Commands::new(registry);
         let mut next_id = stored::next_id(store)?;
         let mut open = 0;
         for c in stored::open(store)? {
@@ -237,15 +240,15 @@ impl Commands {
     }
 
     /// A command by id: the live version while it is open, else the stored one.
-    pub fn get(&self, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
-        let Some(stored) = stored::get(self.registry.store(), id)? else { return Ok(None) };
+    pub fn get(&self, store: &Store, id: CommandId) -> Result<Option<CommandRecord>, StoreError> {
+        let Some(stored) = stored::get(store, id)? else { return Ok(None) };
         let live = self.registry.device_by_id(stored.device).and_then(|d| self.live(&d, id));
         Ok(Some(live.unwrap_or(stored)))
     }
 
     /// A device's commands, oldest first, open ones in their live version.
-    pub fn of(&self, device: &Device) -> Result<Vec<CommandRecord>, StoreError> {
-        let mut all = stored::of(self.registry.store(), device.id)?;
+    pub fn of(&self, store: &Store, device: &Device) -> Result<Vec<CommandRecord>, StoreError> {
+        let mut all = stored::of(store, device.id)?;
         let _s = device.state();
         if let Some(q) = self.queues.shard(&device.id).get(&device.id) {
             for c in &mut all {
@@ -258,9 +261,9 @@ impl Commands {
     }
 
     /// Cancels a PENDING command.
-    pub async fn cancel(&self, id: CommandId) -> Result<CommandRecord, CommandError> {
+    pub async fn cancel(&self, store: &Store, id: CommandId) -> Result<CommandRecord, CommandError> {
         let not_found = || CommandError::NotFound(format!("command {id}"));
-        let stored = stored::get(self.registry.store(), id)?.ok_or_else(not_found)?;
+        let stored = stored::get(store, id)?.ok_or_else(not_found)?;
         let device = self.registry.device_by_id(stored.device).ok_or_else(not_found)?;
         let (commit, record) = {
             let s = device.state();
@@ -399,21 +402,36 @@ impl Commands {
     }
 }
 
-/// A deleted device's queue goes with it, and its stored commands with its record.
-impl Held for Commands {
+impl Commands {
+    /// What deleting `device` takes from the command service: its queue, and its stored
+    /// commands, whose ids are read from `store` now.
+    pub fn deleting(&self, store: &Store, device: DeviceId) -> Result<Deleting<'_>, StoreError> {
+        let stored = stored::of(store, device)?.into_iter().map(|c| c.id).collect();
+        Ok(Deleting { commands: self, stored })
+    }
+}
+
+/// A device's commands as it is deleted: its queue goes with it, and its stored commands with
+/// its record.
+pub struct Deleting<'a> {
+    commands: &'a Commands,
+    stored: Vec<CommandId>,
+}
+
+impl Held for Deleting<'_> {
     type Taken = Vec<CommandRecord>;
 
-    fn take(&self, device: &Device, s: &DeviceState) -> Result<(Vec<CommandRecord>, Vec<Op>), StoreError> {
-        let mut ids: Vec<CommandId> = stored::of(self.registry.store(), device.id)?.into_iter().map(|c| c.id).collect();
-        let open: Vec<CommandRecord> = self.with_queue(device.id, s, |q| q.drain().collect());
+    fn take(&self, device: &Device, s: &DeviceState) -> (Vec<CommandRecord>, Vec<Op>) {
+        let open: Vec<CommandRecord> = self.commands.with_queue(device.id, s, |q| q.drain().collect());
+        let mut ids = self.stored.clone();
         ids.extend(open.iter().map(|c| c.id));
         ids.sort_unstable();
         ids.dedup();
-        Ok((open, stored::delete_commands(device.id, &ids)))
+        (open, stored::delete_commands(device.id, &ids))
     }
 
     fn put_back(&self, device: &Device, s: &DeviceState, open: Vec<CommandRecord>) {
-        self.with_queue(device.id, s, |q| {
+        self.commands.with_queue(device.id, s, |q| {
             for c in open {
                 q.restore(c);
             }

@@ -26,7 +26,7 @@ use crate::identity::{DeviceId, ProductKey};
 use crate::northbound::{Event, EventKind};
 use crate::registry::{Device, DeviceState, Registry, RegistryError};
 use crate::store::records::OtaProtocol;
-use crate::store::{Op, StoreError};
+use crate::store::{Op, Store, StoreError};
 use crate::sync::{Sharded, lock, read, write};
 use crate::telemetry::metric;
 
@@ -79,12 +79,20 @@ pub struct UpgradeTask {
     pub record: UpgradeTaskRecord,
     pub package: PackageRecord,
     version: Version,
+    /// The package's chunks, held while the task has unfinished upgrades: a device's request
+    /// for one is answered from memory, never by a read on the socket's thread.
+    chunks: Option<Arc<[Vec<u8>]>>,
 }
 
 impl UpgradeTask {
     /// What a step of one of this task's upgrades needs.
     fn ctx<'a>(&self, target: &'a Target<'a>, timers: &'a upgrade::Timers, now: UnixMs) -> Ctx<'a> {
         Ctx { now, target, timers, retry: self.record.retry }
+    }
+
+    /// The same task without its chunks (stopped, or with nothing left to download).
+    fn without_chunks(&self) -> UpgradeTask {
+        UpgradeTask { record: self.record.clone(), package: self.package.clone(), version: self.version, chunks: None }
     }
 
     fn target(&self) -> Target<'_> {
@@ -116,9 +124,9 @@ pub struct Campaign {
 }
 
 impl Campaign {
-    /// Tasks and upgrades from the store; unfinished upgrades take their cell slots again.
-    pub fn load(registry: Arc<Registry>) -> Result<Campaign, StoreError> {
-        let ota = Campaign {
+    /// No tasks yet.
+    pub fn new(registry: Arc<Registry>) -> Campaign {
+        Campaign {
             slots: Sharded::new(64),
             tasks: RwLock::default(),
             active: Mutex::default(),
@@ -128,8 +136,13 @@ impl Campaign {
             slot_freed: tokio::sync::Notify::new(),
             next_task_id: AtomicU64::new(1),
             registry,
-        };
-        let store = ota.registry.store();
+        }
+    }
+
+    /// Tasks and upgrades from the store; unfinished upgrades take their cell slots again, and
+    /// their tasks' chunks are read.
+    pub fn load(registry: Arc<Registry>, store: &Store) -> Result<Campaign, StoreError> {
+        let ota = Campaign::new(registry);
         let mut max_id = 0;
         for record in stored::tasks(store)? {
             max_id = max_id.max(record.id.0);
@@ -138,10 +151,11 @@ impl Campaign {
                 continue;
             };
             let Ok(version) = Version::new(&package.version) else { continue };
-            write(&ota.tasks).insert(record.id, Arc::new(UpgradeTask { record, package, version }));
+            write(&ota.tasks).insert(record.id, Arc::new(UpgradeTask { record, package, version, chunks: None }));
         }
         ota.next_task_id.store(max_id + 1, Ordering::Relaxed);
         let mut resumed = 0;
+        let mut unfinished = HashSet::new();
         for u in stored::upgrades(store)? {
             if ota.registry.device_by_id(u.device).is_none() || !read(&ota.tasks).contains_key(&u.task) {
                 continue;
@@ -158,12 +172,19 @@ impl Campaign {
             }
             if !u.stage.is_final() {
                 resumed += 1;
+                unfinished.insert(u.task);
                 lock(&ota.active).insert(u.device);
                 if let (true, Some((cell, coverage))) = (u.stage.holds_slot(), &u.slot) {
                     lock(&ota.budget).acquire(u.device, cell, *coverage);
                 }
             }
             slot.upgrade = Some(u);
+        }
+        for id in unfinished {
+            let Some(task) = ota.task(id).filter(|t| t.record.stopped_at.is_none()) else { continue };
+            let chunks = stored::chunks(store, &task.package)?;
+            write(&ota.tasks)
+                .insert(id, Arc::new(UpgradeTask { chunks: Some(chunks.into()), ..task.without_chunks() }));
         }
         if resumed > 0 {
             tracing::info!(upgrades = resumed, "resumed unfinished upgrades");
@@ -352,19 +373,12 @@ impl Campaign {
         PcpOutcome { answer, ops }
     }
 
-    /// The answer carrying chunk `n` of `task`'s package.
+    /// The answer carrying chunk `n` of `task`'s package; none (the device asks again) once
+    /// the task holds no chunks.
     fn chunk(&self, task: &UpgradeTask, n: u16) -> Option<Vec<u8>> {
-        match stored::chunk(self.registry.store(), task.package.id, n) {
-            Ok(Some(data)) => {
-                metrics::counter!(metric::OTA_CHUNKS).increment(1);
-                Some(FromPlatform::Chunk { result: ResultCode::OK, chunk: n, data }.encode())
-            }
-            // Unanswered, the device asks again.
-            Ok(None) | Err(_) => {
-                tracing::error!(package = task.package.id.0, chunk = n, "cannot read a package chunk");
-                None
-            }
-        }
+        let data = task.chunks.as_ref()?.get(n as usize)?.clone();
+        metrics::counter!(metric::OTA_CHUNKS).increment(1);
+        Some(FromPlatform::Chunk { result: ResultCode::OK, chunk: n, data }.encode())
     }
 
     /// Whether `payload` asks for the next chunk of `device`'s download in progress
@@ -438,13 +452,37 @@ impl Campaign {
 
     /// Moves every unfinished upgrade on with time: timeouts, requests sent again, radio, free
     /// cell slots and retries. Devices with something new to hear are told if they are awake.
+    /// A task whose upgrades all finished lets go of its chunks.
     pub fn tick(&self, now: UnixMs) {
         let ids: Vec<DeviceId> = lock(&self.active).iter().copied().collect();
         let timers = self.timers();
         let mut counts: HashMap<Stage, usize> = HashMap::new();
+        let mut downloading = HashSet::new();
         for id in ids {
-            if let Some(stage) = self.advance(id, now, &timers) {
+            if let Some((stage, task)) = self.advance(id, now, &timers) {
                 *counts.entry(stage).or_default() += 1;
+                if !stage.is_final() {
+                    downloading.insert(task);
+                }
+            }
+        }
+        let done: Vec<Arc<UpgradeTask>> = read(&self.tasks)
+            .values()
+            .filter(|t| t.chunks.is_some() && !downloading.contains(&t.record.id))
+            .cloned()
+            .collect();
+        for task in done {
+            // Asked of each device again: a task created since the walk began has upgrades the
+            // walk did not see.
+            let id = task.record.id;
+            let unfinished = task.record.devices.iter().any(|(d, _)| {
+                let slot = self.slots.shard(d);
+                slot.get(d).and_then(|s| s.upgrade.as_ref()).is_some_and(|u| u.task == id && !u.stage.is_final())
+            });
+            let mut tasks = write(&self.tasks);
+            // Unless it changed meanwhile (stopped).
+            if !unfinished && tasks.get(&id).is_some_and(|t| Arc::ptr_eq(t, &task)) {
+                tasks.insert(id, Arc::new(task.without_chunks()));
             }
         }
         for stage in Stage::ALL.into_iter().filter(|s| !s.is_final()) {
@@ -463,7 +501,7 @@ impl Campaign {
             loop {
                 let first = lock(&self.waiting).get(&cell).and_then(|q| q.first().copied());
                 let Some(entry) = first else { break };
-                if self.advance(entry.1, now, &timers) == Some(Stage::WaitingSlot) {
+                if self.advance(entry.1, now, &timers).map(|(stage, _)| stage) == Some(Stage::WaitingSlot) {
                     // The cell is full again.
                     break;
                 }
@@ -478,8 +516,9 @@ impl Campaign {
         }
     }
 
-    /// Moves one device's upgrade on with time; its stage afterwards (`None` if it has none).
-    fn advance(&self, id: DeviceId, now: UnixMs, timers: &upgrade::Timers) -> Option<Stage> {
+    /// Moves one device's upgrade on with time; its stage afterwards and its task (`None` if it
+    /// has none).
+    fn advance(&self, id: DeviceId, now: UnixMs, timers: &upgrade::Timers) -> Option<(Stage, UpgradeTaskId)> {
         let Some(device) = self.registry.device_by_id(id) else {
             // Deleted: its slot goes to someone else.
             lock(&self.active).remove(&id);
@@ -499,7 +538,7 @@ impl Campaign {
                 let ctx = task.ctx(&target, timers, now);
                 let step = up.tick(&ctx, awake, radio.as_ref().map(|(c, v)| (c.as_str(), *v)), &mut lock(&self.budget));
                 self.apply_step(&device, s, slot, &up, &task, &step, &mut ops);
-                let stage = up.stage;
+                let stage = (up.stage, up.task);
                 slot.upgrade = Some(up);
                 Some((stage, step.send.is_some() && awake))
             })?;
@@ -527,6 +566,7 @@ impl Campaign {
     pub async fn create_task(
         &self,
         package: PackageRecord,
+        chunks: Vec<Vec<u8>>,
         devices: Vec<Arc<Device>>,
         retry: Retry,
     ) -> Result<UpgradeTaskId, RegistryError> {
@@ -567,7 +607,8 @@ impl Campaign {
             return Err(e.into());
         }
         // Only a stored task moves: the tick finds its devices from now on.
-        write(&self.tasks).insert(id, Arc::new(UpgradeTask { record, package, version }));
+        let task = UpgradeTask { record, package, version, chunks: Some(chunks.into()) };
+        write(&self.tasks).insert(id, Arc::new(task));
         lock(&self.active).extend(started.iter().map(|(d, _)| d.id));
         tracing::info!(task = %id, devices = devices.len(), "upgrade task created");
         Ok(id)
@@ -582,8 +623,7 @@ impl Campaign {
         let now = UnixMs::now();
         let mut record = task.record.clone();
         record.stopped_at = Some(now.0);
-        let stopped =
-            Arc::new(UpgradeTask { record: record.clone(), package: task.package.clone(), version: task.version });
+        let stopped = Arc::new(UpgradeTask { record: record.clone(), ..task.without_chunks() });
         write(&self.tasks).insert(id, stopped.clone());
         let mut ops = vec![stored::put_task(&record)];
         let timers = self.timers();
@@ -604,9 +644,9 @@ impl Campaign {
     }
 
     /// A task with every device's upgrade, the unfinished ones as they are now.
-    pub fn task_view(&self, id: UpgradeTaskId) -> Result<Option<TaskView>, StoreError> {
+    pub fn task_view(&self, store: &Store, id: UpgradeTaskId) -> Result<Option<TaskView>, StoreError> {
         let Some(task) = self.task(id) else { return Ok(None) };
-        let stored = stored::upgrades_of(self.registry.store(), id)?;
+        let stored = stored::upgrades_of(store, id)?;
         let pk: &ProductKey = &task.record.product_key;
         let mut counts: HashMap<&'static str, usize> = Stage::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let mut unfinished = false;

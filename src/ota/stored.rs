@@ -8,7 +8,7 @@ use super::package::{PackageId, PackageRecord};
 use super::task::{UpgradeTaskId, UpgradeTaskRecord};
 use super::upgrade::Upgrade;
 use crate::identity::DeviceId;
-use crate::store::{CF_CHUNKS, CF_OTA_TASKS, CF_PACKAGES, CF_UPGRADES, Op, Store, StoreError, json, pair_key};
+use crate::store::{CF_CHUNKS, CF_OTA_TASKS, CF_PACKAGES, CF_UPGRADES, Op, Store, StoreError, corrupt, json, pair_key};
 
 /// `package id | chunk number (u16 BE)`.
 fn chunk_key(id: PackageId, chunk: u16) -> [u8; 10] {
@@ -58,7 +58,12 @@ pub fn package(store: &Store, id: PackageId) -> Result<Option<PackageRecord>, St
     store.get(CF_PACKAGES, &k)?.map(|v| json(&k, &v)).transpose()
 }
 
-/// One chunk of a package.
-pub fn chunk(store: &Store, id: PackageId, chunk: u16) -> Result<Option<Vec<u8>>, StoreError> {
-    store.get(CF_CHUNKS, &chunk_key(id, chunk))
+/// Every chunk of a package, in order; an error if one is missing.
+pub fn chunks(store: &Store, package: &PackageRecord) -> Result<Vec<Vec<u8>>, StoreError> {
+    let chunks = store.scan_prefix(CF_CHUNKS, package.id.0, |_, v| Ok(v.to_vec()))?;
+    if chunks.len() != package.chunk_count as usize {
+        let key = package.id.0.to_be_bytes();
+        return Err(corrupt(&key, &format!("{} of {} chunks stored", chunks.len(), package.chunk_count)));
+    }
+    Ok(chunks)
 }

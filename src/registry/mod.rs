@@ -60,7 +60,7 @@ pub enum RegistryError {
 /// deletion cannot be stored. Both run under the device's lock.
 pub trait Held {
     type Taken;
-    fn take(&self, device: &Device, s: &DeviceState) -> Result<(Self::Taken, Vec<Op>), StoreError>;
+    fn take(&self, device: &Device, s: &DeviceState) -> (Self::Taken, Vec<Op>);
     fn put_back(&self, device: &Device, s: &DeviceState, taken: Self::Taken);
 }
 
@@ -137,15 +137,29 @@ pub struct Registry {
     /// Keys of the exchanges the endpoints start, unique process-wide.
     next_exchange: AtomicU64,
     writer: Writer,
-    store: Store,
     /// The event kinds subscribers want (set by the webhooks, read where events arise).
     wanted: Arc<Wanted>,
 }
 
 impl Registry {
+    /// An empty directory whose changes go to `writer`.
+    pub fn new(config: Arc<Config>, writer: Writer) -> Registry {
+        Registry {
+            sessions: Sessions::new(config.auth.token_ttl_s),
+            config,
+            products: RwLock::default(),
+            devices: RwLock::default(),
+            routes: Routes::default(),
+            next_device_id: AtomicU64::new(1),
+            next_exchange: AtomicU64::new(1),
+            writer,
+            wanted: Arc::new(Wanted::default()),
+        }
+    }
+
     /// Loads products, devices, presence and live sessions; sessions that expired while the
     /// server was down are deleted from the store.
-    pub async fn load(config: Arc<Config>, store: Store, writer: Writer) -> Result<Registry, StoreError> {
+    pub async fn load(config: Arc<Config>, store: &Store, writer: Writer) -> Result<Registry, StoreError> {
         let now = UnixMs::now();
         let products = store.products()?.into_iter().map(|p| (p.product_key.clone(), Arc::new(p))).collect();
         let crate::store::Presence { contacts: mut presence, announced } = store.presence()?;
@@ -170,7 +184,7 @@ impl Registry {
         let next_device_id = store.meta_u64(META_NEXT_DEVICE_ID)?.unwrap_or(1).max(max_id + 1);
         let sessions = Sessions::new(config.auth.token_ttl_s);
         let mut stale = Vec::new();
-        for (token, record, window) in sessions::stored(&store)? {
+        for (token, record, window) in sessions::stored(store)? {
             let Some(device) = devices.by_id.get(&record.device_id) else {
                 stale.push(Op::DeleteSession(token));
                 continue;
@@ -198,16 +212,11 @@ impl Registry {
             writer.commit(stale).await?;
         }
         let registry = Registry {
-            config,
             products: RwLock::new(products),
             devices: RwLock::new(devices),
             sessions,
-            routes: Routes::default(),
             next_device_id: AtomicU64::new(next_device_id),
-            next_exchange: AtomicU64::new(1),
-            writer,
-            store,
-            wanted: Arc::new(Wanted::default()),
+            ..Registry::new(config, writer)
         };
         registry.export_gauges();
         Ok(registry)
@@ -215,10 +224,6 @@ impl Registry {
 
     pub fn writer(&self) -> &Writer {
         &self.writer
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     /// The event kinds subscribers want, for the webhooks to set.
@@ -284,18 +289,23 @@ impl Registry {
             max_retransmit: new.max_retransmit,
             unsigned_bootstrap: new.unsigned_bootstrap,
         });
-        {
-            let mut products = write(&self.products);
-            if products.contains_key(&key) {
-                return Err(RegistryError::Conflict(format!("product {key} already exists")));
-            }
-            products.insert(key.clone(), record.clone());
-        }
+        self.insert_product(record.clone())?;
         if let Err(e) = self.writer.commit([Op::PutProduct(Box::new((*record).clone()))]).await {
             write(&self.products).remove(&key);
             return Err(e.into());
         }
         Ok(record)
+    }
+
+    /// Adds a new product to the directory, unless its key is taken.
+    pub fn insert_product(&self, record: Arc<ProductRecord>) -> Result<(), RegistryError> {
+        let mut products = write(&self.products);
+        let key = &record.product_key;
+        if products.contains_key(key) {
+            return Err(RegistryError::Conflict(format!("product {key} already exists")));
+        }
+        products.insert(key.clone(), record);
+        Ok(())
     }
 
     pub async fn create_device(&self, pk: &ProductKey, new: NewDevice) -> Result<Arc<Device>, RegistryError> {
@@ -404,18 +414,18 @@ impl Registry {
     }
 
     /// Removes the device, its sessions, and what `held` keeps for it (its commands).
-    pub async fn delete_device<H: Held>(&self, pk: &str, dn: &str, held: &H) -> Result<(), RegistryError> {
-        let device = self.device(pk, dn).ok_or_else(|| RegistryError::NotFound(format!("device {pk}/{dn}")))?;
+    pub async fn delete_device<H: Held>(&self, device: &Arc<Device>, held: &H) -> Result<(), RegistryError> {
         let (record, tokens, taken, mut ops) = {
             let mut s = device.state();
             if s.home == crate::identity::Home::Arriving {
+                let dn = &device.device_name;
                 return Err(RegistryError::Conflict(format!("device {dn} is arriving from another instance")));
             }
-            let (taken, ops) = held.take(&device, &s)?;
+            let (taken, ops) = held.take(device, &s);
             s.deleted = true;
             (device.record_with(&s), s.tokens.clone(), taken, ops)
         };
-        self.forget(&device);
+        self.forget(device);
         for t in &tokens {
             self.sessions.remove(t.as_bytes());
         }
@@ -424,9 +434,9 @@ impl Registry {
             // Still stored, so still served; its sessions were dropped and it must authenticate again.
             let mut s = device.state();
             s.deleted = false;
-            held.put_back(&device, &s, taken);
+            held.put_back(device, &s, taken);
             drop(s);
-            write(&self.devices).insert(&device);
+            write(&self.devices).insert(device);
             return Err(e.into());
         }
         self.export_gauges();
@@ -507,7 +517,7 @@ mod tests {
         config.auth.token_ttl_s = 60;
         let store = Store::open(dir.path(), None, config.store.write_buffer()).unwrap();
         let (writer, thread) = WriterThread::start(&store, config.store.sync, 16).unwrap();
-        let registry = Registry::load(Arc::new(config), store.clone(), writer).await.unwrap();
+        let registry = Registry::load(Arc::new(config), &store, writer).await.unwrap();
         let pk = ProductKey::new("p").unwrap();
         registry
             .create_product(NewProduct {

@@ -23,6 +23,8 @@ pub use writer::{
     Commit, CommitSink, Committed, Completion, Job, LiveRecord, Op, Ops, OutboxEvent, SyncPolicy, UplinkEvent, Writer,
     WriterThread,
 };
+#[cfg(test)]
+pub(crate) use writer::{Recorder, recording};
 
 pub const CF_PRODUCTS: &str = "products";
 pub const CF_DEVICES: &str = "devices";

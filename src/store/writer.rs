@@ -228,6 +228,32 @@ impl Writer {
     }
 }
 
+/// A writer with no store behind it, for unit tests of what the domains write: every job waits
+/// in the returned [`Recorder`] until read.
+#[cfg(test)]
+pub(crate) fn recording() -> (Writer, Recorder) {
+    let (tx, rx) = mpsc::channel();
+    let alive = Arc::new(AtomicBool::new(true));
+    let writable = Arc::new(AtomicBool::new(true));
+    (Writer { tx, alive, writable, events: watch::channel(0).1 }, Recorder(rx))
+}
+
+#[cfg(test)]
+pub(crate) struct Recorder(mpsc::Receiver<Msg>);
+
+#[cfg(test)]
+impl Recorder {
+    /// The jobs queued since the last call, in order; a commit among them is answered as done.
+    pub(crate) fn take(&self) -> Vec<Ops> {
+        let mut jobs = Vec::new();
+        while let Ok(Msg::Job(job)) = self.0.try_recv() {
+            jobs.push(job.ops);
+            complete(job.completion, Ok(None));
+        }
+        jobs
+    }
+}
+
 /// A queued commit; resolves once it is durable.
 pub struct Commit(oneshot::Receiver<Result<Option<MessageId>, StoreError>>);
 
