@@ -559,7 +559,7 @@ mod tests {
                     max_retransmit: 4,
                     give_up_after: Duration::from_secs(180),
                 },
-                exchange: device.0,
+                exchange: ExchangeKey::from(device.0),
             });
         }
 
@@ -617,7 +617,7 @@ mod tests {
             }
         }
         assert_eq!(sent_at, [10, 30, 70, 150]);
-        assert_eq!(ep.resources.ended, [(1, "timed out".to_string())]);
+        assert_eq!(ep.resources.ended, [(ExchangeKey::from(1), "timed out".to_string())]);
         assert_eq!(ep.poll_timeout(), None);
     }
 
@@ -631,7 +631,7 @@ mod tests {
         }
         assert_eq!(out.transmits.len(), 2);
         assert_eq!(ep.outgoing(), 2);
-        assert_eq!(ep.resources.ended, [(3, "unsent".to_string())]);
+        assert_eq!(ep.resources.ended, [(ExchangeKey::from(3), "unsent".to_string())]);
         assert_eq!(ep.take_stats().0.outgoing_full, 1);
     }
 
@@ -654,7 +654,10 @@ mod tests {
         ep.handle_datagram(at(start, 1), peer, None, &ack, &mut Actions::default());
         ep.handle_datagram(at(start, 1), "10.0.0.2:5683".parse().unwrap(), None, &ack, &mut Actions::default());
         ep.handle_datagram(at(start, 2), peer, None, &empty(MessageType::Rst, mids[1]), &mut Actions::default());
-        assert_eq!(ep.resources.ended, [(1, "ack 2.05".to_string()), (2, "reset".to_string())]);
+        assert_eq!(
+            ep.resources.ended,
+            [(ExchangeKey::from(1), "ack 2.05".to_string()), (ExchangeKey::from(2), "reset".to_string())]
+        );
         let mut out = Actions::default();
         ep.handle_timeout(at(start, 60), &mut out);
         assert!(out.transmits.is_empty(), "nothing left to retransmit");

@@ -111,7 +111,32 @@ pub type Written = Result<Option<StoredId>, WriteFailed>;
 pub type Undo = Box<dyn FnOnce() + Send>;
 
 /// Names a CON the server sent, so the dialect hears how it ended ([`Resources::handle_reply`]).
-pub type ExchangeKey = u64;
+/// Opaque: only [`ExchangeKeys`] makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExchangeKey(u64);
+
+/// Hands out exchange keys, each once.
+pub struct ExchangeKeys(std::sync::atomic::AtomicU64);
+
+impl Default for ExchangeKeys {
+    fn default() -> ExchangeKeys {
+        ExchangeKeys(std::sync::atomic::AtomicU64::new(1))
+    }
+}
+
+/// Any key, for unit tests that name exchanges themselves.
+#[cfg(test)]
+impl From<u64> for ExchangeKey {
+    fn from(n: u64) -> ExchangeKey {
+        ExchangeKey(n)
+    }
+}
+
+impl ExchangeKeys {
+    pub fn next(&self) -> ExchangeKey {
+        ExchangeKey(self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
 
 /// How a server-originated CON is retransmitted: RFC 7252 §4.2 with NB-IoT timers (SPEC §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

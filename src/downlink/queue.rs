@@ -230,6 +230,10 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn x(n: u64) -> ExchangeKey {
+        ExchangeKey::from(n)
+    }
     use crate::downlink::command::SendStrategy;
     use crate::identity::{DeviceId, DeviceName, ProductKey};
 
@@ -263,16 +267,16 @@ mod tests {
             q.push(cmd(id, SendStrategy::Delay, 1_000_000), 20).unwrap();
         }
         let mut changed = Vec::new();
-        let first = q.send_next(10, 100, DEADLINE, &mut changed).unwrap();
+        let first = q.send_next(10, x(100), DEADLINE, &mut changed).unwrap();
         assert_eq!((first.id, first.status, first.sent_at), (CommandId(1), CommandStatus::Sent, Some(10)));
-        assert!(q.send_next(11, 101, DEADLINE, &mut changed).is_none(), "one in flight at a time");
-        let done = q.settle(100, &Settlement::Succeeded(b"ok".to_vec()), 20);
+        assert!(q.send_next(11, x(101), DEADLINE, &mut changed).is_none(), "one in flight at a time");
+        let done = q.settle(x(100), &Settlement::Succeeded(b"ok".to_vec()), 20);
         assert_eq!(done[0].status, CommandStatus::Successful);
         assert_eq!((done[0].delivered_at, done[0].finished_at), (Some(20), Some(20)));
-        assert_eq!(q.send_next(21, 102, DEADLINE, &mut changed).unwrap().id, CommandId(2));
-        assert!(q.settle(999, &Settlement::Delivered, 22).is_empty(), "unknown exchange");
-        assert_eq!(q.settle(102, &Settlement::TimedOut, 23)[0].status, CommandStatus::Timeout);
-        assert_eq!(q.send_next(24, 103, DEADLINE, &mut changed).unwrap().id, CommandId(3));
+        assert_eq!(q.send_next(21, x(102), DEADLINE, &mut changed).unwrap().id, CommandId(2));
+        assert!(q.settle(x(999), &Settlement::Delivered, 22).is_empty(), "unknown exchange");
+        assert_eq!(q.settle(x(102), &Settlement::TimedOut, 23)[0].status, CommandStatus::Timeout);
+        assert_eq!(q.send_next(24, x(103), DEADLINE, &mut changed).unwrap().id, CommandId(3));
     }
 
     #[test]
@@ -288,7 +292,7 @@ mod tests {
         assert_eq!(q.cancel(CommandId(3), 50).unwrap(), canceled);
         assert_eq!(q.cancel(CommandId(3), 50), Err(CancelError::NotFound(CommandId(3))));
         let mut changed = Vec::new();
-        assert!(q.send_next(100, 7, DEADLINE, &mut changed).is_none());
+        assert!(q.send_next(100, x(7), DEADLINE, &mut changed).is_none());
         let states: Vec<_> = changed.iter().map(|r| r.status).collect();
         assert_eq!(states, [CommandStatus::Expired, CommandStatus::Failed]);
         assert!(q.is_empty());
@@ -303,7 +307,7 @@ mod tests {
         q.push(cmd(2, SendStrategy::Delay, 1_000_000), 20).unwrap();
         assert!(q.cancel(CommandId(1), 2_000).is_err(), "a SENT command cannot be canceled");
         let mut changed = Vec::new();
-        assert_eq!(q.send_next(2_000, 5, DEADLINE, &mut changed).unwrap().id, CommandId(1));
+        assert_eq!(q.send_next(2_000, x(5), DEADLINE, &mut changed).unwrap().id, CommandId(1));
         let mut q = Queue::default();
         q.restore(sent);
         q.expire(1_000 + DEADLINE, DEADLINE, &mut changed);
@@ -318,14 +322,14 @@ mod tests {
         }
         let mut changed = Vec::new();
         let ids = |v: Vec<CommandRecord>| v.into_iter().map(|r| r.id.0).collect::<Vec<_>>();
-        assert_eq!(ids(q.pull(1, 2, 10_000, 10, DEADLINE, &mut changed)), [1, 2]);
-        assert_eq!(ids(q.pull(2, 10, 10_000, 11, DEADLINE, &mut changed)), [1, 2, 3]);
-        assert!(q.settle(10, &Settlement::TimedOut, 3).is_empty());
-        q.unsend(11);
+        assert_eq!(ids(q.pull(1, 2, 10_000, x(10), DEADLINE, &mut changed)), [1, 2]);
+        assert_eq!(ids(q.pull(2, 10, 10_000, x(11), DEADLINE, &mut changed)), [1, 2, 3]);
+        assert!(q.settle(x(10), &Settlement::TimedOut, 3).is_empty());
+        q.unsend(x(11));
         assert_eq!(q.get(CommandId(1)).map(|r| (r.status, r.sent_at)), Some((CommandStatus::Pending, None)));
-        assert_eq!(ids(q.pull(2, 10, 10, 12, DEADLINE, &mut Vec::new())), [1], "one always fits");
-        assert_eq!(ids(q.pull(2, 10, 10_000, 11, DEADLINE, &mut Vec::new())), [1, 2, 3]);
-        assert_eq!(q.settle(11, &Settlement::Delivered, 4).len(), 3);
+        assert_eq!(ids(q.pull(2, 10, 10, x(12), DEADLINE, &mut Vec::new())), [1], "one always fits");
+        assert_eq!(ids(q.pull(2, 10, 10_000, x(11), DEADLINE, &mut Vec::new())), [1, 2, 3]);
+        assert_eq!(q.settle(x(11), &Settlement::Delivered, 4).len(), 3);
         assert!(q.is_empty());
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::auth::replay::ReplayWindow;
 use crate::clock::UnixMs;
+use crate::coap::resource::{ExchangeKey, ExchangeKeys};
 use crate::config::Config;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
 use crate::net::PortFamily;
@@ -135,7 +136,7 @@ pub struct Registry {
     pub routes: Routes,
     next_device_id: AtomicU64,
     /// Keys of the exchanges the endpoints start, unique process-wide.
-    next_exchange: AtomicU64,
+    exchanges: ExchangeKeys,
     writer: Writer,
     /// The event kinds subscribers want (set by the webhooks, read where events arise).
     wanted: Arc<Wanted>,
@@ -151,7 +152,7 @@ impl Registry {
             devices: RwLock::default(),
             routes: Routes::default(),
             next_device_id: AtomicU64::new(1),
-            next_exchange: AtomicU64::new(1),
+            exchanges: ExchangeKeys::default(),
             writer,
             wanted: Arc::new(Wanted::default()),
         }
@@ -261,8 +262,8 @@ impl Registry {
     }
 
     /// A key for an exchange an endpoint starts.
-    pub fn next_exchange(&self) -> u64 {
-        self.next_exchange.fetch_add(1, Ordering::Relaxed)
+    pub fn next_exchange(&self) -> ExchangeKey {
+        self.exchanges.next()
     }
 
     /// A product's devices ordered by name, after `after` (exclusive), at most `limit`.
