@@ -1,5 +1,8 @@
 //! The in-memory directory of products, devices and sessions, loaded from the store at start and
 //! kept in step with it: every change is committed through the writer before it is reported done.
+//!
+//! Lock order: the directory's index, then a device's state, then a session shard or a shard of
+//! a service beside the directory (commands, upgrades); never the other way round.
 
 mod contact;
 pub mod device;
