@@ -301,6 +301,10 @@ async fn expire_commands(commands: Arc<downlink::Commands>, stop: watch::Receive
 async fn sweep_statuses(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
     let period = (registry.config.device.online_within_s / 2).clamp(1, 60);
     every(std::time::Duration::from_secs(period), stop, || async {
+        let ended = registry.expire_registrations(clock::UnixMs::now());
+        if ended > 0 {
+            tracing::debug!(registrations = ended, "LwM2M registrations expired");
+        }
         let changed = registry.sweep_statuses(clock::UnixMs::now());
         if changed > 0 {
             tracing::debug!(devices = changed, "device status changed");

@@ -53,6 +53,18 @@ pub struct DeviceView {
     radio: Radio,
     /// Where it is served: here, or leaving for / moved to another instance.
     home: Home,
+    /// Its LwM2M registration, while it has one (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    registration: Option<RegistrationView>,
+}
+
+#[derive(Serialize)]
+struct RegistrationView {
+    lwm2m_version: String,
+    lifetime_s: u32,
+    queue_mode: bool,
+    objects: Vec<String>,
+    updated_at: String,
 }
 
 fn view(d: &Device, state: &AdminState) -> DeviceView {
@@ -68,6 +80,13 @@ fn view(d: &Device, state: &AdminState) -> DeviceView {
         version: s.version.clone(),
         radio: s.radio.clone(),
         home: s.home.clone(),
+        registration: s.registration.as_ref().map(|r| RegistrationView {
+            lwm2m_version: r.version.clone(),
+            lifetime_s: r.lifetime_s,
+            queue_mode: r.queue,
+            objects: r.objects.clone(),
+            updated_at: UnixMs(r.updated_at).rfc3339(),
+        }),
     }
 }
 

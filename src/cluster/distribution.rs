@@ -637,6 +637,7 @@ impl Cluster {
                     observe: None,
                     version: d.version.clone(),
                     home: Home::Arriving,
+                    registration: None,
                 };
                 let device = Arc::new(Device::from_record(record, None, None));
                 if self.registry.insert(&device).is_err() {

@@ -37,6 +37,8 @@ impl Code {
     pub const POST: Code = Code::new(0, 2);
     pub const PUT: Code = Code::new(0, 3);
     pub const DELETE: Code = Code::new(0, 4);
+    pub const CREATED: Code = Code::new(2, 1);
+    pub const DELETED: Code = Code::new(2, 2);
     pub const CHANGED: Code = Code::new(2, 4);
     pub const CONTENT: Code = Code::new(2, 5);
     pub const BAD_REQUEST: Code = Code::new(4, 0);

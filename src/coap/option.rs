@@ -11,6 +11,7 @@ impl OptionNumber {
     pub const IF_NONE_MATCH: OptionNumber = OptionNumber(5);
     pub const OBSERVE: OptionNumber = OptionNumber(6);
     pub const URI_PORT: OptionNumber = OptionNumber(7);
+    pub const LOCATION_PATH: OptionNumber = OptionNumber(8);
     pub const URI_PATH: OptionNumber = OptionNumber(11);
     pub const CONTENT_FORMAT: OptionNumber = OptionNumber(12);
     pub const MAX_AGE: OptionNumber = OptionNumber(14);
@@ -48,6 +49,7 @@ impl OptionNumber {
                 | Self::ETAG
                 | Self::OBSERVE
                 | Self::URI_PORT
+                | Self::LOCATION_PATH
                 | Self::URI_PATH
                 | Self::CONTENT_FORMAT
                 | Self::MAX_AGE
@@ -69,6 +71,9 @@ impl OptionNumber {
 
 /// Content-Format numbers (RFC 7252 §12.3) that the dialects care about.
 pub mod content_format {
+    pub const TEXT: u32 = 0;
+    /// `application/link-format` (RFC 6690).
+    pub const LINK_FORMAT: u32 = 40;
     pub const OCTET_STREAM: u32 = 42;
     pub const JSON: u32 = 50;
     pub const CBOR: u32 = 60;

@@ -38,6 +38,8 @@ impl Request<'_, '_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub code: Code,
+    /// Where what the request created lives (an LwM2M registration's `rd/<ep>`).
+    pub location_path: Vec<String>,
     pub content_format: Option<u32>,
     pub max_age: Option<u32>,
     pub size1: Option<u32>,
@@ -48,7 +50,15 @@ pub struct Response {
 
 impl Response {
     pub fn new(code: Code) -> Response {
-        Response { code, content_format: None, max_age: None, size1: None, payload: Vec::new(), with_message_id: false }
+        Response {
+            code,
+            location_path: Vec::new(),
+            content_format: None,
+            max_age: None,
+            size1: None,
+            payload: Vec::new(),
+            with_message_id: false,
+        }
     }
 
     pub fn with_payload(code: Code, content_format: u32, payload: Vec<u8>) -> Response {
@@ -58,6 +68,9 @@ impl Response {
     /// The response as a message; `stored` is the id the write gave the stored message.
     pub fn encode(&self, mtype: MessageType, mid: u16, token: &[u8], stored: Option<StoredId>) -> Vec<u8> {
         let mut b = MessageBuilder::new(mtype, self.code, mid, token);
+        for segment in &self.location_path {
+            b = b.option(OptionNumber::LOCATION_PATH, segment.as_bytes());
+        }
         if let Some(cf) = self.content_format {
             b = b.uint_option(OptionNumber::CONTENT_FORMAT, cf);
         }

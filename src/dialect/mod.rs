@@ -3,6 +3,7 @@
 
 pub mod alibaba;
 pub mod huawei;
+pub mod lwm2m;
 pub mod refusal;
 #[cfg(test)]
 mod tests;
@@ -75,8 +76,13 @@ impl Resources for DeviceFacing {
     type Writes = Writes;
 
     fn handle(&mut self, req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome {
-        if let (["t", "r"], Some(huawei)) = (&req.path[..], &mut self.huawei) {
-            return huawei.bind(req);
+        if let Some(huawei) = &mut self.huawei {
+            match &req.path[..] {
+                ["t", "r"] => return huawei.bind(req),
+                ["rd"] => return huawei.register(req),
+                ["rd", _] => return huawei.registration(req),
+                _ => {}
+            }
         }
         self.alibaba.handle(req).unwrap_or_else(|| Outcome::code(Code::NOT_FOUND))
     }

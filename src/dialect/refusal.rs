@@ -13,6 +13,7 @@ use crate::telemetry::metric;
 pub enum Dialect {
     Alibaba,
     Huawei,
+    Lwm2m,
 }
 
 impl Dialect {
@@ -20,6 +21,7 @@ impl Dialect {
         match self {
             Dialect::Alibaba => "alibaba",
             Dialect::Huawei => "huawei",
+            Dialect::Lwm2m => "lwm2m",
         }
     }
 }
@@ -61,6 +63,14 @@ pub enum Refusal {
     /// Huawei: a notification from a new address that is not fresher than the relation's last
     /// one (RFC 7641 §3.4): a copy, which may not move the device's downlink.
     StaleNotification,
+    /// LwM2M: a Register or Update whose query or link format is malformed.
+    BadRegistration(crate::dialect::lwm2m::Malformed),
+    /// LwM2M: a Register from an endpoint no device has as its node id.
+    UnknownEndpoint,
+    /// LwM2M: an Update or Deregister for a registration that does not exist.
+    UnknownRegistration,
+    /// LwM2M: a Register whose link format comes in a Content-Format other than 40, 0 or 42.
+    LinksFormat,
 }
 
 impl Refusal {
@@ -84,6 +94,10 @@ impl Refusal {
             Refusal::ForeignIdentity => "foreign_identity",
             Refusal::UnknownObserve => "unknown_observe",
             Refusal::StaleNotification => "stale_notification",
+            Refusal::BadRegistration(m) => m.reason(),
+            Refusal::UnknownEndpoint => "unknown_endpoint",
+            Refusal::UnknownRegistration => "unknown_registration",
+            Refusal::LinksFormat => "links_format",
         }
     }
 
@@ -92,7 +106,14 @@ impl Refusal {
     pub fn code(self) -> Code {
         match self {
             Refusal::UnknownToken => Code::UNAUTHORIZED,
-            Refusal::Disabled | Refusal::Moved | Refusal::ForeignTopic | Refusal::ForeignIdentity => Code::FORBIDDEN,
+            Refusal::Disabled
+            | Refusal::Moved
+            | Refusal::ForeignTopic
+            | Refusal::ForeignIdentity
+            | Refusal::UnknownEndpoint => Code::FORBIDDEN,
+            Refusal::UnknownRegistration => Code::NOT_FOUND,
+            Refusal::BadRegistration(_) => Code::BAD_REQUEST,
+            Refusal::LinksFormat => Code::UNSUPPORTED_CONTENT_FORMAT,
             // 4.00, not 4.01, for seq trouble: a 4.01 would send the device back to /auth.
             Refusal::BadTopic
             | Refusal::MissingSeq

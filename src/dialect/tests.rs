@@ -80,6 +80,7 @@ impl Bed {
             observe: None,
             version: None,
             home: Home::Here,
+            registration: None,
         };
         registry.insert(&Arc::new(Device::from_record(record, None, None))).unwrap();
         let services = Services::new(registry);
@@ -464,4 +465,125 @@ fn a_pcp_version_answer_without_a_task_only_records_the_version() {
     let down = sent.iter().find(|m| m.code == Code::POST).expect("the answer goes down /t/d");
     let no_task = FromPlatform::Chunk { result: ResultCode::NO_TASK, chunk: 0, data: Vec::new() };
     assert_eq!(FromPlatform::parse(down.payload).unwrap(), no_task);
+}
+
+/// `POST /rd` as agent_tiny sends it, from the device's node id.
+fn register(mid: u16, query: &[&str], links: &[u8]) -> Vec<u8> {
+    let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[0xd0, 1, 2, 3])
+        .option(OptionNumber::URI_PATH, b"rd")
+        .uint_option(OptionNumber::CONTENT_FORMAT, 40);
+    for q in query {
+        b = b.option(OptionNumber::URI_QUERY, q.as_bytes());
+    }
+    b.payload(links).build()
+}
+
+const AGENT_LINKS: &[u8] = br#"</>;rt="oma.lwm2m",</1/0>,</2>,</3/0>,</4/0>,</6/0>,</19/0>,</19/1>"#;
+
+/// Registers the device as agent_tiny does and answers the observe request on `/19/0/0` with an
+/// empty 2.05; the relation's token.
+fn register_lwm2m(bed: &mut Bed) -> Vec<u8> {
+    let ep = format!("ep={NODE}");
+    let sent = bed.send(&register(1, &["lwm2m=1.0", &ep, "b=UQ", "lt=20"], AGENT_LINKS));
+    assert!(sent.is_empty(), "answered in order after the writes before it: {sent:?}");
+    let (writes, sent) = bed.commit(0);
+    assert!(writes.is_empty(), "a Register alone stores nothing: it proves nothing yet");
+    let created = sent.iter().find(|m| m.mtype == MessageType::Ack).expect("the answer");
+    assert_eq!(created.code, Code::CREATED);
+    let location: Vec<&[u8]> = created.options_of(OptionNumber::LOCATION_PATH).collect();
+    assert_eq!(location, [&b"rd"[..], NODE.as_bytes()]);
+    let get = sent.iter().find(|m| m.code == Code::GET).expect("the observe request").clone();
+    let path: Vec<&[u8]> = get.options_of(OptionNumber::URI_PATH).collect();
+    assert_eq!(path, [&b"19"[..], b"0", b"0"]);
+    assert_eq!(get.uint_option(OptionNumber::ACCEPT).unwrap(), Some(42));
+    assert!(bed.device().state().registration.is_none(), "not registered before the device answers");
+    let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, get.mid, get.token).build();
+    assert!(bed.send(&ack).is_empty());
+    let stored = bed.recorded();
+    let registered = stored.iter().find_map(|op| match op {
+        Op::PutDevice(d) => d.current().and_then(|r| r.registration),
+        _ => None,
+    });
+    let r = registered.expect("the registration is stored once the device answered");
+    assert_eq!((r.lifetime_s, r.queue, r.version.as_str()), (20, true, "1.0"));
+    assert_eq!(r.objects, ["/1/0", "/2", "/3/0", "/4/0", "/6/0", "/19/0", "/19/1"]);
+    get.token.to_vec()
+}
+
+#[test]
+fn an_lwm2m_client_registers_reports_on_object_19_and_takes_commands_as_writes() {
+    let mut bed = Bed::new(PortFamily::Plain);
+    let token = register_lwm2m(&mut bed);
+    assert!(bed.send(&notification(&token, 2, 1, b"\xca\xfe")).is_empty());
+    let (writes, sent) = bed.commit(11);
+    let stored = writes.iter().find_map(|op| match op {
+        Op::Uplink { topic, payload, .. } => Some((topic.clone(), payload.clone())),
+        _ => None,
+    });
+    assert_eq!(stored, Some(("/19/0/0".to_string(), b"\xca\xfe".to_vec())));
+    assert_eq!(sent[0].mtype, MessageType::Ack);
+    bed.queue_command(b"\x01\x02");
+    bed.recorded();
+    let sent = bed.send(&notification(&token, 3, 2, b"\x00"));
+    let put = sent.iter().find(|m| m.code == Code::PUT).expect("the command, as a Write");
+    let path: Vec<&[u8]> = put.options_of(OptionNumber::URI_PATH).collect();
+    assert_eq!(path, [&b"19"[..], b"1", b"0"]);
+    assert_eq!((put.mtype, put.payload), (MessageType::Con, &b"\x01\x02"[..]));
+    assert_eq!(put.uint_option(OptionNumber::CONTENT_FORMAT).unwrap(), Some(42));
+    let changed = MessageBuilder::new(MessageType::Ack, Code::CHANGED, put.mid, put.token).build();
+    bed.send(&changed);
+    assert_eq!(command_states(&bed.recorded()), [CommandStatus::Sent, CommandStatus::Delivered]);
+}
+
+#[test]
+fn update_and_deregister_name_the_registration_and_bad_requests_change_nothing() {
+    let mut bed = Bed::new(PortFamily::Plain);
+    register_lwm2m(&mut bed);
+    let at = |path: &[&str], code: Code, mid: u16, query: &[&str], payload: &[u8]| {
+        let mut b = MessageBuilder::new(MessageType::Con, code, mid, &[9]);
+        for p in path {
+            b = b.option(OptionNumber::URI_PATH, p.as_bytes());
+        }
+        for q in query {
+            b = b.option(OptionNumber::URI_QUERY, q.as_bytes());
+        }
+        b.payload(payload).build()
+    };
+    // Bad input: each answered as LwM2M says, nothing written.
+    let ep = format!("ep={NODE}");
+    assert_eq!(bed.answer(&register(2, &["lt=20"], b"")).code, Code::BAD_REQUEST, "no endpoint");
+    assert_eq!(bed.answer(&register(3, &["ep=999"], b"")).code, Code::FORBIDDEN, "unknown endpoint");
+    assert_eq!(bed.answer(&register(4, &[&ep], b"</3/0")).code, Code::BAD_REQUEST, "malformed links");
+    assert_eq!(bed.answer(&at(&["rd", "999"], Code::POST, 5, &[], b"")).code, Code::NOT_FOUND, "unknown location");
+    assert_eq!(bed.answer(&at(&["rd", NODE], Code::POST, 6, &["lt=x"], b"")).code, Code::BAD_REQUEST);
+    assert!(bed.waiting.is_empty());
+    // Update: the lifetime and queue mode change, stored before 2.04.
+    assert!(bed.send(&at(&["rd", NODE], Code::POST, 7, &["lt=300", "b=U"], b"")).is_empty());
+    let (writes, sent) = bed.commit(0);
+    assert_eq!(sent[0].code, Code::CHANGED);
+    let r = writes.iter().find_map(|op| match op {
+        Op::PutDevice(d) => d.current().and_then(|r| r.registration),
+        _ => None,
+    });
+    assert_eq!(r.map(|r| (r.lifetime_s, r.queue)), Some((300, false)));
+    // Deregister ends it and its relation.
+    assert!(bed.send(&at(&["rd", NODE], Code::DELETE, 8, &[], b"")).is_empty());
+    let (_, sent) = bed.commit(0);
+    assert_eq!(sent[0].code, Code::DELETED);
+    let device = bed.device();
+    let s = device.state();
+    assert!(s.registration.is_none() && s.observe.is_none());
+    drop(s);
+    assert_eq!(bed.answer(&at(&["rd", NODE], Code::POST, 9, &[], b"")).code, Code::NOT_FOUND);
+}
+
+#[test]
+fn a_registration_past_its_lifetime_ends_with_its_relation() {
+    let mut bed = Bed::new(PortFamily::Plain);
+    register_lwm2m(&mut bed);
+    let registry = &bed.services.registry;
+    assert_eq!(registry.expire_registrations(bed.now().wall), 0);
+    assert_eq!(registry.expire_registrations(bed.now().wall.plus_secs(21)), 1);
+    assert!(bed.device().state().registration.is_none());
+    assert!(bed.device().state().observe.is_none());
 }

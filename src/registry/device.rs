@@ -10,7 +10,7 @@ use crate::config::DeviceConfig;
 use crate::identity::Home;
 use crate::identity::{DeviceId, DeviceName, NodeId, ObserveToken, ProductKey, Secret, Token};
 use crate::registry::routes::Route;
-use crate::store::records::{DeviceRecord, PresenceRecord, Radio};
+use crate::store::records::{DeviceRecord, PresenceRecord, Radio, Registration};
 use crate::sync::lock;
 
 /// How stale the stored last contact may get. A busy device would otherwise add a write to every
@@ -56,6 +56,11 @@ pub struct DeviceState {
     pub version: Option<String>,
     /// Served here, or moving or moved to another instance.
     pub home: Home,
+    /// Its LwM2M registration, while it has one.
+    pub registration: Option<Registration>,
+    /// The registration of the last Register, until the device answers the observe request it
+    /// was sent (a Register proves nothing before that).
+    pub pending_registration: Option<Registration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -104,6 +109,8 @@ impl Device {
                 announced: Status::Inactive,
                 version: r.version,
                 home: r.home,
+                registration: r.registration,
+                pending_registration: None,
             }),
         }
     }
@@ -130,6 +137,7 @@ impl Device {
             observe: s.observe,
             version: s.version.clone(),
             home: s.home.clone(),
+            registration: s.registration.clone(),
         }
     }
 }
@@ -267,6 +275,7 @@ pub(crate) fn test_device(address: Option<SocketAddr>) -> Device {
         observe: None,
         version: None,
         home: Home::Here,
+        registration: None,
     };
     Device::from_record(record, address.map(|_| UnixMs(0)), address)
 }
@@ -316,6 +325,8 @@ mod tests {
             announced: Status::Inactive,
             version: None,
             home: Home::Here,
+            registration: None,
+            pending_registration: None,
         };
         assert_eq!(s.status(now, &c), Status::Inactive);
         s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));

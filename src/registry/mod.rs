@@ -330,6 +330,7 @@ impl Registry {
             observe: None,
             version: None,
             home: crate::identity::Home::Here,
+            registration: None,
         };
         let device = Arc::new(Device::from_record(record, None, None));
         self.insert(&device)?;
@@ -382,6 +383,8 @@ impl Registry {
             self.sessions.remove(t.as_bytes());
             ops.push(Op::DeleteSession(t));
         }
+        // A registration ends with the relation: the client registers at its new home.
+        (s.registration, s.pending_registration) = (None, None);
         for t in [s.observe.take(), s.pending_observe.take()].into_iter().flatten() {
             devices.by_observe.remove(&t);
         }

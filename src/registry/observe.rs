@@ -10,6 +10,7 @@ use crate::clock::UnixMs;
 use crate::coap::observe::Latest;
 use crate::identity::ObserveToken;
 use crate::store::Op;
+use crate::store::records::Registration;
 use crate::sync::{read, write};
 
 /// How a notification stands against the relation's latest (RFC 7641 §3.4).
@@ -52,8 +53,9 @@ impl Registry {
         read(&self.devices).by_observe.get(token).cloned()
     }
 
-    /// Indexes the relation a bind asks for (replacing an earlier unacknowledged one).
-    pub fn ask_observe(&self, device: &Arc<Device>, token: ObserveToken) {
+    /// Indexes the relation a bind asks for, or an LwM2M Register with its `registration`
+    /// (replacing an earlier unacknowledged one). The registration takes effect with the relation.
+    pub fn ask_observe(&self, device: &Arc<Device>, token: ObserveToken, registration: Option<Registration>) {
         let mut devices = write(&self.devices);
         let mut s = device.state();
         // A device that began leaving after its bind was admitted gets no relation here.
@@ -63,11 +65,13 @@ impl Registry {
         if let Some(old) = s.pending_observe.replace(token) {
             devices.by_observe.remove(&old);
         }
+        s.pending_registration = registration;
         devices.by_observe.insert(token, device.clone());
     }
 
     /// The device acknowledged the relation asked for with `token`: it replaces the previous one
-    /// and is stored. False if `token` is not the one asked for last.
+    /// and is stored, with the registration asked for with it (none after a bind: the device
+    /// speaks the raw dialect again). False if `token` is not the one asked for last.
     pub fn establish_observe(&self, device: &Arc<Device>, token: ObserveToken) -> bool {
         // Every Huawei uplink asks; only the first after a bind needs the registry-wide lock.
         if device.state().pending_observe != Some(token) {
@@ -79,6 +83,7 @@ impl Registry {
             return false;
         }
         s.pending_observe = None;
+        s.registration = s.pending_registration.take();
         s.latest_notification = None;
         if let Some(old) = s.observe.replace(token) {
             devices.by_observe.remove(&old);
@@ -100,12 +105,40 @@ impl Registry {
         }
     }
 
+    /// Ends the LwM2M registrations whose lifetime passed without an Update, with their
+    /// relations; returns how many.
+    pub fn expire_registrations(&self, now: UnixMs) -> usize {
+        let registered: Vec<_> = read(&self.devices)
+            .by_id
+            .values()
+            .filter(|d| d.state().registration.as_ref().is_some_and(|r| r.expired(now)))
+            .cloned()
+            .collect();
+        let mut ended = 0;
+        for device in registered {
+            let mut devices = write(&self.devices);
+            let mut s = device.state();
+            if !s.registration.as_ref().is_some_and(|r| r.expired(now)) {
+                continue;
+            }
+            s.registration = None;
+            if let Some(token) = s.observe.take() {
+                devices.by_observe.remove(&token);
+            }
+            // Queued under the device's lock, like every change of it.
+            self.writer.record([Op::PutDevice(device.clone())]);
+            ended += 1;
+        }
+        ended
+    }
+
     /// Forgets a relation the device refused or never acknowledged.
     pub fn drop_pending_observe(&self, device: &Arc<Device>, token: ObserveToken) {
         let mut devices = write(&self.devices);
         let mut s = device.state();
         if s.pending_observe == Some(token) {
             s.pending_observe = None;
+            s.pending_registration = None;
             devices.by_observe.remove(&token);
         }
     }

@@ -71,6 +71,32 @@ pub struct DeviceRecord {
     /// Where it is served (SPEC §10).
     #[serde(default)]
     pub home: Home,
+    /// Its LwM2M registration, while it has one: its relation is then on `/19/0/0` and commands
+    /// go down as writes to `/19/1/0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<Registration>,
+}
+
+/// An LwM2M client's registration (OMA LwM2M 1.x, Register and Update).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The `lwm2m` version it registered with.
+    pub version: String,
+    /// Seconds without an Update after which it ends.
+    pub lifetime_s: u32,
+    /// Queue mode (`b=UQ`): the client listens only for a while after each message it sends.
+    pub queue: bool,
+    /// Its objects and instances as it listed them (`/3/0`, `/19/0`, …).
+    pub objects: Vec<String>,
+    /// When it registered or last updated.
+    pub updated_at: u64,
+}
+
+impl Registration {
+    /// Whether its lifetime passed without an Update.
+    pub fn expired(&self, now: UnixMs) -> bool {
+        now.0 >= self.updated_at.saturating_add(self.lifetime_s as u64 * 1000)
+    }
 }
 
 /// Last contact of a device; written at most once per device per committed batch.

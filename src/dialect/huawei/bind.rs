@@ -4,10 +4,10 @@
 
 use smallvec::SmallVec;
 
-use super::{Huawei, Started};
+use super::Huawei;
 use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::OptionNumber;
-use crate::coap::resource::{Outgoing, Request, Response};
+use crate::coap::resource::{Request, Response};
 use crate::dialect::refusal::{Dialect, Refusal};
 use crate::dialect::{Outcome, Persist};
 use crate::identity::ObserveToken;
@@ -50,25 +50,13 @@ impl Huawei {
         // bounded instead: one observe request to the address that asked, never retransmitted.
         metrics::counter!(metric::AUTH, "result" => "ok", "kind" => "bind").increment(1);
         let token = ObserveToken::generate();
-        self.registry.ask_observe(&device, token);
-        let exchange = self.registry.next_exchange();
-        let product = self.registry.product(device.product_key.as_str());
-        // Observe comes before Uri-Path: LiteOS recognises the request by its first option.
+        self.registry.ask_observe(&device, token, None);
         let message = MessageBuilder::new(MessageType::Con, Code::GET, 0, &token.0)
             .option(OptionNumber::OBSERVE, &[])
             .option(OptionNumber::URI_PATH, b"t")
             .option(OptionNumber::URI_PATH, b"d")
             .build();
-        let mut retransmit = crate::downlink::service::retransmit(&self.registry.config.downlink, product.as_deref());
-        if req.authenticated.is_none() {
-            // Anyone can send a bind naming a known node id from any address: the observe
-            // request goes once (a device that misses it binds again), never several times to
-            // an address that asked only once.
-            retransmit.max_retransmit = 0;
-            retransmit.give_up_after = retransmit.ack_timeout;
-        }
-        let follow_up = Outgoing { peer: req.peer, message, retransmit, exchange };
-        self.started.insert(exchange, Started::Observe { device: device.clone(), token, peer: req.peer });
+        let follow_up = self.observe_request(req, &device, token, message);
         tracing::debug!(node_id = ep, peer = %req.peer, "bound");
         // Nothing to store yet (the bind counts once the device answers the observe request); the
         // 2.04 still goes through the writer so the observe request follows it.

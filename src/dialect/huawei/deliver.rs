@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Huawei, Started};
+use super::{Channel, Huawei, Started};
 use crate::clock::Now;
 use crate::coap::message::Code;
 use crate::coap::resource::{ExchangeKey, Outgoing, Reply};
@@ -21,7 +21,7 @@ impl Huawei {
             return;
         }
         let exchange = self.registry.next_exchange();
-        let (command, token, peer) = {
+        let (command, token, peer, channel) = {
             let s = device.state();
             // Every uplink asks; most devices have nothing queued.
             if !self.commands.any(device.id, &s) {
@@ -29,10 +29,10 @@ impl Huawei {
             }
             let (Some(token), Some(peer)) = (s.observe, s.address) else { return };
             let Some(command) = self.commands.send_next(device.id, &s, now.wall, exchange) else { return };
-            (command, token, peer)
+            (command, token, peer, Channel::of(&s))
         };
         let product = self.registry.product(device.product_key.as_str());
-        let message = super::upgrade::post_t_d(token, &command.payload);
+        let message = channel.down(token, &command.payload);
         tracing::debug!(device = ?device, command = %command.id, %peer, "sending command");
         effects.outgoing.push(Outgoing {
             peer,

@@ -5,6 +5,7 @@
 
 mod bind;
 mod deliver;
+mod register;
 mod upgrade;
 mod uplink;
 
@@ -17,12 +18,52 @@ use crate::coap::resource::{ExchangeKey, Reply};
 use crate::dialect::{Effects, Services};
 use crate::downlink::Commands;
 use crate::identity::{DeviceId, ObserveToken};
+use crate::ingest::{self, Accepted, Uplink};
 use crate::ota::campaign::Campaign;
 use crate::registry::{Device, Registry, Route};
 use crate::store::Op;
 
 /// Uplinks are stored under this topic (Huawei's have none; `/t/d` is the resource they belong to).
 pub const UPLINK_TOPIC: &str = "/t/d";
+
+/// The form a device's observe channel takes: the raw Huawei one (`/t/d` both ways), or an LwM2M
+/// client's object 19 (notifications of `/19/0/0` up, Writes to `/19/1/0` down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Raw,
+    Lwm2m,
+}
+
+impl Channel {
+    fn of(s: &crate::registry::DeviceState) -> Channel {
+        if s.registration.is_some() { Channel::Lwm2m } else { Channel::Raw }
+    }
+
+    /// The channel of the relation `token` names, established or only asked for.
+    fn of_relation(s: &crate::registry::DeviceState, token: ObserveToken) -> Channel {
+        match s.pending_observe == Some(token) {
+            true if s.pending_registration.is_some() => Channel::Lwm2m,
+            true => Channel::Raw,
+            false => Channel::of(s),
+        }
+    }
+
+    fn topic(self) -> &'static str {
+        match self {
+            Channel::Raw => UPLINK_TOPIC,
+            Channel::Lwm2m => crate::dialect::lwm2m::UPLINK_TOPIC,
+        }
+    }
+
+    /// A command or PCP frame down the channel of the relation `token`.
+    fn down(self, token: ObserveToken, payload: &[u8]) -> Vec<u8> {
+        match self {
+            Channel::Raw => upgrade::post_t_d(token, payload),
+            // A request of its own: the relation's token names the observation, not this.
+            Channel::Lwm2m => crate::dialect::lwm2m::write_command(&ObserveToken::generate().0, payload),
+        }
+    }
+}
 
 /// An exchange this dialect started.
 enum Started {
@@ -104,21 +145,43 @@ impl Huawei {
                 if self.registry.establish_observe(device, token) {
                     tracing::debug!(device = ?device, %peer, "observe relation established");
                     let mut s = device.state();
-                    let mut ops = crate::ingest::contact(
-                        &self.registry,
-                        &self.campaign,
-                        device,
-                        &mut s,
-                        now.wall,
-                        peer,
-                        self.route,
-                    );
+                    // A payload in the answer is the first notification (RFC 7641 §4.2): data.
+                    let (mut ops, answer) = match msg.payload.is_empty() {
+                        true => {
+                            let ops = ingest::contact(
+                                &self.registry,
+                                &self.campaign,
+                                device,
+                                &mut s,
+                                now.wall,
+                                peer,
+                                self.route,
+                            );
+                            (ops, None)
+                        }
+                        false => {
+                            let topic = Channel::of(&s).topic().into();
+                            let uplink =
+                                Uplink { topic, payload: msg.payload.to_vec(), peer, route: self.route, now: now.wall };
+                            match ingest::accept(&self.registry, &self.campaign, device, &mut s, uplink) {
+                                Accepted::Data(ops) => (ops, None),
+                                Accepted::Pcp { writes, answer } => (writes, answer),
+                            }
+                        }
+                    };
                     // Always stored: a bind is the device's first word after a (re)start.
                     ops.retain(|op| !matches!(op, Op::Presence { .. }));
                     ops.push(Op::Presence { device: device.id, record: s.presence() });
                     effects.writes.push(ops);
+                    let channel = Channel::of(&s);
                     drop(s);
-                    self.deliver(now, device, effects);
+                    match answer {
+                        Some(frame) => {
+                            let outgoing = self.pcp_answer(device, channel, token, peer, &frame);
+                            effects.outgoing.push(outgoing);
+                        }
+                        None => self.deliver(now, device, effects),
+                    }
                 }
             }
             // An Empty ACK: the notification establishing the relation comes later.

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::{Huawei, Started};
+use super::{Channel, Huawei, Started};
 use crate::clock::Now;
 use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
@@ -33,6 +33,7 @@ impl Huawei {
     pub(super) fn pcp_answer(
         &mut self,
         device: &Arc<Device>,
+        channel: Channel,
         token: ObserveToken,
         peer: SocketAddr,
         frame: &[u8],
@@ -43,14 +44,14 @@ impl Huawei {
         retransmit.give_up_after = retransmit.ack_timeout;
         let exchange = self.registry.next_exchange();
         self.started.insert(exchange, Started::PcpAnswer { device: device.clone() });
-        Outgoing { peer, message: post_t_d(token, frame), retransmit, exchange }
+        Outgoing { peer, message: channel.down(token, frame), retransmit, exchange }
     }
 
     /// Sends the device's waiting PCP request; true if one is waiting or on its way (commands
     /// then wait: PCP goes first).
     pub(super) fn deliver_pcp(&mut self, device: &Arc<Device>, effects: &mut Effects) -> bool {
         let exchange = self.registry.next_exchange();
-        let (frame, token, peer) = {
+        let (frame, token, peer, channel) = {
             let mut s = device.state();
             let (Some(token), Some(peer)) = (s.observe, s.address) else {
                 return self.campaign.has_request(device.id, &mut s);
@@ -58,13 +59,13 @@ impl Huawei {
             match self.campaign.request(device.id, &mut s, exchange) {
                 PlatformRequest::None => return false,
                 PlatformRequest::InFlight => return true,
-                PlatformRequest::Send(frame) => (frame, token, peer),
+                PlatformRequest::Send(frame) => (frame, token, peer, Channel::of(&s)),
             }
         };
         let product = self.registry.product(device.product_key.as_str());
         effects.outgoing.push(Outgoing {
             peer,
-            message: post_t_d(token, &frame),
+            message: channel.down(token, &frame),
             retransmit: downlink::retransmit(&self.registry.config.downlink, product.as_deref()),
             exchange,
         });

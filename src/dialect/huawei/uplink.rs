@@ -3,7 +3,7 @@
 //! A PCP message (SPEC §6) is not business data: it moves the device's upgrade on, and its answer
 //! goes down the downlink channel once what it changed is stored.
 
-use super::{Huawei, UPLINK_TOPIC};
+use super::{Channel, Huawei};
 use crate::coap::message::MessageType;
 use crate::coap::option::OptionNumber;
 use crate::coap::resource::Request;
@@ -36,7 +36,7 @@ impl Huawei {
             return ignore();
         }
         let now = req.now.wall;
-        let accepted = {
+        let (accepted, channel) = {
             let mut s = device.state();
             if !s.enabled {
                 return refuse(Refusal::Disabled, Some(&device));
@@ -59,14 +59,15 @@ impl Huawei {
                 return Notified::Drop;
             }
             s.notification_accepted(order, number, now);
+            let channel = Channel::of_relation(&s, token);
             let uplink = Uplink {
-                topic: UPLINK_TOPIC.into(),
+                topic: channel.topic().into(),
                 payload: req.msg.payload.to_vec(),
                 peer: req.peer,
                 route: self.route,
                 now,
             };
-            ingest::accept(&self.registry, &self.campaign, &device, &mut s, uplink)
+            (ingest::accept(&self.registry, &self.campaign, &device, &mut s, uplink), channel)
         };
         // The device acknowledged the relation with a separate notification rather than in the ACK.
         if self.registry.establish_observe(&device, token) {
@@ -79,7 +80,7 @@ impl Huawei {
                 Notified::Store { writes, undo: None, follow_up: None }
             }
             Accepted::Pcp { writes, answer } => {
-                let follow_up = answer.map(|frame| self.pcp_answer(&device, token, req.peer, &frame));
+                let follow_up = answer.map(|frame| self.pcp_answer(&device, channel, token, req.peer, &frame));
                 if follow_up.is_none() {
                     // An answer to our request: the next one may follow.
                     self.deliver(req.now, &device, effects);

@@ -1,0 +1,154 @@
+//! LwM2M devices against the real server over UDP, driven by an independent client:
+//! lwm2m-node-lib (npm), through `tests/lwm2m/client.js`, which `scripts/install-deps` installs.
+//! The client prints one JSON event per line and takes steps on its stdin.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use common::*;
+use serde_json::{Value, json};
+
+/// The client process, its stdin for steps and its events as they come.
+struct Client {
+    child: Child,
+    steps: ChildStdin,
+    events: mpsc::Receiver<Value>,
+}
+
+impl Client {
+    fn start(server: &Server, endpoint: &str, lifetime_s: u32, binding: &str) -> Client {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/lwm2m");
+        let port = server.endpoints.coap.port().to_string();
+        let lt = lifetime_s.to_string();
+        let mut child = Command::new("node")
+            .current_dir(dir)
+            .args(["client.js", "--host", "127.0.0.1", "--port", &port, "--ep", endpoint, "--lt", &lt])
+            .args(["--binding", binding, "--single-socket", "--ack-timeout", "0.5", "--timeout", "30000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node runs tests/lwm2m/client.js (scripts/install-deps installs it)");
+        let steps = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Client { child, steps, events }
+    }
+
+    fn step(&mut self, step: &str) {
+        writeln!(self.steps, "{step}").unwrap();
+    }
+
+    /// The next event named `ev` within `within`, skipping others.
+    fn expect(&mut self, ev: &str, within: Duration) -> Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["ev"] == ev => return v,
+                Ok(v) if v["ev"] == "error" || v["ev"] == "timeout" => panic!("the client failed: {v}"),
+                Ok(_) => continue,
+                Err(_) => panic!("no {ev} event within {within:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lwm2m_device(server: &Server, node: &str) -> (String, String) {
+    let admin = server.admin();
+    let p = admin.post("/api/v1/products", &json!({"name": "lwm2m meters", "awake_window_s": 30})).unwrap();
+    let pk = p["product_key"].as_str().unwrap().to_string();
+    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node})).unwrap();
+    (pk, d["device_name"].as_str().unwrap().to_string())
+}
+
+fn messages(server: &Server, pk: &str, dn: &str) -> Vec<Value> {
+    let page = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}/messages")).unwrap();
+    page["messages"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn an_lwm2m_client_registers_reports_takes_a_command_updates_and_deregisters() {
+    let server = Server::start();
+    let node = "863921034567891";
+    let (pk, dn) = lwm2m_device(&server, node);
+    let mut client = Client::start(&server, node, 60, "UQ");
+    client.expect("registered", Duration::from_secs(10));
+    // After every Register the server observes /19/0/0.
+    let observe = client.expect("observe", Duration::from_secs(10));
+    assert_eq!(observe["path"], "/19/0/0", "{observe}");
+    let device = server.wait_device(&pk, &dn, |d| d["registration"].is_object());
+    let registration = &device["registration"];
+    assert_eq!((registration["lifetime_s"].as_u64(), registration["queue_mode"].as_bool()), (Some(60), Some(true)));
+    assert!(registration["objects"].as_array().unwrap().iter().any(|o| o == "/19/0"), "{registration}");
+
+    // A notification of /19/0/0 is stored as the device's data.
+    client.step("notify:/19/0/0=cafe0001ff00");
+    let stored = eventually(
+        || messages(&server, &pk, &dn),
+        |m| !m.is_empty(),
+        |m| format!("the notification was not stored: {m:?}"),
+    );
+    assert_eq!(stored[0]["topic"], "/19/0/0");
+    assert_eq!(STANDARD.decode(stored[0]["payload_base64"].as_str().unwrap()).unwrap(), [0xca, 0xfe, 0, 1, 0xff, 0]);
+
+    // A command goes down as a Write to /19/1/0; the client's 2.04 delivers it.
+    let command = server.send_command(&pk, &dn, json!({"payload_base64": STANDARD.encode([1, 2, 0x80, 0xff])}));
+    let write = client.expect("write", Duration::from_secs(10));
+    assert_eq!(write["path"], "/19/1/0", "{write}");
+    assert_eq!(write["hex"], "010280ff", "{write}");
+    server.wait_command(command["command_id"].as_str().unwrap(), "DELIVERED");
+
+    client.step("update");
+    client.expect("updated", Duration::from_secs(10));
+    client.step("deregister");
+    client.expect("deregistered", Duration::from_secs(10));
+    server.wait_device(&pk, &dn, |d| d["registration"].is_null());
+    client.step("exit");
+}
+
+#[test]
+fn a_registration_survives_kill_9_and_an_unknown_endpoint_is_refused() {
+    let mut server = Server::start();
+    let node = "863921034567892";
+    let (pk, dn) = lwm2m_device(&server, node);
+    let mut client = Client::start(&server, node, 300, "U");
+    client.expect("registered", Duration::from_secs(10));
+    client.expect("observe", Duration::from_secs(10));
+    server.wait_device(&pk, &dn, |d| d["registration"].is_object());
+    drop(client);
+    server.kill9();
+    server.restart();
+    let device = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
+    assert_eq!(device["registration"]["lifetime_s"], 300, "{device}");
+    // Its relation survived too: a command waits for the device, queued.
+    let command = server.send_command(&pk, &dn, json!({"payload_base64": STANDARD.encode(b"x")}));
+    assert_eq!(server.command(command["command_id"].as_str().unwrap())["status"], "PENDING");
+
+    // An endpoint no device has gets 4.03 and never registers.
+    let stranger = Client::start(&server, "000000000000000", 60, "U");
+    let refused = stranger.events.recv_timeout(Duration::from_secs(10)).expect("an event");
+    assert_eq!(refused["ev"], "error", "{refused}");
+}
