@@ -152,3 +152,29 @@ fn a_registration_survives_kill_9_and_an_unknown_endpoint_is_refused() {
     let refused = stranger.events.recv_timeout(Duration::from_secs(10)).expect("an event");
     assert_eq!(refused["ev"], "error", "{refused}");
 }
+
+#[test]
+fn a_register_inside_dtls_is_answered_for_the_psk_identity_only() {
+    let server = Server::start();
+    let admin = server.admin();
+    let p = admin.post("/api/v1/products", &json!({"name": "lwm2m over dtls"})).unwrap();
+    let pk = p["product_key"].as_str().unwrap();
+    let (node, key) = ("863921034567893", "lwm2m-psk-key");
+    let psk_hex = hex::encode(key);
+    admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node, "psk_hex": psk_hex})).unwrap();
+    admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": "863921034567894"})).unwrap();
+    // libcoap's client, an independent DTLS stack: PSK identity = endpoint = node id.
+    let register = |ep: &str| {
+        let uri = format!("coaps://127.0.0.1:{}/rd?ep={ep}&lt=60&b=UQ", server.endpoints.dtls.port());
+        Command::new("coap-client-openssl")
+            .args(["-B", "3", "-m", "post", "-t", "40", "-u", node, "-k", key, "-e", "</3/0>,</19/0>", &uri])
+            .output()
+            .expect("coap-client-openssl (apt-get install libcoap3-bin)")
+    };
+    register(node);
+    server.wait_metric(r#"nbhub_auth_total{result="ok",kind="register"}"#, |v| v == 1.0);
+    // Another device's endpoint inside this device's session is refused.
+    register("863921034567894");
+    server.wait_metric(r#"nbhub_refusals_total{dialect="lwm2m",reason="foreign_identity"}"#, |v| v == 1.0);
+    assert_eq!(server.metric(r#"nbhub_auth_total{result="ok",kind="register"}"#), 1.0);
+}

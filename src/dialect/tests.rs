@@ -483,6 +483,7 @@ const AGENT_LINKS: &[u8] = br#"</>;rt="oma.lwm2m",</1/0>,</2>,</3/0>,</4/0>,</6/
 /// Registers the device as agent_tiny does and answers the observe request on `/19/0/0` with an
 /// empty 2.05; the relation's token.
 fn register_lwm2m(bed: &mut Bed) -> Vec<u8> {
+    let before = bed.device().state().registration.clone();
     let ep = format!("ep={NODE}");
     let sent = bed.send(&register(1, &["lwm2m=1.0", &ep, "b=UQ", "lt=20"], AGENT_LINKS));
     assert!(sent.is_empty(), "answered in order after the writes before it: {sent:?}");
@@ -496,7 +497,7 @@ fn register_lwm2m(bed: &mut Bed) -> Vec<u8> {
     let path: Vec<&[u8]> = get.options_of(OptionNumber::URI_PATH).collect();
     assert_eq!(path, [&b"19"[..], b"0", b"0"]);
     assert_eq!(get.uint_option(OptionNumber::ACCEPT).unwrap(), Some(42));
-    assert!(bed.device().state().registration.is_none(), "not registered before the device answers");
+    assert_eq!(bed.device().state().registration, before, "nothing changes before the device answers");
     let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, get.mid, get.token).build();
     assert!(bed.send(&ack).is_empty());
     let stored = bed.recorded();
@@ -586,4 +587,23 @@ fn a_registration_past_its_lifetime_ends_with_its_relation() {
     assert_eq!(registry.expire_registrations(bed.now().wall.plus_secs(21)), 1);
     assert!(bed.device().state().registration.is_none());
     assert!(bed.device().state().observe.is_none());
+}
+
+#[test]
+fn a_client_that_registers_again_from_a_new_address_is_served_there() {
+    let mut bed = Bed::new(PortFamily::Plain);
+    let old = register_lwm2m(&mut bed);
+    // A NAT rebinding while the device slept: it registers again from elsewhere.
+    bed.peer = "198.51.100.9:5000".parse().unwrap();
+    let token = register_lwm2m(&mut bed);
+    assert_ne!(token, old, "a fresh relation");
+    assert_eq!(bed.device().state().address, Some(bed.peer));
+    bed.queue_command(b"\x07");
+    let mut out = Actions::default();
+    bed.ep.handle_kick(bed.now(), DeviceId(1), &mut out);
+    let sent: Vec<_> = out.transmits.iter().map(|t| (t.peer, parsed(t.data.to_vec()).code)).collect();
+    assert_eq!(sent, [(bed.peer, Code::PUT)], "the command goes to the new address");
+    // The old relation no longer names the device.
+    let stale = bed.answer(&notification(&old, 40, 9, b"x"));
+    assert_eq!(stale.mtype, MessageType::Rst);
 }

@@ -206,8 +206,10 @@ impl Commands {
                 }
                 (SendStrategy::Immediately, true) => {
                     // Only while the device is still listening.
-                    let window_end = s.last_seen.map_or(now, |t| t.plus_secs(product.awake_window_s as u64));
-                    record.expires_at = record.expires_at.min(window_end.0);
+                    if !s.always_listening() {
+                        let window_end = s.last_seen.map_or(now, |t| t.plus_secs(product.awake_window_s as u64));
+                        record.expires_at = record.expires_at.min(window_end.0);
+                    }
                     true
                 }
                 (SendStrategy::Delay, _) => true,

@@ -200,10 +200,16 @@ impl DeviceState {
         })
     }
 
-    /// Whether the device is in its awake window: heard from within `window_s` (its PSM active
-    /// timer), so a message sent now still reaches it.
+    /// Whether a message sent now reaches the device: an LwM2M client registered without queue
+    /// mode always listens; any other device only in its awake window, heard from within
+    /// `window_s` (its PSM active timer).
     pub fn awake(&self, now: UnixMs, window_s: u32) -> bool {
-        self.last_seen.is_some_and(|seen| now.0 <= seen.plus_secs(window_s as u64).0)
+        self.always_listening() || self.last_seen.is_some_and(|seen| now.0 <= seen.plus_secs(window_s as u64).0)
+    }
+
+    /// An LwM2M client registered without queue mode (`b=U`): it never sleeps.
+    pub fn always_listening(&self) -> bool {
+        self.registration.as_ref().is_some_and(|r| !r.queue)
     }
 
     /// The last contact as it is now, to store regardless of when it was stored last.
@@ -335,6 +341,22 @@ mod tests {
         assert_eq!(s.status(now, &c), Status::Abnormal);
         s.last_seen = Some(UnixMs(now.0 - 49 * 3600 * 1000 - 1000));
         assert_eq!(s.status(now, &c), Status::Offline);
+    }
+
+    #[test]
+    fn an_lwm2m_client_without_queue_mode_is_always_awake() {
+        let mut d = test_device(None);
+        let s = d.state.get_mut().unwrap();
+        let now = UnixMs(1_000_000);
+        assert!(!s.awake(now, 20), "never heard");
+        let registration =
+            |queue| Registration { version: "1.0".into(), lifetime_s: 60, queue, objects: Vec::new(), updated_at: 0 };
+        s.registration = Some(registration(false));
+        assert!(s.awake(now, 20));
+        s.registration = Some(registration(true));
+        assert!(!s.awake(now, 20), "queue mode: only within the awake window");
+        s.last_seen = Some(UnixMs(now.0 - 10_000));
+        assert!(s.awake(now, 20));
     }
 
     #[test]
