@@ -47,12 +47,7 @@ impl Tally {
         self.latencies_us.extend(o.latencies_us);
     }
 
-    pub fn figures(mut self, elapsed: Duration) -> Figures {
-        self.latencies_us.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            let i = ((self.latencies_us.len() as f64 - 1.0) * p).round().max(0.0) as usize;
-            self.latencies_us.get(i).map_or(0.0, |v| *v as f64 / 1000.0)
-        };
+    pub fn figures(self, elapsed: Duration) -> Figures {
         let seconds = elapsed.as_secs_f64();
         Figures {
             seconds,
@@ -61,7 +56,7 @@ impl Tally {
             acknowledged_after_stop: self.after_stop,
             unanswered: self.lost,
             acknowledged_per_second: (self.ok as f64 / seconds).round(),
-            latency_ms: Latency { p50: pct(0.50), p90: pct(0.90), p99: pct(0.99), p99_9: pct(0.999), max: pct(1.0) },
+            latency_ms: Latency::of(self.latencies_us),
             other_codes: self.other,
         }
     }
@@ -88,6 +83,18 @@ pub struct Latency {
     #[serde(rename = "p99.9")]
     pub p99_9: f64,
     pub max: f64,
+}
+
+impl Latency {
+    /// The percentiles, in milliseconds, of latencies in microseconds.
+    pub fn of(mut latencies_us: Vec<u32>) -> Latency {
+        latencies_us.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            let i = ((latencies_us.len() as f64 - 1.0) * p).round().max(0.0) as usize;
+            latencies_us.get(i).map_or(0.0, |v| *v as f64 / 1000.0)
+        };
+        Latency { p50: pct(0.50), p90: pct(0.90), p99: pct(0.99), p99_9: pct(0.999), max: pct(1.0) }
+    }
 }
 
 impl Figures {
