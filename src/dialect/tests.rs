@@ -534,6 +534,16 @@ fn an_lwm2m_client_registers_reports_on_object_19_and_takes_commands_as_writes()
     let changed = MessageBuilder::new(MessageType::Ack, Code::CHANGED, put.mid, put.token).build();
     bed.send(&changed);
     assert_eq!(command_states(&bed.recorded()), [CommandStatus::Sent, CommandStatus::Delivered]);
+    // A Write the client refuses fails its command, and the next one may go.
+    bed.queue_command(b"\x03");
+    bed.queue_command(b"\x04");
+    bed.recorded();
+    let sent = bed.send(&notification(&token, 4, 3, b"\x00"));
+    let put = sent.iter().find(|m| m.code == Code::PUT).expect("the next command");
+    let refused = MessageBuilder::new(MessageType::Ack, Code::METHOD_NOT_ALLOWED, put.mid, put.token).build();
+    let sent = bed.send(&refused);
+    assert_eq!(sent.iter().find(|m| m.code == Code::PUT).map(|m| m.payload), Some(&b"\x04"[..]));
+    assert_eq!(command_states(&bed.recorded()), [CommandStatus::Sent, CommandStatus::Failed, CommandStatus::Sent]);
 }
 
 #[test]
