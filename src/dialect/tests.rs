@@ -617,3 +617,18 @@ fn a_client_that_registers_again_from_a_new_address_is_served_there() {
     let stale = bed.answer(&notification(&old, 40, 9, b"x"));
     assert_eq!(stale.mtype, MessageType::Rst);
 }
+
+#[test]
+fn pcp_rides_on_object_19_for_an_lwm2m_client() {
+    let mut bed = Bed::new(PortFamily::Plain);
+    let token = register_lwm2m(&mut bed);
+    let ask = FromDevice::ChunkRequest { version: Version::new("V2.0").unwrap(), chunk: 0 }.encode();
+    assert!(bed.send(&notification(&token, 2, 1, &ask)).is_empty());
+    let (writes, sent) = bed.commit(0);
+    assert!(!writes.iter().any(|op| matches!(op, Op::Uplink { .. })), "PCP is not business data");
+    let down = sent.iter().find(|m| m.code == Code::PUT).expect("the answer goes down as a Write");
+    let path: Vec<&[u8]> = down.options_of(OptionNumber::URI_PATH).collect();
+    assert_eq!(path, [&b"19"[..], b"1", b"0"]);
+    let no_task = FromPlatform::Chunk { result: ResultCode::NO_TASK, chunk: 0, data: Vec::new() };
+    assert_eq!(FromPlatform::parse(down.payload).unwrap(), no_task);
+}
