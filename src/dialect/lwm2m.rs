@@ -171,6 +171,126 @@ pub fn write_command(token: &[u8], payload: &[u8]) -> Vec<u8> {
         .build()
 }
 
+/// The Content-Format of OMA LwM2M TLV.
+pub const TLV: u32 = 11542;
+
+/// A resource value as LwM2M TLV carries it (OMA LwM2M 1.0 §6.4.3).
+pub enum Value<'a> {
+    Text(&'a str),
+    Integer(i64),
+    Boolean(bool),
+    Opaque(&'a [u8]),
+}
+
+impl Value<'_> {
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Value::Text(t) => t.as_bytes().to_vec(),
+            Value::Opaque(b) => b.to_vec(),
+            Value::Boolean(b) => vec![*b as u8],
+            // The shortest of 1, 2, 4 or 8 bytes, two's complement, big-endian.
+            Value::Integer(i) => match *i {
+                v if i8::try_from(v).is_ok() => (v as i8).to_be_bytes().to_vec(),
+                v if i16::try_from(v).is_ok() => (v as i16).to_be_bytes().to_vec(),
+                v if i32::try_from(v).is_ok() => (v as i32).to_be_bytes().to_vec(),
+                v => v.to_be_bytes().to_vec(),
+            },
+        }
+    }
+}
+
+/// Resources of one object instance, in TLV (each a "resource with value" entry).
+pub fn tlv(resources: &[(u16, Value<'_>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, value) in resources {
+        let v = value.bytes();
+        let mut kind = 0b1100_0000u8;
+        if *id > 0xff {
+            kind |= 0b0010_0000;
+        }
+        let len = v.len();
+        let length: Vec<u8> = match len {
+            0..=7 => {
+                kind |= len as u8;
+                Vec::new()
+            }
+            8..=0xff => {
+                kind |= 0b0000_1000;
+                vec![len as u8]
+            }
+            0x100..=0xffff => {
+                kind |= 0b0001_0000;
+                (len as u16).to_be_bytes().to_vec()
+            }
+            _ => {
+                kind |= 0b0001_1000;
+                (len as u32).to_be_bytes()[1..].to_vec()
+            }
+        };
+        out.push(kind);
+        match *id > 0xff {
+            true => out.extend_from_slice(&id.to_be_bytes()),
+            false => out.push(*id as u8),
+        }
+        out.extend(length);
+        out.extend(v);
+    }
+    out
+}
+
+/// What a bootstrap writes into a client (OMA LwM2M 1.0 §5.2.7): where its LwM2M server is and
+/// how to reach it.
+pub struct Provisioning<'a> {
+    /// `coaps://host:port` or `coap://host:port`.
+    pub server_uri: &'a str,
+    /// The PSK identity and key, for a `coaps` server; none for NoSec.
+    pub psk: Option<(&'a [u8], &'a [u8])>,
+    pub lifetime_s: u32,
+    pub binding: &'a str,
+}
+
+/// The short id of the one LwM2M server a bootstrap provisions.
+const SHORT_SERVER_ID: i64 = 1;
+
+/// The requests of a bootstrap, in order, each complete but for its message id: Bootstrap-Delete
+/// of everything but the bootstrap server's account, the Security instance of the LwM2M server,
+/// its Server instance, then Bootstrap-Finish.
+pub fn bootstrap_requests(p: &Provisioning<'_>) -> Vec<Vec<u8>> {
+    let token = |i: u8| [0xb0, i];
+    let (mode, identity, key) = match p.psk {
+        Some((identity, key)) => (0, identity, key),
+        None => (3, &[][..], &[][..]),
+    };
+    let security = tlv(&[
+        (0, Value::Text(p.server_uri)),
+        (1, Value::Boolean(false)),
+        (2, Value::Integer(mode)),
+        (3, Value::Opaque(identity)),
+        (4, Value::Opaque(&[])),
+        (5, Value::Opaque(key)),
+        (10, Value::Integer(SHORT_SERVER_ID)),
+    ]);
+    let server = tlv(&[
+        (0, Value::Integer(SHORT_SERVER_ID)),
+        (1, Value::Integer(p.lifetime_s as i64)),
+        (7, Value::Text(p.binding)),
+    ]);
+    let write = |i: u8, path: [&[u8]; 2], body: &[u8]| {
+        MessageBuilder::new(MessageType::Con, Code::PUT, 0, &token(i))
+            .option(OptionNumber::URI_PATH, path[0])
+            .option(OptionNumber::URI_PATH, path[1])
+            .uint_option(OptionNumber::CONTENT_FORMAT, TLV)
+            .payload(body)
+            .build()
+    };
+    vec![
+        MessageBuilder::new(MessageType::Con, Code::DELETE, 0, &token(0)).build(),
+        write(1, [b"0", b"1"], &security),
+        write(2, [b"1", b"0"], &server),
+        MessageBuilder::new(MessageType::Con, Code::POST, 0, &token(3)).option(OptionNumber::URI_PATH, b"bs").build(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +331,20 @@ mod tests {
         assert_eq!(update(u.iter().map(Vec::as_slice)), Ok(Update { lifetime_s: Some(300), queue: Some(true) }));
         let bad = q(&["lt=-1"]);
         assert_eq!(update(bad.iter().map(Vec::as_slice)), Err(Malformed::Lifetime));
+    }
+
+    #[test]
+    fn tlv_resources_as_the_specification_encodes_them() {
+        // OMA LwM2M 1.0 §6.4.3.1's Device object example: resource 0 "Open Mobile Alliance".
+        let manufacturer = tlv(&[(0, Value::Text("Open Mobile Alliance"))]);
+        assert_eq!(manufacturer[..3], [0xc8, 0x00, 0x14]);
+        assert_eq!(&manufacturer[3..], b"Open Mobile Alliance");
+        // Short values carry their length in the type byte; integers take the fewest bytes.
+        assert_eq!(tlv(&[(2, Value::Integer(3))]), [0xc1, 0x02, 0x03]);
+        assert_eq!(tlv(&[(1, Value::Integer(86_400))]), [0xc4, 0x01, 0x00, 0x01, 0x51, 0x80]);
+        assert_eq!(tlv(&[(1, Value::Integer(-1))]), [0xc1, 0x01, 0xff]);
+        assert_eq!(tlv(&[(1, Value::Boolean(false))]), [0xc1, 0x01, 0x00]);
+        assert_eq!(tlv(&[(300, Value::Opaque(&[7; 300]))])[..5], [0xf0, 0x01, 0x2c, 0x01, 0x2c]);
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl Resources for DeviceFacing {
             match &req.path[..] {
                 ["t", "r"] => return huawei.bind(req),
                 ["rd"] => return huawei.register(req),
+                ["bs"] => return huawei.bootstrap_request(req),
                 ["rd", _] => return huawei.registration(req),
                 _ => {}
             }

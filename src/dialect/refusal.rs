@@ -71,6 +71,8 @@ pub enum Refusal {
     UnknownRegistration,
     /// LwM2M: a Register whose link format comes in a Content-Format other than 40, 0 or 42.
     LinksFormat,
+    /// LwM2M: a bootstrap in clear for a device with a PSK, which would have to carry the key.
+    KeyInClear,
 }
 
 impl Refusal {
@@ -98,6 +100,7 @@ impl Refusal {
             Refusal::UnknownEndpoint => "unknown_endpoint",
             Refusal::UnknownRegistration => "unknown_registration",
             Refusal::LinksFormat => "links_format",
+            Refusal::KeyInClear => "key_in_clear",
         }
     }
 
@@ -110,7 +113,8 @@ impl Refusal {
             | Refusal::Moved
             | Refusal::ForeignTopic
             | Refusal::ForeignIdentity
-            | Refusal::UnknownEndpoint => Code::FORBIDDEN,
+            | Refusal::UnknownEndpoint
+            | Refusal::KeyInClear => Code::FORBIDDEN,
             Refusal::UnknownRegistration => Code::NOT_FOUND,
             Refusal::BadRegistration(_) => Code::BAD_REQUEST,
             Refusal::LinksFormat => Code::UNSUPPORTED_CONTENT_FORMAT,

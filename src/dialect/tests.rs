@@ -632,3 +632,92 @@ fn pcp_rides_on_object_19_for_an_lwm2m_client() {
     let no_task = FromPlatform::Chunk { result: ResultCode::NO_TASK, chunk: 0, data: Vec::new() };
     assert_eq!(FromPlatform::parse(down.payload).unwrap(), no_task);
 }
+
+/// Reads the resources of one instance's TLV: (id, value) pairs.
+fn tlv_resources(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some((&kind, rest)) = b.split_first() {
+        let (id, rest) = match kind & 0x20 {
+            0 => (rest[0] as u16, &rest[1..]),
+            _ => (u16::from_be_bytes([rest[0], rest[1]]), &rest[2..]),
+        };
+        let (len, rest) = match (kind >> 3) & 3 {
+            0 => ((kind & 7) as usize, rest),
+            1 => (rest[0] as usize, &rest[1..]),
+            2 => (u16::from_be_bytes([rest[0], rest[1]]) as usize, &rest[2..]),
+            _ => (u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize, &rest[3..]),
+        };
+        out.push((id, rest[..len].to_vec()));
+        b = &rest[len..];
+    }
+    out
+}
+
+fn bootstrap_request(mid: u16, ep: &str) -> Vec<u8> {
+    MessageBuilder::new(MessageType::Con, Code::POST, mid, &[0xb5])
+        .option(OptionNumber::URI_PATH, b"bs")
+        .option(OptionNumber::URI_QUERY, format!("ep={ep}").as_bytes())
+        .build()
+}
+
+#[test]
+fn a_bootstrap_provisions_the_client_step_by_step_and_never_sends_a_key_in_clear() {
+    let mut bed = Bed::new(PortFamily::Plain);
+    assert!(bed.send(&bootstrap_request(1, NODE)).is_empty());
+    let (writes, sent) = bed.commit(0);
+    assert!(writes.is_empty(), "a bootstrap stores nothing");
+    assert_eq!(sent[0].code, Code::CHANGED);
+    let mut step = sent.iter().find(|m| m.mtype == MessageType::Con).expect("the first write").clone();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let path: Vec<String> =
+            step.options_of(OptionNumber::URI_PATH).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+        seen.push((step.code, path.join("/"), tlv_resources(step.payload)));
+        let ack = MessageBuilder::new(MessageType::Ack, Code::CHANGED, step.mid, step.token).build();
+        match bed.send(&ack).into_iter().find(|m| m.mtype == MessageType::Con) {
+            Some(next) => step = next,
+            None => break,
+        }
+    }
+    let steps: Vec<(Code, &str)> = seen.iter().map(|(c, p, _)| (*c, p.as_str())).collect();
+    assert_eq!(steps, [(Code::DELETE, ""), (Code::PUT, "0/1"), (Code::PUT, "1/0"), (Code::POST, "bs")]);
+    let security: std::collections::HashMap<u16, Vec<u8>> = seen[1].2.iter().cloned().collect();
+    assert_eq!(security[&0], b"coap://192.0.2.1:5683", "its home, plain: it has no PSK");
+    assert_eq!(
+        (security[&1].as_slice(), security[&2].as_slice(), security[&5].as_slice()),
+        (&[0][..], &[3][..], &[][..])
+    );
+    let server: std::collections::HashMap<u16, Vec<u8>> = seen[2].2.iter().cloned().collect();
+    assert_eq!((server[&0].as_slice(), server[&7].as_slice()), (&[1][..], &b"U"[..]));
+
+    // A device with a PSK: refused in clear, provisioned with its key inside its own session.
+    let keyed = DeviceRecord {
+        id: DeviceId(2),
+        device_name: DeviceName::new("keyed").unwrap(),
+        node_id: Some(NodeId::new("861111111111111").unwrap()),
+        psk_hex: Some(hex::encode(b"the-psk")),
+        ..bed.device().record_with(&bed.device().state())
+    };
+    bed.services.registry.insert(&Arc::new(Device::from_record(keyed, None, None))).unwrap();
+    assert_eq!(bed.answer(&bootstrap_request(2, "861111111111111")).code, Code::FORBIDDEN);
+    assert!(bed.waiting.is_empty());
+    let mut out = Actions::default();
+    bed.ep.handle_datagram(bed.now(), bed.peer, Some(DeviceId(2)), &bootstrap_request(3, "861111111111111"), &mut out);
+    bed.take(out);
+    let (_, sent) = bed.commit(0);
+    let delete = sent.iter().find(|m| m.code == Code::DELETE).expect("the first write").clone();
+    let mut out = Actions::default();
+    let ack = MessageBuilder::new(MessageType::Ack, Code::DELETED, delete.mid, delete.token).build();
+    bed.ep.handle_datagram(bed.now(), bed.peer, Some(DeviceId(2)), &ack, &mut out);
+    let put = bed.take(out).into_iter().find(|m| m.code == Code::PUT).expect("the Security instance");
+    let security: std::collections::HashMap<u16, Vec<u8>> = tlv_resources(put.payload).into_iter().collect();
+    assert_eq!(security[&0], b"coaps://192.0.2.1:5684");
+    assert_eq!(
+        (security[&2].as_slice(), security[&3].as_slice(), security[&5].as_slice()),
+        (&[0][..], &b"861111111111111"[..], &b"the-psk"[..])
+    );
+    // Another device's endpoint inside this session is refused.
+    let mut out = Actions::default();
+    bed.ep.handle_datagram(bed.now(), bed.peer, Some(DeviceId(2)), &bootstrap_request(4, NODE), &mut out);
+    assert_eq!(bed.take(out)[0].code, Code::FORBIDDEN);
+}

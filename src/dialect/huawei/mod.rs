@@ -4,6 +4,7 @@
 //! commands go down as CON `POST /t/d`.
 
 mod bind;
+mod bootstrap;
 mod deliver;
 mod register;
 mod upgrade;
@@ -75,10 +76,14 @@ enum Started {
     PcpRequest { device: Arc<Device>, token: ObserveToken },
     /// `POST /t/d` carrying the answer to a PCP request of the device.
     PcpAnswer { device: Arc<Device> },
+    /// One request of an LwM2M bootstrap; `rest` are the ones still to send, last first.
+    Bootstrap { device: Arc<Device>, peer: SocketAddr, rest: Vec<Vec<u8>> },
 }
 
 pub struct Huawei {
     registry: Arc<Registry>,
+    /// Where a bootstrap sends a client.
+    cluster: Arc<crate::cluster::Cluster>,
     commands: Arc<Commands>,
     campaign: Arc<Campaign>,
     route: Route,
@@ -89,6 +94,7 @@ impl Huawei {
     pub fn new(services: &Services, route: Route) -> Huawei {
         Huawei {
             registry: services.registry.clone(),
+            cluster: services.cluster.clone(),
             commands: services.commands.clone(),
             campaign: services.campaign.clone(),
             route,
@@ -116,6 +122,9 @@ impl Huawei {
             }
             // Whatever became of it (the device asks again if it was lost), the next message may go.
             Some(Started::PcpAnswer { device }) => self.deliver(now, &device, effects),
+            Some(Started::Bootstrap { device, peer, rest }) => {
+                self.bootstrap_answered(&device, peer, rest, reply, effects)
+            }
             None => return false,
         }
         true

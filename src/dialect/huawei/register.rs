@@ -21,7 +21,7 @@ use crate::store::records::Registration;
 use crate::telemetry::metric;
 
 impl Huawei {
-    fn refuse_lwm2m(&self, req: &Request<'_, '_>, refusal: Refusal, device: Option<&Device>) -> Outcome {
+    pub(super) fn refuse_lwm2m(&self, req: &Request<'_, '_>, refusal: Refusal, device: Option<&Device>) -> Outcome {
         refusal.record(Dialect::Lwm2m, device, req.peer);
         Outcome::code(refusal.code())
     }
