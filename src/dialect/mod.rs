@@ -75,13 +75,13 @@ impl DeviceFacing {
 impl Resources for DeviceFacing {
     type Writes = Writes;
 
-    fn handle(&mut self, req: &Request<'_, '_>, _effects: &mut Effects) -> Outcome {
+    fn handle(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Outcome {
         if let Some(huawei) = &mut self.huawei {
             match &req.path[..] {
                 ["t", "r"] => return huawei.bind(req),
                 ["rd"] => return huawei.register(req),
                 ["bs"] => return huawei.bootstrap_request(req),
-                ["rd", _] => return huawei.registration(req),
+                ["rd", _] => return huawei.registration(req, effects),
                 _ => {}
             }
         }

@@ -73,6 +73,8 @@ pub enum Refusal {
     LinksFormat,
     /// LwM2M: a bootstrap in clear for a device with a PSK, which would have to carry the key.
     KeyInClear,
+    /// LwM2M: a Deregister from an address the device's relation did not answer from.
+    ForeignAddress,
 }
 
 impl Refusal {
@@ -101,6 +103,7 @@ impl Refusal {
             Refusal::UnknownRegistration => "unknown_registration",
             Refusal::LinksFormat => "links_format",
             Refusal::KeyInClear => "key_in_clear",
+            Refusal::ForeignAddress => "foreign_address",
         }
     }
 
@@ -114,7 +117,8 @@ impl Refusal {
             | Refusal::ForeignTopic
             | Refusal::ForeignIdentity
             | Refusal::UnknownEndpoint
-            | Refusal::KeyInClear => Code::FORBIDDEN,
+            | Refusal::KeyInClear
+            | Refusal::ForeignAddress => Code::FORBIDDEN,
             Refusal::UnknownRegistration => Code::NOT_FOUND,
             Refusal::BadRegistration(_) => Code::BAD_REQUEST,
             Refusal::LinksFormat => Code::UNSUPPORTED_CONTENT_FORMAT,

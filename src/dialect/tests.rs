@@ -550,26 +550,16 @@ fn an_lwm2m_client_registers_reports_on_object_19_and_takes_commands_as_writes()
 fn update_and_deregister_name_the_registration_and_bad_requests_change_nothing() {
     let mut bed = Bed::new(PortFamily::Plain);
     register_lwm2m(&mut bed);
-    let at = |path: &[&str], code: Code, mid: u16, query: &[&str], payload: &[u8]| {
-        let mut b = MessageBuilder::new(MessageType::Con, code, mid, &[9]);
-        for p in path {
-            b = b.option(OptionNumber::URI_PATH, p.as_bytes());
-        }
-        for q in query {
-            b = b.option(OptionNumber::URI_QUERY, q.as_bytes());
-        }
-        b.payload(payload).build()
-    };
     // Bad input: each answered as LwM2M says, nothing written.
     let ep = format!("ep={NODE}");
     assert_eq!(bed.answer(&register(2, &["lt=20"], b"")).code, Code::BAD_REQUEST, "no endpoint");
     assert_eq!(bed.answer(&register(3, &["ep=999"], b"")).code, Code::FORBIDDEN, "unknown endpoint");
     assert_eq!(bed.answer(&register(4, &[&ep], b"</3/0")).code, Code::BAD_REQUEST, "malformed links");
-    assert_eq!(bed.answer(&at(&["rd", "999"], Code::POST, 5, &[], b"")).code, Code::NOT_FOUND, "unknown location");
-    assert_eq!(bed.answer(&at(&["rd", NODE], Code::POST, 6, &["lt=x"], b"")).code, Code::BAD_REQUEST);
+    assert_eq!(bed.answer(&at(&["rd", "999"], Code::POST, 5, &[])).code, Code::NOT_FOUND, "unknown location");
+    assert_eq!(bed.answer(&at(&["rd", NODE], Code::POST, 6, &["lt=x"])).code, Code::BAD_REQUEST);
     assert!(bed.waiting.is_empty());
     // Update: the lifetime and queue mode change, stored before 2.04.
-    assert!(bed.send(&at(&["rd", NODE], Code::POST, 7, &["lt=300", "b=U"], b"")).is_empty());
+    assert!(bed.send(&at(&["rd", NODE], Code::POST, 7, &["lt=300", "b=U"])).is_empty());
     let (writes, sent) = bed.commit(0);
     assert_eq!(sent[0].code, Code::CHANGED);
     let r = writes.iter().find_map(|op| match op {
@@ -578,14 +568,14 @@ fn update_and_deregister_name_the_registration_and_bad_requests_change_nothing()
     });
     assert_eq!(r.map(|r| (r.lifetime_s, r.queue)), Some((300, false)));
     // Deregister ends it and its relation.
-    assert!(bed.send(&at(&["rd", NODE], Code::DELETE, 8, &[], b"")).is_empty());
+    assert!(bed.send(&at(&["rd", NODE], Code::DELETE, 8, &[])).is_empty());
     let (_, sent) = bed.commit(0);
     assert_eq!(sent[0].code, Code::DELETED);
     let device = bed.device();
     let s = device.state();
     assert!(s.registration.is_none() && s.observe.is_none());
     drop(s);
-    assert_eq!(bed.answer(&at(&["rd", NODE], Code::POST, 9, &[], b"")).code, Code::NOT_FOUND);
+    assert_eq!(bed.answer(&at(&["rd", NODE], Code::POST, 9, &[])).code, Code::NOT_FOUND);
 }
 
 #[test]
@@ -720,4 +710,48 @@ fn a_bootstrap_provisions_the_client_step_by_step_and_never_sends_a_key_in_clear
     let mut out = Actions::default();
     bed.ep.handle_datagram(bed.now(), bed.peer, Some(DeviceId(2)), &bootstrap_request(4, NODE), &mut out);
     assert_eq!(bed.take(out)[0].code, Code::FORBIDDEN);
+}
+
+fn at(path: &[&str], code: Code, mid: u16, query: &[&str]) -> Vec<u8> {
+    let mut b = MessageBuilder::new(MessageType::Con, code, mid, &[9]);
+    for p in path {
+        b = b.option(OptionNumber::URI_PATH, p.as_bytes());
+    }
+    for q in query {
+        b = b.option(OptionNumber::URI_QUERY, q.as_bytes());
+    }
+    b.build()
+}
+
+#[test]
+fn only_the_device_changes_its_registration_and_an_update_delivers_what_waits() {
+    let mut bed = Bed::new(PortFamily::Plain);
+    register_lwm2m(&mut bed);
+    let device_at = bed.peer;
+    // A stranger knowing the node id: a Deregister is refused, an Update changes nothing.
+    bed.peer = "203.0.113.66:9999".parse().unwrap();
+    assert_eq!(bed.answer(&at(&["rd", NODE], Code::DELETE, 20, &[])).code, Code::FORBIDDEN);
+    assert!(bed.send(&at(&["rd", NODE], Code::POST, 21, &["lt=1"])).is_empty());
+    let (writes, sent) = bed.commit(0);
+    assert!(writes.is_empty(), "nothing stored from an unproven address");
+    assert_eq!(sent[0].code, Code::CHANGED);
+    let get = sent.iter().find(|m| m.code == Code::GET).expect("an observe request to that address").clone();
+    let s = bed.device();
+    assert_eq!(s.state().registration.as_ref().map(|r| r.lifetime_s), Some(20), "unchanged");
+    assert_eq!(s.state().address, Some(device_at), "the downlink stays");
+    // Were it the device (moved by a NAT), its answer there makes the update and address count.
+    let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, get.mid, get.token).build();
+    bed.send(&ack);
+    assert_eq!(s.state().registration.as_ref().map(|r| r.lifetime_s), Some(1));
+    assert_eq!(s.state().address, Some(bed.peer));
+
+    // An Update from the relation's address opens the window: what waits goes at once.
+    bed.queue_command(b"\x05");
+    let sent = bed.send(&at(&["rd", NODE], Code::POST, 22, &["lt=600"]));
+    let put = sent.iter().find(|m| m.code == Code::PUT).expect("the waiting command");
+    assert_eq!(put.payload, b"\x05");
+    let (writes, sent) = bed.commit(0);
+    assert!(writes.iter().any(|op| matches!(op, Op::PutDevice(_))));
+    assert_eq!(sent[0].code, Code::CHANGED);
+    assert_eq!(s.state().registration.as_ref().map(|r| r.lifetime_s), Some(600));
 }

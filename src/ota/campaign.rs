@@ -182,7 +182,15 @@ impl Campaign {
         }
         for id in unfinished {
             let Some(task) = ota.task(id).filter(|t| t.record.stopped_at.is_none()) else { continue };
-            let chunks = stored::chunks(store, &task.package)?;
+            // A package damaged in the store stalls its task (the devices ask in vain and time
+            // out), not the server's start.
+            let chunks = match stored::chunks(store, &task.package) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(task = %id, error = %e, "cannot read the package of a running task");
+                    continue;
+                }
+            };
             write(&ota.tasks)
                 .insert(id, Arc::new(UpgradeTask { chunks: Some(chunks.into()), ..task.without_chunks() }));
         }

@@ -155,26 +155,18 @@ impl Huawei {
                     tracing::debug!(device = ?device, %peer, "observe relation established");
                     let mut s = device.state();
                     // A payload in the answer is the first notification (RFC 7641 §4.2): data.
-                    let (mut ops, answer) = match msg.payload.is_empty() {
+                    // A PCP message there goes unanswered (nothing waits for these writes; the
+                    // device asks again).
+                    let mut ops = match msg.payload.is_empty() {
                         true => {
-                            let ops = ingest::contact(
-                                &self.registry,
-                                &self.campaign,
-                                device,
-                                &mut s,
-                                now.wall,
-                                peer,
-                                self.route,
-                            );
-                            (ops, None)
+                            ingest::contact(&self.registry, &self.campaign, device, &mut s, now.wall, peer, self.route)
                         }
                         false => {
                             let topic = Channel::of(&s).topic().into();
                             let uplink =
                                 Uplink { topic, payload: msg.payload.to_vec(), peer, route: self.route, now: now.wall };
                             match ingest::accept(&self.registry, &self.campaign, device, &mut s, uplink) {
-                                Accepted::Data(ops) => (ops, None),
-                                Accepted::Pcp { writes, answer } => (writes, answer),
+                                Accepted::Data(ops) | Accepted::Pcp { writes: ops, .. } => ops,
                             }
                         }
                     };
@@ -182,15 +174,8 @@ impl Huawei {
                     ops.retain(|op| !matches!(op, Op::Presence { .. }));
                     ops.push(Op::Presence { device: device.id, record: s.presence() });
                     effects.writes.push(ops);
-                    let channel = Channel::of(&s);
                     drop(s);
-                    match answer {
-                        Some(frame) => {
-                            let outgoing = self.pcp_answer(device, channel, token, peer, &frame);
-                            effects.outgoing.push(outgoing);
-                        }
-                        None => self.deliver(now, device, effects),
-                    }
+                    self.deliver(now, device, effects);
                 }
             }
             // An Empty ACK: the notification establishing the relation comes later.
