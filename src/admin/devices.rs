@@ -194,7 +194,7 @@ async fn remove(
     Path((pk, dn)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let d = device(&state, &pk, &dn)?;
-    let held = state.commands.deleting(&state.store, d.id)?;
+    let held = (state.commands.deleting(&state.store, d.id)?, &*state.campaign);
     state.registry.delete_device(&d, &held).await?;
     tracing::info!(product_key = pk, device_name = dn, "device deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -791,7 +791,7 @@ impl Cluster {
                     results.push(result(ReleaseOutcome::NotFound, None));
                     continue;
                 }
-                let held = self.commands.deleting(store, device.id)?;
+                let held = (self.commands.deleting(store, device.id)?, &*self.campaign);
                 self.registry.delete_device(&device, &held).await?;
                 tracing::info!(product_key = %req.product_key, device_name = %name, to = %req.source, "device released");
                 results.push(result(ReleaseOutcome::Released, None));

@@ -14,6 +14,7 @@ pub mod transfer;
 use std::sync::Arc;
 
 use crate::downlink::Commands;
+use crate::ota::campaign::Campaign;
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 pub use peers::{CoapEndpoint, Peer, PeerApi, Peers};
@@ -23,20 +24,27 @@ pub struct Cluster {
     pub registry: Arc<Registry>,
     /// The queues that travel with their devices.
     pub commands: Arc<Commands>,
+    /// What a device given back leaves behind of its upgrades.
+    pub campaign: Arc<Campaign>,
     pub peers: Peers,
     pub distribution: distribution::Distributions,
 }
 
 impl Cluster {
     /// The peers from the registry's configuration and the distribution tasks from its store.
-    pub fn load(registry: Arc<Registry>, commands: Arc<Commands>, store: &Store) -> Result<Cluster, StoreError> {
+    pub fn load(
+        registry: Arc<Registry>,
+        commands: Arc<Commands>,
+        campaign: Arc<Campaign>,
+        store: &Store,
+    ) -> Result<Cluster, StoreError> {
         let distribution = distribution::Distributions::load(store)?;
-        Ok(Cluster { distribution, ..Cluster::new(registry, commands) })
+        Ok(Cluster { distribution, ..Cluster::new(registry, commands, campaign) })
     }
 
     /// The peers from the registry's configuration, and no distribution tasks yet.
-    pub fn new(registry: Arc<Registry>, commands: Arc<Commands>) -> Cluster {
+    pub fn new(registry: Arc<Registry>, commands: Arc<Commands>, campaign: Arc<Campaign>) -> Cluster {
         let peers = Peers::new(&registry.config.cluster);
-        Cluster { registry, commands, peers, distribution: distribution::Distributions::default() }
+        Cluster { registry, commands, campaign, peers, distribution: distribution::Distributions::default() }
     }
 }

@@ -45,7 +45,7 @@ impl Services {
     pub fn load(registry: Arc<Registry>, store: &Store) -> Result<Services, StoreError> {
         let commands = Arc::new(Commands::load(registry.clone(), store)?);
         let campaign = Arc::new(Campaign::load(registry.clone(), store)?);
-        let cluster = Arc::new(Cluster::load(registry.clone(), commands.clone(), store)?);
+        let cluster = Arc::new(Cluster::load(registry.clone(), commands.clone(), campaign.clone(), store)?);
         Ok(Services { registry, commands, campaign, cluster })
     }
 
@@ -53,7 +53,7 @@ impl Services {
     pub fn new(registry: Arc<Registry>) -> Services {
         let commands = Arc::new(Commands::new(registry.clone()));
         let campaign = Arc::new(Campaign::new(registry.clone()));
-        let cluster = Arc::new(Cluster::new(registry.clone(), commands.clone()));
+        let cluster = Arc::new(Cluster::new(registry.clone(), commands.clone(), campaign.clone()));
         Services { registry, commands, campaign, cluster }
     }
 }

@@ -24,7 +24,7 @@ use crate::clock::UnixMs;
 use crate::coap::resource::ExchangeKey;
 use crate::identity::{DeviceId, ProductKey};
 use crate::northbound::{Event, EventKind};
-use crate::registry::{Device, DeviceState, Registry, RegistryError};
+use crate::registry::{Device, DeviceState, Held, Registry, RegistryError};
 use crate::store::records::OtaProtocol;
 use crate::store::{Op, Store, StoreError};
 use crate::sync::{Sharded, lock, read, write};
@@ -44,7 +44,7 @@ struct PcpRequest {
 
 /// What the campaign keeps for one device.
 #[derive(Default)]
-struct Slot {
+pub struct Slot {
     /// Its upgrade in the latest task that includes it (kept once finished, so a repeated
     /// request is still answered the same).
     upgrade: Option<Upgrade>,
@@ -699,6 +699,22 @@ impl Campaign {
             counts,
             devices,
         }))
+    }
+}
+
+/// A deleted device's upgrade leaves the campaign with it (its stored records stay, as its task's
+/// history); the tick then frees its cell slot. Put back if the deletion cannot be stored.
+impl Held for &Campaign {
+    type Taken = Option<Slot>;
+
+    fn take(&self, device: &Device, _locked: &DeviceState) -> (Option<Slot>, Vec<Op>) {
+        (self.slots.shard(&device.id).remove(&device.id), Vec::new())
+    }
+
+    fn put_back(&self, device: &Device, _locked: &DeviceState, slot: Option<Slot>) {
+        if let Some(slot) = slot {
+            self.slots.shard(&device.id).insert(device.id, slot);
+        }
     }
 }
 

@@ -68,6 +68,23 @@ pub trait Held {
     fn put_back(&self, device: &Device, s: &DeviceState, taken: Self::Taken);
 }
 
+/// Two services' shares of a device, taken and put back together.
+impl<A: Held, B: Held> Held for (A, B) {
+    type Taken = (A::Taken, B::Taken);
+
+    fn take(&self, device: &Device, s: &DeviceState) -> (Self::Taken, Vec<Op>) {
+        let (a, mut ops) = self.0.take(device, s);
+        let (b, more) = self.1.take(device, s);
+        ops.extend(more);
+        ((a, b), ops)
+    }
+
+    fn put_back(&self, device: &Device, s: &DeviceState, (a, b): Self::Taken) {
+        self.0.put_back(device, s, a);
+        self.1.put_back(device, s, b);
+    }
+}
+
 pub struct NewProduct {
     pub name: String,
     pub product_key: Option<ProductKey>,
