@@ -20,7 +20,7 @@ use super::transfer::{
     ReleaseRequest, ReleaseResult,
 };
 use crate::clock::UnixMs;
-use crate::downlink::{CommandId, CommandRecord, CommandStatus};
+use crate::downlink::{CommandId, CommandRecord, NewRecord};
 use crate::identity::Home;
 use crate::identity::{DeviceId, DeviceName, InstanceName};
 use crate::net::PortFamily;
@@ -697,22 +697,18 @@ impl Cluster {
         let records: Vec<CommandRecord> = commands
             .iter()
             .map(|c| CommandRecord {
-                id: self.commands.new_id(),
-                device: device.id,
-                product_key: device.product_key.clone(),
-                device_name: device.device_name.clone(),
-                payload: STANDARD.decode(&c.payload_base64).unwrap_or_default(),
-                topic: c.topic.clone(),
-                strategy: c.send_strategy,
-                status: CommandStatus::Pending,
-                created_at: c.created_at,
-                expires_at: c.expires_at,
-                sent_at: None,
-                delivered_at: None,
-                finished_at: None,
-                result: None,
-                reason: None,
                 origin: Some(origin(source, c.id)),
+                ..CommandRecord::pending(
+                    self.commands.new_id(),
+                    device.key(),
+                    NewRecord {
+                        payload: STANDARD.decode(&c.payload_base64).unwrap_or_default(),
+                        topic: c.topic.clone(),
+                        strategy: c.send_strategy,
+                        created_at: c.created_at,
+                        expires_at: c.expires_at,
+                    },
+                )
             })
             .collect();
         let ids = records.iter().map(|r| r.id).collect();

@@ -18,13 +18,13 @@ use crate::coap::option::OptionNumber;
 use crate::coap::pending::Ticket;
 use crate::coap::resource::StoredId;
 use crate::config::Config;
-use crate::downlink::{CommandId, CommandRecord, CommandStatus, SendStrategy};
-use crate::identity::{DeviceId, DeviceName, Home, NodeId, ProductKey, Secret};
+use crate::downlink::{CommandId, CommandRecord, CommandStatus, NewRecord, SendStrategy};
+use crate::identity::{DeviceId, DeviceName, NodeId, ProductKey, Secret};
 use crate::net::PortFamily;
 use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 use crate::registry::{Device, Registry, Route};
 use crate::simulate::{AlibabaSession, alibaba_auth};
-use crate::store::records::{DeviceRecord, OtaProtocol, ProductRecord, Radio};
+use crate::store::records::{DeviceRecord, OtaProtocol, ProductRecord};
 use crate::store::{Op, Recorder, recording};
 
 const PK: &str = "p1";
@@ -67,20 +67,11 @@ impl Bed {
             }))
             .unwrap();
         let record = DeviceRecord {
-            id: DeviceId(1),
             product_key: ProductKey::new(PK).unwrap(),
             device_name: DeviceName::new(DN).unwrap(),
             device_secret: Secret::new(SECRET).unwrap(),
             node_id: Some(NodeId::new(NODE).unwrap()),
-            psk_hex: None,
-            enabled: true,
-            registered: false,
-            radio: Radio::default(),
-            created_at: 0,
-            observe: None,
-            version: None,
-            home: Home::Here,
-            registration: None,
+            ..crate::registry::device::test_record()
         };
         registry.insert(&Arc::new(Device::from_record(record, None, None))).unwrap();
         let services = Services::new(registry);
@@ -167,24 +158,14 @@ impl Bed {
     fn queue_command(&self, payload: &[u8]) -> CommandId {
         let device = self.device();
         let now = self.now().wall;
-        let record = CommandRecord {
-            id: self.services.commands.new_id(),
-            device: device.id,
-            product_key: device.product_key.clone(),
-            device_name: device.device_name.clone(),
+        let new = NewRecord {
             payload: payload.to_vec(),
             topic: format!("/{PK}/{DN}/user/get"),
             strategy: SendStrategy::Delay,
-            status: CommandStatus::Pending,
             created_at: now.0,
             expires_at: now.plus_secs(3600).0,
-            sent_at: None,
-            delivered_at: None,
-            finished_at: None,
-            result: None,
-            reason: None,
-            origin: None,
         };
+        let record = CommandRecord::pending(self.services.commands.new_id(), device.key(), new);
         let id = record.id;
         let s = device.state();
         self.services.commands.adopt(device.id, &s, vec![record], now);
@@ -467,6 +448,14 @@ fn a_pcp_version_answer_without_a_task_only_records_the_version() {
     assert_eq!(FromPlatform::parse(down.payload).unwrap(), no_task);
 }
 
+/// The registration a device record among `ops` stores.
+fn stored_registration(ops: &[Op]) -> Option<crate::store::records::Registration> {
+    ops.iter().find_map(|op| match op {
+        Op::PutDevice(d) => d.current().and_then(|r| r.registration),
+        _ => None,
+    })
+}
+
 /// `POST /rd` as agent_tiny sends it, from the device's node id.
 fn register(mid: u16, query: &[&str], links: &[u8]) -> Vec<u8> {
     let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[0xd0, 1, 2, 3])
@@ -500,12 +489,7 @@ fn register_lwm2m(bed: &mut Bed) -> Vec<u8> {
     assert_eq!(bed.device().state().registration, before, "nothing changes before the device answers");
     let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, get.mid, get.token).build();
     assert!(bed.send(&ack).is_empty());
-    let stored = bed.recorded();
-    let registered = stored.iter().find_map(|op| match op {
-        Op::PutDevice(d) => d.current().and_then(|r| r.registration),
-        _ => None,
-    });
-    let r = registered.expect("the registration is stored once the device answered");
+    let r = stored_registration(&bed.recorded()).expect("the registration is stored once the device answered");
     assert_eq!((r.lifetime_s, r.queue, r.version.as_str()), (20, true, "1.0"));
     assert_eq!(r.objects, ["/1/0", "/2", "/3/0", "/4/0", "/6/0", "/19/0", "/19/1"]);
     get.token.to_vec()
@@ -562,11 +546,7 @@ fn update_and_deregister_name_the_registration_and_bad_requests_change_nothing()
     assert!(bed.send(&at(&["rd", NODE], Code::POST, 7, &["lt=300", "b=U"])).is_empty());
     let (writes, sent) = bed.commit(0);
     assert_eq!(sent[0].code, Code::CHANGED);
-    let r = writes.iter().find_map(|op| match op {
-        Op::PutDevice(d) => d.current().and_then(|r| r.registration),
-        _ => None,
-    });
-    assert_eq!(r.map(|r| (r.lifetime_s, r.queue)), Some((300, false)));
+    assert_eq!(stored_registration(&writes).map(|r| (r.lifetime_s, r.queue)), Some((300, false)));
     // Deregister ends it and its relation.
     assert!(bed.send(&at(&["rd", NODE], Code::DELETE, 8, &[])).is_empty());
     let (_, sent) = bed.commit(0);

@@ -105,7 +105,43 @@ pub struct CommandRecord {
     pub origin: Option<String>,
 }
 
+/// What a new command is: its content and its lifetime, the rest follows from being new.
+pub struct NewRecord {
+    pub payload: Vec<u8>,
+    pub topic: String,
+    pub strategy: SendStrategy,
+    pub created_at: u64,
+    pub expires_at: u64,
+}
+
 impl CommandRecord {
+    /// A new PENDING command `id` for the device `device` (`product_key`/`device_name`).
+    pub fn pending(
+        id: CommandId,
+        (device, product_key, device_name): (DeviceId, ProductKey, DeviceName),
+        new: NewRecord,
+    ) -> CommandRecord {
+        let NewRecord { payload, topic, strategy, created_at, expires_at } = new;
+        CommandRecord {
+            id,
+            device,
+            product_key,
+            device_name,
+            payload,
+            topic,
+            strategy,
+            status: CommandStatus::Pending,
+            created_at,
+            expires_at,
+            sent_at: None,
+            delivered_at: None,
+            finished_at: None,
+            result: None,
+            reason: None,
+            origin: None,
+        }
+    }
+
     /// Moves to `status` at `now`, stamping the time that status names.
     pub fn set(&mut self, status: CommandStatus, now: u64) {
         self.status = status;

@@ -234,28 +234,14 @@ mod tests {
     fn x(n: u64) -> ExchangeKey {
         ExchangeKey::from(n)
     }
-    use crate::downlink::command::SendStrategy;
+    use crate::downlink::command::{NewRecord, SendStrategy};
     use crate::identity::{DeviceId, DeviceName, ProductKey};
 
     fn cmd(id: u64, strategy: SendStrategy, expires_at: u64) -> CommandRecord {
-        CommandRecord {
-            id: CommandId(id),
-            device: DeviceId(1),
-            product_key: ProductKey::new("p").unwrap(),
-            device_name: DeviceName::new("d").unwrap(),
-            payload: vec![id as u8],
-            topic: "/p/d/user/get".into(),
-            strategy,
-            status: CommandStatus::Pending,
-            created_at: 0,
-            expires_at,
-            sent_at: None,
-            delivered_at: None,
-            finished_at: None,
-            result: None,
-            reason: None,
-            origin: None,
-        }
+        let device = (DeviceId(1), ProductKey::new("p").unwrap(), DeviceName::new("d").unwrap());
+        let new =
+            NewRecord { payload: vec![id as u8], topic: "/p/d/user/get".into(), strategy, created_at: 0, expires_at };
+        CommandRecord::pending(CommandId(id), device, new)
     }
 
     const DEADLINE: u64 = 180_000;

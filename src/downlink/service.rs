@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{CancelError, CommandId, CommandRecord, CommandStatus, Queue, QueueFull, SendStrategy, Settlement, stored};
+use super::{
+    CancelError, CommandId, CommandRecord, CommandStatus, NewRecord, Queue, QueueFull, SendStrategy, Settlement, stored,
+};
 use crate::clock::UnixMs;
 use crate::coap::resource::{ExchangeKey, Retransmit};
 use crate::config::DownlinkConfig;
@@ -170,24 +172,17 @@ impl Commands {
         let topic = new.topic.unwrap_or_else(|| {
             cfg.default_topic.replace("{pk}", device.product_key.as_str()).replace("{dn}", device.device_name.as_str())
         });
-        let mut record = CommandRecord {
-            id: self.new_id(),
-            device: device.id,
-            product_key: device.product_key.clone(),
-            device_name: device.device_name.clone(),
-            payload: new.payload,
-            topic,
-            strategy: new.strategy,
-            status: CommandStatus::Pending,
-            created_at: now.0,
-            expires_at: now.plus_secs(new.expire_s.unwrap_or(cfg.default_expire_s)).0,
-            sent_at: None,
-            delivered_at: None,
-            finished_at: None,
-            result: None,
-            reason: None,
-            origin: None,
-        };
+        let mut record = CommandRecord::pending(
+            self.new_id(),
+            device.key(),
+            NewRecord {
+                payload: new.payload,
+                topic,
+                strategy: new.strategy,
+                created_at: now.0,
+                expires_at: now.plus_secs(new.expire_s.unwrap_or(cfg.default_expire_s)).0,
+            },
+        );
         let (commit, kick) = {
             let s = device.state();
             if s.deleted {

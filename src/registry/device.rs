@@ -121,6 +121,11 @@ impl Device {
         lock(&self.state)
     }
 
+    /// Its id, product key and name: what names it in its commands and events.
+    pub fn key(&self) -> (DeviceId, ProductKey, DeviceName) {
+        (self.id, self.product_key.clone(), self.device_name.clone())
+    }
+
     /// The stored form for `s`, this device's state locked by the caller.
     pub fn record_with(&self, s: &DeviceState) -> DeviceRecord {
         DeviceRecord {
@@ -264,10 +269,10 @@ impl FlowCounter {
     }
 }
 
-/// A device of product `p` named `d`, last heard at 0 from `address`, for unit tests.
+/// The record of device `d` of product `p` (secret `s`, id 1), for unit tests.
 #[cfg(test)]
-pub(crate) fn test_device(address: Option<SocketAddr>) -> Device {
-    let record = DeviceRecord {
+pub(crate) fn test_record() -> DeviceRecord {
+    DeviceRecord {
         id: DeviceId(1),
         product_key: ProductKey::new("p").unwrap(),
         device_name: DeviceName::new("d").unwrap(),
@@ -282,8 +287,13 @@ pub(crate) fn test_device(address: Option<SocketAddr>) -> Device {
         version: None,
         home: Home::Here,
         registration: None,
-    };
-    Device::from_record(record, address.map(|_| UnixMs(0)), address)
+    }
+}
+
+/// Device `d` of product `p`, last heard at 0 from `address`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_device(address: Option<SocketAddr>) -> Device {
+    Device::from_record(test_record(), address.map(|_| UnixMs(0)), address)
 }
 
 #[cfg(test)]
