@@ -12,6 +12,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::*;
+use nbhub::coap::message::{Code, MessageBuilder, MessageType};
+use nbhub::coap::option::OptionNumber;
 use serde_json::{Value, json};
 
 /// The client process, its stdin for steps and its events as they come.
@@ -177,4 +179,124 @@ fn a_register_inside_dtls_is_answered_for_the_psk_identity_only() {
     register("863921034567894");
     server.wait_metric(r#"nbhub_refusals_total{dialect="lwm2m",reason="foreign_identity"}"#, |v| v == 1.0);
     assert_eq!(server.metric(r#"nbhub_auth_total{result="ok",kind="register"}"#), 1.0);
+}
+
+/// A hand-driven client on its own UDP socket, for what lwm2m-node-lib cannot do or does
+/// differently: agent_tiny's observe answer with data, bootstrap, requests from a stranger.
+fn raw(server: &Server) -> Peer {
+    Peer::new(server.endpoints.coap)
+}
+
+fn request(peer: &mut Peer, code: Code, path: &[&str], query: &[&str], payload: &[u8]) -> Vec<u8> {
+    let mid = peer.next_mid();
+    let token = peer.next_token();
+    let mut b = MessageBuilder::new(MessageType::Con, code, mid, &token);
+    for p in path {
+        b = b.option(OptionNumber::URI_PATH, p.as_bytes());
+    }
+    if !payload.is_empty() {
+        b = b.uint_option(OptionNumber::CONTENT_FORMAT, 40);
+    }
+    for q in query {
+        b = b.option(OptionNumber::URI_QUERY, q.as_bytes());
+    }
+    b.payload(payload).build()
+}
+
+/// Sends a request; the server's answer and, if any, the CON request it sends next.
+fn ask(peer: &mut Peer, code: Code, path: &[&str], query: &[&str], payload: &[u8]) -> (Reply, Option<Reply>) {
+    let data = request(peer, code, path, query, payload);
+    Wire::send(peer, &data);
+    let (mut answer, mut request) = (None, None);
+    // Any request of the server's follows its answer at once.
+    let within = |answered: bool| Duration::from_millis(if answered { 1000 } else { 5000 });
+    while let Some(d) = Wire::recv(peer, within(answer.is_some())) {
+        let r = Reply::parse(&d);
+        match r.mtype {
+            MessageType::Ack => answer = Some(r),
+            MessageType::Con => request = Some(r),
+            _ => {}
+        }
+        if answer.is_some() && (request.is_some() || answer.as_ref().is_some_and(|a| a.code.class() != 2)) {
+            break;
+        }
+    }
+    (answer.expect("an answer"), request)
+}
+
+fn ack(peer: &mut Peer, to: &Reply, code: Code, payload: &[u8]) {
+    Wire::send(peer, &MessageBuilder::new(MessageType::Ack, code, to.mid, &to.token).payload(payload).build());
+}
+
+#[test]
+fn agent_tiny_style_data_in_the_observe_answer_and_a_strangers_requests_over_udp() {
+    let server = Server::start();
+    let node = "863921034567895";
+    let (pk, dn) = lwm2m_device(&server, node);
+    let mut device = raw(&server);
+    let ep = format!("ep={node}");
+    // Malformed links change nothing.
+    let (bad, _) = ask(&mut device, Code::POST, &["rd"], &[&ep], b"</3/0");
+    assert_eq!(bad.code, Code::BAD_REQUEST);
+    let (created, get) = ask(&mut device, Code::POST, &["rd"], &[&ep, "b=UQ", "lt=600"], b"</3/0>,</19/0>");
+    assert_eq!(created.code, Code::CREATED);
+    let get = get.expect("the observe request of /19/0/0");
+    assert_eq!(get.path(), ["19", "0", "0"]);
+    // A payload in the observe answer is the first notification.
+    ack(&mut device, &get, Code::CONTENT, b"\x01first");
+    let stored = eventually(|| messages(&server, &pk, &dn), |m| !m.is_empty(), |m| format!("nothing stored: {m:?}"));
+    assert_eq!(stored[0]["topic"], "/19/0/0");
+    assert_eq!(STANDARD.decode(stored[0]["payload_base64"].as_str().unwrap()).unwrap(), b"\x01first");
+    let registered = server.wait_device(&pk, &dn, |d| d["registration"].is_object());
+
+    // Someone else who knows the node id: a Deregister is refused, an Update changes nothing
+    // until an observe request sent to it is answered (here it is not).
+    let mut stranger = raw(&server);
+    let (refused, _) = ask(&mut stranger, Code::DELETE, &["rd", node], &[], b"");
+    assert_eq!(refused.code, Code::FORBIDDEN);
+    let (changed, probe) = ask(&mut stranger, Code::POST, &["rd", node], &["lt=1"], b"");
+    assert_eq!(changed.code, Code::CHANGED);
+    assert!(probe.is_some_and(|p| p.path() == ["19", "0", "0"]), "an observe request to the stranger");
+    let device_now = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
+    assert_eq!(device_now["registration"]["lifetime_s"], 600);
+    assert_eq!(device_now["address"], registered["address"]);
+    // The device itself deregisters.
+    let (deleted, _) = ask(&mut device, Code::DELETE, &["rd", node], &[], b"");
+    assert_eq!(deleted.code, Code::DELETED);
+    server.wait_device(&pk, &dn, |d| d["registration"].is_null());
+}
+
+#[test]
+fn a_bootstrap_over_udp_names_this_instance_and_keeps_psks_out_of_clear_text() {
+    let server = Server::start();
+    let node = "863921034567896";
+    lwm2m_device(&server, node);
+    let mut client = raw(&server);
+    let ep = format!("ep={node}");
+    let (changed, mut next) = ask(&mut client, Code::POST, &["bs"], &[&ep], b"");
+    assert_eq!(changed.code, Code::CHANGED);
+    let mut steps = Vec::new();
+    while let Some(step) = next.take() {
+        steps.push((step.code, step.path().join("/"), step.payload.clone()));
+        ack(&mut client, &step, Code::CHANGED, b"");
+        next = Wire::recv(&mut client, Duration::from_secs(2))
+            .map(|d| Reply::parse(&d))
+            .filter(|r| r.mtype == MessageType::Con);
+    }
+    let order: Vec<(Code, &str)> = steps.iter().map(|(c, p, _)| (*c, p.as_str())).collect();
+    assert_eq!(order, [(Code::DELETE, ""), (Code::PUT, "0/1"), (Code::PUT, "1/0"), (Code::POST, "bs")]);
+    let uri = format!("coap://127.0.0.1:{}", server.endpoints.coap.port());
+    let security = &steps[1].2;
+    assert!(security.windows(uri.len()).any(|w| w == uri.as_bytes()), "the server URI in {security:?}");
+
+    // A device with a PSK asking in clear is refused: its key would travel unencrypted.
+    let admin = server.admin();
+    let product = admin.post("/api/v1/products", &json!({"name": "keyed"})).unwrap();
+    let keyed = "863921034567897";
+    let body = json!({"node_id": keyed, "psk_hex": hex::encode(b"psk-key")});
+    admin.post(&format!("/api/v1/products/{}/devices", product["product_key"].as_str().unwrap()), &body).unwrap();
+    let ep = format!("ep={keyed}");
+    let (refused, provisioning) = ask(&mut client, Code::POST, &["bs"], &[&ep], b"");
+    assert_eq!(refused.code, Code::FORBIDDEN);
+    assert!(provisioning.is_none());
 }
