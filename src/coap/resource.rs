@@ -162,6 +162,11 @@ pub struct Retransmit {
 }
 
 impl Retransmit {
+    /// Sent once: no retransmission, the exchange ends after the first timeout.
+    pub fn once(self) -> Retransmit {
+        Retransmit { max_retransmit: 0, give_up_after: self.ack_timeout, ..self }
+    }
+
     /// Back-off until the last retransmission's timeout ends (RFC 7252 MAX_TRANSMIT_WAIT, without
     /// the random factor).
     pub fn exhausting(ack_timeout: Duration, max_retransmit: u32) -> Retransmit {

@@ -87,12 +87,7 @@ impl Huawei {
     ) -> Option<Outgoing> {
         let message = rest.pop()?;
         let exchange = self.registry.next_exchange();
-        let product = self.registry.product(device.product_key.as_str());
-        let mut retransmit = crate::downlink::service::retransmit(&self.registry.config.downlink, product.as_deref());
-        if once {
-            retransmit.max_retransmit = 0;
-            retransmit.give_up_after = retransmit.ack_timeout;
-        }
+        let retransmit = self.retransmit(device, once);
         self.started.insert(exchange, Started::Bootstrap { device: device.clone(), peer, rest });
         Some(Outgoing { peer, message, retransmit, exchange })
     }

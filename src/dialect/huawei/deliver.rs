@@ -9,7 +9,7 @@ use crate::clock::Now;
 use crate::coap::message::Code;
 use crate::coap::resource::{ExchangeKey, Outgoing, Reply};
 use crate::dialect::Effects;
-use crate::downlink::{Settlement, service as downlink};
+use crate::downlink::Settlement;
 use crate::identity::ObserveToken;
 use crate::registry::Device;
 
@@ -31,15 +31,9 @@ impl Huawei {
             let Some(command) = self.commands.send_next(device.id, &s, now.wall, exchange) else { return };
             (command, token, peer, Channel::of(&s))
         };
-        let product = self.registry.product(device.product_key.as_str());
         let message = channel.down(token, &command.payload);
         tracing::debug!(device = ?device, command = %command.id, %peer, "sending command");
-        effects.outgoing.push(Outgoing {
-            peer,
-            message,
-            retransmit: downlink::retransmit(&self.registry.config.downlink, product.as_deref()),
-            exchange,
-        });
+        effects.outgoing.push(Outgoing { peer, message, retransmit: self.retransmit(device, false), exchange });
         self.started.insert(exchange, Started::Command { device: device.clone(), token });
     }
 

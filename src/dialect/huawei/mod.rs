@@ -91,6 +91,13 @@ pub struct Huawei {
 }
 
 impl Huawei {
+    /// How a CON to `device` is retransmitted (its product's timers), or sent `once`.
+    fn retransmit(&self, device: &Device, once: bool) -> crate::coap::resource::Retransmit {
+        let product = self.registry.product(device.product_key.as_str());
+        let r = crate::downlink::service::retransmit(&self.registry.config.downlink, product.as_deref());
+        if once { r.once() } else { r }
+    }
+
     pub fn new(services: &Services, route: Route) -> Huawei {
         Huawei {
             registry: services.registry.clone(),

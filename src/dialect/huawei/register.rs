@@ -89,12 +89,7 @@ impl Huawei {
         message: Vec<u8>,
     ) -> Outgoing {
         let exchange = self.registry.next_exchange();
-        let product = self.registry.product(device.product_key.as_str());
-        let mut retransmit = crate::downlink::service::retransmit(&self.registry.config.downlink, product.as_deref());
-        if req.authenticated.is_none() {
-            retransmit.max_retransmit = 0;
-            retransmit.give_up_after = retransmit.ack_timeout;
-        }
+        let retransmit = self.retransmit(device, req.authenticated.is_none());
         self.started.insert(exchange, Started::Observe { device: device.clone(), token, peer: req.peer });
         Outgoing { peer: req.peer, message, retransmit, exchange }
     }

@@ -11,7 +11,6 @@ use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Outgoing, Reply};
 use crate::dialect::Effects;
-use crate::downlink::service as downlink;
 use crate::identity::ObserveToken;
 use crate::ota::campaign::PlatformRequest;
 use crate::registry::Device;
@@ -38,10 +37,7 @@ impl Huawei {
         peer: SocketAddr,
         frame: &[u8],
     ) -> Outgoing {
-        let product = self.registry.product(device.product_key.as_str());
-        let mut retransmit = downlink::retransmit(&self.registry.config.downlink, product.as_deref());
-        retransmit.max_retransmit = 0;
-        retransmit.give_up_after = retransmit.ack_timeout;
+        let retransmit = self.retransmit(device, true);
         let exchange = self.registry.next_exchange();
         self.started.insert(exchange, Started::PcpAnswer { device: device.clone() });
         Outgoing { peer, message: channel.down(token, frame), retransmit, exchange }
@@ -62,11 +58,10 @@ impl Huawei {
                 PlatformRequest::Send(frame) => (frame, token, peer, Channel::of(&s)),
             }
         };
-        let product = self.registry.product(device.product_key.as_str());
         effects.outgoing.push(Outgoing {
             peer,
             message: channel.down(token, &frame),
-            retransmit: downlink::retransmit(&self.registry.config.downlink, product.as_deref()),
+            retransmit: self.retransmit(device, false),
             exchange,
         });
         self.started.insert(exchange, Started::PcpRequest { device: device.clone(), token });
