@@ -71,9 +71,9 @@ async fn create(
     let product = registry
         .product(package.product_key.as_str())
         .ok_or_else(|| ApiError::not_found(format!("product {} not found", package.product_key)))?;
-    if product.ota_protocol != OtaProtocol::Pcp {
+    if product.ota_protocol == OtaProtocol::None {
         return Err(ApiError::bad_request(format!(
-            "product {} does not upgrade over PCP (its ota_protocol is none)",
+            "product {} has no upgrade protocol (its ota_protocol is none)",
             product.product_key
         )));
     }

@@ -638,6 +638,7 @@ impl Cluster {
                     version: d.version.clone(),
                     home: Home::Arriving,
                     registration: None,
+                    firmware_observe: None,
                 };
                 let device = Arc::new(Device::from_record(record, None, None));
                 if self.registry.insert(&device).is_err() {

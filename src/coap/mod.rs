@@ -1,7 +1,8 @@
-//! CoAP (RFC 7252) without I/O: the message codec, option numbers, deduplication, the reliability
+//! CoAP (RFC 7252) without I/O: the message codec, option numbers, block-wise transfers, deduplication, the reliability
 //! layer of the CONs the server sends, and the server endpoint that drives resource handlers. A
 //! leaf: it knows nothing of devices' dialects or of the store.
 
+pub mod block;
 pub mod dedup;
 pub mod endpoint;
 pub mod message;

@@ -42,6 +42,9 @@ pub struct Response {
     pub location_path: Vec<String>,
     pub content_format: Option<u32>,
     pub max_age: Option<u32>,
+    /// A block of a representation sent block-wise (RFC 7959), and the whole one's size.
+    pub block2: Option<crate::coap::block::Block>,
+    pub size2: Option<u32>,
     pub size1: Option<u32>,
     pub payload: Vec<u8>,
     /// Carry the stored message's id in option 2090 once the write has it.
@@ -55,6 +58,8 @@ impl Response {
             location_path: Vec::new(),
             content_format: None,
             max_age: None,
+            block2: None,
+            size2: None,
             size1: None,
             payload: Vec::new(),
             with_message_id: false,
@@ -76,6 +81,12 @@ impl Response {
         }
         if let Some(age) = self.max_age {
             b = b.uint_option(OptionNumber::MAX_AGE, age);
+        }
+        if let Some(block) = self.block2 {
+            b = b.uint_option(OptionNumber::BLOCK2, block.value());
+        }
+        if let Some(size) = self.size2 {
+            b = b.uint_option(OptionNumber::SIZE2, size);
         }
         if let Some(size) = self.size1 {
             b = b.uint_option(OptionNumber::SIZE1, size);

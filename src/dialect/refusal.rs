@@ -75,6 +75,12 @@ pub enum Refusal {
     KeyInClear,
     /// LwM2M: a Deregister from an address the device's relation did not answer from.
     ForeignAddress,
+    /// LwM2M: a package block for a key or task that names no download in progress.
+    NoPackage,
+    /// LwM2M: a Block2 option that is malformed or uses the reserved size.
+    BadBlock,
+    /// LwM2M: a package block that starts past the package's end (RFC 7959 §2.2).
+    BlockPastEnd,
 }
 
 impl Refusal {
@@ -104,6 +110,9 @@ impl Refusal {
             Refusal::LinksFormat => "links_format",
             Refusal::KeyInClear => "key_in_clear",
             Refusal::ForeignAddress => "foreign_address",
+            Refusal::NoPackage => "no_package",
+            Refusal::BadBlock => "bad_block",
+            Refusal::BlockPastEnd => "block_past_end",
         }
     }
 
@@ -119,7 +128,8 @@ impl Refusal {
             | Refusal::UnknownEndpoint
             | Refusal::KeyInClear
             | Refusal::ForeignAddress => Code::FORBIDDEN,
-            Refusal::UnknownRegistration => Code::NOT_FOUND,
+            Refusal::UnknownRegistration | Refusal::NoPackage => Code::NOT_FOUND,
+            Refusal::BlockPastEnd => Code::BAD_OPTION,
             Refusal::BadRegistration(_) => Code::BAD_REQUEST,
             Refusal::LinksFormat => Code::UNSUPPORTED_CONTENT_FORMAT,
             // 4.00, not 4.01, for seq trouble: a 4.01 would send the device back to /auth.
@@ -130,6 +140,7 @@ impl Refusal {
             | Refusal::Undecryptable
             | Refusal::BadPageSize
             | Refusal::BadQuery
+            | Refusal::BadBlock
             | Refusal::UnknownObserve
             | Refusal::StaleNotification => Code::BAD_REQUEST,
             Refusal::TooLarge => Code::REQUEST_ENTITY_TOO_LARGE,

@@ -49,6 +49,11 @@ struct Bed {
 
 impl Bed {
     fn new(family: PortFamily) -> Bed {
+        Bed::with_ota(family, OtaProtocol::Pcp)
+    }
+
+    /// A bed whose product upgrades over `ota_protocol`.
+    fn with_ota(family: PortFamily, ota_protocol: OtaProtocol) -> Bed {
         let (writer, recorder) = recording();
         let config = Config::load_with_env(None, Vec::new()).unwrap();
         let registry = Arc::new(Registry::new(Arc::new(config), writer));
@@ -58,7 +63,7 @@ impl Bed {
                 product_secret: Secret::new(PRODUCT_SECRET).unwrap(),
                 name: "meters".into(),
                 dynamic_registration: true,
-                ota_protocol: OtaProtocol::Pcp,
+                ota_protocol,
                 awake_window_s: 20,
                 created_at: 0,
                 ack_timeout_ms: None,
@@ -472,6 +477,13 @@ const AGENT_LINKS: &[u8] = br#"</>;rt="oma.lwm2m",</1/0>,</2>,</3/0>,</4/0>,</6/
 /// Registers the device as agent_tiny does and answers the observe request on `/19/0/0` with an
 /// empty 2.05; the relation's token.
 fn register_lwm2m(bed: &mut Bed) -> Vec<u8> {
+    let (token, sent) = register_lwm2m_then(bed);
+    assert!(sent.is_empty(), "{sent:?}");
+    token
+}
+
+/// [`register_lwm2m`], and what the server sends once the registration took effect.
+fn register_lwm2m_then(bed: &mut Bed) -> (Vec<u8>, Vec<Message<'static>>) {
     let before = bed.device().state().registration.clone();
     let ep = format!("ep={NODE}");
     let sent = bed.send(&register(1, &["lwm2m=1.0", &ep, "b=UQ", "lt=20"], AGENT_LINKS));
@@ -488,11 +500,11 @@ fn register_lwm2m(bed: &mut Bed) -> Vec<u8> {
     assert_eq!(get.uint_option(OptionNumber::ACCEPT).unwrap(), Some(42));
     assert_eq!(bed.device().state().registration, before, "nothing changes before the device answers");
     let ack = MessageBuilder::new(MessageType::Ack, Code::CONTENT, get.mid, get.token).build();
-    assert!(bed.send(&ack).is_empty());
+    let after = bed.send(&ack);
     let r = stored_registration(&bed.recorded()).expect("the registration is stored once the device answered");
     assert_eq!((r.lifetime_s, r.queue, r.version.as_str()), (20, true, "1.0"));
     assert_eq!(r.objects, ["/1/0", "/2", "/3/0", "/4/0", "/6/0", "/19/0", "/19/1"]);
-    get.token.to_vec()
+    (get.token.to_vec(), after)
 }
 
 #[test]
@@ -735,3 +747,5 @@ fn only_the_device_changes_its_registration_and_an_update_delivers_what_waits() 
     assert_eq!(sent[0].code, Code::CHANGED);
     assert_eq!(s.state().registration.as_ref().map(|r| r.lifetime_s), Some(600));
 }
+
+mod firmware;

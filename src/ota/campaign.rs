@@ -1,5 +1,5 @@
-//! The upgrade campaign (SPEC §6): tasks, each device's upgrade and the PCP request waiting for
-//! its downlink channel, and the cell budget. An upgrade moves on what the device says, on any
+//! The upgrade campaign (SPEC §6): tasks, each device's upgrade and the request waiting for its
+//! downlink channel (PCP, or Object 5 for LwM2M clients), and the cell budget. An upgrade moves on what the device says, on any
 //! contact and on a periodic tick. Devices in no upgrade have no slot here.
 //!
 //! Lock order: the device's state (the directory's lock), then the shard holding its slot, then
@@ -21,6 +21,7 @@ use super::stored;
 use super::task::{UpgradeTaskId, UpgradeTaskRecord, UpgradeTaskStatus};
 use super::upgrade::{self, Answer, Ctx, Retry, Stage, Step, Target, Timers, Upgrade};
 use crate::clock::UnixMs;
+use crate::coap::block::Block;
 use crate::coap::resource::ExchangeKey;
 use crate::identity::{DeviceId, ProductKey};
 use crate::northbound::{Event, EventKind};
@@ -33,11 +34,12 @@ use crate::telemetry::metric;
 /// Devices whose radio names no cell share this one, so together they never load more than a cell.
 const UNKNOWN_CELL: &str = "";
 
-/// A PCP request of the platform (19, 20 or 23) for the device's downlink channel. Only the latest
-/// is kept: each replaces the one before, which the upgrade no longer needs.
+/// A request of the platform (PCP 19, 20 or 23, or the LwM2M operations a dialect makes of them)
+/// for the device's downlink channel. Only the latest is kept: each replaces the one before,
+/// which the upgrade no longer needs.
 #[derive(Debug, Clone)]
 struct PcpRequest {
-    frame: Vec<u8>,
+    request: FromPlatform,
     /// The exchange carrying it, while one does.
     in_flight: Option<ExchangeKey>,
 }
@@ -57,21 +59,21 @@ impl Slot {
         self.upgrade.is_some() || self.request.is_some()
     }
 
-    /// Queues `frame` unless the same request is already on its way.
-    fn queue(&mut self, frame: Vec<u8>) {
-        if self.request.as_ref().is_none_or(|p| p.frame != frame || p.in_flight.is_none()) {
-            self.request = Some(PcpRequest { frame, in_flight: None });
+    /// Queues `request` unless the same one is already on its way.
+    fn queue(&mut self, request: &FromPlatform) {
+        if self.request.as_ref().is_none_or(|p| p.request != *request || p.in_flight.is_none()) {
+            self.request = Some(PcpRequest { request: request.clone(), in_flight: None });
         }
     }
 }
 
-/// Where the device's PCP request stands, for the channel that would carry it.
+/// Where the device's request stands, for the channel that would carry it.
 pub enum PlatformRequest {
     None,
     /// On its way in an exchange not yet ended.
     InFlight,
     /// To send now: the exchange given carries it from here on.
-    Send(Vec<u8>),
+    Send(FromPlatform),
 }
 
 /// A task and the package it installs, as steps need them.
@@ -256,6 +258,24 @@ pub struct RetryView {
     pub interval_minutes: u64,
 }
 
+/// A block of a package, as an LwM2M client fetches it.
+pub struct PackageBlock {
+    pub data: Vec<u8>,
+    /// The Block2 option answering it.
+    pub block: Block,
+    /// The whole package's size.
+    pub size: u64,
+}
+
+/// Why a block is not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBlock {
+    /// The device is in no download of that task (any more).
+    NoDownload,
+    /// The block starts past the package's end.
+    PastEnd,
+}
+
 /// What a PCP message from a device leads to.
 pub struct PcpOutcome {
     /// The frame answering it, if it was a request.
@@ -293,7 +313,7 @@ impl Campaign {
             lock(&self.waiting).entry(cell).or_default().insert((up.since, device.id));
         }
         if let Some(request) = &step.send {
-            slot.queue(request.encode());
+            slot.queue(request);
         }
         if up.stage.is_final() {
             lock(&self.active).remove(&device.id);
@@ -389,6 +409,72 @@ impl Campaign {
         Some(FromPlatform::Chunk { result: ResultCode::OK, chunk: n, data }.encode())
     }
 
+    /// The device refused or could not do what its upgrade asked (its state locked by the
+    /// caller): an LwM2M client's error answer or failed update result. The attempt fails with
+    /// `why`; what to store is returned.
+    pub fn refused(&self, device: &Arc<Device>, s: &mut DeviceState, now: UnixMs, why: String) -> SmallVec<[Op; 3]> {
+        let mut ops = SmallVec::new();
+        self.with_slot(device.id, s, |slot, s| {
+            let Some(task) = slot.upgrade.as_ref().and_then(|u| self.task(u.task)) else { return };
+            let Some(mut up) = slot.upgrade.take() else { return };
+            let (target, timers) = (task.target(), self.timers());
+            let step = up.refused(&task.ctx(&target, &timers, now), why);
+            self.apply_step(device, s, slot, &up, &task, &step, &mut ops);
+            slot.upgrade = Some(up);
+        });
+        ops
+    }
+
+    /// `device`'s upgrade (its state locked by the caller), if it has one.
+    pub fn upgrade_of(&self, device: DeviceId, s: &mut DeviceState) -> Option<Upgrade> {
+        self.with_slot(device, s, |slot, _| slot.upgrade.clone())
+    }
+
+    /// A block of `task`'s package for `device` (its state locked by the caller), fetched by URI
+    /// as LwM2M clients do (RFC 7959): any block, so a download resumes where it stopped. It moves
+    /// the download on as a PCP chunk request would, by the package chunk holding its last byte.
+    pub fn block(
+        &self,
+        device: &Arc<Device>,
+        s: &mut DeviceState,
+        now: UnixMs,
+        task: UpgradeTaskId,
+        block: Block,
+    ) -> (Result<PackageBlock, NoBlock>, SmallVec<[Op; 3]>) {
+        let mut ops = SmallVec::new();
+        let served = self.with_slot(device.id, s, |slot, s| {
+            let Some(task) = slot.upgrade.as_ref().filter(|u| u.task == task).and_then(|u| self.task(u.task)) else {
+                return Err(NoBlock::NoDownload);
+            };
+            let (range, answer) = block.slice(task.package.size).map_err(|_| NoBlock::PastEnd)?;
+            let chunk_size = task.package.chunk_size as u64;
+            let chunk = (range.end.saturating_sub(1) / chunk_size) as u16;
+            let Some(mut up) = slot.upgrade.take() else { return Err(NoBlock::NoDownload) };
+            let (target, timers) = (task.target(), self.timers());
+            let step =
+                up.pcp(&task.ctx(&target, &timers, now), &FromDevice::ChunkRequest { version: task.version, chunk });
+            self.apply_step(device, s, slot, &up, &task, &step, &mut ops);
+            slot.upgrade = Some(up);
+            if !matches!(step.answer, Some(Answer::Chunk(_))) {
+                return Err(NoBlock::NoDownload);
+            }
+            // Gone once the task stopped: the client asks again in vain and its upgrade ends.
+            let chunks = task.chunks.as_ref().ok_or(NoBlock::NoDownload)?;
+            let mut data = Vec::with_capacity((range.end - range.start) as usize);
+            let mut at = range.start;
+            while at < range.end {
+                let (index, within) = ((at / chunk_size) as usize, (at % chunk_size) as usize);
+                let chunk = chunks.get(index).ok_or(NoBlock::NoDownload)?;
+                let take = (chunk.len() - within).min((range.end - at) as usize);
+                data.extend_from_slice(&chunk[within..within + take]);
+                at += take as u64;
+            }
+            metrics::counter!(metric::OTA_CHUNKS).increment(1);
+            Ok(PackageBlock { data, block: answer, size: task.package.size })
+        });
+        (served, ops)
+    }
+
     /// Whether `payload` asks for the next chunk of `device`'s download in progress
     /// ([`Upgrade::advanced_by`]; its state locked by the caller): such a request is not charged
     /// to its flow control.
@@ -437,7 +523,7 @@ impl Campaign {
             Some(r) if r.in_flight.is_some() => PlatformRequest::InFlight,
             Some(r) => {
                 r.in_flight = Some(exchange);
-                PlatformRequest::Send(r.frame.clone())
+                PlatformRequest::Send(r.request.clone())
             }
         })
     }

@@ -330,6 +330,16 @@ impl Upgrade {
         self.finish(ctx, step)
     }
 
+    /// The device refused or could not do what was asked of it (an LwM2M error answer, a failed
+    /// update result): the attempt fails with `why`, retried as the task allows.
+    pub fn refused(&mut self, ctx: &Ctx, why: String) -> Step {
+        let mut step = Step::default();
+        if !self.stage.is_final() && self.stage != Stage::WaitingOnline {
+            self.fail(ctx, why, true, &mut step);
+        }
+        self.finish(ctx, step)
+    }
+
     /// A PCP message from the device.
     pub fn pcp(&mut self, ctx: &Ctx, msg: &FromDevice) -> Step {
         let mut step = Step::default();

@@ -61,6 +61,10 @@ pub struct DeviceState {
     /// The registration of the last Register, until the device answers the observe request it
     /// was sent (a Register proves nothing before that).
     pub pending_registration: Option<Registration>,
+    /// The token of the server's observation of the client's firmware update state (`/5/0/3`):
+    /// kept across re-registration and restarts, since a client reports its update's result
+    /// after the reboot under the observation made before it.
+    pub firmware_observe: Option<ObserveToken>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -111,6 +115,7 @@ impl Device {
                 home: r.home,
                 registration: r.registration,
                 pending_registration: None,
+                firmware_observe: r.firmware_observe,
             }),
         }
     }
@@ -143,6 +148,7 @@ impl Device {
             version: s.version.clone(),
             home: s.home.clone(),
             registration: s.registration.clone(),
+            firmware_observe: s.firmware_observe,
         }
     }
 }
@@ -287,6 +293,7 @@ pub(crate) fn test_record() -> DeviceRecord {
         version: None,
         home: Home::Here,
         registration: None,
+        firmware_observe: None,
     }
 }
 
@@ -343,6 +350,7 @@ mod tests {
             home: Home::Here,
             registration: None,
             pending_registration: None,
+            firmware_observe: None,
         };
         assert_eq!(s.status(now, &c), Status::Inactive);
         s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));

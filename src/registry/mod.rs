@@ -126,9 +126,11 @@ impl Devices {
         if let Some(n) = &d.node_id {
             self.by_node.insert(n.clone(), d.clone());
         }
-        if let Some(t) = d.state().observe {
+        let s = d.state();
+        for t in [s.observe, s.firmware_observe].into_iter().flatten() {
             self.by_observe.insert(t, d.clone());
         }
+        drop(s);
         self.by_product.entry(d.product_key.clone()).or_default().insert(d.device_name.clone(), d.clone());
         self.by_id.insert(d.id, d.clone());
     }
@@ -142,7 +144,7 @@ impl Devices {
         }
         self.by_id.remove(&d.id);
         let s = d.state();
-        for t in [s.observe, s.pending_observe].into_iter().flatten() {
+        for t in [s.observe, s.pending_observe, s.firmware_observe].into_iter().flatten() {
             self.by_observe.remove(&t);
         }
     }
@@ -348,6 +350,7 @@ impl Registry {
             version: None,
             home: crate::identity::Home::Here,
             registration: None,
+            firmware_observe: None,
         };
         let device = Arc::new(Device::from_record(record, None, None));
         self.insert(&device)?;
@@ -402,7 +405,7 @@ impl Registry {
         }
         // A registration ends with the relation: the client registers at its new home.
         (s.registration, s.pending_registration) = (None, None);
-        for t in [s.observe.take(), s.pending_observe.take()].into_iter().flatten() {
+        for t in [s.observe.take(), s.pending_observe.take(), s.firmware_observe.take()].into_iter().flatten() {
             devices.by_observe.remove(&t);
         }
         Some((s, decided, ops))

@@ -132,6 +132,28 @@ impl Registry {
         ended
     }
 
+    /// The token of `device`'s observation of its firmware update state: the one it has, else a
+    /// new one, indexed and stored before it is first used (the client may report under it after
+    /// a reboot, and a server that forgot it would answer that report with RST).
+    pub fn firmware_observe(&self, device: &Arc<Device>) -> Option<ObserveToken> {
+        if let Some(t) = device.state().firmware_observe {
+            return Some(t);
+        }
+        let mut devices = write(&self.devices);
+        let mut s = device.state();
+        if s.deleted || !s.home.is_here() {
+            return None;
+        }
+        if let Some(t) = s.firmware_observe {
+            return Some(t);
+        }
+        let token = ObserveToken::generate();
+        s.firmware_observe = Some(token);
+        devices.by_observe.insert(token, device.clone());
+        self.writer.record([Op::PutDevice(device.clone())]);
+        Some(token)
+    }
+
     /// Forgets a relation the device refused or never acknowledged.
     pub fn drop_pending_observe(&self, device: &Arc<Device>, token: ObserveToken) {
         let mut devices = write(&self.devices);

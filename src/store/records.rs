@@ -12,8 +12,11 @@ use crate::identity::{DeviceId, DeviceName, Home, NodeId, ObserveToken, ProductK
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OtaProtocol {
+    /// Huawei's PCP, in the device's data channel (SPEC §6).
     #[default]
     Pcp,
+    /// LwM2M Object 5: the server writes the package's URI and the client fetches it block-wise.
+    Lwm2m,
     None,
 }
 
@@ -75,6 +78,10 @@ pub struct DeviceRecord {
     /// go down as writes to `/19/1/0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration: Option<Registration>,
+    /// The observation of its LwM2M firmware update state (`/5/0/3`), kept across
+    /// re-registration: the client reports its update's result under it after rebooting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_observe: Option<ObserveToken>,
 }
 
 /// An LwM2M client's registration (OMA LwM2M 1.x, Register and Update).

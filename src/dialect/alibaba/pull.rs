@@ -57,7 +57,7 @@ impl Alibaba {
             ));
             // An upgrade request goes first, in the place of one command.
             let pcp = match self.campaign.request(device.id, &mut s, exchange) {
-                PlatformRequest::Send(frame) => Some(frame),
+                PlatformRequest::Send(request) => Some(request.encode()),
                 PlatformRequest::None | PlatformRequest::InFlight => None,
             };
             let (commands, sent) = self.commands.pull(device.id, &s, now.wall, page - pcp.is_some() as usize, exchange);

@@ -6,6 +6,7 @@
 mod bind;
 mod bootstrap;
 mod deliver;
+mod firmware;
 mod register;
 mod upgrade;
 mod uplink;
@@ -78,6 +79,8 @@ enum Started {
     PcpAnswer { device: Arc<Device> },
     /// One request of an LwM2M bootstrap; `rest` are the ones still to send, last first.
     Bootstrap { device: Arc<Device>, peer: SocketAddr, rest: Vec<Vec<u8>> },
+    /// One operation of an upgrade over LwM2M Object 5.
+    Firmware { device: Arc<Device>, chain: firmware::Chain },
 }
 
 pub struct Huawei {
@@ -132,6 +135,7 @@ impl Huawei {
             Some(Started::Bootstrap { device, peer, rest }) => {
                 self.bootstrap_answered(&device, peer, rest, reply, effects)
             }
+            Some(Started::Firmware { device, chain }) => self.firmware_answered(now, &device, chain, reply, effects),
             None => return false,
         }
         true
@@ -181,8 +185,12 @@ impl Huawei {
                     ops.retain(|op| !matches!(op, Op::Presence { .. }));
                     ops.push(Op::Presence { device: device.id, record: s.presence() });
                     effects.writes.push(ops);
+                    let registered = s.registration.is_some();
                     drop(s);
                     self.deliver(now, device, effects);
+                    if registered {
+                        self.registered_again(device, effects);
+                    }
                 }
             }
             // An Empty ACK: the notification establishing the relation comes later.

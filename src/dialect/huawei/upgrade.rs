@@ -43,8 +43,9 @@ impl Huawei {
         Outgoing { peer, message: channel.down(token, frame), retransmit, exchange }
     }
 
-    /// Sends the device's waiting PCP request; true if one is waiting or on its way (commands
-    /// then wait: PCP goes first).
+    /// Sends the device's waiting PCP request (or, for an upgrade over Object 5, the first of its
+    /// LwM2M operations); true if one is waiting or on its way (commands then wait: PCP goes
+    /// first).
     pub(super) fn deliver_pcp(&mut self, device: &Arc<Device>, effects: &mut Effects) -> bool {
         let exchange = self.registry.next_exchange();
         let (frame, token, peer, channel) = {
@@ -52,11 +53,21 @@ impl Huawei {
             let (Some(token), Some(peer)) = (s.observe, s.address) else {
                 return self.campaign.has_request(device.id, &mut s);
             };
-            match self.campaign.request(device.id, &mut s, exchange) {
+            let request = match self.campaign.request(device.id, &mut s, exchange) {
                 PlatformRequest::None => return false,
                 PlatformRequest::InFlight => return true,
-                PlatformRequest::Send(frame) => (frame, token, peer, Channel::of(&s)),
+                PlatformRequest::Send(request) => request,
+            };
+            if self.over_object5(device, &s) {
+                let ops = self.firmware_operations(device, &mut s, &request);
+                drop(s);
+                match self.start_firmware(device, peer, ops, Some(exchange)) {
+                    Some(first) => effects.outgoing.push(first),
+                    None => self.campaign.request_ended(device.id, &mut device.state(), exchange, true),
+                }
+                return true;
             }
+            (request.encode(), token, peer, Channel::of(&s))
         };
         effects.outgoing.push(Outgoing {
             peer,

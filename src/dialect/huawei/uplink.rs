@@ -35,6 +35,9 @@ impl Huawei {
             // The device ends the relation (RFC 7641 §3.2): nothing to store.
             return ignore();
         }
+        if device.state().firmware_observe == Some(token) {
+            return self.firmware_notification(req, &device, effects);
+        }
         let now = req.now.wall;
         let (accepted, channel) = {
             let mut s = device.state();

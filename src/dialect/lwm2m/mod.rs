@@ -2,7 +2,9 @@
 //! the registration interface, and the forms device data and commands take in object 19 (Binary
 //! App Data Container). Only wire rules live here; the observe channel they open is served by the
 //! same code as the raw Huawei dialect's (`huawei/`), which picks these forms for a device that
-//! registered.
+//! registered. [`firmware`] holds Object 5's.
+
+pub mod firmware;
 
 use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
