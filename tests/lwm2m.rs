@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use common::agent_tiny::AgentTiny;
+use common::ota;
 use common::*;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
@@ -299,4 +301,99 @@ fn a_bootstrap_over_udp_names_this_instance_and_keeps_psks_out_of_clear_text() {
     let (refused, provisioning) = ask(&mut client, Code::POST, &["bs"], &[&ep], b"");
     assert_eq!(refused.code, Code::FORBIDDEN);
     assert!(provisioning.is_none());
+}
+
+/// A product whose packages travel over Object 5, with one device of node id `node`.
+fn firmware_device(server: &Server, node: &str) -> (String, String) {
+    let admin = server.admin();
+    let body = json!({"name": "lwm2m firmware", "ota_protocol": "lwm2m", "awake_window_s": 30, "ack_timeout_ms": 500});
+    let pk = admin.post("/api/v1/products", &body).unwrap()["product_key"].as_str().unwrap().to_string();
+    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node})).unwrap();
+    (pk, d["device_name"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn lwm2m_node_lib_downloads_its_firmware_block_wise_over_object_5() {
+    let server = Server::start_with(&ota::FAST);
+    let node = "863921034567898";
+    let (pk, dn) = firmware_device(&server, node);
+    let mut client = Client::start(&server, node, 300, "U");
+    client.expect("registered", Duration::from_secs(10));
+    client.expect("observe", Duration::from_secs(10));
+    // The new firmware reports this version once it runs.
+    client.step("set:/5/0/7=V2.0");
+    let data = ota::package_bytes(3000);
+    let package = ota::upload(&server, &pk, "V2.0", &data, 500, "");
+    let task = ota::start_task(&server, &package, &pk, &[&dn], None);
+    // The server writes the package URI; the library fetches it with Block2 and checks it.
+    let write = client.expect("write", Duration::from_secs(15));
+    assert_eq!(write["path"], "/5/0/1", "{write}");
+    let uri = write["text"].as_str().unwrap();
+    let expected = format!("coap://127.0.0.1:{}/fw/{task}/", server.endpoints.coap.port());
+    assert!(uri.starts_with(&expected) && !uri.contains('?'), "{uri}");
+    let downloaded = client.expect("fw-downloaded", Duration::from_secs(20));
+    assert_eq!(downloaded["size"], 3000, "{downloaded}");
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    assert_eq!(downloaded["sha256"], digest.as_str(), "the package arrives whole");
+    let execute = client.expect("execute", Duration::from_secs(15));
+    assert_eq!(execute["path"], "/5/0/2", "{execute}");
+    let done = ota::wait_task(&server, &task, "finished");
+    let entry = ota::device_entry(&done, &dn);
+    assert_eq!((entry["state"].as_str(), entry["progress"].as_u64()), (Some("succeeded"), Some(100)), "{done}");
+    let device = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
+    assert_eq!(device["version"], "V2.0", "{device}");
+    // The radio came from Object 4.
+    assert_eq!((device["radio"]["rsrp"].as_f64(), device["radio"]["cell_id"].as_str()), (Some(-92.0), Some("46001")));
+    client.step("exit");
+}
+
+#[test]
+fn agent_tiny_resumes_a_download_across_kill_9_and_reports_under_its_pre_reboot_token() {
+    let mut server = Server::start_with(&ota::FAST);
+    let node = "863921034567899";
+    let (pk, dn) = firmware_device(&server, node);
+    let mut device = AgentTiny::new(server.endpoints.coap, node, "V1.0", "V2.0");
+    assert_eq!(device.register().code, Code::CREATED);
+    device.serve_until(Duration::from_secs(5), |d| d.served.iter().any(|s| s == "GET /19/0/0"));
+    server.wait_device(&pk, &dn, |d| d["registration"].is_object());
+    let data = ota::package_bytes(2900);
+    let package = ota::upload(&server, &pk, "V2.0", &data, 500, "");
+    let task = ota::start_task(&server, &package, &pk, &[&dn], None);
+    device.serve_until(Duration::from_secs(15), |d| d.package_path.is_some());
+    assert_eq!(
+        &device.served[1..],
+        ["GET /4/0/2", "GET /4/0/3", "GET /4/0/8", "GET /3/0/3", "GET /5/0/3", "PUT /5/0/1"],
+        "radio, version, observation, URI"
+    );
+    // Three 512-byte blocks, then the server dies and comes back.
+    assert!(!device.download(0, Some(3)));
+    ota::eventually(
+        || ota::task(&server, &task),
+        |t| ota::device_entry(t, &dn)["state"] == "downloading",
+        |t| format!("not downloading: {t}"),
+    );
+    server.restart();
+    // The test's server comes back on new ports; a real one keeps 5683.
+    device.peer.server = server.endpoints.coap;
+    // The download resumes at the block it stopped at; the server may ask the state meanwhile.
+    assert!(device.download(3, None));
+    assert_eq!(device.downloaded, data, "the package arrives whole");
+    let writes = device.served.iter().filter(|s| *s == "PUT /5/0/1").count();
+    assert_eq!(writes, 1, "a client already downloading is not sent the URI again: {:?}", device.served);
+    // A block past the end is refused and changes nothing.
+    assert_eq!(device.fetch_block(6).code, Code::BAD_OPTION);
+    assert_eq!(device.notify_state(2).mtype, MessageType::Ack);
+    device.serve_until(Duration::from_secs(15), |d| d.state == 3);
+    // The update reboots it: a new port, a new Register, then the result under the old token.
+    device.reboot();
+    let served = device.served.len();
+    assert_eq!(device.register().code, Code::CREATED);
+    let report = device.notify_state(0);
+    assert_eq!(report.mtype, MessageType::Ack, "acknowledged, never RST");
+    device.serve_until(Duration::from_secs(20), |_| ota::task(&server, &task)["status"] == "finished");
+    let done = ota::task(&server, &task);
+    assert_eq!(ota::device_entry(&done, &dn)["state"], "succeeded", "{done}");
+    assert!(device.served[served..].iter().any(|s| s == "GET /5/0/5"), "{:?}", device.served);
+    let view = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
+    assert_eq!(view["version"], "V2.0");
 }

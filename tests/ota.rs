@@ -8,17 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::ota::*;
 use common::pcp::{Behaviour, Concurrency, PcpDevice};
 use common::*;
 use nbhub::ota::pcp::ResultCode;
 use serde_json::{Value, json};
-
-/// Fast ticks and re-asking, so tests run in seconds.
-const FAST: [(&str, &str); 2] = [("NBHUB_OTA_TICK_MS", "100"), ("NBHUB_OTA_RESEND_S", "1")];
-
-fn package_bytes(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 31 + i / 256) as u8).collect()
-}
 
 struct Fleet {
     pk: String,
@@ -48,37 +42,6 @@ fn fleet(server: &Server, n: usize, awake_s: u32) -> Fleet {
 
 fn rand_node() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64 * 1000
-}
-
-fn upload(server: &Server, pk: &str, version: &str, data: &[u8], chunk_size: u16, sources: &str) -> String {
-    let query = format!(
-        "/api/v1/packages?product_key={pk}&version={version}&type=firmware&chunk_size={chunk_size}&source_versions={sources}"
-    );
-    let p = server.admin().post_bytes(&query, data).expect("upload");
-    p["package_id"].as_str().unwrap().to_string()
-}
-
-fn start_task(server: &Server, package: &str, pk: &str, names: &[&str], retry: Option<Value>) -> String {
-    let devices: Vec<Value> = names.iter().map(|dn| json!({"product_key": pk, "device_name": dn})).collect();
-    let mut body = json!({"package_id": package, "devices": devices});
-    if let Some(r) = retry {
-        body["retry"] = r;
-    }
-    let t = server.admin().post("/api/v1/ota/tasks", &body).expect("create task");
-    assert_eq!(t["status"], "running", "{t}");
-    t["task_id"].as_str().unwrap().to_string()
-}
-
-fn task(server: &Server, id: &str) -> Value {
-    server.admin().get(&format!("/api/v1/ota/tasks/{id}")).unwrap()
-}
-
-fn wait_task(server: &Server, id: &str, status: &str) -> Value {
-    eventually(|| task(server, id), |t| t["status"] == status, |t| format!("task never became {status}: {t}"))
-}
-
-fn device_entry<'a>(t: &'a Value, dn: &str) -> &'a Value {
-    t["devices"].as_array().unwrap().iter().find(|d| d["device_name"] == dn).expect("device in task")
 }
 
 /// Runs devices on their own threads until `stop` is set; returns them when it is.
@@ -409,7 +372,7 @@ fn conflicts_stops_and_bad_requests() {
     );
     assert!(code == 400 && message.contains("retry.count"), "{message}");
     let (code, message) = status(json!({"package_id": none_pkg, "devices": [dev(other_pk, "x")]}));
-    assert!(code == 400 && message.contains("PCP"), "{message}");
+    assert!(code == 400 && message.contains("no upgrade protocol"), "{message}");
     assert!(matches!(admin.get("/api/v1/ota/tasks/999"), Err(nbhub::client::ClientError::Api { status: 404, .. })));
     assert!(matches!(
         admin.post("/api/v1/ota/tasks/x/stop", &json!({})),

@@ -2,6 +2,8 @@
 //! talks to its admin API over HTTP and to its CoAP ports over UDP as a simulated device would.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod agent_tiny;
+pub mod ota;
 pub mod pcp;
 
 use std::net::{SocketAddr, UdpSocket};

@@ -160,6 +160,7 @@ const store = new Map();
 function def(path, kind, value) { store.set(path, { kind, value }); }
 def('/3/0/0', 'str', 'nbhub-test'); def('/3/0/1', 'str', 'lwm2m-node-lib'); def('/3/0/2', 'str', EP);
 def('/3/0/3', 'str', FW_VERSION); def('/3/0/9', 'int', 100); def('/3/0/16', 'str', BINDING);
+def('/4/0/2', 'int', -92); def('/4/0/3', 'int', 9); def('/4/0/8', 'int', 46001);
 def('/5/0/1', 'str', ''); def('/5/0/3', 'int', 0); def('/5/0/5', 'int', 0);
 def('/5/0/6', 'str', ''); def('/5/0/7', 'str', '');
 def('/19/0/0', 'opaque', Buffer.alloc(0)); def('/19/1/0', 'opaque', Buffer.alloc(0));
@@ -327,7 +328,7 @@ function setHandlers(info) {
   }
 }
 function createObjects(cb) {
-  const objs = ['/3/0', '/5/0', '/19/0', '/19/1'];
+  const objs = ['/3/0', '/4/0', '/5/0', '/19/0', '/19/1'];
   let n = objs.length;
   for (const o of objs) registry.create(o, async () => {
     if (--n) return;

@@ -234,9 +234,16 @@ impl Huawei {
                 };
                 self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
             }
-            FirmwareOp::ObserveState => object5::integer(cf, payload)
-                .and_then(UpdateState::from_value)
-                .and_then(|state| self.update_state(now, device, state, effects)),
+            FirmwareOp::ObserveState => {
+                let state = object5::integer(cf, payload).and_then(UpdateState::from_value);
+                // A client already downloading (the upgrade asked again after it went quiet) is
+                // not sent the URI again: a Write then may restart or refuse the download. One
+                // back at idle (it rebooted, or never got the Write) is.
+                if state.is_some_and(|s| s != UpdateState::Idle) {
+                    rest.retain(|op| !matches!(op, FirmwareOp::WritePackageUri(_)));
+                }
+                state.and_then(|state| self.update_state(now, device, state, effects))
+            }
             FirmwareOp::WritePackageUri(_) => {
                 let msg = FromDevice::NotifyAnswer { result: ResultCode::OK };
                 self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
