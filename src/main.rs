@@ -76,7 +76,7 @@ enum ProductAction {
         product_key: Option<String>,
         #[arg(long)]
         dynamic_registration: bool,
-        #[arg(long, value_parser = ["pcp", "none"])]
+        #[arg(long, value_parser = ["pcp", "lwm2m", "none"])]
         ota_protocol: Option<String>,
         #[arg(long)]
         awake_window_s: Option<u32>,

@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::agent_tiny::AgentTiny;
+use common::agent_tiny::Driver;
 use common::ota;
 use common::*;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
+use nbhub::simulate::agent_tiny::AgentTiny;
 use serde_json::{Value, json};
 
 /// The client process, its stdin for steps and its events as they come.
@@ -352,8 +353,9 @@ fn agent_tiny_resumes_a_download_across_kill_9_and_reports_under_its_pre_reboot_
     let mut server = Server::start_with(&ota::FAST);
     let node = "863921034567899";
     let (pk, dn) = firmware_device(&server, node);
-    let mut device = AgentTiny::new(server.endpoints.coap, node, "V1.0", "V2.0");
-    assert_eq!(device.register().code, Code::CREATED);
+    let mut device = Driver::new(server.endpoints.coap, AgentTiny::new(node, "V1.0", "V2.0"));
+    let code = |answer: Vec<u8>| Reply::parse(&answer).code;
+    assert_eq!(code(device.register()), Code::CREATED);
     device.serve_until(Duration::from_secs(5), |d| d.served.iter().any(|s| s == "GET /19/0/0"));
     server.wait_device(&pk, &dn, |d| d["registration"].is_object());
     let data = ota::package_bytes(2900);
@@ -361,12 +363,12 @@ fn agent_tiny_resumes_a_download_across_kill_9_and_reports_under_its_pre_reboot_
     let task = ota::start_task(&server, &package, &pk, &[&dn], None);
     device.serve_until(Duration::from_secs(15), |d| d.package_path.is_some());
     assert_eq!(
-        &device.served[1..],
+        &device.client.served[1..],
         ["GET /4/0/2", "GET /4/0/3", "GET /4/0/8", "GET /3/0/3", "GET /5/0/3", "PUT /5/0/1"],
         "radio, version, observation, URI"
     );
     // Three 512-byte blocks, then the server dies and comes back.
-    assert!(!device.download(0, Some(3)));
+    assert!(!device.download(Some(3)));
     ota::eventually(
         || ota::task(&server, &task),
         |t| ota::device_entry(t, &dn)["state"] == "downloading",
@@ -376,24 +378,24 @@ fn agent_tiny_resumes_a_download_across_kill_9_and_reports_under_its_pre_reboot_
     // The test's server comes back on new ports; a real one keeps 5683.
     device.peer.server = server.endpoints.coap;
     // The download resumes at the block it stopped at; the server may ask the state meanwhile.
-    assert!(device.download(3, None));
-    assert_eq!(device.downloaded, data, "the package arrives whole");
-    let writes = device.served.iter().filter(|s| *s == "PUT /5/0/1").count();
-    assert_eq!(writes, 1, "a client already downloading is not sent the URI again: {:?}", device.served);
+    assert!(device.download(None));
+    assert_eq!(device.client.downloaded, data, "the package arrives whole");
+    let writes = device.client.served.iter().filter(|s| *s == "PUT /5/0/1").count();
+    assert_eq!(writes, 1, "a client already downloading is not sent the URI again: {:?}", device.client.served);
     // A block past the end is refused and changes nothing.
-    assert_eq!(device.fetch_block(6).code, Code::BAD_OPTION);
-    assert_eq!(device.notify_state(2).mtype, MessageType::Ack);
+    assert_eq!(code(device.fetch_block(6)), Code::BAD_OPTION);
+    assert_eq!(Reply::parse(&device.notify_state(2)).mtype, MessageType::Ack);
     device.serve_until(Duration::from_secs(15), |d| d.state == 3);
     // The update reboots it: a new port, a new Register, then the result under the old token.
     device.reboot();
-    let served = device.served.len();
-    assert_eq!(device.register().code, Code::CREATED);
-    let report = device.notify_state(0);
+    let served = device.client.served.len();
+    assert_eq!(code(device.register()), Code::CREATED);
+    let report = Reply::parse(&device.notify_state(0));
     assert_eq!(report.mtype, MessageType::Ack, "acknowledged, never RST");
     device.serve_until(Duration::from_secs(20), |_| ota::task(&server, &task)["status"] == "finished");
     let done = ota::task(&server, &task);
     assert_eq!(ota::device_entry(&done, &dn)["state"], "succeeded", "{done}");
-    assert!(device.served[served..].iter().any(|s| s == "GET /5/0/5"), "{:?}", device.served);
+    assert!(device.client.served[served..].iter().any(|s| s == "GET /5/0/5"), "{:?}", device.client.served);
     let view = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
     assert_eq!(view["version"], "V2.0");
 }

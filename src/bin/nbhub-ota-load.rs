@@ -2,7 +2,10 @@
 //! UDP socket) spread over cells at mixed coverage levels, runs one upgrade task over all of them
 //! and reports chunks served per second and, per cell, the most download budget in use at once
 //! (as the devices saw it: from accepting the notification to reporting the download) against
-//! the cell's budget.
+//! the cell's budget. With `--protocol lwm2m` the devices are LwM2M clients upgraded over Object
+//! 5 as agent_tiny is (`nbhub::simulate::agent_tiny`: radio and version read, the package URI
+//! written, 512-byte Block2 downloads, execute, reboot, result), counted from the URI write to
+//! the download's end.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use nbhub::client::AdminArgs;
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::ota::coverage::{CELL_UNITS, Coverage};
+use nbhub::simulate::agent_tiny::{self, AgentTiny};
 use nbhub::simulate::pcp::{Behaviour, Concurrency, PcpDevice};
 use nbhub::simulate::{huawei_bind, huawei_fleet};
 use serde_json::json;
@@ -40,6 +44,9 @@ struct Args {
     /// The campaign's time limit.
     #[arg(long, default_value_t = 600)]
     timeout_s: u64,
+    /// How the devices are upgraded: `pcp` (Huawei binds) or `lwm2m` (Object 5).
+    #[arg(long, default_value = "pcp", value_parser = ["pcp", "lwm2m"])]
+    protocol: String,
 }
 
 const CHUNK_SIZE: usize = 500;
@@ -56,8 +63,8 @@ fn level_of(i: usize) -> u8 {
 fn main() {
     let args = Args::parse();
     let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
-    let (pk, nodes) = huawei_fleet(&admin, &json!({"name": "nbhub-ota-load", "awake_window_s": 3600}), args.devices)
-        .unwrap_or_else(|e| fail(e));
+    let product = json!({"name": "nbhub-ota-load", "awake_window_s": 3600, "ota_protocol": args.protocol});
+    let (pk, nodes) = huawei_fleet(&admin, &product, args.devices).unwrap_or_else(|e| fail(e));
     let package: Arc<Vec<u8>> = Arc::new((0..args.package_bytes).map(|i| (i * 7 + i / 500) as u8).collect());
     let uploaded = admin
         .post_bytes(&format!("/api/v1/packages?product_key={pk}&version=V2&type=firmware&source_versions=V1"), &package)
@@ -75,7 +82,10 @@ fn main() {
         .map(|(i, (node, _))| {
             let sim =
                 Sim { args: args.clone(), package: package.clone(), cells: cells.clone(), chunks: chunks.clone() };
-            runtime.spawn(sim.device(node.clone(), i, ready.clone()))
+            match args.protocol.as_str() {
+                "lwm2m" => runtime.spawn(sim.lwm2m_device(node.clone(), i, ready.clone())),
+                _ => runtime.spawn(sim.device(node.clone(), i, ready.clone())),
+            }
         })
         .collect();
     runtime.block_on(ready.wait());
@@ -103,7 +113,11 @@ fn main() {
             "devices": args.devices,
             "cells": args.cells,
             "package_bytes": args.package_bytes,
-            "chunks_per_device": args.package_bytes.div_ceil(CHUNK_SIZE),
+            "protocol": args.protocol,
+            "chunks_per_device": match args.protocol.as_str() {
+                "lwm2m" => args.package_bytes.div_ceil(agent_tiny::BLOCK_SIZE),
+                _ => args.package_bytes.div_ceil(CHUNK_SIZE),
+            },
             "device_outcomes": outcomes,
             "task_counts": view["counts"],
             "seconds": elapsed,
@@ -187,6 +201,138 @@ impl Sim {
             }
         }
     }
+}
+
+impl Sim {
+    /// One LwM2M client: registers (its radio answered from Object 4 when read), then follows
+    /// the server through the upgrade as agent_tiny does, one request of its own in flight at a
+    /// time, retransmitted while unanswered; what it ended with.
+    async fn lwm2m_device(self, node: String, i: usize, ready: Arc<Barrier>) -> Result<&'static str, &'static str> {
+        let cell = i % self.args.cells;
+        let level = level_of(i);
+        let (rsrp, sinr) = [(-90, 10), (-110, 0), (-120, -5)][level as usize];
+        let units = Coverage::Level(level).units() as usize;
+        let mut client = AgentTiny::new(&node, "V1", "V2").counting(self.cells[cell].clone(), units);
+        client.radio = agent_tiny::Radio { rsrp, sinr, cell_id: cell as i64 };
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.map_err(|_| "no socket");
+        let socket = match socket {
+            Ok(s) if s.connect(self.args.coap).await.is_ok() => Ok(s),
+            _ => Err("no socket"),
+        };
+        let mut mid: u16 = rand::random();
+        let next = |mid: &mut u16| {
+            *mid = mid.wrapping_add(1);
+            *mid
+        };
+        // The request of its own in flight: its id, bytes, when it was last sent, what it is.
+        let mut pending: Option<(u16, Vec<u8>, Instant, Own)> = None;
+        if let Ok(s) = &socket {
+            let m = next(&mut mid);
+            pending = Some((m, client.register(m, &[0xa0]), Instant::now(), Own::Register));
+            let _ = s.send(&pending.as_ref().unwrap().1).await;
+        }
+        let resend = Duration::from_millis(self.args.resend_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(self.args.timeout_s);
+        let mut buf = [0u8; 2048];
+        let mut registered = false;
+        let mut readied = Some(ready);
+        let mut rebooted_at = None;
+        loop {
+            // Ready once registered and observed (or once it cannot be).
+            if (registered || socket.is_err())
+                && let Some(r) = readied.take()
+            {
+                r.wait().await;
+            }
+            let socket = socket.as_ref().map_err(|e| *e)?;
+            if let Some((m, data, sent, _)) = &mut pending
+                && sent.elapsed() >= resend
+            {
+                *sent = Instant::now();
+                let _ = socket.send(data).await;
+                let _ = m;
+            }
+            if rebooted_at
+                .is_some_and(|at| client.served.len() > at && client.served.last().is_some_and(|s| s == "GET /3/0/3"))
+            {
+                self.chunks.fetch_add(client.next_block() as u64, Ordering::Relaxed);
+                return Ok("upgraded");
+            }
+            // What to do next of its own, when nothing is in flight.
+            if pending.is_none() {
+                let own = match client.state {
+                    1 if client.downloaded.len() < self.package.len() => {
+                        let m = next(&mut mid);
+                        client.block_request(client.next_block(), m, &[0xb0]).map(|d| (m, d, Own::Block))
+                    }
+                    1 => {
+                        if client.downloaded[..] != self.package[..] {
+                            return Err("the package's bytes differ");
+                        }
+                        let m = next(&mut mid);
+                        client.state_notification(2, m).map(|d| (m, d, Own::Report))
+                    }
+                    3 => {
+                        client.reboot();
+                        rebooted_at = Some(client.served.len());
+                        let m = next(&mut mid);
+                        Some((m, client.register(m, &[0xa1]), Own::Reregister))
+                    }
+                    _ => None,
+                };
+                if let Some((m, data, kind)) = own {
+                    let _ = socket.send(&data).await;
+                    pending = Some((m, data, Instant::now(), kind));
+                }
+            }
+            let wake = pending
+                .as_ref()
+                .map_or(deadline, |(_, _, sent, _)| tokio::time::Instant::from_std(*sent + resend).min(deadline));
+            let n = match tokio::time::timeout_at(wake, socket.recv(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => return Err("socket error"),
+                Err(_) if tokio::time::Instant::now() >= deadline => return Err("unfinished at the time limit"),
+                Err(_) => continue,
+            };
+            let Ok(m) = Message::parse(&buf[..n]) else { continue };
+            match m.mtype {
+                MessageType::Con => {
+                    let answer = client.serve(&m);
+                    let _ = socket.send(&answer).await;
+                    registered |= m.code == Code::GET && client.served.last().is_some_and(|s| s == "GET /19/0/0");
+                }
+                MessageType::Ack if pending.as_ref().is_some_and(|p| p.0 == m.mid) => {
+                    let (_, _, _, kind) = pending.take().expect("checked");
+                    match kind {
+                        Own::Block => {
+                            let num = client.next_block();
+                            if client.block_answered(num, &m).is_err() {
+                                return Err("a block was refused");
+                            }
+                        }
+                        Own::Reregister => {
+                            let m = next(&mut mid);
+                            if let Some(d) = client.state_notification(0, m) {
+                                let _ = socket.send(&d).await;
+                                pending = Some((m, d, Instant::now(), Own::Report));
+                            }
+                        }
+                        Own::Register | Own::Report => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What an LwM2M client's own request in flight is.
+#[derive(Clone, Copy)]
+enum Own {
+    Register,
+    Block,
+    Report,
+    Reregister,
 }
 
 /// A NON 2.05 notification with the observe token, as LiteOS reports.

@@ -94,6 +94,12 @@ impl Peers {
         self.peers.get(instance)
     }
 
+    /// Where devices reach this instance once its ports are bound, its host empty when neither
+    /// `cluster.host` nor the CoAP listener names one.
+    pub fn own(&self) -> Option<&CoapEndpoint> {
+        self.own.get()
+    }
+
     /// Where devices reach `instance`, if it is known (and has a host).
     pub fn endpoint(&self, instance: &InstanceName) -> Option<&CoapEndpoint> {
         let e = if self.is_self(instance) { self.own.get()? } else { &self.peer(instance)?.endpoint };

@@ -82,7 +82,7 @@ impl Resources for DeviceFacing {
                 ["rd"] => return huawei.register(req),
                 ["bs"] => return huawei.bootstrap_request(req),
                 ["rd", _] => return huawei.registration(req, effects),
-                [lwm2m::firmware::PACKAGE_PATH, _, _] => return huawei.package_block(req),
+                [lwm2m::firmware::PACKAGE_PATH, _, _, _] => return huawei.package_block(req),
                 _ => {}
             }
         }

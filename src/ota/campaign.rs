@@ -274,6 +274,8 @@ pub enum NoBlock {
     NoDownload,
     /// The block starts past the package's end.
     PastEnd,
+    /// It asks again for what it had, beyond its flow-control budget.
+    OverBudget,
 }
 
 /// What a PCP message from a device leads to.
@@ -449,6 +451,12 @@ impl Campaign {
             let (range, answer) = block.slice(task.package.size).map_err(|_| NoBlock::PastEnd)?;
             let chunk_size = task.package.chunk_size as u64;
             let chunk = (range.end.saturating_sub(1) / chunk_size) as u16;
+            // Moving the download on is bounded by the download; asking again is charged.
+            if !slot.upgrade.as_ref().is_some_and(|u| u.advanced_by(chunk, task.package.chunk_count))
+                && s.admit(now, &self.registry.config.device).is_err()
+            {
+                return Err(NoBlock::OverBudget);
+            }
             let Some(mut up) = slot.upgrade.take() else { return Err(NoBlock::NoDownload) };
             let (target, timers) = (task.target(), self.timers());
             let step =
@@ -464,9 +472,11 @@ impl Campaign {
             let mut at = range.start;
             while at < range.end {
                 let (index, within) = ((at / chunk_size) as usize, (at % chunk_size) as usize);
-                let chunk = chunks.get(index).ok_or(NoBlock::NoDownload)?;
-                let take = (chunk.len() - within).min((range.end - at) as usize);
-                data.extend_from_slice(&chunk[within..within + take]);
+                // A chunk shorter than its package says is damage in the store: no block.
+                let rest = chunks.get(index).and_then(|c| c.get(within..)).filter(|r| !r.is_empty());
+                let rest = rest.ok_or(NoBlock::NoDownload)?;
+                let take = rest.len().min((range.end - at) as usize);
+                data.extend_from_slice(&rest[..take]);
                 at += take as u64;
             }
             metrics::counter!(metric::OTA_CHUNKS).increment(1);

@@ -67,6 +67,12 @@ impl Stage {
         matches!(self, Stage::Succeeded | Stage::Failed | Stage::Canceled)
     }
 
+    /// From the device's acceptance of the new version until its result: what it holds is this
+    /// attempt's package.
+    pub fn downloading() -> [Stage; 3] {
+        [Stage::Downloading, Stage::Downloaded, Stage::Upgrading]
+    }
+
     /// The device holds a download slot in its cell: from the notification until the download
     /// ends. Installing uses no radio, so the slot goes to the next device then.
     pub fn holds_slot(self) -> bool {

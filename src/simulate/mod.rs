@@ -1,7 +1,9 @@
 //! Simulated devices for the load generators, the soak, the fuzz suite and the tests: a product of
 //! Huawei devices made over the admin API and the bind as LiteOS performs it; Alibaba `/auth` and
-//! `/topic` requests as the Link SDK builds them; a PCP device (`pcp`).
+//! `/topic` requests as the Link SDK builds them; a PCP device (`pcp`); an LwM2M client upgraded
+//! over Object 5 (`agent_tiny`).
 
+pub mod agent_tiny;
 pub mod pcp;
 pub mod tally;
 

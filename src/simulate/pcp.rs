@@ -21,11 +21,11 @@ pub struct Concurrency {
 }
 
 impl Concurrency {
-    fn start(&self, weight: usize) {
+    pub(crate) fn start(&self, weight: usize) {
         let n = self.now.fetch_add(weight, Ordering::SeqCst) + weight;
         self.peak.fetch_max(n, Ordering::SeqCst);
     }
-    fn end(&self, weight: usize) {
+    pub(crate) fn end(&self, weight: usize) {
         self.now.fetch_sub(weight, Ordering::SeqCst);
     }
     pub fn peak(&self) -> usize {

@@ -20,6 +20,7 @@ use crate::ingest;
 use crate::ota::campaign::PlatformRequest;
 use crate::registry::Device;
 use crate::store::Op;
+use crate::store::records::OtaProtocol;
 
 /// Most commands one answer carries (Alibaba's `pageSize` range).
 const MAX_PAGE: usize = 10;
@@ -55,10 +56,13 @@ impl Alibaba {
                 req.peer,
                 self.route,
             ));
-            // An upgrade request goes first, in the place of one command.
-            let pcp = match self.campaign.request(device.id, &mut s, exchange) {
-                PlatformRequest::Send(request) => Some(request.encode()),
-                PlatformRequest::None | PlatformRequest::InFlight => None,
+            // An upgrade request goes first, in the place of one command (over PCP only: an
+            // Alibaba device has no Object 5).
+            let over_pcp =
+                self.registry.product(device.product_key.as_str()).is_some_and(|p| p.ota_protocol == OtaProtocol::Pcp);
+            let pcp = match over_pcp.then(|| self.campaign.request(device.id, &mut s, exchange)) {
+                Some(PlatformRequest::Send(request)) => Some(request.encode()),
+                _ => None,
             };
             let (commands, sent) = self.commands.pull(device.id, &s, now.wall, page - pcp.is_some() as usize, exchange);
             // SENT is durable before the commands leave (they leave once these writes are).

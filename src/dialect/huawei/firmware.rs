@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | query version | Read `/4/0/2`, `/4/0/3`, `/4/0/8` (radio), then `/3/0/3` | the version read |
 //! | new version | Observe `/5/0/3`, Write `/5/0/1` = package URI | 2.04; blocks fetched; state 2 |
-//! | execute | Execute `/5/0/2` | 2.04 |
+//! | execute | Read `/5/0/3`, then Execute `/5/0/2` if it is 2 (downloaded) | 2.04 |
 //! | (result) | Read `/5/0/5` once the state returns to 0 or the client registers again, then `/3/0/3` | result 1 and the version |
 
 use std::net::SocketAddr;
@@ -22,17 +22,17 @@ use crate::coap::message::{Code, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Outgoing, Reply, Request, Response};
 use crate::dialect::lwm2m::firmware::{self as object5, Resource, UpdateResult, UpdateState};
-use crate::dialect::refusal::Refusal;
+use crate::dialect::refusal::{Dialect, Refusal};
 use crate::dialect::{Effects, Notified, Outcome, Persist};
 use crate::identity::ObserveToken;
 use crate::net::PortFamily;
-use crate::ota::campaign::NoBlock;
+use crate::ota::campaign::{Campaign, NoBlock};
 use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 use crate::ota::task::UpgradeTaskId;
 use crate::ota::upgrade::Stage;
 use crate::registry::{Device, DeviceState};
-use crate::store::Ops;
 use crate::store::records::OtaProtocol;
+use crate::store::{Op, Ops};
 
 /// The block size a download gets when the client does not ask for one (agent_tiny asks 512).
 const DEFAULT_BLOCK_SIZE: usize = 512;
@@ -49,6 +49,9 @@ pub(super) enum FirmwareOp {
     ConfirmVersion,
     ObserveState,
     WritePackageUri(UpgradeTaskId),
+    /// Before an Execute: a client no longer holding a downloaded package (it executed an
+    /// earlier Execute whose answer was lost, and rebooted) is read for its result instead.
+    ReadState,
     Execute,
     ReadResult,
 }
@@ -59,10 +62,19 @@ impl FirmwareOp {
         match self {
             FirmwareOp::ReadRadio(r) => r.name(),
             FirmwareOp::ReadVersion | FirmwareOp::ConfirmVersion => Resource::FirmwareVersion.name(),
-            FirmwareOp::ObserveState => Resource::UpdateState.name(),
+            FirmwareOp::ObserveState | FirmwareOp::ReadState => Resource::UpdateState.name(),
             FirmwareOp::WritePackageUri(_) => "/5/0/1",
             FirmwareOp::Execute => "/5/0/2",
             FirmwareOp::ReadResult => Resource::UpdateResult.name(),
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            FirmwareOp::ObserveState => "observation",
+            FirmwareOp::WritePackageUri(_) => "write",
+            FirmwareOp::Execute => "execute",
+            _ => "read",
         }
     }
 }
@@ -80,8 +92,11 @@ impl Huawei {
     /// Whether `device` upgrades over Object 5: a registered LwM2M client of a product whose
     /// packages travel so.
     pub(super) fn over_object5(&self, device: &Device, s: &DeviceState) -> bool {
-        s.registration.is_some()
-            && self.registry.product(device.product_key.as_str()).is_some_and(|p| p.ota_protocol == OtaProtocol::Lwm2m)
+        s.registration.is_some() && self.ota_protocol(device) == Some(OtaProtocol::Lwm2m)
+    }
+
+    pub(super) fn ota_protocol(&self, device: &Device) -> Option<OtaProtocol> {
+        self.registry.product(device.product_key.as_str()).map(|p| p.ota_protocol)
     }
 
     /// The operations that carry the campaign's `request` to `device`, in order.
@@ -102,7 +117,7 @@ impl Huawei {
                 Some(up) => vec![FirmwareOp::ObserveState, FirmwareOp::WritePackageUri(up.task)],
                 None => Vec::new(),
             },
-            FromPlatform::Execute => vec![FirmwareOp::Execute],
+            FromPlatform::Execute => vec![FirmwareOp::ReadState, FirmwareOp::Execute],
             // Answers to a PCP device's requests: never queued.
             _ => Vec::new(),
         }
@@ -121,19 +136,18 @@ impl Huawei {
         self.send_firmware(device, Chain { op, rest: ops, carrier, peer })
     }
 
+    /// Sends `chain.op`; none if the device can no longer be asked (it left meanwhile).
     fn send_firmware(&mut self, device: &Arc<Device>, chain: Chain) -> Option<Outgoing> {
         let token = ObserveToken::generate().0;
         let message = match chain.op {
             FirmwareOp::ReadRadio(r) => object5::read(r, &token),
             FirmwareOp::ReadVersion | FirmwareOp::ConfirmVersion => object5::read(Resource::FirmwareVersion, &token),
+            FirmwareOp::ReadState => object5::read(Resource::UpdateState, &token),
             FirmwareOp::ReadResult => object5::read(Resource::UpdateResult, &token),
             FirmwareOp::ObserveState => {
                 object5::observe(Resource::UpdateState, self.registry.firmware_observe(device)?)
             }
-            FirmwareOp::WritePackageUri(task) => {
-                let key = self.registry.firmware_observe(device)?;
-                object5::write_package_uri(&token, &self.package_uri(task, key))
-            }
+            FirmwareOp::WritePackageUri(task) => object5::write_package_uri(&token, &self.package_uri(device, task)?),
             FirmwareOp::Execute => object5::execute_update(&token),
         };
         let exchange = self.registry.next_exchange();
@@ -143,17 +157,19 @@ impl Huawei {
         Some(Outgoing { peer, message, retransmit, exchange })
     }
 
-    /// Where the client fetches `task`'s package: this instance, on the port family it talks on.
-    fn package_uri(&self, task: UpgradeTaskId, key: ObserveToken) -> String {
+    /// Where `device` fetches `task`'s package: this instance, on the port family it talks on.
+    fn package_uri(&self, device: &Device, task: UpgradeTaskId) -> Option<String> {
         let (scheme, family) = match self.route.family {
             PortFamily::Dtls => ("coaps", PortFamily::Dtls),
             _ => ("coap", PortFamily::Plain),
         };
-        let own = self.cluster.peers.endpoint(&self.cluster.peers.name);
+        let own = self.cluster.peers.own()?;
         // agent_tiny fetches over the session it registered on whatever the host says; clients
         // that follow the URI need `cluster.host` when the listener is on every address.
-        let (host, port) = own.map_or(("localhost", 0), |e| (e.host.as_str(), e.port(family)));
-        object5::package_uri(scheme, host, port, task.0, key)
+        let host = if own.host.is_empty() { "localhost" } else { own.host.as_str() };
+        let endpoint = device.node_id.as_ref()?;
+        let key = object5::package_key(device.secret.expose(), task.0);
+        Some(object5::package_uri(scheme, host, own.port(family), task.0, endpoint.as_str(), &key))
     }
 
     /// How an operation ended: its answer moves the upgrade on, and the next operation follows.
@@ -167,6 +183,9 @@ impl Huawei {
     ) {
         let Chain { op, mut rest, carrier, peer } = chain;
         let answered = match reply {
+            // A separate response would come under a token nothing waits for: asked again when
+            // the upgrade next asks.
+            Reply::Ack(msg) if msg.code == Code::EMPTY => false,
             Reply::Ack(msg) if msg.code.class() == 2 => {
                 let cf = msg.uint_option(OptionNumber::CONTENT_FORMAT).ok().flatten();
                 self.firmware_result(now, device, op, cf, msg.payload, &mut rest, effects);
@@ -175,10 +194,8 @@ impl Huawei {
             // The client has no Object 4 (modules often lack it): the radio it reports decides.
             Reply::Ack(_) if matches!(op, FirmwareOp::ReadRadio(_)) => true,
             Reply::Ack(msg) => {
-                let why = format!("The device answered {} to the {} of {}", msg.code, verb(op), op.resource());
-                effects
-                    .writes
-                    .extend(self.on_campaign(device, |campaign, s| campaign.refused(device, s, now.wall, why)));
+                let why = format!("The device answered {} to the {} of {}", msg.code, op.verb(), op.resource());
+                effects.writes.extend(self.on_campaign(device, |c, s| c.refused(device, s, now.wall, why)));
                 rest.clear();
                 true
             }
@@ -189,8 +206,10 @@ impl Huawei {
             }
         };
         if answered && let Some(next) = rest.pop() {
-            effects.outgoing.extend(self.send_firmware(device, Chain { op: next, rest, carrier, peer }));
-            return;
+            match self.send_firmware(device, Chain { op: next, rest, carrier, peer }) {
+                Some(out) => return effects.outgoing.push(out),
+                None => tracing::debug!(device = ?device, "the device left before its firmware operations ended"),
+            }
         }
         if let Some(exchange) = carrier {
             let mut s = device.state();
@@ -218,31 +237,43 @@ impl Huawei {
             FirmwareOp::ReadRadio(r) => self.radio_read(device, r, cf, payload).map(|op| smallvec::smallvec![op]),
             FirmwareOp::ReadVersion | FirmwareOp::ConfirmVersion => {
                 let version = object5::text(cf, payload)
-                    .ok_or_else(|| "The device's firmware version (/3/0/3) is empty or not text".to_string());
-                let version = version.and_then(|text| {
-                    Version::new(&text)
-                        .map_err(|_| format!("The device reports firmware version {text:?}, longer than 16 characters"))
-                });
-                let msg = match (op, version) {
-                    (_, Err(why)) => {
-                        return effects
-                            .writes
-                            .extend(self.on_campaign(device, |c, s| c.refused(device, s, now_ms, why)));
+                    .ok_or_else(|| "The device's firmware version (/3/0/3) is empty or not text".to_string())
+                    .and_then(|text| {
+                        Version::new(&text).map_err(|_| {
+                            format!("The device reports firmware version {text:?}, longer than 16 characters")
+                        })
+                    });
+                match (op, version) {
+                    (_, Err(why)) => self.on_campaign(device, |c, s| c.refused(device, s, now_ms, why)),
+                    (FirmwareOp::ReadVersion, Ok(version)) => {
+                        let msg = FromDevice::Version { result: ResultCode::OK, version };
+                        self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
                     }
-                    (FirmwareOp::ReadVersion, Ok(version)) => FromDevice::Version { result: ResultCode::OK, version },
-                    (_, Ok(version)) => FromDevice::UpgradeResult { result: ResultCode::OK, version },
-                };
-                self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
+                    (_, Ok(version)) => {
+                        let msg = FromDevice::UpgradeResult { result: ResultCode::OK, version };
+                        self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
+                    }
+                }
             }
             FirmwareOp::ObserveState => {
                 let state = object5::integer(cf, payload).and_then(UpdateState::from_value);
-                // A client already downloading (the upgrade asked again after it went quiet) is
-                // not sent the URI again: a Write then may restart or refuse the download. One
-                // back at idle (it rebooted, or never got the Write) is.
-                if state.is_some_and(|s| s != UpdateState::Idle) {
+                // A client already fetching this attempt's package (the upgrade asked again after
+                // it went quiet) is not sent the URI again: a Write then may restart or refuse
+                // the download. One back at idle (it rebooted) is, and so is one holding
+                // something from before this attempt's Write.
+                if state.is_some_and(|s| s != UpdateState::Idle) && self.stage_in(device, &Stage::downloading()) {
                     rest.retain(|op| !matches!(op, FirmwareOp::WritePackageUri(_)));
                 }
                 state.and_then(|state| self.update_state(now, device, state, effects))
+            }
+            FirmwareOp::ReadState => {
+                match object5::integer(cf, payload).and_then(UpdateState::from_value) {
+                    Some(UpdateState::Downloaded) => {}
+                    // It executed already (the answer was lost) and rebooted: its result decides.
+                    Some(UpdateState::Idle) => rest.iter_mut().for_each(|op| *op = FirmwareOp::ReadResult),
+                    _ => rest.clear(),
+                }
+                None
             }
             FirmwareOp::WritePackageUri(_) => {
                 let msg = FromDevice::NotifyAnswer { result: ResultCode::OK };
@@ -266,13 +297,7 @@ impl Huawei {
     }
 
     /// The radio state a read of `resource` gives; the device to store if it changed.
-    fn radio_read(
-        &self,
-        device: &Arc<Device>,
-        resource: Resource,
-        cf: Option<u32>,
-        payload: &[u8],
-    ) -> Option<crate::store::Op> {
+    fn radio_read(&self, device: &Arc<Device>, resource: Resource, cf: Option<u32>, payload: &[u8]) -> Option<Op> {
         let mut s = device.state();
         let before = s.radio.clone();
         match resource {
@@ -284,15 +309,11 @@ impl Huawei {
             }
             _ => return None,
         }
-        (s.radio != before).then(|| crate::store::Op::PutDevice(device.clone()))
+        (s.radio != before).then(|| Op::PutDevice(device.clone()))
     }
 
     /// Runs `f` on the campaign under `device`'s lock; what it changed, if anything.
-    fn on_campaign(
-        &self,
-        device: &Device,
-        f: impl FnOnce(&crate::ota::campaign::Campaign, &mut DeviceState) -> Ops,
-    ) -> Option<Ops> {
+    fn on_campaign(&self, device: &Device, f: impl FnOnce(&Campaign, &mut DeviceState) -> Ops) -> Option<Ops> {
         let ops = {
             let mut s = device.state();
             f(&self.campaign, &mut s)
@@ -300,9 +321,15 @@ impl Huawei {
         (!ops.is_empty()).then_some(ops)
     }
 
-    /// The client's update state, notified or read: a finished download is one the upgrade
-    /// executes; a return to idle (a reboot, or a failed download) is read for its result.
-    /// What to store before the report is acknowledged.
+    /// Whether `device`'s upgrade is in one of `stages`.
+    fn stage_in(&self, device: &Device, stages: &[Stage]) -> bool {
+        let mut s = device.state();
+        self.campaign.upgrade_of(device.id, &mut s).is_some_and(|up| stages.contains(&up.stage))
+    }
+
+    /// The client's update state, notified or read: a finished download of this attempt's
+    /// package is executed; a return to idle (a reboot, or a failed download) is read for its
+    /// result. What to store before the report is acknowledged.
     fn update_state(
         &mut self,
         now: Now,
@@ -311,17 +338,18 @@ impl Huawei {
         effects: &mut Effects,
     ) -> Option<Ops> {
         match state {
-            UpdateState::Downloaded => {
+            // A client saying so before it acknowledged this attempt's URI holds something else.
+            UpdateState::Downloaded if self.stage_in(device, &[Stage::Downloading, Stage::Downloaded]) => {
                 let msg = FromDevice::DownloadResult { result: ResultCode::OK };
                 let ops = self.on_campaign(device, |c, s| c.pcp(device, s, now.wall, &msg).ops);
                 self.deliver(now, device, effects);
                 ops
             }
             UpdateState::Idle => {
-                self.read_result(device, &[Stage::Downloading, Stage::Downloaded, Stage::Upgrading], effects);
+                self.read_result(device, &Stage::downloading(), effects);
                 None
             }
-            UpdateState::Downloading | UpdateState::Updating => None,
+            UpdateState::Downloaded | UpdateState::Downloading | UpdateState::Updating => None,
         }
     }
 
@@ -347,37 +375,62 @@ impl Huawei {
     }
 
     /// A notification under `device`'s firmware observation (`/5/0/3`): acknowledged, never
-    /// stored as data.
+    /// stored as data. The token is kept for years and travels in clear, so only a report from
+    /// the device's own address (or inside its DTLS session), within its flow control, moves
+    /// the upgrade; any other is acknowledged and changes nothing.
     pub(super) fn firmware_notification(
         &mut self,
         req: &Request<'_, '_>,
         device: &Arc<Device>,
         effects: &mut Effects,
     ) -> Notified {
+        let ignore = if req.msg.mtype == MessageType::Con { Notified::Acknowledge } else { Notified::Drop };
+        let refusal = {
+            let mut s = device.state();
+            let own = req.authenticated == Some(device.id) || s.address == Some(req.peer);
+            if !s.enabled {
+                Some(Refusal::Disabled)
+            } else if !s.home.is_here() {
+                Some(Refusal::Moved)
+            } else if !own {
+                Some(Refusal::StaleNotification)
+            } else if s.admit(req.now.wall, &self.registry.config.device).is_err() {
+                Some(Refusal::FlowControl)
+            } else {
+                None
+            }
+        };
+        if let Some(refusal) = refusal {
+            refusal.record(Dialect::Lwm2m, Some(device), req.peer);
+            return ignore;
+        }
         let cf = req.msg.uint_option(OptionNumber::CONTENT_FORMAT).ok().flatten();
         let state = object5::integer(cf, req.msg.payload).and_then(UpdateState::from_value);
         tracing::debug!(device = ?device, ?state, "firmware update state");
-        match (state.and_then(|state| self.update_state(req.now, device, state, effects)), req.msg.mtype) {
-            (Some(writes), _) => Notified::Store { writes, undo: None, follow_up: None },
-            (None, MessageType::Con) => Notified::Acknowledge,
-            (None, _) => Notified::Drop,
+        match state.and_then(|state| self.update_state(req.now, device, state, effects)) {
+            Some(writes) => Notified::Store { writes, undo: None, follow_up: None },
+            None => ignore,
         }
     }
 
-    /// `GET /fw/<task>/<key>` with Block2: a block of the package of the download the key names.
-    /// Any block may be asked, in any order, so a download resumes where it stopped.
+    /// `GET /fw/<task>/<ep>/<key>` with Block2: a block of the package of the download the key
+    /// names. Any block may be asked, in any order, so a download resumes where it stopped. A
+    /// block goes only to the device's own IP (any port: a client may fetch from a socket of its
+    /// own), inside its DTLS session if it has a PSK, and one that does not move the download on
+    /// is charged to its flow control: the answer is far larger than the request.
     pub fn package_block(&mut self, req: &Request<'_, '_>) -> Outcome {
         if req.method() != Code::GET {
             return Outcome::code(Code::METHOD_NOT_ALLOWED);
         }
-        let found = object5::package_of(req.path[1], req.path[2]).and_then(|(task, key)| {
-            let device = self.registry.device_by_observe(&key).filter(|d| d.state().firmware_observe == Some(key))?;
-            Some((UpgradeTaskId(task), device))
-        });
-        let Some((task, device)) = found else {
+        let (task, endpoint, key) = (req.path[1], req.path[2], req.path[3]);
+        let found = task.parse().ok().map(UpgradeTaskId).zip(self.registry.device_by_node(endpoint));
+        let Some((task, device)) =
+            found.filter(|(task, d)| object5::package_key(d.secret.expose(), task.0).as_bytes() == key.as_bytes())
+        else {
             return self.refuse_lwm2m(req, Refusal::NoPackage, None);
         };
-        if req.authenticated.is_some_and(|id| id != device.id) {
+        let own_session = req.authenticated == Some(device.id);
+        if req.authenticated.is_some() && !own_session {
             return self.refuse_lwm2m(req, Refusal::ForeignIdentity, Some(&device));
         }
         let block = match req.msg.option(OptionNumber::BLOCK2).map(Block::parse) {
@@ -387,9 +440,17 @@ impl Huawei {
         };
         let (served, ops) = {
             let mut s = device.state();
-            if !s.enabled {
+            let own_ip = s.address.map(|a| a.ip()) == Some(req.peer.ip());
+            let refusal = if !s.enabled {
+                Some(Refusal::Disabled)
+            } else if !own_session && (device.psk_hex.is_some() || !own_ip) {
+                Some(Refusal::ForeignAddress)
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
                 drop(s);
-                return self.refuse_lwm2m(req, Refusal::Disabled, Some(&device));
+                return self.refuse_lwm2m(req, refusal, Some(&device));
             }
             self.campaign.block(&device, &mut s, req.now.wall, task, block)
         };
@@ -402,22 +463,12 @@ impl Huawei {
             },
             Err(NoBlock::PastEnd) => return self.refuse_lwm2m(req, Refusal::BlockPastEnd, Some(&device)),
             Err(NoBlock::NoDownload) => return self.refuse_lwm2m(req, Refusal::NoPackage, Some(&device)),
+            Err(NoBlock::OverBudget) => return self.refuse_lwm2m(req, Refusal::FlowControl, Some(&device)),
         };
         match ops.is_empty() {
             true => Outcome::Respond(response),
             // Progress is stored before the block that made it goes out.
             false => Persist::new(ops, response).into(),
         }
-    }
-}
-
-fn verb(op: FirmwareOp) -> &'static str {
-    match op {
-        FirmwareOp::ReadRadio(_) | FirmwareOp::ReadVersion | FirmwareOp::ConfirmVersion | FirmwareOp::ReadResult => {
-            "read"
-        }
-        FirmwareOp::ObserveState => "observation",
-        FirmwareOp::WritePackageUri(_) => "write",
-        FirmwareOp::Execute => "execute",
     }
 }

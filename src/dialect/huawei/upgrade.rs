@@ -14,6 +14,7 @@ use crate::dialect::Effects;
 use crate::identity::ObserveToken;
 use crate::ota::campaign::PlatformRequest;
 use crate::registry::Device;
+use crate::store::records::OtaProtocol;
 
 /// `POST /t/d` with `payload`, as commands go.
 pub(super) fn post_t_d(token: ObserveToken, payload: &[u8]) -> Vec<u8> {
@@ -53,12 +54,18 @@ impl Huawei {
             let (Some(token), Some(peer)) = (s.observe, s.address) else {
                 return self.campaign.has_request(device.id, &mut s);
             };
+            let object5 = self.over_object5(device, &s);
+            // A device of an Object 5 product that is not a registered LwM2M client waits for
+            // its Register: PCP is not what its product upgrades over.
+            if !object5 && self.ota_protocol(device) == Some(OtaProtocol::Lwm2m) {
+                return self.campaign.has_request(device.id, &mut s);
+            }
             let request = match self.campaign.request(device.id, &mut s, exchange) {
                 PlatformRequest::None => return false,
                 PlatformRequest::InFlight => return true,
                 PlatformRequest::Send(request) => request,
             };
-            if self.over_object5(device, &s) {
+            if object5 {
                 let ops = self.firmware_operations(device, &mut s, &request);
                 drop(s);
                 match self.start_firmware(device, peer, ops, Some(exchange)) {

@@ -3,6 +3,7 @@
 //! observation of the update state, the package URI write and the Update execute, and the path
 //! the package is served on block-wise.
 
+use crate::auth::sign::SignMethod;
 use crate::coap::message::{Code, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
 use crate::identity::ObserveToken;
@@ -84,20 +85,21 @@ pub fn execute_update(token: &[u8]) -> Vec<u8> {
     request(Code::POST, token, [b"5", b"0", b"2"]).build()
 }
 
-/// The first segment of the path packages are served on: `/fw/<task>/<key>`.
+/// The first segment of the path packages are served on: `/fw/<task>/<ep>/<key>`.
 pub const PACKAGE_PATH: &str = "fw";
 
-/// The package URI written to a client: no query (agent_tiny ignores one), and a key only the
-/// client was given, so nobody else can have the package served.
-pub fn package_uri(scheme: &str, host: &str, port: u16, task: u64, key: ObserveToken) -> String {
-    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
-    format!("{scheme}://{host}:{port}/{PACKAGE_PATH}/{task}/{}", hex::encode(key.0))
+/// The key of `task`'s package URI for a device: derived from the device's secret (which an
+/// LwM2M client never holds or sends), so it is the same after a restart without being stored,
+/// differs per task, and nobody who has not seen the URI can have the package served.
+pub fn package_key(device_secret: &str, task: u64) -> String {
+    let mac = SignMethod::HmacSha256.sign_hex(device_secret.as_bytes(), format!("nbhub-package/{task}").as_bytes());
+    mac[..16].to_string()
 }
 
-/// The task and key a package path (after `fw`) names.
-pub fn package_of(task: &str, key: &str) -> Option<(u64, ObserveToken)> {
-    let task = task.parse().ok()?;
-    ObserveToken::from_bytes(&hex::decode(key).ok()?).map(|t| (task, t))
+/// The package URI written to a client: no query (agent_tiny ignores one).
+pub fn package_uri(scheme: &str, host: &str, port: u16, task: u64, endpoint: &str, key: &str) -> String {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    format!("{scheme}://{host}:{port}/{PACKAGE_PATH}/{task}/{endpoint}/{key}")
 }
 
 /// The client's firmware update state (`/5/0/3`).
@@ -228,12 +230,13 @@ mod tests {
     #[test]
     fn requests_name_object_5_and_the_uri_carries_the_task_and_key() {
         let token = ObserveToken::from_bytes(&[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
-        let uri = package_uri("coap", "192.0.2.1", 5683, 7, token);
-        assert_eq!(uri, "coap://192.0.2.1:5683/fw/7/0102030405060708");
-        assert_eq!(package_uri("coaps", "::1", 5684, 7, token), "coaps://[::1]:5684/fw/7/0102030405060708");
-        assert_eq!(package_of("7", "0102030405060708"), Some((7, token)));
-        assert_eq!(package_of("x", "0102030405060708"), None);
-        assert_eq!(package_of("7", "zz"), None);
+        let key = package_key("secret", 7);
+        assert_eq!(key.len(), 16);
+        assert_ne!(key, package_key("secret", 8), "a key per task");
+        assert_ne!(key, package_key("other", 7), "a key per device");
+        let uri = package_uri("coap", "192.0.2.1", 5683, 7, "8639", &key);
+        assert_eq!(uri, format!("coap://192.0.2.1:5683/fw/7/8639/{key}"));
+        assert_eq!(package_uri("coaps", "::1", 5684, 7, "8639", &key), format!("coaps://[::1]:5684/fw/7/8639/{key}"));
         let w = write_package_uri(&[9], &uri);
         let m = Message::parse(&w).unwrap();
         assert_eq!((m.code, path_of(&m)), (Code::PUT, vec!["5".into(), "0".into(), "1".into()]));

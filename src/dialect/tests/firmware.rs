@@ -129,12 +129,12 @@ fn an_lwm2m_client_is_upgraded_over_object_5_and_its_result_counts_after_the_reb
     let mut bed = Bed::with_ota(PortFamily::Plain, OtaProtocol::Lwm2m);
     let (task, observe, write) = to_the_package_uri(&mut bed, Retry::default());
     let uri = std::str::from_utf8(write.payload).unwrap().to_string();
-    let key = hex::encode(observe.token);
-    assert_eq!(uri, format!("coap://192.0.2.1:5683/fw/{task}/{key}"), "no query; this instance's host");
+    let key = crate::dialect::lwm2m::firmware::package_key(SECRET, task.0);
+    assert_eq!(uri, format!("coap://192.0.2.1:5683/fw/{task}/{NODE}/{key}"), "no query; this instance's host");
     assert!(bed.send(&answer_with(&write, Code::CHANGED, None, b"")).is_empty());
     assert_eq!(stage(&bed), Stage::Downloading);
     // The client fetches 512-byte blocks; every answer carries Block2, the first Size2.
-    let path = format!("/fw/{task}/{key}");
+    let path = format!("/fw/{task}/{NODE}/{key}");
     let b512 = |num| Some(Block { num, more: false, szx: 5 });
     let first = served(&mut bed, &block_request(10, &path, b512(0)));
     assert_eq!(first.code, Code::CONTENT);
@@ -153,25 +153,36 @@ fn an_lwm2m_client_is_upgraded_over_object_5_and_its_result_counts_after_the_reb
     let reserved = MessageBuilder::new(MessageType::Con, Code::GET, 14, &[14])
         .option(OptionNumber::URI_PATH, b"fw")
         .option(OptionNumber::URI_PATH, task.to_string().as_bytes())
+        .option(OptionNumber::URI_PATH, NODE.as_bytes())
         .option(OptionNumber::URI_PATH, key.as_bytes())
         .option(OptionNumber::BLOCK2, &[0x07])
         .build();
     assert_eq!(bed.answer(&reserved).code, Code::BAD_REQUEST);
     assert_eq!(
-        served(&mut bed, &block_request(15, &format!("/fw/{task}/0000000000000000"), b512(0))).code,
+        served(&mut bed, &block_request(15, &format!("/fw/{task}/{NODE}/0000000000000000"), b512(0))).code,
         Code::NOT_FOUND
     );
-    assert_eq!(served(&mut bed, &block_request(16, &format!("/fw/99/{key}"), b512(0))).code, Code::NOT_FOUND);
+    assert_eq!(served(&mut bed, &block_request(16, &format!("/fw/99/{NODE}/{key}"), b512(0))).code, Code::NOT_FOUND);
+    // A block goes only to the device's own IP: no reflection of 1 KB answers at anyone else.
+    let own = bed.peer;
+    bed.peer = "203.0.113.5:5683".parse().unwrap();
+    assert_eq!(served(&mut bed, &block_request(18, &path, b512(0))).code, Code::FORBIDDEN);
+    // Nor does a report under the observation from there move the upgrade: acknowledged only.
+    let copied = bed.send(&notification(observe.token, 19, 9, b"2"));
+    assert_eq!(copied.iter().map(|m| (m.mtype, m.code)).collect::<Vec<_>>(), [(MessageType::Ack, Code::EMPTY)]);
+    bed.peer = own;
     assert_eq!(stage(&bed), Stage::Downloading, "bad requests change nothing");
     // No Block2 asked: the server picks 512 and says so.
     let unasked = served(&mut bed, &block_request(17, &path, None));
     assert_eq!(Block::parse(unasked.option(OptionNumber::BLOCK2).unwrap()), Ok(Block { num: 0, more: true, szx: 5 }));
-    // The client reports the download done under the /5/0/3 observation: the server executes.
+    // The client reports the download done under the /5/0/3 observation: the server checks the
+    // state is still 2, then executes.
     let done = notification(observe.token, 20, 2, b"2");
-    let execute = request_to(bed.send(&done), "/5/0/2");
+    let check = request_to(bed.send(&done), "/5/0/3");
     let (writes, acked) = bed.commit(0);
     assert!(writes.iter().any(|op| matches!(op, Op::Put { cf: crate::store::CF_UPGRADES, .. })), "{writes:?}");
     assert_eq!(acked[0].mtype, MessageType::Ack, "acknowledged once its stage is stored");
+    let execute = request_to(bed.send(&answer_with(&check, Code::CONTENT, Some(0), b"2")), "/5/0/2");
     assert_eq!((execute.code, execute.payload), (Code::POST, &[][..]));
     assert_eq!(stage(&bed), Stage::Downloaded);
     bed.send(&answer_with(&execute, Code::CHANGED, None, b""));
@@ -208,4 +219,34 @@ fn an_error_answer_or_a_failed_update_result_fails_the_attempt_with_its_reason()
     bed.send(&answer_with(&result, Code::CONTENT, Some(0), b"5"));
     assert_eq!(stage(&bed), Stage::Failed);
     assert_eq!(failure(&bed).as_deref(), Some("Integrity check failure for new downloaded package"));
+}
+
+#[test]
+fn an_execute_whose_answer_was_lost_is_not_sent_again_to_the_rebooted_client() {
+    let mut bed = Bed::with_ota(PortFamily::Plain, OtaProtocol::Lwm2m);
+    let (task, observe, write) = to_the_package_uri(&mut bed, Retry::default());
+    bed.send(&answer_with(&write, Code::CHANGED, None, b""));
+    let key = crate::dialect::lwm2m::firmware::package_key(SECRET, task.0);
+    let path = format!("/fw/{task}/{NODE}/{key}");
+    for num in 0..3 {
+        let block = served(&mut bed, &block_request(40 + num as u16, &path, Some(Block { num, more: false, szx: 5 })));
+        assert_eq!(block.code, Code::CONTENT);
+    }
+    let check = request_to(bed.send(&notification(observe.token, 50, 2, b"2")), "/5/0/3");
+    bed.commit(0);
+    let execute = request_to(bed.send(&answer_with(&check, Code::CONTENT, Some(0), b"2")), "/5/0/2");
+    assert_eq!(execute.code, Code::POST);
+    // The client executes and reboots; its answer is lost, and the Execute is given up.
+    bed.wait(Duration::from_secs(600));
+    assert_eq!(stage(&bed), Stage::Downloaded);
+    bed.peer = "198.51.100.9:6000".parse().unwrap();
+    let (_, sent) = register_lwm2m_then(&mut bed);
+    // The Execute still waiting is preceded by a read of the state, which is idle: the result
+    // is read instead of executing again.
+    let state = request_to(sent, "/5/0/3");
+    assert_eq!(state.option(OptionNumber::OBSERVE), None, "a plain read");
+    let result = request_to(bed.send(&answer_with(&state, Code::CONTENT, Some(0), b"0")), "/5/0/5");
+    let confirm = request_to(bed.send(&answer_with(&result, Code::CONTENT, Some(0), b"1")), "/3/0/3");
+    bed.send(&answer_with(&confirm, Code::CONTENT, Some(0), b"V2.0"));
+    assert_eq!(stage(&bed), Stage::Succeeded);
 }
