@@ -255,7 +255,7 @@ impl Sim {
             if rebooted_at
                 .is_some_and(|at| client.served.len() > at && client.served.last().is_some_and(|s| s == "GET /3/0/3"))
             {
-                self.chunks.fetch_add(client.next_block() as u64, Ordering::Relaxed);
+                self.chunks.fetch_add(client.downloaded.len().div_ceil(agent_tiny::BLOCK_SIZE) as u64, Ordering::Relaxed);
                 return Ok("upgraded");
             }
             // What to do next of its own, when nothing is in flight.
