@@ -154,7 +154,35 @@ impl Sim {
         if let Ok((socket, token)) = &bound {
             let (rsrp, sinr) = [(-90, 10), (-110, 0), (-120, -5)][level as usize];
             let radio = json!({"rsrp": rsrp, "sinr": sinr, "cell_id": format!("cell-{cell}")}).to_string();
-            let _ = socket.send(&notification(token, 1, radio.as_bytes())).await;
+            // A CON until acknowledged, backing off as CoAP does: 10,000 reports at once overload
+            // the server, which sheds what it cannot store in time, and a report lost for good
+            // would leave the device without a radio state until its radio timeout.
+            let mid: u16 = rand::random();
+            let report = MessageBuilder::new(MessageType::Con, Code::CONTENT, mid, token)
+                .option(OptionNumber::OBSERVE, &[1])
+                .payload(radio.as_bytes())
+                .build();
+            let mut buf = [0u8; 256];
+            let mut radio_acked = false;
+            for attempt in 0..8 {
+                let _ = socket.send(&report).await;
+                let acked = tokio::time::timeout(Duration::from_secs(2 << attempt.min(3)), async {
+                    while let Ok(n) = socket.recv(&mut buf).await {
+                        if Message::parse(&buf[..n]).is_ok_and(|m| m.mtype == MessageType::Ack && m.mid == mid) {
+                            return true;
+                        }
+                    }
+                    false
+                });
+                if acked.await.unwrap_or(false) {
+                    radio_acked = true;
+                    break;
+                }
+            }
+            if !radio_acked {
+                ready.wait().await;
+                return Err("radio report never acknowledged");
+            }
         }
         ready.wait().await;
         let (socket, token) = bound?;

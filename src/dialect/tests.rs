@@ -45,6 +45,8 @@ struct Bed {
     waiting: Vec<(Ticket, Writes)>,
     /// Writes nobody waits for, in order.
     detached: Vec<Writes>,
+    /// The device whose DTLS session the datagrams come through, if any.
+    authenticated: Option<DeviceId>,
 }
 
 impl Bed {
@@ -54,6 +56,18 @@ impl Bed {
 
     /// A bed whose product upgrades over `ota_protocol`.
     fn with_ota(family: PortFamily, ota_protocol: OtaProtocol) -> Bed {
+        Bed::build(family, ota_protocol, None)
+    }
+
+    /// A bed whose device has the raw DTLS key `psk`, and whose requests come from inside its
+    /// session.
+    fn with_psk(family: PortFamily, ota_protocol: OtaProtocol, psk: &[u8]) -> Bed {
+        let mut bed = Bed::build(family, ota_protocol, Some(hex::encode(psk)));
+        bed.authenticated = Some(DeviceId(1));
+        bed
+    }
+
+    fn build(family: PortFamily, ota_protocol: OtaProtocol, psk_hex: Option<String>) -> Bed {
         let (writer, recorder) = recording();
         let config = Config::load_with_env(None, Vec::new()).unwrap();
         let registry = Arc::new(Registry::new(Arc::new(config), writer));
@@ -76,6 +90,7 @@ impl Bed {
             device_name: DeviceName::new(DN).unwrap(),
             device_secret: Secret::new(SECRET).unwrap(),
             node_id: Some(NodeId::new(NODE).unwrap()),
+            psk_hex,
             ..crate::registry::device::test_record()
         };
         registry.insert(&Arc::new(Device::from_record(record, None, None))).unwrap();
@@ -102,6 +117,7 @@ impl Bed {
             elapsed: Duration::ZERO,
             waiting: Vec::new(),
             detached: Vec::new(),
+            authenticated: None,
         }
     }
 
@@ -126,7 +142,7 @@ impl Bed {
     /// Every datagram the endpoint sends in answer to `data`.
     fn send(&mut self, data: &[u8]) -> Vec<Message<'static>> {
         let mut out = Actions::default();
-        self.ep.handle_datagram(self.now(), self.peer, None, data, &mut out);
+        self.ep.handle_datagram(self.now(), self.peer, self.authenticated, data, &mut out);
         self.take(out)
     }
 

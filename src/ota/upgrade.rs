@@ -69,9 +69,7 @@ impl Stage {
 
     /// From the device's acceptance of the new version until its result: what it holds is this
     /// attempt's package.
-    pub fn downloading() -> [Stage; 3] {
-        [Stage::Downloading, Stage::Downloaded, Stage::Upgrading]
-    }
+    pub const ACCEPTED: [Stage; 3] = [Stage::Downloading, Stage::Downloaded, Stage::Upgrading];
 
     /// The device holds a download slot in its cell: from the notification until the download
     /// ends. Installing uses no radio, so the slot goes to the next device then.

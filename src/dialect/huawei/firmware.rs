@@ -261,7 +261,7 @@ impl Huawei {
                 // it went quiet) is not sent the URI again: a Write then may restart or refuse
                 // the download. One back at idle (it rebooted) is, and so is one holding
                 // something from before this attempt's Write.
-                if state.is_some_and(|s| s != UpdateState::Idle) && self.stage_in(device, &Stage::downloading()) {
+                if state.is_some_and(|s| s != UpdateState::Idle) && self.stage_in(device, &Stage::ACCEPTED) {
                     rest.retain(|op| !matches!(op, FirmwareOp::WritePackageUri(_)));
                 }
                 state.and_then(|state| self.update_state(now, device, state, effects))
@@ -346,7 +346,7 @@ impl Huawei {
                 ops
             }
             UpdateState::Idle => {
-                self.read_result(device, &Stage::downloading(), effects);
+                self.read_result(device, &Stage::ACCEPTED, effects);
                 None
             }
             UpdateState::Downloaded | UpdateState::Downloading | UpdateState::Updating => None,

@@ -250,3 +250,22 @@ fn an_execute_whose_answer_was_lost_is_not_sent_again_to_the_rebooted_client() {
     bed.send(&answer_with(&confirm, Code::CONTENT, Some(0), b"V2.0"));
     assert_eq!(stage(&bed), Stage::Succeeded);
 }
+
+#[test]
+fn inside_dtls_the_package_is_named_coaps_and_served_only_inside_the_session() {
+    let mut bed = Bed::with_psk(PortFamily::Dtls, OtaProtocol::Lwm2m, b"the-psk");
+    let (task, _, write) = to_the_package_uri(&mut bed, Retry::default());
+    let key = crate::dialect::lwm2m::firmware::package_key(SECRET, task.0);
+    let uri = std::str::from_utf8(write.payload).unwrap();
+    assert_eq!(uri, format!("coaps://192.0.2.1:5684/fw/{task}/{NODE}/{key}"));
+    bed.send(&answer_with(&write, Code::CHANGED, None, b""));
+    let path = format!("/fw/{task}/{NODE}/{key}");
+    let block = Some(Block { num: 0, more: false, szx: 5 });
+    assert_eq!(served(&mut bed, &block_request(60, &path, block)).code, Code::CONTENT);
+    // The same request in clear, from the device's own address: its key would not protect it.
+    bed.authenticated = None;
+    assert_eq!(served(&mut bed, &block_request(61, &path, block)).code, Code::FORBIDDEN);
+    // Another device's session may not fetch it either.
+    bed.authenticated = Some(DeviceId(9));
+    assert_eq!(served(&mut bed, &block_request(62, &path, block)).code, Code::FORBIDDEN);
+}
