@@ -150,14 +150,20 @@ impl Sim {
     async fn device(self, node: String, i: usize, ready: Arc<Barrier>) -> Result<&'static str, &'static str> {
         let cell = i % self.args.cells;
         let level = level_of(i);
-        let bound = huawei_bind(&node, self.args.coap).await;
+        // A fresh message id, as a device picks at boot; each message after takes the next.
+        let mut mid: u16 = rand::random();
+        let bound = huawei_bind(&node, self.args.coap, mid).await;
+        let mut next_mid = move || {
+            mid = mid.wrapping_add(1);
+            mid
+        };
         if let Ok((socket, token)) = &bound {
             let (rsrp, sinr) = [(-90, 10), (-110, 0), (-120, -5)][level as usize];
             let radio = json!({"rsrp": rsrp, "sinr": sinr, "cell_id": format!("cell-{cell}")}).to_string();
             // A CON until acknowledged, backing off as CoAP does: 10,000 reports at once overload
             // the server, which sheds what it cannot store in time, and a report lost for good
             // would leave the device without a radio state until its radio timeout.
-            let mid: u16 = rand::random();
+            let mid = next_mid();
             let report = MessageBuilder::new(MessageType::Con, Code::CONTENT, mid, token)
                 .option(OptionNumber::OBSERVE, &[1])
                 .payload(radio.as_bytes())
@@ -199,7 +205,7 @@ impl Sim {
         loop {
             for report in sim.due(Instant::now()) {
                 observe = observe.wrapping_add(1);
-                let _ = socket.send(&notification(&token, observe, &report.encode())).await;
+                let _ = socket.send(&notification(&token, observe, next_mid(), &report.encode())).await;
             }
             if sim.log.bad_chunks > 0 {
                 return Err("a chunk's bytes differ from the package");
@@ -209,12 +215,7 @@ impl Sim {
                 return Ok("upgraded");
             }
             let wake = sim.next_due().map_or(deadline, |t| tokio::time::Instant::from_std(t).min(deadline));
-            let n = match tokio::time::timeout_at(wake, socket.recv(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(_)) => return Err("socket error"),
-                Err(_) if tokio::time::Instant::now() >= deadline => return Err("unfinished at the time limit"),
-                Err(_) => continue,
-            };
+            let Some(n) = receive(&socket, &mut buf, wake, deadline).await? else { continue };
             let Ok(m) = Message::parse(&buf[..n]) else { continue };
             if m.mtype != MessageType::Con || m.code != Code::POST {
                 continue;
@@ -225,7 +226,7 @@ impl Sim {
             let _ = socket.send(&ack).await;
             for answer in answers.after {
                 observe = observe.wrapping_add(1);
-                let _ = socket.send(&notification(&token, observe, &answer.encode())).await;
+                let _ = socket.send(&notification(&token, observe, next_mid(), &answer.encode())).await;
             }
         }
     }
@@ -283,7 +284,8 @@ impl Sim {
             if rebooted_at
                 .is_some_and(|at| client.served.len() > at && client.served.last().is_some_and(|s| s == "GET /3/0/3"))
             {
-                self.chunks.fetch_add(client.downloaded.len().div_ceil(agent_tiny::BLOCK_SIZE) as u64, Ordering::Relaxed);
+                self.chunks
+                    .fetch_add(client.downloaded.len().div_ceil(agent_tiny::BLOCK_SIZE) as u64, Ordering::Relaxed);
                 return Ok("upgraded");
             }
             // What to do next of its own, when nothing is in flight.
@@ -316,12 +318,7 @@ impl Sim {
             let wake = pending
                 .as_ref()
                 .map_or(deadline, |(_, _, sent, _)| tokio::time::Instant::from_std(*sent + resend).min(deadline));
-            let n = match tokio::time::timeout_at(wake, socket.recv(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(_)) => return Err("socket error"),
-                Err(_) if tokio::time::Instant::now() >= deadline => return Err("unfinished at the time limit"),
-                Err(_) => continue,
-            };
+            let Some(n) = receive(&socket, &mut buf, wake, deadline).await? else { continue };
             let Ok(m) = Message::parse(&buf[..n]) else { continue };
             match m.mtype {
                 MessageType::Con => {
@@ -354,6 +351,21 @@ impl Sim {
     }
 }
 
+/// A datagram's length, or none if `wake` came first; an error past `deadline`.
+async fn receive(
+    socket: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+    wake: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) -> Result<Option<usize>, &'static str> {
+    match tokio::time::timeout_at(wake, socket.recv(buf)).await {
+        Ok(Ok(n)) => Ok(Some(n)),
+        Ok(Err(_)) => Err("socket error"),
+        Err(_) if tokio::time::Instant::now() >= deadline => Err("unfinished at the time limit"),
+        Err(_) => Ok(None),
+    }
+}
+
 /// What an LwM2M client's own request in flight is.
 #[derive(Clone, Copy)]
 enum Own {
@@ -364,8 +376,8 @@ enum Own {
 }
 
 /// A NON 2.05 notification with the observe token, as LiteOS reports.
-fn notification(token: &[u8], observe: u8, payload: &[u8]) -> Vec<u8> {
-    MessageBuilder::new(MessageType::Non, Code::CONTENT, rand::random(), token)
+fn notification(token: &[u8], observe: u8, mid: u16, payload: &[u8]) -> Vec<u8> {
+    MessageBuilder::new(MessageType::Non, Code::CONTENT, mid, token)
         .option(OptionNumber::OBSERVE, &[observe])
         .payload(payload)
         .build()

@@ -103,12 +103,15 @@ fn main() {
 /// (which it acknowledges as the released LiteOS agents do, with an empty 2.04).
 async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier>) -> Result<u32, &'static str> {
     // Every device passes both barriers, bound or not, so one failure cannot stall the rest.
-    let bind = huawei_bind(&node, args.coap).await;
+    // A fresh message id, as a device picks at boot: a port reused from an earlier run must not
+    // look like a retransmission.
+    let mid: u16 = rand::random();
+    let bind = huawei_bind(&node, args.coap, mid).await;
     bound.wait().await;
     wake.wait().await;
     let (socket, token) = bind?;
     let mut buf = [0u8; 2048];
-    let report = MessageBuilder::new(MessageType::Non, Code::CONTENT, rand::random(), &token)
+    let report = MessageBuilder::new(MessageType::Non, Code::CONTENT, mid.wrapping_add(1), &token)
         .option(OptionNumber::OBSERVE, &[1])
         .payload(b"meter 42")
         .build();

@@ -133,8 +133,9 @@ impl Registry {
     }
 
     /// The token of `device`'s observation of its firmware update state: the one it has, else a
-    /// new one, indexed and stored before it is first used (the client may report under it after
-    /// a reboot, and a server that forgot it would answer that report with RST).
+    /// new one, indexed and queued for the store before it is first used (the client may report
+    /// under it after a reboot, and a server that forgot it would answer that report with RST;
+    /// the result is read after the client registers again either way).
     pub fn firmware_observe(&self, device: &Arc<Device>) -> Option<ObserveToken> {
         if let Some(t) = device.state().firmware_observe {
             return Some(t);

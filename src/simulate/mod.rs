@@ -20,16 +20,16 @@ use crate::client::{AdminClient, ClientError};
 use crate::coap::message::{Code, Message, MessageBuilder, MessageType};
 use crate::coap::option::OptionNumber;
 
-/// Binds as `node` (`POST /t/r?ep=`) and accepts the server's observe request; the socket
-/// (connected to the server) and the observe token.
-pub async fn huawei_bind(node: &str, server: SocketAddr) -> Result<(UdpSocket, Vec<u8>), &'static str> {
+/// Binds as `node` (`POST /t/r?ep=`) with message id `mid` and accepts the server's observe
+/// request; the socket (connected to the server) and the observe token. The caller's next
+/// messages take the ids after `mid`: an id is not reused within EXCHANGE_LIFETIME (RFC 7252
+/// §4.4), and a server ignores a different message under one it has seen.
+pub async fn huawei_bind(node: &str, server: SocketAddr, mid: u16) -> Result<(UdpSocket, Vec<u8>), &'static str> {
     let socket = UdpSocket::bind("127.0.0.1:0").await.map_err(|_| "no socket")?;
     socket.connect(server).await.map_err(|_| "no socket")?;
     let mut acked = false;
     let mut buf = [0u8; 2048];
-    // A fresh message id, as a device picks at boot: a port reused from an earlier run must not
-    // look like a retransmission.
-    let request = MessageBuilder::new(MessageType::Con, Code::POST, rand::random(), &[1])
+    let request = MessageBuilder::new(MessageType::Con, Code::POST, mid, &[1])
         .option(OptionNumber::URI_PATH, b"t")
         .option(OptionNumber::URI_PATH, b"r")
         .option(OptionNumber::URI_QUERY, format!("ep={node}").as_bytes())
