@@ -106,7 +106,7 @@ fn bad_bodies_name_the_field() {
     let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "product_key": "bad key!"})));
     assert_eq!(code, 400);
     assert!(msg.contains("product key"), "{msg}");
-    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "ota_protocol": "lwm2m"})));
+    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "ota_protocol": "tftp"})));
     assert_eq!(code, 400);
     assert!(msg.contains("ota_protocol"), "{msg}");
     let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "awake_window_s": 0})));

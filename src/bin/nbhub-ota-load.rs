@@ -318,7 +318,7 @@ impl Sim {
             let wake = pending
                 .as_ref()
                 .map_or(deadline, |(_, _, sent, _)| tokio::time::Instant::from_std(*sent + resend).min(deadline));
-            let Some(n) = receive(&socket, &mut buf, wake, deadline).await? else { continue };
+            let Some(n) = receive(socket, &mut buf, wake, deadline).await? else { continue };
             let Ok(m) = Message::parse(&buf[..n]) else { continue };
             match m.mtype {
                 MessageType::Con => {

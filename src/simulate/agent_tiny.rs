@@ -14,7 +14,34 @@ use super::pcp::Concurrency;
 use crate::coap::block::Block;
 use crate::coap::message::{Code, Message, MessageBuilder, MessageType};
 use crate::coap::option::{OptionNumber, content_format};
-use crate::dialect::lwm2m::{TLV, Value, tlv};
+
+/// OMA LwM2M TLV's Content-Format.
+const TLV: u32 = 11542;
+
+/// One resource in TLV, written here rather than with the server's encoder, so the tests check
+/// the server's decoder against another implementation: type byte `11` (resource with value),
+/// an 8-bit id, the length in the type byte or one more byte.
+fn tlv_resource(id: u8, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() + 3);
+    match value.len() {
+        n @ 0..=7 => out.extend([0xC0 | n as u8, id]),
+        n => out.extend([0xC8, id, n as u8]),
+    }
+    out.extend_from_slice(value);
+    out
+}
+
+/// An integer resource as wakaama writes it: the shortest of 1, 2, 4 or 8 bytes.
+fn tlv_integer(id: u8, v: i64) -> Vec<u8> {
+    let bytes = v.to_be_bytes();
+    let len = match v {
+        -128..=127 => 1,
+        -32_768..=32_767 => 2,
+        -2_147_483_648..=2_147_483_647 => 4,
+        _ => 8,
+    };
+    tlv_resource(id, &bytes[8 - len..])
+}
 
 pub const LINKS: &[u8] = br#"</>;rt="oma.lwm2m",</1/0>,</2>,</3/0>,</4/0>,</5/0>,</6/0>,</19/0>,</19/1>"#;
 
@@ -116,11 +143,11 @@ impl AgentTiny {
                 None => b.build(),
             }
         };
-        let int = |id: u16, v: i64| Some(tlv(&[(id, Value::Integer(v))]));
+        let int = |id: u8, v: i64| Some(tlv_integer(id, v));
         match (r.code, path.as_str()) {
             // The data observation: an empty 2.05; data comes as notifications.
             (Code::GET, "/19/0/0") => answer(Code::CONTENT, None),
-            (Code::GET, "/3/0/3") => answer(Code::CONTENT, Some(tlv(&[(3, Value::Text(&self.version))]))),
+            (Code::GET, "/3/0/3") => answer(Code::CONTENT, Some(tlv_resource(3, self.version.as_bytes()))),
             (Code::GET, "/4/0/2") => answer(Code::CONTENT, int(2, self.radio.rsrp)),
             (Code::GET, "/4/0/3") => answer(Code::CONTENT, int(3, self.radio.sinr)),
             (Code::GET, "/4/0/8") => answer(Code::CONTENT, int(8, self.radio.cell_id)),
@@ -185,7 +212,7 @@ impl AgentTiny {
         self.set_state(state);
         let (token, number) = self.fw_observe.clone()?;
         self.fw_observe = Some((token.clone(), number + 1));
-        let body = tlv(&[(3, Value::Integer(state))]);
+        let body = tlv_integer(3, state);
         Some(
             MessageBuilder::new(MessageType::Con, Code::CONTENT, mid, &token)
                 .uint_option(OptionNumber::OBSERVE, number + 1)
