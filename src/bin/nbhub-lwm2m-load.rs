@@ -124,8 +124,11 @@ async fn client(node: String, args: Args, registered: Arc<Barrier>, report: Arc<
         Ok(s) if s.connect(args.coap).await.is_ok() => Some(s),
         _ => None,
     };
+    // A fresh message id, as a client picks at boot; each message after takes the next (an id
+    // repeated within EXCHANGE_LIFETIME is ignored as a duplicate, RFC 7252 §4.4).
+    let first: u16 = rand::random();
     let registration = match &socket {
-        Some(s) => register(s, &node, timeout).await,
+        Some(s) => register(s, &node, first, timeout).await,
         None => None,
     };
     registered.wait().await;
@@ -133,9 +136,9 @@ async fn client(node: String, args: Args, registered: Arc<Barrier>, report: Arc<
     match (&socket, &registration) {
         (Some(s), Some((_, _, token))) => {
             let payload = vec![0x5a; args.payload_size];
-            let first: u16 = rand::random();
             for i in 0..args.reports {
-                let answered = notify(s, token, first.wrapping_add(i as u16), i as u32, &payload, timeout).await;
+                let mid = first.wrapping_add(1 + i as u16);
+                let answered = notify(s, token, mid, i as u32, &payload, timeout).await;
                 reports.push(answered);
                 // A lost report ends this client's run: its timeout is no work of the server's.
                 if answered.is_none() {
@@ -179,8 +182,7 @@ async fn exchange<T>(
 }
 
 /// `POST /rd` as agent_tiny sends it; the time until the server's observe request, and its token.
-async fn register(socket: &UdpSocket, node: &str, timeout: Duration) -> Option<(Duration, Instant, Vec<u8>)> {
-    let mid: u16 = rand::random();
+async fn register(socket: &UdpSocket, node: &str, mid: u16, timeout: Duration) -> Option<(Duration, Instant, Vec<u8>)> {
     let request = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes())
         .option(OptionNumber::URI_PATH, b"rd")
         .uint_option(OptionNumber::CONTENT_FORMAT, content_format::LINK_FORMAT)

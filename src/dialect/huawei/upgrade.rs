@@ -51,14 +51,17 @@ impl Huawei {
         let exchange = self.registry.next_exchange();
         let (frame, token, peer, channel) = {
             let mut s = device.state();
-            let (Some(token), Some(peer)) = (s.observe, s.address) else {
-                return self.campaign.has_request(device.id, &mut s);
-            };
+            let waiting = self.campaign.has_request(device.id, &mut s);
+            // Every uplink asks; most devices have nothing waiting.
+            if !waiting {
+                return false;
+            }
+            let (Some(token), Some(peer)) = (s.observe, s.address) else { return true };
             let object5 = self.over_object5(device, &s);
             // A device of an Object 5 product that is not a registered LwM2M client waits for
             // its Register: PCP is not what its product upgrades over.
             if !object5 && self.ota_protocol(device) == Some(OtaProtocol::Lwm2m) {
-                return self.campaign.has_request(device.id, &mut s);
+                return true;
             }
             let request = match self.campaign.request(device.id, &mut s, exchange) {
                 PlatformRequest::None => return false,

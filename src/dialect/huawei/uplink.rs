@@ -35,12 +35,13 @@ impl Huawei {
             // The device ends the relation (RFC 7641 §3.2): nothing to store.
             return ignore();
         }
-        if device.state().firmware_observe == Some(token) {
-            return self.firmware_notification(req, &device, effects);
-        }
         let now = req.now.wall;
         let (accepted, channel) = {
             let mut s = device.state();
+            if s.firmware_observe == Some(token) {
+                drop(s);
+                return self.firmware_notification(req, &device, effects);
+            }
             if !s.enabled {
                 return refuse(Refusal::Disabled, Some(&device));
             }
