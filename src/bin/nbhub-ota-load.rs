@@ -342,7 +342,8 @@ impl Sim {
                                 pending = Some((m, d, Instant::now(), Own::Report));
                             }
                         }
-                        Own::Register | Own::Report => {}
+                        Own::Report => client.report_acked(),
+                        Own::Register => {}
                     }
                 }
                 _ => {}

@@ -452,7 +452,7 @@ impl Campaign {
             let chunk_size = task.package.chunk_size as u64;
             let chunk = (range.end.saturating_sub(1) / chunk_size) as u16;
             // Moving the download on is bounded by the download; asking again is charged.
-            if !slot.upgrade.as_ref().is_some_and(|u| u.advanced_by(chunk, task.package.chunk_count))
+            if !slot.upgrade.as_ref().is_some_and(|u| u.advanced_by_block(chunk, task.package.chunk_count))
                 && s.admit(now, &self.registry.config.device).is_err()
             {
                 return Err(NoBlock::OverBudget);

@@ -237,6 +237,13 @@ impl Upgrade {
         self.stage.holds_slot() && chunk >= self.next_chunk && chunk < chunk_count
     }
 
+    /// [`Upgrade::advanced_by`] for a block of a download fetched by URI, which ends in package
+    /// chunk `chunk`: a block ending in the chunk reached last counts too, as blocks smaller than
+    /// a chunk do (and a block asked again because its answer was lost).
+    pub fn advanced_by_block(&self, chunk: u16, chunk_count: u16) -> bool {
+        self.stage.holds_slot() && chunk.saturating_add(1) >= self.next_chunk && chunk < chunk_count
+    }
+
     pub fn new(task: UpgradeTaskId, device: DeviceId, now: UnixMs) -> Upgrade {
         Upgrade {
             task,
@@ -597,6 +604,11 @@ mod tests {
         assert!(!up.advanced_by(4, 4), "beyond the package");
         up.stage = Stage::Downloaded;
         assert!(!up.advanced_by(3, 4));
+        // By URI, a block ending in the chunk reached last counts too.
+        up.stage = Stage::Downloading;
+        assert!(up.advanced_by_block(1, 4) && up.advanced_by_block(2, 4));
+        assert!(!up.advanced_by_block(0, 4), "two chunks back");
+        assert!(!up.advanced_by_block(4, 4), "beyond the package");
     }
 
     struct Bench {

@@ -65,6 +65,8 @@ pub struct DeviceState {
     /// kept across re-registration and restarts, since a client reports its update's result
     /// after the reboot under the observation made before it.
     pub firmware_observe: Option<ObserveToken>,
+    /// The newest report under that observation since the server started.
+    pub latest_firmware_report: Option<Latest>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -116,6 +118,7 @@ impl Device {
                 registration: r.registration,
                 pending_registration: None,
                 firmware_observe: r.firmware_observe,
+                latest_firmware_report: None,
             }),
         }
     }
@@ -351,6 +354,7 @@ mod tests {
             registration: None,
             pending_registration: None,
             firmware_observe: None,
+            latest_firmware_report: None,
         };
         assert_eq!(s.status(now, &c), Status::Inactive);
         s.last_seen = Some(UnixMs(now.0 - 25 * 3600 * 1000));

@@ -25,19 +25,27 @@ pub enum NotificationOrder {
     Stale,
 }
 
-impl DeviceState {
-    /// Where a notification numbered `number` (its Observe option) from `peer` at `now` stands.
-    pub fn notification_order(&self, number: Option<u32>, peer: SocketAddr, now: UnixMs) -> NotificationOrder {
-        let newer = match (self.latest_notification, number) {
+impl NotificationOrder {
+    /// Where a notification numbered `number` (its Observe option) at `now` stands against its
+    /// relation's `latest`; `own` when it came from the device's address.
+    pub fn of(latest: Option<Latest>, number: Option<u32>, own: bool, now: UnixMs) -> NotificationOrder {
+        let newer = match (latest, number) {
             (None, _) => true,
             (Some(latest), Some(n)) => latest.is_older_than(n, now.0),
             (Some(_), None) => false,
         };
         match newer {
             true => NotificationOrder::Newer,
-            false if self.address == Some(peer) => NotificationOrder::Reordered,
+            false if own => NotificationOrder::Reordered,
             false => NotificationOrder::Stale,
         }
+    }
+}
+
+impl DeviceState {
+    /// Where a notification numbered `number` (its Observe option) from `peer` at `now` stands.
+    pub fn notification_order(&self, number: Option<u32>, peer: SocketAddr, now: UnixMs) -> NotificationOrder {
+        NotificationOrder::of(self.latest_notification, number, self.address == Some(peer), now)
     }
 
     /// A notification was accepted: the newest becomes the relation's latest.

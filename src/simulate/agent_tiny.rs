@@ -62,8 +62,10 @@ pub struct AgentTiny {
     /// The version it runs after the update.
     pub new_version: String,
     pub radio: Radio,
-    /// `/5/0/3` and `/5/0/5`.
+    /// `/5/0/3` and `/5/0/5`. A reported state takes effect when the report's ACK arrives, as
+    /// in agent_tiny's FOTA state machine: an Execute before then is refused with 4.00.
     pub state: i64,
+    reported: Option<i64>,
     pub result: i64,
     /// The token and last number of the server's `/5/0/3` observation.
     pub fw_observe: Option<(Vec<u8>, u32)>,
@@ -75,6 +77,7 @@ pub struct AgentTiny {
     pub served: Vec<String>,
     /// A budget its download counts against, from the URI write to the download's end.
     counting: Option<(Arc<Concurrency>, usize)>,
+    counted: bool,
 }
 
 fn path_of(m: &Message<'_>) -> String {
@@ -89,12 +92,14 @@ impl AgentTiny {
             new_version: new_version.into(),
             radio: Radio { rsrp: -88, sinr: 12, cell_id: 24_577 },
             state: 0,
+            reported: None,
             result: 0,
             fw_observe: None,
             package_path: None,
             downloaded: Vec::new(),
             served: Vec::new(),
             counting: None,
+            counted: false,
         }
     }
 
@@ -115,15 +120,15 @@ impl AgentTiny {
         b.payload(LINKS).build()
     }
 
-    fn set_state(&mut self, state: i64) {
-        if let Some((c, weight)) = &self.counting {
-            match (self.state, state) {
-                (0, 1) => c.start(*weight),
-                (1, s) if s != 1 => c.end(*weight),
-                _ => {}
+    /// The radio in use for a download (`on`) or not: from the URI write until the report that
+    /// ends it, or a reboot.
+    fn downloading(&mut self, on: bool) {
+        if on != self.counted {
+            self.counted = on;
+            if let Some((c, weight)) = &self.counting {
+                if on { c.start(*weight) } else { c.end(*weight) }
             }
         }
-        self.state = state;
     }
 
     /// The answer to a request of the server's.
@@ -164,15 +169,17 @@ impl AgentTiny {
                 let path = uri.splitn(4, '/').nth(3).unwrap_or_default();
                 let path = path.split('?').next().unwrap_or_default();
                 self.package_path = Some(path.split('/').map(String::from).collect());
-                self.set_state(1);
+                self.state = 1;
+                self.downloading(true);
                 self.result = 0;
                 answer(Code::CHANGED, None)
             }
-            (Code::POST, "/5/0/2") if self.state == 2 => {
-                self.set_state(3);
+            (Code::POST, "/5/0/2") if self.state == 2 && self.reported.is_none() => {
+                self.state = 3;
                 answer(Code::CHANGED, None)
             }
-            (Code::POST, "/5/0/2") => answer(Code::METHOD_NOT_ALLOWED, None),
+            // agent_tiny's "execute update busy": 4.00.
+            (Code::POST, "/5/0/2") => answer(Code::BAD_REQUEST, None),
             _ => answer(Code::NOT_FOUND, None),
         }
     }
@@ -207,9 +214,13 @@ impl AgentTiny {
         (self.downloaded.len() / BLOCK_SIZE) as u32
     }
 
-    /// A CON notification of the update state `state` under the server's observation.
+    /// A CON notification of the update state `state` under the server's observation; the
+    /// state holds once [`AgentTiny::report_acked`].
     pub fn state_notification(&mut self, state: i64, mid: u16) -> Option<Vec<u8>> {
-        self.set_state(state);
+        self.reported = Some(state);
+        if state != 1 {
+            self.downloading(false);
+        }
         let (token, number) = self.fw_observe.clone()?;
         self.fw_observe = Some((token.clone(), number + 1));
         let body = tlv_integer(3, state);
@@ -222,11 +233,19 @@ impl AgentTiny {
         )
     }
 
+    /// The server acknowledged the last state report.
+    pub fn report_acked(&mut self) {
+        if let Some(state) = self.reported.take() {
+            self.state = state;
+        }
+    }
+
     /// The reboot an update makes: the new version, state idle and result success; the
     /// observation is kept, as agent_tiny keeps it.
     pub fn reboot(&mut self) {
         self.version = self.new_version.clone();
-        self.set_state(0);
+        self.downloading(false);
+        self.state = 0;
         self.result = 1;
     }
 }

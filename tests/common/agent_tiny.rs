@@ -101,7 +101,9 @@ impl Driver {
     pub fn notify_state(&mut self, state: i64) -> Vec<u8> {
         let mid = self.peer.next_mid();
         let data = self.client.state_notification(state, mid).expect("the server observes /5/0/3");
-        self.send_and_wait(mid, &data)
+        let ack = self.send_and_wait(mid, &data);
+        self.client.report_acked();
+        ack
     }
 
     /// The reboot an update makes; it comes back on a new port, as after any reboot.

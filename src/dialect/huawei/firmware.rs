@@ -19,18 +19,20 @@ use super::{Huawei, Started};
 use crate::clock::Now;
 use crate::coap::block::Block;
 use crate::coap::message::{Code, MessageType};
+use crate::coap::observe::Latest;
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Outgoing, Reply, Request, Response};
 use crate::dialect::lwm2m::firmware::{self as object5, Resource, UpdateResult, UpdateState};
-use crate::dialect::refusal::{Dialect, Refusal};
+use crate::dialect::refusal::{self, Dialect, OverBudget, Refusal};
 use crate::dialect::{Effects, Notified, Outcome, Persist};
 use crate::identity::ObserveToken;
+use crate::ingest;
 use crate::net::PortFamily;
 use crate::ota::campaign::{Campaign, NoBlock};
 use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 use crate::ota::task::UpgradeTaskId;
 use crate::ota::upgrade::Stage;
-use crate::registry::{Device, DeviceState};
+use crate::registry::{Device, DeviceState, NotificationOrder};
 use crate::store::records::OtaProtocol;
 use crate::store::{Op, Ops};
 
@@ -48,6 +50,9 @@ pub(super) enum FirmwareOp {
     /// After an update result of success: the version it runs now decides.
     ConfirmVersion,
     ObserveState,
+    /// An empty URI, which returns a client holding a package from before this attempt to idle
+    /// (OMA LwM2M Object 5): a URI written in its downloaded state may be refused.
+    ClearPackageUri,
     WritePackageUri(UpgradeTaskId),
     /// Before an Execute: a client no longer holding a downloaded package (it executed an
     /// earlier Execute whose answer was lost, and rebooted) is read for its result instead.
@@ -63,7 +68,7 @@ impl FirmwareOp {
             FirmwareOp::ReadRadio(r) => r.name(),
             FirmwareOp::ReadVersion | FirmwareOp::ConfirmVersion => Resource::FirmwareVersion.name(),
             FirmwareOp::ObserveState | FirmwareOp::ReadState => Resource::UpdateState.name(),
-            FirmwareOp::WritePackageUri(_) => "/5/0/1",
+            FirmwareOp::WritePackageUri(_) | FirmwareOp::ClearPackageUri => "/5/0/1",
             FirmwareOp::Execute => "/5/0/2",
             FirmwareOp::ReadResult => Resource::UpdateResult.name(),
         }
@@ -72,7 +77,7 @@ impl FirmwareOp {
     fn verb(self) -> &'static str {
         match self {
             FirmwareOp::ObserveState => "observation",
-            FirmwareOp::WritePackageUri(_) => "write",
+            FirmwareOp::WritePackageUri(_) | FirmwareOp::ClearPackageUri => "write",
             FirmwareOp::Execute => "execute",
             _ => "read",
         }
@@ -148,6 +153,7 @@ impl Huawei {
                 object5::observe(Resource::UpdateState, self.registry.firmware_observe(device)?)
             }
             FirmwareOp::WritePackageUri(task) => object5::write_package_uri(&token, &self.package_uri(device, task)?),
+            FirmwareOp::ClearPackageUri => object5::write_package_uri(&token, ""),
             FirmwareOp::Execute => object5::execute_update(&token),
         };
         let exchange = self.registry.next_exchange();
@@ -261,20 +267,35 @@ impl Huawei {
                 // it went quiet) is not sent the URI again: a Write then may restart or refuse
                 // the download. One back at idle (it rebooted) is, and so is one holding
                 // something from before this attempt's Write.
-                if state.is_some_and(|s| s != UpdateState::Idle) && self.stage_in(device, &Stage::ACCEPTED) {
-                    rest.retain(|op| !matches!(op, FirmwareOp::WritePackageUri(_)));
+                let accepted = self.stage_in(device, &Stage::ACCEPTED);
+                match state {
+                    Some(UpdateState::Idle) | None => {}
+                    Some(_) if accepted => rest.retain(|op| !matches!(op, FirmwareOp::WritePackageUri(_))),
+                    Some(_) => rest.push(FirmwareOp::ClearPackageUri),
                 }
                 state.and_then(|state| self.update_state(now, device, state, effects))
             }
             FirmwareOp::ReadState => {
                 match object5::integer(cf, payload).and_then(UpdateState::from_value) {
-                    Some(UpdateState::Downloaded) => {}
+                    Some(UpdateState::Downloaded) => None,
                     // It executed already (the answer was lost) and rebooted: its result decides.
-                    Some(UpdateState::Idle) => rest.iter_mut().for_each(|op| *op = FirmwareOp::ReadResult),
-                    _ => rest.clear(),
+                    Some(UpdateState::Idle) => {
+                        rest.iter_mut().for_each(|op| *op = FirmwareOp::ReadResult);
+                        None
+                    }
+                    // It executed already and is installing: as good as the Execute's 2.04.
+                    Some(UpdateState::Updating) => {
+                        rest.clear();
+                        let msg = FromDevice::ExecuteAnswer { result: ResultCode::OK };
+                        self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
+                    }
+                    _ => {
+                        rest.clear();
+                        None
+                    }
                 }
-                None
             }
+            FirmwareOp::ClearPackageUri => None,
             FirmwareOp::WritePackageUri(_) => {
                 let msg = FromDevice::NotifyAnswer { result: ResultCode::OK };
                 self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
@@ -353,8 +374,22 @@ impl Huawei {
         }
     }
 
-    /// Reads the update result if `device`'s upgrade is in one of `stages`.
+    /// Whether a read of `device`'s update result (or the version read after it) is under way.
+    fn reading_result(&self, device: &Device) -> bool {
+        self.started.values().any(|started| match started {
+            Started::Firmware { device: d, chain } => {
+                d.id == device.id && matches!(chain.op, FirmwareOp::ReadResult | FirmwareOp::ConfirmVersion)
+            }
+            _ => false,
+        })
+    }
+
+    /// Reads the update result if `device`'s upgrade is in one of `stages`, unless a read is
+    /// under way (a client reports idle and registers again at once after its reboot).
     fn read_result(&mut self, device: &Arc<Device>, stages: &[Stage], effects: &mut Effects) {
+        if self.reading_result(device) {
+            return;
+        }
         let peer = {
             let mut s = device.state();
             let stage = self.campaign.upgrade_of(device.id, &mut s).map(|up| up.stage);
@@ -369,15 +404,17 @@ impl Huawei {
     }
 
     /// A client registered again (after the reboot an update makes): an upgrade waiting for its
-    /// result reads it.
+    /// result reads it, and so does one whose Execute may have reached the client unanswered.
     pub(super) fn registered_again(&mut self, device: &Arc<Device>, effects: &mut Effects) {
-        self.read_result(device, &[Stage::Upgrading], effects);
+        self.read_result(device, &[Stage::Downloaded, Stage::Upgrading], effects);
     }
 
     /// A notification under `device`'s firmware observation (`/5/0/3`): acknowledged, never
-    /// stored as data. The token is kept for years and travels in clear, so only a report from
-    /// the device's own address (or inside its DTLS session), within its flow control, moves
-    /// the upgrade; any other is acknowledged and changes nothing.
+    /// stored as data. The token is kept for years and travels in clear, so a report moves the
+    /// upgrade as a data notification moves the device (RFC 7641 §3.4): from its own address,
+    /// inside its DTLS session, or newer than any report before it (a NAT rebinding or the
+    /// reboot an update makes), within its flow control, and it is contact; a copy of an older
+    /// one from elsewhere is acknowledged and changes nothing.
     pub(super) fn firmware_notification(
         &mut self,
         req: &Request<'_, '_>,
@@ -385,38 +422,60 @@ impl Huawei {
         effects: &mut Effects,
     ) -> Notified {
         let ignore = if req.msg.mtype == MessageType::Con { Notified::Acknowledge } else { Notified::Drop };
-        let refusal = {
+        let now = req.now.wall;
+        let contact = {
             let mut s = device.state();
             let own = req.authenticated == Some(device.id) || s.address == Some(req.peer);
-            if !s.enabled {
+            let number = req.msg.uint_option(OptionNumber::OBSERVE).ok().flatten();
+            let order = NotificationOrder::of(s.latest_firmware_report, number, own, now);
+            let refusal = if !s.enabled {
                 Some(Refusal::Disabled)
             } else if !s.home.is_here() {
                 Some(Refusal::Moved)
-            } else if !own {
+            } else if order == NotificationOrder::Stale {
                 Some(Refusal::StaleNotification)
-            } else if s.admit(req.now.wall, &self.registry.config.device).is_err() {
-                Some(Refusal::FlowControl)
+            } else if s.admit(now, &self.registry.config.device).is_err() {
+                // No 4.29 exists for a notification: unacknowledged, a CON is sent again.
+                refusal::over_budget(Dialect::Lwm2m, device, req.peer, OverBudget::Dropped);
+                return Notified::Drop;
             } else {
                 None
+            };
+            if let Some(refusal) = refusal {
+                drop(s);
+                refusal.record(Dialect::Lwm2m, Some(device), req.peer);
+                return ignore;
             }
+            if let (NotificationOrder::Newer, Some(number)) = (order, number) {
+                s.latest_firmware_report = Some(Latest { number, at_ms: now.0 });
+            }
+            ingest::contact(&self.registry, &self.campaign, device, &mut s, now, req.peer, self.route)
         };
-        if let Some(refusal) = refusal {
-            refusal.record(Dialect::Lwm2m, Some(device), req.peer);
-            return ignore;
-        }
         let cf = req.msg.uint_option(OptionNumber::CONTENT_FORMAT).ok().flatten();
         let state = object5::integer(cf, req.msg.payload).and_then(UpdateState::from_value);
         tracing::debug!(device = ?device, ?state, "firmware update state");
-        match state.and_then(|state| self.update_state(req.now, device, state, effects)) {
-            Some(writes) => Notified::Store { writes, undo: None, follow_up: None },
-            None => ignore,
+        // What the report leads to goes out after its ACK: agent_tiny moves to the reported
+        // state only when the ACK arrives, and refuses an Execute that overtakes it (4.00).
+        let mut after = Effects::default();
+        let mut writes = contact;
+        writes.extend(
+            state.and_then(|state| self.update_state(req.now, device, state, &mut after)).into_iter().flatten(),
+        );
+        effects.writes.append(&mut after.writes);
+        let mut outgoing = after.outgoing.into_iter();
+        let follow_up = outgoing.next();
+        // One chain at a time starts from a report; nothing else is expected here.
+        effects.outgoing.extend(outgoing);
+        match (writes.is_empty(), follow_up) {
+            (true, None) => ignore,
+            (_, follow_up) => Notified::Store { writes, undo: None, follow_up },
         }
     }
 
     /// `GET /fw/<task>/<ep>/<key>` with Block2: a block of the package of the download the key
     /// names. Any block may be asked, in any order, so a download resumes where it stopped. A
     /// block goes only to the device's own IP (any port: a client may fetch from a socket of its
-    /// own), inside its DTLS session if it has a PSK, and one that does not move the download on
+    /// own), inside its DTLS session if it talks DTLS, and one that does not move the download on
     /// is charged to its flow control: the answer is far larger than the request.
     pub fn package_block(&mut self, req: &Request<'_, '_>) -> Outcome {
         if req.method() != Code::GET {
@@ -441,9 +500,11 @@ impl Huawei {
         let (served, ops) = {
             let mut s = device.state();
             let own_ip = s.address.map(|a| a.ip()) == Some(req.peer.ip());
+            // A client on DTLS was given a coaps URI: in clear, the key would not protect it.
+            let on_dtls = s.route.is_some_and(|r| r.family == PortFamily::Dtls);
             let refusal = if !s.enabled {
                 Some(Refusal::Disabled)
-            } else if !own_session && (device.psk_hex.is_some() || !own_ip) {
+            } else if !own_session && (on_dtls || !own_ip) {
                 Some(Refusal::ForeignAddress)
             } else {
                 None

@@ -58,10 +58,10 @@ impl Huawei {
             }
             let (Some(token), Some(peer)) = (s.observe, s.address) else { return true };
             let object5 = self.over_object5(device, &s);
-            // A device of an Object 5 product that is not a registered LwM2M client waits for
-            // its Register: PCP is not what its product upgrades over.
+            // A device of an Object 5 product that is not a registered LwM2M client is upgraded
+            // once it registers (PCP is not what its product upgrades over); its commands go.
             if !object5 && self.ota_protocol(device) == Some(OtaProtocol::Lwm2m) {
-                return true;
+                return false;
             }
             let request = match self.campaign.request(device.id, &mut s, exchange) {
                 PlatformRequest::None => return false,

@@ -167,21 +167,29 @@ fn an_lwm2m_client_is_upgraded_over_object_5_and_its_result_counts_after_the_reb
     let own = bed.peer;
     bed.peer = "203.0.113.5:5683".parse().unwrap();
     assert_eq!(served(&mut bed, &block_request(18, &path, b512(0))).code, Code::FORBIDDEN);
-    // Nor does a report under the observation from there move the upgrade: acknowledged only.
-    let copied = bed.send(&notification(observe.token, 19, 9, b"2"));
+    // Nor does a copy of an older report under the observation, sent from there: acknowledged
+    // only (the client's own report, numbered 10, came first).
+    bed.peer = own;
+    let sent = bed.send(&notification(observe.token, 19, 10, b"1"));
+    assert_eq!(sent.iter().map(|m| (m.mtype, m.mid)).collect::<Vec<_>>(), [(MessageType::Ack, 19)]);
+    bed.peer = "203.0.113.5:5683".parse().unwrap();
+    let copied = bed.send(&notification(observe.token, 21, 9, b"2"));
     assert_eq!(copied.iter().map(|m| (m.mtype, m.code)).collect::<Vec<_>>(), [(MessageType::Ack, Code::EMPTY)]);
     bed.peer = own;
+    assert_eq!(bed.device().state().address, Some(own), "a copy does not move the device");
     assert_eq!(stage(&bed), Stage::Downloading, "bad requests change nothing");
     // No Block2 asked: the server picks 512 and says so.
     let unasked = served(&mut bed, &block_request(17, &path, None));
     assert_eq!(Block::parse(unasked.option(OptionNumber::BLOCK2).unwrap()), Ok(Block { num: 0, more: true, szx: 5 }));
     // The client reports the download done under the /5/0/3 observation: the server checks the
     // state is still 2, then executes.
-    let done = notification(observe.token, 20, 2, b"2");
-    let check = request_to(bed.send(&done), "/5/0/3");
-    let (writes, acked) = bed.commit(0);
+    let done = notification(observe.token, 20, 11, b"2");
+    assert!(bed.send(&done).is_empty(), "nothing before the report's ACK");
+    let (writes, sent) = bed.commit(0);
     assert!(writes.iter().any(|op| matches!(op, Op::Put { cf: crate::store::CF_UPGRADES, .. })), "{writes:?}");
-    assert_eq!(acked[0].mtype, MessageType::Ack, "acknowledged once its stage is stored");
+    // agent_tiny moves to a state only when its report's ACK arrives: the ACK goes first.
+    assert_eq!((sent[0].mtype, sent[0].mid), (MessageType::Ack, 20), "acknowledged once its stage is stored");
+    let check = request_to(sent[1..].to_vec(), "/5/0/3");
     let execute = request_to(bed.send(&answer_with(&check, Code::CONTENT, Some(0), b"2")), "/5/0/2");
     assert_eq!((execute.code, execute.payload), (Code::POST, &[][..]));
     assert_eq!(stage(&bed), Stage::Downloaded);
@@ -192,10 +200,13 @@ fn an_lwm2m_client_is_upgraded_over_object_5_and_its_result_counts_after_the_reb
     let (_, sent) = register_lwm2m_then(&mut bed);
     let result = request_to(sent, "/5/0/5");
     // Its report under the observation made before the reboot is acknowledged, never RST.
-    let report = notification(observe.token, 21, 3, b"0");
-    let acked = bed.send(&report);
+    let report = notification(observe.token, 22, 12, b"0");
+    let mut acked = bed.send(&report);
+    if acked.is_empty() {
+        acked = bed.commit(0).1;
+    }
     assert!(acked.iter().all(|m| m.mtype != MessageType::Rst), "{acked:?}");
-    assert!(acked.iter().any(|m| m.mtype == MessageType::Ack && m.mid == 21), "{acked:?}");
+    assert!(acked.iter().any(|m| m.mtype == MessageType::Ack && m.mid == 22), "{acked:?}");
     let confirm = request_to(bed.send(&answer_with(&result, Code::CONTENT, Some(0), b"1")), "/3/0/3");
     bed.send(&answer_with(&confirm, Code::CONTENT, Some(0), b"V2.0"));
     assert_eq!(stage(&bed), Stage::Succeeded);
@@ -215,7 +226,8 @@ fn an_error_answer_or_a_failed_update_result_fails_the_attempt_with_its_reason()
     let mut bed = Bed::with_ota(PortFamily::Plain, OtaProtocol::Lwm2m);
     let (_, observe, write) = to_the_package_uri(&mut bed, Retry::default());
     bed.send(&answer_with(&write, Code::CHANGED, None, b""));
-    let result = request_to(bed.send(&notification(observe.token, 30, 2, b"0")), "/5/0/5");
+    assert!(bed.send(&notification(observe.token, 30, 2, b"0")).is_empty());
+    let result = request_to(bed.commit(0).1, "/5/0/5");
     bed.send(&answer_with(&result, Code::CONTENT, Some(0), b"5"));
     assert_eq!(stage(&bed), Stage::Failed);
     assert_eq!(failure(&bed).as_deref(), Some("Integrity check failure for new downloaded package"));
@@ -232,8 +244,8 @@ fn an_execute_whose_answer_was_lost_is_not_sent_again_to_the_rebooted_client() {
         let block = served(&mut bed, &block_request(40 + num as u16, &path, Some(Block { num, more: false, szx: 5 })));
         assert_eq!(block.code, Code::CONTENT);
     }
-    let check = request_to(bed.send(&notification(observe.token, 50, 2, b"2")), "/5/0/3");
-    bed.commit(0);
+    assert!(bed.send(&notification(observe.token, 50, 2, b"2")).is_empty());
+    let check = request_to(bed.commit(0).1, "/5/0/3");
     let execute = request_to(bed.send(&answer_with(&check, Code::CONTENT, Some(0), b"2")), "/5/0/2");
     assert_eq!(execute.code, Code::POST);
     // The client executes and reboots; its answer is lost, and the Execute is given up.
@@ -241,14 +253,17 @@ fn an_execute_whose_answer_was_lost_is_not_sent_again_to_the_rebooted_client() {
     assert_eq!(stage(&bed), Stage::Downloaded);
     bed.peer = "198.51.100.9:6000".parse().unwrap();
     let (_, sent) = register_lwm2m_then(&mut bed);
-    // The Execute still waiting is preceded by a read of the state, which is idle: the result
-    // is read instead of executing again.
-    let state = request_to(sent, "/5/0/3");
+    // The Execute still waiting is preceded by a read of the state, and the new Register has
+    // the result read: the client is idle and reports success, so nothing is executed again.
+    let paths: Vec<String> = sent.iter().map(path_of).collect();
+    assert_eq!(paths, ["/5/0/3", "/5/0/5"], "{sent:?}");
+    let (state, result) = (sent[0].clone(), sent[1].clone());
     assert_eq!(state.option(OptionNumber::OBSERVE), None, "a plain read");
-    let result = request_to(bed.send(&answer_with(&state, Code::CONTENT, Some(0), b"0")), "/5/0/5");
     let confirm = request_to(bed.send(&answer_with(&result, Code::CONTENT, Some(0), b"1")), "/3/0/3");
     bed.send(&answer_with(&confirm, Code::CONTENT, Some(0), b"V2.0"));
     assert_eq!(stage(&bed), Stage::Succeeded);
+    let after = bed.send(&answer_with(&state, Code::CONTENT, Some(0), b"0"));
+    assert!(after.iter().all(|m| path_of(m) != "/5/0/2"), "{after:?}");
 }
 
 #[test]
@@ -268,4 +283,36 @@ fn inside_dtls_the_package_is_named_coaps_and_served_only_inside_the_session() {
     // Another device's session may not fetch it either.
     bed.authenticated = Some(DeviceId(9));
     assert_eq!(served(&mut bed, &block_request(62, &path, block)).code, Code::FORBIDDEN);
+}
+
+#[test]
+fn a_retry_clears_a_package_the_client_still_holds_and_an_installing_client_counts_as_executed() {
+    let mut bed = Bed::with_ota(PortFamily::Plain, OtaProtocol::Lwm2m);
+    register_lwm2m(&mut bed);
+    let task = create_task(&mut bed, Retry::default());
+    bed.services.campaign.tick(bed.now().wall);
+    let mut next = request_to(kick(&mut bed), "/4/0/2");
+    for (path, value) in [("/4/0/3", &b"-90"[..]), ("/4/0/8", b"10"), ("/3/0/3", b"7"), ("/5/0/3", b"V1.0")] {
+        next = request_to(bed.send(&answer_with(&next, Code::CONTENT, Some(0), value)), path);
+    }
+    // The client still holds a package from before (state 2): it is cleared, then given the URI.
+    let clear = request_to(bed.send(&answer_with(&next, Code::CONTENT, Some(0), b"2")), "/5/0/1");
+    assert_eq!(clear.payload, b"", "an empty URI returns it to idle");
+    assert_eq!(stage(&bed), Stage::Notified, "what it held is not this attempt's download");
+    let write = request_to(bed.send(&answer_with(&clear, Code::CHANGED, None, b"")), "/5/0/1");
+    assert!(std::str::from_utf8(write.payload).unwrap().contains(&format!("/fw/{task}/")));
+    bed.send(&answer_with(&write, Code::CHANGED, None, b""));
+    assert_eq!(stage(&bed), Stage::Downloading);
+    // Downloaded, and its Execute's answer lost: the state read before the Execute is sent
+    // again says it is installing, which counts as executed.
+    let key = crate::dialect::lwm2m::firmware::package_key(SECRET, task.0);
+    let path = format!("/fw/{task}/{NODE}/{key}");
+    for num in 0..3 {
+        served(&mut bed, &block_request(70 + num as u16, &path, Some(Block { num, more: false, szx: 5 })));
+    }
+    let observe = bed.device().state().firmware_observe.unwrap();
+    assert!(bed.send(&notification(&observe.0, 80, 2, b"2")).is_empty());
+    let check = request_to(bed.commit(0).1, "/5/0/3");
+    bed.send(&answer_with(&check, Code::CONTENT, Some(0), b"3"));
+    assert_eq!(stage(&bed), Stage::Upgrading);
 }
