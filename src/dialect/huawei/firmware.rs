@@ -50,9 +50,6 @@ pub(super) enum FirmwareOp {
     /// After an update result of success: the version it runs now decides.
     ConfirmVersion,
     ObserveState,
-    /// An empty URI, which returns a client holding a package from before this attempt to idle
-    /// (OMA LwM2M Object 5): a URI written in its downloaded state may be refused.
-    ClearPackageUri,
     WritePackageUri(UpgradeTaskId),
     /// Before an Execute: a client no longer holding a downloaded package (it executed an
     /// earlier Execute whose answer was lost, and rebooted) is read for its result instead.
@@ -68,7 +65,7 @@ impl FirmwareOp {
             FirmwareOp::ReadRadio(r) => r.name(),
             FirmwareOp::ReadVersion | FirmwareOp::ConfirmVersion => Resource::FirmwareVersion.name(),
             FirmwareOp::ObserveState | FirmwareOp::ReadState => Resource::UpdateState.name(),
-            FirmwareOp::WritePackageUri(_) | FirmwareOp::ClearPackageUri => "/5/0/1",
+            FirmwareOp::WritePackageUri(_) => "/5/0/1",
             FirmwareOp::Execute => "/5/0/2",
             FirmwareOp::ReadResult => Resource::UpdateResult.name(),
         }
@@ -77,7 +74,7 @@ impl FirmwareOp {
     fn verb(self) -> &'static str {
         match self {
             FirmwareOp::ObserveState => "observation",
-            FirmwareOp::WritePackageUri(_) | FirmwareOp::ClearPackageUri => "write",
+            FirmwareOp::WritePackageUri(_) => "write",
             FirmwareOp::Execute => "execute",
             _ => "read",
         }
@@ -150,10 +147,12 @@ impl Huawei {
             FirmwareOp::ReadState => object5::read(Resource::UpdateState, &token),
             FirmwareOp::ReadResult => object5::read(Resource::UpdateResult, &token),
             FirmwareOp::ObserveState => {
-                object5::observe(Resource::UpdateState, self.registry.firmware_observe(device)?)
+                let token = self.registry.firmware_observe(device)?;
+                // Observed afresh: the client numbers its reports anew.
+                device.state().latest_firmware_report = None;
+                object5::observe(Resource::UpdateState, token)
             }
             FirmwareOp::WritePackageUri(task) => object5::write_package_uri(&token, &self.package_uri(device, task)?),
-            FirmwareOp::ClearPackageUri => object5::write_package_uri(&token, ""),
             FirmwareOp::Execute => object5::execute_update(&token),
         };
         let exchange = self.registry.next_exchange();
@@ -266,12 +265,10 @@ impl Huawei {
                 // A client already fetching this attempt's package (the upgrade asked again after
                 // it went quiet) is not sent the URI again: a Write then may restart or refuse
                 // the download. One back at idle (it rebooted) is, and so is one holding
-                // something from before this attempt's Write.
-                let accepted = self.stage_in(device, &Stage::ACCEPTED);
-                match state {
-                    Some(UpdateState::Idle) | None => {}
-                    Some(_) if accepted => rest.retain(|op| !matches!(op, FirmwareOp::WritePackageUri(_))),
-                    Some(_) => rest.push(FirmwareOp::ClearPackageUri),
+                // something from before this attempt's Write: agent_tiny takes a new URI in its
+                // downloaded state as in idle (and wakaama refuses an empty one with 4.06).
+                if state.is_some_and(|s| s != UpdateState::Idle) && self.stage_in(device, &Stage::ACCEPTED) {
+                    rest.retain(|op| !matches!(op, FirmwareOp::WritePackageUri(_)));
                 }
                 state.and_then(|state| self.update_state(now, device, state, effects))
             }
@@ -295,7 +292,6 @@ impl Huawei {
                     }
                 }
             }
-            FirmwareOp::ClearPackageUri => None,
             FirmwareOp::WritePackageUri(_) => {
                 let msg = FromDevice::NotifyAnswer { result: ResultCode::OK };
                 self.on_campaign(device, |c, s| c.pcp(device, s, now_ms, &msg).ops)
