@@ -511,7 +511,12 @@ impl Campaign {
 
     /// Radio state from a JSON uplink, merged into what is known; the device to store if it changed.
     pub fn radio_report(&self, device: &Arc<Device>, s: &mut DeviceState, payload: &[u8]) -> Option<Op> {
-        let report = RadioReport::from_uplink(payload)?;
+        self.merge_radio(device, s, RadioReport::from_uplink(payload)?)
+    }
+
+    /// Radio state `report`ed (in an uplink, or read from an LwM2M client's Object 4) merged
+    /// into what is known; the device to store if it changed.
+    pub fn merge_radio(&self, device: &Arc<Device>, s: &mut DeviceState, report: RadioReport) -> Option<Op> {
         let before = s.radio.clone();
         s.radio.rsrp = report.rsrp.or(s.radio.rsrp);
         s.radio.sinr = report.sinr.or(s.radio.sinr);

@@ -29,6 +29,7 @@ use crate::identity::ObserveToken;
 use crate::ingest;
 use crate::net::PortFamily;
 use crate::ota::campaign::{Campaign, NoBlock};
+use crate::ota::coverage::RadioReport;
 use crate::ota::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 use crate::ota::task::UpgradeTaskId;
 use crate::ota::upgrade::Stage;
@@ -315,18 +316,17 @@ impl Huawei {
 
     /// The radio state a read of `resource` gives; the device to store if it changed.
     fn radio_read(&self, device: &Arc<Device>, resource: Resource, cf: Option<u32>, payload: &[u8]) -> Option<Op> {
-        let mut s = device.state();
-        let before = s.radio.clone();
-        match resource {
-            Resource::SignalStrength => s.radio.rsrp = Some(object5::integer(cf, payload)? as f64),
-            Resource::LinkQuality => s.radio.sinr = Some(object5::integer(cf, payload)? as f64),
+        let value = || object5::integer(cf, payload);
+        let report = match resource {
+            Resource::SignalStrength => RadioReport { rsrp: Some(value()? as f64), sinr: None, cell_id: None },
+            Resource::LinkQuality => RadioReport { rsrp: None, sinr: Some(value()? as f64), cell_id: None },
             Resource::CellId => {
-                let id = object5::integer(cf, payload).map(|v| v.to_string()).or_else(|| object5::text(cf, payload))?;
-                s.radio.cell_id = Some(id);
+                let id = value().map(|v| v.to_string()).or_else(|| object5::text(cf, payload))?;
+                RadioReport { rsrp: None, sinr: None, cell_id: Some(id) }
             }
             _ => return None,
-        }
-        (s.radio != before).then(|| Op::PutDevice(device.clone()))
+        };
+        self.campaign.merge_radio(device, &mut device.state(), report)
     }
 
     /// Runs `f` on the campaign under `device`'s lock; what it changed, if anything.
