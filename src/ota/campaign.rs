@@ -502,8 +502,7 @@ impl Campaign {
         if !payload.starts_with(&[0xFF, 0xFE]) {
             return None;
         }
-        let product = self.registry.product(device.product_key.as_str())?;
-        if product.ota_protocol != OtaProtocol::Pcp {
+        if self.registry.ota_protocol(device) != Some(OtaProtocol::Pcp) {
             return None;
         }
         FromDevice::parse(payload).ok()

@@ -265,6 +265,11 @@ impl Registry {
         read(&self.products).get(pk).cloned()
     }
 
+    /// How `device`'s product upgrades its devices; none if the product is gone.
+    pub fn ota_protocol(&self, device: &Device) -> Option<OtaProtocol> {
+        read(&self.products).get(device.product_key.as_str()).map(|p| p.ota_protocol)
+    }
+
     pub fn products(&self) -> Vec<Arc<ProductRecord>> {
         let mut v: Vec<_> = read(&self.products).values().cloned().collect();
         v.sort_by(|a, b| a.product_key.cmp(&b.product_key));

@@ -58,8 +58,7 @@ impl Alibaba {
             ));
             // An upgrade request goes first, in the place of one command (over PCP only: an
             // Alibaba device has no Object 5).
-            let over_pcp =
-                self.registry.product(device.product_key.as_str()).is_some_and(|p| p.ota_protocol == OtaProtocol::Pcp);
+            let over_pcp = self.registry.ota_protocol(&device) == Some(OtaProtocol::Pcp);
             let pcp = match over_pcp.then(|| self.campaign.request(device.id, &mut s, exchange)) {
                 Some(PlatformRequest::Send(request)) => Some(request.encode()),
                 _ => None,

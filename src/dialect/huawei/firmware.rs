@@ -95,11 +95,7 @@ impl Huawei {
     /// Whether `device` upgrades over Object 5: a registered LwM2M client of a product whose
     /// packages travel so.
     pub(super) fn over_object5(&self, device: &Device, s: &DeviceState) -> bool {
-        s.registration.is_some() && self.ota_protocol(device) == Some(OtaProtocol::Lwm2m)
-    }
-
-    pub(super) fn ota_protocol(&self, device: &Device) -> Option<OtaProtocol> {
-        self.registry.product(device.product_key.as_str()).map(|p| p.ota_protocol)
+        s.registration.is_some() && self.registry.ota_protocol(device) == Some(OtaProtocol::Lwm2m)
     }
 
     /// The operations that carry the campaign's `request` to `device`, in order.

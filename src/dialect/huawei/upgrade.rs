@@ -60,7 +60,7 @@ impl Huawei {
             let object5 = self.over_object5(device, &s);
             // A device of an Object 5 product that is not a registered LwM2M client is upgraded
             // once it registers (PCP is not what its product upgrades over); its commands go.
-            if !object5 && self.ota_protocol(device) == Some(OtaProtocol::Lwm2m) {
+            if !object5 && self.registry.ota_protocol(device) == Some(OtaProtocol::Lwm2m) {
                 return false;
             }
             let request = match self.campaign.request(device.id, &mut s, exchange) {
