@@ -89,6 +89,7 @@ impl AdminClient {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
             ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
             ("PATCH", b) => self.agent.patch(&url).header("Authorization", &auth).send_json(b.json()),
+            ("PUT", b) => self.agent.put(&url).header("Authorization", &auth).send_json(b.json()),
             (_, Body::Bytes(b)) => self
                 .agent
                 .post(&url)
@@ -121,6 +122,9 @@ impl AdminClient {
     }
     pub fn patch(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.call("PATCH", path, Body::Json(body))
+    }
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.call("PUT", path, Body::Json(body))
     }
     pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.call("DELETE", path, Body::None)

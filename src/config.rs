@@ -30,6 +30,7 @@ pub struct Config {
     pub downlink: DownlinkConfig,
     pub ota: OtaConfig,
     pub webhooks: WebhooksConfig,
+    pub codec: CodecConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
 }
@@ -170,6 +171,16 @@ pub struct WebhooksConfig {
     pub max_backoff_ms: u64,
     pub max_age_s: u64,
     pub concurrency: usize,
+}
+
+/// Payload codec scripts: how many threads run them and what one call may spend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecConfig {
+    pub workers: usize,
+    pub call_timeout_ms: u64,
+    pub memory_mb: usize,
+    pub stack_kb: usize,
 }
 
 /// This instance among its peers, for bootstrap and distribution (SPEC §10).
@@ -389,6 +400,13 @@ impl Config {
         }
         if w.max_age_s == 0 || !(1..=256).contains(&w.concurrency) {
             return bad("webhooks.max_age_s must be positive and webhooks.concurrency within 1..=256".into());
+        }
+        let c = &self.codec;
+        if !(1..=64).contains(&c.workers) || !(1..=10_000).contains(&c.call_timeout_ms) {
+            return bad("codec.workers must be within 1..=64 and codec.call_timeout_ms within 1..=10000".into());
+        }
+        if !(1..=1024).contains(&c.memory_mb) || !(64..=8192).contains(&c.stack_kb) {
+            return bad("codec.memory_mb must be within 1..=1024 and codec.stack_kb within 64..=8192".into());
         }
         let o = &self.ota;
         let timeouts = [

@@ -82,8 +82,9 @@ pub fn accept(
         return Accepted::Pcp { writes: contact, answer: outcome.answer };
     }
     contact.extend(campaign.radio_report(device, s, &payload));
-    let event = registry.uplink_event(device);
-    let mut writes: Ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload, event }];
+    let then = registry.after_uplink(device, &topic);
+    let topic = topic.into_boxed_str();
+    let mut writes: Ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload, then }];
     writes.extend(contact);
     Accepted::Data(writes)
 }

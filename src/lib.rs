@@ -7,6 +7,7 @@ pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod coap;
+pub mod codec;
 pub mod config;
 pub mod dialect;
 pub mod downlink;
@@ -118,6 +119,15 @@ async fn serve_with(
         northbound::delivery::DeliveryConfig::from(&config.webhooks),
         stop_rx.clone(),
     )?;
+    let decoders = codec::decoders::Shared {
+        store: store.clone(),
+        writer: writer.clone(),
+        directory: registry.codecs.clone(),
+        wanted: registry.wanted().clone(),
+        budget: (&config.codec).into(),
+    };
+    codec::decoders::start(decoders, config.codec.workers, stop_rx.clone(), tokio::runtime::Handle::current())
+        .map_err(io_err("cannot start the codec threads"))?;
     let mut tasks = tokio::task::JoinSet::new();
     let plain = || transport::link::Plain;
     let coap =

@@ -57,6 +57,13 @@ pub mod metric {
     pub const DISTRIBUTED: &str = "nbhub_distribution_devices_total";
     pub const BOOTSTRAP: &str = "nbhub_bootstrap_total";
     pub const OTA_CELLS_SATURATED: &str = "nbhub_ota_cells_saturated";
+    /// Uplinks a codec read, by outcome (`ok` or the error's kind: thrown, timeout, memory, …).
+    pub const CODEC_DECODED: &str = "nbhub_codec_decoded_total";
+    pub const CODEC_SECONDS: &str = "nbhub_codec_call_seconds";
+    /// Script runtimes thrown away after a call ran past its time or memory budget.
+    pub const CODEC_RUNTIMES_REBUILT: &str = "nbhub_codec_runtimes_rebuilt_total";
+    /// `console.log` lines of scripts beyond the rate limit, not written.
+    pub const CODEC_LOG_DROPPED: &str = "nbhub_codec_log_lines_dropped_total";
 }
 
 /// How log lines are written to stderr.
@@ -112,6 +119,10 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_counter!(metric::COMMANDS, "command state changes, by the state entered");
     metrics::describe_counter!(metric::WEBHOOK_DELIVERIES, "webhook POST attempts, by result");
     metrics::describe_counter!(metric::WEBHOOK_DROPPED, "events given up after webhooks.max_age_s undelivered");
+    metrics::describe_counter!(metric::CODEC_DECODED, "uplinks read by their product's codec, by outcome");
+    metrics::describe_histogram!(metric::CODEC_SECONDS, "time of one codec script call");
+    metrics::describe_counter!(metric::CODEC_RUNTIMES_REBUILT, "script runtimes rebuilt after a stopped call");
+    metrics::describe_counter!(metric::CODEC_LOG_DROPPED, "script console lines over the rate limit");
     metrics::describe_gauge!(metric::DTLS_SESSIONS, "established DTLS sessions");
     metrics::describe_gauge!(metric::DTLS_HANDSHAKES_IN_PROGRESS, "DTLS handshakes in progress");
     metrics::describe_histogram!(metric::STORE_COMMIT_SECONDS, "time to commit one group of writes");

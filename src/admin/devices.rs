@@ -4,7 +4,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::AdminState;
@@ -12,9 +11,10 @@ use super::error::{ApiError, ApiJson};
 use crate::clock::UnixMs;
 use crate::identity::Home;
 use crate::identity::{DeviceName, NodeId, ProductKey, Secret};
+use crate::northbound::event::message_view;
 use crate::registry::{Device, DevicePatch, NewDevice, Status};
-use crate::store::MessageId;
 use crate::store::records::Radio;
+use crate::store::{MessageId, StoreError};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -236,14 +236,6 @@ async fn list(
     Ok(Json(serde_json::json!({ "devices": views, "next": next.flatten() })))
 }
 
-#[derive(Serialize)]
-struct MessageView {
-    id: String,
-    topic: String,
-    received_at: String,
-    payload_base64: String,
-}
-
 async fn messages(
     State(state): State<AdminState>,
     Path((pk, dn)): Path<(String, String)>,
@@ -257,19 +249,16 @@ async fn messages(
     };
     let d = device(&state, &pk, &dn)?;
     let store = state.store.clone();
-    let (rows, more) = tokio::task::spawn_blocking(move || store.messages(d.id, after, limit))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
-    let next = if more { rows.last().map(|(id, _)| id.0.to_string()) } else { None };
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let messages: Vec<MessageView> = rows
-        .into_iter()
-        .map(|(id, m)| MessageView {
-            id: id.0.to_string(),
-            topic: m.topic,
-            received_at: m.received_at.rfc3339(),
-            payload_base64: b64.encode(&m.payload),
-        })
-        .collect();
+    let (messages, next) = tokio::task::spawn_blocking(move || {
+        let (rows, more) = store.messages(d.id, after, limit)?;
+        let next = if more { rows.last().map(|(id, _)| id.0.to_string()) } else { None };
+        let views = rows
+            .iter()
+            .map(|(id, m)| Ok(message_view(*id, m, store.decoded(d.id, *id)?.as_ref())))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok::<_, StoreError>((views, next))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     Ok(Json(serde_json::json!({ "messages": messages, "next": next })))
 }

@@ -2,6 +2,7 @@
 //! bearer token, plus `/healthz` and `/metrics` without one.
 
 mod clock;
+mod codecs;
 mod commands;
 mod devices;
 mod distribution;
@@ -46,6 +47,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(products::routes())
         .merge(devices::routes())
+        .merge(codecs::routes())
         .merge(commands::routes())
         .merge(webhooks::routes())
         .merge(packages::routes())

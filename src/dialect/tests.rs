@@ -254,7 +254,7 @@ fn topic_uplinks_are_answered_with_their_message_id_once_stored() {
     assert!(bed.send(&session.uplink(PK, DN, 2, br#"{"t":21}"#)).is_empty());
     let (writes, sent) = bed.commit(4242);
     let stored = writes.iter().find_map(|op| match op {
-        Op::Uplink { topic, payload, .. } => Some((topic.clone(), payload.clone())),
+        Op::Uplink { topic, payload, .. } => Some((topic.to_string(), payload.clone())),
         _ => None,
     });
     assert_eq!(stored, Some((format!("/{PK}/{DN}/update"), br#"{"t":21}"#.to_vec())));
@@ -404,7 +404,7 @@ fn a_huawei_bind_then_reports_are_stored_under_the_observe_token() {
     let token = bind(&mut bed);
     assert!(bed.send(&notification(&token, 2, 1, b"\x01\x02")).is_empty());
     let (writes, sent) = bed.commit(9);
-    assert!(writes.iter().any(|op| matches!(op, Op::Uplink { topic, .. } if topic == "/t/d")));
+    assert!(writes.iter().any(|op| matches!(op, Op::Uplink { topic, .. } if &**topic == "/t/d")));
     assert_eq!((sent[0].mtype, sent[0].mid), (MessageType::Ack, 2));
     // An unknown token is reset; a stale copy from elsewhere changes nothing.
     let rst = bed.answer(&notification(b"12345678", 3, 2, b"x"));
@@ -530,7 +530,7 @@ fn an_lwm2m_client_registers_reports_on_object_19_and_takes_commands_as_writes()
     assert!(bed.send(&notification(&token, 2, 1, b"\xca\xfe")).is_empty());
     let (writes, sent) = bed.commit(11);
     let stored = writes.iter().find_map(|op| match op {
-        Op::Uplink { topic, payload, .. } => Some((topic.clone(), payload.clone())),
+        Op::Uplink { topic, payload, .. } => Some((topic.to_string(), payload.clone())),
         _ => None,
     });
     assert_eq!(stored, Some(("/19/0/0".to_string(), b"\xca\xfe".to_vec())));

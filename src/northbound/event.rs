@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::UnixMs;
 use crate::identity::{DeviceId, DeviceName, ProductKey};
-use crate::store::records::MessageRecord;
+use crate::store::records::{DecodedRecord, MessageRecord};
 use crate::store::{MessageId, OutboxEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -135,21 +135,52 @@ impl Record {
     }
 }
 
-/// The body of uplink event `id` about `message` as stored (as the messages API shows it).
-pub fn render_uplink(id: u64, pk: &str, dn: &str, message: MessageId, m: &MessageRecord) -> bytes::Bytes {
+/// An event whose outbox record was encoded before its id was known: an uplink's, kept in the
+/// decode queue until the codec has read its message.
+#[derive(Debug)]
+pub struct Prepared(pub Vec<u8>);
+
+impl OutboxEvent for Prepared {
+    fn encode(&self, _id: u64) -> Vec<u8> {
+        self.0.clone()
+    }
+}
+
+/// A stored message as the messages API and uplink events show it, with what its codec read.
+pub fn message_view(message: MessageId, m: &MessageRecord, decoded: Option<&DecodedRecord>) -> serde_json::Value {
     use base64::Engine;
+    let mut view = serde_json::json!({
+        "id": message.0.to_string(),
+        "topic": m.topic,
+        "received_at": m.received_at.rfc3339(),
+        "payload_base64": base64::engine::general_purpose::STANDARD.encode(&m.payload),
+    });
+    if let Some(d) = decoded {
+        view["codec_version"] = d.codec_version.into();
+        match &d.outcome {
+            Ok(v) => view["decoded"] = v.clone(),
+            Err(e) => view["decode_error"] = serde_json::json!({"kind": e.kind, "message": e.message}),
+        }
+    }
+    view
+}
+
+/// The body of uplink event `id` about `message` as stored (as the messages API shows it).
+pub fn render_uplink(
+    id: u64,
+    pk: &str,
+    dn: &str,
+    message: MessageId,
+    m: &MessageRecord,
+    decoded: Option<&DecodedRecord>,
+) -> bytes::Bytes {
     let body = serde_json::json!({
         "event_id": id.to_string(),
         "event": EventKind::Uplink.as_str(),
         "time": m.received_at.rfc3339(),
         "product_key": pk,
         "device_name": dn,
-        "data": {
-            "id": message.0.to_string(),
-            "topic": m.topic,
-            "received_at": m.received_at.rfc3339(),
-            "payload_base64": base64::engine::general_purpose::STANDARD.encode(&m.payload),
-        },
+        "data": message_view(message, m, decoded),
     });
     bytes::Bytes::from(serde_json::to_vec(&body).expect("an event serialises"))
 }

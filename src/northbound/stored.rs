@@ -71,8 +71,13 @@ pub fn events_after(store: &Store, after: u64, limit: usize) -> Result<(Vec<Stor
             Record::Body(body) => Some(body),
             Record::Uplink { device, message, product_key, device_name } => {
                 let stored = store.get(CF_MESSAGES, &message_key(device, message))?;
-                let m = stored.as_deref().and_then(MessageRecord::decode);
-                m.map(|m| render_uplink(id, &product_key, &device_name, message, &m))
+                match stored.as_deref().and_then(MessageRecord::decode) {
+                    Some(m) => {
+                        let decoded = store.decoded(device, message)?;
+                        Some(render_uplink(id, &product_key, &device_name, message, &m, decoded.as_ref()))
+                    }
+                    None => None,
+                }
             }
         };
         if let Some(body) = body {

@@ -9,7 +9,7 @@ use super::device::DeviceState;
 use super::{Device, Registry, Route, Status};
 use crate::clock::UnixMs;
 use crate::northbound::{Event, EventKind};
-use crate::store::{Op, UplinkEvent};
+use crate::store::{AfterUplink, Op, UplinkEvent};
 
 impl Registry {
     /// The device spoke from `peer` through `route`; returns what to store with the request: its
@@ -68,8 +68,17 @@ impl Registry {
         changed
     }
 
-    /// The source of `device`'s uplink event, when uplink events are wanted at all.
-    pub fn uplink_event(&self, device: &Arc<Device>) -> Option<Arc<dyn UplinkEvent>> {
-        self.wanted.wants(EventKind::Uplink).then(|| device.clone() as Arc<dyn UplinkEvent>)
+    /// What follows `device`'s uplink on `topic` in its batch: a place in the decode queue if
+    /// its product's codec reads it (its event then follows the decoding), else its event when
+    /// uplink events are wanted at all.
+    pub fn after_uplink(&self, device: &Arc<Device>, topic: &str) -> AfterUplink {
+        let source = || device.clone() as Arc<dyn UplinkEvent>;
+        if self.codecs.decodes(device.product_key.as_str(), device.device_name.as_str(), topic) {
+            AfterUplink::Decode(source())
+        } else if self.wanted.wants(EventKind::Uplink) {
+            AfterUplink::Event(source())
+        } else {
+            AfterUplink::Nothing
+        }
     }
 }

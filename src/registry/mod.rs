@@ -162,6 +162,8 @@ pub struct Registry {
     writer: Writer,
     /// The event kinds subscribers want (set by the webhooks, read where events arise).
     wanted: Arc<Wanted>,
+    /// Each product's codecs: which uplinks are decoded after they are stored.
+    pub codecs: Arc<crate::codec::Directory>,
 }
 
 impl Registry {
@@ -177,6 +179,7 @@ impl Registry {
             exchanges: ExchangeKeys::default(),
             writer,
             wanted: Arc::new(Wanted::default()),
+            codecs: Arc::default(),
         }
     }
 
@@ -239,6 +242,7 @@ impl Registry {
             devices: RwLock::new(devices),
             sessions,
             next_device_id: AtomicU64::new(next_device_id),
+            codecs: Arc::new(crate::codec::Directory::load(store)?),
             ..Registry::new(config, writer)
         };
         registry.export_gauges();

@@ -18,10 +18,10 @@ use crate::auth::replay;
 use crate::clock::UnixMs;
 use crate::identity::{DeviceId, DeviceName, ProductKey};
 pub use records::MessageId;
-use records::{DeviceRecord, MessageRecord, PresenceRecord, ProductRecord};
+use records::{DecodedRecord, DeviceRecord, MessageRecord, PresenceRecord, ProductRecord};
 pub use writer::{
-    Commit, CommitSink, Committed, Completion, Job, LiveRecord, Op, Ops, OutboxEvent, SyncPolicy, UplinkEvent, Writer,
-    WriterThread,
+    AfterUplink, Commit, CommitSink, Committed, Completion, Job, LiveRecord, Op, Ops, OutboxEvent, SyncPolicy,
+    UplinkEvent, Writer, WriterThread,
 };
 #[cfg(test)]
 pub(crate) use writer::{Recorder, recording};
@@ -55,8 +55,15 @@ pub const CF_UPGRADES: &str = "upgrades";
 pub const CF_DISTRIBUTIONS: &str = "distributions";
 /// Each device's progress in a distribution task: `task id | device id`.
 pub const CF_DISTRIBUTION_ENTRIES: &str = "distribution_entries";
+/// Each product's codec versions and which is current (`product key \0 …`).
+pub const CF_CODECS: &str = "codecs";
+/// `message id` → the uplink's event record, for uplinks stored but not yet decoded: written in
+/// the uplink's batch, deleted with its decoding's.
+pub const CF_DECODE_QUEUE: &str = "decode_queue";
+/// `device id | message id` → what the codec read from that message ([`records::DecodedRecord`]).
+pub const CF_DECODED: &str = "decoded";
 
-const ALL_CFS: [&str; 18] = [
+const ALL_CFS: [&str; 21] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -75,6 +82,9 @@ const ALL_CFS: [&str; 18] = [
     CF_UPGRADES,
     CF_DISTRIBUTIONS,
     CF_DISTRIBUTION_ENTRIES,
+    CF_CODECS,
+    CF_DECODE_QUEUE,
+    CF_DECODED,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
@@ -173,6 +183,20 @@ fn expired(record: &[u8], retention: Duration, now: UnixMs) -> bool {
     received.saturating_add(retention.as_millis() as u64) < now.0
 }
 
+/// Expiry costs nothing on the write path: compactions drop what is too old (by the time its
+/// value starts with), and periodic compaction makes sure every file gets that look.
+fn expire_by_compaction(o: &mut Options, retention: Option<Duration>) {
+    let Some(retention) = retention else { return };
+    o.set_compaction_filter("nbhub_message_retention", move |_level, _key, value: &[u8]| {
+        if expired(value, retention, UnixMs::now()) {
+            rocksdb::compaction_filter::Decision::Remove
+        } else {
+            rocksdb::compaction_filter::Decision::Keep
+        }
+    });
+    o.set_periodic_compaction_seconds(86_400);
+}
+
 /// A record kept as JSON (see [`Op::put_json`]), or why it cannot be read.
 pub fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
@@ -215,18 +239,13 @@ impl Store {
                         height: 4,
                         branching_factor: 4,
                     });
-                    if let Some(retention) = retention {
-                        // Expiry costs nothing on the write path: compactions drop what is too
-                        // old, and periodic compaction makes sure every file gets that look.
-                        o.set_compaction_filter("nbhub_message_retention", move |_level, _key, value: &[u8]| {
-                            if expired(value, retention, UnixMs::now()) {
-                                rocksdb::compaction_filter::Decision::Remove
-                            } else {
-                                rocksdb::compaction_filter::Decision::Keep
-                            }
-                        });
-                        o.set_periodic_compaction_seconds(86_400);
-                    }
+                    expire_by_compaction(&mut o, retention);
+                }
+                // What a codec read from a message ages with the message (its value starts
+                // with the same time).
+                CF_DECODED => {
+                    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                    expire_by_compaction(&mut o, retention);
                 }
                 CF_REPLAY => {
                     o.set_merge_operator_associative("nbhub_replay_window", |_key, existing, ops| {
@@ -386,6 +405,15 @@ impl Store {
         }
         Ok((out, false))
     }
+
+    /// What the codec read from a message, once it has.
+    pub fn decoded(&self, device: DeviceId, message: MessageId) -> Result<Option<DecodedRecord>, StoreError> {
+        let key = message_key(device, message);
+        match self.db.get_pinned_cf(self.cf(CF_DECODED), key)? {
+            Some(v) => DecodedRecord::decode(&v).map(Some).ok_or_else(|| corrupt(&key, "bad decoded record")),
+            None => Ok(None),
+        }
+    }
 }
 
 /// A record under `key` that cannot be read, and why.
@@ -412,7 +440,7 @@ mod tests {
                 received_at: UnixMs(now.0 - age_s * 1000),
                 topic: "/p/d/t".into(),
                 payload: payload.as_bytes().to_vec(),
-                event: None,
+                then: AfterUplink::Nothing,
             };
             rt.block_on(writer.commit([op])).unwrap();
         }

@@ -155,6 +155,55 @@ impl MessageRecord {
     }
 }
 
+/// What a codec read from a stored message: `received_at (u64 LE) | JSON` (the time first, so
+/// it expires with its message), the JSON being `{"codec_version", "decoded" | "error"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedRecord {
+    pub received_at: UnixMs,
+    pub codec_version: u32,
+    pub outcome: Result<serde_json::Value, DecodeFailure>,
+}
+
+/// Why a codec read nothing, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodeFailure {
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DecodedBody {
+    codec_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    decoded: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<DecodeFailure>,
+}
+
+impl DecodedRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let (decoded, error) = match &self.outcome {
+            Ok(v) => (Some(v.clone()), None),
+            Err(e) => (None, Some(e.clone())),
+        };
+        let mut out = self.received_at.0.to_le_bytes().to_vec();
+        let body = DecodedBody { codec_version: self.codec_version, decoded, error };
+        serde_json::to_writer(&mut out, &body).expect("JSON serialises");
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Option<DecodedRecord> {
+        let received_at = UnixMs(u64::from_le_bytes(data.get(..8)?.try_into().ok()?));
+        let body: DecodedBody = serde_json::from_slice(&data[8..]).ok()?;
+        let outcome = match (body.decoded, body.error) {
+            (_, Some(e)) => Err(e),
+            (Some(v), None) => Ok(v),
+            (None, None) => return None,
+        };
+        Some(DecodedRecord { received_at, codec_version: body.codec_version, outcome })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +215,13 @@ mod tests {
         let p = PresenceRecord { last_seen: UnixMs(7), address: Some("[::1]:5683".parse().unwrap()) };
         assert_eq!(PresenceRecord::decode(&p.encode()), Some(p));
         assert_eq!(MessageRecord::decode(&[1, 2]), None);
+        for outcome in [
+            Ok(serde_json::json!({"params": {"t": 1}})),
+            Err(DecodeFailure { kind: "thrown".into(), message: "bad".into() }),
+        ] {
+            let d = DecodedRecord { received_at: UnixMs(9), codec_version: 2, outcome };
+            assert_eq!(DecodedRecord::decode(&d.encode()), Some(d));
+        }
     }
 }
 

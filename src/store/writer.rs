@@ -16,9 +16,9 @@ use tokio::sync::{mpsc as tokio_mpsc, oneshot, watch};
 use super::records::MessageId;
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord};
 use super::{
-    CF_DEVICES, CF_MESSAGES, CF_META, CF_OUTBOX, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY, CF_SESSIONS, META_NEXT_DEVICE_ID,
-    META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError, announced_key, device_key, message_key,
-    records::MessageRecord,
+    CF_DECODE_QUEUE, CF_DECODED, CF_DEVICES, CF_MESSAGES, CF_META, CF_OUTBOX, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY,
+    CF_SESSIONS, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError, announced_key,
+    device_key, message_key, records::MessageRecord,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
@@ -51,10 +51,9 @@ pub enum Op {
     Uplink {
         device: DeviceId,
         received_at: UnixMs,
-        topic: String,
+        topic: Box<str>,
         payload: Vec<u8>,
-        /// Set when subscribers want uplink events: the event goes in the same batch.
-        event: Option<Arc<dyn UplinkEvent>>,
+        then: AfterUplink,
     },
     /// A 5682 seq accepted with the uplink in the same job (merged into the session's window).
     SeenSeq {
@@ -110,6 +109,17 @@ pub enum Op {
         from: Vec<u8>,
         to: Vec<u8>,
     },
+}
+
+/// What an uplink's batch holds beside the message.
+#[derive(Debug)]
+pub enum AfterUplink {
+    Nothing,
+    /// Its event, for subscribers.
+    Event(Arc<dyn UplinkEvent>),
+    /// Its place in the decode queue (under the event record, so the codec's worker can write the
+    /// event once it has read the message).
+    Decode(Arc<dyn UplinkEvent>),
 }
 
 // Checked where it is decided: a bigger variant makes every uplink's job dearer to move.
@@ -187,6 +197,7 @@ pub struct Writer {
     alive: Arc<AtomicBool>,
     writable: Arc<AtomicBool>,
     events: watch::Receiver<u64>,
+    decodes: watch::Receiver<u64>,
 }
 
 impl Writer {
@@ -217,6 +228,11 @@ impl Writer {
         self.events.clone()
     }
 
+    /// The id of the last message committed to the decode queue.
+    pub fn decodes(&self) -> watch::Receiver<u64> {
+        self.decodes.clone()
+    }
+
     /// False once the writer thread has ended (stopped, or died).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
@@ -235,7 +251,7 @@ pub(crate) fn recording() -> (Writer, Recorder) {
     let (tx, rx) = mpsc::channel();
     let alive = Arc::new(AtomicBool::new(true));
     let writable = Arc::new(AtomicBool::new(true));
-    (Writer { tx, alive, writable, events: watch::channel(0).1 }, Recorder(rx))
+    (Writer { tx, alive, writable, events: watch::channel(0).1, decodes: watch::channel(0).1 }, Recorder(rx))
 }
 
 #[cfg(test)]
@@ -298,6 +314,7 @@ impl WriterThread {
         let next_event_id = store.meta_u64(META_NEXT_EVENT_ID)?.unwrap_or(1);
         let (tx, rx) = mpsc::channel();
         let (events_tx, events) = watch::channel(next_event_id - 1);
+        let (decodes_tx, decodes) = watch::channel(0);
         let writable = Arc::new(AtomicBool::new(true));
         metrics::gauge!(metric::STORE_WRITABLE).set(1.0);
         let mut state = BatchWriter {
@@ -313,6 +330,7 @@ impl WriterThread {
             next_event_id,
             counters: HashMap::new(),
             events: events_tx,
+            decodes: decodes_tx,
             presence: HashMap::new(),
         };
         let alive = Arc::new(AtomicBool::new(true));
@@ -324,7 +342,7 @@ impl WriterThread {
                 state.run(rx)
             })
             .map_err(|e| StoreError::Rocks(format!("cannot start the writer thread: {e}")))?;
-        Ok((Writer { tx: tx.clone(), alive, writable, events }, WriterThread { tx, handle }))
+        Ok((Writer { tx: tx.clone(), alive, writable, events, decodes }, WriterThread { tx, handle }))
     }
 
     /// Commits everything queued before this call, then stops the thread and syncs the WAL.
@@ -355,6 +373,8 @@ struct BatchWriter {
     counters: HashMap<&'static [u8], u64>,
     /// Told the last committed event id after each batch that appended events.
     events: watch::Sender<u64>,
+    /// Told the last message id queued for decoding after each batch that queued one.
+    decodes: watch::Sender<u64>,
     /// Latest presence per device within the current batch (written once per batch).
     presence: HashMap<DeviceId, PresenceRecord>,
 }
@@ -555,12 +575,13 @@ impl BatchWriter {
         let first_event_id = self.next_event_id;
         let outbox = cf(CF_OUTBOX);
         let mut raised: HashMap<&'static [u8], u64> = HashMap::new();
+        let mut last_decode = None;
         self.presence.clear();
         for job in jobs {
             let mut id = None;
             for op in &job.ops {
                 match op {
-                    Op::Uplink { device, received_at, topic, payload, event } => {
+                    Op::Uplink { device, received_at, topic, payload, then } => {
                         let mid = MessageId(self.next_message_id);
                         self.next_message_id += 1;
                         batch.put_cf(
@@ -569,10 +590,21 @@ impl BatchWriter {
                             MessageRecord::encode_parts(*received_at, topic, payload),
                         );
                         id = Some(mid);
-                        if let Some(event) = event {
-                            let record = event.encode(*device, mid, *received_at);
-                            batch.put_cf(outbox, self.next_event_id.to_be_bytes(), record);
-                            self.next_event_id += 1;
+                        match then {
+                            AfterUplink::Nothing => {}
+                            AfterUplink::Event(event) => {
+                                let record = event.encode(*device, mid, *received_at);
+                                batch.put_cf(outbox, self.next_event_id.to_be_bytes(), record);
+                                self.next_event_id += 1;
+                            }
+                            AfterUplink::Decode(event) => {
+                                batch.put_cf(
+                                    cf(CF_DECODE_QUEUE),
+                                    mid.0.to_be_bytes(),
+                                    event.encode(*device, mid, *received_at),
+                                );
+                                last_decode = Some(mid.0);
+                            }
                         }
                     }
                     Op::SeenSeq { token, window, seq } => {
@@ -599,11 +631,9 @@ impl BatchWriter {
                         batch.delete_cf(cf(CF_DEVICES), device_key(&record.product_key, &record.device_name));
                         batch.delete_cf(presence_cf, record.id.0.to_be_bytes());
                         batch.delete_cf(presence_cf, announced_key(record.id));
-                        batch.delete_range_cf(
-                            messages,
-                            record.id.0.to_be_bytes().as_slice(),
-                            (record.id.0 + 1).to_be_bytes().as_slice(),
-                        );
+                        let (from, to) = (record.id.0.to_be_bytes(), (record.id.0 + 1).to_be_bytes());
+                        batch.delete_range_cf(messages, from.as_slice(), to.as_slice());
+                        batch.delete_range_cf(cf(CF_DECODED), from.as_slice(), to.as_slice());
                         for t in tokens {
                             batch.delete_cf(sessions, t.as_bytes());
                             batch.delete_cf(replay, t.as_bytes());
@@ -663,6 +693,9 @@ impl BatchWriter {
             self.counters.extend(raised);
             if self.next_event_id != first_event_id {
                 self.events.send_replace(self.next_event_id - 1);
+            }
+            if let Some(mid) = last_decode {
+                self.decodes.send_replace(mid);
             }
         }
         result
