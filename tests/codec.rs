@@ -294,7 +294,9 @@ fn uploads_are_checked_kept_as_versions_tried_and_made_current() {
         (ms[2]["codec_version"].clone(), ms[2]["decoded"]["data"][0]["serviceData"]["battery"].clone()),
         (json!(2), json!(25))
     );
-    assert_eq!(api_error(server.admin().put(&codec, &json!({"version": 9}))).0, 404);
+    let (status, message) = api_error(server.admin().put(&codec, &json!({"version": 9})));
+    assert_eq!(status, 400);
+    assert!(message.contains("no codec version 9"), "{message}");
 
     // No current codec: bytes pass through as before.
     server.admin().put(&codec, &json!({"version": null})).unwrap();

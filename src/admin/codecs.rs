@@ -174,7 +174,13 @@ async fn make_current(
     ApiJson(body): ApiJson<Current>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let product = state.registry.product(&pk).ok_or_else(|| ApiError::not_found(format!("product {pk} not found")))?;
-    state.registry.codecs.set_current(state.registry.writer(), &product.product_key, body.version).await?;
+    // A version the body names and the product lacks is a bad request: the path's product exists.
+    state.registry.codecs.set_current(state.registry.writer(), &product.product_key, body.version).await.map_err(
+        |e| match e {
+            e @ DirectoryError::NoVersion(..) => ApiError::bad_request(e.to_string()),
+            e => e.into(),
+        },
+    )?;
     Ok(Json(serde_json::json!({ "product_key": pk, "current": body.version })))
 }
 
