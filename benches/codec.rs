@@ -10,21 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use nbhub::codec::Reading;
 use nbhub::codec::script::{Budget, Script};
 
-const ALIBABA: &str = r#"
-function rawDataToProtocol(bytes) {
-    var u = new Uint8Array(bytes.length);
-    for (var i = 0; i < bytes.length; i++) { u[i] = bytes[i] & 0xff; }
-    var view = new DataView(u.buffer, 0);
-    var jsonMap = {};
-    if (u[0] == 0x00) {
-        jsonMap['method'] = 'thing.event.property.post';
-        jsonMap['version'] = '1.0';
-        jsonMap['id'] = '' + view.getInt32(1);
-        jsonMap['params'] = { temperature: view.getInt16(5) / 10, switch: u[7] };
-    }
-    return jsonMap;
-}
-"#;
+const ALIBABA: &str = include_str!("../codecs/alibaba-thermostat.js");
 
 const HUAWEI: &str = r#"
 function decode(payload, topic) {

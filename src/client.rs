@@ -129,6 +129,16 @@ impl AdminClient {
     pub fn delete(&self, path: &str) -> Result<Value, ClientError> {
         self.call("DELETE", path, Body::None)
     }
+
+    /// The value of one sample of the server's `/metrics` (e.g.
+    /// `nbhub_codec_decoded_total{outcome="ok"}`), 0 if absent or unreadable.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = self.get("/metrics").ok();
+        text.as_ref()
+            .and_then(Value::as_str)
+            .and_then(|m| m.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -206,25 +206,16 @@ fn drain(sources: &mut [Source], buf: &mut [u8]) {
     }
 }
 
-/// The value of one sample of the server's metrics, 0 if absent.
-fn metric(admin: &AdminClient, sample: &str) -> u64 {
-    let text = admin.get("/metrics").ok();
-    text.as_ref()
-        .and_then(Value::as_str)
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse::<f64>().ok()))
-        .map_or(0, |v| v as u64)
-}
-
 /// The server's resident memory.
 fn rss(admin: &AdminClient) -> u64 {
-    metric(admin, "nbhub_process_resident_bytes")
+    admin.metric("nbhub_process_resident_bytes") as u64
 }
 
 /// Datagrams the server read, per port.
 fn server_received(admin: &AdminClient) -> BTreeMap<&'static str, u64> {
     ["coap", "aes", "dtls"]
         .into_iter()
-        .map(|p| (p, metric(admin, &format!("nbhub_datagrams_received_total{{port=\"{p}\"}}"))))
+        .map(|p| (p, admin.metric(&format!("nbhub_datagrams_received_total{{port=\"{p}\"}}")) as u64))
         .collect()
 }
 

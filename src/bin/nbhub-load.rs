@@ -7,6 +7,13 @@
 //! machine, the kernel's UDP path and this generator allow at all; nbhub's rate as a fraction of
 //! it says more than the raw rate on shared, noisy cores.
 //!
+//! With `--codec FILE` a third phase follows: the script is uploaded as the product's codec and
+//! the same devices send the same frames on `/sys/{pk}/{dn}/thing/model/up_raw`, which the codec
+//! reads after each ACK. Its figures are the ACK rate on that topic and the decode rate: decoded
+//! uplinks (the server's `nbhub_codec_decoded_total`) over the time from the phase's start until
+//! every acknowledged uplink of it was decoded. The counter is exported about once a second, so
+//! the decode rate is low by up to a second's worth over the phase.
+//!
 //! The server's per-device flow control (5/s, 300/min by default) caps what one device may send;
 //! to measure the server rather than the limit, run it with higher limits, e.g.
 //! `NBHUB_DEVICE_MAX_PER_SECOND=100000 NBHUB_DEVICE_MAX_PER_MINUTE=10000000 nbhub serve`.
@@ -19,14 +26,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use clap::Parser;
-use nbhub::client::{AdminArgs, Fleet};
+use nbhub::client::{AdminArgs, AdminClient, Fleet};
 use nbhub::coap::message::{Code, Message, MessageType};
 use nbhub::simulate::tally::{Figures, Tally};
 use nbhub::simulate::{AlibabaSession, alibaba_auth};
 use nbhub::transport::mmsg::{self, RecvBatch};
 use serde::Serialize;
+use serde_json::json;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::runtime::Runtime;
@@ -62,6 +72,15 @@ struct Args {
     /// Sockets of the echo server, as the server's `coap.sockets_per_port`.
     #[arg(long, default_value_t = 2)]
     echo_sockets: usize,
+    /// A codec script (e.g. `codecs/alibaba-thermostat.js`): after the raw load, the devices send
+    /// `--codec-frame` on their `up_raw` topic for as long again, decoded by it.
+    #[arg(long)]
+    codec: Option<std::path::PathBuf>,
+    /// The frame (hex) every uplink carries when `--codec` is given, in place of
+    /// `--payload-size` letters; the default is a property report `codecs/alibaba-thermostat.js`
+    /// reads.
+    #[arg(long, default_value = "000000000100eb01")]
+    codec_frame: String,
     /// Print the figures as one JSON line instead of a table.
     #[arg(long)]
     json: bool,
@@ -79,18 +98,33 @@ struct Uplinks {
     dn: String,
     session: AlibabaSession,
     mid: u16,
+    /// Where they go: a custom topic (stored as bytes) or `up_raw` (read by the codec).
+    topic: String,
 }
 
 impl Uplinks {
     /// The next request and its message id.
     fn next(&mut self, payload: &[u8]) -> (u16, Vec<u8>) {
         self.mid = self.mid.wrapping_add(1);
-        (self.mid, self.session.uplink(&self.pk, &self.dn, self.mid, payload))
+        (self.mid, self.session.uplink_on(&self.topic, self.mid, payload))
+    }
+
+    fn send_on_up_raw(&mut self) {
+        self.topic = format!("/sys/{}/{}/thing/model/up_raw", self.pk, self.dn);
     }
 }
 
 fn main() {
     let args = Arc::new(Args::parse());
+    let codec = args.codec.as_ref().map(|path| {
+        let script = std::fs::read_to_string(path).unwrap_or_else(|e| fail(format!("{}: {e}", path.display())));
+        let frame = hex::decode(&args.codec_frame).unwrap_or_else(|e| fail(format!("--codec-frame: {e}")));
+        (script, frame)
+    });
+    let payload: Arc<[u8]> = match &codec {
+        Some((_, frame)) => frame.as_slice().into(),
+        None => (0..args.payload_size).map(|i| b'a' + (i % 26) as u8).collect(),
+    };
     let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
     let setup = Instant::now();
     let fleet = admin.create_fleet("nbhub-load", "load", args.devices).unwrap_or_else(|e| fail(e));
@@ -100,19 +134,74 @@ fn main() {
     let auth_started = Instant::now();
     let mut devices = runtime.block_on(authenticate_all(fleet, args.aes));
     eprintln!("all devices authenticated in {:.1?}", auth_started.elapsed());
+    let pk = devices.first().map(|d| d.uplinks.pk.clone()).unwrap_or_default();
     let ceiling = if args.no_ceiling {
         None
     } else {
         let (echo, addr) = start_echo(args.echo_sockets).unwrap_or_else(|e| fail(format!("echo server: {e}")));
         eprintln!("UDP echo ceiling on {addr}: sending for {} s", args.duration);
-        let (back, figures) = runtime.block_on(phase(devices, Some(addr), &args));
+        let (back, figures) = runtime.block_on(phase(devices, Some(addr), &args, &payload));
         echo.shutdown_background();
         devices = back;
         Some(figures)
     };
     eprintln!("nbhub on {}: sending for {} s", args.aes, args.duration);
-    let (_, nbhub) = runtime.block_on(phase(devices, None, &args));
-    Report::new(&args, ceiling, nbhub).print(args.json);
+    let (mut devices, nbhub) = runtime.block_on(phase(devices, None, &args, &payload));
+    let decoded = codec.map(|(script, frame)| {
+        let body = json!({"script": script, "sample_base64": STANDARD.encode(&frame), "current": true});
+        admin.post(&format!("/api/v1/products/{pk}/codecs"), &body).unwrap_or_else(|e| fail(format!("codec: {e}")));
+        devices.iter_mut().for_each(|d| d.uplinks.send_on_up_raw());
+        eprintln!("nbhub on {} with the codec: sending on up_raw for {} s", args.aes, args.duration);
+        let before = decoded_so_far(&admin);
+        let started = Instant::now();
+        let (_, uplinks) = runtime.block_on(phase(devices, None, &args, &payload));
+        Decoded::wait(&admin, before, started, uplinks)
+    });
+    Report::new(&args, ceiling, nbhub, decoded).print(args.json);
+}
+
+/// Uplinks the server's codecs have read so far, whatever came of it, and those read without
+/// error.
+fn decoded_so_far(admin: &AdminClient) -> (u64, u64) {
+    let count = |o: &str| admin.metric(&format!("nbhub_codec_decoded_total{{outcome=\"{o}\"}}")) as u64;
+    let failed: u64 = ["thrown", "timeout", "memory", "missing", "bad_result", "compile"].into_iter().map(count).sum();
+    let ok = count("ok");
+    (ok + failed, ok)
+}
+
+/// The codec phase: its uplinks, and how fast they were decoded.
+#[derive(Serialize)]
+struct Decoded {
+    uplinks: Figures,
+    /// Uplinks of the phase the codec read (all those acknowledged, unless it fell behind for
+    /// good).
+    decoded: u64,
+    /// Those that failed to decode (thrown, stopped, …).
+    failed: u64,
+    /// Seconds from the phase's start until the last acknowledged uplink was decoded.
+    seconds: f64,
+    decoded_per_second: f64,
+}
+
+impl Decoded {
+    /// Waits until every uplink the phase had acknowledged is decoded, or the count stands still
+    /// for `STALL`.
+    fn wait(admin: &AdminClient, before: (u64, u64), started: Instant, uplinks: Figures) -> Decoded {
+        const STALL: Duration = Duration::from_secs(10);
+        let acknowledged = uplinks.acknowledged_2_04 + uplinks.acknowledged_after_stop;
+        let (mut now, mut moved) = (before, Instant::now());
+        while now.0.saturating_sub(before.0) < acknowledged && moved.elapsed() < STALL {
+            std::thread::sleep(Duration::from_millis(100));
+            let read = decoded_so_far(admin);
+            if read != now {
+                (now, moved) = (read, Instant::now());
+            }
+        }
+        let (decoded, ok) = (now.0.saturating_sub(before.0), now.1.saturating_sub(before.1));
+        let seconds = moved.duration_since(started).as_secs_f64();
+        let decoded_per_second = (decoded as f64 / seconds).round();
+        Decoded { uplinks, decoded, failed: decoded.saturating_sub(ok), seconds, decoded_per_second }
+    }
 }
 
 fn fail(e: impl std::fmt::Display) -> ! {
@@ -130,7 +219,8 @@ async fn authenticate_all(fleet: Fleet, server: SocketAddr) -> Vec<Device> {
             tokio::spawn(async move {
                 let socket = connected(server).await;
                 let (session, mid) = authenticate(&socket, &pk, &dn, &secret).await;
-                Device { socket, uplinks: Uplinks { pk, dn, session, mid } }
+                let topic = format!("/{pk}/{dn}/update");
+                Device { socket, uplinks: Uplinks { pk, dn, session, mid, topic } }
             })
         })
         .collect();
@@ -174,13 +264,18 @@ const AUTH_TRIES_PER_ID: usize = 3;
 
 /// All devices send for `duration` seconds, to the echo server at `echo` or else to nbhub; they
 /// come back for the next phase, with the phase's figures.
-async fn phase(devices: Vec<Device>, echo: Option<SocketAddr>, args: &Arc<Args>) -> (Vec<Device>, Figures) {
+async fn phase(
+    devices: Vec<Device>,
+    echo: Option<SocketAddr>,
+    args: &Arc<Args>,
+    payload: &Arc<[u8]>,
+) -> (Vec<Device>, Figures) {
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(Barrier::new(devices.len() + 1));
     let tasks: Vec<_> = devices
         .into_iter()
         .map(|mut d| {
-            let (args, stop, ready) = (args.clone(), stop.clone(), ready.clone());
+            let (args, stop, ready, payload) = (args.clone(), stop.clone(), ready.clone(), payload.clone());
             tokio::spawn(async move {
                 // Echoed on a socket of its own, bound and connected as the device's own was.
                 let echo_socket = match echo {
@@ -188,7 +283,8 @@ async fn phase(devices: Vec<Device>, echo: Option<SocketAddr>, args: &Arc<Args>)
                     None => None,
                 };
                 ready.wait().await;
-                let stats = send(echo_socket.as_ref().unwrap_or(&d.socket), &mut d.uplinks, &args, &stop).await;
+                let socket = echo_socket.as_ref().unwrap_or(&d.socket);
+                let stats = send(socket, &mut d.uplinks, &payload, &args, &stop).await;
                 (d, stats)
             })
         })
@@ -209,8 +305,7 @@ async fn phase(devices: Vec<Device>, echo: Option<SocketAddr>, args: &Arc<Args>)
 }
 
 /// One device's uplinks until `stop`, keeping `window` in flight; then the answers to those.
-async fn send(socket: &UdpSocket, uplinks: &mut Uplinks, args: &Args, stop: &AtomicBool) -> Tally {
-    let payload: Vec<u8> = (0..args.payload_size).map(|i| b'a' + (i % 26) as u8).collect();
+async fn send(socket: &UdpSocket, uplinks: &mut Uplinks, payload: &[u8], args: &Args, stop: &AtomicBool) -> Tally {
     let timeout = Duration::from_millis(args.timeout_ms);
     // Each device paces itself so that all together send `rate` messages per second.
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(args.devices as f64 / args.rate as f64));
@@ -228,7 +323,7 @@ async fn send(socket: &UdpSocket, uplinks: &mut Uplinks, args: &Args, stop: &Ato
             && in_flight.len() < args.window
             && interval.is_none_or(|_| tokio::time::Instant::now() >= next_send)
         {
-            let (mid, request) = uplinks.next(&payload);
+            let (mid, request) = uplinks.next(payload);
             if socket.send(&request).await.is_err() {
                 break;
             }
@@ -330,12 +425,27 @@ struct Report {
     ratio: Option<f64>,
     ceiling: Option<Figures>,
     nbhub: Figures,
+    /// The codec phase, with `--codec`.
+    decoded: Option<Decoded>,
+    /// Its decode rate over the raw phase's ACK rate.
+    decoded_ratio: Option<f64>,
 }
 
 impl Report {
-    fn new(args: &Args, ceiling: Option<Figures>, nbhub: Figures) -> Report {
+    fn new(args: &Args, ceiling: Option<Figures>, nbhub: Figures, decoded: Option<Decoded>) -> Report {
         let ratio = ceiling.as_ref().map(|c| nbhub.acknowledged_per_second / c.acknowledged_per_second);
-        Report { devices: args.devices, window: args.window, payload_size: args.payload_size, ratio, ceiling, nbhub }
+        let decoded_ratio = decoded.as_ref().map(|d| d.decoded_per_second / nbhub.acknowledged_per_second);
+        let payload_size = if args.codec.is_some() { args.codec_frame.len() / 2 } else { args.payload_size };
+        Report {
+            devices: args.devices,
+            window: args.window,
+            payload_size,
+            ratio,
+            ceiling,
+            nbhub,
+            decoded,
+            decoded_ratio,
+        }
     }
 
     fn print(&self, json: bool) {
@@ -350,6 +460,16 @@ impl Report {
         self.nbhub.print("nbhub (5682 AES)", "msgs", "");
         if let Some(r) = self.ratio {
             println!("{:<30} {r:.2}", "nbhub / ceiling");
+        }
+        if let Some(d) = &self.decoded {
+            d.uplinks.print("nbhub (5682 AES, up_raw)", "msgs", "");
+            println!(
+                "{:<30} {:>8.0} msgs/s  {} decoded ({} failed) in {:.1} s",
+                "decoded by the codec", d.decoded_per_second, d.decoded, d.failed, d.seconds
+            );
+        }
+        if let Some(r) = self.decoded_ratio {
+            println!("{:<30} {r:.2}", "decoded / raw");
         }
     }
 }

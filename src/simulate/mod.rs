@@ -109,13 +109,17 @@ impl AlibabaSession {
     /// A CON uplink to `/topic/{pk}/{dn}/update`; on 5682 with the next seq and the payload
     /// encrypted.
     pub fn uplink(&mut self, pk: &str, dn: &str, mid: u16, payload: &[u8]) -> Vec<u8> {
+        self.uplink_on(&format!("/{pk}/{dn}/update"), mid, payload)
+    }
+
+    /// A CON uplink to `/topic{topic}` (`topic` starts with `/`), as [`AlibabaSession::uplink`].
+    pub fn uplink_on(&mut self, topic: &str, mid: u16, payload: &[u8]) -> Vec<u8> {
         let mut b = MessageBuilder::new(MessageType::Con, Code::POST, mid, &mid.to_be_bytes())
-            .option(OptionNumber::URI_PATH, b"topic")
-            .option(OptionNumber::URI_PATH, pk.as_bytes())
-            .option(OptionNumber::URI_PATH, dn.as_bytes())
-            .option(OptionNumber::URI_PATH, b"update")
-            .uint_option(OptionNumber::ACCEPT, 42)
-            .option(OptionNumber::ALI_TOKEN, self.token.as_bytes());
+            .option(OptionNumber::URI_PATH, b"topic");
+        for segment in topic.split('/').filter(|s| !s.is_empty()) {
+            b = b.option(OptionNumber::URI_PATH, segment.as_bytes());
+        }
+        let mut b = b.uint_option(OptionNumber::ACCEPT, 42).option(OptionNumber::ALI_TOKEN, self.token.as_bytes());
         match &self.key {
             Some(key) => {
                 self.seq += 1;
