@@ -1,9 +1,11 @@
 // An Alibaba data-parsing script in the style of Alibaba's "data parsing" documentation
 // (seed 002 §9): a one-byte frame type, then big-endian fields, read through a DataView of the
 // masked signed bytes. Frame 0x00 reports properties (int32 id, int16 temperature in tenths,
-// uint8 switch) as thing.event.property.post; a property set goes down as frame 0x01.
+// uint8 switch) as thing.event.property.post; a property set goes down as frame 0x01 (int32 id,
+// uint8 switch) and its result comes back on down_raw_reply as frame 0x03 (int32 id, uint8 code).
 var COMMAND_REPORT = 0x00;
 var COMMAND_SET = 0x01;
+var COMMAND_SET_REPLY = 0x03;
 var ALINK_PROP_REPORT_METHOD = 'thing.event.property.post';
 var ALINK_PROP_SET_METHOD = 'thing.service.property.set';
 
@@ -22,6 +24,11 @@ function rawDataToProtocol(bytes) {
         params['temperature'] = dataView.getInt16(5) / 10;
         params['switch'] = uint8Array[7];
         jsonMap['params'] = params;
+    } else if (uint8Array[0] == COMMAND_SET_REPLY) {
+        jsonMap['version'] = '1.0';
+        jsonMap['id'] = '' + dataView.getInt32(1);
+        jsonMap['code'] = '' + dataView.getUint8(5);
+        jsonMap['data'] = {};
     }
     return jsonMap;
 }

@@ -301,3 +301,145 @@ fn decodes_queued_at_a_kill_are_done_after_the_restart() {
         ms.iter().map(|m| m["decoded"]["data"][0]["serviceData"]["reading"].as_u64().unwrap()).collect();
     assert_eq!(readings, (0..N as u64).collect::<Vec<_>>(), "every one decoded, in order");
 }
+
+/// A Huawei codec for a valve in the style of Huawei's codec development guide: frame 0x00 is a
+/// report, 0x01 the SET_VALVE command (`mid` in two bytes, then the position), 0x02 the device's
+/// response (`mid`, `errcode`, a result byte), which `decode` turns into a `deviceRsp`.
+const VALVE_SCRIPT: &str = r#"
+function decode(payload, topic) {
+    if (payload[0] == 0x00) {
+        return JSON.stringify({ msgType: 'deviceReq', hasMore: 0,
+            data: [{ serviceId: 'Valve', serviceData: { open: payload[1], battery: payload[2] } }] });
+    }
+    if (payload[0] == 0x02) {
+        return JSON.stringify({ msgType: 'deviceRsp', mid: (payload[1] << 8) | payload[2],
+            errcode: payload[3], body: { result: payload[4] } });
+    }
+    throw new Error('unknown frame ' + payload[0]);
+}
+
+function encode(json) {
+    var obj = JSON.parse(json);
+    if (obj.msgType == 'cloudReq' && obj.cmd == 'SET_VALVE') {
+        if (obj.paras.open !== 0 && obj.paras.open !== 1) {
+            throw new Error('open must be 0 or 1');
+        }
+        return [0x01, (obj.mid >> 8) & 0xff, obj.mid & 0xff, obj.paras.open];
+    }
+    throw new Error('unknown command ' + obj.cmd);
+}
+"#;
+
+fn commands_of(pk: &str, dn: &str) -> String {
+    format!("/api/v1/products/{pk}/devices/{dn}/commands")
+}
+
+#[test]
+fn json_commands_are_encoded_at_creation_and_the_devices_answer_becomes_their_result() {
+    let server = Server::start();
+    let admin = server.admin();
+    let (pk, dns) = huawei_product(&server, "valves", &["863000000000101"]);
+    let dn = &dns[0];
+    let set =
+        |open: Value| json!({"payload_json": {"serviceId": "Valve", "cmd": "SET_VALVE", "paras": {"open": open}}});
+
+    // Without a codec there is nothing to encode with.
+    let (status, message) = api_error(admin.post(&commands_of(&pk, dn), &set(json!(1))));
+    assert_eq!(status, 400);
+    assert!(message.contains("no codec") && message.contains("payload_base64"), "{message}");
+    upload(&server, &pk, json!({"script": VALVE_SCRIPT, "sample_base64": b64(&[0, 1, 90])})).unwrap();
+
+    // Refusals name the problem, the script's own message included, and create nothing.
+    let (status, message) = api_error(admin.post(&commands_of(&pk, dn), &set(json!(5))));
+    assert_eq!(status, 400);
+    assert!(message.contains("open must be 0 or 1") && message.contains("codec version 1"), "{message}");
+    let unknown = json!({"payload_json": {"serviceId": "Valve", "cmd": "EXPLODE"}});
+    assert!(api_error(admin.post(&commands_of(&pk, dn), &unknown)).1.contains("unknown command EXPLODE"));
+    let numbered = json!({"payload_json": {"serviceId": "Valve", "cmd": "SET_VALVE", "mid": 9}});
+    assert!(api_error(admin.post(&commands_of(&pk, dn), &numbered)).1.contains("must not set mid"));
+    let both = json!({"payload_json": {"serviceId": "Valve", "cmd": "SET_VALVE"}, "payload_base64": "AQ=="});
+    assert_eq!(api_error(admin.post(&commands_of(&pk, dn), &both)).0, 400);
+    assert_eq!(api_error(admin.post(&commands_of(&pk, dn), &json!({}))).0, 400);
+    assert_eq!(admin.get(&commands_of(&pk, dn)).unwrap()["commands"], json!([]));
+
+    // Created while the device sleeps: encoded now, with the mid nbhub chose.
+    let open = server.send_command(&pk, dn, set(json!(1)));
+    let id = open["command_id"].as_str().unwrap().to_string();
+    let mid = open["payload_json"]["mid"].as_u64().unwrap();
+    assert_eq!(mid, id.parse::<u64>().unwrap() & 0xffff);
+    assert_eq!(open["payload_json"]["msgType"], "cloudReq");
+    assert_eq!(open["codec_version"], 1);
+    assert_eq!(open["payload_base64"], b64(&[1, (mid >> 8) as u8, mid as u8, 1]));
+    assert_eq!(open["status"], "PENDING");
+
+    // The device wakes, takes it, ACKs it, and answers in a report of its own.
+    let mut valve = HuaweiDevice::new(server.endpoints.coap, "863000000000101");
+    valve.bind();
+    valve.report(&[0, 0, 80]);
+    let con = valve.command(std::time::Duration::from_secs(5)).expect("the command");
+    assert_eq!(con.payload, [1, (mid >> 8) as u8, mid as u8, 1]);
+    valve.answer(&con, Code::CHANGED, b"");
+    server.wait_command(&id, "DELIVERED");
+    report_acked(&mut valve, &[2, (mid >> 8) as u8, mid as u8, 0, 7]);
+    let done = server.wait_command(&id, "SUCCESSFUL");
+    assert_eq!(done["result_json"], json!({"msgType": "deviceRsp", "mid": mid, "errcode": 0, "body": {"result": 7}}));
+    assert_eq!(done["result_base64"], b64(&[2, (mid >> 8) as u8, mid as u8, 0, 7]));
+
+    // A response that comes before the command's ACK settles it too; a nonzero errcode fails
+    // it, and the late ACK changes nothing.
+    let close = server.send_command(&pk, dn, set(json!(0)));
+    let (id2, mid2) =
+        (close["command_id"].as_str().unwrap().to_string(), close["payload_json"]["mid"].as_u64().unwrap());
+    let con = valve.command(std::time::Duration::from_secs(5)).expect("the second command");
+    report_acked(&mut valve, &[2, (mid2 >> 8) as u8, mid2 as u8, 3, 0]);
+    let failed = server.wait_command(&id2, "FAILED");
+    assert!(failed["reason"].as_str().unwrap().contains("code 3"), "{failed}");
+    assert_eq!(failed["result_json"]["errcode"], 3);
+    valve.answer(&con, Code::CHANGED, b"");
+    // Once the third command arrives, the second's ACK has been handled.
+    let third = server.send_command(&pk, dn, set(json!(1)));
+    valve.command(std::time::Duration::from_secs(5)).expect("the third command");
+    assert_eq!(server.command(&id2)["status"], "FAILED");
+    // An answer naming a command already ended, or none, changes nothing.
+    report_acked(&mut valve, &[2, (mid >> 8) as u8, mid as u8, 5, 0]);
+    report_acked(&mut valve, &[0, 1, 79]);
+    wait_decoded(&server, &pk, dn, 5, |_| true);
+    assert_eq!(server.command(&id)["status"], "SUCCESSFUL");
+    assert_eq!(server.command(third["command_id"].as_str().unwrap())["status"], "SENT");
+}
+
+#[test]
+fn alibaba_json_commands_go_down_raw_and_their_reply_settles_them() {
+    let server = Server::start();
+    let (pk, dn, secret) = server.product_and_device(json!({"name": "thermostats"}));
+    let frame = [0x00, 0, 0, 0, 1, 0x00, 0xeb, 1];
+    upload(&server, &pk, json!({"script": ALIBABA_SCRIPT, "sample_base64": b64(&frame)})).unwrap();
+    let c = server.send_command(&pk, &dn, json!({"payload_json": {"params": {"switch": 1}}}));
+    let id: u32 = c["command_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(c["topic"], format!("/sys/{pk}/{dn}/thing/model/down_raw"));
+    assert_eq!(c["payload_json"]["id"], id.to_string());
+    assert_eq!(c["payload_json"]["method"], "thing.service.property.set");
+    let mut bytes = vec![1];
+    bytes.extend(id.to_be_bytes());
+    bytes.push(1);
+    assert_eq!(c["payload_base64"], b64(&bytes));
+
+    let mut dev = AliDevice::new(server.endpoints.aes, &pk, &dn, &secret);
+    assert_eq!(dev.auth().code, Code::CONTENT);
+    let req = dev.pull_request(10);
+    dev.peer.exchange(&req);
+    let answer = dev.peer.recv();
+    let body: Value = serde_json::from_slice(&dev.key.as_ref().unwrap().decrypt(&answer.payload).unwrap()).unwrap();
+    assert_eq!(body["messages"][0]["topic"], format!("/sys/{pk}/{dn}/thing/model/down_raw"));
+    assert_eq!(STANDARD.decode(body["messages"][0]["payload"].as_str().unwrap()).unwrap(), bytes);
+    dev.peer.send(&nbhub::coap::message::MessageBuilder::new(MessageType::Ack, Code::EMPTY, answer.mid, &[]).build());
+    server.wait_command(c["command_id"].as_str().unwrap(), "DELIVERED");
+
+    let mut reply = vec![0x03];
+    reply.extend(id.to_be_bytes());
+    reply.push(200);
+    let req = dev.uplink_request(MessageType::Con, &format!("/sys/{pk}/{dn}/thing/model/down_raw_reply"), &reply);
+    assert_eq!(dev.peer.exchange(&req).code.class(), 2);
+    let done = server.wait_command(c["command_id"].as_str().unwrap(), "SUCCESSFUL");
+    assert_eq!(done["result_json"], json!({"version": "1.0", "id": id.to_string(), "code": "200", "data": {}}));
+}

@@ -11,7 +11,6 @@ use base64::engine::general_purpose::STANDARD;
 use common::*;
 use nbhub::client::ClientError;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType};
-use nbhub::coap::option::OptionNumber;
 use serde_json::{Value, json};
 
 /// A product whose devices sleep `awake_s` after they last spoke, and one Huawei device on it.
@@ -262,21 +261,6 @@ fn a_device_whose_port_changes_between_reports_still_gets_its_commands() {
     assert_eq!(device["address"], dev.wire.socket.local_addr().unwrap().to_string());
 }
 
-/// `POST /pull` on 5682: token in 2088, encrypted seq in 2089, encrypted `{"pageSize":..}`.
-fn pull_request(dev: &mut AliDevice, page_size: u32) -> Vec<u8> {
-    let key = dev.key.clone().unwrap();
-    dev.seq += 1;
-    let mid = dev.peer.next_mid();
-    let token = dev.peer.next_token();
-    MessageBuilder::new(MessageType::Con, Code::POST, mid, &token)
-        .option(OptionNumber::URI_PATH, b"pull")
-        .uint_option(OptionNumber::CONTENT_FORMAT, 50)
-        .option(OptionNumber::ALI_TOKEN, dev.token.clone().unwrap().as_bytes())
-        .option(OptionNumber::ALI_SEQ, &key.encrypt_seq(dev.seq))
-        .payload(&key.encrypt(json!({"pageSize": page_size.to_string()}).to_string().as_bytes()))
-        .build()
-}
-
 #[test]
 fn an_alibaba_device_pulls_its_commands_on_5682_and_its_ack_delivers_them() {
     let server = Server::start_with(MOVABLE_CLOCK);
@@ -293,7 +277,7 @@ fn an_alibaba_device_pulls_its_commands_on_5682_and_its_ack_delivers_them() {
     let mut dev = AliDevice::new(server.endpoints.aes, &pk, &dn, &secret);
     assert_eq!(dev.auth().code, Code::CONTENT);
 
-    let req = pull_request(&mut dev, 2);
+    let req = dev.pull_request(2);
     let ack = dev.peer.exchange(&req);
     assert_eq!((ack.mtype, ack.code), (MessageType::Ack, Code::EMPTY), "an empty ACK first");
     let answer = dev.peer.recv();
@@ -312,14 +296,14 @@ fn an_alibaba_device_pulls_its_commands_on_5682_and_its_ack_delivers_them() {
     assert_eq!(server.command(&ids[2])["status"], "PENDING");
 
     // The next pull gets the rest; with nothing left, an empty list.
-    let req = pull_request(&mut dev, 10);
+    let req = dev.pull_request(10);
     dev.peer.exchange(&req);
     let answer = dev.peer.recv();
     let body: Value = serde_json::from_slice(&dev.key.as_ref().unwrap().decrypt(&answer.payload).unwrap()).unwrap();
     assert_eq!(body["messages"].as_array().unwrap().len(), 1);
     dev.peer.send(&MessageBuilder::new(MessageType::Ack, Code::EMPTY, answer.mid, &[]).build());
     server.wait_command(&ids[2], "DELIVERED");
-    let req = pull_request(&mut dev, 10);
+    let req = dev.pull_request(10);
     dev.peer.exchange(&req);
     let body: Value =
         serde_json::from_slice(&dev.key.as_ref().unwrap().decrypt(&dev.peer.recv().payload).unwrap()).unwrap();
@@ -327,7 +311,7 @@ fn an_alibaba_device_pulls_its_commands_on_5682_and_its_ack_delivers_them() {
 
     // A replayed pull (same seq) is refused like a replayed uplink.
     dev.seq -= 1;
-    let replay = pull_request(&mut dev, 10);
+    let replay = dev.pull_request(10);
     assert_eq!(dev.peer.exchange(&replay).code, Code::BAD_REQUEST);
     // No token: 4.01.
     let bare = coap_post(dev.peer.next_mid(), &["pull"], None, b"");

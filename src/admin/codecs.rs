@@ -73,12 +73,12 @@ fn version_view(r: &CodecRecord, current: Option<u32>) -> serde_json::Value {
     })
 }
 
-fn budget(state: &AdminState) -> Budget {
+pub(super) fn budget(state: &AdminState) -> Budget {
     Budget::from(&state.registry.config.codec)
 }
 
 /// Runs `f` with `script` compiled, off the async threads (a call may take its whole budget).
-async fn with_script<T: Send + 'static>(
+pub(super) async fn with_script<T: Send + 'static>(
     source: String,
     budget: Budget,
     f: impl FnOnce(&mut Script) -> T + Send + 'static,

@@ -9,10 +9,12 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
 use super::AdminState;
+use super::codecs::{budget, with_script};
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
+use crate::codec::{Style, command};
 use crate::downlink::{CommandError, NewCommand};
-use crate::downlink::{CommandId, CommandView, SendStrategy};
+use crate::downlink::{CommandId, CommandView, JsonCommand, SendStrategy};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -26,7 +28,9 @@ const MAX_EXPIRE_S: u64 = 30 * 86_400;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateCommand {
-    payload_base64: String,
+    payload_base64: Option<String>,
+    /// For a product with a codec: encoded by its current version.
+    payload_json: Option<serde_json::Value>,
     #[serde(default)]
     send_strategy: SendStrategy,
     expire_time: Option<u64>,
@@ -53,13 +57,6 @@ async fn create(
     Path((pk, dn)): Path<(String, String)>,
     ApiJson(body): ApiJson<CreateCommand>,
 ) -> Result<(StatusCode, Json<CommandView>), ApiError> {
-    let payload = STANDARD
-        .decode(body.payload_base64.trim())
-        .map_err(|e| ApiError::bad_request(format!("payload_base64 is not base64: {e}")))?;
-    let max = state.registry.config.coap.max_payload;
-    if payload.is_empty() || payload.len() > max {
-        return Err(ApiError::bad_request(format!("payload_base64 must decode to 1..={max} bytes")));
-    }
     if body.expire_time.is_some_and(|t| !(1..=MAX_EXPIRE_S).contains(&t)) {
         return Err(ApiError::bad_request(format!("expire_time must be within 1..={MAX_EXPIRE_S} seconds")));
     }
@@ -73,10 +70,62 @@ async fn create(
         }
     }
     let d = device(&state, &pk, &dn)?;
-    let new = NewCommand { payload, strategy: body.send_strategy, expire_s: body.expire_time, topic: body.topic };
+    let id = state.commands.new_id();
+    let (payload, json, topic) = match (body.payload_base64, body.payload_json) {
+        (Some(b64), None) => {
+            let payload = STANDARD
+                .decode(b64.trim())
+                .map_err(|e| ApiError::bad_request(format!("payload_base64 is not base64: {e}")))?;
+            (payload, None, body.topic)
+        }
+        (None, Some(app)) => {
+            let (payload, json) = encode(&state, &pk, id, &app).await?;
+            // Alibaba's codec writes the device's raw data, which goes down on its down_raw topic.
+            let raw_topic = (json.style == Style::Alibaba).then(|| format!("/sys/{pk}/{dn}/thing/model/down_raw"));
+            (payload, Some(json.command), body.topic.or(raw_topic))
+        }
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give payload_base64 or payload_json, not both")),
+        (None, None) => return Err(ApiError::bad_request("payload_base64 or payload_json is required")),
+    };
+    let max = state.registry.config.coap.max_payload;
+    if payload.is_empty() || payload.len() > max {
+        let what = if json.is_some() { "the codec's encoding of payload_json" } else { "payload_base64" };
+        return Err(ApiError::bad_request(format!("{what} must be 1..={max} bytes, not {}", payload.len())));
+    }
+    let strategy = body.send_strategy;
+    let new = NewCommand { id, payload, json, strategy, expire_s: body.expire_time, topic };
     let command = state.commands.create(&d, new).await?;
     tracing::info!(product_key = pk, device_name = dn, command = %command.id, status = command.status.as_str(), "command created");
     Ok((StatusCode::CREATED, Json(command.into())))
+}
+
+struct Encoded {
+    style: Style,
+    command: JsonCommand,
+}
+
+/// `app`, a JSON command for product `pk` as command `id`, in the bytes its current codec writes.
+async fn encode(
+    state: &AdminState,
+    pk: &str,
+    id: CommandId,
+    app: &serde_json::Value,
+) -> Result<(Vec<u8>, Encoded), ApiError> {
+    let codec = state.registry.codecs.current(pk).ok_or_else(|| {
+        ApiError::bad_request(format!("product {pk} has no codec to encode payload_json: give payload_base64"))
+    })?;
+    let message = command::outgoing(codec.style, id.0, app).map_err(ApiError::bad_request)?;
+    let given = message.clone();
+    let written = with_script(codec.script.clone(), budget(state), move |s| s.write(&given)).await?;
+    let payload = written.and_then(|r| r).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "encode_failed",
+            format!("codec version {} cannot encode payload_json: {e}", codec.version),
+        )
+    })?;
+    let command = JsonCommand { codec_version: codec.version, message, answer: None };
+    Ok((payload, Encoded { style: codec.style, command }))
 }
 
 fn command_id(raw: &str) -> Result<CommandId, ApiError> {

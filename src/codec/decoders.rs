@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use super::command::{self, Answer};
 use super::script::{Budget, Script};
 use super::{CodecError, CodecRecord, Directory, Reading};
 use crate::identity::DeviceId;
@@ -38,6 +39,15 @@ struct Queued {
     event: Vec<u8>,
 }
 
+/// Who settles the commands devices answer in their uplinks (the command service); the codec
+/// only reads the answer.
+pub trait Answers: Send + Sync {
+    /// `device` answered a command: `answer`, read from the uplink `raw` as `decoded`. Called
+    /// before the decode's own batch is queued, so a crash between the two repeats the answer
+    /// (which then changes nothing) rather than loses it.
+    fn answered(&self, store: &Store, device: DeviceId, answer: &Answer, raw: &[u8], decoded: &serde_json::Value);
+}
+
 /// What the decoders share.
 #[derive(Clone)]
 pub struct Shared {
@@ -46,6 +56,7 @@ pub struct Shared {
     pub directory: Arc<Directory>,
     pub wanted: Arc<Wanted>,
     pub budget: Budget,
+    pub answers: Arc<dyn Answers>,
 }
 
 /// Starts `workers` decoding threads and their dispatcher; they end once `stop` flips.
@@ -158,6 +169,11 @@ impl Worker {
                     && let Some(reading) = codec.reading(&job.device_name, &m.topic)
                 {
                     let outcome = self.read(&codec, reading, &m);
+                    if let Ok(decoded) = &outcome
+                        && let Some(answer) = command::answer(codec.style, &m.topic, decoded)
+                    {
+                        self.shared.answers.answered(&self.shared.store, job.device, &answer, &m.payload, decoded);
+                    }
                     let record = DecodedRecord {
                         received_at: m.received_at,
                         codec_version: codec.version,

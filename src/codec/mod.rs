@@ -3,6 +3,7 @@
 //! JSON commands as bytes. Versions are kept; one is current. Uplinks are stored and answered
 //! first and decoded after, by the [`decoders`], so a bad script never costs a message.
 
+pub mod command;
 pub mod decoders;
 pub mod script;
 

@@ -103,6 +103,31 @@ pub struct CommandRecord {
     /// finds it by this and does not queue it twice).
     #[serde(default)]
     pub origin: Option<String>,
+    /// Given as JSON and encoded by the product's codec: what the script was given, and the
+    /// device's answer as the codec read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<JsonCommand>,
+}
+
+/// A command given as JSON (a product with a codec).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JsonCommand {
+    pub codec_version: u32,
+    /// The message the script encoded (the application's, with the id or `mid` nbhub set).
+    pub message: serde_json::Value,
+    /// The device's answer, decoded.
+    #[serde(default)]
+    pub answer: Option<serde_json::Value>,
+}
+
+/// A device's answer to a JSON command, as its codec read it from an uplink.
+pub struct Answered<'a> {
+    /// Huawei's `errcode`, Alibaba's `code`.
+    pub code: i64,
+    pub ok: bool,
+    /// The uplink's bytes.
+    pub raw: &'a [u8],
+    pub decoded: serde_json::Value,
 }
 
 /// What a new command is: its content and its lifetime, the rest follows from being new.
@@ -139,6 +164,23 @@ impl CommandRecord {
             result: None,
             reason: None,
             origin: None,
+            json: None,
+        }
+    }
+
+    /// Ends a JSON command its device answered in an uplink of its own (Huawei's `deviceRsp`,
+    /// Alibaba's `down_raw_reply`), after or before the downlink's ACK was heard.
+    pub fn answered(&mut self, answer: Answered<'_>, now: u64) {
+        self.delivered_at.get_or_insert(now);
+        if answer.ok {
+            self.set(CommandStatus::Successful, now);
+        } else {
+            self.set(CommandStatus::Failed, now);
+            self.reason = Some(format!("the device answered with code {}", answer.code));
+        }
+        self.result = Some(answer.raw.to_vec());
+        if let Some(j) = &mut self.json {
+            j.answer = Some(answer.decoded);
         }
     }
 
@@ -191,6 +233,14 @@ pub struct CommandView {
     result_base64: Option<String>,
     /// Why it ended as it did (FAILED, TIMEOUT, EXPIRED; MOVED names the new home and id).
     reason: Option<String>,
+    /// For a command given as JSON: the codec version that encoded it, the message it encoded,
+    /// and the device's answer, decoded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    codec_version: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_json: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_json: Option<serde_json::Value>,
 }
 
 impl From<CommandRecord> for CommandView {
@@ -211,6 +261,9 @@ impl From<CommandRecord> for CommandView {
             finished_at: time(c.finished_at),
             result_base64: c.result.map(|r| STANDARD.encode(r)),
             reason: c.reason,
+            codec_version: c.json.as_ref().map(|j| j.codec_version),
+            result_json: c.json.as_ref().and_then(|j| j.answer.clone()),
+            payload_json: c.json.map(|j| j.message),
         }
     }
 }

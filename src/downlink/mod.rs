@@ -8,6 +8,8 @@ pub mod queue;
 pub mod service;
 pub mod stored;
 
-pub use command::{CommandId, CommandRecord, CommandStatus, CommandView, NewRecord, SendStrategy};
+pub use command::{
+    Answered, CommandId, CommandRecord, CommandStatus, CommandView, JsonCommand, NewRecord, SendStrategy,
+};
 pub use queue::{CancelError, Queue, QueueFull, Settlement};
 pub use service::{CommandError, Commands, NewCommand};

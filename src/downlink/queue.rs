@@ -195,6 +195,12 @@ impl Queue {
         changed
     }
 
+    /// Takes out SENT command `id`, answered by its device before its ACK was heard.
+    pub fn take_sent(&mut self, id: CommandId) -> Option<CommandRecord> {
+        let i = self.open.iter().position(|o| o.record.id == id && o.record.status == CommandStatus::Sent)?;
+        self.open.remove(i).map(|o| o.record)
+    }
+
     /// Puts the commands of an exchange that never went out back to PENDING, as they were.
     pub fn unsend(&mut self, exchange: ExchangeKey) {
         for o in self.open.iter_mut().filter(|o| o.exchange == Some(exchange)) {

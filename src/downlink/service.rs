@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    CancelError, CommandId, CommandRecord, CommandStatus, NewRecord, Queue, QueueFull, SendStrategy, Settlement, stored,
+    Answered, CancelError, CommandId, CommandRecord, CommandStatus, JsonCommand, NewRecord, Queue, QueueFull,
+    SendStrategy, Settlement, stored,
 };
 use crate::clock::UnixMs;
 use crate::coap::resource::{ExchangeKey, Retransmit};
+use crate::codec::command::{Answer, AnswerTo, id_of_mid};
 use crate::config::DownlinkConfig;
 use crate::identity::DeviceId;
 use crate::registry::{Device, DeviceState, Held, Registry};
@@ -26,7 +28,10 @@ use crate::store::{Op, Store, StoreError};
 use crate::sync::{Sharded, lock};
 
 pub struct NewCommand {
+    /// From [`Commands::new_id`]: a JSON command is encoded with its id before it is created.
+    pub id: CommandId,
     pub payload: Vec<u8>,
+    pub json: Option<JsonCommand>,
     pub strategy: SendStrategy,
     /// Seconds; the configured default when absent.
     pub expire_s: Option<u64>,
@@ -173,7 +178,7 @@ impl Commands {
             cfg.default_topic.replace("{pk}", device.product_key.as_str()).replace("{dn}", device.device_name.as_str())
         });
         let mut record = CommandRecord::pending(
-            self.new_id(),
+            new.id,
             device.key(),
             NewRecord {
                 payload: new.payload,
@@ -183,6 +188,7 @@ impl Commands {
                 expires_at: now.plus_secs(new.expire_s.unwrap_or(cfg.default_expire_s)).0,
             },
         );
+        record.json = new.json;
         let (commit, kick) = {
             let s = device.state();
             if s.deleted {
@@ -433,5 +439,43 @@ impl Held for Deleting<'_> {
                 q.restore(c);
             }
         });
+    }
+}
+
+impl crate::codec::decoders::Answers for Commands {
+    /// Settles the JSON command `device` answered in an uplink (its codec read `answer` from
+    /// `raw` as `decoded`): a command of that device, given as JSON, sent and not yet ended.
+    /// Anything else (an unknown id, an answer repeated after a restart) changes nothing.
+    fn answered(&self, store: &Store, device: DeviceId, answer: &Answer, raw: &[u8], decoded: &serde_json::Value) {
+        let id = match answer.to {
+            AnswerTo::Id(id) => Some(id),
+            AnswerTo::Mid(mid) => id_of_mid(mid, self.next_id.load(Ordering::Relaxed).saturating_sub(1)),
+        };
+        let Some(id) = id.map(CommandId) else { return };
+        let Some(device) = self.registry.device_by_id(device) else { return };
+        let stored = match stored::get(store, id) {
+            Ok(Some(c)) if c.device == device.id && c.json.is_some() => c,
+            Ok(_) => {
+                tracing::debug!(device = %device.device_name, command = %id, "an answer to no JSON command of the device");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, command = %id, "cannot read an answered command");
+                return;
+            }
+        };
+        let s = device.state();
+        // Answered before its ACK was heard, it is still in the queue; after, it is DELIVERED.
+        let live = self.with_queue(device.id, &s, |q| q.get(id).is_some().then(|| q.take_sent(id)));
+        let mut record = match live {
+            Some(Some(sent)) => sent,
+            // Still PENDING: not what the device answered.
+            Some(None) => return,
+            None if matches!(stored.status, CommandStatus::Sent | CommandStatus::Delivered) => stored,
+            None => return,
+        };
+        let answered = Answered { code: answer.code, ok: answer.ok, raw, decoded: decoded.clone() };
+        record.answered(answered, UnixMs::now().0);
+        self.record(vec![record]);
     }
 }

@@ -492,6 +492,21 @@ impl AliDevice {
         b.payload(&body).build()
     }
 
+    /// `POST /pull` on 5682: token in 2088, encrypted seq in 2089, encrypted `{"pageSize":..}`.
+    pub fn pull_request(&mut self, page_size: u32) -> Vec<u8> {
+        let key = self.key.clone().unwrap();
+        self.seq += 1;
+        let mid = self.peer.next_mid();
+        let token = self.peer.next_token();
+        MessageBuilder::new(MessageType::Con, Code::POST, mid, &token)
+            .option(OptionNumber::URI_PATH, b"pull")
+            .uint_option(OptionNumber::CONTENT_FORMAT, 50)
+            .option(OptionNumber::ALI_TOKEN, self.token.clone().unwrap().as_bytes())
+            .option(OptionNumber::ALI_SEQ, &key.encrypt_seq(self.seq))
+            .payload(&key.encrypt(json!({"pageSize": page_size.to_string()}).to_string().as_bytes()))
+            .build()
+    }
+
     pub fn send_uplink(&mut self, payload: &[u8]) -> Reply {
         let topic = self.default_topic();
         let req = self.uplink_request(MessageType::Con, &topic, payload);
