@@ -18,6 +18,7 @@ pub mod net;
 pub mod northbound;
 pub mod ota;
 pub mod registry;
+pub mod shadow;
 pub mod simulate;
 pub mod store;
 pub mod sync;

@@ -10,6 +10,7 @@ pub mod error;
 mod ota;
 mod packages;
 mod products;
+mod shadow;
 mod webhooks;
 
 use std::sync::Arc;
@@ -49,6 +50,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(devices::routes())
         .merge(codecs::routes())
         .merge(commands::routes())
+        .merge(shadow::routes())
         .merge(webhooks::routes())
         .merge(packages::routes())
         .merge(ota::routes())

@@ -62,8 +62,10 @@ pub const CF_CODECS: &str = "codecs";
 pub const CF_DECODE_QUEUE: &str = "decode_queue";
 /// `device id | message id` → what the codec read from that message ([`records::DecodedRecord`]).
 pub const CF_DECODED: &str = "decoded";
+/// `device id` → its shadow ([`crate::shadow::document::Shadow`]).
+pub const CF_SHADOWS: &str = "shadows";
 
-const ALL_CFS: [&str; 21] = [
+const ALL_CFS: [&str; 22] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -85,6 +87,7 @@ const ALL_CFS: [&str; 21] = [
     CF_CODECS,
     CF_DECODE_QUEUE,
     CF_DECODED,
+    CF_SHADOWS,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";

@@ -17,8 +17,8 @@ use super::records::MessageId;
 use super::records::{DeviceRecord, PresenceRecord, ProductRecord};
 use super::{
     CF_DECODE_QUEUE, CF_DECODED, CF_DEVICES, CF_MESSAGES, CF_META, CF_OUTBOX, CF_PRESENCE, CF_PRODUCTS, CF_REPLAY,
-    CF_SESSIONS, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError, announced_key,
-    device_key, message_key, records::MessageRecord,
+    CF_SESSIONS, CF_SHADOWS, META_NEXT_DEVICE_ID, META_NEXT_EVENT_ID, META_NEXT_MESSAGE_ID, Store, StoreError,
+    announced_key, device_key, message_key, records::MessageRecord,
 };
 use crate::auth::replay;
 use crate::clock::UnixMs;
@@ -634,6 +634,7 @@ impl BatchWriter {
                         let (from, to) = (record.id.0.to_be_bytes(), (record.id.0 + 1).to_be_bytes());
                         batch.delete_range_cf(messages, from.as_slice(), to.as_slice());
                         batch.delete_range_cf(cf(CF_DECODED), from.as_slice(), to.as_slice());
+                        batch.delete_cf(cf(CF_SHADOWS), from);
                         for t in tokens {
                             batch.delete_cf(sessions, t.as_bytes());
                             batch.delete_cf(replay, t.as_bytes());
