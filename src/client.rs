@@ -133,11 +133,26 @@ impl AdminClient {
     /// The value of one sample of the server's `/metrics` (e.g.
     /// `nbhub_codec_decoded_total{outcome="ok"}`), 0 if absent or unreadable.
     pub fn metric(&self, sample: &str) -> f64 {
-        let text = self.get("/metrics").ok();
-        text.as_ref()
-            .and_then(Value::as_str)
-            .and_then(|m| m.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok()))
-            .unwrap_or(0.0)
+        self.samples(|name| name == sample).sum()
+    }
+
+    /// The sum of every sample of metric `name` whatever its labels (e.g. every outcome of
+    /// `nbhub_codec_decoded_total`), 0 if it has none.
+    pub fn metric_total(&self, name: &str) -> f64 {
+        self.samples(|sample| sample == name || sample.strip_prefix(name).is_some_and(|l| l.starts_with('{'))).sum()
+    }
+
+    /// The values of the `/metrics` samples whose name and labels `wanted` accepts.
+    fn samples(&self, wanted: impl Fn(&str) -> bool) -> impl Iterator<Item = f64> {
+        let text = self.get("/metrics").ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(sample, _)| wanted(sample))
+            .filter_map(|(_, v)| v.trim().parse().ok())
+            .collect();
+        values.into_iter()
     }
 }
 

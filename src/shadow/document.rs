@@ -16,20 +16,8 @@ pub const MAX_PROPERTIES: usize = 128;
 /// Why an update was refused, with the vendor's error code (seed 002 table 7-3).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShadowError {
-    #[error("the shadow request is not a JSON object")]
-    BadJson,
-    #[error("the shadow request has no method")]
-    NoMethod,
-    #[error("the shadow request has no state")]
-    NoState,
     #[error("the shadow request's version must be a positive integer")]
     BadVersion,
-    #[error("the shadow request has no {0} section")]
-    NoSection(&'static str),
-    #[error("the shadow request's {0} section is empty")]
-    EmptySection(&'static str),
-    #[error("the shadow request's method must be update, get or delete, not {0}")]
-    BadMethod(String),
     #[error("the shadow's {0} section would hold {1} properties; at most {MAX_PROPERTIES} are allowed")]
     TooManyProperties(&'static str, usize),
     #[error("version {given} is not greater than the shadow's version {current}")]
@@ -41,16 +29,12 @@ pub enum ShadowError {
 }
 
 impl ShadowError {
-    /// The vendor's code for it (table 7-3; size and depth, which it does not number, as 400).
+    /// The vendor's code for it (table 7-3; size and depth, which it does not number, as 400
+    /// "incorrect JSON file").
     pub fn vendor_code(&self) -> u16 {
         match self {
-            ShadowError::BadJson | ShadowError::TooLarge(_) | ShadowError::TooDeep(_) => 400,
-            ShadowError::NoMethod => 401,
-            ShadowError::NoState => 402,
+            ShadowError::TooLarge(_) | ShadowError::TooDeep(_) => 400,
             ShadowError::BadVersion => 403,
-            ShadowError::NoSection(_) => 404,
-            ShadowError::EmptySection(_) => 405,
-            ShadowError::BadMethod(_) => 406,
             ShadowError::TooManyProperties(..) => 408,
             ShadowError::VersionConflict { .. } => 409,
         }
@@ -127,10 +111,6 @@ impl Shadow {
         }
     }
 
-    pub fn values(&self, section: Section) -> &Map<String, Value> {
-        &self.half(section).values
-    }
-
     /// Applies `changes` to `section` at `now` as version `version` (the next one when not
     /// given): all or nothing.
     pub fn update(
@@ -197,30 +177,6 @@ impl Shadow {
         Ok(())
     }
 
-    /// What desired asks that reported does not show: the keys to send to the device.
-    pub fn delta(&self) -> Map<String, Value> {
-        let reported = &self.reported.values;
-        self.desired
-            .values
-            .iter()
-            .filter(|(k, v)| reported.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-
-    /// Drops the desired keys the device has reported as asked (Huawei's rule: a desired state
-    /// is kept until a report matches it); whether any went.
-    pub fn settle_desired(&mut self) -> bool {
-        let reported = &self.reported.values;
-        let matched: Vec<String> =
-            self.desired.values.iter().filter(|(k, v)| reported.get(*k) == Some(*v)).map(|(k, _)| k.clone()).collect();
-        for k in &matched {
-            self.desired.values.remove(k);
-            self.desired.changed.remove(k);
-        }
-        !matched.is_empty()
-    }
-
     /// The document in seed 002's shape (empty sections absent), times in Unix ms.
     pub fn view(&self) -> Value {
         let mut state = Map::new();
@@ -257,7 +213,6 @@ mod tests {
                    "metadata": {"desired": {"color": {"timestamp": 2000}}, "reported": {"color": {"timestamp": 1000}}},
                    "timestamp": 2000, "version": 2})
         );
-        assert_eq!(s.delta(), changes(json!({"color": "green"})).unwrap());
     }
 
     #[test]
@@ -277,7 +232,7 @@ mod tests {
         let mut s = Shadow::default();
         s.update(Section::Reported, &changes(json!({"a": 1, "b": 2, "c": 3})), None, 1).unwrap();
         s.update(Section::Reported, &changes(json!({"a": null, "b": "null"})), None, 2).unwrap();
-        assert_eq!(s.values(Section::Reported), &changes(json!({"c": 3})).unwrap());
+        assert_eq!(s.view()["state"]["reported"], json!({"c": 3}));
         s.update(Section::Reported, &None, None, 3).unwrap();
         assert_eq!(s.view()["state"], json!({}));
         assert_eq!(s.version(), 3);
@@ -288,7 +243,7 @@ mod tests {
         let mut s = Shadow::default();
         s.update(Section::Reported, &changes(json!({"colors": ["RED", "GREEN", "BLUE"]})), None, 1).unwrap();
         s.update(Section::Reported, &changes(json!({"colors": ["RED"]})), None, 2).unwrap();
-        assert_eq!(s.values(Section::Reported)["colors"], json!(["RED"]));
+        assert_eq!(s.view()["state"]["reported"]["colors"], json!(["RED"]));
     }
 
     #[test]
@@ -304,16 +259,5 @@ mod tests {
         let big = json!({"blob": "x".repeat(MAX_BYTES)});
         assert!(matches!(s.update(Section::Reported, &changes(big), None, 2), Err(ShadowError::TooLarge(_))));
         assert_eq!(s.version(), 1);
-    }
-
-    #[test]
-    fn desired_keys_end_once_reported_matches_them() {
-        let mut s = Shadow::default();
-        s.update(Section::Desired, &changes(json!({"color": "green", "level": 3})), None, 1).unwrap();
-        s.update(Section::Reported, &changes(json!({"color": "green", "level": 2})), None, 2).unwrap();
-        assert_eq!(s.delta(), changes(json!({"level": 3})).unwrap());
-        assert!(s.settle_desired());
-        assert_eq!(s.values(Section::Desired), &changes(json!({"level": 3})).unwrap());
-        assert!(!s.settle_desired());
     }
 }

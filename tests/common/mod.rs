@@ -146,10 +146,7 @@ impl Server {
 
     /// The value of one sample of `/metrics`, e.g. `nbhub_dtls_sessions{port="dtls"}`; 0 if absent.
     pub fn metric(&self, sample: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or(0.0)
+        self.admin().metric(sample)
     }
 
     /// Polls `sample` until `ok` holds for it (metrics are exported about once a second).
