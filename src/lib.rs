@@ -126,7 +126,7 @@ async fn serve_with(
         directory: registry.codecs.clone(),
         wanted: registry.wanted().clone(),
         budget: (&config.codec).into(),
-        answers: commands.clone(),
+        downlink: commands.clone(),
     };
     codec::decoders::start(decoders, config.codec.workers, stop_rx.clone(), tokio::runtime::Handle::current())
         .map_err(io_err("cannot start the codec threads"))?;

@@ -270,7 +270,8 @@ enum DistributionAction {
 
 #[derive(Subcommand)]
 enum WebhookAction {
-    /// Subscribe a URL; events: uplink, device_status, command_status, ota_progress (all if none).
+    /// Subscribe a URL; events: uplink, device_status, command_status, ota_progress, shadow (all if
+    /// none).
     Create {
         #[command(flatten)]
         api: AdminArgs,

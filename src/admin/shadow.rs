@@ -12,7 +12,9 @@ use super::AdminState;
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
 use crate::clock::UnixMs;
-use crate::shadow::document::{Section, ShadowError};
+use crate::northbound::EventKind;
+use crate::shadow::document::{Section, ShadowError, Stamps};
+use crate::shadow::{Change, Owner};
 
 pub fn routes() -> Router<AdminState> {
     Router::new().route("/products/{product_key}/devices/{device_name}/shadow", get(show).put(set_desired))
@@ -33,7 +35,7 @@ async fn show(
     Path((pk, dn)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let d = device(&state, &pk, &dn)?;
-    Ok(Json(crate::shadow::get(&state.store, d.id)?.view()))
+    Ok(Json(crate::shadow::get(&state.store, d.id)?.view(Stamps::Millis)))
 }
 
 #[derive(Deserialize)]
@@ -57,15 +59,13 @@ async fn set_desired(
     ApiJson(body): ApiJson<SetDesired>,
 ) -> Result<Json<Value>, ApiError> {
     let d = device(&state, &pk, &dn)?;
-    let desired = body.state.desired;
+    let desired = [(Section::Desired, body.state.desired)];
     let version = body.version;
-    let registry = &state.registry;
-    let changed = registry
-        .shadows
-        .change(&state.store, registry.writer(), d.id, |s| {
-            s.update(Section::Desired, &desired, version, UnixMs::now().0)
-        })
-        .await??;
+    let now = UnixMs::now();
+    let owner = Owner { id: d.id, product_key: d.product_key.clone(), device_name: d.device_name.clone() };
+    let announce = state.registry.wanted().wants(EventKind::Shadow);
+    let change = Change::new(owner, now, announce, move |s| s.update(&desired, version, now.0));
+    let changed = change.commit(state.registry.writer()).await??;
     tracing::info!(product_key = pk, device_name = dn, version = changed.version(), "shadow desired state set");
-    Ok(Json(changed.view()))
+    Ok(Json(changed.view(Stamps::Millis)))
 }

@@ -451,7 +451,7 @@ impl<R: Resources> Endpoint<R> {
             }
         };
         let (response, message_id, follow_up) = match result {
-            Ok(id) => (response, id, follow_up),
+            Ok(id) => (response.settled(), id, follow_up),
             Err(e) => {
                 if let Some(o) = follow_up {
                     self.resources.handle_reply(now, o.exchange, Reply::Unsent, &mut self.effects);

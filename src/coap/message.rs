@@ -48,6 +48,8 @@ impl Code {
     pub const NOT_FOUND: Code = Code::new(4, 4);
     pub const METHOD_NOT_ALLOWED: Code = Code::new(4, 5);
     pub const NOT_ACCEPTABLE: Code = Code::new(4, 6);
+    /// RFC 8132: the request conflicts with the resource's current state (a shadow version).
+    pub const CONFLICT: Code = Code::new(4, 9);
     pub const REQUEST_ENTITY_TOO_LARGE: Code = Code::new(4, 13);
     pub const UNSUPPORTED_CONTENT_FORMAT: Code = Code::new(4, 15);
     pub const TOO_MANY_REQUESTS: Code = Code::new(4, 29);

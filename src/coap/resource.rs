@@ -2,6 +2,7 @@
 //! endpoint owns the CoAP mechanics around them: message types, ids, dedup, separate responses.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use smallvec::SmallVec;
@@ -49,7 +50,28 @@ pub struct Response {
     pub payload: Vec<u8>,
     /// Carry the stored message's id in option 2090 once the write has it.
     pub with_message_id: bool,
+    /// The code and payload, known once the writes are.
+    pub later: Option<Later>,
 }
+
+/// A response whose code and payload depend on how its writes came out (a shadow update the
+/// store's writer applied to the document as it found it).
+#[derive(Clone)]
+pub struct Later(pub Arc<dyn Fn() -> (Code, Vec<u8>) + Send + Sync>);
+
+impl std::fmt::Debug for Later {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Later(..)")
+    }
+}
+
+impl PartialEq for Later {
+    fn eq(&self, other: &Later) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Later {}
 
 impl Response {
     pub fn new(code: Code) -> Response {
@@ -63,6 +85,18 @@ impl Response {
             size1: None,
             payload: Vec::new(),
             with_message_id: false,
+            later: None,
+        }
+    }
+
+    /// The response once its writes are durable: a [`Later`] one takes its code and payload.
+    pub fn settled(self) -> Response {
+        match &self.later {
+            Some(Later(f)) => {
+                let (code, payload) = f();
+                Response { code, payload, later: None, ..self }
+            }
+            None => self,
         }
     }
 

@@ -96,6 +96,43 @@ pub fn answer(style: Style, topic: &str, decoded: &Value) -> Option<Answer> {
     }
 }
 
+/// The properties a decoded uplink reports, as they go into the device shadow's `reported`
+/// section: Huawei's `deviceReq` as `{serviceId: serviceData}` per entry of `data`, Alibaba's
+/// `thing.event.property.post` as its `params`.
+pub fn properties(style: Style, decoded: &Value) -> Option<Map<String, Value>> {
+    match style {
+        Style::Huawei => {
+            if decoded.get("msgType")? != "deviceReq" {
+                return None;
+            }
+            let reported: Map<String, Value> = decoded
+                .get("data")?
+                .as_array()?
+                .iter()
+                .filter_map(|d| Some((d.get("serviceId")?.as_str()?.to_string(), d.get("serviceData")?.clone())))
+                .filter(|(_, data)| data.is_object())
+                .collect();
+            (!reported.is_empty()).then_some(reported)
+        }
+        Style::Alibaba => {
+            if decoded.get("method")? != "thing.event.property.post" {
+                return None;
+            }
+            decoded.get("params")?.as_object().filter(|p| !p.is_empty()).cloned()
+        }
+    }
+}
+
+/// The command that asks a Huawei device to take on a service's desired properties: nbhub's
+/// convention (documented in the README) is `cmd` `SET_PROPERTIES` with the properties as
+/// `paras`, for the product's script to encode like any other command.
+pub const SET_PROPERTIES: &str = "SET_PROPERTIES";
+
+/// The application-side command for one service's delta, before [`outgoing`] numbers it.
+pub fn property_set(service: &str, delta: &Value) -> Option<Value> {
+    delta.is_object().then(|| serde_json::json!({"serviceId": service, "cmd": SET_PROPERTIES, "paras": delta}))
+}
+
 /// A number, or a string of one (Alibaba's scripts write ids and codes as `'' + n`).
 fn integer(v: &Value) -> Option<i64> {
     match v {
@@ -143,6 +180,27 @@ mod tests {
             json!({"method": "thing.service.property.set", "version": "1.0", "params": {"switch": 1}, "id": "42"})
         );
         assert!(outgoing(Style::Alibaba, 42, &json!({"id": "1"})).unwrap_err().contains("id"));
+    }
+
+    #[test]
+    fn reported_properties_come_from_each_vendors_property_report() {
+        let req = json!({"msgType": "deviceReq", "hasMore": 0, "data": [
+            {"serviceId": "Meter", "serviceData": {"volume": 12}},
+            {"serviceId": "Battery", "serviceData": {"level": 80}},
+            {"serviceId": "Odd", "serviceData": 5}]});
+        assert_eq!(
+            properties(Style::Huawei, &req),
+            Some(json!({"Meter": {"volume": 12}, "Battery": {"level": 80}}).as_object().unwrap().clone())
+        );
+        assert_eq!(properties(Style::Huawei, &json!({"msgType": "deviceRsp", "mid": 1})), None);
+        let post = json!({"method": "thing.event.property.post", "id": "1", "params": {"temp": 21}});
+        assert_eq!(properties(Style::Alibaba, &post), Some(json!({"temp": 21}).as_object().unwrap().clone()));
+        assert_eq!(properties(Style::Alibaba, &json!({"method": "thing.event.Error.post", "params": {"e": 1}})), None);
+        assert_eq!(
+            property_set("Valve", &json!({"open": 1})),
+            Some(json!({"serviceId": "Valve", "cmd": "SET_PROPERTIES", "paras": {"open": 1}}))
+        );
+        assert_eq!(property_set("Valve", &json!(1)), None);
     }
 
     #[test]

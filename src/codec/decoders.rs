@@ -15,10 +15,15 @@ use tokio::sync::watch;
 
 use super::command::{self, Answer};
 use super::script::{Budget, Script};
-use super::{CodecError, CodecRecord, Directory, Reading};
-use crate::identity::DeviceId;
+use serde_json::{Map, Value};
+
+use super::{CodecError, CodecRecord, Directory, Reading, Style};
+use crate::clock::UnixMs;
+use crate::identity::{DeviceId, DeviceName, ProductKey};
 use crate::northbound::event::{Prepared, Record};
 use crate::northbound::{EventKind, Wanted};
+use crate::shadow::document::{Section, Shadow};
+use crate::shadow::{self, Change, Owner};
 use crate::store::records::{DecodeFailure, DecodedRecord, MessageRecord};
 use crate::store::{CF_DECODE_QUEUE, CF_DECODED, CF_MESSAGES, MessageId, Op, Store, Writer, message_key};
 use crate::telemetry::metric;
@@ -39,13 +44,25 @@ struct Queued {
     event: Vec<u8>,
 }
 
-/// Who settles the commands devices answer in their uplinks (the command service); the codec
-/// only reads the answer.
-pub trait Answers: Send + Sync {
+/// What the decoders ask of the command service, which the codec does not know.
+pub trait Downlink: Send + Sync {
     /// `device` answered a command: `answer`, read from the uplink `raw` as `decoded`. Called
     /// before the decode's own batch is queued, so a crash between the two repeats the answer
     /// (which then changes nothing) rather than loses it.
     fn answered(&self, store: &Store, device: DeviceId, answer: &Answer, raw: &[u8], decoded: &serde_json::Value);
+
+    /// Queues on `topic` the JSON commands `encode` makes, given each a fresh command id, unless
+    /// `device` still has one open there (it has not had the last ones yet).
+    fn propose(&self, device: DeviceId, topic: &str, encode: &mut dyn FnMut(&dyn Fn() -> u64) -> Vec<Proposed>);
+}
+
+/// A command the server makes itself, encoded by the device's codec.
+pub struct Proposed {
+    pub id: u64,
+    pub codec_version: u32,
+    /// What the script encoded.
+    pub message: serde_json::Value,
+    pub payload: Vec<u8>,
 }
 
 /// What the decoders share.
@@ -56,7 +73,7 @@ pub struct Shared {
     pub directory: Arc<Directory>,
     pub wanted: Arc<Wanted>,
     pub budget: Budget,
-    pub answers: Arc<dyn Answers>,
+    pub downlink: Arc<dyn Downlink>,
 }
 
 /// Starts `workers` decoding threads and their dispatcher; they end once `stop` flips.
@@ -169,10 +186,13 @@ impl Worker {
                     && let Some(reading) = codec.reading(&job.device_name, &m.topic)
                 {
                     let outcome = self.read(&codec, reading, &m);
-                    if let Ok(decoded) = &outcome
-                        && let Some(answer) = command::answer(codec.style, &m.topic, decoded)
-                    {
-                        self.shared.answers.answered(&self.shared.store, job.device, &answer, &m.payload, decoded);
+                    if let Ok(decoded) = &outcome {
+                        if let Some(answer) = command::answer(codec.style, &m.topic, decoded) {
+                            self.shared.downlink.answered(&self.shared.store, job.device, &answer, &m.payload, decoded);
+                        }
+                        if let Some(reported) = command::properties(codec.style, decoded) {
+                            ops.extend(self.report(&codec, &job, reported, m.received_at));
+                        }
                     }
                     let record = DecodedRecord {
                         received_at: m.received_at,
@@ -187,6 +207,56 @@ impl Worker {
             }
             self.shared.writer.record(ops);
         }
+    }
+
+    /// `job`'s device reported `properties` at `at`: its shadow's `reported` section takes them
+    /// (the write returned), and what `desired` still asks beyond them goes to a device of a
+    /// Huawei-style codec as commands the script encodes, on each report until one matches.
+    fn report(&mut self, codec: &CodecRecord, job: &Queued, properties: Map<String, Value>, at: UnixMs) -> Option<Op> {
+        let owner = Owner {
+            id: job.device,
+            product_key: ProductKey::new(&job.product_key).ok()?,
+            device_name: DeviceName::new(&job.device_name).ok()?,
+        };
+        let changes = [(Section::Reported, Some(properties))];
+        let edit = move |s: &mut Shadow| s.update(&changes, None, at.0);
+        // The delta as it will be once this change is written (a change still queued ahead of
+        // it is missed here and seen at the next report).
+        let delta = match shadow::get(&self.shared.store, job.device) {
+            Ok(mut predicted) => edit(&mut predicted).map(|()| predicted.delta()).unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(error = %e, device = %owner.device_name, "cannot read a shadow");
+                Map::new()
+            }
+        };
+        if codec.style == Style::Huawei && !delta.is_empty() {
+            let topic = shadow::device::get_topic(&owner.product_key, &owner.device_name);
+            let Worker { shared, scripts } = self;
+            let mut script = scripts.get_mut(codec.product_key.as_str()).map(|(_, s)| s);
+            shared.downlink.propose(job.device, &topic, &mut |next_id| {
+                let Some(script) = script.as_deref_mut() else { return Vec::new() };
+                delta
+                    .iter()
+                    .filter_map(|(service, wanted)| {
+                        let id = next_id();
+                        let message =
+                            command::outgoing(Style::Huawei, id, &command::property_set(service, wanted)?).ok()?;
+                        match script.write(&message) {
+                            Ok(payload) if !payload.is_empty() => {
+                                Some(Proposed { id, codec_version: codec.version, message, payload })
+                            }
+                            Ok(_) => None,
+                            Err(e) => {
+                                tracing::debug!(service, error = %e, "codec cannot encode a shadow delta");
+                                None
+                            }
+                        }
+                    })
+                    .collect()
+            });
+        }
+        let announce = self.shared.wanted.wants(EventKind::Shadow);
+        Some(Op::Revise(Change::new(owner, at, announce, edit)))
     }
 
     /// What the product's codec reads from `m`, counted; a runtime stopped by its budget is

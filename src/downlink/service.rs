@@ -20,9 +20,10 @@ use super::{
 use crate::clock::UnixMs;
 use crate::coap::resource::{ExchangeKey, Retransmit};
 use crate::codec::command::{Answer, AnswerTo, id_of_mid};
+use crate::codec::decoders::Proposed;
 use crate::config::DownlinkConfig;
 use crate::identity::DeviceId;
-use crate::registry::{Device, DeviceState, Held, Registry};
+use crate::registry::{Device, DeviceState, Held, Registry, Route};
 use crate::store::records::ProductRecord;
 use crate::store::{Op, Store, StoreError};
 use crate::sync::{Sharded, lock};
@@ -168,12 +169,41 @@ impl Commands {
     /// Queues a command (durably) and, when the device is awake, tells the socket that serves it.
     /// An `immediately` command for a sleeping device is stored FAILED at once.
     pub async fn create(&self, device: &Arc<Device>, new: NewCommand) -> Result<CommandRecord, CommandError> {
+        let now = UnixMs::now();
+        let (record, kick, commit) = self.enqueue(device, new, now, |ops| self.registry.writer().commit(ops))?;
+        if let Err(e) = commit.await {
+            // Not stored, so not queued either.
+            let s = device.state();
+            let _ = self.with_queue(device.id, &s, |q| q.cancel(record.id, now.0));
+            return Err(e.into());
+        }
+        self.queued(device, &record, kick);
+        Ok(record)
+    }
+
+    /// Like [`Commands::create`] for a command the server makes itself (a shadow's delta):
+    /// queued with its writes, nobody waiting for them.
+    pub fn create_detached(&self, device: &Arc<Device>, new: NewCommand) -> Result<CommandRecord, CommandError> {
+        let now = UnixMs::now();
+        let (record, kick, ()) = self.enqueue(device, new, now, |ops| self.registry.writer().record(ops))?;
+        self.queued(device, &record, kick);
+        Ok(record)
+    }
+
+    /// The rules of a new command: it goes into `device`'s queue (unless it fails at once) and
+    /// `write` queues its writes, under the device's lock. The route to kick if it is awake.
+    fn enqueue<T>(
+        &self,
+        device: &Arc<Device>,
+        new: NewCommand,
+        now: UnixMs,
+        write: impl FnOnce(Vec<Op>) -> T,
+    ) -> Result<(CommandRecord, Option<Route>, T), CommandError> {
         let cfg = self.config();
         let product = self
             .registry
             .product(device.product_key.as_str())
             .ok_or_else(|| CommandError::NotFound(format!("product {}", device.product_key)))?;
-        let now = UnixMs::now();
         let topic = new.topic.unwrap_or_else(|| {
             cfg.default_topic.replace("{pk}", device.product_key.as_str()).replace("{dn}", device.device_name.as_str())
         });
@@ -189,51 +219,47 @@ impl Commands {
             },
         );
         record.json = new.json;
-        let (commit, kick) = {
-            let s = device.state();
-            if s.deleted {
-                return Err(CommandError::NotFound(format!("device {}/{}", device.product_key, device.device_name)));
-            }
-            if !s.home.is_here() {
-                let home = s.home.elsewhere().map_or_else(|| "(arriving here)".to_string(), ToString::to_string);
-                return Err(CommandError::Elsewhere(device.device_name.to_string(), home));
-            }
-            let awake = s.awake(now, product.awake_window_s);
-            let queued = match (new.strategy, awake) {
-                (SendStrategy::Immediately, false) => {
-                    record.set(CommandStatus::Failed, now.0);
-                    record.reason = Some("the device is asleep: nothing heard within its awake window".into());
-                    false
-                }
-                (SendStrategy::Immediately, true) => {
-                    // Only while the device is still listening.
-                    if !s.always_listening() {
-                        let window_end = s.last_seen.map_or(now, |t| t.plus_secs(product.awake_window_s as u64));
-                        record.expires_at = record.expires_at.min(window_end.0);
-                    }
-                    true
-                }
-                (SendStrategy::Delay, _) => true,
-            };
-            if queued && let Err(full) = self.with_queue(device.id, &s, |q| q.push(record.clone(), cfg.max_pending)) {
-                metrics::counter!(crate::telemetry::metric::COMMANDS_REFUSED).increment(1);
-                return Err(full.into());
-            }
-            (self.registry.writer().commit(self.writes(&record)), (queued && awake).then_some(s.route).flatten())
-        };
-        if let Err(e) = commit.await {
-            // Not stored, so not queued either.
-            let s = device.state();
-            let _ = self.with_queue(device.id, &s, |q| q.cancel(record.id, now.0));
-            return Err(e.into());
+        let s = device.state();
+        if s.deleted {
+            return Err(CommandError::NotFound(format!("device {}/{}", device.product_key, device.device_name)));
         }
+        if !s.home.is_here() {
+            let home = s.home.elsewhere().map_or_else(|| "(arriving here)".to_string(), ToString::to_string);
+            return Err(CommandError::Elsewhere(device.device_name.to_string(), home));
+        }
+        let awake = s.awake(now, product.awake_window_s);
+        let queued = match (new.strategy, awake) {
+            (SendStrategy::Immediately, false) => {
+                record.set(CommandStatus::Failed, now.0);
+                record.reason = Some("the device is asleep: nothing heard within its awake window".into());
+                false
+            }
+            (SendStrategy::Immediately, true) => {
+                // Only while the device is still listening.
+                if !s.always_listening() {
+                    let window_end = s.last_seen.map_or(now, |t| t.plus_secs(product.awake_window_s as u64));
+                    record.expires_at = record.expires_at.min(window_end.0);
+                }
+                true
+            }
+            (SendStrategy::Delay, _) => true,
+        };
+        if queued && let Err(full) = self.with_queue(device.id, &s, |q| q.push(record.clone(), cfg.max_pending)) {
+            metrics::counter!(crate::telemetry::metric::COMMANDS_REFUSED).increment(1);
+            return Err(full.into());
+        }
+        let written = write(self.writes(&record));
+        Ok((record, (queued && awake).then_some(s.route).flatten(), written))
+    }
+
+    /// A stored new command's timer, and the socket told when its device is awake.
+    fn queued(&self, device: &Device, record: &CommandRecord, kick: Option<Route>) {
         if record.status == CommandStatus::Pending {
             self.timers.schedule(record.expires_at, device.id);
         }
         if let Some(route) = kick {
             self.registry.routes.kick(route, device.id);
         }
-        Ok(record)
     }
 
     /// An open command of `device` as it is now.
@@ -442,7 +468,7 @@ impl Held for Deleting<'_> {
     }
 }
 
-impl crate::codec::decoders::Answers for Commands {
+impl crate::codec::decoders::Downlink for Commands {
     /// Settles the JSON command `device` answered in an uplink (its codec read `answer` from
     /// `raw` as `decoded`): a command of that device, given as JSON, sent and not yet ended.
     /// Anything else (an unknown id, an answer repeated after a restart) changes nothing.
@@ -477,5 +503,33 @@ impl crate::codec::decoders::Answers for Commands {
         let answered = Answered { code: answer.code, ok: answer.ok, raw, decoded: decoded.clone() };
         record.answered(answered, UnixMs::now().0);
         self.record(vec![record]);
+    }
+
+    /// Server-made commands (a shadow's delta) wait their turn in the device's queue like any
+    /// other; they live as long as the configured default.
+    fn propose(&self, device: DeviceId, topic: &str, encode: &mut dyn FnMut(&dyn Fn() -> u64) -> Vec<Proposed>) {
+        let Some(device) = self.registry.device_by_id(device) else { return };
+        if self.open(device.id, &device.state()).iter().any(|c| c.topic == topic) {
+            return;
+        }
+        for p in encode(&|| self.new_id().0) {
+            let new = NewCommand {
+                id: CommandId(p.id),
+                payload: p.payload,
+                json: Some(JsonCommand { codec_version: p.codec_version, message: p.message, answer: None }),
+                strategy: SendStrategy::Delay,
+                expire_s: None,
+                topic: Some(topic.to_string()),
+            };
+            match self.create_detached(&device, new) {
+                Ok(c) => {
+                    tracing::debug!(device = %device.device_name, command = %c.id, "shadow delta queued as a command")
+                }
+                Err(e) => {
+                    tracing::warn!(device = %device.device_name, error = %e, "shadow delta not queued");
+                    return;
+                }
+            }
+        }
     }
 }

@@ -20,11 +20,17 @@ pub enum EventKind {
     DeviceStatus,
     CommandStatus,
     OtaProgress,
+    Shadow,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] =
-        [EventKind::Uplink, EventKind::DeviceStatus, EventKind::CommandStatus, EventKind::OtaProgress];
+    pub const ALL: [EventKind; 5] = [
+        EventKind::Uplink,
+        EventKind::DeviceStatus,
+        EventKind::CommandStatus,
+        EventKind::OtaProgress,
+        EventKind::Shadow,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -32,6 +38,7 @@ impl EventKind {
             EventKind::DeviceStatus => "device_status",
             EventKind::CommandStatus => "command_status",
             EventKind::OtaProgress => "ota_progress",
+            EventKind::Shadow => "shadow",
         }
     }
 

@@ -164,8 +164,6 @@ pub struct Registry {
     wanted: Arc<Wanted>,
     /// Each product's codecs: which uplinks are decoded after they are stored.
     pub codecs: Arc<crate::codec::Directory>,
-    /// One change at a time to each device's shadow.
-    pub shadows: crate::shadow::Shadows,
 }
 
 impl Registry {
@@ -182,7 +180,6 @@ impl Registry {
             writer,
             wanted: Arc::new(Wanted::default()),
             codecs: Arc::default(),
-            shadows: crate::shadow::Shadows::default(),
         }
     }
 

@@ -20,8 +20,8 @@ use crate::identity::{DeviceId, DeviceName, ProductKey};
 pub use records::MessageId;
 use records::{DecodedRecord, DeviceRecord, MessageRecord, PresenceRecord, ProductRecord};
 pub use writer::{
-    AfterUplink, Commit, CommitSink, Committed, Completion, Job, LiveRecord, Op, Ops, OutboxEvent, SyncPolicy,
-    UplinkEvent, Writer, WriterThread,
+    AfterUplink, Commit, CommitSink, Committed, Completion, Job, LiveRecord, Op, Ops, OutboxEvent, Revise, Revised,
+    SyncPolicy, UplinkEvent, Writer, WriterThread,
 };
 #[cfg(test)]
 pub(crate) use writer::{Recorder, recording};

@@ -103,6 +103,9 @@ pub enum Op {
         cf: &'static str,
         key: Vec<u8>,
     },
+    /// A record changed from what it holds when its batch is built: changes queued from
+    /// anywhere apply one after the other, in the order they were queued.
+    Revise(Arc<dyn Revise>),
     /// Every key from `from` (included) to `to` (excluded).
     DeleteRange {
         cf: &'static str,
@@ -141,6 +144,22 @@ pub trait OutboxEvent: Send + Sync + std::fmt::Debug {
 /// is known only at commit.
 pub trait UplinkEvent: Send + Sync + std::fmt::Debug {
     fn encode(&self, device: DeviceId, message: MessageId, received_at: UnixMs) -> Vec<u8>;
+}
+
+/// A change to one record worked out by the writer from the record's value at that point in the
+/// write order (a read-modify-write no concurrent change can slip into).
+pub trait Revise: Send + Sync + std::fmt::Debug {
+    fn cf(&self) -> &'static str;
+    fn key(&self) -> &[u8];
+    /// What to write given the record's current value (`None`: absent); `None` writes nothing.
+    /// Called again if the batch is written again.
+    fn revise(&self, current: Option<&[u8]>) -> Option<Revised>;
+}
+
+/// A revised record, and the event announcing it.
+pub struct Revised {
+    pub value: Vec<u8>,
+    pub event: Option<Box<dyn OutboxEvent>>,
 }
 
 /// Something whose current state is a device record (the registry's live device).
@@ -575,6 +594,8 @@ impl BatchWriter {
         let first_event_id = self.next_event_id;
         let outbox = cf(CF_OUTBOX);
         let mut raised: HashMap<&'static [u8], u64> = HashMap::new();
+        // Records revised earlier in this batch, as they will be written.
+        let mut revised: HashMap<(&'static str, Vec<u8>), Vec<u8>> = HashMap::new();
         let mut last_decode = None;
         self.presence.clear();
         for job in jobs {
@@ -660,6 +681,25 @@ impl BatchWriter {
                     }
                     Op::Put { cf: name, key, value } => batch.put_cf(cf(name), key, value),
                     Op::Delete { cf: name, key } => batch.delete_cf(cf(name), key),
+                    Op::Revise(change) => {
+                        let slot = (change.cf(), change.key().to_vec());
+                        let current = match revised.get(&slot) {
+                            Some(v) => Some(v.clone()),
+                            None => db.get_cf(cf(slot.0), &slot.1)?,
+                        };
+                        if let Some(Revised { value, event }) = change.revise(current.as_deref()) {
+                            batch.put_cf(cf(slot.0), &slot.1, &value);
+                            if let Some(event) = event {
+                                batch.put_cf(
+                                    outbox,
+                                    self.next_event_id.to_be_bytes(),
+                                    event.encode(self.next_event_id),
+                                );
+                                self.next_event_id += 1;
+                            }
+                            revised.insert(slot, value);
+                        }
+                    }
                     Op::DeleteRange { cf: name, from, to } => batch.delete_range_cf(cf(name), from, to),
                 }
             }
