@@ -34,8 +34,8 @@ struct Fixture {
 }
 
 fn fixture(devices: usize, sync: SyncPolicy) -> Fixture {
-    let common::Bed { dir, runtime, registry, thread, product: pk } = common::bed("benchProduct", sync);
-    let services = nbhub::dialect::Services::new(registry.clone());
+    let common::Bed { dir, runtime, registry, store, thread, product: pk } = common::bed("benchProduct", sync);
+    let services = nbhub::dialect::Services::new(registry.clone(), store);
     let writer = registry.writer().clone();
     let mut sessions = Vec::new();
     for i in 0..devices {

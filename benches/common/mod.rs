@@ -14,6 +14,8 @@ pub struct Bed {
     pub dir: tempfile::TempDir,
     pub runtime: tokio::runtime::Runtime,
     pub registry: Arc<Registry>,
+    #[allow(dead_code)] // read by the benches that build dialect services, not by every bench
+    pub store: Store,
     pub thread: WriterThread,
     pub product: ProductKey,
 }
@@ -44,5 +46,5 @@ pub fn bed(product: &str, sync: SyncPolicy) -> Bed {
             unsigned_bootstrap: false,
         }))
         .unwrap();
-    Bed { dir, runtime, registry, thread, product }
+    Bed { dir, runtime, registry, store, thread, product }
 }

@@ -38,6 +38,8 @@ pub struct Services {
     pub campaign: Arc<Campaign>,
     /// Where `/bootstrap` sends a device.
     pub cluster: Arc<Cluster>,
+    /// For what a request reads but does not hold in memory (a device's shadow).
+    pub store: Store,
 }
 
 impl Services {
@@ -46,15 +48,15 @@ impl Services {
         let commands = Arc::new(Commands::load(registry.clone(), store)?);
         let campaign = Arc::new(Campaign::load(registry.clone(), store)?);
         let cluster = Arc::new(Cluster::load(registry.clone(), commands.clone(), campaign.clone(), store)?);
-        Ok(Services { registry, commands, campaign, cluster })
+        Ok(Services { registry, commands, campaign, cluster, store: store.clone() })
     }
 
-    /// The services over `registry` with nothing stored yet.
-    pub fn new(registry: Arc<Registry>) -> Services {
+    /// The services over `registry` with nothing stored yet in `store`.
+    pub fn new(registry: Arc<Registry>, store: Store) -> Services {
         let commands = Arc::new(Commands::new(registry.clone()));
         let campaign = Arc::new(Campaign::new(registry.clone()));
         let cluster = Arc::new(Cluster::new(registry.clone(), commands.clone(), campaign.clone()));
-        Services { registry, commands, campaign, cluster }
+        Services { registry, commands, campaign, cluster, store }
     }
 }
 

@@ -47,6 +47,8 @@ struct Bed {
     detached: Vec<Writes>,
     /// The device whose DTLS session the datagrams come through, if any.
     authenticated: Option<DeviceId>,
+    /// Holds the store the services read (writes go to the recorder).
+    _dir: tempfile::TempDir,
 }
 
 impl Bed {
@@ -94,7 +96,9 @@ impl Bed {
             ..crate::registry::device::test_record()
         };
         registry.insert(&Arc::new(Device::from_record(record, None, None))).unwrap();
-        let services = Services::new(registry);
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), None, 1 << 20).unwrap();
+        let services = Services::new(registry, store);
         let addr = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
         services.cluster.peers.bound(addr(5683), addr(5682), addr(5684));
         let config = EndpointConfig {
@@ -118,6 +122,7 @@ impl Bed {
             waiting: Vec::new(),
             detached: Vec::new(),
             authenticated: None,
+            _dir: dir,
         }
     }
 

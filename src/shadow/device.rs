@@ -68,7 +68,10 @@ impl Request {
                 Value::Object(m) if deleting => Some(m.into_iter().map(|(k, _)| (k, Value::Null)).collect()),
                 Value::Object(m) => Some(m),
                 _ => {
-                    return Err(ShadowError::BadJson(format!("state.{} must be an object or \"null\"", section.name())));
+                    return Err(ShadowError::BadJson(format!(
+                        "state.{} must be an object or \"null\"",
+                        section.name()
+                    )));
                 }
             };
             changes.push((section, change));

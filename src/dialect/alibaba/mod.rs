@@ -7,6 +7,7 @@ pub mod body;
 mod bootstrap;
 mod pull;
 mod register;
+mod shadow;
 mod topic;
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use crate::net::PortFamily;
 use crate::ota::campaign::Campaign;
 use crate::registry::device::DeviceState;
 use crate::registry::{Device, Registry, Route};
+use crate::store::Store;
 
 pub struct Alibaba {
     registry: Arc<Registry>,
@@ -30,6 +32,8 @@ pub struct Alibaba {
     campaign: Arc<Campaign>,
     /// Where `/bootstrap` sends a device.
     cluster: Arc<Cluster>,
+    /// Where device shadows are read.
+    store: Store,
     family: PortFamily,
     route: Route,
     /// `/pull` answers not yet acknowledged, by the key of their separate response.
@@ -43,6 +47,7 @@ impl Alibaba {
             commands: services.commands.clone(),
             campaign: services.campaign.clone(),
             cluster: services.cluster.clone(),
+            store: services.store.clone(),
             family: route.family,
             route,
             pulls: HashMap::new(),

@@ -9,7 +9,7 @@ use smallvec::SmallVec;
 use super::Alibaba;
 use super::body;
 use super::topic::Authorized;
-use crate::clock::Now;
+use crate::clock::{Now, UnixMs};
 use crate::coap::message::Code;
 use crate::coap::option::{OptionNumber, content_format};
 use crate::coap::resource::{ExchangeKey, Reply, Request, Response};
@@ -19,6 +19,7 @@ use crate::downlink::Settlement;
 use crate::ingest;
 use crate::ota::campaign::PlatformRequest;
 use crate::registry::Device;
+use crate::shadow::device;
 use crate::store::Op;
 use crate::store::records::OtaProtocol;
 
@@ -28,6 +29,9 @@ const MAX_PAGE: usize = 10;
 /// The id an upgrade request (PCP, SPEC §6) carries among the commands of a `/pull` answer; its
 /// topic is `/ota/device/upgrade/{pk}/{dn}`.
 pub const PCP_MESSAGE_ID: &str = "pcp";
+
+/// The id of the shadow's `control` message among them; its topic is `/shadow/get/{pk}/{dn}`.
+pub const SHADOW_MESSAGE_ID: &str = "shadow";
 
 impl Alibaba {
     pub(super) fn pull(&mut self, req: &Request<'_, '_>) -> Outcome {
@@ -63,7 +67,8 @@ impl Alibaba {
                 Some(PlatformRequest::Send(request)) => Some(request.encode()),
                 _ => None,
             };
-            let (commands, sent) = self.commands.pull(device.id, &s, now.wall, page - pcp.is_some() as usize, exchange);
+            let room = page - pcp.is_some() as usize;
+            let (commands, sent) = self.commands.pull(device.id, &s, now.wall, room, exchange);
             // SENT is durable before the commands leave (they leave once these writes are).
             ops.extend(sent);
             (pcp, commands)
@@ -73,8 +78,12 @@ impl Alibaba {
             let topic = format!("/ota/device/upgrade/{}/{}", device.product_key, device.device_name);
             serde_json::json!({"id": PCP_MESSAGE_ID, "topic": topic, "payload": STANDARD.encode(frame)})
         });
+        // What the shadow wants, on every wake until a report matches it (seed 002 §7.2); beside
+        // the page, so a shadow that stays unmatched never starves the commands.
+        let control = self.shadow_control(&device, now.wall);
         let messages: Vec<_> = upgrade
             .into_iter()
+            .chain(control)
             .chain(commands.iter().map(
                 |c| serde_json::json!({"id": c.id.to_string(), "topic": c.topic, "payload": STANDARD.encode(&c.payload)}),
             ))
@@ -90,6 +99,24 @@ impl Alibaba {
             self.pulls.insert(exchange, device);
         }
         Persist { separate: true, undo, receipt, ..Persist::new(ops, response) }.into()
+    }
+
+    /// A `control` message if the device's desired state asks for what it has not reported. It
+    /// needs no receipt: it is sent again until a report clears it.
+    fn shadow_control(&self, device: &Device, now: UnixMs) -> Option<serde_json::Value> {
+        let shadow = match crate::shadow::get(&self.store, device.id) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(device = device.id.0, error = %e, "shadow unreadable; no control message sent");
+                return None;
+            }
+        };
+        if shadow.delta().is_empty() {
+            return None;
+        }
+        let topic = device::get_topic(&device.product_key, &device.device_name);
+        let payload = STANDARD.encode(device::control(&shadow, now.0));
+        Some(serde_json::json!({"id": SHADOW_MESSAGE_ID, "topic": topic, "payload": payload}))
     }
 
     pub(super) fn settle_pull(&mut self, now: Now, device: &Device, exchange: ExchangeKey, reply: &Reply<'_, '_>) {

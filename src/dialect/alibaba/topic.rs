@@ -31,13 +31,14 @@ fn token<'a>(req: &'a Request<'_, '_>) -> Option<&'a [u8]> {
 }
 
 /// Whether `segments` (after `topic`) name a topic of this device (SPEC §3.2):
-/// `/{pk}/{dn}/…`, `/sys/{pk}/{dn}/…`, `/ota/device/{inform|progress|request}/{pk}/{dn}`.
+/// `/{pk}/{dn}/…`, `/sys/{pk}/{dn}/…`, `/ota/device/{inform|progress|request}/{pk}/{dn}`,
+/// `/shadow/update/{pk}/{dn}`.
 pub fn owns_topic(pk: &ProductKey, dn: &DeviceName, segments: &[&str]) -> bool {
     let (pk, dn) = (pk.as_str(), dn.as_str());
     match segments {
         [p, d, rest @ ..] if *p == pk && *d == dn => !rest.is_empty() && rest.iter().all(|s| !s.is_empty()),
         ["sys", p, d, rest @ ..] if *p == pk && *d == dn => !rest.is_empty() && rest.iter().all(|s| !s.is_empty()),
-        ["ota", "device", "inform" | "progress" | "request", p, d] => *p == pk && *d == dn,
+        ["ota", "device", "inform" | "progress" | "request", p, d] | ["shadow", "update", p, d] => *p == pk && *d == dn,
         _ => false,
     }
 }
@@ -185,11 +186,14 @@ impl Alibaba {
         };
         // Link SDK 4.x sends empty uplinks without a seq: answered, with nothing stored (no 2090).
         let unproven = || Outcome::code(Code::CHANGED);
-        let Authorized { device, payload, key, ops: auth_ops, undo, ack_mode } =
-            match self.authorize(req, allowed, unproven) {
-                Ok(a) => a,
-                Err(o) => return o,
-            };
+        let authorized = match self.authorize(req, allowed, unproven) {
+            Ok(a) => a,
+            Err(o) => return o,
+        };
+        if crate::shadow::device::is_update_topic(segments) {
+            return self.shadow(req, authorized);
+        }
+        let Authorized { device, payload, key, ops: auth_ops, undo, ack_mode } = authorized;
         let mut topic = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
         for s in segments {
             topic.push('/');
@@ -258,6 +262,9 @@ mod tests {
         assert!(ok(&["pk1", "dev", "user", "data"]));
         assert!(ok(&["sys", "pk1", "dev", "thing", "deviceinfo", "update"]));
         assert!(ok(&["ota", "device", "inform", "pk1", "dev"]));
+        assert!(ok(&["shadow", "update", "pk1", "dev"]));
+        assert!(!ok(&["shadow", "update", "pk1", "other"]));
+        assert!(!ok(&["shadow", "get", "pk1", "dev"]));
         assert!(!ok(&["pk1", "dev"]));
         assert!(!ok(&["pk1", "other", "update"]));
         assert!(!ok(&["pk2", "dev", "update"]));
