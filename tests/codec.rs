@@ -443,3 +443,81 @@ fn alibaba_json_commands_go_down_raw_and_their_reply_settles_them() {
     let done = server.wait_command(c["command_id"].as_str().unwrap(), "SUCCESSFUL");
     assert_eq!(done["result_json"], json!({"version": "1.0", "id": id.to_string(), "code": "200", "data": {}}));
 }
+
+/// `VALVE_SCRIPT`'s frames as a layout of fields.
+fn valve_layout() -> Value {
+    json!({"style": "huawei", "message_id": "u8", "messages": [
+        {"kind": "report", "id": 0, "service": "Valve",
+         "fields": [{"name": "open", "type": "u8"}, {"name": "battery", "type": "u8"}]},
+        {"kind": "response", "id": 2, "fields": [{"name": "mid", "type": "u16"},
+            {"name": "errcode", "type": "u8"}, {"name": "result", "type": "u8"}]},
+        {"kind": "command", "id": 1, "service": "Valve", "command": "SET_VALVE",
+         "fields": [{"name": "mid", "type": "u16"}, {"name": "open", "type": "u8"}]}
+    ]})
+}
+
+#[test]
+fn a_field_layout_decodes_and_encodes_like_the_script_it_replaces() {
+    let server = Server::start();
+    let (scripted, s_dns) = huawei_product(&server, "scripted valves", &["863000000000201"]);
+    let (declared, d_dns) = huawei_product(&server, "declared valves", &["863000000000202"]);
+    upload(&server, &scripted, json!({"script": VALVE_SCRIPT, "sample_base64": b64(&[0, 1, 90])})).unwrap();
+
+    // A layout that does not hold together is refused with the place of the problem.
+    let mut broken = valve_layout();
+    broken["messages"][1]["id"] = json!(0);
+    let (status, message) = api_error(upload(&server, &declared, json!({"fields": broken, "sample_base64": "AAE="})));
+    assert_eq!(status, 400);
+    assert!(message.contains("messages[1]: id 0 is used twice"), "{message}");
+    let (status, message) =
+        api_error(upload(&server, &declared, json!({"fields": valve_layout(), "sample_base64": "CQ=="})));
+    assert_eq!(status, 400, "the sample must fit");
+    assert!(message.contains("no uplink message has id 9"), "{message}");
+    let both = json!({"fields": valve_layout(), "script": VALVE_SCRIPT, "sample_base64": "AAE="});
+    assert!(api_error(upload(&server, &declared, both)).1.contains("either script or fields"));
+    let created =
+        upload(&server, &declared, json!({"fields": valve_layout(), "sample_base64": b64(&[0, 1, 90])})).unwrap();
+    assert_eq!((created["kind"].clone(), created["style"].clone()), (json!("fields"), json!("huawei")));
+    let shown = server.admin().get(&format!("/api/v1/products/{declared}/codecs/1")).unwrap();
+    assert_eq!(shown["fields"], valve_layout());
+
+    // The same frames from a device of each product read the same.
+    let frames: [&[u8]; 3] = [&[0, 1, 90], &[0, 0, 7], &[0, 1]];
+    let mut devices = Vec::new();
+    for (node, pk, dn) in [("863000000000201", &scripted, &s_dns[0]), ("863000000000202", &declared, &d_dns[0])] {
+        let mut d = HuaweiDevice::new(server.endpoints.coap, node);
+        d.bind();
+        for f in frames {
+            report_acked(&mut d, f);
+        }
+        wait_decoded(&server, pk, dn, 3, |_| true);
+        devices.push(d);
+    }
+    let (s_ms, d_ms) = (messages(&server, &scripted, &s_dns[0]), messages(&server, &declared, &d_dns[0]));
+    for (s, d) in s_ms.iter().zip(&d_ms).take(2) {
+        assert_eq!(s["decoded"], d["decoded"], "script and layout agree");
+        assert_eq!(d["decoded"]["data"][0]["serviceId"], "Valve");
+    }
+    let unfit = &d_ms[2]["decode_error"];
+    assert_eq!(unfit["kind"], "unfit");
+    assert!(unfit["message"].as_str().unwrap().contains("1 bytes needed, 0 left"), "{unfit}");
+
+    // A JSON command is encoded by the layout, and the device's response settles it.
+    let dn = &d_dns[0];
+    let set =
+        |open: Value| json!({"payload_json": {"serviceId": "Valve", "cmd": "SET_VALVE", "paras": {"open": open}}});
+    let (status, message) = api_error(server.admin().post(&commands_of(&declared, dn), &set(json!(300))));
+    assert_eq!(status, 400);
+    assert!(message.contains("open = 300 is outside 0..=255"), "{message}");
+    let c = server.send_command(&declared, dn, set(json!(1)));
+    let mid = c["payload_json"]["mid"].as_u64().unwrap();
+    assert_eq!(c["payload_base64"], b64(&[1, (mid >> 8) as u8, mid as u8, 1]));
+    // The device is still awake from its reports: the command goes at once.
+    let valve = &mut devices[1];
+    let con = valve.command(std::time::Duration::from_secs(5)).expect("the command");
+    assert_eq!(con.payload, [1, (mid >> 8) as u8, mid as u8, 1]);
+    valve.answer(&con, Code::CHANGED, b"");
+    report_acked(valve, &[2, (mid >> 8) as u8, mid as u8, 0, 1]);
+    let done = server.wait_command(c["command_id"].as_str().unwrap(), "SUCCESSFUL");
+    assert_eq!(done["result_json"], json!({"msgType": "deviceRsp", "mid": mid, "errcode": 0, "body": {"result": 1}}));
+}

@@ -5,15 +5,17 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use base64::Engine;
+use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
 use super::AdminState;
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
-use crate::codec::script::{Budget, Script};
-use crate::codec::{CodecError, CodecRecord, DirectoryError, Reading};
+use crate::codec::engine::Engine;
+use crate::codec::fields::Layout;
+use crate::codec::script::Budget;
+use crate::codec::{CodecError, CodecRecord, DirectoryError, Reading, Source};
 use crate::northbound::event::message_view;
 use crate::store::records::{DecodeFailure, DecodedRecord};
 use crate::store::{MessageId, StoreError};
@@ -44,7 +46,7 @@ impl From<DirectoryError> for ApiError {
     }
 }
 
-/// A script that cannot serve: 400, with the script's own message.
+/// A codec that cannot serve: 400, with the script's own message or the layout's problem.
 fn invalid(e: CodecError) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "codec_invalid", e.to_string())
 }
@@ -52,8 +54,11 @@ fn invalid(e: CodecError) -> ApiError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Upload {
-    script: String,
-    /// A device's bytes the script must read without error before it is kept.
+    /// A vendor's script; or
+    script: Option<String>,
+    /// a layout of fields (codec::fields).
+    fields: Option<serde_json::Value>,
+    /// A device's bytes the codec must read without error before it is kept.
     sample_base64: String,
     /// The custom topic the sample came on; unset: the device's raw data.
     sample_topic: Option<String>,
@@ -62,28 +67,33 @@ struct Upload {
 }
 
 fn version_view(r: &CodecRecord, current: Option<u32>) -> serde_json::Value {
-    serde_json::json!({
+    let mut view = serde_json::json!({
         "product_key": r.product_key,
         "version": r.version,
         "style": r.style,
         "transforms": r.transforms,
         "current": current == Some(r.version),
         "created_at": crate::clock::UnixMs(r.created_at).rfc3339(),
-        "script_bytes": r.script.len(),
-    })
+        "kind": r.source.kind(),
+    });
+    if let Source::Script(s) = &r.source {
+        view["script_bytes"] = s.len().into();
+    }
+    view
 }
 
 pub(super) fn budget(state: &AdminState) -> Budget {
     Budget::from(&state.registry.config.codec)
 }
 
-/// Runs `f` with `script` compiled, off the async threads (a call may take its whole budget).
-pub(super) async fn with_script<T: Send + 'static>(
-    source: String,
+/// Runs `f` with `source` built, off the async threads (a script's call may take its whole
+/// budget).
+pub(super) async fn with_codec<T: Send + 'static>(
+    source: Source,
     budget: Budget,
-    f: impl FnOnce(&mut Script) -> T + Send + 'static,
+    f: impl FnOnce(&mut Engine) -> T + Send + 'static,
 ) -> Result<Result<T, CodecError>, ApiError> {
-    tokio::task::spawn_blocking(move || Script::compile(&source, budget).map(|mut s| f(&mut s)))
+    tokio::task::spawn_blocking(move || Engine::build(&source, budget).map(|mut s| f(&mut s)))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
@@ -107,19 +117,25 @@ async fn upload(
     ApiJson(body): ApiJson<Upload>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let product = state.registry.product(&pk).ok_or_else(|| ApiError::not_found(format!("product {pk} not found")))?;
-    if body.script.trim().is_empty() {
-        return Err(ApiError::bad_request("script must not be empty"));
-    }
-    if body.script.len() > MAX_SCRIPT_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "script is {} bytes; at most {MAX_SCRIPT_BYTES} are accepted",
-            body.script.len()
-        )));
-    }
+    let source = match (body.script, body.fields) {
+        (Some(script), None) => {
+            if script.trim().is_empty() {
+                return Err(ApiError::bad_request("script must not be empty"));
+            }
+            if script.len() > MAX_SCRIPT_BYTES {
+                return Err(ApiError::bad_request(format!(
+                    "script is {} bytes; at most {MAX_SCRIPT_BYTES} are accepted",
+                    script.len()
+                )));
+            }
+            Source::Script(script)
+        }
+        (None, Some(fields)) => Source::Fields(Layout::parse(&fields).map_err(|e| invalid(CodecError::BadLayout(e)))?),
+        _ => return Err(ApiError::bad_request("give either script or fields")),
+    };
     let sample = base64_field("sample_base64", &body.sample_base64)?;
     let (reading, topic) = sample_reading(&body.sample_topic)?;
-    let source = body.script.clone();
-    let checked = with_script(source, budget(&state), move |s| {
+    let checked = with_codec(source.clone(), budget(&state), move |s| {
         let decoded = s.read(reading, &topic, &sample)?;
         Ok::<_, CodecError>((s.style(), s.transforms(), decoded))
     })
@@ -128,7 +144,7 @@ async fn upload(
     let codecs = &state.registry.codecs;
     let current = body.current.unwrap_or_else(|| codecs.current(&pk).is_none());
     let writer = state.registry.writer();
-    let record = codecs.add(writer, &product.product_key, style, transforms, body.script, current).await?;
+    let record = codecs.add(writer, &product.product_key, style, transforms, source, current).await?;
     let mut view = version_view(&record, codecs.versions(&pk).1);
     view["sample"] = serde_json::json!({ "decoded": decoded });
     Ok((StatusCode::CREATED, Json(view)))
@@ -157,7 +173,10 @@ async fn show(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let r = find(&state, &pk, &version)?;
     let mut view = version_view(&r, state.registry.codecs.versions(&pk).1);
-    view["script"] = r.script.clone().into();
+    match &r.source {
+        Source::Script(s) => view["script"] = s.clone().into(),
+        Source::Fields(l) => view["fields"] = serde_json::to_value(l).expect("a layout serialises"),
+    }
     Ok(Json(view))
 }
 
@@ -207,7 +226,7 @@ async fn try_version(
         (Some(payload), None) => {
             let payload = base64_field("payload_base64", &payload)?;
             let (reading, topic) = sample_reading(&body.topic)?;
-            let outcome = with_script(codec.script.clone(), budget, move |s| s.read(reading, &topic, &payload)).await?;
+            let outcome = with_codec(codec.source.clone(), budget, move |s| s.read(reading, &topic, &payload)).await?;
             Ok(Json(match outcome.and_then(|r| r) {
                 Ok(decoded) => serde_json::json!({ "codec_version": codec.version, "decoded": decoded }),
                 Err(e) => serde_json::json!({ "codec_version": codec.version, "decode_error": failure(e) }),
@@ -233,14 +252,14 @@ async fn try_version(
                 .map_err(|e: StoreError| ApiError::from(e))?;
             let next = if more { rows.last().map(|(id, _)| id.0.to_string()) } else { None };
             let (version, dn) = (codec.version, dn.clone());
-            let tried = with_script(codec.script.clone(), budget, move |s| {
+            let tried = with_codec(codec.source.clone(), budget, move |s| {
                 rows.iter()
                     .map(|(id, m)| {
                         let outcome = match codec.reading(&dn, &m.topic) {
                             Some(reading) => s.read(reading, &m.topic, &m.payload).map_err(|e| {
                                 // A stopped runtime is not reused, here as in the decoders.
                                 if e.stops_runtime()
-                                    && let Ok(fresh) = Script::compile(&codec.script, budget)
+                                    && let Ok(fresh) = Engine::build(&codec.source, budget)
                                 {
                                     *s = fresh;
                                 }

@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 
 use super::AdminState;
-use super::codecs::{budget, with_script};
+use super::codecs::{budget, with_codec};
 use super::devices::device;
 use super::error::{ApiError, ApiJson};
 use crate::codec::{Style, command};
@@ -116,7 +116,7 @@ async fn encode(
     })?;
     let message = command::outgoing(codec.style, id.0, app).map_err(ApiError::bad_request)?;
     let given = message.clone();
-    let written = with_script(codec.script.clone(), budget(state), move |s| s.write(&given)).await?;
+    let written = with_codec(codec.source.clone(), budget(state), move |s| s.write(&given)).await?;
     let payload = written.and_then(|r| r).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -134,7 +134,7 @@ pub fn property_set(service: &str, delta: &Value) -> Option<Value> {
 }
 
 /// A number, or a string of one (Alibaba's scripts write ids and codes as `'' + n`).
-fn integer(v: &Value) -> Option<i64> {
+pub(super) fn integer(v: &Value) -> Option<i64> {
     match v {
         Value::String(s) => s.trim().parse().ok(),
         v => v.as_i64(),

@@ -14,7 +14,8 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::command::{self, Answer};
-use super::script::{Budget, Script};
+use super::engine::Engine;
+use super::script::Budget;
 use serde_json::{Map, Value};
 
 use super::{CodecError, CodecRecord, Directory, Reading, Style};
@@ -164,7 +165,7 @@ fn dispatch(
 struct Worker {
     shared: Shared,
     /// Each product's compiled current codec, by version.
-    scripts: HashMap<String, (u32, Script)>,
+    scripts: HashMap<String, (u32, Engine)>,
 }
 
 impl Worker {
@@ -269,7 +270,7 @@ impl Worker {
     ) -> Result<serde_json::Value, CodecError> {
         let pk = codec.product_key.as_str();
         if self.scripts.get(pk).is_none_or(|(v, _)| *v != codec.version) {
-            let script = Script::compile(&codec.script, self.shared.budget);
+            let script = Engine::build(&codec.source, self.shared.budget);
             match script {
                 Ok(s) => {
                     self.scripts.insert(pk.to_string(), (codec.version, s));

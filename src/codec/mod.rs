@@ -1,10 +1,12 @@
 //! Payload codecs: per product, an operator's script (Alibaba's data parsing or Huawei's
-//! JavaScript codec, run unmodified in [`script`]) that reads a device's bytes as JSON and writes
-//! JSON commands as bytes. Versions are kept; one is current. Uplinks are stored and answered
+//! JavaScript codec, run unmodified in [`script`]) or a layout of fields ([`fields`]) that reads
+//! a device's bytes as JSON and writes JSON commands as bytes. Versions are kept; one is current. Uplinks are stored and answered
 //! first and decoded after, by the [`decoders`], so a bad script never costs a message.
 
 pub mod command;
 pub mod decoders;
+pub mod engine;
+pub mod fields;
 pub mod script;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +36,12 @@ pub enum CodecError {
     Missing(&'static str),
     #[error("{0}")]
     BadResult(String),
+    /// A field layout that does not hold together.
+    #[error("the field layout is invalid: {0}")]
+    BadLayout(String),
+    /// A frame or command that does not fit a field layout.
+    #[error("{0}")]
+    Unfit(String),
 }
 
 impl CodecError {
@@ -51,6 +59,8 @@ impl CodecError {
             CodecError::Memory(_) => "memory",
             CodecError::Missing(_) => "missing",
             CodecError::BadResult(_) => "bad_result",
+            CodecError::BadLayout(_) => "bad_layout",
+            CodecError::Unfit(_) => "unfit",
         }
     }
 }
@@ -103,8 +113,27 @@ pub struct CodecRecord {
     pub style: Style,
     /// It defines `transformPayload` (its custom topics are decoded).
     pub transforms: bool,
-    pub script: String,
+    #[serde(flatten)]
+    pub source: Source,
     pub created_at: u64,
+}
+
+/// What an operator uploaded: stored as `"script"` or `"fields"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Script(String),
+    Fields(fields::Layout),
+}
+
+impl Source {
+    /// What it is, as the admin API names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Script(_) => "script",
+            Source::Fields(_) => "fields",
+        }
+    }
 }
 
 impl CodecRecord {
@@ -222,7 +251,7 @@ impl Directory {
         pk: &ProductKey,
         style: Style,
         transforms: bool,
-        script: String,
+        source: Source,
         make_current: bool,
     ) -> Result<Arc<CodecRecord>, DirectoryError> {
         let _one = self.changing.lock().await;
@@ -232,7 +261,7 @@ impl Directory {
             version,
             style,
             transforms,
-            script,
+            source,
             created_at: UnixMs::now().0,
         });
         let mut ops = vec![Op::put_json(CF_CODECS, version_key(pk, version), &*record)];
