@@ -147,6 +147,10 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
         })
         .collect();
 
+    // The Huawei device's shadow goes with it.
+    let shadow = format!("/api/v1/products/{pk}/devices/{hw_dn}/shadow");
+    let wanted = a.admin().put(&shadow, &json!({"state": {"desired": {"Valve": {"open": 1}}}})).unwrap();
+
     let too_many: Vec<String> = (0..10_001).map(|i| format!("d{i}")).collect();
     let body = json!({"product_key": pk, "device_names": too_many, "policy": "specified", "instance": "b"});
     let refused = admin.post("/api/v1/distribution/tasks", &body);
@@ -202,6 +206,8 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
         assert_eq!(c["status"], "MOVED", "{c}");
         assert!(c["reason"].as_str().unwrap().contains("instance b as command"), "{c}");
     }
+    assert_eq!(b.admin().get(&shadow).unwrap(), wanted, "the shadow moved, version and times kept");
+    assert_eq!(admin.get(&shadow).unwrap()["version"], 0, "and is gone from the old home");
     let mut hw = HuaweiDevice::new(b.endpoints.coap, "860000000000001");
     hw.bind();
     for expected in ["first", "second"] {

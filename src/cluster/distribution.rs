@@ -476,6 +476,13 @@ impl Cluster {
                     expires_at: c.expires_at,
                 })
                 .collect(),
+            shadow: match crate::shadow::get(&self.store, device.id) {
+                Ok(shadow) => (shadow.version() > 0).then_some(shadow),
+                Err(e) => {
+                    tracing::error!(device = %device.device_name, error = %e, "shadow unreadable; it stays behind");
+                    None
+                }
+            },
         };
         ops.push(Op::PutDevice(device.clone()));
         Some(Leaving { ops, transfer, resumed })
@@ -506,6 +513,7 @@ impl Cluster {
                     Some(new) => format!("moved with its device to instance {to} as command {new}"),
                     None => format!("moved with its device to instance {to}"),
                 }));
+                ops.push(crate::shadow::delete(device.id));
             }
             ImportOutcome::Refused => s.home = Home::Here,
             ImportOutcome::Retry => return (ops, false),
@@ -666,6 +674,7 @@ impl Cluster {
             stored.home = Home::Here;
             let mut ops = vec![Op::PutDevice(Arc::new(stored)), Op::ForgetPresence(device.id)];
             let ids = self.queue_moved(&device, &s, source, &d.commands, now, &mut ops);
+            ops.extend(d.shadow.as_ref().map(|shadow| crate::shadow::put(device.id, shadow)));
             (ops, ids, previous)
         };
         if let Err(e) = self.registry.writer().commit(ops).await {

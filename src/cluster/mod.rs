@@ -28,6 +28,8 @@ pub struct Cluster {
     pub campaign: Arc<Campaign>,
     pub peers: Peers,
     pub distribution: distribution::Distributions,
+    /// Where the shadows that travel with their devices are read.
+    store: Store,
 }
 
 impl Cluster {
@@ -39,12 +41,12 @@ impl Cluster {
         store: &Store,
     ) -> Result<Cluster, StoreError> {
         let distribution = distribution::Distributions::load(store)?;
-        Ok(Cluster { distribution, ..Cluster::new(registry, commands, campaign) })
+        Ok(Cluster { distribution, ..Cluster::new(registry, commands, campaign, store.clone()) })
     }
 
     /// The peers from the registry's configuration, and no distribution tasks yet.
-    pub fn new(registry: Arc<Registry>, commands: Arc<Commands>, campaign: Arc<Campaign>) -> Cluster {
+    pub fn new(registry: Arc<Registry>, commands: Arc<Commands>, campaign: Arc<Campaign>, store: Store) -> Cluster {
         let peers = Peers::new(&registry.config.cluster);
-        Cluster { registry, commands, campaign, peers, distribution: distribution::Distributions::default() }
+        Cluster { registry, commands, campaign, peers, distribution: distribution::Distributions::default(), store }
     }
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::downlink::{CommandId, SendStrategy};
 use crate::identity::{DeviceName, InstanceName, NodeId, ProductKey, Secret};
+use crate::shadow::document::Shadow;
 use crate::store::records::{OtaProtocol, ProductRecord, Radio};
 
 /// A product as the admin API shows it, and as it travels to another instance.
@@ -68,6 +69,9 @@ pub struct DeviceTransfer {
     pub radio: Radio,
     pub version: Option<String>,
     pub commands: Vec<CommandTransfer>,
+    /// Its shadow, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
 }
 
 /// `POST /api/v1/distribution/imports`: take a product and devices (none: the product alone).

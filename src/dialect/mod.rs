@@ -55,7 +55,7 @@ impl Services {
     pub fn new(registry: Arc<Registry>, store: Store) -> Services {
         let commands = Arc::new(Commands::new(registry.clone()));
         let campaign = Arc::new(Campaign::new(registry.clone()));
-        let cluster = Arc::new(Cluster::new(registry.clone(), commands.clone(), campaign.clone()));
+        let cluster = Arc::new(Cluster::new(registry.clone(), commands.clone(), campaign.clone(), store.clone()));
         Services { registry, commands, campaign, cluster, store }
     }
 }

@@ -25,6 +25,16 @@ pub fn get(store: &Store, device: DeviceId) -> Result<Shadow, StoreError> {
     Ok(store.get(CF_SHADOWS, &k)?.map(|v| json(&k, &v)).transpose()?.unwrap_or_default())
 }
 
+/// Stores `shadow` as the device's, as it came from another instance.
+pub fn put(device: DeviceId, shadow: &Shadow) -> crate::store::Op {
+    crate::store::Op::put_json(CF_SHADOWS, key(device).to_vec(), shadow)
+}
+
+/// Forgets the device's shadow (it went to another instance with its device).
+pub fn delete(device: DeviceId) -> crate::store::Op {
+    crate::store::Op::Delete { cf: CF_SHADOWS, key: key(device).to_vec() }
+}
+
 type Edit = Box<dyn Fn(&mut Shadow) -> Result<(), ShadowError> + Send + Sync>;
 
 /// Who a change is about, as its event names them.
