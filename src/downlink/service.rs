@@ -275,7 +275,8 @@ impl Commands {
         Ok(Some(live.unwrap_or(stored)))
     }
 
-    /// A device's commands, oldest first, open ones in their live version.
+    /// A device's commands, oldest first, open ones in their live version (and those whose
+    /// creation is still on its way to the store: one the shadow proposed, say).
     pub fn of(&self, store: &Store, device: &Device) -> Result<Vec<CommandRecord>, StoreError> {
         let mut all = stored::of(store, device.id)?;
         let _s = device.state();
@@ -284,6 +285,12 @@ impl Commands {
                 if let Some(live) = q.get(c.id) {
                     *c = live.clone();
                 }
+            }
+            let unstored: Vec<CommandRecord> =
+                q.records().filter(|live| all.binary_search_by_key(&live.id, |c| c.id).is_err()).cloned().collect();
+            if !unstored.is_empty() {
+                all.extend(unstored);
+                all.sort_by_key(|c| c.id);
             }
         }
         Ok(all)
