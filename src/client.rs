@@ -82,7 +82,8 @@ impl AdminClient {
         Ok(Fleet { product_key, devices })
     }
 
-    fn call(&self, method: &'static str, path: &str, body: Body<'_>) -> Result<Value, ClientError> {
+    /// The answer's body on a 2xx, else the API's error.
+    fn send(&self, method: &'static str, path: &str, body: Body<'_>) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let result = match (method, body) {
@@ -101,17 +102,30 @@ impl AdminClient {
         let mut response = result.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
-        let value: Value =
-            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         if (200..300).contains(&status) {
-            return Ok(value);
+            return Ok(text);
         }
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         let message = value["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
         Err(ClientError::Api { status, method, path: path.to_string(), message })
     }
 
+    /// The answer as JSON (a text that is not JSON, such as a CSV file, as a string).
+    fn call(&self, method: &'static str, path: &str, body: Body<'_>) -> Result<Value, ClientError> {
+        let text = self.send(method, path, body)?;
+        Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+    }
+
     pub fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.call("GET", path, Body::None)
+    }
+    /// GET of a file (an export), as it came.
+    pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        self.send("GET", path, Body::None)
+    }
+    /// POST of a file (an import), the answer as it came.
+    pub fn post_file(&self, path: &str, body: &[u8]) -> Result<String, ClientError> {
+        self.send("POST", path, Body::Bytes(body))
     }
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.call("POST", path, Body::Json(body))

@@ -109,6 +109,24 @@ enum DeviceAction {
         product_key: String,
         device_name: String,
     },
+    /// Create a product's devices from a CSV or NDJSON file (columns device_name, device_secret,
+    /// node_id, psk_hex, cell_id), all or none; prints the created devices and their secrets as CSV.
+    Import {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        file: std::path::PathBuf,
+    },
+    /// Write a product's devices as CSV (or NDJSON), with their secrets only if asked.
+    Export {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        #[arg(long)]
+        secrets: bool,
+        #[arg(long)]
+        ndjson: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -320,6 +338,16 @@ fn main() -> ExitCode {
             }
             DeviceAction::Show { api, product_key, device_name } => {
                 Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}/devices/{device_name}"))?)
+            }
+            DeviceAction::Import { api, product_key, file } => {
+                let body = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+                let path = format!("/api/v1/products/{product_key}/imports?format=csv");
+                Ok(Value::String(client(&api)?.post_file(&path, &body)?))
+            }
+            DeviceAction::Export { api, product_key, secrets, ndjson } => {
+                let format = if ndjson { "ndjson" } else { "csv" };
+                let path = format!("/api/v1/products/{product_key}/export?format={format}&secrets={secrets}");
+                Ok(Value::String(client(&api)?.get_text(&path)?))
             }
         }),
         Verb::Command { action } => helper(|| command(action)),

@@ -156,7 +156,7 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
     let refused = admin.post("/api/v1/distribution/tasks", &body);
     assert!(matches!(refused, Err(nbhub::client::ClientError::Api { status: 400, .. })), "{refused:?}");
     // The operator's CLI starts the task.
-    let created: Value = serde_json::from_str(&cli(&a, &["distribution", "move", &pk, "--to", "b"])).unwrap();
+    let created: Value = serde_json::from_str(&a.cli(&["distribution", "move", &pk, "--to", "b"])).unwrap();
     let id = created["task_id"].as_str().unwrap().to_string();
     let done = wait_task(&a, &id, |t| t["status"] == "completed");
     assert_eq!(done["devices"], json!({"moved": 2}), "{done}");
@@ -226,7 +226,7 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
     let mut results = device_statuses(&a, &id);
     results.sort();
     assert_eq!(results, vec![(dn.clone(), "moved".into()), (hw_dn.clone(), "moved".into())]);
-    let csv = cli(&a, &["distribution", "results", &id, "--csv"]);
+    let csv = a.cli(&["distribution", "results", &id, "--csv"]);
     let mut lines = csv.lines();
     assert_eq!(lines.next(), Some("device_name,status,batch,instance,error,updated_at"));
     assert_eq!(lines.filter(|l| l.contains(",moved,1,b,,")).count(), 2, "{csv}");
@@ -237,17 +237,6 @@ fn a_moved_device_is_refused_at_its_old_home_and_carries_on_at_the_new_one_with_
         &json!({"product_key": pk, "device_names": [dn], "policy": "specified", "instance": "b"}),
     );
     assert!(matches!(again, Err(nbhub::client::ClientError::Api { status: 409, .. })), "{again:?}");
-}
-
-/// Runs the `nbhub` CLI against `server`'s admin API; what it printed.
-fn cli(server: &Server, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nbhub"))
-        .args(args)
-        .args(["--admin-url", &server.admin_url(), "--token", TOKEN])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "nbhub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A socket on another loopback address, so the server sees another source prefix.

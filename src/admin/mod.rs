@@ -4,9 +4,11 @@
 mod clock;
 mod codecs;
 mod commands;
+mod device_file;
 mod devices;
 mod distribution;
 pub mod error;
+mod import;
 mod ota;
 mod packages;
 mod products;
@@ -48,6 +50,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(products::routes())
         .merge(devices::routes())
+        .merge(import::routes())
         .merge(codecs::routes())
         .merge(commands::routes())
         .merge(shadow::routes())

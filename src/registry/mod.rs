@@ -4,6 +4,7 @@
 //! Lock order: the directory's index, then a device's state, then a session shard or a shard of
 //! a service beside the directory (commands, upgrades); never the other way round.
 
+pub mod bulk;
 mod contact;
 pub mod device;
 mod observe;
@@ -97,6 +98,7 @@ pub struct NewProduct {
     pub unsigned_bootstrap: bool,
 }
 
+#[derive(Debug)]
 pub struct NewDevice {
     pub device_name: Option<DeviceName>,
     pub device_secret: Option<Secret>,
@@ -344,7 +346,19 @@ impl Registry {
         if self.product(pk.as_str()).is_none() {
             return Err(RegistryError::NotFound(format!("product {pk}")));
         }
-        let record = DeviceRecord {
+        let device = Arc::new(Device::from_record(self.new_record(pk, new, Radio::default()), None, None));
+        self.insert(&device)?;
+        if let Err(e) = self.writer.commit([Op::PutDevice(device.clone())]).await {
+            self.forget(&device);
+            return Err(e.into());
+        }
+        self.export_gauges();
+        Ok(device)
+    }
+
+    /// The record of a device about to be created: generated name and secret where not given.
+    fn new_record(&self, pk: &ProductKey, new: NewDevice, radio: Radio) -> DeviceRecord {
+        DeviceRecord {
             id: self.new_device_id(),
             product_key: pk.clone(),
             device_name: new.device_name.unwrap_or_else(DeviceName::generate),
@@ -353,22 +367,14 @@ impl Registry {
             psk_hex: new.psk_hex,
             enabled: true,
             registered: false,
-            radio: Radio::default(),
+            radio,
             created_at: UnixMs::now().0,
             observe: None,
             version: None,
             home: crate::identity::Home::Here,
             registration: None,
             firmware_observe: None,
-        };
-        let device = Arc::new(Device::from_record(record, None, None));
-        self.insert(&device)?;
-        if let Err(e) = self.writer.commit([Op::PutDevice(device.clone())]).await {
-            self.forget(&device);
-            return Err(e.into());
         }
-        self.export_gauges();
-        Ok(device)
     }
 
     /// Adds a new device to the directory, unless its product has a device of that name or its

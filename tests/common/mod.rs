@@ -136,6 +136,17 @@ impl Server {
         AdminClient::new(&format!("http://{}", self.endpoints.admin), TOKEN)
     }
 
+    /// Runs the `nbhub` CLI against the admin API; what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_nbhub"))
+            .args(args)
+            .args(["--admin-url", &self.admin_url(), "--token", TOKEN])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nbhub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.endpoints.admin)
     }
