@@ -109,6 +109,30 @@ enum DeviceAction {
         product_key: String,
         device_name: String,
     },
+    /// List a product's devices in name order, filtered; prints one page and its `next` cursor.
+    List {
+        #[command(flatten)]
+        api: AdminArgs,
+        product_key: String,
+        /// Comma-separated statuses: inactive, online, abnormal, offline.
+        #[arg(long)]
+        status: Option<String>,
+        /// Last heard from at or after this RFC 3339 time.
+        #[arg(long)]
+        seen_after: Option<String>,
+        /// Last heard from before this RFC 3339 time.
+        #[arg(long)]
+        seen_before: Option<String>,
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        cell_id: Option<String>,
+        /// The `next` of the previous page.
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Create a product's devices from a CSV or NDJSON file (columns device_name, device_secret,
     /// node_id, psk_hex, cell_id), all or none; prints the created devices and their secrets as CSV.
     Import {
@@ -338,6 +362,34 @@ fn main() -> ExitCode {
             }
             DeviceAction::Show { api, product_key, device_name } => {
                 Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}/devices/{device_name}"))?)
+            }
+            DeviceAction::List {
+                api,
+                product_key,
+                status,
+                seen_after,
+                seen_before,
+                version,
+                cell_id,
+                after,
+                limit,
+            } => {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                let limit = limit.map(|l| l.to_string());
+                for (name, value) in [
+                    ("status", status),
+                    ("seen_after", seen_after),
+                    ("seen_before", seen_before),
+                    ("version", version),
+                    ("cell_id", cell_id),
+                    ("after", after),
+                    ("limit", limit),
+                ] {
+                    if let Some(v) = value {
+                        query.append_pair(name, &v);
+                    }
+                }
+                Ok(client(&api)?.get(&format!("/api/v1/products/{product_key}/devices?{}", query.finish()))?)
             }
             DeviceAction::Import { api, product_key, file } => {
                 let body = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;

@@ -1,10 +1,18 @@
 //! Bulk import and export of devices against the real server: a file with a bad row or a clash
 //! is refused whole with the line named and creates nothing; a good one creates every device,
 //! whose returned secrets work over UDP; an export with secrets re-imported into another
-//! instance exports the same, also after kill -9; the CLI does both.
+//! instance exports the same, also after kill -9; the CLI does both. Listing filters by what
+//! devices did over UDP.
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::ota::{FAST, package_bytes, start_task, upload, wait_task};
+use common::pcp::{Behaviour, PcpDevice};
 use common::*;
 use nbhub::client::ClientError;
 use nbhub::coap::message::Code;
@@ -115,4 +123,107 @@ fn an_import_is_taken_or_refused_whole_and_an_export_round_trips() {
     let missing = other.admin().post_file("/api/v1/products/nope/imports", nd.as_bytes());
     assert!(matches!(missing, Err(ClientError::Api { status: 404, .. })), "{missing:?}");
     server.kill9();
+}
+
+/// Every device of a listing, page by page, with how many pages it took.
+fn listed(server: &Server, pk: &str, query: &str, limit: usize) -> (BTreeSet<String>, usize) {
+    let (mut names, mut pages, mut after) = (BTreeSet::new(), 0, String::new());
+    loop {
+        let path = format!("/api/v1/products/{pk}/devices?{query}&limit={limit}&after={after}");
+        let page = server.admin().get(&path).unwrap();
+        pages += 1;
+        for d in page["devices"].as_array().unwrap() {
+            assert!(names.insert(d["device_name"].as_str().unwrap().to_string()), "listed twice: {d}");
+        }
+        match page["next"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => return (names, pages),
+        }
+    }
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+#[test]
+fn devices_are_listed_by_status_last_contact_version_and_cell() {
+    let server = Server::start_with(&FAST);
+    let admin = server.admin();
+    let pk = admin.post("/api/v1/products", &json!({"name": "meters"})).unwrap()["product_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let node = |i: usize| format!("86410000{i:07}");
+    let mut csv = String::from("device_name,node_id,cell_id\n");
+    for i in 0..1200 {
+        csv.push_str(&format!("d{i:04},{},{}\n", node(i), if i % 3 == 0 { "cA" } else { "" }));
+    }
+    admin.post_file(&format!("/api/v1/products/{pk}/imports"), csv.as_bytes()).unwrap();
+
+    // d0005 reports first; d0010 moves to cell cB after `between`; d0600 is upgraded to what it runs.
+    let mut early = HuaweiDevice::new(server.endpoints.coap, &node(5));
+    early.bind();
+    early.report(br#"{"cell_id": "cB"}"#);
+    let device = |dn: &str| admin.get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
+    eventually(|| device("d0005"), |d| d["radio"]["cell_id"] == "cB", |d| format!("no cell reported: {d}"));
+    std::thread::sleep(Duration::from_millis(5));
+    let between = nbhub::clock::UnixMs::now().rfc3339();
+    std::thread::sleep(Duration::from_millis(5));
+    let mut late = HuaweiDevice::new(server.endpoints.coap, &node(10));
+    late.bind();
+    late.report(br#"{"cell_id": "cB", "rsrp": -101}"#);
+    eventually(|| device("d0010"), |d| d["radio"]["cell_id"] == "cB", |d| format!("no cell reported: {d}"));
+    let data = Arc::new(package_bytes(100));
+    let package = upload(&server, &pk, "V2.0", &data, 100, "V1.0");
+    let addr = Arc::new(Mutex::new(server.endpoints.coap));
+    let mut upgraded = PcpDevice::new(addr, &node(600), Behaviour::healthy("V2.0"), data);
+    upgraded.dev.bind();
+    let task = start_task(&server, &package, &pk, &["d0600"], None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = {
+        let stop = stop.clone();
+        std::thread::spawn(move || upgraded.run(&stop, Duration::from_secs(60)))
+    };
+    wait_task(&server, &task, "finished");
+    stop.store(true, Ordering::SeqCst);
+    running.join().unwrap();
+
+    let online = set(&["d0005", "d0010", "d0600"]);
+    assert_eq!(listed(&server, &pk, "status=online", 2), (online.clone(), 2), "two pages of two at most");
+    assert_eq!(listed(&server, &pk, "status=abnormal,online", 100).0, online);
+    let (inactive, pages) = listed(&server, &pk, "status=inactive", 1000);
+    assert_eq!((inactive.len(), pages), (1197, 2));
+    assert!(inactive.is_disjoint(&online));
+    assert_eq!(listed(&server, &pk, &format!("seen_after={between}"), 100).0, set(&["d0010", "d0600"]));
+    assert_eq!(listed(&server, &pk, &format!("seen_before={between}"), 100).0, set(&["d0005"]));
+    assert_eq!(listed(&server, &pk, "cell_id=cB", 100).0, set(&["d0005", "d0010"]));
+    assert_eq!(listed(&server, &pk, "cell_id=cA", 1000).0.len(), 400, "every third was imported in cA");
+    assert_eq!(listed(&server, &pk, "version=V2.0", 100).0, set(&["d0600"]));
+    assert_eq!(listed(&server, &pk, "status=online&cell_id=cA", 100).0, set(&["d0600"]));
+    assert_eq!(listed(&server, &pk, "version=V9", 100), (BTreeSet::new(), 1));
+    let (all, pages) = listed(&server, &pk, "", 500);
+    assert_eq!((all.len(), pages), (1200, 3));
+
+    let cli: Value =
+        serde_json::from_str(&server.cli(&["device", "list", &pk, "--status", "online", "--cell-id", "cB"])).unwrap();
+    let names: Vec<&str> =
+        cli["devices"].as_array().unwrap().iter().map(|d| d["device_name"].as_str().unwrap()).collect();
+    assert_eq!((names, &cli["next"]), (vec!["d0005", "d0010"], &Value::Null));
+
+    for (query, named) in [
+        ("status=sleeping", "status \"sleeping\" is not one of"),
+        ("seen_after=yesterday", "seen_after must be an RFC 3339 time"),
+        ("seen_before=2026-02-30T00:00:00Z", "seen_before must be an RFC 3339 time"),
+        ("limit=0", "limit must be within 1..=1000"),
+        ("colour=red", "unknown field `colour`"),
+    ] {
+        let r = admin.get(&format!("/api/v1/products/{pk}/devices?{query}"));
+        match r {
+            Err(ClientError::Api { status: 400, message, .. }) => {
+                assert!(message.contains(named), "{query}: {message}")
+            }
+            other => panic!("{query}: expected a 400, got {other:?}"),
+        }
+    }
 }

@@ -12,6 +12,7 @@ use crate::clock::UnixMs;
 use crate::identity::Home;
 use crate::identity::{DeviceName, NodeId, ProductKey, Secret};
 use crate::northbound::event::message_view;
+use crate::registry::search::{Filter, SCAN_LIMIT};
 use crate::registry::{Device, DevicePatch, NewDevice, Status};
 use crate::store::records::Radio;
 use crate::store::{MessageId, StoreError};
@@ -217,23 +218,70 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
+/// `GET .../devices`: a page of a product's devices in name order, filtered.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    /// Comma-separated statuses, any of which matches.
+    status: Option<String>,
+    seen_after: Option<String>,
+    seen_before: Option<String>,
+    version: Option<String>,
+    cell_id: Option<String>,
+}
+
+impl DeviceQuery {
+    fn filter(&self) -> Result<Filter, ApiError> {
+        let time = |name: &str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|v| {
+                    UnixMs::parse_rfc3339(v).ok_or_else(|| {
+                        ApiError::bad_request(format!("{name} must be an RFC 3339 time such as 2026-11-23T09:30:40Z"))
+                    })
+                })
+                .transpose()
+        };
+        let status = match self.status.as_deref() {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|name| {
+                    Status::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name.trim()))
+                        .map_err(|_| {
+                            ApiError::bad_request(format!(
+                                "status {name:?} is not one of inactive, online, abnormal, offline"
+                            ))
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Filter {
+            status,
+            seen_after: time("seen_after", &self.seen_after)?,
+            seen_before: time("seen_before", &self.seen_before)?,
+            version: self.version.clone(),
+            cell_id: self.cell_id.clone(),
+        })
+    }
+}
+
 async fn list(
     State(state): State<AdminState>,
     Path(pk): Path<String>,
-    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(page) = query?;
-    let limit = page_limit(page.limit)?;
+    let Query(query) = query?;
+    let limit = page_limit(query.limit)?;
+    let filter = query.filter()?;
     if state.registry.product(&pk).is_none() {
         return Err(ApiError::not_found(format!("product {pk} not found")));
     }
-    let mut devices = state.registry.devices_of(&pk, page.after.as_deref(), limit + 1);
-    let next = (devices.len() > limit).then(|| {
-        devices.truncate(limit);
-        devices.last().map(|d| d.device_name.to_string())
-    });
-    let views: Vec<DeviceView> = devices.iter().map(|d| view(d, &state)).collect();
-    Ok(Json(serde_json::json!({ "devices": views, "next": next.flatten() })))
+    let page = state.registry.search(&pk, &filter, query.after.as_deref(), limit, SCAN_LIMIT);
+    let views: Vec<DeviceView> = page.devices.iter().map(|d| view(d, &state)).collect();
+    Ok(Json(serde_json::json!({ "devices": views, "next": page.next.map(|n| n.to_string()) })))
 }
 
 async fn messages(

@@ -102,7 +102,7 @@ async fn export(
     let format = query.format.unwrap_or(Format::Csv);
     let lines: Vec<Line> = state
         .registry
-        .devices_of(&pk, None, usize::MAX)
+        .devices_of(&pk)
         .iter()
         .map(|d| Line {
             device_name: Some(d.device_name.to_string()),

@@ -222,7 +222,7 @@ impl Cluster {
             }
             None => self
                 .registry
-                .devices_of(product.product_key.as_str(), None, usize::MAX)
+                .devices_of(product.product_key.as_str())
                 .into_iter()
                 .filter(|d| d.state().home.is_here())
                 .collect(),

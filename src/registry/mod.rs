@@ -9,10 +9,11 @@ mod contact;
 pub mod device;
 mod observe;
 pub mod routes;
+pub mod search;
 pub mod sessions;
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -114,7 +115,8 @@ pub struct DevicePatch {
 
 #[derive(Default)]
 struct Devices {
-    by_product: HashMap<ProductKey, HashMap<DeviceName, Arc<Device>>>,
+    /// In name order, for listing and searching.
+    by_product: HashMap<ProductKey, BTreeMap<DeviceName, Arc<Device>>>,
     by_node: HashMap<NodeId, Arc<Device>>,
     /// For DTLS PSK sessions, which name their device by id.
     by_id: HashMap<DeviceId, Arc<Device>>,
@@ -299,14 +301,9 @@ impl Registry {
         self.exchanges.next()
     }
 
-    /// A product's devices ordered by name, after `after` (exclusive), at most `limit`.
-    pub fn devices_of(&self, pk: &str, after: Option<&str>, limit: usize) -> Vec<Arc<Device>> {
-        let devices = read(&self.devices);
-        let Some(m) = devices.by_product.get(pk) else { return Vec::new() };
-        let mut v: Vec<_> = m.values().filter(|d| after.is_none_or(|a| d.device_name.as_str() > a)).cloned().collect();
-        v.sort_by(|a, b| a.device_name.cmp(&b.device_name));
-        v.truncate(limit);
-        v
+    /// All of a product's devices, ordered by name.
+    pub fn devices_of(&self, pk: &str) -> Vec<Arc<Device>> {
+        read(&self.devices).by_product.get(pk).map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 
     pub async fn create_product(&self, new: NewProduct) -> Result<Arc<ProductRecord>, RegistryError> {
@@ -547,17 +544,19 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::sessions::AckMode;
     use super::*;
     use crate::store::WriterThread;
 
-    #[tokio::test]
-    async fn expired_sessions_are_swept_from_memory_and_store() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A directory over a store in `dir` with one product, `p`, and its writer's thread.
+    pub(super) async fn with_product(
+        dir: &std::path::Path,
+        adjust: impl FnOnce(&mut Config),
+    ) -> (Registry, Store, WriterThread, ProductKey) {
         let mut config = Config::load_with_env(None, Vec::new()).unwrap();
-        config.auth.token_ttl_s = 60;
-        let store = Store::open(dir.path(), None, config.store.write_buffer()).unwrap();
+        adjust(&mut config);
+        let store = Store::open(dir, None, config.store.write_buffer()).unwrap();
         let (writer, thread) = WriterThread::start(&store, config.store.sync, 16).unwrap();
         let registry = Registry::load(Arc::new(config), &store, writer).await.unwrap();
         let pk = ProductKey::new("p").unwrap();
@@ -575,6 +574,13 @@ mod tests {
             })
             .await
             .unwrap();
+        (registry, store, thread, pk)
+    }
+
+    #[tokio::test]
+    async fn expired_sessions_are_swept_from_memory_and_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (registry, store, thread, pk) = with_product(dir.path(), |c| c.auth.token_ttl_s = 60).await;
         let device = registry
             .create_device(&pk, NewDevice { device_name: None, device_secret: None, node_id: None, psk_hex: None })
             .await
