@@ -37,6 +37,9 @@ pub struct Fleet {
     pub devices: Vec<(String, String)>,
 }
 
+/// Every device of a 100,000-row import with its secret, or a big product's export.
+const MAX_ANSWER_BYTES: u64 = 1 << 30;
+
 pub struct AdminClient {
     agent: ureq::Agent,
     base: String,
@@ -101,7 +104,13 @@ impl AdminClient {
         };
         let mut response = result.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap_or_default();
+        // Room for the largest answer the API gives: an import's or export's file.
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_string()
+            .map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         if (200..300).contains(&status) {
             return Ok(text);
         }

@@ -18,9 +18,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +31,7 @@ use nbhub::coap::option::OptionNumber;
 use nbhub::dtls::client::DtlsClient;
 use nbhub::ota::pcp::FromPlatform;
 use nbhub::simulate::pcp::{Behaviour, PcpDevice};
+use nbhub::simulate::process::ServerProcess;
 use nbhub::simulate::{AlibabaSession, alibaba_auth};
 use serde_json::{Value, json};
 
@@ -63,97 +61,15 @@ struct Args {
     package_kib: usize,
 }
 
-const ADMIN_TOKEN: &str = "soak-admin-token";
 const PSK: &[u8] = b"soak-psk-0123456";
-
-/// The server process and where it listens now (ports change with every start).
-struct Node {
-    dir: PathBuf,
-    child: Option<Child>,
-    endpoints: nbhub::Endpoints,
-}
-
-impl Node {
-    fn start(dir: &Path) -> Node {
-        let mut n = Node { dir: dir.to_path_buf(), child: None, endpoints: placeholder() };
-        n.spawn();
-        n
-    }
-
-    fn spawn(&mut self) {
-        let data = self.dir.join("data");
-        let _ = std::fs::remove_file(data.join(nbhub::ENDPOINTS_FILE));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).unwrap();
-        let bin = std::env::current_exe().unwrap().with_file_name("nbhub");
-        let mut cmd = Command::new(bin);
-        // The server dies with the soak on every way out, fail()'s exit included.
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .arg("serve")
-            .current_dir(&self.dir)
-            .env("NBHUB_DATA_DIR", &data)
-            .env("NBHUB_ADMIN_LISTEN", "127.0.0.1:0")
-            .env("NBHUB_COAP_LISTEN", "127.0.0.1:0")
-            .env("NBHUB_AES_LISTEN", "127.0.0.1:0")
-            .env("NBHUB_DTLS_LISTEN", "127.0.0.1:0")
-            // PSK only: no certificate needed.
-            .env("NBHUB_DTLS_CERT", "")
-            .env("NBHUB_DTLS_KEY", "")
-            .env("NBHUB_DTLS_RSA_CERT", "")
-            .env("NBHUB_DTLS_RSA_KEY", "")
-            .env("NBHUB_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("NBHUB_DEVICE_MAX_PER_SECOND", "100000")
-            .env("NBHUB_DEVICE_MAX_PER_MINUTE", "1000000")
-            // Upgrades move at test pace: the platform re-asks an unanswered device after 1 s.
-            .env("NBHUB_OTA_TICK_MS", "100")
-            .env("NBHUB_OTA_RESEND_S", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| fail(format!("cannot start nbhub (build it first): {e}")));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        self.endpoints = loop {
-            if let Ok(text) = std::fs::read_to_string(data.join(nbhub::ENDPOINTS_FILE))
-                && let Ok(e) = serde_json::from_str(&text)
-            {
-                break e;
-            }
-            if Instant::now() > deadline {
-                fail("nbhub did not start within 60 s; see server.log")
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn admin(&self) -> AdminClient {
-        AdminClient::new(&format!("http://{}", self.endpoints.admin), ADMIN_TOKEN)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn placeholder() -> nbhub::Endpoints {
-    let a: SocketAddr = "0.0.0.0:0".parse().unwrap();
-    nbhub::Endpoints { coap: a, aes: a, dtls: a, admin: a }
-}
+const START_WITHIN: Duration = Duration::from_secs(60);
+const SERVER_ENV: [(&str, &str); 4] = [
+    ("NBHUB_DEVICE_MAX_PER_SECOND", "100000"),
+    ("NBHUB_DEVICE_MAX_PER_MINUTE", "1000000"),
+    // Upgrades move at test pace: the platform re-asks an unanswered device after 1 s.
+    ("NBHUB_OTA_TICK_MS", "100"),
+    ("NBHUB_OTA_RESEND_S", "1"),
+];
 
 /// Where the devices find the server now; swapped at every restart.
 type Current = Arc<Mutex<nbhub::Endpoints>>;
@@ -617,7 +533,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("nbhub-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     println!("data and server.log in {}", dir.display());
-    let mut node = Node::start(&dir);
+    let mut node = ServerProcess::start(&dir, &SERVER_ENV, START_WITHIN).unwrap_or_else(|e| fail(e));
     let admin = node.admin();
     let hooked = Arc::new(Mutex::new(Hooked::default()));
     let hook = subscriber(hooked.clone());
@@ -716,7 +632,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(100));
         }
         node.kill9();
-        node.spawn();
+        node.spawn(START_WITHIN).unwrap_or_else(|e| fail(e));
         *current.lock().unwrap() = node.endpoints.clone();
         println!("cycle {}/{}: killed after {run} ms, restarted", cycle + 1, args.cycles);
     }

@@ -1,7 +1,9 @@
 //! Wake-up benchmark for commands: binds many simulated Huawei devices, lets them fall asleep,
-//! queues commands for every one, then wakes them all at once (each sends one report) and
-//! measures, per device, the time from its report leaving to its first command arriving.
-//! Reports p50/p99 and how many devices got their command.
+//! queues commands for every one, then wakes them within `--spread-ms` (each sends one report,
+//! at evenly spaced moments; 0 wakes them all at once) and measures, per device, the time from
+//! its report leaving to its first command arriving. Reports p50/p99 and how many devices got
+//! their command. With `--product-key` the devices are the first of an existing product's
+//! devices that have node ids (those `nbhub-million` imported), else a new product is made.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use clap::Parser;
-use nbhub::client::AdminArgs;
+use nbhub::client::{AdminArgs, AdminClient};
 use nbhub::coap::message::{Code, Message, MessageBuilder, MessageType};
 use nbhub::coap::option::OptionNumber;
 use nbhub::simulate::{huawei_bind, huawei_fleet};
@@ -29,6 +31,12 @@ struct Args {
     /// Commands queued per device before it wakes.
     #[arg(long, default_value_t = 2)]
     commands: usize,
+    /// The reports are spread evenly over this long.
+    #[arg(long, default_value_t = 1000)]
+    spread_ms: u64,
+    /// Use this product's devices (its awake window should be short) instead of making a product.
+    #[arg(long)]
+    product_key: Option<String>,
     /// A device not served within this long counts as missed.
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
@@ -40,17 +48,23 @@ const AWAKE_WINDOW_S: u64 = 1;
 fn main() {
     let args = Args::parse();
     let admin = args.admin.connect().unwrap_or_else(|e| fail(e));
-    let (pk, nodes) =
-        huawei_fleet(&admin, &json!({"name": "nbhub-wake", "awake_window_s": AWAKE_WINDOW_S}), args.devices)
-            .unwrap_or_else(|e| fail(e));
-    eprintln!("created {} devices in product {pk}", nodes.len());
+    let (pk, nodes) = match &args.product_key {
+        Some(pk) => (pk.clone(), existing(&admin, pk, args.devices).unwrap_or_else(|e| fail(e))),
+        None => huawei_fleet(&admin, &json!({"name": "nbhub-wake", "awake_window_s": AWAKE_WINDOW_S}), args.devices)
+            .unwrap_or_else(|e| fail(e)),
+    };
+    eprintln!("{} devices of product {pk}", nodes.len());
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let bound = Arc::new(Barrier::new(nodes.len() + 1));
     let wake = Arc::new(Barrier::new(nodes.len() + 1));
     let tasks: Vec<_> = nodes
         .iter()
-        .map(|(node, _)| runtime.spawn(device(node.clone(), args.clone(), bound.clone(), wake.clone())))
+        .enumerate()
+        .map(|(i, (node, _))| {
+            let offset = Duration::from_millis(args.spread_ms * i as u64 / nodes.len() as u64);
+            runtime.spawn(device(node.clone(), args.clone(), offset, bound.clone(), wake.clone()))
+        })
         .collect();
     runtime.block_on(bound.wait());
     // Asleep before anything is queued, else the commands would be sent at once.
@@ -87,6 +101,7 @@ fn main() {
         serde_json::to_string_pretty(&json!({
             "devices": args.devices,
             "commands_per_device": args.commands,
+            "reports_spread_ms": args.spread_ms,
             "served": latencies.len(),
             "missed": missed,
             "seconds_until_all_served": elapsed.as_secs_f64(),
@@ -101,7 +116,13 @@ fn main() {
 
 /// One device: binds, sleeps until told to wake, reports once and times its first command
 /// (which it acknowledges as the released LiteOS agents do, with an empty 2.04).
-async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier>) -> Result<u32, &'static str> {
+async fn device(
+    node: String,
+    args: Args,
+    offset: Duration,
+    bound: Arc<Barrier>,
+    wake: Arc<Barrier>,
+) -> Result<u32, &'static str> {
     // Every device passes both barriers, bound or not, so one failure cannot stall the rest.
     // A fresh message id, as a device picks at boot: a port reused from an earlier run must not
     // look like a retransmission.
@@ -109,6 +130,7 @@ async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier
     let bind = huawei_bind(&node, args.coap, mid).await;
     bound.wait().await;
     wake.wait().await;
+    tokio::time::sleep(offset).await;
     let (socket, token) = bind?;
     let mut buf = [0u8; 2048];
     let report = MessageBuilder::new(MessageType::Non, Code::CONTENT, mid.wrapping_add(1), &token)
@@ -128,6 +150,26 @@ async fn device(node: String, args: Args, bound: Arc<Barrier>, wake: Arc<Barrier
         }
     }
     Err("no command")
+}
+
+/// The first `n` devices of `pk` that have node ids: (node id, name).
+fn existing(admin: &AdminClient, pk: &str, n: usize) -> Result<Vec<(String, String)>, nbhub::client::ClientError> {
+    let mut found = Vec::with_capacity(n);
+    let mut after = String::new();
+    while found.len() < n {
+        let page = admin.get(&format!("/api/v1/products/{pk}/devices?limit=1000&after={after}"))?;
+        for d in page["devices"].as_array().into_iter().flatten() {
+            if let (Some(node), Some(name)) = (d["node_id"].as_str(), d["device_name"].as_str()) {
+                found.push((node.to_string(), name.to_string()));
+            }
+        }
+        match page["next"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => break,
+        }
+    }
+    found.truncate(n);
+    Ok(found)
 }
 
 fn fail(e: impl std::fmt::Display) -> ! {

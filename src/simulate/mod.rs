@@ -1,10 +1,11 @@
 //! Simulated devices for the load generators, the soak, the fuzz suite and the tests: a product of
 //! Huawei devices made over the admin API and the bind as LiteOS performs it; Alibaba `/auth` and
 //! `/topic` requests as the Link SDK builds them; a PCP device (`pcp`); an LwM2M client upgraded
-//! over Object 5 (`agent_tiny`).
+//! over Object 5 (`agent_tiny`); a server run as a child process (`process`).
 
 pub mod agent_tiny;
 pub mod pcp;
+pub mod process;
 pub mod tally;
 
 use std::net::SocketAddr;
@@ -51,7 +52,8 @@ pub async fn huawei_bind(node: &str, server: SocketAddr, mid: u16) -> Result<(Ud
 }
 
 /// Creates a product (`product` is its body) and `count` devices with node ids unique to this run
-/// (node ids are unique per instance); the product key and each device's (node id, name).
+/// (node ids are unique per instance), imported in files of the largest size the server takes;
+/// the product key and each device's (node id, name).
 pub fn huawei_fleet(
     admin: &AdminClient,
     product: &Value,
@@ -60,14 +62,28 @@ pub fn huawei_fleet(
     let created = admin.post("/api/v1/products", product)?;
     let pk = created["product_key"].as_str().unwrap_or_default().to_string();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    let nodes = (0..count)
-        .map(|i| {
-            let node = format!("n{stamp}-{i}");
-            let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({ "node_id": node }))?;
-            Ok((node, d["device_name"].as_str().unwrap_or_default().to_string()))
-        })
-        .collect::<Result<_, ClientError>>()?;
-    Ok((pk, nodes))
+    let nodes: Vec<String> = (0..count).map(|i| format!("n{stamp}-{i}")).collect();
+    Ok((pk.clone(), import_nodes(admin, &pk, &nodes)?))
+}
+
+/// Imports a device for each of `nodes` into product `pk`, in files of at most 100,000 rows;
+/// each device's (node id, name).
+pub fn import_nodes(admin: &AdminClient, pk: &str, nodes: &[String]) -> Result<Vec<(String, String)>, ClientError> {
+    let mut named = Vec::with_capacity(nodes.len());
+    for batch in nodes.chunks(100_000) {
+        let mut file = String::with_capacity(batch.len() * 24);
+        for node in batch {
+            file.push_str(&json!({ "node_id": node }).to_string());
+            file.push('\n');
+        }
+        let created = admin.post_bytes(&format!("/api/v1/products/{pk}/imports"), file.as_bytes())?;
+        let devices = created["devices"].as_array().map(Vec::as_slice).unwrap_or_default();
+        named.extend(devices.iter().map(|d| {
+            let text = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+            (text("node_id"), text("device_name"))
+        }));
+    }
+    Ok(named)
 }
 
 /// A signed `/auth` request (hmacsha256, JSON) for the device `pk`/`dn`.
