@@ -9,7 +9,7 @@ use serde::Deserialize;
 use toml::{Table, Value};
 
 use crate::identity::InstanceName;
-use crate::store::SyncPolicy;
+use crate::store::{MemoryBudget, SyncPolicy};
 use crate::telemetry::LogFormat;
 
 /// The embedded default configuration; `nbhub serve` with no arguments runs on exactly this.
@@ -238,9 +238,9 @@ pub struct StoreConfig {
     pub sync: SyncPolicy,
     pub max_batch: usize,
     pub message_retention_s: u64,
-    /// Each column family's RocksDB memtable, in MiB: after the disk was full, writes resume
-    /// only once this much is free.
-    pub write_buffer_mb: usize,
+    /// RocksDB's memory in MiB: one block cache of this size, which the memtables are charged
+    /// to as well (see [`MemoryBudget`]).
+    pub memory_mb: usize,
     /// Hex; empty when secrets are stored as given.
     pub secrets_key: String,
 }
@@ -252,8 +252,8 @@ impl StoreConfig {
         hex::decode_to_slice(&self.secrets_key, &mut key).ok().map(|_| key)
     }
 
-    pub fn write_buffer(&self) -> usize {
-        self.write_buffer_mb << 20
+    pub fn memory(&self) -> MemoryBudget {
+        MemoryBudget::of(self.memory_mb << 20)
     }
 
     pub fn message_retention(&self) -> Option<Duration> {
@@ -427,8 +427,8 @@ impl Config {
             // The value itself is not repeated: it is a key.
             return bad("store.secrets_key must be 64 hex characters (32 bytes), or empty".into());
         }
-        if !(1..=4096).contains(&self.store.write_buffer_mb) {
-            return bad(format!("store.write_buffer_mb = {} must be within 1..=4096", self.store.write_buffer_mb));
+        if !(8..=65_536).contains(&self.store.memory_mb) {
+            return bad(format!("store.memory_mb = {} must be within 8..=65536", self.store.memory_mb));
         }
         if !(1..=1_000_000).contains(&self.store.max_batch) {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));

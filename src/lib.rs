@@ -84,7 +84,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     if let Some(key) = config.store.secrets_key() {
         store::sealed::set_key(&key);
     }
-    let store = Store::open(&data_dir.join("db"), config.store.message_retention(), config.store.write_buffer())?;
+    let store = Store::open(&data_dir.join("db"), config.store.message_retention(), config.store.memory())?;
     let (writer, writer_thread) = WriterThread::start(&store, config.store.sync, config.store.max_batch)?;
     let result = serve_with(config, store, writer, shutdown).await;
     // Also after a failed start: RocksDB's threads must not outlive the writer.
@@ -160,6 +160,7 @@ async fn serve_with(
     if config.admin.clock_control {
         tracing::warn!("admin.clock_control is on: POST /api/v1/clock/advance moves the wall clock (tests only)");
     }
+    let store_for_memory = store.clone();
     let router = admin::router(admin::AdminState {
         registry: registry.clone(),
         store,
@@ -182,6 +183,7 @@ async fn serve_with(
     tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
     tasks.spawn(expire_commands(commands, stop_rx.clone()));
     tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
+    tasks.spawn(report_memory(store_for_memory, stop_rx.clone()));
     tasks.spawn(advance_upgrades(campaign, registry.config.ota.tick_ms, stop_rx.clone()));
     tasks.spawn(cluster::runner::supervise(cluster.clone(), stop_rx.clone()));
 
@@ -320,6 +322,17 @@ async fn sweep_statuses(registry: Arc<Registry>, stop: watch::Receiver<bool>) ->
         let changed = registry.sweep_statuses(clock::UnixMs::now());
         if changed > 0 {
             tracing::debug!(devices = changed, "device status changed");
+        }
+    })
+    .await
+}
+
+/// Where RocksDB's memory goes, every few seconds.
+async fn report_memory(store: Store, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    use telemetry::metric;
+    every(std::time::Duration::from_secs(5), stop, || async {
+        for (part, bytes) in store.memory_use() {
+            metrics::gauge!(metric::STORE_MEMORY_BYTES, "part" => part).set(bytes as f64);
         }
     })
     .await

@@ -31,6 +31,8 @@ pub mod metric {
     /// Writes that failed without touching the data, by reason (`no_space`, `busy`), and state
     /// changes held for a full disk that had to be dropped (`held_overflow`).
     pub const STORE_WRITES_REFUSED: &str = "nbhub_store_writes_refused_total";
+    /// RocksDB's memory by part (`memtables`, `block_cache`, `table_readers`), in bytes.
+    pub const STORE_MEMORY_BYTES: &str = "nbhub_store_memory_bytes";
     pub const SESSIONS: &str = "nbhub_sessions";
     pub const DEVICES: &str = "nbhub_devices";
     pub const DTLS_HELLO_VERIFY: &str = "nbhub_dtls_hello_verify_requests_total";

@@ -118,7 +118,7 @@ fn a_full_disk_refuses_with_5_03_and_507_then_serves_again_by_itself() {
         }
     };
     let data = fs.path().join("data");
-    let mut server = Server::start_on_data(&data, &[("NBHUB_STORE_WRITE_BUFFER_MB", "1")]);
+    let mut server = Server::start_on_data(&data, &[("NBHUB_STORE_MEMORY_MB", "8")]);
     let receiver = WebhookReceiver::start();
     server.admin().post("/api/v1/webhooks", &json!({"url": receiver.url("/in"), "events": ["uplink"]})).unwrap();
     let (pk, dn, secret) = server.product_and_device(json!({"name": "disk"}));

@@ -29,7 +29,7 @@ pub fn bed(product: &str, sync: SyncPolicy) -> Bed {
     config.device.max_per_minute = u32::MAX;
     let config = Arc::new(config);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let store = Store::open(&dir.path().join("db"), None, config.store.write_buffer()).unwrap();
+    let store = Store::open(&dir.path().join("db"), None, config.store.memory()).unwrap();
     let (writer, thread) = WriterThread::start(&store, sync, config.store.max_batch).unwrap();
     let registry = Arc::new(runtime.block_on(Registry::load(config, &store, writer)).unwrap());
     let product = ProductKey::new(product).unwrap();

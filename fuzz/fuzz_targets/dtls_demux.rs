@@ -25,7 +25,7 @@ fn bed() -> &'static Bed {
     BED.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let config = Arc::new(Config::load_with_env(None, Vec::new()).unwrap());
-        let store = Store::open(&dir.path().join("db"), None, config.store.write_buffer()).unwrap();
+        let store = Store::open(&dir.path().join("db"), None, config.store.memory()).unwrap();
         let (writer, thread) = WriterThread::start(&store, config.store.sync, 64).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let registry = Arc::new(runtime.block_on(Registry::load(config, &store, writer)).unwrap());

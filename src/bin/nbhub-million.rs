@@ -32,6 +32,9 @@ struct Args {
     /// `nbhub-load`'s own devices.
     #[arg(long, default_value_t = 2000)]
     load_devices: usize,
+    /// Settings for the server (`NBHUB_STORE_MEMORY_MB=128`), repeatable.
+    #[arg(long = "server-env", value_parser = setting)]
+    server_env: Vec<(String, String)>,
     /// Where the server's data goes (a fresh temporary directory when unset; it is removed).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -44,7 +47,8 @@ fn main() {
     let temp = std::env::temp_dir().join(format!("nbhub-million-{}", std::process::id()));
     let dir = args.dir.clone().unwrap_or_else(|| temp.clone());
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(e));
-    let env = [("NBHUB_DEVICE_MAX_PER_SECOND", "100000"), ("NBHUB_DEVICE_MAX_PER_MINUTE", "10000000")];
+    let mut env = vec![("NBHUB_DEVICE_MAX_PER_SECOND", "100000"), ("NBHUB_DEVICE_MAX_PER_MINUTE", "10000000")];
+    env.extend(args.server_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut server = ServerProcess::start(&dir, &env, START_WITHIN).unwrap_or_else(|e| fail(e));
     std::thread::sleep(Duration::from_secs(1));
     let rss_empty = rss(&server);
@@ -122,6 +126,11 @@ fn main() {
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
+}
+
+fn setting(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or("expected NAME=VALUE")?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// Runs one of the other load tools against `server` and reads the JSON it prints.

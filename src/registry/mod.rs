@@ -556,7 +556,7 @@ pub(crate) mod tests {
     ) -> (Registry, Store, WriterThread, ProductKey) {
         let mut config = Config::load_with_env(None, Vec::new()).unwrap();
         adjust(&mut config);
-        let store = Store::open(dir, None, config.store.write_buffer()).unwrap();
+        let store = Store::open(dir, None, config.store.memory()).unwrap();
         let (writer, thread) = WriterThread::start(&store, config.store.sync, 16).unwrap();
         let registry = Registry::load(Arc::new(config), &store, writer).await.unwrap();
         let pk = ProductKey::new("p").unwrap();

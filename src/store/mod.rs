@@ -2,6 +2,7 @@
 //! device's records are one prefix range. Reads happen anywhere; every write goes through the
 //! single group-committing [`Writer`] so the order of writes is the order of commits.
 
+mod memory;
 pub mod records;
 pub mod sealed;
 mod space;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use memory::MemoryBudget;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options};
 
 use crate::auth::replay;
@@ -175,8 +177,10 @@ pub struct Store {
     db: Arc<DB>,
     /// Uplinks older than this are expired (hidden from reads, dropped by compaction).
     retention: Option<Duration>,
-    /// Each column family's memtable size, in bytes.
+    /// One column family's memtable size, in bytes.
     write_buffer: usize,
+    /// The block cache every column family shares (memtables are charged to it too).
+    cache: rocksdb::Cache,
 }
 
 /// Whether a stored message (by its encoded record) is older than `retention`.
@@ -209,10 +213,18 @@ pub fn json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<
 }
 
 impl Store {
-    /// `write_buffer` is each column family's memtable size in bytes. It is also the free space
-    /// RocksDB waits for before it writes again after the disk was full.
-    pub fn open(dir: &Path, retention: Option<Duration>, write_buffer: usize) -> Result<Store, StoreError> {
+    /// Opens the store with its memory shared out as `memory` says. A memtable's size is also
+    /// the free space RocksDB waits for before it writes again after the disk was full.
+    pub fn open(dir: &Path, retention: Option<Duration>, memory: MemoryBudget) -> Result<Store, StoreError> {
+        let write_buffer = memory.write_buffer_bytes;
+        let cache = rocksdb::Cache::new_lru_cache(memory.cache_bytes);
         let mut db_opts = Options::default();
+        // Memtables are charged to the block cache: blocks and memtables share one bound.
+        db_opts.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+            memory.memtables_bytes,
+            false,
+            cache.clone(),
+        ));
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.increase_parallelism(2);
@@ -226,8 +238,16 @@ impl Store {
         db_opts.set_manifest_preallocation_size(256 << 10);
         // The default column family is unused but always there, and its write buffer counts too:
         // RocksDB waits for the largest of all to be free before it writes again.
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        // Index and filter blocks live in the cache too (else every open file holds its own
+        // outside any bound); those of the newest files stay there.
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_cache_index_and_filter_blocks_with_high_priority(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         let cfs = ALL_CFS.iter().copied().chain([rocksdb::DEFAULT_COLUMN_FAMILY_NAME]).map(|name| {
             let mut o = Options::default();
+            o.set_block_based_table_factory(&table);
             o.set_write_buffer_size(write_buffer);
             match name {
                 CF_MESSAGES => {
@@ -268,12 +288,25 @@ impl Store {
             ColumnFamilyDescriptor::new(name, o)
         });
         let db = DB::open_cf_descriptors(&db_opts, dir, cfs)?;
-        Ok(Store { db: Arc::new(db), retention, write_buffer })
+        Ok(Store { db: Arc::new(db), retention, write_buffer, cache })
     }
 
     /// The error a failed write stands for (see [`space::classify`]).
     pub(crate) fn write_error(&self, e: rocksdb::Error) -> StoreError {
         space::classify(e.into_string(), self.db.path(), self.write_buffer as u64)
+    }
+
+    /// RocksDB's memory now: memtables, the block cache (with the memtables' charge) and what
+    /// open files hold outside it, in bytes.
+    pub fn memory_use(&self) -> [(&'static str, u64); 3] {
+        let sum = |property: &str| -> u64 {
+            ALL_CFS.iter().filter_map(|cf| self.db.property_int_value_cf(self.cf(cf), property).ok().flatten()).sum()
+        };
+        [
+            ("memtables", sum("rocksdb.size-all-mem-tables")),
+            ("block_cache", self.cache.get_usage() as u64),
+            ("table_readers", sum("rocksdb.estimate-table-readers-mem")),
+        ]
     }
 
     pub(crate) fn db(&self) -> &Arc<DB> {
@@ -291,7 +324,11 @@ impl Store {
         mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>,
     ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+        // A whole column family is read to load it: its blocks would only push out of the
+        // cache what is read again.
+        let mut once = rocksdb::ReadOptions::default();
+        once.fill_cache(false);
+        for item in self.db.iterator_cf_opt(self.cf(cf), once, IteratorMode::Start) {
             let (k, v) = item?;
             out.push(f(&k, &v)?);
         }
