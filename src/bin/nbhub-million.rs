@@ -3,7 +3,7 @@
 //! `--wake` of them with queued commands (`nbhub-wake`) and runs `nbhub-load` beside them.
 //! Reports the import time, the start-up time with every device stored, the resident memory
 //! (empty, idle with every device, and the most seen under load), what each idle device costs,
-//! and the figures of both tools.
+//! how long listing and searching the product takes, and the figures of both tools.
 //!
 //! Loopback only; bounded by its arguments. Run from the repository after building:
 //! `cargo build --release --bins && target/release/nbhub-million`.
@@ -70,6 +70,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2));
     let rss_idle = rss(&server);
 
+    let listing = listing(&server, &pk);
     let wake = run(
         &server,
         "nbhub-wake",
@@ -118,6 +119,7 @@ fn main() {
             "after_load": mib(rss_after_load),
         },
         "bytes_per_idle_device": (rss_idle.saturating_sub(rss_empty)) / imported.len().max(1) as u64,
+        "listing_ms": listing,
         "wake": wake,
         "load": load,
     });
@@ -126,6 +128,35 @@ fn main() {
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
+}
+
+/// How long listing takes over the product of every device: the first page, a page of a filter
+/// nothing matches (it reads as many devices as one request may), and every page of it.
+fn listing(server: &ServerProcess, pk: &str) -> Value {
+    let admin = server.admin();
+    let timed = |query: &str| {
+        let started = Instant::now();
+        let page = admin.get(&format!("/api/v1/products/{pk}/devices?{query}")).unwrap_or_else(|e| fail(e));
+        (started.elapsed().as_secs_f64() * 1000.0, page["next"].as_str().map(str::to_string))
+    };
+    let (first, _) = timed("limit=100");
+    let (bounded, _) = timed("version=none&limit=100");
+    let started = Instant::now();
+    let mut pages = 0;
+    let mut after = String::new();
+    loop {
+        pages += 1;
+        match timed(&format!("version=none&limit=100&after={after}")).1 {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    json!({
+        "first_page_of_100": first,
+        "filtered_page_reading_100000": bounded,
+        "filtered_every_page": started.elapsed().as_secs_f64() * 1000.0,
+        "filtered_pages": pages,
+    })
 }
 
 fn setting(text: &str) -> Result<(String, String), String> {

@@ -97,7 +97,7 @@ impl Bed {
         };
         registry.insert(&Arc::new(Device::from_record(record, None, None))).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path(), None, 1 << 20).unwrap();
+        let store = crate::store::Store::open(dir.path(), None, crate::store::MemoryBudget::of(8 << 20)).unwrap();
         let services = Services::new(registry, store);
         let addr = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
         services.cluster.peers.bound(addr(5683), addr(5682), addr(5684));

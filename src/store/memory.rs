@@ -24,3 +24,20 @@ impl MemoryBudget {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_figure_is_shared_out() {
+        const MIB: usize = 1 << 20;
+        let default = MemoryBudget::of(256 * MIB);
+        assert_eq!(
+            (default.cache_bytes, default.memtables_bytes, default.write_buffer_bytes),
+            (256 * MIB, 128 * MIB, 32 * MIB)
+        );
+        assert_eq!(MemoryBudget::of(8 * MIB).write_buffer_bytes, MIB, "the smallest memtable");
+        assert_eq!(MemoryBudget::of(4096 * MIB).write_buffer_bytes, 64 * MIB, "the largest");
+    }
+}

@@ -469,7 +469,7 @@ mod tests {
     #[test]
     fn expired_messages_are_hidden_then_compacted_away() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Some(Duration::from_secs(60)), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), Some(Duration::from_secs(60)), MemoryBudget::of(8 << 20)).unwrap();
         let (writer, thread) = WriterThread::start(&store, SyncPolicy::Wal, 100).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let device = DeviceId(7);
