@@ -394,6 +394,46 @@ fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
 }
 
 #[test]
+fn a_dtls_device_behind_a_new_nat_port_handshakes_again_and_its_commands_follow() {
+    let server = Server::start_with(MOVABLE_CLOCK);
+    let admin = server.admin();
+    let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
+    let pk = p["product_key"].as_str().unwrap();
+    let psk = b"0123456789abcdef";
+    let node = "861234567890011";
+    let d = admin
+        .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node, "psk_hex": hex::encode(psk)}))
+        .unwrap();
+    let dn = d["device_name"].as_str().unwrap();
+    let session = || {
+        let socket = nbhub::dtls::client::DtlsClient::bind(server.endpoints.dtls);
+        let port = socket.local_addr().unwrap().port();
+        let mut client = nbhub::dtls::client::DtlsClient::psk(socket, node, psk, "PSK-AES128-CCM8");
+        client.handshake(None, Duration::from_secs(10)).expect("DTLS handshake");
+        (client, port)
+    };
+    let (first, first_port) = session();
+    let mut dev = HuaweiDevice::over(first, node);
+    dev.bind();
+    dev.report(b"from the first port");
+    server.wait_device(pk, dn, |d| d["address"].as_str().is_some_and(|a| a.ends_with(&format!(":{first_port}"))));
+
+    // The NAT gives the device a new port: without a Connection ID it can only handshake again.
+    // Its next report, under the same relation, moves its downlink to the new address at once.
+    let (second, second_port) = session();
+    dev.wire = second;
+    dev.report(b"from the second port");
+    server.wait_device(pk, dn, |d| d["address"].as_str().is_some_and(|a| a.ends_with(&format!(":{second_port}"))));
+    let c = server.send_command(pk, dn, json!({"payload_base64": b64(b"close valve")}));
+    let cmd = dev.command(Duration::from_secs(5)).expect("the command reaches the new address");
+    assert_eq!(cmd.payload, b"close valve");
+    dev.answer(&cmd, Code::CONTENT, b"1");
+    server.wait_command(c["command_id"].as_str().unwrap(), "SUCCESSFUL");
+    let stored: Vec<Vec<u8>> = server.stored(pk, dn).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(stored, [b"from the first port".to_vec(), b"from the second port".to_vec()]);
+}
+
+#[test]
 fn a_reset_command_ends_the_observe_relation_and_the_rest_wait_for_the_next_bind() {
     let server = Server::start_with(MOVABLE_CLOCK);
     let (pk, dn) = huawei_device(&server, "861234567890010", json!({"name": "meters", "awake_window_s": 1}));
