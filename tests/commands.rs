@@ -22,6 +22,17 @@ fn huawei_device(server: &Server, node: &str, product: Value) -> (String, String
     (pk, d["device_name"].as_str().unwrap().to_string())
 }
 
+/// A Huawei device with a node id and a PSK (its DTLS identity is the node id, as on LiteOS) in a
+/// new product; its product key and name.
+fn huawei_psk_device(server: &Server, node: &str, psk: &[u8]) -> (String, String) {
+    let admin = server.admin();
+    let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
+    let pk = p["product_key"].as_str().unwrap().to_string();
+    let body = json!({"node_id": node, "psk_hex": hex::encode(psk)});
+    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &body).unwrap();
+    (pk, d["device_name"].as_str().unwrap().to_string())
+}
+
 fn b64(data: &[u8]) -> String {
     STANDARD.encode(data)
 }
@@ -364,14 +375,10 @@ fn commands_survive_kill_9_in_the_middle_of_delivery() {
 fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
     let server = Server::start_with(MOVABLE_CLOCK);
     let admin = server.admin();
-    let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
-    let pk = p["product_key"].as_str().unwrap();
     let psk = b"0123456789abcdef";
     let node = "861234567890008";
-    let d = admin
-        .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node, "psk_hex": hex::encode(psk)}))
-        .unwrap();
-    let dn = d["device_name"].as_str().unwrap();
+    let (pk, dn) = huawei_psk_device(&server, node, psk);
+    let (pk, dn) = (pk.as_str(), dn.as_str());
     admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": "861234567890009"})).unwrap();
 
     // The PSK identity is the node id (LiteOS), so the session already names the device.
@@ -396,15 +403,10 @@ fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
 #[test]
 fn a_dtls_device_behind_a_new_nat_port_handshakes_again_and_its_commands_follow() {
     let server = Server::start_with(MOVABLE_CLOCK);
-    let admin = server.admin();
-    let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
-    let pk = p["product_key"].as_str().unwrap();
     let psk = b"0123456789abcdef";
     let node = "861234567890011";
-    let d = admin
-        .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node, "psk_hex": hex::encode(psk)}))
-        .unwrap();
-    let dn = d["device_name"].as_str().unwrap();
+    let (pk, dn) = huawei_psk_device(&server, node, psk);
+    let (pk, dn) = (pk.as_str(), dn.as_str());
     let session = || {
         let socket = nbhub::dtls::client::DtlsClient::bind(server.endpoints.dtls);
         let port = socket.local_addr().unwrap().port();
