@@ -98,7 +98,16 @@ pub struct DtlsConfig {
     pub handshake_timeout_s: u64,
     pub idle_timeout_s: u64,
     pub mtu: u32,
+    /// Bytes of the Connection IDs handed out (RFC 9146); 0 for none.
+    pub cid_length: usize,
+    /// Established sessions are kept in the store and restored at start.
+    pub durable_sessions: bool,
 }
+
+/// `dtls.cid_length` bounds: below 4 bytes a CID is guessable by trying; 16 is plenty and keeps
+/// a CID inline in the session tables.
+pub const MIN_CID_LEN: usize = 4;
+pub const MAX_CID_LEN: usize = 16;
 
 impl DtlsConfig {
     pub fn handshake_timeout(&self) -> Duration {
@@ -362,6 +371,10 @@ impl Config {
         }
         if !(256..=9000).contains(&d.mtu) {
             return bad(format!("dtls.mtu = {} must be within 256..=9000", d.mtu));
+        }
+        let (min, max) = (MIN_CID_LEN, MAX_CID_LEN);
+        if d.cid_length != 0 && !(min..=max).contains(&d.cid_length) {
+            return bad(format!("dtls.cid_length = {} must be 0 (no CIDs) or within {min}..={max}", d.cid_length));
         }
         let w = self.auth.replay_window;
         if w == 0 || !w.is_multiple_of(64) || w > 65536 {

@@ -131,7 +131,7 @@ async fn serve_with(
     codec::decoders::start(decoders, config.codec.workers, stop_rx.clone(), tokio::runtime::Handle::current())
         .map_err(io_err("cannot start the codec threads"))?;
     let mut tasks = tokio::task::JoinSet::new();
-    let plain = || transport::link::Plain;
+    let plain = |_| transport::link::Plain;
     let coap =
         spawn_port(&mut tasks, &services, &writer, config.coap.listen, PortFamily::Plain, "coap", plain, &stop_rx)?;
     let aes = spawn_port(&mut tasks, &services, &writer, config.aes.listen, PortFamily::Aes, "aes", plain, &stop_rx)?;
@@ -148,8 +148,26 @@ async fn serve_with(
         handshake_timeout: d.handshake_timeout(),
         idle_timeout: d.idle_timeout(),
         mtu: d.mtu,
+        cid_len: d.cid_length,
     };
-    let dtls_link = || transport::dtls::Dtls::new(dtls::peers::PeerTable::new(dtls_context.clone(), limits));
+    let restored = match d.durable_sessions {
+        true => {
+            let pool = transport::dtls::restore(&store, &writer, d.idle_timeout())?;
+            tasks.spawn(transport::dtls::sweep_restored(
+                pool.clone(),
+                writer.clone(),
+                d.idle_timeout(),
+                stop_rx.clone(),
+            ));
+            Some(pool)
+        }
+        false => None,
+    };
+    let sockets = config.coap.sockets_per_port;
+    let dtls_link = |index| {
+        let socket = dtls::peers::Socket { index, of: sockets };
+        transport::dtls::Dtls::new(dtls::peers::PeerTable::new(dtls_context.clone(), limits, socket, restored.clone()))
+    };
     let dtls = spawn_port(&mut tasks, &services, &writer, d.listen, PortFamily::Dtls, "dtls", dtls_link, &stop_rx)?;
     cluster.peers.bound(coap, aes, dtls);
 
@@ -212,7 +230,7 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     listen: SocketAddr,
     family: PortFamily,
     label: &'static str,
-    link: impl Fn() -> L,
+    link: impl Fn(usize) -> L,
     stop: &watch::Receiver<bool>,
 ) -> Result<SocketAddr, ServeError> {
     let registry = &services.registry;
@@ -236,12 +254,18 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     let sockets =
         transport::udp::bind(listen, c.sockets_per_port).map_err(io_err(format!("cannot bind {label} on {listen}")))?;
     let bound = sockets[0].local_addr().map_err(io_err("socket address"))?;
+    if family == PortFamily::Dtls && sockets.len() > 1 {
+        // Without it a CID record from a new address reaches the session's socket only by chance.
+        if let Err(e) = transport::udp::steer_by_cid(&sockets[0], sockets.len()) {
+            tracing::warn!(error = %e, "cannot steer DTLS records by Connection ID; set coap.sockets_per_port = 1 for CIDs to follow address changes");
+        }
+    }
     for (i, socket) in sockets.into_iter().enumerate() {
         let route = Route { family, socket: i as u16 };
         let kicks = registry.routes.open(route);
         let endpoint = Endpoint::new(DeviceFacing::new(services, route), endpoint_config.clone());
         let port = transport::udp::Port { label, recv_slot, kicks };
-        tasks.spawn(transport::udp::serve(socket, endpoint, link(), writer.clone(), port, stop.clone()));
+        tasks.spawn(transport::udp::serve(socket, endpoint, link(i), writer.clone(), port, stop.clone()));
     }
     Ok(bound)
 }

@@ -46,6 +46,14 @@ pub mod metric {
     pub const DTLS_UNSENT: &str = "nbhub_dtls_unsent_responses_total";
     pub const DTLS_SESSIONS: &str = "nbhub_dtls_sessions";
     pub const DTLS_HANDSHAKES_IN_PROGRESS: &str = "nbhub_dtls_handshakes_in_progress";
+    pub const DTLS_SESSIONS_WITH_CID: &str = "nbhub_dtls_sessions_with_cid";
+    pub const DTLS_HANDSHAKES_WITH_CID: &str = "nbhub_dtls_handshakes_with_cid_total";
+    pub const DTLS_ADDRESS_MOVES: &str = "nbhub_dtls_address_moves_total";
+    pub const DTLS_REPLACED: &str = "nbhub_dtls_sessions_replaced_total";
+    pub const DTLS_RESTORED: &str = "nbhub_dtls_sessions_restored_total";
+    pub const DTLS_RESTORE_FAILURES: &str = "nbhub_dtls_session_restore_failures_total";
+    pub const DTLS_RESUMED: &str = "nbhub_dtls_sessions_resumed_total";
+    pub const DTLS_RESTORED_WAITING: &str = "nbhub_dtls_restored_sessions_waiting";
     pub const WEBHOOK_DELIVERIES: &str = "nbhub_webhook_deliveries_total";
     pub const WEBHOOK_DROPPED: &str = "nbhub_webhook_events_dropped_total";
     pub const COMMANDS: &str = "nbhub_commands_total";
@@ -127,6 +135,26 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_counter!(metric::CODEC_LOG_DROPPED, "script console lines over the rate limit");
     metrics::describe_gauge!(metric::DTLS_SESSIONS, "established DTLS sessions");
     metrics::describe_gauge!(metric::DTLS_HANDSHAKES_IN_PROGRESS, "DTLS handshakes in progress");
+    metrics::describe_gauge!(metric::DTLS_SESSIONS_WITH_CID, "established DTLS sessions with a Connection ID");
+    metrics::describe_counter!(metric::DTLS_HANDSHAKES_WITH_CID, "DTLS handshakes completed with a Connection ID");
+    metrics::describe_counter!(
+        metric::DTLS_ADDRESS_MOVES,
+        "DTLS sessions moved to a new address by an authenticated record carrying their Connection ID"
+    );
+    metrics::describe_counter!(metric::DTLS_REPLACED, "DTLS sessions ended because their device established a new one");
+    metrics::describe_counter!(metric::DTLS_RESTORED, "DTLS sessions read back from the store at start");
+    metrics::describe_counter!(
+        metric::DTLS_RESTORE_FAILURES,
+        "stored DTLS sessions that could not be restored, by reason (dropped from the store)"
+    );
+    metrics::describe_counter!(
+        metric::DTLS_RESUMED,
+        "restored DTLS sessions taken up by their device's next datagram: handshakes a restart did not cost"
+    );
+    metrics::describe_gauge!(
+        metric::DTLS_RESTORED_WAITING,
+        "restored DTLS sessions not yet taken up (their devices have not sent since the start)"
+    );
     metrics::describe_histogram!(metric::STORE_COMMIT_SECONDS, "time to commit one group of writes");
     metrics::describe_histogram!(metric::STORE_BATCH_JOBS, "jobs per committed batch");
     metrics::describe_gauge!(metric::STORE_WRITABLE, "1 while the store takes writes, 0 while its disk is full");

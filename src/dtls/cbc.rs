@@ -11,7 +11,7 @@ use sha1::Sha1;
 use sha2::{Sha256, Sha384};
 use subtle::ConstantTimeEq;
 
-use super::record::pseudo_header;
+use super::record::Header;
 
 const BLOCK: usize = 16;
 
@@ -88,15 +88,14 @@ impl CbcKeys {
     }
 
     /// The plaintext of a record's fragment (IV, ciphertext and MAC), if it authenticates.
-    pub fn open(&self, epoch_seq: &[u8], content_type: u8, fragment: &[u8]) -> Option<Vec<u8>> {
+    pub fn open(&self, header: Header<'_>, content_type: u8, fragment: &[u8]) -> Option<Vec<u8>> {
         let mac_len = self.mac.len();
         if self.encrypt_then_mac {
             let (sealed, tag) = fragment.split_at(fragment.len().checked_sub(mac_len)?);
             if sealed.len() < 2 * BLOCK || !sealed.len().is_multiple_of(BLOCK) {
                 return None;
             }
-            let expected =
-                self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, sealed.len()), sealed]);
+            let expected = self.mac.mac(&self.mac_key, &[&header.additional_data(content_type, sealed.len()), sealed]);
             if !bool::from(expected.ct_eq(tag)) {
                 return None;
             }
@@ -122,7 +121,7 @@ impl CbcKeys {
         // With bad padding, check the MAC as if there were none, so both failures cost alike.
         let body_len = p.len() - mac_len - if pad_ok { pad } else { 1 };
         let (body, rest) = p.split_at(body_len);
-        let expected = self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, body_len), body]);
+        let expected = self.mac.mac(&self.mac_key, &[&header.additional_data(content_type, body_len), body]);
         let mac_ok: bool = expected.ct_eq(&rest[..mac_len]).into();
         if !(pad_ok & mac_ok) {
             return None;
@@ -133,21 +132,21 @@ impl CbcKeys {
 
     /// Appends a record's fragment for `plain` to `out`: a fresh random IV, the ciphertext and
     /// (with encrypt-then-MAC) the MAC.
-    pub fn seal_into(&self, epoch_seq: &[u8], content_type: u8, plain: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    pub fn seal_into(&self, header: Header<'_>, content_type: u8, plain: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let iv: [u8; BLOCK] = rand::random();
         let fragment_start = out.len();
         out.extend_from_slice(&iv);
         let start = out.len();
         out.extend_from_slice(plain);
         if !self.encrypt_then_mac {
-            out.extend(self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, plain.len()), plain]));
+            out.extend(self.mac.mac(&self.mac_key, &[&header.additional_data(content_type, plain.len()), plain]));
         }
         let pad = BLOCK - (out.len() - start) % BLOCK;
         out.extend(std::iter::repeat_n((pad - 1) as u8, pad));
         self.encrypt(&iv, &mut out[start..])?;
         if self.encrypt_then_mac {
             let sealed = &out[fragment_start..];
-            let tag = self.mac.mac(&self.mac_key, &[&pseudo_header(epoch_seq, content_type, sealed.len()), sealed]);
+            let tag = self.mac.mac(&self.mac_key, &[&header.additional_data(content_type, sealed.len()), sealed]);
             out.extend(tag);
         }
         Some(())
@@ -165,22 +164,26 @@ mod tests {
                 [(&[7u8; 16][..], MacHash::Sha1), (&[9u8; 32][..], MacHash::Sha256), (&[3u8; 32][..], MacHash::Sha384)]
             {
                 let k = CbcKeys::new(key, &[1u8; 48][..mac.len()], mac, etm);
-                let es = [0, 1, 0, 0, 0, 0, 0, 5];
+                let es = Header { epoch_seq: &[0, 1, 0, 0, 0, 0, 0, 5], cid: None };
                 for len in [0, 1, 15, 16, 17, 100] {
                     let plain: Vec<u8> = (0..len as u8).collect();
                     let mut f = Vec::new();
-                    k.seal_into(&es, 23, &plain, &mut f).unwrap();
-                    assert_eq!(k.open(&es, 23, &f), Some(plain.clone()), "etm {etm} {mac:?} {len}");
-                    assert_eq!(k.open(&[0, 1, 0, 0, 0, 0, 0, 6], 23, &f), None, "wrong sequence number");
-                    assert_eq!(k.open(&es, 21, &f), None, "wrong type");
+                    k.seal_into(es, 23, &plain, &mut f).unwrap();
+                    assert_eq!(k.open(es, 23, &f), Some(plain.clone()), "etm {etm} {mac:?} {len}");
+                    assert_eq!(
+                        k.open(Header { epoch_seq: &[0, 1, 0, 0, 0, 0, 0, 6], cid: None }, 23, &f),
+                        None,
+                        "wrong sequence number"
+                    );
+                    assert_eq!(k.open(es, 21, &f), None, "wrong type");
                     for i in [0, f.len() / 2, f.len() - 1] {
                         let mut t = f.clone();
                         t[i] ^= 0x80;
-                        assert_eq!(k.open(&es, 23, &t), None, "flipped byte {i}");
+                        assert_eq!(k.open(es, 23, &t), None, "flipped byte {i}");
                     }
                 }
-                assert_eq!(k.open(&es, 23, &[0u8; 5]), None);
-                assert_eq!(k.open(&es, 23, &[]), None);
+                assert_eq!(k.open(es, 23, &[0u8; 5]), None);
+                assert_eq!(k.open(es, 23, &[]), None);
             }
         }
     }

@@ -74,7 +74,7 @@ impl DtlsClient {
                 self.hellos_sent += 1;
             }
             if self.overtake {
-                let mut parts: Vec<&[u8]> = super::records(&d).map(|r| r.bytes).collect();
+                let mut parts: Vec<&[u8]> = super::records(&d, 0).map(|r| r.bytes).collect();
                 parts.rotate_right(1);
                 for part in parts {
                     self.socket.send(part).unwrap();

@@ -8,11 +8,13 @@ use std::sync::{Arc, OnceLock};
 use hmac::{Hmac, KeyInit, Mac};
 use openssl::ex_data::Index;
 use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode, SslOptions, SslSessionCacheMode, SslVersion,
+    ExtensionContext, Ssl, SslAlert, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslMode, SslOptions,
+    SslSessionCacheMode, SslVersion,
 };
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+use super::cid::{self, Cid};
 use super::psk::{self, Refusal};
 use crate::identity::DeviceId;
 
@@ -41,6 +43,11 @@ pub struct Slots {
     pub device: Index<Ssl, DeviceId>,
     /// Why a PSK identity was refused; the handshake then fails like a wrong key would.
     pub refusal: Index<Ssl, Refusal>,
+    /// The CID the client's `connection_id` extension asked us to send with (RFC 9146).
+    pub client_cid: Index<Ssl, Box<[u8]>>,
+    /// The CID the peer table chose for this handshake; the ServerHello offers it to a client
+    /// that asked for CIDs. Unset when CIDs are off.
+    pub server_cid: Index<Ssl, Cid>,
 }
 
 impl Slots {
@@ -50,6 +57,8 @@ impl Slots {
             peer: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
             device: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
             refusal: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
+            client_cid: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
+            server_cid: Ssl::new_ex_index().expect("OpenSSL ex_data index"),
         })
     }
 }
@@ -121,6 +130,22 @@ pub fn build(
         let Some(peer) = ssl.ex_data(slots.peer).copied() else { return false };
         cookie_valid(&secret, unix_secs(), peer, presented)
     });
+
+    // OpenSSL 3.0 knows no CID, so the extension is negotiated here and the records it changes
+    // are the peer table's; a ServerHello carries it only when the ClientHello did.
+    b.add_custom_ext(
+        cid::EXTENSION,
+        ExtensionContext::TLS1_2_AND_BELOW_ONLY
+            | ExtensionContext::DTLS_ONLY
+            | ExtensionContext::CLIENT_HELLO
+            | ExtensionContext::TLS1_2_SERVER_HELLO,
+        move |ssl, _, _| Ok(ssl.ex_data(slots.server_cid).map(|c| cid::encode_extension(c.as_bytes()))),
+        move |ssl, _, body, _| {
+            let theirs = cid::decode_extension(body).ok_or(SslAlert::DECODE_ERROR)?;
+            ssl.set_ex_data(slots.client_cid, theirs.into());
+            Ok(())
+        },
+    )?;
 
     for (cert, key) in certificates {
         use_certificate(&mut b, cert, key)?;

@@ -6,14 +6,16 @@
 
 mod cbc;
 mod chain;
+pub mod cid;
 pub mod client;
 pub mod context;
+pub mod durable;
 mod ffi;
 pub mod peers;
 pub mod pipe;
 pub mod psk;
 pub mod quota;
-mod record;
+pub mod record;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -78,15 +80,21 @@ struct RawRecord<'a> {
 }
 
 /// The records one datagram carries: a datagram may hold several (RFC 6347 §4.1.1), e.g. a
-/// client's ClientKeyExchange, ChangeCipherSpec and Finished. Ends before a record that is cut
-/// short, which no DTLS stack reads either.
-fn records(mut datagram: &[u8]) -> impl Iterator<Item = RawRecord<'_>> {
+/// client's ClientKeyExchange, ChangeCipherSpec and Finished. A tls12_cid record's header holds
+/// a CID of `cid_len` bytes (ours: all of one length) before its length. Ends before a record
+/// that is cut short, which no DTLS stack reads either.
+fn records(mut datagram: &[u8], cid_len: usize) -> impl Iterator<Item = RawRecord<'_>> {
     std::iter::from_fn(move || {
-        let header = datagram.get(..RECORD_HEADER_LEN)?;
-        let len = u16::from_be_bytes([header[11], header[12]]) as usize;
-        let bytes = datagram.get(..RECORD_HEADER_LEN + len)?;
+        let content_type = *datagram.first()?;
+        let header_len = match content_type {
+            cid::CONTENT_TLS12_CID => RECORD_HEADER_LEN + cid_len,
+            _ => RECORD_HEADER_LEN,
+        };
+        let header = datagram.get(..header_len)?;
+        let len = u16::from_be_bytes([header[header_len - 2], header[header_len - 1]]) as usize;
+        let bytes = datagram.get(..header_len + len)?;
         datagram = &datagram[bytes.len()..];
-        Some(RawRecord { content_type: header[0], epoch: u16::from_be_bytes([header[3], header[4]]), bytes })
+        Some(RawRecord { content_type, epoch: u16::from_be_bytes([header[3], header[4]]), bytes })
     })
 }
 
@@ -108,7 +116,7 @@ mod tests {
     fn every_record_of_a_datagram_is_walked() {
         let parts = [record(22, 0, 70), record(20, 0, 1), record(22, 1, 40)];
         let datagram = parts.concat();
-        let walked: Vec<RawRecord> = records(&datagram).collect();
+        let walked: Vec<RawRecord> = records(&datagram, 0).collect();
         assert_eq!(
             walked,
             [
@@ -123,12 +131,12 @@ mod tests {
     fn a_record_cut_short_ends_the_walk() {
         let mut datagram = [record(22, 0, 70), record(22, 1, 40)].concat();
         datagram.truncate(datagram.len() - 1);
-        assert_eq!(records(&datagram).count(), 1);
-        assert_eq!(records(&datagram[..12]).count(), 0, "not even a header");
-        assert_eq!(records(&[]).count(), 0);
+        assert_eq!(records(&datagram, 0).count(), 1);
+        assert_eq!(records(&datagram[..12], 0).count(), 0, "not even a header");
+        assert_eq!(records(&[], 0).count(), 0);
         // A length that points past the end.
         let mut lying = record(23, 1, 4);
         lying[11..13].copy_from_slice(&[0xff, 0xff]);
-        assert_eq!(records(&lying).count(), 0);
+        assert_eq!(records(&lying, 0).count(), 0);
     }
 }

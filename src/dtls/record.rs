@@ -20,6 +20,7 @@ use sha2::{Sha256, Sha384};
 use smallvec::SmallVec;
 
 use super::cbc::{CbcKeys, MacHash};
+use super::cid::{self, CONTENT_TLS12_CID, Cid};
 
 type Aes128Ccm = Ccm<Aes128, U16, U12>;
 type Aes128Ccm8 = Ccm<Aes128, U8, U12>;
@@ -207,45 +208,169 @@ enum Protection {
 }
 
 impl Protection {
-    fn open(&self, epoch_seq: &[u8], content_type: u8, fragment: &[u8]) -> Option<Vec<u8>> {
+    fn open(&self, header: Header<'_>, content_type: u8, fragment: &[u8]) -> Option<Vec<u8>> {
         match self {
             Protection::Aead { cipher, iv } => {
                 let plain_len = fragment.len().checked_sub(EXPLICIT_NONCE_LEN + cipher.tag_len())?;
                 let mut nonce = [0u8; 12];
                 nonce[..4].copy_from_slice(iv);
                 nonce[4..].copy_from_slice(&fragment[..EXPLICIT_NONCE_LEN]);
-                let aad = pseudo_header(epoch_seq, content_type, plain_len);
+                let aad = header.additional_data(content_type, plain_len);
                 cipher.open(&nonce, &aad, &fragment[EXPLICIT_NONCE_LEN..])
             }
-            Protection::Cbc(keys) => keys.open(epoch_seq, content_type, fragment),
+            Protection::Cbc(keys) => keys.open(header, content_type, fragment),
         }
     }
 
     /// Appends the record's fragment for `plain` to `out`.
-    fn seal_into(&self, epoch_seq: &[u8; 8], content_type: u8, plain: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    fn seal_into(&self, header: Header<'_>, content_type: u8, plain: &[u8], out: &mut Vec<u8>) -> Option<()> {
         match self {
             Protection::Aead { cipher, iv } => {
                 // The explicit nonce is the record's own epoch and sequence number: unique per key.
                 let mut nonce = [0u8; 12];
                 nonce[..4].copy_from_slice(iv);
-                nonce[4..].copy_from_slice(epoch_seq);
-                let aad = pseudo_header(epoch_seq, content_type, plain.len());
-                out.extend_from_slice(epoch_seq);
+                nonce[4..].copy_from_slice(header.epoch_seq);
+                let aad = header.additional_data(content_type, plain.len());
+                out.extend_from_slice(header.epoch_seq);
                 let start = out.len();
                 out.extend_from_slice(plain);
                 let tag = cipher.seal_in_place(&nonce, &aad, &mut out[start..])?;
                 out.extend_from_slice(&tag);
                 Some(())
             }
-            Protection::Cbc(keys) => keys.seal_into(epoch_seq, content_type, plain, out),
+            Protection::Cbc(keys) => keys.seal_into(header, content_type, plain, out),
         }
     }
+}
+
+/// What a record's MAC or AEAD tag covers besides its content: its epoch and sequence number,
+/// and for a tls12_cid record the CID it carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Header<'a> {
+    pub epoch_seq: &'a [u8],
+    pub cid: Option<&'a [u8]>,
+}
+
+impl Header<'_> {
+    /// RFC 5246 §6.2.3.1 and §6.2.3.3 with DTLS's epoch and sequence number (type, version,
+    /// length after them); for a CID record RFC 9146 §5: a placeholder of eight 0xff, the
+    /// tls12_cid type, the CID's length, the type again, version, epoch, sequence number, the CID
+    /// and the length (of the inner plaintext, or of the ciphertext under encrypt-then-MAC).
+    pub fn additional_data(&self, content_type: u8, len: usize) -> SmallVec<[u8; 64]> {
+        let mut aad = SmallVec::new();
+        match self.cid {
+            None => {
+                aad.extend_from_slice(self.epoch_seq);
+                aad.push(content_type);
+                aad.extend_from_slice(&DTLS_1_2);
+            }
+            Some(cid) => {
+                aad.extend_from_slice(&[0xff; 8]);
+                aad.extend_from_slice(&[CONTENT_TLS12_CID, cid.len() as u8, CONTENT_TLS12_CID]);
+                aad.extend_from_slice(&DTLS_1_2);
+                aad.extend_from_slice(self.epoch_seq);
+                aad.extend_from_slice(cid);
+            }
+        }
+        aad.extend_from_slice(&(len as u16).to_be_bytes());
+        aad
+    }
+}
+
+/// What a session's record protection is made of, as kept in the store: the negotiated suite,
+/// RFC 7366's choice, and the key block derived from the master secret (the secret itself is
+/// not kept).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keys {
+    pub suite: [u8; 2],
+    pub encrypt_then_mac: bool,
+    pub block: Vec<u8>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keys({})", hex::encode(self.suite))
+    }
+}
+
+impl Keys {
+    /// The keys of the handshake OpenSSL ran on `ssl`, once it has the master secret (after the
+    /// client's key exchange); `encrypt_then_mac` when its ServerHello agreed to RFC 7366 (CBC
+    /// suites only). `None` for a suite this layer does not implement.
+    pub fn of_handshake(ssl: &SslRef, encrypt_then_mac: bool) -> Option<Keys> {
+        let suite = ssl.current_cipher()?.protocol_id();
+        let (algorithm, hash) = self::suite(suite)?;
+        let mut master = [0u8; 48];
+        let n = ssl.session()?.master_key(&mut master);
+        if n == 0 {
+            return None; // the client's key exchange has not been read yet
+        }
+        let mut client_random = [0u8; 32];
+        let mut server_random = [0u8; 32];
+        ssl.client_random(&mut client_random);
+        ssl.server_random(&mut server_random);
+        let seed = [&server_random[..], &client_random[..]].concat();
+        let block = prf(hash, &master[..n], b"key expansion", &seed, 2 * key_lens(algorithm).iter().sum::<usize>());
+        Some(Keys { suite, encrypt_then_mac, block })
+    }
+
+    /// Both directions' protection: (client to server, server to client).
+    fn protections(&self) -> Option<(Protection, Protection)> {
+        let (algorithm, _) = suite(self.suite)?;
+        let [mac_len, key_len, iv_len] = key_lens(algorithm);
+        if self.block.len() != 2 * (mac_len + key_len + iv_len) {
+            return None;
+        }
+        // RFC 5246 §6.3: MAC keys, keys, then implicit IVs (AEAD only).
+        let (client_mac, rest) = self.block.split_at(mac_len);
+        let (server_mac, rest) = rest.split_at(mac_len);
+        let (client_key, rest) = rest.split_at(key_len);
+        let (server_key, ivs) = rest.split_at(key_len);
+        let etm = self.encrypt_then_mac;
+        Some(match algorithm {
+            Algorithm::Cbc { mac, .. } => (
+                Protection::Cbc(Box::new(CbcKeys::new(client_key, client_mac, mac, etm))),
+                Protection::Cbc(Box::new(CbcKeys::new(server_key, server_mac, mac, etm))),
+            ),
+            _ => (
+                Protection::Aead { cipher: Cipher::new(algorithm, client_key)?, iv: ivs[..4].try_into().ok()? },
+                Protection::Aead { cipher: Cipher::new(algorithm, server_key)?, iv: ivs[4..8].try_into().ok()? },
+            ),
+        })
+    }
+}
+
+/// MAC key, key and implicit IV lengths of one direction.
+fn key_lens(algorithm: Algorithm) -> [usize; 3] {
+    match algorithm {
+        Algorithm::Cbc { key_len, mac } => [mac.len(), key_len, 0],
+        Algorithm::Aes256Gcm => [0, 32, 4],
+        _ => [0, 16, 4],
+    }
+}
+
+/// The connection IDs a session negotiated (RFC 9146).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cids {
+    /// Ours: the client puts it on every record it sends. `None` without CID.
+    pub ours: Option<Cid>,
+    /// The client's: we put it on every record we send. Empty when the client asked for records
+    /// without one.
+    pub theirs: Box<[u8]>,
+}
+
+/// Where the anti-replay window stands, as kept in the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayPosition {
+    pub next: u64,
+    pub seen: u64,
 }
 
 /// An established session's keys and counters (server side).
 pub struct Session {
     read: Protection,
     write: Protection,
+    cids: Cids,
     write_seq: u64,
     replay: ReplayWindow,
     /// The server's last flight (ChangeCipherSpec, Finished), resent if the client shows it was
@@ -254,78 +379,97 @@ pub struct Session {
 }
 
 impl Session {
-    /// The session OpenSSL just established on `ssl`, whose last flight was `final_flight`;
-    /// `encrypt_then_mac` when its ServerHello agreed to RFC 7366 (CBC suites only).
-    /// `None` for a suite this layer does not implement.
-    pub fn from_handshake(ssl: &SslRef, final_flight: Vec<Bytes>, encrypt_then_mac: bool) -> Option<Session> {
-        let (algorithm, hash) = suite(ssl.current_cipher()?.protocol_id())?;
-        let mut master = [0u8; 48];
-        if ssl.session()?.master_key(&mut master) != 48 {
-            return None;
-        }
-        let (mut client_random, mut server_random) = ([0u8; 32], [0u8; 32]);
-        ssl.client_random(&mut client_random);
-        ssl.server_random(&mut server_random);
-        let seed = [&server_random[..], &client_random[..]].concat();
-        // RFC 5246 §6.3: client and server MAC keys, keys, then implicit IVs (AEAD only).
-        let (mac_len, key_len, iv_len) = match algorithm {
-            Algorithm::Cbc { key_len, mac } => (mac.len(), key_len, 0),
-            Algorithm::Aes256Gcm => (0, 32, 4),
-            _ => (0, 16, 4),
-        };
-        let block = prf(hash, &master, b"key expansion", &seed, 2 * (mac_len + key_len + iv_len));
-        let (client_mac, rest) = block.split_at(mac_len);
-        let (server_mac, rest) = rest.split_at(mac_len);
-        let (client_key, rest) = rest.split_at(key_len);
-        let (server_key, ivs) = rest.split_at(key_len);
-        let (read, write) = match algorithm {
-            Algorithm::Cbc { mac, .. } => (
-                Protection::Cbc(Box::new(CbcKeys::new(client_key, client_mac, mac, encrypt_then_mac))),
-                Protection::Cbc(Box::new(CbcKeys::new(server_key, server_mac, mac, encrypt_then_mac))),
-            ),
-            _ => (
-                Protection::Aead { cipher: Cipher::new(algorithm, client_key)?, iv: ivs[..4].try_into().ok()? },
-                Protection::Aead { cipher: Cipher::new(algorithm, server_key)?, iv: ivs[4..8].try_into().ok()? },
-            ),
-        };
+    /// A session under `keys` whose next record sent has sequence number `write_seq` and whose
+    /// replay window stands at `replay`.
+    pub fn new(keys: &Keys, cids: Cids, write_seq: u64, replay: ReplayPosition) -> Option<Session> {
+        let (read, write) = keys.protections()?;
+        let replay = ReplayWindow { next: replay.next, seen: replay.seen };
+        Some(Session { read, write, cids, write_seq, replay, final_flight: None })
+    }
+
+    /// The session OpenSSL just established under `keys`, whose last flight was `final_flight`:
+    /// what it sent under the new keys is sent again with the client's CID (RFC 9146 applies to
+    /// every record of the new epoch, Finished included).
+    pub fn from_handshake(keys: &Keys, cids: Cids, final_flight: Vec<Bytes>) -> Option<Session> {
         // The Finished in the final flight already used epoch 1's first sequence number(s).
         let write_seq = final_flight.iter().filter_map(|d| last_seq(d, EPOCH)).max().map_or(0, |s| s + 1);
-        Some(Session {
-            read,
-            write,
-            write_seq,
-            replay: ReplayWindow::default(),
-            final_flight: Some(final_flight.into_boxed_slice()),
-        })
+        let mut session = Session::new(keys, cids, write_seq, ReplayPosition::default())?;
+        let flight = final_flight.iter().map(|d| session.with_cid(d)).collect::<Option<Vec<Bytes>>>()?;
+        session.final_flight = Some(flight.into_boxed_slice());
+        Some(session)
+    }
+
+    pub fn cids(&self) -> &Cids {
+        &self.cids
+    }
+
+    /// The sequence number the next record sent will have.
+    pub fn write_seq(&self) -> u64 {
+        self.write_seq
+    }
+
+    pub fn replay_position(&self) -> ReplayPosition {
+        ReplayPosition { next: self.replay.next, seen: self.replay.seen }
     }
 
     /// The records of one datagram that authenticate and are not replays; anything else is
-    /// discarded silently, as DTLS requires (RFC 6347 §4.1.2.7).
-    pub fn open(&mut self, mut datagram: &[u8], mut each: impl FnMut(Record)) {
-        while datagram.len() >= HEADER_LEN {
-            let len = u16::from_be_bytes([datagram[11], datagram[12]]) as usize;
-            let Some(record) = datagram.get(..HEADER_LEN + len) else { return };
-            datagram = &datagram[HEADER_LEN + len..];
-            if let Some(r) = self.open_record(record) {
+    /// discarded silently, as DTLS requires (RFC 6347 §4.1.2.7). True if one of them was the
+    /// newest the session has read: only such a record may move the session to its source
+    /// address (RFC 9146 §6), so a replayed or delayed one cannot pull it back.
+    pub fn open(&mut self, datagram: &[u8], mut each: impl FnMut(Record)) -> bool {
+        let mut newest = false;
+        for record in super::records(datagram, self.cid_len()) {
+            let was_next = self.replay.next;
+            if let Some(r) = self.open_record(record.bytes) {
+                newest |= self.replay.next > was_next;
                 if matches!(r, Record::Data(_)) {
                     self.final_flight = None;
                 }
                 each(r);
             }
         }
+        newest
     }
 
-    fn open_record(&mut self, record: &[u8]) -> Option<Record> {
-        let content_type = record[0];
+    fn cid_len(&self) -> usize {
+        self.cids.ours.map_or(0, |c| c.len())
+    }
+
+    /// The content type and plaintext of one record under the read keys, and its sequence
+    /// number; the replay window is not consulted.
+    fn decrypt(&self, record: &[u8]) -> Option<(u8, Vec<u8>, u64)> {
         let epoch = u16::from_be_bytes([record[3], record[4]]);
         if epoch != EPOCH || record[1..3] != DTLS_1_2 {
             return None;
         }
         let seq = seq48(&record[5..11]);
+        let epoch_seq = &record[3..11];
+        match (record[0], self.cids.ours) {
+            (CONTENT_TLS12_CID, Some(ours)) => {
+                let cid = record.get(cid::OFFSET..cid::OFFSET + ours.len())?;
+                if cid != ours.as_bytes() {
+                    return None;
+                }
+                let header = Header { epoch_seq, cid: Some(cid) };
+                let inner = self.read.open(header, CONTENT_TLS12_CID, record.get(HEADER_LEN + ours.len()..)?)?;
+                let (content_type, content) = inner_plaintext(inner)?;
+                Some((content_type, content, seq))
+            }
+            // With a CID negotiated, records without it are not the client's (RFC 9146 §4).
+            (CONTENT_TLS12_CID, None) | (_, Some(_)) => None,
+            (content_type, None) => {
+                let header = Header { epoch_seq, cid: None };
+                Some((content_type, self.read.open(header, content_type, &record[HEADER_LEN..])?, seq))
+            }
+        }
+    }
+
+    fn open_record(&mut self, record: &[u8]) -> Option<Record> {
+        let seq = seq48(record.get(5..11)?);
         if !self.replay.is_fresh(seq) {
             return None;
         }
-        let plain = self.read.open(&record[3..11], content_type, &record[HEADER_LEN..])?;
+        let (content_type, plain, seq) = self.decrypt(record)?;
         self.replay.mark(seq);
         match content_type {
             CONTENT_APPLICATION_DATA => Some(Record::Data(plain)),
@@ -333,6 +477,36 @@ impl Session {
             CONTENT_HANDSHAKE => Some(Record::Handshake),
             _ => None,
         }
+    }
+
+    /// A client's tls12_cid record during the handshake (its Finished), as the plain record of
+    /// the same content, epoch and sequence number OpenSSL reads; `None` if it does not
+    /// authenticate.
+    pub fn without_cid(&self, record: &[u8]) -> Option<Vec<u8>> {
+        let (content_type, plain, _) = self.decrypt(record)?;
+        let mut out = record_header(content_type, &record[3..11], None);
+        let header = Header { epoch_seq: &record[3..11], cid: None };
+        self.read.seal_into(header, content_type, &plain, &mut out)?;
+        Some(set_length(out, HEADER_LEN))
+    }
+
+    /// `datagram` (one OpenSSL sent) with its records of the new epoch carrying the client's CID.
+    fn with_cid(&self, datagram: &Bytes) -> Option<Bytes> {
+        if self.cids.theirs.is_empty() {
+            return Some(datagram.clone());
+        }
+        let mut out = Vec::with_capacity(datagram.len() + 16 + self.cids.theirs.len());
+        for record in super::records(datagram, 0) {
+            let b = record.bytes;
+            if record.epoch != EPOCH {
+                out.extend_from_slice(b);
+                continue;
+            }
+            let header = Header { epoch_seq: &b[3..11], cid: None };
+            let plain = self.write.open(header, b[0], &b[HEADER_LEN..])?;
+            self.seal_record(b[3..11].try_into().ok()?, b[0], &plain, &mut out)?;
+        }
+        Some(Bytes::from(out))
     }
 
     /// One record of `content_type` carrying `plaintext`, as a datagram.
@@ -346,21 +520,63 @@ impl Session {
         epoch_seq[..2].copy_from_slice(&EPOCH.to_be_bytes());
         epoch_seq[2..].copy_from_slice(&seq.to_be_bytes()[2..]);
         // Room for the explicit nonce or IV, a MAC or tag and CBC padding: one allocation.
-        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + 96);
-        out.push(content_type);
-        out.extend_from_slice(&DTLS_1_2);
-        out.extend_from_slice(&epoch_seq);
-        out.extend_from_slice(&[0, 0]); // length, known once sealed
-        self.write.seal_into(&epoch_seq, content_type, plaintext, &mut out)?;
-        let len = (out.len() - HEADER_LEN) as u16;
-        out[11..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        let mut out = Vec::with_capacity(HEADER_LEN + self.cids.theirs.len() + plaintext.len() + 97);
+        self.seal_record(epoch_seq, content_type, plaintext, &mut out)?;
         Some(Bytes::from(out))
+    }
+
+    /// Appends one record to `out`: a tls12_cid record when the client gave a CID (RFC 9146 §4:
+    /// the content, then its real type, no padding), a plain one otherwise.
+    fn seal_record(&self, epoch_seq: [u8; 8], content_type: u8, plaintext: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let start = out.len();
+        if self.cids.theirs.is_empty() {
+            out.extend(record_header(content_type, &epoch_seq, None));
+            self.write.seal_into(Header { epoch_seq: &epoch_seq, cid: None }, content_type, plaintext, out)?;
+            finish_length(out, start, HEADER_LEN);
+            return Some(());
+        }
+        let cid = &self.cids.theirs[..];
+        out.extend(record_header(CONTENT_TLS12_CID, &epoch_seq, Some(cid)));
+        let inner = [plaintext, &[content_type]].concat();
+        self.write.seal_into(Header { epoch_seq: &epoch_seq, cid: Some(cid) }, CONTENT_TLS12_CID, &inner, out)?;
+        finish_length(out, start, HEADER_LEN + cid.len());
+        Some(())
     }
 
     /// The final flight again, if the client may still be missing it.
     pub fn final_flight(&self) -> &[Bytes] {
         self.final_flight.as_deref().unwrap_or_default()
     }
+}
+
+/// A record's header with its length left 0: type, version, epoch and sequence, CID, length.
+fn record_header(content_type: u8, epoch_seq: &[u8], cid: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + cid.map_or(0, <[u8]>::len));
+    out.push(content_type);
+    out.extend_from_slice(&DTLS_1_2);
+    out.extend_from_slice(epoch_seq);
+    out.extend_from_slice(cid.unwrap_or_default());
+    out.extend_from_slice(&[0, 0]);
+    out
+}
+
+/// Writes the length of the record starting at `start` of `out`, whose header is `header_len`.
+fn finish_length(out: &mut [u8], start: usize, header_len: usize) {
+    let len = (out.len() - start - header_len) as u16;
+    out[start + header_len - 2..start + header_len].copy_from_slice(&len.to_be_bytes());
+}
+
+fn set_length(mut record: Vec<u8>, header_len: usize) -> Vec<u8> {
+    finish_length(&mut record, 0, header_len);
+    record
+}
+
+/// DTLSInnerPlaintext (RFC 9146 §4): the content, its real type, then zeros.
+fn inner_plaintext(mut inner: Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    let end = inner.iter().rposition(|&b| b != 0)?;
+    let content_type = inner[end];
+    inner.truncate(end);
+    Some((content_type, inner))
 }
 
 /// Whether the ServerHello among the records of `datagram` (one the server sent) agrees to
@@ -412,16 +628,8 @@ fn seq48(b: &[u8]) -> u64 {
 }
 
 /// The highest sequence number of `epoch` among the records of a datagram we sent.
-pub fn last_seq(mut datagram: &[u8], epoch: u16) -> Option<u64> {
-    let mut last = None;
-    while datagram.len() >= HEADER_LEN {
-        if u16::from_be_bytes([datagram[3], datagram[4]]) == epoch {
-            last = last.max(Some(seq48(&datagram[5..11])));
-        }
-        let len = u16::from_be_bytes([datagram[11], datagram[12]]) as usize;
-        datagram = datagram.get(HEADER_LEN + len..)?;
-    }
-    last
+pub fn last_seq(datagram: &[u8], epoch: u16) -> Option<u64> {
+    super::records(datagram, 0).filter(|r| r.epoch == epoch).map(|r| seq48(&r.bytes[5..11])).max()
 }
 
 /// A fatal alert in a plaintext record, for a handshake whose keys never agreed: the client
@@ -436,17 +644,6 @@ pub fn plaintext_alert(seq: u64, level: u8, description: u8) -> Bytes {
     out.extend_from_slice(&2u16.to_be_bytes());
     out.extend_from_slice(&[level, description]);
     Bytes::from(out)
-}
-
-/// What a record's MAC or AEAD tag also covers (RFC 5246 §6.2.3.1 and §6.2.3.3, with DTLS's
-/// epoch and sequence number): sequence number, type, version, length.
-pub fn pseudo_header(epoch_seq: &[u8], content_type: u8, plain_len: usize) -> [u8; 13] {
-    let mut aad = [0u8; 13];
-    aad[..8].copy_from_slice(epoch_seq);
-    aad[8] = content_type;
-    aad[9..11].copy_from_slice(&DTLS_1_2);
-    aad[11..].copy_from_slice(&(plain_len as u16).to_be_bytes());
-    aad
 }
 
 #[cfg(test)]
@@ -540,7 +737,8 @@ mod tests {
         assert!(server.ssl().is_init_finished(), "{cipher}: handshake");
         let cbc = !(cipher.contains("GCM") || cipher.contains("CCM"));
         assert_eq!(etm, cbc && client_offers_etm, "{cipher}: encrypt-then-MAC only for CBC suites, when offered");
-        let mut session = Session::from_handshake(server.ssl(), final_flight, etm).expect("supported suite");
+        let keys = Keys::of_handshake(server.ssl(), etm).expect("supported suite");
+        let mut session = Session::from_handshake(&keys, Cids::default(), final_flight).unwrap();
         // client → session
         client.ssl_write(b"from the client").unwrap();
         let mut got = Vec::new();
@@ -596,6 +794,84 @@ mod tests {
         b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
         b.sign(key, openssl::hash::MessageDigest::sha256()).unwrap();
         b.build()
+    }
+
+    /// A server session with CID `010203040506` and the client's mirror of it, which puts
+    /// `theirs` on what it receives.
+    fn cid_pair(id: [u8; 2], etm: bool, theirs: &[u8]) -> (Session, Session) {
+        let (algorithm, _) = suite(id).unwrap();
+        let keys = Keys {
+            suite: id,
+            encrypt_then_mac: etm,
+            block: (0..2 * key_lens(algorithm).iter().sum::<usize>() as u8).collect(),
+        };
+        let ours = Cid::new(&[1, 2, 3, 4, 5, 6]).unwrap();
+        let server =
+            Session::new(&keys, Cids { ours: Some(ours), theirs: theirs.into() }, 0, ReplayPosition::default());
+        let (c2s, s2c) = keys.protections().unwrap();
+        let mirrored =
+            Cids { ours: Some(theirs).filter(|c| !c.is_empty()).and_then(Cid::new), theirs: ours.as_bytes().into() };
+        let client = Session {
+            read: s2c,
+            write: c2s,
+            cids: mirrored,
+            write_seq: 0,
+            replay: ReplayWindow::default(),
+            final_flight: None,
+        };
+        (server.unwrap(), client)
+    }
+
+    fn opened(session: &mut Session, datagram: &[u8]) -> Vec<Record> {
+        let mut got = Vec::new();
+        session.open(datagram, |r| got.push(r));
+        got
+    }
+
+    #[test]
+    fn cid_records_carry_their_cid_and_authenticate_it() {
+        // AEAD (CCM_8, GCM) and CBC with HMAC, MAC-then-encrypt and encrypt-then-MAC.
+        for (id, etm) in [([0xc0, 0xa8], false), ([0x00, 0xa8], false), ([0x00, 0xae], false), ([0x00, 0xae], true)] {
+            for theirs in [&[0xc1, 0x1d][..], &[]] {
+                let (mut server, mut client) = cid_pair(id, etm, theirs);
+                let up = client.seal(CONTENT_APPLICATION_DATA, b"up").unwrap();
+                assert_eq!((up[0], &up[11..17]), (CONTENT_TLS12_CID, &[1, 2, 3, 4, 5, 6][..]), "type 25, our CID");
+                assert_eq!(opened(&mut server, &up), [Record::Data(b"up".to_vec())], "{id:?} {etm}");
+                assert!(opened(&mut server, &up).is_empty(), "a replay");
+                let mut tampered = client.seal(CONTENT_APPLICATION_DATA, b"up").unwrap().to_vec();
+                tampered[16] ^= 1;
+                assert!(opened(&mut server, &tampered).is_empty(), "the CID is authenticated");
+
+                let down = server.seal(CONTENT_APPLICATION_DATA, b"down").unwrap();
+                let expected_type = if theirs.is_empty() { CONTENT_APPLICATION_DATA } else { CONTENT_TLS12_CID };
+                assert_eq!(down[0], expected_type, "with the client's CID, or none if it gave an empty one");
+                assert_eq!(opened(&mut client, &down), [Record::Data(b"down".to_vec())], "{id:?} {etm}");
+
+                // The client's Finished, rewritten for OpenSSL, is a plain record of the same keys.
+                let finished = client.seal(CONTENT_HANDSHAKE, b"finished").unwrap();
+                let plain = server.without_cid(&finished).unwrap();
+                assert_eq!((plain[0], &plain[3..11]), (CONTENT_HANDSHAKE, &finished[3..11]));
+                let mut no_cid = cid_pair(id, etm, &[]).0;
+                no_cid.cids = Cids::default();
+                assert_eq!(opened(&mut no_cid, &plain), [Record::Handshake]);
+                assert!(opened(&mut server, &plain).is_empty(), "with a CID, records without one are refused");
+            }
+        }
+    }
+
+    #[test]
+    fn a_restored_session_refuses_what_it_read_before_and_sends_past_what_it_reserved() {
+        let (mut server, mut client) = cid_pair([0xc0, 0xa8], false, &[0xc1, 0x1d]);
+        let before = client.seal(CONTENT_APPLICATION_DATA, b"before").unwrap();
+        assert_eq!(opened(&mut server, &before).len(), 1);
+        let keys = Keys { suite: [0xc0, 0xa8], encrypt_then_mac: false, block: (0..40).collect() };
+        let mut restored = Session::new(&keys, server.cids().clone(), 1024, server.replay_position()).unwrap();
+        assert!(opened(&mut restored, &before).is_empty(), "read before the crash");
+        let after = client.seal(CONTENT_APPLICATION_DATA, b"after").unwrap();
+        assert_eq!(opened(&mut restored, &after), [Record::Data(b"after".to_vec())]);
+        let down = restored.seal(CONTENT_APPLICATION_DATA, b"down").unwrap();
+        assert_eq!(seq48(&down[5..11]), 1024);
+        assert_eq!(opened(&mut client, &down).len(), 1);
     }
 
     /// Every suite the server offers has a record layer here.

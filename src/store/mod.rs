@@ -66,8 +66,11 @@ pub const CF_DECODE_QUEUE: &str = "decode_queue";
 pub const CF_DECODED: &str = "decoded";
 /// `device id` → its shadow ([`crate::shadow::document::Shadow`]).
 pub const CF_SHADOWS: &str = "shadows";
+/// `session id | k` → an established DTLS session's keys, `session id | s` → where it stands
+/// (`dtls::durable`).
+pub const CF_DTLS_SESSIONS: &str = "dtls_sessions";
 
-const ALL_CFS: [&str; 22] = [
+const ALL_CFS: [&str; 23] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -90,6 +93,7 @@ const ALL_CFS: [&str; 22] = [
     CF_DECODE_QUEUE,
     CF_DECODED,
     CF_SHADOWS,
+    CF_DTLS_SESSIONS,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";

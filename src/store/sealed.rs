@@ -51,6 +51,31 @@ fn open(stored: &str) -> Result<String, String> {
     String::from_utf8(plain).map_err(|_| "a sealed secret is not text".into())
 }
 
+/// A binary record holding secrets (a DTLS session's keys): one byte saying how it is kept (0
+/// as given, 1 sealed), then the bytes, or the nonce and ciphertext.
+pub fn seal_bytes(plain: &[u8]) -> Vec<u8> {
+    let Some(cipher) = KEY.get() else { return [&[0u8][..], plain].concat() };
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let sealed = cipher.encrypt(&Nonce::<Aes256Gcm>::from(nonce), plain).expect("AES-GCM seals any length");
+    [&[1u8][..], &nonce, &sealed].concat()
+}
+
+/// The bytes [`seal_bytes`] kept.
+pub fn open_bytes(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
+    match stored.split_first() {
+        Some((0, plain)) => Ok(plain.to_vec()),
+        Some((1, sealed)) if sealed.len() >= NONCE_LEN => {
+            let cipher = KEY.get().ok_or("sealed and no store.secrets_key is set")?;
+            let (nonce, sealed) = sealed.split_at(NONCE_LEN);
+            let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at the nonce length");
+            cipher
+                .decrypt(&Nonce::<Aes256Gcm>::from(nonce), sealed)
+                .map_err(|_| "does not open with store.secrets_key (another key sealed it)")
+        }
+        _ => Err("not a sealed record"),
+    }
+}
+
 /// `#[serde(with = "sealed::secret")]` for a [`Secret`].
 pub mod secret {
     use super::*;

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use crate::clock::Now;
 use crate::coap::endpoint::{Actions, Endpoint, Transmit};
 use crate::coap::resource::Resources;
+use crate::store::Ops;
 
 /// Datagrams to send, each with its destination.
 pub type Wire = Vec<(SocketAddr, Bytes)>;
@@ -38,6 +39,9 @@ pub trait Link {
     fn poll_timeout(&self) -> Option<Instant>;
 
     fn handle_timeout(&mut self, now: Instant, wire: &mut Wire);
+
+    /// What the store must write for the link's own state (DTLS sessions), in order.
+    fn take_writes(&mut self) -> Ops;
 
     /// Publishes the link's counters as metrics (about once a second).
     fn export_stats(&mut self, port: &'static str);
@@ -72,6 +76,10 @@ impl Link for Plain {
     }
 
     fn handle_timeout(&mut self, _now: Instant, _wire: &mut Wire) {}
+
+    fn take_writes(&mut self) -> Ops {
+        Ops::new()
+    }
 
     fn export_stats(&mut self, _port: &'static str) {}
 }

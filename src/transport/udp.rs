@@ -44,6 +44,37 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocke
     Ok(sockets)
 }
 
+/// Makes the kernel hand a datagram whose first record carries a Connection ID to the socket
+/// the CID's first byte names (modulo `sockets`; see `dtls::cid`), wherever it comes from: the
+/// SO_REUSEPORT hash of a new address would pick any socket, and only one holds the session.
+/// Other datagrams keep the kernel's hash (a program's answer beyond the group falls back to it).
+pub fn steer_by_cid(socket: &std::net::UdpSocket, sockets: usize) -> io::Result<()> {
+    use crate::dtls::cid::{CONTENT_TLS12_CID, OFFSET};
+    // Classic BPF over the UDP payload: A = byte 0; if A == 25 { A = byte OFFSET; return A % n }
+    // else return u32::MAX.
+    let insn = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        insn((libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16, 0, 0, 0),
+        insn((libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16, 0, 3, CONTENT_TLS12_CID as u32),
+        insn((libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16, 0, 0, OFFSET as u32),
+        insn((libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, 0, 0, sockets as u32),
+        insn((libc::BPF_RET | libc::BPF_A) as u16, 0, 0, 0),
+        insn((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
+    ];
+    let prog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies it.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// Metric handles for one port, registered once rather than looked up per datagram.
 struct PortMetrics {
     port: &'static str,
@@ -216,6 +247,9 @@ async fn flush(
     outbox: &mut Wire,
     m: &mut PortMetrics,
 ) {
+    // The link's state first: a DTLS session's replay window is durable no later than what
+    // its records caused.
+    submit_detached(writer, link.take_writes());
     for (ticket, ops) in actions.writes.drain(..) {
         let completion = match ticket {
             Some(ticket) => Completion::Endpoint { sink: sink.clone(), ticket: ticket.into() },
@@ -227,6 +261,8 @@ async fn flush(
         m.count_response(&t.data);
     }
     link.seal(actions.transmits.drain(..), outbox);
+    // Write sequence numbers reserved while sealing are asked for before the records go out.
+    submit_detached(writer, link.take_writes());
     let mut sent = 0;
     while sent < outbox.len() {
         match socket.try_io(Interest::WRITABLE, || mmsg::send(socket.as_raw_fd(), &outbox[sent..])) {
@@ -249,6 +285,12 @@ async fn flush(
         }
     }
     outbox.clear();
+}
+
+fn submit_detached(writer: &Writer, ops: Ops) {
+    if !ops.is_empty() {
+        writer.submit(Job { ops, completion: Completion::Detached });
+    }
 }
 
 fn export_stats<R: Resources>(endpoint: &mut Endpoint<R>, port: &'static str) {

@@ -118,6 +118,16 @@ impl Server {
         self.spawn();
     }
 
+    /// kill -9, then starts again on the same data directory with the DTLS port it had: what a
+    /// device that keeps its session across the restart talks to.
+    pub fn restart_keeping_dtls_port(&mut self) {
+        self.kill9();
+        let dtls = self.endpoints.dtls.to_string();
+        self.extra_env.retain(|(k, _)| k != "NBHUB_DTLS_LISTEN");
+        self.extra_env.push(("NBHUB_DTLS_LISTEN".into(), dtls));
+        self.spawn();
+    }
+
     /// SIGTERM and the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
@@ -575,6 +585,81 @@ impl Wire for nbhub::dtls::client::DtlsClient {
     }
     fn recv(&mut self, within: Duration) -> Option<Vec<u8>> {
         nbhub::dtls::client::DtlsClient::recv(self, within)
+    }
+}
+
+/// The RFC 9146 Connection ID client (`tests/cid_client`, on wolfSSL; `scripts/install-deps`
+/// builds it), driven line by line over its stdin and stdout.
+pub struct CidClient {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    /// Whether the handshake negotiated a CID.
+    pub cid: bool,
+    /// The source port it sends from.
+    pub port: u16,
+}
+
+impl CidClient {
+    /// Handshakes with `server` as PSK `identity`, offering `cid` (hex, "-" for an empty CID,
+    /// "none" for no extension).
+    pub fn connect(server: SocketAddr, identity: &str, psk: &[u8], suite: &str, cid: &str) -> CidClient {
+        use std::io::BufRead;
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cid-client/nbhub-cid-client");
+        assert!(bin.exists(), "{} is missing: run scripts/install-deps (it builds it)", bin.display());
+        let mut child = Command::new(bin)
+            .args([&server.ip().to_string(), &server.port().to_string(), identity, &hex::encode(psk), suite, cid])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the CID client");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields.first(), Some(&"ok"), "handshake: {line}");
+        let value = |k: &str| fields.iter().find_map(|f| f.strip_prefix(k)).unwrap().to_string();
+        CidClient { cid: value("cid=") == "1", port: value("port=").parse().unwrap(), out, child }
+    }
+
+    fn command(&mut self, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        let mut answer = String::new();
+        self.out.read_line(&mut answer).unwrap();
+        answer.trim_end().to_string()
+    }
+
+    /// Moves to a new socket (a new source port, as after a NAT rebinding), keeping the session.
+    pub fn rebind(&mut self) -> u16 {
+        let answer = self.command("rebind");
+        self.port = answer.strip_prefix("port ").expect(&answer).parse().unwrap();
+        self.port
+    }
+
+    /// Sends the last datagram again, byte for byte.
+    pub fn replay(&mut self) {
+        assert_eq!(self.command("replay"), "replayed");
+    }
+}
+
+impl Wire for CidClient {
+    fn send(&mut self, data: &[u8]) {
+        let answer = self.command(&format!("send {}", hex::encode(data)));
+        assert_eq!(answer, "sent");
+    }
+
+    fn recv(&mut self, within: Duration) -> Option<Vec<u8>> {
+        let answer = self.command(&format!("recv {}", within.as_millis()));
+        answer.strip_prefix("data ").map(|h| hex::decode(h).unwrap())
+    }
+}
+
+impl Drop for CidClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
