@@ -11,7 +11,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 mod common;
-use nbhub::dtls::peers::{Limits, PeerTable};
+use nbhub::dtls::peers::{Limits, PeerTable, Socket};
 use nbhub::dtls::pipe::Pipe;
 use nbhub::dtls::quota::{PrefixLengths, Quotas};
 use nbhub::identity::DeviceName;
@@ -52,6 +52,7 @@ fn fixture(suite: &str) -> Fixture {
         handshake_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(3600),
         mtu: 1280,
+        cid_len: 6,
     };
     let mut c = SslContext::builder(SslMethod::dtls_client()).unwrap();
     c.set_cipher_list(suite).unwrap();
@@ -62,7 +63,7 @@ fn fixture(suite: &str) -> Fixture {
         key[..PSK.len()].copy_from_slice(PSK);
         Ok(PSK.len())
     });
-    Fixture { _dir: dir, _thread: thread, table: PeerTable::new(ctx, limits), client_ctx: c.build(), next_port: 0 }
+    Fixture { _dir: dir, _thread: thread, table: PeerTable::new(ctx, limits, Socket { index: 0, of: 1 }, None), client_ctx: c.build(), next_port: 0 }
 }
 
 impl Fixture {

@@ -55,7 +55,12 @@ fn main() {
     let started = Instant::now();
     let mut kept = Vec::with_capacity(resend);
     for (i, node) in nodes.iter().enumerate() {
-        let mut client = DtlsClient::psk(DtlsClient::bind(server.endpoints.dtls), node, PSK, "PSK-AES128-CCM8");
+        // A loopback source of its own per 1,000 sessions: the kernel hands a closed socket's
+        // port out again, and a new handshake from a reused address replaces that session.
+        let source = std::net::Ipv4Addr::new(127, 0, (1 + i / 1000 / 250) as u8, (1 + i / 1000 % 250) as u8);
+        let socket = UdpSocket::bind((source, 0)).unwrap_or_else(|e| fail(e));
+        socket.connect(server.endpoints.dtls).unwrap_or_else(|e| fail(e));
+        let mut client = DtlsClient::psk(socket, node, PSK, "PSK-AES128-CCM8");
         client.handshake(None, Duration::from_secs(10)).unwrap_or_else(|e| fail(format!("{node}: {e}")));
         if !ping(&mut client, 1) {
             fail(format!("{node}: no answer to its ping"));
@@ -74,7 +79,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1)); // the last states are written (WAL)
     server.kill9();
 
-    let store = Store::open(&server.data_dir(), None, MemoryBudget::of(64 << 20)).unwrap_or_else(|e| fail(e));
+    let store = Store::open(&server.data_dir().join("db"), None, MemoryBudget::of(64 << 20)).unwrap_or_else(|e| fail(e));
     let records = store.scan(CF_DTLS_SESSIONS, |k, v| Ok(k.len() + v.len())).unwrap_or_else(|e| fail(e));
     drop(store);
     let bytes: usize = records.iter().sum();
@@ -98,7 +103,7 @@ fn main() {
     );
 
     let started = Instant::now();
-    let answered = kept.iter_mut().filter(|c| ping(c, 2)).count();
+    let answered = kept.iter_mut().map(|c| ping(c, 2)).filter(|&ok| ok).count();
     let took = started.elapsed();
     std::thread::sleep(Duration::from_millis(1200)); // counters are exported every second
     let metrics = server.admin().get_text("/metrics").unwrap_or_default();

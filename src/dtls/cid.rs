@@ -42,7 +42,7 @@ impl Cid {
         &self.bytes[..self.len as usize]
     }
 
-    pub fn len(&self) -> usize {
+    pub fn byte_len(&self) -> usize {
         self.len as usize
     }
 
@@ -97,7 +97,7 @@ mod tests {
             }
         }
         let cid = Cid::generate(6, 1, 2);
-        assert_eq!((cid.len(), cid.as_bytes()[0] % 2), (6, 1));
+        assert_eq!((cid.byte_len(), cid.as_bytes()[0] % 2), (6, 1));
         assert_ne!(Cid::generate(6, 0, 1), Cid::generate(6, 0, 1), "random");
         assert_eq!(Cid::new(cid.as_bytes()), Some(cid), "the same CID read from a record");
     }

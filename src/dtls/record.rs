@@ -432,7 +432,7 @@ impl Session {
     }
 
     fn cid_len(&self) -> usize {
-        self.cids.ours.map_or(0, |c| c.len())
+        self.cids.ours.map_or(0, |c| c.byte_len())
     }
 
     /// The content type and plaintext of one record under the read keys, and its sequence
@@ -446,12 +446,12 @@ impl Session {
         let epoch_seq = &record[3..11];
         match (record[0], self.cids.ours) {
             (CONTENT_TLS12_CID, Some(ours)) => {
-                let cid = record.get(cid::OFFSET..cid::OFFSET + ours.len())?;
+                let cid = record.get(cid::OFFSET..cid::OFFSET + ours.byte_len())?;
                 if cid != ours.as_bytes() {
                     return None;
                 }
                 let header = Header { epoch_seq, cid: Some(cid) };
-                let inner = self.read.open(header, CONTENT_TLS12_CID, record.get(HEADER_LEN + ours.len()..)?)?;
+                let inner = self.read.open(header, CONTENT_TLS12_CID, record.get(HEADER_LEN + ours.byte_len()..)?)?;
                 let (content_type, content) = inner_plaintext(inner)?;
                 Some((content_type, content, seq))
             }

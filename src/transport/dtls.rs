@@ -1,7 +1,7 @@
 //! CoAP over DTLS (5684): the peer table between the socket and the CoAP endpoint, and the
 //! store's side of durable sessions (what the tables' changes write, what a start reads back).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -99,7 +99,16 @@ impl Link for Dtls {
             return Ops::new();
         }
         let now = Now::read();
-        changes.into_iter().flat_map(|c| ops(c, (now.instant, now.wall))).collect()
+        // A session's later state replaces its earlier ones of the same turn: one write per
+        // session per turn, however many of its records the turn read.
+        let mut later = HashSet::new();
+        let mut kept: Vec<Change> = changes
+            .into_iter()
+            .rev()
+            .filter(|c| !matches!(c, Change::State { id, .. } if !later.insert(*id)))
+            .collect();
+        kept.reverse();
+        kept.into_iter().flat_map(|c| ops(c, (now.instant, now.wall))).collect()
     }
 
     fn export_stats(&mut self, port: &'static str) {
@@ -154,13 +163,14 @@ pub fn restore(store: &Store, writer: &Writer, idle_timeout: Duration) -> Result
     let started = Instant::now();
     let now = Now::read();
     let now = (now.instant, now.wall);
-    let mut halves: HashMap<u64, (Option<Vec<u8>>, Option<Vec<u8>>)> = HashMap::new();
+    // Each session's keys and state records, as read.
+    let mut halves: HashMap<u64, [Option<Vec<u8>>; 2]> = HashMap::new();
     store.scan(CF_DTLS_SESSIONS, |k, v| {
         if let Some((id, kind)) = k.split_first_chunk::<8>() {
             let entry = halves.entry(u64::from_be_bytes(*id)).or_default();
             match kind {
-                [b'k'] => entry.0 = Some(v.to_vec()),
-                _ => entry.1 = Some(v.to_vec()),
+                [b'k'] => entry[0] = Some(v.to_vec()),
+                _ => entry[1] = Some(v.to_vec()),
             }
         }
         Ok(())
@@ -171,7 +181,7 @@ pub fn restore(store: &Store, writer: &Writer, idle_timeout: Duration) -> Result
     for (id, halves) in halves {
         let id = SessionId(id);
         let restored = match halves {
-            (Some(k), Some(s)) => durable::Established::decode(&k)
+            [Some(k), Some(s)] => durable::Established::decode(&k)
                 .and_then(|session| Ok(Restored { id, session, state: durable::State::decode(&s, now)? })),
             _ => Err("half written"),
         };
