@@ -63,7 +63,13 @@ fn fixture(suite: &str) -> Fixture {
         key[..PSK.len()].copy_from_slice(PSK);
         Ok(PSK.len())
     });
-    Fixture { _dir: dir, _thread: thread, table: PeerTable::new(ctx, limits, Socket { index: 0, of: 1 }, None), client_ctx: c.build(), next_port: 0 }
+    Fixture {
+        _dir: dir,
+        _thread: thread,
+        table: PeerTable::new(ctx, limits, Socket { index: 0, of: 1 }, None),
+        client_ctx: c.build(),
+        next_port: 0,
+    }
 }
 
 impl Fixture {

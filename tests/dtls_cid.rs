@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CidClient, HuaweiDevice, Server};
+use common::{CidClient, HuaweiDevice, Server, Wire};
 use nbhub::coap::message::Code;
 use serde_json::json;
 
@@ -173,4 +173,42 @@ fn a_wrong_key_with_a_cid_is_refused_and_changes_nothing() {
     assert!(printed.starts_with("error handshake"), "{printed}");
     server.wait_metric(r#"nbhub_dtls_handshakes_failed_total{port="dtls",reason="bad_key"}"#, |v| v == 1.0);
     assert_eq!(server.metric(r#"nbhub_dtls_sessions{port="dtls"}"#), 0.0);
+}
+
+#[test]
+fn an_alibaba_pull_answer_reaches_the_new_port() {
+    use nbhub::coap::message::{Message, MessageBuilder, MessageType};
+    let server = Server::start();
+    let admin = server.admin();
+    let p = admin.post("/api/v1/products", &json!({"name": "alibaba with CID"})).unwrap();
+    let pk = p["product_key"].as_str().unwrap().to_string();
+    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"device_name": "cid-meter"})).unwrap();
+    let secret = d["device_secret"].as_str().unwrap().to_string();
+    let identity = format!("{pk}&cid-meter");
+    let mut client =
+        CidClient::connect(server.endpoints.dtls, &identity, secret.as_bytes(), "PSK-AES128-GCM-SHA256", "c11d");
+    assert!(client.cid);
+    client.send(&common::coap_post(
+        1,
+        &["topic", "sys", &pk, "cid-meter", "thing", "event", "property", "post"],
+        None,
+        b"{}",
+    ));
+    let ack = client.recv(Duration::from_secs(5)).expect("the uplink's answer");
+    assert_eq!(Message::parse(&ack).unwrap().code, Code::CHANGED, "stored");
+    let c = server.send_command(&pk, "cid-meter", json!({"payload_base64": "cmVhZA=="}));
+
+    let port = client.rebind();
+    client.send(&common::coap_post(2, &["pull"], None, b""));
+    // An empty ACK, then the commands in a separate CON 2.05, both to the new port.
+    let answer = (0..3)
+        .filter_map(|_| client.recv(Duration::from_secs(5)))
+        .find(|d| Message::parse(d).is_ok_and(|m| m.code == Code::CONTENT && m.mtype == MessageType::Con))
+        .expect("the pull's answer at the new port");
+    let m = Message::parse(&answer).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(m.payload).unwrap();
+    assert_eq!(body["messages"][0]["payload"], "cmVhZA==", "{body}");
+    client.send(&MessageBuilder::new(MessageType::Ack, Code::EMPTY, m.mid, &[]).build());
+    server.wait_command(c["command_id"].as_str().unwrap(), "DELIVERED");
+    server.wait_device(&pk, "cid-meter", |d| at_port(d, port));
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use nbhub::config::Config;
-use nbhub::dtls::peers::{Limits, PeerTable};
+use nbhub::dtls::peers::{Limits, PeerTable, Socket};
 use nbhub::dtls::quota::{PrefixLengths, Quotas};
 use nbhub::registry::Registry;
 use nbhub::store::{Store, WriterThread};
@@ -31,18 +31,18 @@ fn bed() -> &'static Bed {
         let registry = Arc::new(runtime.block_on(Registry::load(config, &store, writer)).unwrap());
         let ctx = nbhub::dtls::context::build(registry, "", &[]).unwrap();
         let limits = Limits {
-            handshakes: Quotas {
-                total: 8,
-                per_address: 8,
-                per_prefix: 8,
-                prefix: PrefixLengths { v4: 24, v6: 56 },
-            },
+            handshakes: Quotas { total: 8, per_address: 8, per_prefix: 8, prefix: PrefixLengths { v4: 24, v6: 56 } },
             max_sessions: 8,
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             mtu: 1280,
+            cid_len: 6,
         };
-        Bed { table: Mutex::new(PeerTable::new(ctx, limits)), _dir: dir, _thread: thread }
+        Bed {
+            table: Mutex::new(PeerTable::new(ctx, limits, Socket { index: 0, of: 1 }, None)),
+            _dir: dir,
+            _thread: thread,
+        }
     })
 }
 

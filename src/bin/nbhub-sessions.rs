@@ -79,7 +79,8 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1)); // the last states are written (WAL)
     server.kill9();
 
-    let store = Store::open(&server.data_dir().join("db"), None, MemoryBudget::of(64 << 20)).unwrap_or_else(|e| fail(e));
+    let store =
+        Store::open(&server.data_dir().join("db"), None, MemoryBudget::of(64 << 20)).unwrap_or_else(|e| fail(e));
     let records = store.scan(CF_DTLS_SESSIONS, |k, v| Ok(k.len() + v.len())).unwrap_or_else(|e| fail(e));
     drop(store);
     let bytes: usize = records.iter().sum();
