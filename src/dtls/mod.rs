@@ -2,7 +2,9 @@
 //! devices (ECDSA and RSA) on one port, modern AEAD suites and the AES-CBC ones deployed Alibaba
 //! devices offer, a stateless cookie before any per-peer state, and a bounded peer table.
 //! OpenSSL runs the handshakes (`context`, `ffi`); established sessions use our own record layer
-//! (`record`, `cbc`), which keeps an idle session under 2 KB instead of OpenSSL's 35 KB.
+//! (`record`, `cbc`), which keeps an idle session under 2 KB instead of OpenSSL's 35 KB. Owning
+//! the record layer is also what gives Connection IDs (`cid`, RFC 9146, which OpenSSL lacks) and
+//! sessions kept in the store across restarts (`durable`).
 
 mod cbc;
 mod chain;
