@@ -301,16 +301,15 @@ impl Keys {
         let suite = ssl.current_cipher()?.protocol_id();
         let (algorithm, hash) = self::suite(suite)?;
         let mut master = [0u8; 48];
-        let n = ssl.session()?.master_key(&mut master);
-        if n == 0 {
-            return None; // the client's key exchange has not been read yet
+        if ssl.session()?.master_key(&mut master) != master.len() {
+            return None; // none yet: the client's key exchange has not been read
         }
         let mut client_random = [0u8; 32];
         let mut server_random = [0u8; 32];
         ssl.client_random(&mut client_random);
         ssl.server_random(&mut server_random);
         let seed = [&server_random[..], &client_random[..]].concat();
-        let block = prf(hash, &master[..n], b"key expansion", &seed, 2 * key_lens(algorithm).iter().sum::<usize>());
+        let block = prf(hash, &master, b"key expansion", &seed, 2 * key_lens(algorithm).iter().sum::<usize>());
         Some(Keys { suite, encrypt_then_mac, block })
     }
 
@@ -484,10 +483,12 @@ impl Session {
     /// authenticate.
     pub fn without_cid(&self, record: &[u8]) -> Option<Vec<u8>> {
         let (content_type, plain, _) = self.decrypt(record)?;
-        let mut out = record_header(content_type, &record[3..11], None);
+        let mut out = Vec::with_capacity(record.len());
+        push_header(&mut out, content_type, &record[3..11], None);
         let header = Header { epoch_seq: &record[3..11], cid: None };
         self.read.seal_into(header, content_type, &plain, &mut out)?;
-        Some(set_length(out, HEADER_LEN))
+        finish_length(&mut out, 0, HEADER_LEN);
+        Some(out)
     }
 
     /// `datagram` (one OpenSSL sent) with its records of the new epoch carrying the client's CID.
@@ -530,13 +531,13 @@ impl Session {
     fn seal_record(&self, epoch_seq: [u8; 8], content_type: u8, plaintext: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let start = out.len();
         if self.cids.theirs.is_empty() {
-            out.extend(record_header(content_type, &epoch_seq, None));
+            push_header(out, content_type, &epoch_seq, None);
             self.write.seal_into(Header { epoch_seq: &epoch_seq, cid: None }, content_type, plaintext, out)?;
             finish_length(out, start, HEADER_LEN);
             return Some(());
         }
         let cid = &self.cids.theirs[..];
-        out.extend(record_header(CONTENT_TLS12_CID, &epoch_seq, Some(cid)));
+        push_header(out, CONTENT_TLS12_CID, &epoch_seq, Some(cid));
         let inner = [plaintext, &[content_type]].concat();
         self.write.seal_into(Header { epoch_seq: &epoch_seq, cid: Some(cid) }, CONTENT_TLS12_CID, &inner, out)?;
         finish_length(out, start, HEADER_LEN + cid.len());
@@ -549,26 +550,20 @@ impl Session {
     }
 }
 
-/// A record's header with its length left 0: type, version, epoch and sequence, CID, length.
-fn record_header(content_type: u8, epoch_seq: &[u8], cid: Option<&[u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + cid.map_or(0, <[u8]>::len));
+/// Appends a record's header with its length left 0: type, version, epoch and sequence, CID,
+/// length. Into the datagram's own buffer: sealing allocates once per record.
+fn push_header(out: &mut Vec<u8>, content_type: u8, epoch_seq: &[u8], cid: Option<&[u8]>) {
     out.push(content_type);
     out.extend_from_slice(&DTLS_1_2);
     out.extend_from_slice(epoch_seq);
     out.extend_from_slice(cid.unwrap_or_default());
     out.extend_from_slice(&[0, 0]);
-    out
 }
 
 /// Writes the length of the record starting at `start` of `out`, whose header is `header_len`.
 fn finish_length(out: &mut [u8], start: usize, header_len: usize) {
     let len = (out.len() - start - header_len) as u16;
     out[start + header_len - 2..start + header_len].copy_from_slice(&len.to_be_bytes());
-}
-
-fn set_length(mut record: Vec<u8>, header_len: usize) -> Vec<u8> {
-    finish_length(&mut record, 0, header_len);
-    record
 }
 
 /// DTLSInnerPlaintext (RFC 9146 §4): the content, its real type, then zeros.
