@@ -133,10 +133,7 @@ fn bind_answers_what_liteos_expects() {
     let device = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
     assert_eq!(device["address"], home.as_str());
     // A CON report is acknowledged (Empty ACK) once stored.
-    let data = dev.notification(MessageType::Con, b"confirmed");
-    dev.wire.send(&data);
-    let ack = dev.recv_reply(Duration::from_secs(5)).unwrap();
-    assert_eq!((ack.mtype, ack.code, ack.token.len()), (MessageType::Ack, Code::EMPTY, 0));
+    dev.report_confirmed(b"confirmed");
     assert_eq!(server.stored(&pk, &dn), [("/t/d".to_string(), b"confirmed".to_vec())]);
 }
 

@@ -104,7 +104,7 @@ fn sessions_survive_kill_9_and_records_from_before_the_crash_are_refused() {
     let mut dev =
         HuaweiDevice::over(CidClient::connect(server.endpoints.dtls, node, PSK, "PSK-AES128-CCM-8", "c11d"), node);
     dev.bind();
-    dev.report(b"before the crash");
+    dev.report_confirmed(b"before the crash");
     server.wait_device(&pk, &dn, |d| d["status"] == "online");
     // A device without CID on OpenSSL's client, whose session is found by its address.
     let plain_node = "861234567890106";
@@ -114,7 +114,7 @@ fn sessions_survive_kill_9_and_records_from_before_the_crash_are_refused() {
     plain.handshake(None, Duration::from_secs(10)).expect("handshake");
     let mut plain = HuaweiDevice::over(plain, plain_node);
     plain.bind();
-    plain.report(b"plain before");
+    plain.report_confirmed(b"plain before");
     server.wait_device(&plain_pk, &plain_dn, |d| d["status"] == "online");
 
     server.restart_keeping_dtls_port();
@@ -122,8 +122,8 @@ fn sessions_survive_kill_9_and_records_from_before_the_crash_are_refused() {
     // the restored replay window; nothing is stored twice.
     dev.wire.replay();
     // The sessions go on: no handshake since the start, and each report is stored.
-    dev.report(b"after the restart");
-    plain.report(b"plain after");
+    dev.report_confirmed(b"after the restart");
+    plain.report_confirmed(b"plain after");
     server.wait_metric(r#"nbhub_dtls_sessions_resumed_total{port="dtls"}"#, |v| v == 2.0);
     common::eventually(|| payloads(&server, &pk, &dn), |p| p.len() >= 2, |p| format!("stored: {p:?}"));
     common::eventually(|| payloads(&server, &plain_pk, &plain_dn), |p| p.len() >= 2, |p| format!("{p:?}"));

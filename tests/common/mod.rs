@@ -726,6 +726,14 @@ impl<W: Wire> HuaweiDevice<W> {
         self.wire.send(&data);
     }
 
+    /// A CON notification, and the server's Empty ACK that says it is stored.
+    pub fn report_confirmed(&mut self, payload: &[u8]) {
+        let data = self.notification(MessageType::Con, payload);
+        self.wire.send(&data);
+        let ack = self.recv_reply(Duration::from_secs(5)).expect("the report's ACK");
+        assert_eq!((ack.mtype, ack.code, ack.token.len()), (MessageType::Ack, Code::EMPTY, 0));
+    }
+
     pub fn notification(&mut self, mtype: MessageType, payload: &[u8]) -> Vec<u8> {
         self.observe = self.observe.wrapping_add(1);
         let mid = self.next_mid();
