@@ -30,6 +30,8 @@ pub struct Config {
     pub downlink: DownlinkConfig,
     pub ota: OtaConfig,
     pub webhooks: WebhooksConfig,
+    pub nats: NatsConfig,
+    pub mqtt: MqttConfig,
     pub codec: CodecConfig,
     pub store: StoreConfig,
     pub cluster: ClusterConfig,
@@ -182,6 +184,105 @@ pub struct WebhooksConfig {
     pub concurrency: usize,
 }
 
+/// Streaming every event to NATS JetStream, and commands in by NATS request (README "Streaming to
+/// your platform"). Off while `url` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    pub subject_prefix: String,
+    pub stream: String,
+    pub create_stream: bool,
+    /// The stream's subjects when nbhub creates it; empty: every event kind of every instance.
+    pub stream_subjects: Vec<String>,
+    pub retention: StreamRetention,
+    pub replicas: usize,
+    pub storage: StreamStorage,
+    pub stream_max_age_s: u64,
+    pub duplicate_window_s: u64,
+    pub user: String,
+    pub password: String,
+    pub token: String,
+    pub credentials_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub tls_required: bool,
+    /// Events not acknowledged within this are given up (counted).
+    pub max_age_s: u64,
+    /// Events in flight at once.
+    pub concurrency: usize,
+    /// How long one publish waits for its acknowledgement.
+    pub ack_timeout_ms: u64,
+    /// Whether commands are taken in through the engine.
+    pub commands: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamRetention {
+    Limits,
+    Interest,
+    Workqueue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamStorage {
+    File,
+    Memory,
+}
+
+/// Streaming every event to an MQTT 3.1.1/5 broker at QoS 1, and commands in from a subscribed
+/// topic. Off while `url` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub topic_prefix: String,
+    /// Empty: `nbhub-<cluster.name>`.
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub ca_file: PathBuf,
+    pub keep_alive_s: u64,
+    /// Events not acknowledged within this are given up (counted).
+    pub max_age_s: u64,
+    /// Events in flight at once.
+    pub concurrency: usize,
+    /// How long one publish waits for its acknowledgement.
+    pub ack_timeout_ms: u64,
+    /// Whether commands are taken in through the engine.
+    pub commands: bool,
+}
+
+impl NatsConfig {
+    pub fn outlet(&self) -> OutletConfig {
+        OutletConfig::of(self.max_age_s, self.concurrency, self.ack_timeout_ms, self.commands)
+    }
+}
+
+impl MqttConfig {
+    pub fn outlet(&self) -> OutletConfig {
+        OutletConfig::of(self.max_age_s, self.concurrency, self.ack_timeout_ms, self.commands)
+    }
+}
+
+/// What both streaming outlets share.
+#[derive(Debug, Clone)]
+pub struct OutletConfig {
+    pub max_age: Duration,
+    pub concurrency: usize,
+    pub ack_timeout: Duration,
+    pub commands: bool,
+}
+
+impl OutletConfig {
+    fn of(max_age_s: u64, concurrency: usize, ack_timeout_ms: u64, commands: bool) -> OutletConfig {
+        let (max_age, ack_timeout) = (Duration::from_secs(max_age_s), Duration::from_millis(ack_timeout_ms));
+        OutletConfig { max_age, concurrency, ack_timeout, commands }
+    }
+}
+
 /// Payload codec scripts: how many threads run them and what one call may spend.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +322,11 @@ pub struct PeerConfig {
     pub dtls_port: u16,
     pub admin_url: String,
     pub token: String,
+}
+
+/// A level of a subject or topic prefix.
+fn name_chars_ok(level: &str) -> bool {
+    level.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
 }
 
 fn default_coap_port() -> u16 {
@@ -414,6 +520,7 @@ impl Config {
         if w.max_age_s == 0 || !(1..=256).contains(&w.concurrency) {
             return bad("webhooks.max_age_s must be positive and webhooks.concurrency within 1..=256".into());
         }
+        self.validate_streaming()?;
         let c = &self.codec;
         if !(1..=64).contains(&c.workers) || !(1..=10_000).contains(&c.call_timeout_ms) {
             return bad("codec.workers must be within 1..=64 and codec.call_timeout_ms within 1..=10000".into());
@@ -447,6 +554,62 @@ impl Config {
             return bad(format!("store.max_batch = {} must be within 1..=1000000", self.store.max_batch));
         }
         self.validate_cluster()
+    }
+
+    fn validate_streaming(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let prefix_ok = |p: &str, sep: char| {
+            !p.is_empty() && p.split(sep).all(|l| name_chars_ok(l) && !l.is_empty()) && p.len() <= 64
+        };
+        let outlets = [
+            ("nats", self.nats.max_age_s, self.nats.concurrency, self.nats.ack_timeout_ms),
+            ("mqtt", self.mqtt.max_age_s, self.mqtt.concurrency, self.mqtt.ack_timeout_ms),
+        ];
+        for (section, max_age_s, concurrency, ack_timeout_ms) in outlets {
+            if max_age_s == 0 || !(1..=4096).contains(&concurrency) || !(100..=600_000).contains(&ack_timeout_ms) {
+                return bad(format!(
+                    "{section}: max_age_s must be positive, concurrency within 1..=4096 and ack_timeout_ms within 100..=600000"
+                ));
+            }
+        }
+        let n = &self.nats;
+        if !n.url.is_empty() {
+            for addr in n.url.split(',') {
+                if addr.trim().parse::<async_nats::ServerAddr>().is_err() {
+                    return bad(format!("nats.url: {addr:?} is not a NATS server address (nats://host:port)"));
+                }
+            }
+        }
+        if !prefix_ok(&n.subject_prefix, '.') {
+            return bad(format!("nats.subject_prefix = {:?} must be .-separated levels of A-Z a-z 0-9 _ -", n.subject_prefix));
+        }
+        if n.stream.is_empty() || n.stream.len() > 64 || !n.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)) {
+            return bad(format!("nats.stream = {:?} must be 1 to 64 characters of A-Z a-z 0-9 _ -", n.stream));
+        }
+        if !(1..=5).contains(&n.replicas) || n.stream_max_age_s == 0 || n.duplicate_window_s == 0 {
+            return bad("nats: replicas must be within 1..=5, stream_max_age_s and duplicate_window_s positive".into());
+        }
+        if n.duplicate_window_s > n.stream_max_age_s {
+            return bad("nats.duplicate_window_s must not exceed nats.stream_max_age_s".into());
+        }
+        if let Some(s) = n.stream_subjects.iter().find(|s| s.is_empty() || s.contains(char::is_whitespace)) {
+            return bad(format!("nats.stream_subjects: {s:?} is not a subject"));
+        }
+        let m = &self.mqtt;
+        if !m.url.is_empty() {
+            let ok = url::Url::parse(&m.url)
+                .is_ok_and(|u| matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") && u.host_str().is_some());
+            if !ok {
+                return bad(format!("mqtt.url = {:?} must be mqtt://host:port or mqtts://host:port", m.url));
+            }
+        }
+        if !prefix_ok(&m.topic_prefix, '/') {
+            return bad(format!("mqtt.topic_prefix = {:?} must be /-separated levels of A-Z a-z 0-9 _ -", m.topic_prefix));
+        }
+        if m.client_id.len() > 64 || m.keep_alive_s == 0 || m.keep_alive_s > 3600 {
+            return bad("mqtt: client_id at most 64 bytes, keep_alive_s within 1..=3600".into());
+        }
+        Ok(())
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {

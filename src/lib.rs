@@ -53,6 +53,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Dtls(#[from] dtls::SetupError),
+    #[error("streaming outlet: {0}")]
+    Outlet(String),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -113,10 +115,12 @@ async fn serve_with(
     let metrics = telemetry::init_metrics();
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let readers = northbound::readers::Readers::new(writer.clone(), registry.wanted().clone());
+    let outlets = northbound::streaming::Outlets::register(config.clone(), &store, &writer, &readers)?;
     let webhooks = northbound::Webhooks::start(
         store.clone(),
         writer.clone(),
-        registry.wanted().clone(),
+        readers.clone(),
         northbound::delivery::DeliveryConfig::from(&config.webhooks),
         stop_rx.clone(),
     )?;
@@ -179,6 +183,7 @@ async fn serve_with(
         tracing::warn!("admin.clock_control is on: POST /api/v1/clock/advance moves the wall clock (tests only)");
     }
     let store_for_memory = store.clone();
+    let admin_token: Arc<str> = admin_token.into();
     let router = admin::router(admin::AdminState {
         registry: registry.clone(),
         store,
@@ -186,9 +191,14 @@ async fn serve_with(
         campaign: campaign.clone(),
         cluster: cluster.clone(),
         webhooks,
-        token: admin_token.into(),
+        outlets: outlets.statuses(),
+        token: admin_token.clone(),
         metrics,
     });
+    outlets
+        .start(northbound::inbound::AdminCommands::new(router.clone(), admin_token), stop_rx.clone())
+        .await
+        .map_err(ServeError::Outlet)?;
     let mut admin_stop = stop_rx.clone();
     tasks.spawn(async move {
         axum::serve(listener, router)

@@ -56,6 +56,16 @@ pub mod metric {
     pub const DTLS_RESTORED_WAITING: &str = "nbhub_dtls_restored_sessions_waiting";
     pub const WEBHOOK_DELIVERIES: &str = "nbhub_webhook_deliveries_total";
     pub const WEBHOOK_DROPPED: &str = "nbhub_webhook_events_dropped_total";
+    pub const OUTLET_PUBLISHED: &str = "nbhub_outlet_events_published_total";
+    pub const OUTLET_ACKNOWLEDGED: &str = "nbhub_outlet_events_acknowledged_total";
+    pub const OUTLET_FAILED: &str = "nbhub_outlet_publish_failures_total";
+    pub const OUTLET_DROPPED: &str = "nbhub_outlet_events_dropped_total";
+    /// Outbox events the outlet has not taken yet.
+    pub const OUTLET_LAG_EVENTS: &str = "nbhub_outlet_lag_events";
+    /// From an event's time (an uplink's acknowledgement) to the engine's acknowledgement of it.
+    pub const OUTLET_LAG_SECONDS: &str = "nbhub_outlet_lag_seconds";
+    pub const OUTLET_CONNECTED: &str = "nbhub_outlet_connected";
+    pub const OUTLET_COMMANDS: &str = "nbhub_outlet_commands_total";
     pub const COMMANDS: &str = "nbhub_commands_total";
     pub const ADMIN_RESPONSES: &str = "nbhub_admin_responses_total";
     /// Commands refused because the device already had `downlink.max_pending` waiting.
@@ -99,6 +109,12 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
         .ok()?
+        // An outlet's lag runs from milliseconds to the length of an engine's outage.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(metric::OUTLET_LAG_SECONDS.into()),
+            &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 300.0],
+        )
+        .ok()?
         .install_recorder()
         .ok()?;
     metrics::describe_counter!(metric::DATAGRAMS_RECEIVED, "UDP datagrams received, by port");
@@ -128,6 +144,14 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_counter!(metric::CON_TIMEOUTS, "CON messages the server sent that were never acknowledged");
     metrics::describe_counter!(metric::COMMANDS, "command state changes, by the state entered");
     metrics::describe_counter!(metric::WEBHOOK_DELIVERIES, "webhook POST attempts, by result");
+    metrics::describe_counter!(metric::OUTLET_PUBLISHED, "events published to a streaming outlet (attempts)");
+    metrics::describe_counter!(metric::OUTLET_ACKNOWLEDGED, "events a streaming outlet's engine acknowledged");
+    metrics::describe_counter!(metric::OUTLET_FAILED, "publishes to a streaming outlet that failed or timed out");
+    metrics::describe_counter!(metric::OUTLET_DROPPED, "events given up after the outlet's max_age_s unacknowledged");
+    metrics::describe_gauge!(metric::OUTLET_LAG_EVENTS, "outbox events a streaming outlet has not taken yet");
+    metrics::describe_histogram!(metric::OUTLET_LAG_SECONDS, "from an event to its acknowledgement by the outlet's engine");
+    metrics::describe_gauge!(metric::OUTLET_CONNECTED, "1 while a streaming outlet is connected to its engine");
+    metrics::describe_counter!(metric::OUTLET_COMMANDS, "commands taken in through a streaming outlet, by answer status");
     metrics::describe_counter!(metric::WEBHOOK_DROPPED, "events given up after webhooks.max_age_s undelivered");
     metrics::describe_counter!(metric::CODEC_DECODED, "uplinks read by their product's codec, by outcome");
     metrics::describe_histogram!(metric::CODEC_SECONDS, "time of one codec script call");

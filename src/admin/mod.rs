@@ -41,6 +41,8 @@ pub struct AdminState {
     pub campaign: Arc<crate::ota::campaign::Campaign>,
     pub cluster: Arc<crate::cluster::Cluster>,
     pub webhooks: Arc<crate::northbound::Webhooks>,
+    /// The streaming outlets configured.
+    pub outlets: Vec<Arc<crate::northbound::outlet::Status>>,
     pub token: Arc<str>,
     pub metrics: Option<PrometheusHandle>,
 }
@@ -55,6 +57,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(commands::routes())
         .merge(shadow::routes())
         .merge(webhooks::routes())
+        .route("/outlets", get(outlets))
         .merge(packages::routes())
         .merge(ota::routes())
         .merge(distribution::routes())
@@ -71,6 +74,11 @@ pub fn router(state: AdminState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(state.registry.config.admin.max_body_bytes))
         .layer(middleware::from_fn(count_responses))
         .with_state(state)
+}
+
+/// The streaming outlets and what each has delivered.
+async fn outlets(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "outlets": state.outlets.iter().map(|o| o.view()).collect::<Vec<_>>() }))
 }
 
 /// Counts answers by status, so refusals (401, 413 over `admin.max_body_bytes`, 429) show.

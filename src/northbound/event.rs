@@ -198,7 +198,16 @@ pub struct Stored {
     pub id: u64,
     pub kind: EventKind,
     pub time: UnixMs,
+    pub product_key: String,
+    pub device_name: String,
     pub body: bytes::Bytes,
+}
+
+/// The device an event body is about, as it names it.
+#[derive(Deserialize)]
+pub struct About {
+    pub product_key: String,
+    pub device_name: String,
 }
 
 #[cfg(test)]

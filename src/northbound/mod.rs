@@ -4,6 +4,13 @@
 
 pub mod delivery;
 pub mod event;
+pub mod inbound;
+pub mod mqtt;
+pub mod nats;
+pub mod outlet;
+pub mod readers;
+pub mod streaming;
+pub mod subject;
 pub mod stored;
 pub mod webhooks;
 

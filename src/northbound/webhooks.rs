@@ -1,6 +1,5 @@
-//! Webhook subscriptions: kept in the store, one delivery task each. Also owns what the
-//! subscriptions imply for the rest of the server: which event kinds are appended at all
-//! ([`Wanted`]) and how much of the outbox may be trimmed (below the slowest cursor).
+//! Webhook subscriptions: kept in the store, one delivery task each, each counted among the
+//! outbox's [`Readers`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,14 +8,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::delivery::{self, DeliveryConfig};
-use super::event::{EventKind, Wanted};
+use super::event::EventKind;
+use super::readers::{Reader, Readers};
 use super::stored;
 use crate::clock::UnixMs;
 use crate::store::{Store, StoreError, Writer};
 use crate::sync::lock;
-
-/// Events delivered to every subscriber before the outbox is trimmed.
-const TRIM_STEP: u64 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -34,8 +31,6 @@ pub struct WebhookRecord {
 
 struct Running {
     record: Arc<WebhookRecord>,
-    /// Last event id taken, as the delivery task reports it.
-    cursor: u64,
     /// Dropping it stops the task.
     stop: watch::Sender<bool>,
 }
@@ -43,14 +38,12 @@ struct Running {
 pub struct Webhooks {
     store: Store,
     writer: Writer,
-    /// Told which event kinds the running subscriptions want.
-    wanted: Arc<Wanted>,
+    /// Where each subscription's cursor is counted.
+    readers: Arc<Readers>,
     config: DeliveryConfig,
     client: reqwest::Client,
     shutdown: watch::Receiver<bool>,
     running: Mutex<HashMap<WebhookId, Running>>,
-    /// Outbox ids below this are already trimmed.
-    trimmed: Mutex<u64>,
 }
 
 impl Webhooks {
@@ -58,7 +51,7 @@ impl Webhooks {
     pub fn start(
         store: Store,
         writer: Writer,
-        wanted: Arc<Wanted>,
+        readers: Arc<Readers>,
         config: DeliveryConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Webhooks>, StoreError> {
@@ -71,12 +64,11 @@ impl Webhooks {
         let hooks = Arc::new(Webhooks {
             store,
             writer,
-            wanted,
+            readers,
             config,
             client,
             shutdown,
             running: Mutex::new(HashMap::new()),
-            trimmed: Mutex::new(0),
         });
         // Every subscription is known before any task runs: the outbox is only trimmed below the
         // slowest of them.
@@ -95,12 +87,16 @@ impl Webhooks {
     }
 
     /// Counts a subscription (for trimming and for the event kinds written) before its task runs.
-    fn register(&self, record: Arc<WebhookRecord>, cursor: u64) -> watch::Receiver<bool> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut running = self.running();
-        running.insert(record.id, Running { record, cursor, stop: stop_tx });
-        self.update_wanted(&running);
-        stop_rx
+    fn register(&self, record: Arc<WebhookRecord>, cursor: u64) {
+        let (stop, _) = watch::channel(false);
+        self.readers.add(Reader::Webhook(record.id), &record.events, cursor);
+        self.running().insert(record.id, Running { record, stop });
+    }
+
+    fn unregister(&self, id: WebhookId) -> bool {
+        let known = self.running().remove(&id).is_some();
+        self.readers.remove(Reader::Webhook(id));
+        known
     }
 
     fn spawn(self: &Arc<Self>, record: Arc<WebhookRecord>, cursor: u64) {
@@ -115,12 +111,6 @@ impl Webhooks {
             hooks: Arc::downgrade(self),
         };
         tokio::spawn(task.run(stop_rx, self.shutdown.clone()));
-    }
-
-    /// What is appended to the outbox follows the subscriptions; set under their lock, so
-    /// concurrent changes cannot leave a stale set behind.
-    fn update_wanted(&self, running: &HashMap<WebhookId, Running>) {
-        self.wanted.set(running.values().flat_map(|r| r.record.events.clone()));
     }
 
     /// Subscribes `url` to `events` from now on.
@@ -138,9 +128,7 @@ impl Webhooks {
         self.register(record.clone(), cursor);
         let commit = self.writer.commit([stored::put_webhook(&record), stored::cursor(id, cursor)]);
         if let Err(e) = commit.await {
-            let mut running = self.running();
-            running.remove(&id);
-            self.update_wanted(&running);
+            self.unregister(id);
             return Err(e);
         }
         self.spawn(record.clone(), cursor);
@@ -149,50 +137,31 @@ impl Webhooks {
 
     /// Unsubscribes; false if there was no such webhook.
     pub async fn delete(&self, id: WebhookId) -> Result<bool, StoreError> {
-        {
-            let mut running = self.running();
-            if running.remove(&id).is_none() {
-                return Ok(false);
-            }
-            self.update_wanted(&running);
+        if !self.unregister(id) {
+            return Ok(false);
         }
         self.writer.commit(stored::delete_webhook(id)).await?;
-        self.trim();
         Ok(true)
     }
 
     pub fn list(&self) -> Vec<(Arc<WebhookRecord>, u64)> {
-        let mut v: Vec<_> = self.running().values().map(|r| (r.record.clone(), r.cursor)).collect();
+        let records: Vec<_> = self.running().values().map(|r| r.record.clone()).collect();
+        let mut v: Vec<_> = records.into_iter().filter_map(|r| Some((r.clone(), self.cursor(r.id)?))).collect();
         v.sort_by_key(|(r, _)| r.created_at);
         v
     }
 
     pub fn get(&self, id: WebhookId) -> Option<(Arc<WebhookRecord>, u64)> {
-        self.running().get(&id).map(|r| (r.record.clone(), r.cursor))
+        let record = self.running().get(&id).map(|r| r.record.clone())?;
+        Some((record, self.cursor(id)?))
+    }
+
+    fn cursor(&self, id: WebhookId) -> Option<u64> {
+        self.readers.cursor(Reader::Webhook(id))
     }
 
     /// A delivery task took every event up to `cursor`.
     pub(super) fn advanced(&self, id: WebhookId, cursor: u64) {
-        if let Some(r) = self.running().get_mut(&id) {
-            r.cursor = cursor;
-        }
-        self.trim();
-    }
-
-    /// Drops outbox events every subscriber has taken (all of them when nobody subscribes), in
-    /// steps of [`TRIM_STEP`] so range deletions stay few.
-    fn trim(&self) {
-        let (below, subscribed) = {
-            let running = self.running();
-            match running.values().map(|r| r.cursor).min() {
-                Some(min) => (min + 1, true),
-                None => (*self.writer.events().borrow() + 1, false),
-            }
-        };
-        let mut trimmed = lock(&self.trimmed);
-        if below > *trimmed && (below - *trimmed >= TRIM_STEP || !subscribed) {
-            *trimmed = below;
-            self.writer.record([stored::trim_outbox(below)]);
-        }
+        self.readers.advanced(Reader::Webhook(id), cursor);
     }
 }
