@@ -52,6 +52,11 @@ enum Verb {
         #[command(subcommand)]
         action: WebhookAction,
     },
+    /// Show each streaming outlet (NATS, MQTT): connected or not, what it delivered, its lag.
+    Outlets {
+        #[command(flatten)]
+        api: AdminArgs,
+    },
     /// Show a device's stored uplinks, oldest first.
     Messages {
         #[command(flatten)]
@@ -417,6 +422,7 @@ fn main() -> ExitCode {
                 Ok(client(&api)?.delete(&format!("/api/v1/webhooks/{webhook_id}"))?)
             }
         }),
+        Verb::Outlets { api } => helper(|| Ok(client(&api)?.get("/api/v1/outlets")?)),
         Verb::Messages { api, product_key, device_name, after, limit } => helper(|| {
             let mut path = format!("/api/v1/products/{product_key}/devices/{device_name}/messages?limit={limit}");
             if let Some(a) = after {
