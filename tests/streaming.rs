@@ -7,8 +7,8 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -225,7 +225,7 @@ fn a_command_over_nats_reaches_a_sleeping_device_and_its_states_come_back_as_eve
     assert_eq!((status, answer["status"].as_str()), (201, Some("PENDING")), "{answer}");
     let id = answer["command_id"].as_str().unwrap().to_string();
     assert!(dev.command(Duration::from_millis(400)).is_none(), "not sent to a sleeping device");
-    dev.report_confirmed(b"awake");
+    dev.report(b"awake");
     let cmd = dev.command(Duration::from_secs(5)).expect("the command on the next report");
     assert_eq!(cmd.payload, b"valve shut");
     dev.answer(&cmd, Code::CHANGED, b"");
@@ -336,45 +336,48 @@ impl Drop for Mosquitto {
     }
 }
 
-/// `mosquitto_sub` on `topic` at QoS 1 with a session the broker keeps: every (topic, payload)
-/// line it printed.
+/// A subscriber on `topic` at QoS 1 with a session the broker keeps (rumqttc, as an application
+/// would use it): every (topic, payload) it received, across broker restarts.
 struct Subscriber {
-    child: Child,
     lines: Arc<Mutex<Vec<(String, String)>>>,
+    subscribed: Arc<AtomicBool>,
+    _runtime: tokio::runtime::Runtime,
 }
 
 impl Subscriber {
     fn start(port: u16, topic: &str) -> Subscriber {
-        let id = format!("test-sub-{port}");
-        let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-c", "-i", &id, "-v", "-t", topic])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_sub");
-        let out = BufReader::new(child.stdout.take().unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let mut options = rumqttc::MqttOptions::new(format!("test-sub-{port}"), "127.0.0.1", port);
+        options.set_clean_session(false).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                if let Some((t, p)) = line.split_once(' ') {
-                    sink.lock().unwrap().push((t.to_string(), p.to_string()));
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let (sink, topic, suback) = (lines.clone(), topic.to_string(), subscribed.clone());
+        runtime.spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        client.subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce).await.unwrap();
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => suback.store(true, Ordering::Relaxed),
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                        sink.lock().unwrap().push((p.topic.clone(), payload));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
         });
-        Subscriber { child, lines }
+        let s = Subscriber { lines, subscribed, _runtime: runtime };
+        // Subscribed before anything is published.
+        eventually(|| s.subscribed.load(Ordering::Relaxed), |&b| b, |_| "no SUBACK".into());
+        s
     }
 
     fn events(&self) -> Vec<(String, Value)> {
         let lines = self.lines.lock().unwrap().clone();
         lines.into_iter().filter_map(|(t, p)| Some((t, serde_json::from_str(&p).ok()?))).collect()
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -423,7 +426,8 @@ fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
     let uplinks_of = |events: &[(String, Value)]| -> Vec<Vec<u8>> {
         first_of_each(events).iter().filter(|(_, e)| e["event"] == "uplink").map(|(_, e)| payload(e)).collect()
     };
-    let events = eventually(|| sub.events(), |e| uplinks_of(e).len() >= sent.len(), |e| format!("{e:#?}"));
+    let events =
+        eventually(|| sub.events(), |e| uplinks_of(e).len() >= sent.len(), |e| format!("{e:#?}"));
     assert_eq!(uplinks_of(&events), sent, "every acknowledged uplink, in order");
     for (topic, e) in &events {
         assert_eq!(topic, &format!("nbhub/local/{pk}/{dn}/{}", e["event"].as_str().unwrap()));
@@ -439,7 +443,7 @@ fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
     let (_, answer) = answered(&events).unwrap();
     assert_eq!(answer["status"], "PENDING", "{answer}");
     let id = answer["command_id"].as_str().unwrap().to_string();
-    dev.report_confirmed(b"awake");
+    dev.report(b"awake");
     let cmd = dev.command(Duration::from_secs(5)).expect("the command on the next report");
     assert_eq!(cmd.payload, b"open");
     dev.answer(&cmd, Code::CHANGED, b"");
