@@ -581,9 +581,15 @@ impl Config {
             }
         }
         if !prefix_ok(&n.subject_prefix, '.') {
-            return bad(format!("nats.subject_prefix = {:?} must be .-separated levels of A-Z a-z 0-9 _ -", n.subject_prefix));
+            return bad(format!(
+                "nats.subject_prefix = {:?} must be .-separated levels of A-Z a-z 0-9 _ -",
+                n.subject_prefix
+            ));
         }
-        if n.stream.is_empty() || n.stream.len() > 64 || !n.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)) {
+        if n.stream.is_empty()
+            || n.stream.len() > 64
+            || !n.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        {
             return bad(format!("nats.stream = {:?} must be 1 to 64 characters of A-Z a-z 0-9 _ -", n.stream));
         }
         if !(1..=5).contains(&n.replicas) || n.stream_max_age_s == 0 || n.duplicate_window_s == 0 {
@@ -604,7 +610,10 @@ impl Config {
             }
         }
         if !prefix_ok(&m.topic_prefix, '/') {
-            return bad(format!("mqtt.topic_prefix = {:?} must be /-separated levels of A-Z a-z 0-9 _ -", m.topic_prefix));
+            return bad(format!(
+                "mqtt.topic_prefix = {:?} must be /-separated levels of A-Z a-z 0-9 _ -",
+                m.topic_prefix
+            ));
         }
         if m.client_id.len() > 64 || m.keep_alive_s == 0 || m.keep_alive_s > 3600 {
             return bad("mqtt: client_id at most 64 bytes, keep_alive_s within 1..=3600".into());

@@ -149,9 +149,15 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
     metrics::describe_counter!(metric::OUTLET_FAILED, "publishes to a streaming outlet that failed or timed out");
     metrics::describe_counter!(metric::OUTLET_DROPPED, "events given up after the outlet's max_age_s unacknowledged");
     metrics::describe_gauge!(metric::OUTLET_LAG_EVENTS, "outbox events a streaming outlet has not taken yet");
-    metrics::describe_histogram!(metric::OUTLET_LAG_SECONDS, "from an event to its acknowledgement by the outlet's engine");
+    metrics::describe_histogram!(
+        metric::OUTLET_LAG_SECONDS,
+        "from an event to its acknowledgement by the outlet's engine"
+    );
     metrics::describe_gauge!(metric::OUTLET_CONNECTED, "1 while a streaming outlet is connected to its engine");
-    metrics::describe_counter!(metric::OUTLET_COMMANDS, "commands taken in through a streaming outlet, by answer status");
+    metrics::describe_counter!(
+        metric::OUTLET_COMMANDS,
+        "commands taken in through a streaming outlet, by answer status"
+    );
     metrics::describe_counter!(metric::WEBHOOK_DROPPED, "events given up after webhooks.max_age_s undelivered");
     metrics::describe_counter!(metric::CODEC_DECODED, "uplinks read by their product's codec, by outcome");
     metrics::describe_histogram!(metric::CODEC_SECONDS, "time of one codec script call");

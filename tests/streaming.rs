@@ -147,7 +147,11 @@ fn payload(event: &Value) -> Vec<u8> {
 
 /// The uplink payloads of device `dn` in stream order.
 fn uplinks(stream: &[Streamed], dn: &str) -> Vec<Vec<u8>> {
-    stream.iter().filter(|m| m.event["event"] == "uplink" && m.event["device_name"] == dn).map(|m| payload(&m.event)).collect()
+    stream
+        .iter()
+        .filter(|m| m.event["event"] == "uplink" && m.event["device_name"] == dn)
+        .map(|m| payload(&m.event))
+        .collect()
 }
 
 fn reports(range: std::ops::Range<u32>) -> Vec<Vec<u8>> {
@@ -236,7 +240,8 @@ fn a_command_over_nats_reaches_a_sleeping_device_and_its_states_come_back_as_eve
             .map(|m| m.event["data"]["status"].as_str().unwrap().to_string())
             .collect()
     };
-    let stream = eventually(|| client.stream("NBHUB"), |s| states(s).contains(&"DELIVERED".into()), |s| format!("{s:#?}"));
+    let stream =
+        eventually(|| client.stream("NBHUB"), |s| states(s).contains(&"DELIVERED".into()), |s| format!("{s:#?}"));
     assert_eq!(states(&stream).last().map(String::as_str), Some("DELIVERED"), "{:?}", states(&stream));
     assert!(states(&stream).contains(&"SENT".to_string()));
 
@@ -254,9 +259,8 @@ fn a_command_over_nats_reaches_a_sleeping_device_and_its_states_come_back_as_eve
 #[test]
 fn two_instances_publish_into_one_stream() {
     let nats = NatsServer::start();
-    let start = |name: &str| {
-        Server::start_with(&[("NBHUB_NATS_URL", nats.url().as_str()), ("NBHUB_CLUSTER_NAME", name)])
-    };
+    let start =
+        |name: &str| Server::start_with(&[("NBHUB_NATS_URL", nats.url().as_str()), ("NBHUB_CLUSTER_NAME", name)]);
     let (east, west) = (start("east"), start("west"));
     let client = NatsClient::connect(&nats.url());
     let mut names = Vec::new();
@@ -296,7 +300,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {}/\n",
             dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
@@ -426,8 +430,7 @@ fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
     let uplinks_of = |events: &[(String, Value)]| -> Vec<Vec<u8>> {
         first_of_each(events).iter().filter(|(_, e)| e["event"] == "uplink").map(|(_, e)| payload(e)).collect()
     };
-    let events =
-        eventually(|| sub.events(), |e| uplinks_of(e).len() >= sent.len(), |e| format!("{e:#?}"));
+    let events = eventually(|| sub.events(), |e| uplinks_of(e).len() >= sent.len(), |e| format!("{e:#?}"));
     assert_eq!(uplinks_of(&events), sent, "every acknowledged uplink, in order");
     for (topic, e) in &events {
         assert_eq!(topic, &format!("nbhub/local/{pk}/{dn}/{}", e["event"].as_str().unwrap()));
@@ -449,12 +452,17 @@ fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
     dev.answer(&cmd, Code::CHANGED, b"");
     server.wait_command(&id, "DELIVERED");
     let delivered = |e: &Vec<(String, Value)>| {
-        e.iter().any(|(_, e)| e["event"] == "command_status" && e["data"]["command_id"] == id.as_str() && e["data"]["status"] == "DELIVERED")
+        e.iter().any(|(_, e)| {
+            e["event"] == "command_status"
+                && e["data"]["command_id"] == id.as_str()
+                && e["data"]["status"] == "DELIVERED"
+        })
     };
     eventually(|| sub.events(), delivered, |e| format!("{e:#?}"));
     // A bad one is answered with the admin API's error and queues nothing.
     mosquitto_pub(broker.port, &base, "not json");
-    let errors = |e: &[(String, Value)]| e.iter().filter(|(t, e)| t.ends_with("/answer") && e["error"].is_object()).count();
+    let errors =
+        |e: &[(String, Value)]| e.iter().filter(|(t, e)| t.ends_with("/answer") && e["error"].is_object()).count();
     eventually(|| sub.events(), |e| errors(e) == 1, |e| format!("{e:#?}"));
     let listed = server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}/commands")).unwrap();
     assert_eq!(listed["commands"].as_array().unwrap().len(), 1);

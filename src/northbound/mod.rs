@@ -9,9 +9,9 @@ pub mod mqtt;
 pub mod nats;
 pub mod outlet;
 pub mod readers;
+pub mod stored;
 pub mod streaming;
 pub mod subject;
-pub mod stored;
 pub mod webhooks;
 
 pub use event::{Event, EventKind, Wanted};

@@ -115,8 +115,13 @@ impl Mqtt {
             tokio::spawn(answer_commands(admin, names.clone(), jobs.clone(), taken));
             to_answer
         });
-        let connection =
-            Connection { options, capacity: config.concurrency + 64, names: names.clone(), status: status.clone(), commands };
+        let connection = Connection {
+            options,
+            capacity: config.concurrency + 64,
+            names: names.clone(),
+            status: status.clone(),
+            commands,
+        };
         tokio::spawn(connection.run(queue, shutdown));
         Ok(Arc::new(Mqtt { jobs, names, status }))
     }
@@ -171,7 +176,11 @@ impl Connection {
     async fn run(self, mut queue: mpsc::Receiver<Job>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = FIRST_RECONNECT;
         loop {
-            let (client, eventloop) = AsyncClient::new(self.options.clone(), self.capacity);
+            let (client, mut eventloop) = AsyncClient::new(self.options.clone(), self.capacity);
+            // Without it each PUBACK-awaited publish waits out Nagle and the broker's delayed ACK.
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_tcp_nodelay(true);
+            eventloop.set_network_options(network);
             let outcome = self.session(&client, eventloop, &mut queue, &mut shutdown).await;
             self.status.set_connected(false);
             match outcome {

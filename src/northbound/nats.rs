@@ -160,7 +160,9 @@ impl Sink for Nats {
             return Ok(());
         }
         let found = match self.config.create_stream {
-            true => self.jetstream.get_or_create_stream(self.stream_config()).await.map(drop).map_err(|e| e.to_string()),
+            true => {
+                self.jetstream.get_or_create_stream(self.stream_config()).await.map(drop).map_err(|e| e.to_string())
+            }
             false => self.jetstream.get_stream(&self.config.stream).await.map(drop).map_err(|e| e.to_string()),
         };
         found.map_err(|e| format!("stream {}: {e}", self.config.stream))?;

@@ -93,7 +93,8 @@ pub fn events_after(store: &Store, after: u64, limit: usize) -> Result<(Vec<Stor
     for (id, kind, time, record) in records {
         let event = match record {
             Record::Body(body) => {
-                let about: About = serde_json::from_slice(&body).map_err(|_| corrupt(&id.to_be_bytes(), "bad event"))?;
+                let about: About =
+                    serde_json::from_slice(&body).map_err(|_| corrupt(&id.to_be_bytes(), "bad event"))?;
                 Some((about, body))
             }
             Record::Uplink { device, message, product_key, device_name } => {
