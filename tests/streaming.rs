@@ -66,10 +66,9 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Stops (SIGTERM) and starts again on the same port and store.
-    fn restart(&mut self) {
+    /// Stops (SIGTERM); `spawn` starts it again on the same port and store.
+    fn stop(&mut self) {
         stop(self.child.as_mut().unwrap(), libc::SIGTERM);
-        self.spawn();
     }
 }
 
@@ -182,12 +181,15 @@ fn events_reach_jetstream_once_in_order_across_kill_9_and_a_broker_restart() {
         dev.report_confirmed(&r);
         sent.push(r);
     }
-    // The broker goes away mid-stream: acknowledged uplinks wait in the outbox.
-    nats.restart();
+    // The broker goes away mid-stream: the device is still acknowledged, and its uplinks wait in
+    // the outbox until the broker is back.
+    nats.stop();
     for r in reports(30..40) {
         dev.report_confirmed(&r);
         sent.push(r);
     }
+    server.wait_metric(r#"nbhub_outlet_lag_events{outlet="nats"}"#, |v| v >= 10.0);
+    nats.spawn();
     let stream = eventually(|| client.stream("NBHUB"), |s| uplinks(s, &dn).len() >= sent.len(), |s| format!("{s:#?}"));
     assert_eq!(uplinks(&stream, &dn), sent, "every acknowledged uplink once, in order");
     let ids: HashSet<&str> = stream.iter().map(|m| m.msg_id.as_str()).collect();
@@ -326,9 +328,8 @@ impl Mosquitto {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
-    fn restart(&mut self) {
+    fn stop(&mut self) {
         stop(self.child.as_mut().unwrap(), libc::SIGTERM);
-        self.spawn();
     }
 }
 
@@ -422,11 +423,13 @@ fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
         dev.report_confirmed(&r);
         sent.push(r);
     }
-    broker.restart();
+    broker.stop();
     for r in reports(20..30) {
         dev.report_confirmed(&r);
         sent.push(r);
     }
+    server.wait_metric(r#"nbhub_outlet_lag_events{outlet="mqtt"}"#, |v| v >= 10.0);
+    broker.spawn();
     let uplinks_of = |events: &[(String, Value)]| -> Vec<Vec<u8>> {
         first_of_each(events).iter().filter(|(_, e)| e["event"] == "uplink").map(|(_, e)| payload(e)).collect()
     };

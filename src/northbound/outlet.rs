@@ -129,6 +129,7 @@ impl<S: Sink> Outlet<S> {
             if let Err(why) = self.sink.prepare().await {
                 tracing::warn!(outlet = self.status.name, error = why, retry_in = ?backoff, "outlet not ready");
                 self.status.failed(why);
+                self.status.moved(cursor);
                 if pause(backoff, &mut shutdown).await.is_err() {
                     return;
                 }
@@ -156,7 +157,7 @@ impl<S: Sink> Outlet<S> {
                 }
                 continue;
             };
-            if self.deliver(events, &shutdown).await.is_err() {
+            if self.deliver(events, cursor, &shutdown).await.is_err() {
                 return;
             }
             cursor = last;
@@ -167,8 +168,9 @@ impl<S: Sink> Outlet<S> {
     }
 
     /// Publishes a batch, each device's events in order, and returns once every one is
-    /// acknowledged or given up.
-    async fn deliver(&self, events: Vec<Stored>, shutdown: &watch::Receiver<bool>) -> Result<(), Stopped> {
+    /// acknowledged or given up. Meanwhile the lag shown grows with what is committed behind
+    /// `cursor`, however long an unreachable engine holds the batch.
+    async fn deliver(&self, events: Vec<Stored>, cursor: u64, shutdown: &watch::Receiver<bool>) -> Result<(), Stopped> {
         let mut chains: Vec<Vec<Stored>> = Vec::new();
         let mut by_device: HashMap<(String, String), usize> = HashMap::new();
         for e in events {
@@ -181,9 +183,16 @@ impl<S: Sink> Outlet<S> {
         }
         let mut running = tokio::task::JoinSet::<Result<(), Stopped>>::new();
         let mut stopped = false;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut joined = async |running: &mut tokio::task::JoinSet<Result<(), Stopped>>| loop {
+            tokio::select! {
+                r = running.join_next() => return r.map(|r| matches!(r, Ok(Ok(())))),
+                _ = tick.tick() => self.status.moved(cursor),
+            }
+        };
         for chain in chains {
             while running.len() >= self.config.concurrency {
-                stopped |= !matches!(running.join_next().await, Some(Ok(Ok(()))));
+                stopped |= joined(&mut running).await == Some(false);
             }
             let (sink, status, config, shutdown) =
                 (self.sink.clone(), self.status.clone(), self.config.clone(), shutdown.clone());
@@ -194,8 +203,8 @@ impl<S: Sink> Outlet<S> {
                 Ok(())
             });
         }
-        while let Some(r) = running.join_next().await {
-            stopped |= !matches!(r, Ok(Ok(())));
+        while let Some(ok) = joined(&mut running).await {
+            stopped |= !ok;
         }
         if stopped { Err(Stopped) } else { Ok(()) }
     }
