@@ -35,35 +35,58 @@ fn stop(child: &mut Child, signal: i32) {
     let _ = child.wait();
 }
 
-/// `nats-server` with JetStream, its store in a temporary directory that outlives restarts.
-struct NatsServer {
+/// A broker from Debian's packages on a loopback port, its store in a temporary directory that
+/// outlives its restarts.
+struct Broker {
+    program: &'static str,
+    args: Vec<String>,
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
 }
 
-impl NatsServer {
-    fn start() -> NatsServer {
-        let mut s = NatsServer { child: None, port: free_port(), dir: tempfile::tempdir().unwrap() };
-        s.spawn();
-        s
+impl Broker {
+    /// `nats-server` with JetStream.
+    fn nats() -> Broker {
+        let (port, dir) = (free_port(), tempfile::tempdir().unwrap());
+        let store = dir.path().join("js").display().to_string();
+        let args = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", &store].map(String::from).into();
+        Broker::start("nats-server", args, port, dir)
+    }
+
+    /// `mosquitto` with persistence.
+    fn mosquitto() -> Broker {
+        let (port, dir) = (free_port(), tempfile::tempdir().unwrap());
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {}/\n",
+            dir.path().display()
+        );
+        let path = dir.path().join("mosquitto.conf");
+        std::fs::write(&path, conf).unwrap();
+        Broker::start("mosquitto", vec!["-c".into(), path.display().to_string()], port, dir)
+    }
+
+    fn start(program: &'static str, args: Vec<String>, port: u16, dir: tempfile::TempDir) -> Broker {
+        let mut b = Broker { program, args, child: None, port, dir };
+        b.spawn();
+        b
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("nats.log")).unwrap();
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
-            .arg(self.dir.path().join("js"))
+        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", self.program))).unwrap();
+        let child = Command::new(self.program)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("nats-server (scripts/install-deps installs it)");
+            .unwrap_or_else(|e| panic!("{} (scripts/install-deps installs it): {e}", self.program));
         self.child = Some(child);
-        wait_listening(self.port, "nats-server");
+        wait_listening(self.port, self.program);
     }
 
     fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.program == "mosquitto" { "mqtt" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Stops (SIGTERM); `spawn` starts it again on the same port and store.
@@ -72,7 +95,7 @@ impl NatsServer {
     }
 }
 
-impl Drop for NatsServer {
+impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
             stop(c, libc::SIGKILL);
@@ -159,7 +182,7 @@ fn reports(range: std::ops::Range<u32>) -> Vec<Vec<u8>> {
 
 #[test]
 fn events_reach_jetstream_once_in_order_across_kill_9_and_a_broker_restart() {
-    let mut nats = NatsServer::start();
+    let mut nats = Broker::nats();
     let env = [("NBHUB_NATS_URL", nats.url()), ("NBHUB_CLUSTER_NAME", "east".to_string())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut server = Server::start_with(&env);
@@ -214,7 +237,7 @@ fn events_reach_jetstream_once_in_order_across_kill_9_and_a_broker_restart() {
 
 #[test]
 fn a_command_over_nats_reaches_a_sleeping_device_and_its_states_come_back_as_events() {
-    let nats = NatsServer::start();
+    let nats = Broker::nats();
     let env = [("NBHUB_NATS_URL", nats.url()), ("NBHUB_ADMIN_CLOCK_CONTROL", "true".to_string())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = Server::start_with(&env);
@@ -260,7 +283,7 @@ fn a_command_over_nats_reaches_a_sleeping_device_and_its_states_come_back_as_eve
 
 #[test]
 fn two_instances_publish_into_one_stream() {
-    let nats = NatsServer::start();
+    let nats = Broker::nats();
     let start =
         |name: &str| Server::start_with(&[("NBHUB_NATS_URL", nats.url().as_str()), ("NBHUB_CLUSTER_NAME", name)]);
     let (east, west) = (start("east"), start("west"));
@@ -288,57 +311,6 @@ fn two_instances_publish_into_one_stream() {
     // Both instances count events from 1: the message ids still differ.
     let ids: HashSet<&str> = stream.iter().map(|m| m.msg_id.as_str()).collect();
     assert_eq!(ids.len(), stream.len());
-}
-
-/// `mosquitto` on a loopback port, its persistence in a temporary directory.
-struct Mosquitto {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {}/\n",
-            dir.path().display()
-        );
-        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
-        let mut m = Mosquitto { child: None, port, dir };
-        m.spawn();
-        m
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto (scripts/install-deps installs it)");
-        self.child = Some(child);
-        wait_listening(self.port, "mosquitto");
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        stop(self.child.as_mut().unwrap(), libc::SIGTERM);
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            stop(c, libc::SIGKILL);
-        }
-    }
 }
 
 /// A subscriber on `topic` at QoS 1 with a session the broker keeps (rumqttc, as an application
@@ -402,7 +374,7 @@ fn first_of_each(events: &[(String, Value)]) -> Vec<(String, Value)> {
 
 #[test]
 fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
-    let mut broker = Mosquitto::start();
+    let mut broker = Broker::mosquitto();
     let sub = Subscriber::start(broker.port, "nbhub/#");
     let env = [("NBHUB_MQTT_URL", broker.url()), ("NBHUB_ADMIN_CLOCK_CONTROL", "true".to_string())];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
