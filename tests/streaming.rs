@@ -180,6 +180,29 @@ fn reports(range: std::ops::Range<u32>) -> Vec<Vec<u8>> {
     range.map(|i| format!("reading {i}").into_bytes()).collect()
 }
 
+/// Confirmed reports before and after a kill -9 of nbhub (the acknowledged ones are in the outbox
+/// and the engine's copies are published again), then while the broker is down (the device is
+/// still acknowledged and the outlet falls behind) and after it is back; what was sent.
+fn through_a_crash_and_an_outage(
+    server: &mut Server,
+    dev: &mut HuaweiDevice,
+    broker: &mut Broker,
+    outlet: &str,
+) -> Vec<Vec<u8>> {
+    let send = |dev: &mut HuaweiDevice, range| {
+        reports(range).into_iter().inspect(|r| dev.report_confirmed(r)).collect::<Vec<_>>()
+    };
+    let mut sent = send(dev, 0..10);
+    server.restart();
+    dev.wire.server = server.endpoints.coap;
+    sent.extend(send(dev, 10..20));
+    broker.stop();
+    sent.extend(send(dev, 20..30));
+    server.wait_metric(&format!(r#"nbhub_outlet_lag_events{{outlet="{outlet}"}}"#), |v| v >= 10.0);
+    broker.spawn();
+    sent
+}
+
 #[test]
 fn events_reach_jetstream_once_in_order_across_kill_9_and_a_broker_restart() {
     let mut nats = Broker::nats();
@@ -191,28 +214,7 @@ fn events_reach_jetstream_once_in_order_across_kill_9_and_a_broker_restart() {
     let (pk, dn) = huawei_device(&server, node);
     let mut dev = HuaweiDevice::new(server.endpoints.coap, node);
     dev.bind();
-    let mut sent = Vec::new();
-    for r in reports(0..20) {
-        dev.report_confirmed(&r);
-        sent.push(r);
-    }
-    // kill -9 right after the last acknowledgement: what was acknowledged is in the outbox, and
-    // what the stream already has is published again under the same Nats-Msg-Id.
-    server.restart();
-    dev.wire.server = server.endpoints.coap;
-    for r in reports(20..30) {
-        dev.report_confirmed(&r);
-        sent.push(r);
-    }
-    // The broker goes away mid-stream: the device is still acknowledged, and its uplinks wait in
-    // the outbox until the broker is back.
-    nats.stop();
-    for r in reports(30..40) {
-        dev.report_confirmed(&r);
-        sent.push(r);
-    }
-    server.wait_metric(r#"nbhub_outlet_lag_events{outlet="nats"}"#, |v| v >= 10.0);
-    nats.spawn();
+    let sent = through_a_crash_and_an_outage(&mut server, &mut dev, &mut nats, "nats");
     let stream = eventually(|| client.stream("NBHUB"), |s| uplinks(s, &dn).len() >= sent.len(), |s| format!("{s:#?}"));
     assert_eq!(uplinks(&stream, &dn), sent, "every acknowledged uplink once, in order");
     let ids: HashSet<&str> = stream.iter().map(|m| m.msg_id.as_str()).collect();
@@ -384,24 +386,7 @@ fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
     let (pk, dn) = huawei_device(&server, node);
     let mut dev = HuaweiDevice::new(server.endpoints.coap, node);
     dev.bind();
-    let mut sent = Vec::new();
-    for r in reports(0..10) {
-        dev.report_confirmed(&r);
-        sent.push(r);
-    }
-    server.restart();
-    dev.wire.server = server.endpoints.coap;
-    for r in reports(10..20) {
-        dev.report_confirmed(&r);
-        sent.push(r);
-    }
-    broker.stop();
-    for r in reports(20..30) {
-        dev.report_confirmed(&r);
-        sent.push(r);
-    }
-    server.wait_metric(r#"nbhub_outlet_lag_events{outlet="mqtt"}"#, |v| v >= 10.0);
-    broker.spawn();
+    let sent = through_a_crash_and_an_outage(&mut server, &mut dev, &mut broker, "mqtt");
     let uplinks_of = |events: &[(String, Value)]| -> Vec<Vec<u8>> {
         first_of_each(events).iter().filter(|(_, e)| e["event"] == "uplink").map(|(_, e)| payload(e)).collect()
     };
