@@ -262,3 +262,82 @@ async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> Result<(), 
         _ = tokio::time::sleep(d) => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{DeviceName, ProductKey};
+    use crate::northbound::event::{Event, EventKind, Wanted};
+    use crate::store::{MemoryBudget, Op, SyncPolicy, WriterThread};
+
+    /// An engine that refuses each device's first publish once, and records what it took.
+    #[derive(Default)]
+    struct Flaky {
+        refused: Mutex<std::collections::HashSet<String>>,
+        taken: Mutex<Vec<(String, u64)>>,
+    }
+
+    impl Sink for Flaky {
+        async fn prepare(&self) -> Result<(), String> {
+            Ok(())
+        }
+
+        async fn publish(&self, event: &Stored) -> Result<(), String> {
+            if lock(&self.refused).insert(event.device_name.clone()) {
+                return Err("full".into());
+            }
+            lock(&self.taken).push((event.device_name.clone(), event.id));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_refused_publish_is_retried_before_its_devices_next_event_and_the_cursor_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None, MemoryBudget::of(8 << 20)).unwrap();
+        let (writer, thread) = WriterThread::start(&store, SyncPolicy::Wal, 100).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let readers = Readers::new(writer.clone(), Arc::new(Wanted::default()));
+        readers.add(Reader::Outlet("test"), &EventKind::ALL, 0);
+        let event = |dn: &str, n: u32| Event {
+            kind: EventKind::DeviceStatus,
+            product_key: ProductKey::new("pk").unwrap(),
+            device_name: DeviceName::new(dn).unwrap(),
+            time: UnixMs::now(),
+            data: serde_json::json!({ "n": n }),
+        };
+        let ops = (0..3).flat_map(|n| ["a", "b"].map(|dn| Op::Event(Box::new(event(dn, n)))));
+        rt.block_on(writer.commit(ops)).unwrap();
+        let sink = Arc::new(Flaky::default());
+        let config = OutletConfig {
+            max_age: Duration::from_secs(60),
+            concurrency: 8,
+            ack_timeout: Duration::from_secs(1),
+            commands: false,
+        };
+        let status = Status::new("test", "memory".into(), &writer);
+        let outlet = Outlet { sink: sink.clone(), status, store, writer, readers: readers.clone(), config };
+        let (stop, shutdown) = watch::channel(false);
+        let run = rt.spawn(outlet.run(shutdown));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while readers.cursor(Reader::Outlet("test")) != Some(6) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cursor stays at {:?}",
+                readers.cursor(Reader::Outlet("test"))
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.send(true).unwrap();
+        rt.block_on(run).unwrap();
+        // Events 1, 3, 5 are a's and 2, 4, 6 b's: each device's in order, each once, although
+        // the first publish of each was refused.
+        let taken = lock(&sink.taken).clone();
+        for (dn, ids) in [("a", [1, 3, 5]), ("b", [2, 4, 6])] {
+            let got: Vec<u64> = taken.iter().filter(|(d, _)| d == dn).map(|(_, id)| *id).collect();
+            assert_eq!(got, ids, "{dn}: {taken:?}");
+        }
+        drop(rt);
+        thread.stop();
+    }
+}
