@@ -13,15 +13,6 @@ use nbhub::client::ClientError;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType};
 use serde_json::{Value, json};
 
-/// A product whose devices sleep `awake_s` after they last spoke, and one Huawei device on it.
-fn huawei_device(server: &Server, node: &str, product: Value) -> (String, String) {
-    let admin = server.admin();
-    let p = admin.post("/api/v1/products", &product).unwrap();
-    let pk = p["product_key"].as_str().unwrap().to_string();
-    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node})).unwrap();
-    (pk, d["device_name"].as_str().unwrap().to_string())
-}
-
 /// A Huawei device with a node id and a PSK (its DTLS identity is the node id, as on LiteOS) in a
 /// new product; its product key and name.
 fn huawei_psk_device(server: &Server, node: &str, psk: &[u8]) -> (String, String) {
@@ -49,7 +40,7 @@ const MOVABLE_CLOCK: &[(&str, &str)] = &[("NBHUB_ADMIN_CLOCK_CONTROL", "true")];
 #[test]
 fn a_sleeping_huawei_device_gets_its_commands_in_order_one_at_a_time_after_it_reports() {
     let server = Server::start_with(MOVABLE_CLOCK);
-    let (pk, dn) = huawei_device(&server, "861234567890001", json!({"name": "meters", "awake_window_s": 1}));
+    let (pk, dn) = server.huawei_device("861234567890001", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890001");
     dev.bind();
     server.wait_device(&pk, &dn, |d| d["status"] == "online");
@@ -104,7 +95,7 @@ fn a_sleeping_huawei_device_gets_its_commands_in_order_one_at_a_time_after_it_re
 #[test]
 fn bind_answers_what_liteos_expects() {
     let server = Server::start_with(MOVABLE_CLOCK);
-    let (pk, dn) = huawei_device(&server, "861234567890002", json!({"name": "meters", "ack_timeout_ms": 200}));
+    let (pk, dn) = server.huawei_device("861234567890002", json!({"name": "meters", "ack_timeout_ms": 200}));
     // LiteOS reads an ACK 5.00 as "this device does not exist".
     let mut stranger = HuaweiDevice::new(server.endpoints.coap, "869999999999999");
     assert_eq!(stranger.bind_request().code, Code::INTERNAL_SERVER_ERROR);
@@ -140,7 +131,7 @@ fn bind_answers_what_liteos_expects() {
 #[test]
 fn immediately_fails_for_a_sleeping_device_and_reaches_an_awake_one() {
     let server = Server::start_with(MOVABLE_CLOCK);
-    let (pk, dn) = huawei_device(&server, "861234567890003", json!({"name": "meters", "awake_window_s": 2}));
+    let (pk, dn) = server.huawei_device("861234567890003", json!({"name": "meters", "awake_window_s": 2}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890003");
     let asleep = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"now"), "send_strategy": "immediately"}));
     assert_eq!(asleep["status"], "FAILED", "never heard from: asleep");
@@ -167,7 +158,7 @@ fn immediately_fails_for_a_sleeping_device_and_reaches_an_awake_one() {
 fn an_unanswered_command_times_out_after_its_retransmissions() {
     let server = Server::start_with(&[("NBHUB_DOWNLINK_TIMEOUT_S", "3"), MOVABLE_CLOCK[0]]);
     let product = json!({"name": "meters", "awake_window_s": 30, "ack_timeout_ms": 200, "max_retransmit": 2});
-    let (pk, dn) = huawei_device(&server, "861234567890004", product);
+    let (pk, dn) = server.huawei_device("861234567890004", product);
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890004");
     dev.bind();
     server.wait_device(&pk, &dn, |d| d["status"] == "online");
@@ -196,7 +187,7 @@ fn an_unanswered_command_times_out_after_its_retransmissions() {
 #[test]
 fn pending_commands_expire_are_bounded_and_can_be_canceled() {
     let server = Server::start_with(MOVABLE_CLOCK);
-    let (pk, dn) = huawei_device(&server, "861234567890005", json!({"name": "meters"}));
+    let (pk, dn) = server.huawei_device("861234567890005", json!({"name": "meters"}));
     let admin = server.admin();
     let path = format!("/api/v1/products/{pk}/devices/{dn}/commands");
     let short = server.send_command(&pk, &dn, json!({"payload_base64": b64(b"x"), "expire_time": 1}));
@@ -247,7 +238,7 @@ fn pending_commands_expire_are_bounded_and_can_be_canceled() {
 #[test]
 fn a_device_whose_port_changes_between_reports_still_gets_its_commands() {
     let server = Server::start_with(MOVABLE_CLOCK);
-    let (pk, dn) = huawei_device(&server, "861234567890006", json!({"name": "meters", "awake_window_s": 1}));
+    let (pk, dn) = server.huawei_device("861234567890006", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890006");
     dev.bind();
     let old_port = dev.wire.socket.local_addr().unwrap();
@@ -329,7 +320,7 @@ fn an_alibaba_device_pulls_its_commands_on_5682_and_its_ack_delivers_them() {
 #[test]
 fn commands_survive_kill_9_in_the_middle_of_delivery() {
     let mut server = Server::start_with(MOVABLE_CLOCK);
-    let (pk, dn) = huawei_device(&server, "861234567890007", json!({"name": "meters", "awake_window_s": 1}));
+    let (pk, dn) = server.huawei_device("861234567890007", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890007");
     dev.bind();
     server.advance_clock(Duration::from_millis(1200));
@@ -440,7 +431,7 @@ fn a_dtls_device_behind_a_new_nat_port_handshakes_again_and_its_commands_follow(
 #[test]
 fn a_reset_command_ends_the_observe_relation_and_the_rest_wait_for_the_next_bind() {
     let server = Server::start_with(MOVABLE_CLOCK);
-    let (pk, dn) = huawei_device(&server, "861234567890010", json!({"name": "meters", "awake_window_s": 1}));
+    let (pk, dn) = server.huawei_device("861234567890010", json!({"name": "meters", "awake_window_s": 1}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890010");
     dev.bind();
     server.wait_device(&pk, &dn, |d| d["status"] == "online");

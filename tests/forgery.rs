@@ -122,18 +122,10 @@ fn a_replayed_pull_is_refused_and_delivers_nothing() {
     assert!(line.contains(&dn) && line.contains(&pk), "{line}");
 }
 
-fn huawei_device(server: &Server, node: &str) -> (String, String) {
-    let admin = server.admin();
-    let p = admin.post("/api/v1/products", &json!({"name": "meters", "awake_window_s": 30})).unwrap();
-    let pk = p["product_key"].as_str().unwrap().to_string();
-    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node})).unwrap();
-    (pk, d["device_name"].as_str().unwrap().to_string())
-}
-
 #[test]
 fn a_copied_huawei_notification_from_elsewhere_neither_stores_nor_moves_the_downlink() {
     let server = Server::start_with(&TIGHT);
-    let (pk, dn) = huawei_device(&server, "861234567890101");
+    let (pk, dn) = server.huawei_device("861234567890101", json!({"name": "meters", "awake_window_s": 30}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890101");
     dev.bind();
     let home = dev.wire.socket.local_addr().unwrap().to_string();
@@ -184,7 +176,7 @@ fn a_copied_huawei_notification_from_elsewhere_neither_stores_nor_moves_the_down
 #[test]
 fn spoofed_binds_and_replayed_bootstraps_cost_the_device_nothing() {
     let server = Server::start_with(&TIGHT);
-    let (pk, dn) = huawei_device(&server, "861234567890102");
+    let (pk, dn) = server.huawei_device("861234567890102", json!({"name": "meters", "awake_window_s": 30}));
     let mut dev = HuaweiDevice::new(server.endpoints.coap, "861234567890102");
     dev.bind();
     // Bound: its answer to the observe request is in (a bind racing it would ask anew).

@@ -155,12 +155,9 @@ impl NatsClient {
     }
 }
 
-fn huawei_device(server: &Server, node: &str) -> (String, String) {
-    let admin = server.admin();
-    let p = admin.post("/api/v1/products", &json!({"name": "streamed meters", "awake_window_s": 1})).unwrap();
-    let pk = p["product_key"].as_str().unwrap().to_string();
-    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node})).unwrap();
-    (pk, d["device_name"].as_str().unwrap().to_string())
+/// A product whose devices sleep a second after they last spoke.
+fn streamed() -> Value {
+    json!({"name": "streamed meters", "awake_window_s": 1})
 }
 
 fn payload(event: &Value) -> Vec<u8> {
@@ -211,7 +208,7 @@ fn events_reach_jetstream_once_in_order_across_kill_9_and_a_broker_restart() {
     let mut server = Server::start_with(&env);
     let client = NatsClient::connect(&nats.url());
     let node = "861234567890201";
-    let (pk, dn) = huawei_device(&server, node);
+    let (pk, dn) = server.huawei_device(node, streamed());
     let mut dev = HuaweiDevice::new(server.endpoints.coap, node);
     dev.bind();
     let sent = through_a_crash_and_an_outage(&mut server, &mut dev, &mut nats, "nats");
@@ -245,7 +242,7 @@ fn a_command_over_nats_reaches_a_sleeping_device_and_its_states_come_back_as_eve
     let server = Server::start_with(&env);
     let client = NatsClient::connect(&nats.url());
     let node = "861234567890202";
-    let (pk, dn) = huawei_device(&server, node);
+    let (pk, dn) = server.huawei_device(node, streamed());
     let mut dev = HuaweiDevice::new(server.endpoints.coap, node);
     dev.bind();
     server.wait_device(&pk, &dn, |d| d["status"] == "online");
@@ -292,7 +289,7 @@ fn two_instances_publish_into_one_stream() {
     let client = NatsClient::connect(&nats.url());
     let mut names = Vec::new();
     for (server, node) in [(&east, "861234567890203"), (&west, "861234567890204")] {
-        let (_, dn) = huawei_device(server, node);
+        let (_, dn) = server.huawei_device(node, streamed());
         let mut dev = HuaweiDevice::new(server.endpoints.coap, node);
         dev.bind();
         for r in reports(0..5) {
@@ -383,7 +380,7 @@ fn events_reach_mqtt_across_kill_9_and_a_broker_restart_and_commands_come_in() {
     let mut server = Server::start_with(&env);
     server.wait_metric(r#"nbhub_outlet_connected{outlet="mqtt"}"#, |v| v == 1.0);
     let node = "861234567890205";
-    let (pk, dn) = huawei_device(&server, node);
+    let (pk, dn) = server.huawei_device(node, streamed());
     let mut dev = HuaweiDevice::new(server.endpoints.coap, node);
     dev.bind();
     let sent = through_a_crash_and_an_outage(&mut server, &mut dev, &mut broker, "mqtt");

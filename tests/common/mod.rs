@@ -199,6 +199,17 @@ impl Server {
         (pk, d["device_name"].as_str().unwrap().to_string(), d["device_secret"].as_str().unwrap().to_string())
     }
 
+    /// Creates `product` and a Huawei device on it with node id `node`; returns (product key,
+    /// device name).
+    pub fn huawei_device(&self, node: &str, product: Value) -> (String, String) {
+        let admin = self.admin();
+        let p = admin.post("/api/v1/products", &product).expect("create product");
+        let pk = p["product_key"].as_str().unwrap().to_string();
+        let d =
+            admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node})).expect("create device");
+        (pk, d["device_name"].as_str().unwrap().to_string())
+    }
+
     /// Decoded payloads of a device's stored messages, oldest first (all pages).
     pub fn stored(&self, pk: &str, dn: &str) -> Vec<(String, Vec<u8>)> {
         use base64::Engine;
