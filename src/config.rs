@@ -324,11 +324,6 @@ pub struct PeerConfig {
     pub token: String,
 }
 
-/// A level of a subject or topic prefix.
-fn name_chars_ok(level: &str) -> bool {
-    level.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
-}
-
 fn default_coap_port() -> u16 {
     5683
 }
@@ -558,9 +553,9 @@ impl Config {
 
     fn validate_streaming(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        let prefix_ok = |p: &str, sep: char| {
-            !p.is_empty() && p.split(sep).all(|l| name_chars_ok(l) && !l.is_empty()) && p.len() <= 64
-        };
+        // Levels named as instances are: letters, digits, `_` and `-`.
+        let prefix_ok =
+            |p: &str, sep: char| p.len() <= 64 && p.split(sep).all(|l| crate::identity::name_chars(l, 1, 64, b"_-"));
         let outlets = [
             ("nats", self.nats.max_age_s, self.nats.concurrency, self.nats.ack_timeout_ms),
             ("mqtt", self.mqtt.max_age_s, self.mqtt.concurrency, self.mqtt.ack_timeout_ms),
@@ -586,10 +581,7 @@ impl Config {
                 n.subject_prefix
             ));
         }
-        if n.stream.is_empty()
-            || n.stream.len() > 64
-            || !n.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
-        {
+        if !crate::identity::name_chars(&n.stream, 1, 64, b"_-") {
             return bad(format!("nats.stream = {:?} must be 1 to 64 characters of A-Z a-z 0-9 _ -", n.stream));
         }
         if !(1..=5).contains(&n.replicas) || n.stream_max_age_s == 0 || n.duplicate_window_s == 0 {
@@ -769,6 +761,18 @@ mod tests {
         assert!(e.to_string().contains("auth.replay_window"), "{e}");
         let e = Config::load_with_env(None, env(&[("NBHUB_ADMIN_LISTEN", "nowhere")])).unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
+        for (var, key) in [
+            ("NBHUB_NATS_URL", "nats.url"),
+            ("NBHUB_NATS_SUBJECT_PREFIX", "nats.subject_prefix"),
+            ("NBHUB_NATS_STREAM", "nats.stream"),
+            ("NBHUB_MQTT_URL", "mqtt.url"),
+            ("NBHUB_MQTT_TOPIC_PREFIX", "mqtt.topic_prefix"),
+        ] {
+            let e = Config::load_with_env(None, env(&[(var, "not a.valid//one")])).unwrap_err();
+            assert!(e.to_string().contains(key), "{var}: {e}");
+        }
+        let c = Config::load_with_env(None, env(&[("NBHUB_NATS_URL", "nats://a:4222,tls://b:4222")])).unwrap();
+        assert_eq!(c.nats.outlet().concurrency, 1024);
     }
 
     #[test]

@@ -65,7 +65,8 @@ macro_rules! identifier {
     };
 }
 
-fn name_chars(s: &str, min: usize, max: usize, extra: &[u8]) -> bool {
+/// `s` is `min..=max` bytes of ASCII letters, digits and `extra`.
+pub fn name_chars(s: &str, min: usize, max: usize, extra: &[u8]) -> bool {
     (min..=max).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 

@@ -18,10 +18,6 @@ use common::*;
 use nbhub::coap::message::Code;
 use serde_json::{Value, json};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn wait_listening(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -48,7 +44,7 @@ struct Broker {
 impl Broker {
     /// `nats-server` with JetStream.
     fn nats() -> Broker {
-        let (port, dir) = (free_port(), tempfile::tempdir().unwrap());
+        let (port, dir) = (reserve_port().port(), tempfile::tempdir().unwrap());
         let store = dir.path().join("js").display().to_string();
         let args = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", &store].map(String::from).into();
         Broker::start("nats-server", args, port, dir)
@@ -56,7 +52,7 @@ impl Broker {
 
     /// `mosquitto` with persistence.
     fn mosquitto() -> Broker {
-        let (port, dir) = (free_port(), tempfile::tempdir().unwrap());
+        let (port, dir) = (reserve_port().port(), tempfile::tempdir().unwrap());
         let conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {}/\n",
             dir.path().display()

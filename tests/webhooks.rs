@@ -30,7 +30,7 @@ fn of_kind(deliveries: &[Delivery], kind: &str) -> Vec<Value> {
 fn a_subscriber_down_at_first_gets_every_uplink_and_command_change_as_stored() {
     let server = Server::start_with(&FAST_RETRIES);
     let admin = server.admin();
-    let port = WebhookReceiver::reserve_port();
+    let port = common::reserve_port();
     let hook =
         admin.post("/api/v1/webhooks", &json!({"url": format!("http://{port}/hook"), "secret": "s3cret"})).unwrap();
     assert_eq!(hook["signed"], true);
@@ -88,7 +88,7 @@ fn a_subscriber_down_at_first_gets_every_uplink_and_command_change_as_stored() {
 #[test]
 fn webhook_events_survive_kill_9_and_a_deleted_webhook_gets_nothing_more() {
     let mut server = Server::start_with(&FAST_RETRIES);
-    let port = WebhookReceiver::reserve_port();
+    let port = common::reserve_port();
     let admin = server.admin();
     let hook =
         admin.post("/api/v1/webhooks", &json!({"url": format!("http://{port}/in"), "events": ["uplink"]})).unwrap();

@@ -841,6 +841,11 @@ impl Delivery {
     }
 }
 
+/// A loopback TCP port nothing listens on yet (for a subscriber or broker that starts later).
+pub fn reserve_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
 /// A webhook subscriber: a real HTTP/1.1 server on loopback (keep-alive, Content-Length bodies)
 /// that records every POST and answers 200.
 pub struct WebhookReceiver {
@@ -849,11 +854,6 @@ pub struct WebhookReceiver {
 }
 
 impl WebhookReceiver {
-    /// A loopback port nothing listens on yet (for a subscriber that is down at first).
-    pub fn reserve_port() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-    }
-
     pub fn start() -> WebhookReceiver {
         WebhookReceiver::start_on("127.0.0.1:0".parse().unwrap())
     }
