@@ -82,6 +82,7 @@ pub fn accept(
         return Accepted::Pcp { writes: contact, answer: outcome.answer };
     }
     contact.extend(campaign.radio_report(device, s, &payload));
+    registry.activity.count(&device.product_key, now);
     let then = registry.after_uplink(device, &topic);
     let topic = topic.into_boxed_str();
     let mut writes: Ops = smallvec![Op::Uplink { device: device.id, received_at: now, topic, payload, then }];

@@ -212,6 +212,7 @@ async fn serve_with(
     tasks.spawn(expire_commands(commands, stop_rx.clone()));
     tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
     tasks.spawn(report_memory(store_for_memory, stop_rx.clone()));
+    tasks.spawn(store_activity(registry.clone(), stop_rx.clone()));
     tasks.spawn(advance_upgrades(campaign, registry.config.ota.tick_ms, stop_rx.clone()));
     tasks.spawn(cluster::runner::supervise(cluster.clone(), stop_rx.clone()));
 
@@ -357,6 +358,15 @@ async fn sweep_statuses(registry: Arc<Registry>, stop: watch::Receiver<bool>) ->
         if changed > 0 {
             tracing::debug!(devices = changed, "device status changed");
         }
+    })
+    .await
+}
+
+/// Stores the products' recent uplinks per minute every few seconds, for the chart to survive a
+/// restart.
+async fn store_activity(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    every(std::time::Duration::from_secs(5), stop, || async {
+        registry.writer().record(registry.activity.flush(clock::UnixMs::now()));
     })
     .await
 }

@@ -11,14 +11,14 @@ use serde::Deserialize;
 
 use super::AdminState;
 use super::devices::device;
-use super::error::{ApiError, ApiJson};
+use super::error::{ApiError, ApiJson, blocking};
 use crate::codec::engine::Engine;
 use crate::codec::fields::Layout;
 use crate::codec::script::Budget;
 use crate::codec::{CodecError, CodecRecord, DirectoryError, Reading, Source};
 use crate::northbound::event::message_view;
+use crate::store::MessageId;
 use crate::store::records::{DecodeFailure, DecodedRecord};
-use crate::store::{MessageId, StoreError};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -246,10 +246,7 @@ async fn try_version(
                 Some(a) => Some(MessageId(a.parse().map_err(|_| ApiError::bad_request("after must be a message id"))?)),
             };
             let store = state.store.clone();
-            let (rows, more) = tokio::task::spawn_blocking(move || store.messages(d.id, after, limit))
-                .await
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-                .map_err(|e: StoreError| ApiError::from(e))?;
+            let (rows, more) = blocking(move || store.messages(d.id, after, limit)).await?;
             let next = if more { rows.last().map(|(id, _)| id.0.to_string()) } else { None };
             let (version, dn) = (codec.version, dn.clone());
             let tried = with_codec(codec.source.clone(), budget, move |s| {

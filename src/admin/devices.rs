@@ -7,7 +7,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::AdminState;
-use super::error::{ApiError, ApiJson};
+use super::error::{ApiError, ApiJson, blocking};
 use crate::clock::UnixMs;
 use crate::identity::Home;
 use crate::identity::{DeviceName, NodeId, ProductKey, Secret};
@@ -57,6 +57,14 @@ pub struct DeviceView {
     /// Its LwM2M registration, while it has one (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     registration: Option<RegistrationView>,
+    /// Its Huawei observe relation on `/t/d`, while it has one (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    observe: Option<ObserveView>,
+}
+
+#[derive(Serialize)]
+struct ObserveView {
+    token_hex: String,
 }
 
 #[derive(Serialize)]
@@ -88,6 +96,7 @@ fn view(d: &Device, state: &AdminState) -> DeviceView {
             objects: r.objects.clone(),
             updated_at: UnixMs(r.updated_at).rfc3339(),
         }),
+        observe: s.observe.map(|t| ObserveView { token_hex: hex::encode(t.0) }),
     }
 }
 
@@ -230,6 +239,8 @@ struct DeviceQuery {
     seen_before: Option<String>,
     version: Option<String>,
     cell_id: Option<String>,
+    /// Part of the device name.
+    name: Option<String>,
 }
 
 impl DeviceQuery {
@@ -264,6 +275,7 @@ impl DeviceQuery {
             seen_before: time("seen_before", &self.seen_before)?,
             version: self.version.clone(),
             cell_id: self.cell_id.clone(),
+            name_contains: self.name.clone().filter(|n| !n.is_empty()),
         })
     }
 }
@@ -297,7 +309,7 @@ async fn messages(
     };
     let d = device(&state, &pk, &dn)?;
     let store = state.store.clone();
-    let (messages, next) = tokio::task::spawn_blocking(move || {
+    let (messages, next) = blocking(move || {
         let (rows, more) = store.messages(d.id, after, limit)?;
         let next = if more { rows.last().map(|(id, _)| id.0.to_string()) } else { None };
         let views = rows
@@ -306,7 +318,6 @@ async fn messages(
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok::<_, StoreError>((views, next))
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .await?;
     Ok(Json(serde_json::json!({ "messages": messages, "next": next })))
 }

@@ -1,6 +1,7 @@
 //! The admin HTTP API (API.md): products, devices and their messages under `/api/v1` behind a
 //! bearer token, plus `/healthz` and `/metrics` without one.
 
+mod activity;
 mod clock;
 mod codecs;
 mod commands;
@@ -52,6 +53,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(products::routes())
         .merge(devices::routes())
+        .merge(activity::routes())
         .merge(import::routes())
         .merge(codecs::routes())
         .merge(commands::routes())

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::AdminState;
 use super::devices::device;
-use super::error::{ApiError, ApiJson};
+use super::error::{ApiError, ApiJson, blocking};
 use crate::ota::campaign::TaskView;
 use crate::ota::package::PackageId;
 use crate::ota::task::{MAX_RETRIES, MAX_RETRY_INTERVAL_MIN, UpgradeTaskId};
@@ -20,7 +20,8 @@ use crate::store::records::OtaProtocol;
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
-        .route("/ota/tasks", post(create))
+        .route("/ota/tasks", get(list).post(create))
+        .route("/ota/cells", get(cells))
         .route("/ota/tasks/{task_id}", get(show))
         .route("/ota/tasks/{task_id}/stop", post(stop))
 }
@@ -93,12 +94,11 @@ async fn create(
         devices.push(d);
     }
     let store = state.store.clone();
-    let (package, chunks) = tokio::task::spawn_blocking(move || {
+    let (package, chunks) = blocking(move || {
         let chunks = crate::ota::stored::chunks(&store, &package)?;
         Ok::<_, crate::store::StoreError>((package, chunks))
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    .await?;
     let id = state.campaign.create_task(package, chunks, devices, retry).await?;
     Ok((StatusCode::CREATED, Json(view(&state, id).await?)))
 }
@@ -110,9 +110,7 @@ fn task_id(raw: &str) -> Result<UpgradeTaskId, ApiError> {
 /// Reads every device's upgrade, off the async threads (a task may name many devices).
 async fn view(state: &AdminState, id: UpgradeTaskId) -> Result<TaskView, ApiError> {
     let (campaign, store) = (state.campaign.clone(), state.store.clone());
-    let view = tokio::task::spawn_blocking(move || campaign.task_view(&store, id))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let view = blocking(move || campaign.task_view(&store, id)).await?;
     view.ok_or_else(|| ApiError::not_found(format!("task {id} not found")))
 }
 
@@ -124,4 +122,30 @@ async fn stop(State(state): State<AdminState>, Path(id): Path<String>) -> Result
     let id = task_id(&id)?;
     state.campaign.stop_task(id).await?;
     Ok(Json(view(&state, id).await?))
+}
+
+/// Every task with its counts, newest first (without each device's upgrade).
+async fn list(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let (campaign, store) = (state.campaign.clone(), state.store.clone());
+    let tasks = blocking(move || {
+        let views = campaign.task_ids().into_iter().map(|id| campaign.task_view(&store, id));
+        views.filter_map(Result::transpose).map(|v| v.map(|v| v.task)).collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "tasks": tasks })))
+}
+
+/// The cells' download budgets: what is in use against the limit, and who waits.
+async fn cells(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    use crate::ota::coverage::{CELL_UNITS, Coverage};
+    Json(serde_json::json!({
+        "cell_units": CELL_UNITS,
+        "limits": {
+            "level_0": Coverage::Level(0).limit(),
+            "level_1": Coverage::Level(1).limit(),
+            "level_2": Coverage::Level(2).limit(),
+            "cell_only": Coverage::CellOnly.limit(),
+        },
+        "cells": state.campaign.cells(),
+    }))
 }

@@ -3,13 +3,13 @@
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::AdminState;
-use super::error::ApiError;
+use super::error::{ApiError, blocking};
 use crate::clock::UnixMs;
 use crate::identity::ProductKey;
 use crate::ota::package::{self, DEFAULT_CHUNK_SIZE, MAX_CHUNKS, PackageId, PackageKind, PackageRecord};
@@ -21,7 +21,7 @@ const MAX_PACKAGE_BYTES: usize = MAX_CHUNKS * 500;
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
-        .route("/packages", post(upload).layer(DefaultBodyLimit::max(MAX_PACKAGE_BYTES)))
+        .route("/packages", get(list).post(upload).layer(DefaultBodyLimit::max(MAX_PACKAGE_BYTES)))
         .route("/packages/{package_id}", get(show))
 }
 
@@ -104,12 +104,35 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(record.into())))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    product_key: Option<String>,
+}
+
+/// Packages, newest first; of one product if asked.
+async fn list(
+    State(state): State<AdminState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query?;
+    if let Some(pk) = &q.product_key
+        && state.registry.product(pk).is_none()
+    {
+        return Err(ApiError::not_found(format!("product {pk} not found")));
+    }
+    let store = state.store.clone();
+    let mut records = blocking(move || stored::packages(&store)).await?;
+    records.retain(|r| q.product_key.as_deref().is_none_or(|pk| r.product_key.as_str() == pk));
+    records.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id.0)));
+    let views: Vec<PackageView> = records.into_iter().map(PackageView::from).collect();
+    Ok(Json(serde_json::json!({ "packages": views })))
+}
+
 async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Json<PackageView>, ApiError> {
     let not_found = || ApiError::not_found(format!("package {id} not found"));
     let pid = PackageId(id.parse().map_err(|_| not_found())?);
     let store = state.store.clone();
-    let record = tokio::task::spawn_blocking(move || stored::package(&store, pid))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let record = blocking(move || stored::package(&store, pid)).await?;
     Ok(Json(record.ok_or_else(not_found)?.into()))
 }

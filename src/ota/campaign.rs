@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 use smallvec::SmallVec;
 
-use super::coverage::{CellBudget, Coverage, RadioReport};
+use super::coverage::{ByCoverage, CellBudget, Coverage, RadioReport};
 use super::package::PackageRecord;
 use super::pcp::{FromDevice, FromPlatform, ResultCode, Version};
 use super::stored;
@@ -206,6 +206,46 @@ impl Campaign {
         read(&self.tasks).get(&id).cloned()
     }
 
+    /// Every task's id, newest first.
+    pub fn task_ids(&self) -> Vec<UpgradeTaskId> {
+        let mut ids: Vec<UpgradeTaskId> = read(&self.tasks).keys().copied().collect();
+        ids.sort_by_key(|id| std::cmp::Reverse(id.0));
+        ids
+    }
+
+    /// The cells with a download in progress or a device waiting for a slot, in cell order.
+    pub fn cells(&self) -> Vec<CellView> {
+        let view = |cell: &str| CellView {
+            cell_id: (cell != UNKNOWN_CELL).then(|| cell.to_string()),
+            used_units: 0,
+            peak_units: 0,
+            downloads: ByCoverage::default(),
+            waiting: 0,
+        };
+        let mut cells: HashMap<String, CellView> = lock(&self.budget)
+            .cells()
+            .into_iter()
+            .map(|(cell, u)| {
+                let v = CellView { used_units: u.used, peak_units: u.peak, downloads: u.downloads, ..view(cell) };
+                (cell.to_string(), v)
+            })
+            .collect();
+        // Copied out first: slots are locked before the waiting lists, never after.
+        let waiting: Vec<(String, DeviceId)> =
+            lock(&self.waiting).iter().flat_map(|(cell, q)| q.iter().map(|(_, d)| (cell.clone(), *d))).collect();
+        for (cell, id) in waiting {
+            // Devices that moved on stay listed until their cell next frees a slot.
+            let slot = self.slots.shard(&id);
+            if slot.get(&id).and_then(|s| s.upgrade.as_ref()).is_some_and(|u| u.stage == Stage::WaitingSlot) {
+                drop(slot);
+                cells.entry(cell.clone()).or_insert_with(|| view(&cell)).waiting += 1;
+            }
+        }
+        let mut cells: Vec<CellView> = cells.into_values().collect();
+        cells.sort_by(|a, b| a.cell_id.cmp(&b.cell_id));
+        cells
+    }
+
     /// Runs `f` on `device`'s slot and its state, locked by the caller.
     fn with_slot<R>(
         &self,
@@ -221,6 +261,18 @@ impl Campaign {
         let mut s = device.state();
         self.with_slot(device.id, &mut s, |slot, _| slot.upgrade.clone().filter(|u| u.task == task))
     }
+}
+
+/// A cell's download budget as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CellView {
+    /// `None` for the devices whose radio names no cell, which share one budget.
+    pub cell_id: Option<String>,
+    pub used_units: u32,
+    pub peak_units: u32,
+    pub downloads: ByCoverage,
+    /// Devices waiting for a slot in it.
+    pub waiting: usize,
 }
 
 /// A device's upgrade as the admin API shows it.
@@ -240,6 +292,14 @@ pub struct UpgradeView {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskView {
+    #[serde(flatten)]
+    pub task: TaskSummary,
+    pub devices: Vec<UpgradeView>,
+}
+
+/// A task without its devices' upgrades.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskSummary {
     pub task_id: String,
     pub package_id: String,
     pub product_key: String,
@@ -249,7 +309,6 @@ pub struct TaskView {
     pub stopped_at: Option<String>,
     pub retry: RetryView,
     pub counts: HashMap<&'static str, usize>,
-    pub devices: Vec<UpgradeView>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -784,7 +843,7 @@ impl Campaign {
             (None, true) => UpgradeTaskStatus::Running,
             (None, false) => UpgradeTaskStatus::Finished,
         };
-        Ok(Some(TaskView {
+        let task = TaskSummary {
             task_id: id.to_string(),
             package_id: task.package.id.0.to_string(),
             product_key: pk.to_string(),
@@ -797,8 +856,8 @@ impl Campaign {
                 interval_minutes: task.record.retry.interval_ms / 60_000,
             },
             counts,
-            devices,
-        }))
+        };
+        Ok(Some(TaskView { task, devices }))
     }
 }
 

@@ -97,7 +97,7 @@ impl RadioReport {
 #[derive(Debug, Default)]
 pub struct CellBudget {
     used: HashMap<String, u32>,
-    holders: HashMap<DeviceId, (String, u32)>,
+    holders: HashMap<DeviceId, (String, Coverage)>,
     /// Most units ever in use at once per cell, for the benchmark and metrics.
     peak: HashMap<String, u32>,
 }
@@ -117,15 +117,15 @@ impl CellBudget {
         *used += units;
         let peak = self.peak.entry(cell.to_string()).or_default();
         *peak = (*peak).max(*used);
-        self.holders.insert(device, (cell.to_string(), units));
+        self.holders.insert(device, (cell.to_string(), coverage));
         true
     }
 
     /// Frees `device`'s slot (on success, failure, timeout or stop); the cell it was in.
     pub fn release(&mut self, device: DeviceId) -> Option<String> {
-        let (cell, units) = self.holders.remove(&device)?;
+        let (cell, coverage) = self.holders.remove(&device)?;
         if let Some(used) = self.used.get_mut(&cell) {
-            *used -= units;
+            *used -= coverage.units();
             if *used == 0 {
                 self.used.remove(&cell);
             }
@@ -146,6 +146,44 @@ impl CellBudget {
     pub fn peak(&self, cell: &str) -> u32 {
         self.peak.get(cell).copied().unwrap_or(0)
     }
+
+    /// Every cell with a download in progress: units in use and downloads by coverage.
+    pub fn cells(&self) -> HashMap<&str, CellUse> {
+        let mut cells: HashMap<&str, CellUse> = self
+            .used
+            .iter()
+            .map(|(cell, used)| (cell.as_str(), CellUse { used: *used, peak: self.peak(cell), ..CellUse::default() }))
+            .collect();
+        for (cell, coverage) in self.holders.values() {
+            let downloads = &mut cells.entry(cell.as_str()).or_default().downloads;
+            *match coverage {
+                Coverage::Level(0) => &mut downloads.level_0,
+                Coverage::Level(1) => &mut downloads.level_1,
+                Coverage::Level(_) => &mut downloads.level_2,
+                Coverage::CellOnly => &mut downloads.cell_only,
+            } += 1;
+        }
+        cells
+    }
+}
+
+/// What a cell's budget holds now.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CellUse {
+    /// Units in use, of [`CELL_UNITS`].
+    pub used: u32,
+    /// Most units ever in use at once.
+    pub peak: u32,
+    pub downloads: ByCoverage,
+}
+
+/// A count per coverage level.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ByCoverage {
+    pub level_0: u32,
+    pub level_1: u32,
+    pub level_2: u32,
+    pub cell_only: u32,
 }
 
 #[cfg(test)]
@@ -193,6 +231,9 @@ mod tests {
         assert_eq!(fill(&mut b, "E", Coverage::Level(2), 500..501), 0);
         assert_eq!(fill(&mut b, "E", Coverage::Level(1), 600..610), 6);
         assert_eq!(b.used("E"), 50);
+        let e = b.cells()["E"];
+        assert_eq!((e.used, e.downloads), (50, ByCoverage { level_0: 20, level_1: 6, ..ByCoverage::default() }));
+        assert_eq!(b.cells()["D"].downloads.cell_only, 10);
         // Freed slots are taken again; a holder asking twice keeps one slot.
         b.release(DeviceId(0));
         assert!(b.acquire(DeviceId(50), "A", Coverage::Level(0)));

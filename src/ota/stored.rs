@@ -58,6 +58,11 @@ pub fn package(store: &Store, id: PackageId) -> Result<Option<PackageRecord>, St
     store.get(CF_PACKAGES, &k)?.map(|v| json(&k, &v)).transpose()
 }
 
+/// Every package's record (not its chunks).
+pub fn packages(store: &Store) -> Result<Vec<PackageRecord>, StoreError> {
+    store.scan(CF_PACKAGES, json)
+}
+
 /// Every chunk of a package, in order; an error if one is missing.
 pub fn chunks(store: &Store, package: &PackageRecord) -> Result<Vec<Vec<u8>>, StoreError> {
     let chunks = store.scan_prefix(CF_CHUNKS, package.id.0, |_, v| Ok(v.to_vec()))?;

@@ -4,6 +4,7 @@
 //! Lock order: the directory's index, then a device's state, then a session shard or a shard of
 //! a service beside the directory (commands, upgrades); never the other way round.
 
+pub mod activity;
 pub mod bulk;
 mod contact;
 pub mod device;
@@ -168,6 +169,8 @@ pub struct Registry {
     wanted: Arc<Wanted>,
     /// Each product's codecs: which uplinks are decoded after they are stored.
     pub codecs: Arc<crate::codec::Directory>,
+    /// Each product's uplinks per minute.
+    pub activity: activity::Activity,
 }
 
 impl Registry {
@@ -184,6 +187,7 @@ impl Registry {
             writer,
             wanted: Arc::new(Wanted::default()),
             codecs: Arc::default(),
+            activity: activity::Activity::default(),
         }
     }
 
@@ -241,12 +245,15 @@ impl Registry {
             tracing::info!(count = stale.len(), "removing sessions that expired while stopped");
             writer.commit(stale).await?;
         }
+        let (activity, old_minutes) = activity::Activity::load(store, now)?;
+        writer.record(old_minutes);
         let registry = Registry {
             products: RwLock::new(products),
             devices: RwLock::new(devices),
             sessions,
             next_device_id: AtomicU64::new(next_device_id),
             codecs: Arc::new(crate::codec::Directory::load(store)?),
+            activity,
             ..Registry::new(config, writer)
         };
         registry.export_gauges();

@@ -33,11 +33,14 @@ pub struct Filter {
     pub version: Option<String>,
     /// The cell its radio was last reported in, exactly.
     pub cell_id: Option<String>,
+    /// Part of its name (an operator's search box).
+    pub name_contains: Option<String>,
 }
 
 impl Filter {
-    pub fn matches(&self, s: &DeviceState, now: UnixMs, cfg: &DeviceConfig) -> bool {
-        (self.status.is_empty() || self.status.contains(&s.status(now, cfg)))
+    pub fn matches(&self, name: &str, s: &DeviceState, now: UnixMs, cfg: &DeviceConfig) -> bool {
+        self.name_contains.as_ref().is_none_or(|part| name.contains(part.as_str()))
+            && (self.status.is_empty() || self.status.contains(&s.status(now, cfg)))
             && self.seen_after.is_none_or(|t| s.last_seen.is_some_and(|seen| seen >= t))
             && self.seen_before.is_none_or(|t| s.last_seen.is_some_and(|seen| seen < t))
             && self.version.as_ref().is_none_or(|v| s.version.as_ref() == Some(v))
@@ -72,7 +75,7 @@ impl Registry {
             for (name, d) in range.by_ref().take(CHUNK.min(scan - read_so_far)) {
                 read_so_far += 1;
                 last = Some(name);
-                if filter.matches(&d.state(), now, cfg) {
+                if filter.matches(name.as_str(), &d.state(), now, cfg) {
                     devices.push(d.clone());
                     if devices.len() == limit {
                         break;
@@ -87,6 +90,47 @@ impl Registry {
                 return Page { devices, next: Some(last) };
             }
             drop(directory);
+            from = Bound::Excluded(last.to_string());
+        }
+    }
+}
+
+/// How many of a product's devices are in each status.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Census {
+    pub inactive: usize,
+    pub online: usize,
+    pub abnormal: usize,
+    pub offline: usize,
+}
+
+impl Census {
+    pub fn total(&self) -> usize {
+        self.inactive + self.online + self.abnormal + self.offline
+    }
+}
+
+impl Registry {
+    /// Counts `pk`'s devices by status, [`CHUNK`] per hold of the directory's lock.
+    pub fn census(&self, pk: &str) -> Census {
+        let now = UnixMs::now();
+        let cfg = &self.config.device;
+        let mut census = Census::default();
+        let mut from: Bound<String> = Bound::Unbounded;
+        loop {
+            let directory = read(&self.devices);
+            let Some(names) = directory.by_product.get(pk) else { return census };
+            let mut last = None;
+            for (name, d) in names.range::<str, _>((from.as_ref().map(String::as_str), Bound::Unbounded)).take(CHUNK) {
+                last = Some(name);
+                *match d.state().status(now, cfg) {
+                    Status::Inactive => &mut census.inactive,
+                    Status::Online => &mut census.online,
+                    Status::Abnormal => &mut census.abnormal,
+                    Status::Offline => &mut census.offline,
+                } += 1;
+            }
+            let Some(last) = last else { return census };
             from = Bound::Excluded(last.to_string());
         }
     }
@@ -138,6 +182,16 @@ mod tests {
         let last = registry.search(pk.as_str(), &Filter::default(), Some("d4998"), 100, SCAN_LIMIT);
         assert_eq!((last.devices.len(), last.next), (1, None));
         assert!(registry.search("other", &Filter::default(), None, 100, SCAN_LIMIT).devices.is_empty());
+
+        let named = Filter { name_contains: Some("49".into()), ..Filter::default() };
+        let page = registry.search(pk.as_str(), &named, None, 1000, SCAN_LIMIT);
+        let expected = (0..5000).map(|i| format!("d{i:04}")).filter(|n| n.contains("49")).count();
+        assert_eq!(page.devices.len(), expected);
+        assert!(page.devices.iter().all(|d| d.device_name.as_str().contains("49")));
+        // Never heard from: all 5,000 (more than a chunk) are inactive.
+        let census = registry.census(pk.as_str());
+        assert_eq!((census.inactive, census.total()), (5000, 5000));
+        assert_eq!(registry.census("other"), Census::default());
         thread.stop();
     }
 }

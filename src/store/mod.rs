@@ -69,8 +69,11 @@ pub const CF_SHADOWS: &str = "shadows";
 /// `session id | k` → an established DTLS session's keys, `session id | s` → where it stands
 /// (`dtls::durable`).
 pub const CF_DTLS_SESSIONS: &str = "dtls_sessions";
+/// `product key | 0 | minute (u32 BE)` → uplinks that minute (u32 BE), for the last day
+/// (`registry::activity`).
+pub const CF_ACTIVITY: &str = "activity";
 
-const ALL_CFS: [&str; 23] = [
+const ALL_CFS: [&str; 24] = [
     CF_PRODUCTS,
     CF_DEVICES,
     CF_PRESENCE,
@@ -94,6 +97,7 @@ const ALL_CFS: [&str; 23] = [
     CF_DECODED,
     CF_SHADOWS,
     CF_DTLS_SESSIONS,
+    CF_ACTIVITY,
 ];
 
 pub const META_NEXT_DEVICE_ID: &[u8] = b"next_device_id";
