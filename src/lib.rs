@@ -210,6 +210,7 @@ async fn serve_with(
 
     tasks.spawn(sweep_sessions(registry.clone(), stop_rx.clone()));
     tasks.spawn(expire_commands(commands, stop_rx.clone()));
+    tasks.spawn(expire_traces(registry.clone(), stop_rx.clone()));
     tasks.spawn(sweep_statuses(registry.clone(), stop_rx.clone()));
     tasks.spawn(report_memory(store_for_memory, stop_rx.clone()));
     tasks.spawn(store_activity(registry.clone(), stop_rx.clone()));
@@ -274,7 +275,8 @@ fn spawn_port<L: transport::link::Link + Send + 'static>(
     for (i, socket) in sockets.into_iter().enumerate() {
         let route = Route { family, socket: i as u16 };
         let kicks = registry.routes.open(route);
-        let endpoint = Endpoint::new(DeviceFacing::new(services, route), endpoint_config.clone());
+        let endpoint = Endpoint::new(DeviceFacing::new(services, route), endpoint_config.clone())
+            .traced(registry.tracer.clone(), label);
         let port = transport::udp::Port { label, recv_slot, kicks };
         tasks.spawn(transport::udp::serve(socket, endpoint, link(i), writer.clone(), port, stop.clone()));
     }
@@ -340,6 +342,17 @@ async fn expire_commands(commands: Arc<downlink::Commands>, stop: watch::Receive
         let ended = commands.expire(clock::UnixMs::now());
         if ended > 0 {
             tracing::debug!(commands = ended, "commands expired");
+        }
+    })
+    .await
+}
+
+/// Ends message traces whose time is up.
+async fn expire_traces(registry: Arc<Registry>, stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    every(std::time::Duration::from_secs(1), stop, || async {
+        let ended = registry.tracer.expire(clock::UnixMs::now());
+        if ended > 0 {
+            tracing::info!(traces = ended, "message traces ended");
         }
     })
     .await

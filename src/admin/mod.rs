@@ -5,6 +5,7 @@ mod activity;
 mod clock;
 mod codecs;
 mod commands;
+mod console;
 mod device_file;
 mod devices;
 mod distribution;
@@ -14,6 +15,7 @@ mod ota;
 mod packages;
 mod products;
 mod shadow;
+mod trace;
 mod webhooks;
 
 use std::sync::Arc;
@@ -58,6 +60,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(codecs::routes())
         .merge(commands::routes())
         .merge(shadow::routes())
+        .merge(trace::routes())
         .merge(webhooks::routes())
         .route("/outlets", get(outlets))
         .merge(packages::routes())
@@ -71,6 +74,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .nest("/api/v1", api)
+        .merge(console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(state.registry.config.admin.max_body_bytes))

@@ -19,6 +19,7 @@ use super::resource::{
     Effects, ExchangeKey, Notified, Outcome, Outgoing, Persist, Reply, Request, Resources, Response, Retransmit,
     Written,
 };
+use super::trace::{Heard, Note, Tracer};
 use crate::clock::Now;
 use crate::identity::DeviceId;
 
@@ -80,6 +81,8 @@ pub struct Endpoint<R: Resources> {
     stats: EndpointStats,
     /// Scratch space the resources fill; applied after each call into them.
     effects: Effects<R::Writes>,
+    /// Where traced devices' messages go, and the port's name in them.
+    tap: Option<(std::sync::Arc<Tracer>, &'static str)>,
 }
 
 impl<R: Resources> Endpoint<R> {
@@ -93,6 +96,26 @@ impl<R: Resources> Endpoint<R> {
             next_mid: rand::random(),
             stats: EndpointStats::default(),
             effects: Effects::default(),
+            tap: None,
+        }
+    }
+
+    /// Records traced devices' messages in `tracer`, naming this endpoint's port `port`.
+    pub fn traced(self, tracer: std::sync::Arc<Tracer>, port: &'static str) -> Endpoint<R> {
+        Endpoint { tap: Some((tracer, port)), ..self }
+    }
+
+    /// The tracer, while any device is traced.
+    fn tracing(&self) -> Option<&(std::sync::Arc<Tracer>, &'static str)> {
+        self.tap.as_ref().filter(|(tracer, _)| tracer.active())
+    }
+
+    /// Records the transmits from `from` on for the traced devices they go to.
+    fn trace_sent(&self, now: Now, out: &Actions<R::Writes>, from: usize) {
+        if let Some((tracer, port)) = self.tracing() {
+            for t in &out.transmits[from..] {
+                tracer.sent(now, port, t.peer, &t.data);
+            }
         }
     }
 
@@ -119,16 +142,39 @@ impl<R: Resources> Endpoint<R> {
         data: &[u8],
         out: &mut Actions<R::Writes>,
     ) {
+        let from = out.transmits.len();
+        let note = Note::default();
+        self.dispatch(now, peer, authenticated, data, &note, out);
+        // Once handled, so the device is known even when this is its first word from a new address.
+        if let Some((tracer, port)) = self.tracing() {
+            tracer.heard(Heard { now, port, peer, authenticated, datagram: data, note: &note });
+        }
+        self.trace_sent(now, out, from);
+    }
+
+    fn dispatch(
+        &mut self,
+        now: Now,
+        peer: SocketAddr,
+        authenticated: Option<DeviceId>,
+        data: &[u8],
+        note: &Note,
+        out: &mut Actions<R::Writes>,
+    ) {
         let msg = match Message::parse(data) {
             Ok(m) => m,
-            Err(e) => return self.reject_malformed(peer, data, e, out),
+            Err(e) => {
+                note.refused("malformed", None);
+                return self.reject_malformed(peer, data, e, out);
+            }
         };
+        let (head, m) = (Head { now, peer, authenticated, note }, &msg);
         match (msg.mtype, msg.code) {
             // Ping (RFC 7252 §4.3): an Empty CON is answered with RST.
             (MessageType::Con, Code::EMPTY) => send(out, peer, empty(MessageType::Rst, msg.mid)),
-            (MessageType::Ack | MessageType::Rst, _) => self.handle_ack_or_reset(now, peer, &msg, out),
-            (_, code) if code.is_request() => self.handle_request(now, peer, authenticated, &msg, data, out),
-            (_, code) if code.is_response() => self.handle_notification(now, peer, authenticated, &msg, data, out),
+            (MessageType::Ack | MessageType::Rst, _) => self.handle_ack_or_reset(now, peer, m, out),
+            (_, code) if code.is_request() => self.handle_request(head, m, data, out),
+            (_, code) if code.is_response() => self.handle_notification(head, m, data, out),
             // Reserved classes.
             (MessageType::Con, _) => send(out, peer, empty(MessageType::Rst, msg.mid)),
             _ => {}
@@ -137,8 +183,10 @@ impl<R: Resources> Endpoint<R> {
 
     /// The admin API has something for `device`, which this endpoint served last.
     pub fn handle_kick(&mut self, now: Now, device: DeviceId, out: &mut Actions<R::Writes>) {
+        let from = out.transmits.len();
         self.resources.handle_kick(now, device, &mut self.effects);
         self.apply_effects(now, out);
+        self.trace_sent(now, out, from);
     }
 
     /// Carries out what the resources asked for in their last call.
@@ -239,14 +287,15 @@ impl<R: Resources> Endpoint<R> {
     /// Whether this message was seen before (RFC 7252 §4.5); if so its answer goes again.
     fn answered_before(
         &mut self,
-        now: Now,
-        peer: SocketAddr,
+        head: &Head<'_>,
         msg: &Message<'_>,
         datagram: &[u8],
         out: &mut Actions<R::Writes>,
     ) -> bool {
+        let Head { now, peer, note, .. } = *head;
         let Some(dup) = self.dedup.get(peer, msg.mid, datagram, now.instant) else { return false };
         self.stats.duplicates += 1;
+        note.refused("duplicate", None);
         // What got no answer (a NON, or a separate response's request) is recorded as an empty one.
         if let Duplicate::Resend(bytes) = dup
             && !bytes.is_empty()
@@ -259,16 +308,15 @@ impl<R: Resources> Endpoint<R> {
     /// A response in a CON or NON of its own: a Huawei uplink (an observe notification).
     fn handle_notification(
         &mut self,
-        now: Now,
-        peer: SocketAddr,
-        authenticated: Option<DeviceId>,
+        head: Head<'_>,
         msg: &Message<'_>,
         datagram: &[u8],
         out: &mut Actions<R::Writes>,
     ) {
-        if self.answered_before(now, peer, msg, datagram, out) {
+        if self.answered_before(&head, msg, datagram, out) {
             return;
         }
+        let Head { now, peer, authenticated, note } = head;
         let con = msg.mtype == MessageType::Con;
         if msg.options.iter().any(|(n, _)| n.is_critical() && !n.is_recognised())
             || msg.payload.len() > self.config.max_payload
@@ -281,7 +329,7 @@ impl<R: Resources> Endpoint<R> {
             self.stats.pending_full += 1;
             return;
         }
-        let request = Request { msg, peer, authenticated, now, path: SmallVec::new() };
+        let request = Request { msg, peer, authenticated, now, path: SmallVec::new(), note };
         let notified = self.resources.handle_notification(&request, &mut self.effects);
         match notified {
             Notified::Store { writes, undo, follow_up } => {
@@ -303,18 +351,11 @@ impl<R: Resources> Endpoint<R> {
         self.apply_effects(now, out);
     }
 
-    fn handle_request(
-        &mut self,
-        now: Now,
-        peer: SocketAddr,
-        authenticated: Option<DeviceId>,
-        msg: &Message<'_>,
-        datagram: &[u8],
-        out: &mut Actions<R::Writes>,
-    ) {
-        if self.answered_before(now, peer, msg, datagram, out) {
+    fn handle_request(&mut self, head: Head<'_>, msg: &Message<'_>, datagram: &[u8], out: &mut Actions<R::Writes>) {
+        if self.answered_before(&head, msg, datagram, out) {
             return;
         }
+        let Head { now, peer, authenticated, note } = head;
         if let Some(response) = self.check_options(msg) {
             return self.respond_now(now, peer, msg, datagram, response, out);
         }
@@ -334,7 +375,7 @@ impl<R: Resources> Endpoint<R> {
             let response = Response { max_age: Some(1), ..Response::new(Code::SERVICE_UNAVAILABLE) };
             return self.respond_now(now, peer, msg, datagram, response, out);
         }
-        let request = Request { msg, peer, authenticated, now, path };
+        let request = Request { msg, peer, authenticated, now, path, note };
         let outcome = self.resources.handle(&request, &mut self.effects);
         match outcome {
             Outcome::Respond(response) => self.respond_now(now, peer, msg, datagram, response, out),
@@ -422,6 +463,12 @@ impl<R: Resources> Endpoint<R> {
 
     /// A write requested in [`Actions::writes`] is durable (or failed): answer its message.
     pub fn handle_committed(&mut self, now: Now, ticket: Ticket, result: Written, out: &mut Actions<R::Writes>) {
+        let from = out.transmits.len();
+        self.answer_committed(now, ticket, result, out);
+        self.trace_sent(now, out, from);
+    }
+
+    fn answer_committed(&mut self, now: Now, ticket: Ticket, result: Written, out: &mut Actions<R::Writes>) {
         let Some(ex) = self.pending.remove(ticket) else { return };
         let failed = result.is_err();
         if failed && let Some(undo) = ex.undo {
@@ -492,6 +539,7 @@ impl<R: Resources> Endpoint<R> {
 
     /// Retransmits unacknowledged CONs with exponential back-off and expires old exchanges.
     pub fn handle_timeout(&mut self, now: Now, out: &mut Actions<R::Writes>) {
+        let from = out.transmits.len();
         self.dedup.expire(now.instant);
         let mut due = Vec::new();
         self.reliability.due(now.instant, &mut due);
@@ -510,6 +558,7 @@ impl<R: Resources> Endpoint<R> {
                 }
             }
         }
+        self.trace_sent(now, out, from);
     }
 
     /// When [`Endpoint::handle_timeout`] next has something to do.
@@ -523,6 +572,15 @@ impl<R: Resources> Endpoint<R> {
     pub fn pending_writes(&self) -> usize {
         self.pending.len()
     }
+}
+
+/// Who sent a message, and where its handler notes what it found.
+#[derive(Clone, Copy)]
+struct Head<'n> {
+    now: Now,
+    peer: SocketAddr,
+    authenticated: Option<DeviceId>,
+    note: &'n Note,
 }
 
 fn send<W>(out: &mut Actions<W>, peer: SocketAddr, data: Vec<u8>) {

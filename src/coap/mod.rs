@@ -11,6 +11,7 @@ pub mod option;
 pub mod pending;
 pub mod reliability;
 pub mod resource;
+pub mod trace;
 
 #[cfg(test)]
 mod tests;

@@ -20,6 +20,8 @@ pub struct Request<'r, 'a> {
     pub now: Now,
     /// Uri-Path segments (UTF-8, checked by the endpoint).
     pub path: SmallVec<[&'a str; 8]>,
+    /// What the handler found out, for the device's trace.
+    pub note: &'r super::trace::Note,
 }
 
 impl Request<'_, '_> {

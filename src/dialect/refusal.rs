@@ -3,9 +3,8 @@
 //! tell from `/metrics` and the log why a device is refused. `/auth`, registration and
 //! `/bootstrap` count theirs in `nbhub_auth_total` and `nbhub_bootstrap_total`.
 
-use std::net::SocketAddr;
-
 use crate::coap::message::Code;
+use crate::coap::resource::Request;
 use crate::registry::Device;
 use crate::telemetry::metric;
 
@@ -151,8 +150,11 @@ impl Refusal {
         }
     }
 
-    /// Counts and logs the refusal; `device` when the request named one.
-    pub fn record(self, dialect: Dialect, device: Option<&Device>, peer: SocketAddr) {
+    /// Counts and logs the refusal, and notes it for the device's trace; `device` when the
+    /// request named one.
+    pub fn record(self, dialect: Dialect, device: Option<&Device>, req: &Request<'_, '_>) {
+        let peer = req.peer;
+        req.note.refused(self.reason(), device.map(|d| d.id));
         metrics::counter!(metric::REFUSALS, "dialect" => dialect.name(), "reason" => self.reason()).increment(1);
         match device {
             Some(d) => tracing::debug!(
@@ -179,13 +181,13 @@ pub enum OverBudget {
 
 /// Counts a request over its device's budget (`nbhub_flow_control_rejections_total{action}` besides the
 /// refusal) and logs it.
-pub fn over_budget(dialect: Dialect, device: &Device, peer: SocketAddr, what: OverBudget) {
+pub fn over_budget(dialect: Dialect, device: &Device, req: &Request<'_, '_>, what: OverBudget) {
     let action = match what {
         OverBudget::Refused => "refused",
         OverBudget::Dropped => "dropped",
     };
     metrics::counter!(metric::FLOW_CONTROL, "action" => action).increment(1);
-    Refusal::FlowControl.record(dialect, Some(device), peer);
+    Refusal::FlowControl.record(dialect, Some(device), req);
 }
 
 #[cfg(test)]

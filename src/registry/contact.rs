@@ -23,6 +23,7 @@ impl Registry {
         route: Route,
     ) -> SmallVec<[Op; 3]> {
         let mut ops = SmallVec::new();
+        self.tracer.seen(device.id, peer);
         if let Some(record) = s.heard(now, peer, route) {
             ops.push(Op::Presence { device: device.id, record });
         }

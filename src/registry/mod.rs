@@ -171,6 +171,8 @@ pub struct Registry {
     pub codecs: Arc<crate::codec::Directory>,
     /// Each product's uplinks per minute.
     pub activity: activity::Activity,
+    /// The devices whose messages are traced.
+    pub tracer: Arc<crate::coap::trace::Tracer>,
 }
 
 impl Registry {
@@ -188,6 +190,7 @@ impl Registry {
             wanted: Arc::new(Wanted::default()),
             codecs: Arc::default(),
             activity: activity::Activity::default(),
+            tracer: Arc::default(),
         }
     }
 

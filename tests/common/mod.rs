@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod agent_tiny;
+pub mod browser;
 pub mod ota;
 pub mod pcp;
 

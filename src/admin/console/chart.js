@@ -10,6 +10,11 @@ function s(tag, attrs = {}, ...children) {
   return node;
 }
 
+// Drawn at the width it is shown at, so its text stays at the page's size.
+export function chartWidth(container) {
+  return Math.max(480, Math.round(container.clientWidth) || 760);
+}
+
 function frame(id, title, label, width, height) {
   return s('svg', { id, class: 'chart', viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': label },
     s('title', {}, title));
@@ -24,11 +29,11 @@ function niceStep(max, ticks) {
 }
 
 const MINUTE = 60_000;
-const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440, 2880, 10080].map((m) => m * MINUTE);
+const TIME_STEPS = [1 / 6, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440, 2880, 10080].map((m) => m * MINUTE);
 
-function timeLabel(t, span) {
+function timeLabel(t, span, step) {
   const d = new Date(t);
-  const hm = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', hour12: false });
+  const hm = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: step < MINUTE ? '2-digit' : undefined, hour12: false });
   return span > 86_400_000 ? `${d.toLocaleDateString([], { month: 'short', day: 'numeric' })} ${hm}` : hm;
 }
 
@@ -57,7 +62,7 @@ export function timeChart({ id, title, label, from, to, series, yLabel, xLabel =
   const offset = new Date(from).getTimezoneOffset() * MINUTE;
   for (let t = Math.ceil((from - offset) / tStep) * tStep + offset; t <= to; t += tStep) {
     grid.append(s('line', { x1: x(t), x2: x(t), y1: m.t + h, y2: m.t + h + 4, class: 'base' }),
-      s('text', { x: x(t), y: m.t + h + 17, 'text-anchor': 'middle' }, timeLabel(t, span)));
+      s('text', { x: x(t), y: m.t + h + 17, 'text-anchor': 'middle' }, timeLabel(t, span, tStep)));
   }
   grid.append(s('line', { x1: m.l, x2: m.l, y1: m.t, y2: m.t + h, class: 'base' }),
     s('text', { x: m.l + w / 2, y: height - 6, 'text-anchor': 'middle', class: 'axis-title' }, xLabel),

@@ -29,7 +29,7 @@ export function mountDevice(root, ctx, pk, dn) {
     el('div', { class: 'title-row' }, el('h1', {}, dn), status, enabled, el('span', { class: 'spacer' }), toggle),
     el('div', { class: 'columns' }, details, el('section', { class: 'panel' }, el('h2', {}, 'Shadow'), shadow)),
     el('section', { class: 'panel' }, el('h2', {}, 'Commands'), form.node, commands.table),
-    el('section', { class: 'panel' }, el('h2', {}, 'Messages'), messages.table),
+    el('section', { class: 'panel' }, el('h2', {}, 'Messages'), el('div', { class: 'scroll' }, messages.table)),
     trace.node);
 
   async function toggleEnabled() {

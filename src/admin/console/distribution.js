@@ -1,7 +1,7 @@
 import * as api from './api.js';
 import { el, field, setText, statusBadge, syncRows, table } from './dom.js';
 import { num, orDash, time } from './format.js';
-import { stackedBar } from './chart.js';
+import { chartWidth, stackedBar } from './chart.js';
 
 const DEVICE_STATUSES = [
   ['pending', 'wait'], ['moving', 'busy'], ['moved', 'busy'], ['seen', 'ok'], ['stayed', 'off'],
@@ -124,7 +124,7 @@ export function mountDistributionTask(root, ctx, id) {
         ['Updated', time(t.updated_at)],
       ].flatMap(([term, ...value]) => [el('dt', {}, term), el('dd', {}, ...value)]));
     }
-    const bar = stackedBar({ id: 'dist-chart', title: 'Devices by status',
+    const bar = stackedBar({ id: 'dist-chart', title: 'Devices by status', width: chartWidth(barBox),
       parts: DEVICE_STATUSES.map(([s, group]) => ({ label: s.replace('_', ' '), value: t.devices[s] ?? 0, cls: `g-${group} st-${s}` })) });
     const old = barBox.querySelector('svg');
     if (old) old.replaceWith(bar);

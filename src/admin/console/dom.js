@@ -32,10 +32,10 @@ export function statusBadge(status, extraClass = '') {
   return el('span', { class: `badge s-${status} ${extraClass}`.trim() }, status);
 }
 
-export function table({ id, caption, columns, className = '' }) {
+export function table({ id, caption, columns, className = '', hideCaption = false }) {
   const tbody = el('tbody');
   const node = el('table', { id, class: `grid ${className}`.trim() },
-    el('caption', {}, caption),
+    el('caption', { class: hideCaption ? 'sr-only' : null }, caption),
     el('thead', {}, el('tr', {}, columns.map((c) => el('th', { scope: 'col' }, c)))),
     tbody);
   return { table: node, tbody, columns: columns.length };

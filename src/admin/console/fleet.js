@@ -1,7 +1,7 @@
 import * as api from './api.js';
 import { el, field, setText, statusBadge, syncRows, table } from './dom.js';
 import { num, orDash, time } from './format.js';
-import { timeChart } from './chart.js';
+import { chartWidth, timeChart } from './chart.js';
 
 const STATUSES = ['inactive', 'online', 'abnormal', 'offline'];
 const PAGE_SIZE = 100;
@@ -10,7 +10,7 @@ const CHART_MINUTES = 180;
 export function mountFleet(root, ctx, selectedKey) {
   const state = { selected: selectedKey, name: '', status: '', cursors: [], next: null };
 
-  const products = table({ id: 'products', caption: 'Products', columns: ['Name', 'Key', 'Devices', 'Online'] });
+  const products = table({ id: 'products', caption: 'Products', hideCaption: true, columns: ['Name', 'Key', 'Devices', 'Online'] });
   const heading = el('h1', {}, 'Fleet');
   const counts = el('div', { id: 'counts', class: 'counts', role: 'group', 'aria-label': 'Devices by status' },
     STATUSES.map((s) => el('button', {
@@ -124,7 +124,7 @@ export function mountFleet(root, ctx, selectedKey) {
       id: 'uplinks-chart',
       title: 'Uplinks per minute, last 3 hours',
       label: `Uplinks per minute over the last 3 hours: ${sum} in total, ${perMinute.at(-1)?.[1] ?? 0} in the current minute`,
-      from, to: Date.now(), yLabel: 'uplinks / min',
+      from, to: Date.now(), yLabel: 'uplinks / min', width: chartWidth(chartBox),
       series: [{ label: 'uplinks', cls: 'c-uplinks', area: true, points: perMinute }],
       pointTitle: (t, v) => `${new Date(t).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', hour12: false })}: ${v} uplinks`,
     });

@@ -4,7 +4,7 @@ export function errorText(err) {
   return err?.code ? `${err.message} (${err.code})` : String(err?.message ?? err);
 }
 
-export function ago(iso, now = Date.now()) {
+function ago(iso, now = Date.now()) {
   const seconds = Math.round((now - Date.parse(iso)) / 1000);
   const abs = Math.abs(seconds);
   const [value, unit] =

@@ -1,6 +1,6 @@
 import * as api from './api.js';
 import { el, field, formError, setText, showFormError, syncRows, table } from './dom.js';
-import { bytesFromBase64, errorText, hex, orDash, printable } from './format.js';
+import { bytesFromBase64, errorText, hex, orDash, payload, printable } from './format.js';
 
 const KEPT_ENTRIES = 500;
 
@@ -10,7 +10,7 @@ export function mountTrace(base, ctx) {
 
   const duration = el('input', { id: 'trace-duration', type: 'number', min: 1, max: 86400, step: 1, value: 600, required: true });
   const start = el('button', { id: 'trace-start', type: 'submit' }, 'Start trace');
-  const stop = el('button', { id: 'trace-stop', type: 'button', disabled: true, onclick: stopTrace }, 'Stop trace');
+  const stop = el('button', { id: 'trace-stop', type: 'button', class: 'quiet', disabled: true, onclick: stopTrace }, 'Stop trace');
   const status = el('p', { id: 'trace-status', role: 'status' }, 'not tracing');
   const error = formError('trace-error');
   const form = el('form', { class: 'toolbar' }, field('trace-duration', 'Trace for (s)', duration), start, stop);
@@ -86,7 +86,7 @@ export function mountTrace(base, ctx) {
   function row(e) {
     const select = () => {
       state.selected = e.seq;
-      detail.replaceChildren(...entryDetail(e));
+      detail.replaceChildren(...entryDetail(e).filter(Boolean));
       render();
     };
     return el('tr', {
@@ -103,9 +103,9 @@ export function mountTrace(base, ctx) {
     el('td', { class: 'num' }, String(e.message_id)),
     el('td', {}, el('code', {}, e.token_hex || '—')),
     el('td', { class: 'options' }, summary(e.options)),
-    el('td', { class: 'num' }, `${e.payload_size} B${e.payload_truncated ? ' (cut)' : ''}`),
+    el('td', { class: 'payload' }, payload(e.payload_base64), el('span', { class: 'hint' }, ` ${e.payload_size} B${e.payload_truncated ? ' (cut)' : ''}`)),
     el('td', { class: e.outcome ? 'warn' : '' }, e.outcome ?? (e.answers !== null && e.answers !== undefined ? `answers #${e.answers}` : '')),
-    el('td', { class: 'num' }, e.elapsed_ms === null || e.elapsed_ms === undefined ? '' : String(e.elapsed_ms)));
+    el('td', { class: 'num' }, e.elapsed_ms === null || e.elapsed_ms === undefined ? '' : e.elapsed_ms.toFixed(1)));
   }
 
   return { node, refresh };
@@ -114,6 +114,11 @@ export function mountTrace(base, ctx) {
 function clockMs(iso) {
   const d = new Date(iso);
   return `${d.toLocaleTimeString([], { hour12: false })}.${String(d.getMilliseconds()).padStart(3, '0')}`;
+}
+
+// code_name is either a method ("POST") or a response that already starts with its code ("2.04 Changed").
+function codeText(e) {
+  return e.code_name?.startsWith(e.code) ? e.code_name : `${e.code} ${e.code_name ?? ''}`.trim();
 }
 
 function summary(options) {
@@ -126,7 +131,7 @@ function entryDetail(e) {
   const text = printable(bytes);
   return [
     el('h3', {}, `#${e.seq} ${e.direction === 'in' ? 'from' : 'to'} ${e.peer} on ${e.port}`),
-    el('p', {}, `${e.type} ${e.code} ${e.code_name ?? ''} · MID ${e.message_id} · token ${e.token_hex || '(none)'} · ${e.time}`),
+    el('p', {}, `${e.type} ${codeText(e)} · MID ${e.message_id} · token ${e.token_hex || '(none)'} · ${e.time}`),
     e.outcome ? el('p', { class: 'warn' }, `Outcome: ${e.outcome}`) : null,
     e.answers !== null && e.answers !== undefined ? el('p', {}, `Answers entry #${e.answers}`) : null,
     e.elapsed_ms !== null && e.elapsed_ms !== undefined ? el('p', {}, `Elapsed ${e.elapsed_ms} ms`) : null,

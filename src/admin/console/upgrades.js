@@ -1,7 +1,7 @@
 import * as api from './api.js';
 import { el, field, formError, options, setText, showFormError, statusBadge, syncRows, table } from './dom.js';
 import { errorText, num, orDash, time, unixMsTime } from './format.js';
-import { capacityBar, stackedBar, timeChart } from './chart.js';
+import { capacityBar, chartWidth, stackedBar, timeChart } from './chart.js';
 
 // Task device states in the order a device goes through them, with the colour group each shows in.
 const STATES = [
@@ -242,7 +242,7 @@ export function mountUpgradeTask(root, ctx, id) {
   root.append(el('p', { class: 'crumbs' }, el('a', { href: '#/upgrades' }, 'Upgrades'), ' / task'),
     el('div', { class: 'title-row' }, heading, status, el('span', { class: 'spacer' }), stop),
     facts, counts,
-    el('div', { class: 'columns' }, el('section', { class: 'panel' }, chartBox), el('section', { class: 'panel' }, barBox)),
+    el('section', { class: 'panel' }, chartBox, barBox),
     el('section', { class: 'panel' }, el('h2', {}, 'Devices'),
       el('div', { class: 'toolbar' }, field('task-state-filter', 'State', stateFilter), field('task-device-filter', 'Device name contains', nameFilter)),
       shown, el('div', { class: 'scroll tall' }, list.table)),
@@ -296,7 +296,7 @@ export function mountUpgradeTask(root, ctx, id) {
     const chart = timeChart({
       id: 'task-chart', title: 'Upgrade progress over time',
       label: `Upgrade progress since ${task.created_at}: ${succeeded.length - 1} succeeded and ${failed.length - 1} failed of ${total} devices`,
-      from, to, yLabel: 'devices',
+      from, to, yLabel: 'devices', width: chartWidth(chartBox),
       series: [
         { label: 'succeeded', cls: 'c-ok', step: true, points: succeeded },
         { label: 'failed', cls: 'c-bad', step: true, points: failed },
@@ -304,7 +304,7 @@ export function mountUpgradeTask(root, ctx, id) {
       ],
     });
     const bar = stackedBar({
-      id: 'task-states-bar', title: 'Devices by state',
+      id: 'task-states-bar', title: 'Devices by state', width: chartWidth(barBox),
       parts: STATES.map(([s, group]) => ({ label: s.replace(/_/g, ' '), value: task.counts?.[s] ?? 0, cls: `g-${group} st-${s}` })),
     });
     for (const [box, svg] of [[chartBox, chart], [barBox, bar]]) {

@@ -86,6 +86,6 @@ fn admit(state: &mut DeviceState, req: &Request<'_, '_>, registry: &Registry, de
 
 /// 4.29 with Max-Age saying when to retry, counted.
 fn over_budget(req: &Request<'_, '_>, device: &Device, retry_after: u32) -> Outcome {
-    refusal::over_budget(Dialect::Alibaba, device, req.peer, OverBudget::Refused);
+    refusal::over_budget(Dialect::Alibaba, device, req, OverBudget::Refused);
     Outcome::Respond(Response { max_age: Some(retry_after), ..Response::new(Code::TOO_MANY_REQUESTS) })
 }

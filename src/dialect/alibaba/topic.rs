@@ -115,7 +115,7 @@ impl Alibaba {
                 match self.decrypt(req, token, session) {
                     Ok(Some(Proven { seq, payload })) => (Some(seq), payload),
                     Ok(None) => {
-                        Refusal::Unproven.record(Dialect::Alibaba, Some(&device), req.peer);
+                        Refusal::Unproven.record(Dialect::Alibaba, Some(&device), req);
                         return Err(unproven());
                     }
                     Err(refused) => return Err(self.refused(req, refused, &device)),
@@ -160,13 +160,13 @@ impl Alibaba {
 
     /// Counts and logs a refusal; the answer carries its code.
     pub(super) fn refuse(&self, req: &Request<'_, '_>, refusal: Refusal, device: Option<&Device>) -> Outcome {
-        refusal.record(Dialect::Alibaba, device, req.peer);
+        refusal.record(Dialect::Alibaba, device, req);
         Outcome::code(refusal.code())
     }
 
     /// Like [`Alibaba::refuse`], for a 5682 decryption refusal (4.13 names the limit in Size1).
     fn refused(&self, req: &Request<'_, '_>, refusal: Refusal, device: &Device) -> Outcome {
-        refusal.record(Dialect::Alibaba, Some(device), req.peer);
+        refusal.record(Dialect::Alibaba, Some(device), req);
         let size1 = (refusal == Refusal::TooLarge).then_some(self.registry.config.coap.max_payload as u32);
         Outcome::Respond(Response { size1, ..Response::new(refusal.code()) })
     }

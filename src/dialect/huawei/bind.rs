@@ -20,7 +20,7 @@ impl Huawei {
             return Outcome::code(Code::METHOD_NOT_ALLOWED);
         }
         let refuse = |refusal: Refusal, device: Option<&Device>| {
-            refusal.record(Dialect::Huawei, device, req.peer);
+            refusal.record(Dialect::Huawei, device, req);
             Outcome::code(refusal.code())
         };
         let Some(ep) = req.query("ep").and_then(|ep| std::str::from_utf8(ep).ok()) else {

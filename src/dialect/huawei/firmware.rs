@@ -428,14 +428,14 @@ impl Huawei {
                 Some(Refusal::StaleNotification)
             } else if s.admit(now, &self.registry.config.device).is_err() {
                 // No 4.29 exists for a notification: unacknowledged, a CON is sent again.
-                refusal::over_budget(Dialect::Lwm2m, device, req.peer, OverBudget::Dropped);
+                refusal::over_budget(Dialect::Lwm2m, device, req, OverBudget::Dropped);
                 return Notified::Drop;
             } else {
                 None
             };
             if let Some(refusal) = refusal {
                 drop(s);
-                refusal.record(Dialect::Lwm2m, Some(device), req.peer);
+                refusal.record(Dialect::Lwm2m, Some(device), req);
                 return ignore;
             }
             if let (NotificationOrder::Newer, Some(number)) = (order, number) {

@@ -24,7 +24,7 @@ use crate::telemetry::metric;
 
 impl Huawei {
     pub(super) fn refuse_lwm2m(&self, req: &Request<'_, '_>, refusal: Refusal, device: Option<&Device>) -> Outcome {
-        refusal.record(Dialect::Lwm2m, device, req.peer);
+        refusal.record(Dialect::Lwm2m, device, req);
         Outcome::code(refusal.code())
     }
 

@@ -18,7 +18,7 @@ use crate::registry::NotificationOrder;
 impl Huawei {
     pub fn notification(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Notified {
         let refuse = |refusal: Refusal, device: Option<&Device>| {
-            refusal.record(Dialect::Huawei, device, req.peer);
+            refusal.record(Dialect::Huawei, device, req);
             Notified::Reject
         };
         let found =
@@ -54,12 +54,12 @@ impl Huawei {
             let number = req.msg.uint_option(OptionNumber::OBSERVE).ok().flatten();
             let order = s.notification_order(number, req.peer, now);
             if order == NotificationOrder::Stale {
-                Refusal::StaleNotification.record(Dialect::Huawei, Some(&device), req.peer);
+                Refusal::StaleNotification.record(Dialect::Huawei, Some(&device), req);
                 return ignore();
             }
             if ingest::admit(&self.registry, &self.campaign, &device, &mut s, req.msg.payload, now).is_err() {
                 // No 4.29 exists for a notification.
-                refusal::over_budget(Dialect::Huawei, &device, req.peer, OverBudget::Dropped);
+                refusal::over_budget(Dialect::Huawei, &device, req, OverBudget::Dropped);
                 return Notified::Drop;
             }
             s.notification_accepted(order, number, now);
