@@ -194,6 +194,77 @@ fn campaign(server: &Server, b: &Browser, console: &str) {
     b.screenshot("campaign-finished");
 }
 
+/// A distribution task of 4 devices to a second instance, in batches of 2: its page shows the
+/// first batch moved and waiting, and pausing, resuming and rolling back from the page take.
+#[test]
+fn an_operator_follows_and_steers_a_distribution_task() {
+    let cluster = |name: &str, peers: &str| {
+        let mut env =
+            vec![("NBHUB_CLUSTER_NAME", name), ("NBHUB_CLUSTER_HOST", "127.0.0.1"), ("NBHUB_CLUSTER_POLL_S", "1")];
+        if !peers.is_empty() {
+            env.push(("NBHUB_CLUSTER_PEERS", peers));
+        }
+        Server::start_with(&env)
+    };
+    let west = cluster("west", "");
+    let e = &west.endpoints;
+    let peer = format!(
+        r#"[{{ name = "west", host = "127.0.0.1", coap_port = {}, aes_port = {}, dtls_port = {}, admin_url = "{}", token = "{TOKEN}" }}]"#,
+        e.coap.port(),
+        e.aes.port(),
+        e.dtls.port(),
+        west.admin_url()
+    );
+    let east = cluster("east", &peer);
+    let admin = east.admin();
+    let (pk, _, _) = east.product_and_device(json!({"name": "street lights"}));
+    let names: Vec<String> = (0..4)
+        .map(|i| {
+            let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"device_name": format!("lamp-{i}")}));
+            d.unwrap()["device_name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let t = admin
+        .post(
+            "/api/v1/distribution/tasks",
+            &json!({"product_key": pk, "device_names": names, "policy": "specified", "instance": "west", "batch_size": 2}),
+        )
+        .unwrap();
+    let id = t["task_id"].as_str().unwrap().to_string();
+
+    let b = Browser::start("distribution");
+    b.goto(&format!("{}/console/", east.admin_url()));
+    b.type_into("#token", TOKEN);
+    b.click("#signin button[type=submit]");
+    b.click("#nav-distribution");
+    let row = format!("#distribution-tasks tr[data-task=\"{id}\"]");
+    b.wait_text(&row, |t| t.contains("west"));
+    b.screenshot("tasks");
+    b.click(&format!("{row} a"));
+    // The first batch is moved; the second waits for it to reconnect at west.
+    b.wait_text("#dist-counts", |t| t.contains("moved 2") || t.contains("2 moved"));
+    b.wait_text("#dist-status", |t| t.contains("in progress") || t.contains("in_progress"));
+    b.wait_text("#distribution-devices", |t| t.contains("lamp-0") && t.contains("pending"));
+    b.screenshot("task");
+
+    b.click("#dist-pause");
+    b.wait_text("#dist-status", |t| t.contains("paused"));
+    assert_eq!(admin.get(&format!("/api/v1/distribution/tasks/{id}")).unwrap()["status"], "paused");
+    b.click("#dist-rollback");
+    b.accept_dialog();
+    b.wait_text("#distribution-devices", |t| t.contains("rolled_back") || t.contains("rolled back"));
+    let devices = admin.get(&format!("/api/v1/distribution/tasks/{id}/devices")).unwrap();
+    let rolled = devices["devices"].as_array().unwrap().iter().filter(|d| d["status"] == "rolled_back").count();
+    assert_eq!(rolled, 2, "{devices}");
+    for dn in &names[..2] {
+        let d = admin.get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap();
+        assert_eq!(d["home"]["state"], "here", "{dn} is home again: {d}");
+    }
+    b.click("#dist-resume");
+    b.wait_text("#dist-status", |t| !t.contains("paused"));
+    b.screenshot("task-rolled-back");
+}
+
 fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }

@@ -150,6 +150,21 @@ impl Browser {
         self.call("POST", &format!("/element/{id}/value"), Some(json!({"text": text})));
     }
 
+    /// Accepts the `confirm()` the page shows, once it shows one.
+    pub fn accept_dialog(&self) {
+        let started = Instant::now();
+        loop {
+            let url = format!("{}/alert/accept", self.session);
+            let mut r = self.agent.post(&url).send_json(json!({})).expect("accept the dialog");
+            let v: Value = r.body_mut().read_json().unwrap_or(Value::Null);
+            if v["value"]["error"].is_null() {
+                return;
+            }
+            assert!(started.elapsed() < WAIT, "no dialog to accept: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Chooses the file at `path` in the file input `css`.
     pub fn attach(&self, css: &str, path: &std::path::Path) {
         let id = self.element(css);
@@ -162,11 +177,19 @@ impl Browser {
         self.click(&format!("{css} option[value=\"{value}\"]"));
     }
 
-    /// Writes the page as `<name>.png`.
+    /// Writes the whole page as `<name>.png`, beyond the window too (Chromium's DevTools
+    /// command, which chromedriver passes on).
     pub fn screenshot(&self, name: &str) -> PathBuf {
         use base64::Engine;
-        let png = self.call("GET", "/screenshot", None);
-        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap();
+        let size = self.eval(
+            "const d = document.documentElement; return [d.scrollWidth, Math.min(d.scrollHeight, 6000)]",
+            json!([]),
+        );
+        let clip = json!({"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1});
+        let params = json!({"format": "png", "captureBeyondViewport": true, "clip": clip});
+        let shot =
+            self.call("POST", "/goog/cdp/execute", Some(json!({"cmd": "Page.captureScreenshot", "params": params})));
+        let bytes = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
         let path = self.shots.join(format!("{name}.png"));
         std::fs::write(&path, bytes).unwrap();
         path
