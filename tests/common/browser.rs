@@ -182,7 +182,9 @@ impl Browser {
     pub fn screenshot(&self, name: &str) -> PathBuf {
         use base64::Engine;
         let size = self.eval(
-            "const d = document.documentElement; return [d.scrollWidth, Math.min(d.scrollHeight, 6000)]",
+            // From the top, or the sticky header is drawn where the page was scrolled to.
+            "window.scrollTo(0, 0); const d = document.documentElement; \
+             return [d.scrollWidth, Math.min(d.scrollHeight, 6000)]",
             json!([]),
         );
         let clip = json!({"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1});
