@@ -2,8 +2,9 @@
 //! message exchanged with one device, in and out, with what became of each request.
 //!
 //! The endpoints record what they hear from and send to a traced device's addresses, after
-//! the resources handled it, so the device is known by then: from a refusal naming it, the DTLS
-//! identity, or the address its last accepted contact came from (which [`Tracer::seen`] moves).
+//! the resources handled it, so the device is known by then: from the request naming it (a bind,
+//! a refusal), the DTLS identity, or the address its last accepted contact came from (which
+//! [`Tracer::seen`] moves). What is sent to an address a traced message came from is its answer.
 //! Nothing is traced by default, and the only cost then is one atomic load per datagram. A trace
 //! holds at most [`MAX_ENTRIES`] messages of at most [`MAX_DATAGRAM`] bytes each, in memory
 //! only: a diagnosis tool, not a record (a restart ends every trace).
@@ -31,6 +32,8 @@ pub const MAX_DATAGRAM: usize = 1536;
 pub const MAX_DURATION_S: u64 = 86_400;
 /// Addresses remembered per traced device (a NAT may move it while traced).
 const MAX_PEERS: usize = 4;
+/// Addresses remembered for answers to traced messages from elsewhere.
+const MAX_ANSWERING: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -82,6 +85,9 @@ pub struct TooMany;
 struct Traces {
     by_device: HashMap<DeviceId, Trace>,
     by_peer: HashMap<SocketAddr, DeviceId>,
+    /// Addresses a traced device's message came from that are not (yet) where it is served
+    /// (a bind, a refusal, a DTLS session's first record): what is sent there next answers it.
+    answering: HashMap<SocketAddr, DeviceId>,
 }
 
 impl Traces {
@@ -95,6 +101,7 @@ impl Traces {
             self.by_peer.remove(&old);
         }
         trace.peers.push(peer);
+        self.answering.remove(&peer);
         if let Some(previous) = self.by_peer.insert(peer, device)
             && previous != device
             && let Some(t) = self.by_device.get_mut(&previous)
@@ -106,6 +113,7 @@ impl Traces {
 
     fn remove(&mut self, device: DeviceId) -> Option<Trace> {
         let trace = self.by_device.remove(&device)?;
+        self.answering.retain(|_, d| *d != device);
         for p in &trace.peers {
             if self.by_peer.get(p) == Some(&device) {
                 self.by_peer.remove(p);
@@ -137,6 +145,11 @@ impl Note {
         if device.is_some() {
             self.device.set(device);
         }
+    }
+
+    /// The request names `device` (it has proven nothing yet).
+    pub fn named(&self, device: DeviceId) {
+        self.device.set(Some(device));
     }
 }
 
@@ -171,6 +184,10 @@ impl Tracer {
     ) -> Result<Trace, TooMany> {
         let mut t = self.lock();
         let until = UnixMs(now.0 + duration.as_millis() as u64);
+        if t.by_device.get(&device).is_some_and(|tr| tr.until <= now) {
+            // Over, but not swept yet: a new trace, not a longer one.
+            t.remove(device);
+        }
         if let Some(trace) = t.by_device.get_mut(&device) {
             trace.until = until;
         } else {
@@ -242,13 +259,19 @@ impl Tracer {
         };
         let authenticated = h.authenticated == Some(device);
         let outcome = h.note.outcome.get();
+        if !t.by_peer.contains_key(&h.peer) {
+            if t.answering.len() >= MAX_ANSWERING {
+                t.answering.clear();
+            }
+            t.answering.insert(h.peer, device);
+        }
         push(&mut t, device, h.now, Direction::In, h.port, h.peer, authenticated, h.datagram, outcome);
     }
 
     /// A message sent to `peer`.
     pub fn sent(&self, now: Now, port: &'static str, peer: SocketAddr, datagram: &[u8]) {
         let mut t = self.lock();
-        if let Some(device) = t.by_peer.get(&peer).copied() {
+        if let Some(device) = t.by_peer.get(&peer).or_else(|| t.answering.get(&peer)).copied() {
             push(&mut t, device, now, Direction::Out, port, peer, false, datagram, None);
         }
     }

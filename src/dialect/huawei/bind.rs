@@ -26,7 +26,7 @@ impl Huawei {
         let Some(ep) = req.query("ep").and_then(|ep| std::str::from_utf8(ep).ok()) else {
             return refuse(Refusal::BadQuery, None);
         };
-        let Some(device) = self.registry.device_by_node(ep) else {
+        let Some(device) = self.named(req, ep) else {
             metrics::counter!(metric::AUTH, "result" => "unknown_node").increment(1);
             return refuse(Refusal::UnknownNode, None);
         };

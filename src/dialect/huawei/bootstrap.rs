@@ -28,7 +28,7 @@ impl Huawei {
         let Some(endpoint) = endpoint else {
             return self.refuse_lwm2m(req, Refusal::BadRegistration(lwm2m::Malformed::NoEndpoint), None);
         };
-        let Some(device) = self.registry.device_by_node(endpoint) else {
+        let Some(device) = self.named(req, endpoint) else {
             metrics::counter!(metric::AUTH, "result" => "unknown_endpoint", "kind" => "bootstrap").increment(1);
             return self.refuse_lwm2m(req, Refusal::UnknownEndpoint, None);
         };

@@ -94,6 +94,14 @@ pub struct Huawei {
 }
 
 impl Huawei {
+    /// The device whose node id (LwM2M endpoint name) a request names; noted for its trace,
+    /// which then shows the request and its answer even before it proves anything.
+    fn named(&self, req: &crate::coap::resource::Request<'_, '_>, node: &str) -> Option<Arc<Device>> {
+        let device = self.registry.device_by_node(node)?;
+        req.note.named(device.id);
+        Some(device)
+    }
+
     /// How a CON to `device` is retransmitted (its product's timers), or sent `once`.
     fn retransmit(&self, device: &Device, once: bool) -> crate::coap::resource::Retransmit {
         let product = self.registry.product(device.product_key.as_str());

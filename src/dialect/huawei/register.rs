@@ -45,7 +45,7 @@ impl Huawei {
             Ok(o) => o,
             Err(m) => return self.refuse_lwm2m(req, Refusal::BadRegistration(m), None),
         };
-        let Some(device) = self.registry.device_by_node(&register.endpoint) else {
+        let Some(device) = self.named(req, &register.endpoint) else {
             metrics::counter!(metric::AUTH, "result" => "unknown_endpoint", "kind" => "register").increment(1);
             return self.refuse_lwm2m(req, Refusal::UnknownEndpoint, None);
         };
@@ -101,7 +101,7 @@ impl Huawei {
     /// until the device answers an observe request sent there, as after a Register.
     pub fn registration(&mut self, req: &Request<'_, '_>, effects: &mut Effects) -> Outcome {
         let endpoint = req.path[1];
-        let device = self.registry.device_by_node(endpoint).filter(|d| d.state().registration.is_some());
+        let device = self.named(req, endpoint).filter(|d| d.state().registration.is_some());
         let Some(device) = device else { return self.refuse_lwm2m(req, Refusal::UnknownRegistration, None) };
         if req.authenticated.is_some_and(|id| id != device.id) {
             return self.refuse_lwm2m(req, Refusal::ForeignIdentity, Some(&device));
