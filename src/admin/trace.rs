@@ -78,7 +78,7 @@ fn entry(e: &Entry) -> serde_json::Value {
         "malformed": d.malformed,
         "outcome": e.outcome,
         "answers": e.answers,
-        "elapsed_ms": e.elapsed.map(|t| t.as_secs_f64() * 1000.0),
+        "elapsed_ms": e.elapsed.map(|t| t.as_micros() as f64 / 1000.0),
     })
 }
 
