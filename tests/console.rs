@@ -69,6 +69,13 @@ fn an_operator_finds_a_device_traces_it_commands_it_and_runs_a_campaign() {
     b.wait_text("#device-status", |t| t.contains("online"));
     b.wait_text("#device-cell", |t| t.contains("east-7"));
     b.wait_text("#messages tr.message", |t| t.contains("flow"));
+    // Disabled and enabled again from the page, as the API then shows it.
+    b.click("#toggle-enabled");
+    b.wait_text("#device-enabled", |t| t == "disabled");
+    assert_eq!(server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap()["enabled"], false);
+    b.click("#toggle-enabled");
+    b.wait_text("#device-enabled", |t| t == "enabled");
+    assert_eq!(server.admin().get(&format!("/api/v1/products/{pk}/devices/{dn}")).unwrap()["enabled"], true);
     b.type_into("#trace-duration", "600");
     b.click("#trace-start");
     b.wait_text("#trace-status", |t| t.contains("until"));
