@@ -71,7 +71,8 @@ fn entry(e: &Entry) -> serde_json::Value {
         "token_hex": d.token_hex,
         "options": d.options,
         "payload_base64": STANDARD.encode(&d.payload),
-        "payload_size": d.payload.len(),
+        // The whole payload's, when only the start of the message was kept.
+        "payload_size": d.payload.len() + (e.size - e.datagram.len()),
         // Only the first MAX_DATAGRAM bytes of the message are kept.
         "payload_truncated": e.size > e.datagram.len(),
         "size": e.size,

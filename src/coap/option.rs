@@ -18,6 +18,8 @@ impl OptionNumber {
     pub const URI_QUERY: OptionNumber = OptionNumber(15);
     pub const ACCEPT: OptionNumber = OptionNumber(17);
     pub const BLOCK2: OptionNumber = OptionNumber(23);
+    /// Not processed (see [`OptionNumber::is_recognised`]); named for traces.
+    pub const BLOCK1: OptionNumber = OptionNumber(27);
     pub const SIZE2: OptionNumber = OptionNumber(28);
     pub const PROXY_URI: OptionNumber = OptionNumber(35);
     pub const PROXY_SCHEME: OptionNumber = OptionNumber(39);

@@ -5,7 +5,7 @@
 //! the resources handled it, so the device is known by then: from the request naming it (a bind,
 //! a refusal), the DTLS identity, or the address its last accepted contact came from (which
 //! [`Tracer::seen`] moves). What is sent to an address a traced message came from is its answer.
-//! Nothing is traced by default, and the only cost then is one atomic load per datagram. A trace
+//! Nothing is traced by default, and the cost then is an atomic load or two per datagram. A trace
 //! holds at most [`MAX_ENTRIES`] messages of at most [`MAX_DATAGRAM`] bytes each, in memory
 //! only: a diagnosis tool, not a record (a restart ends every trace).
 
@@ -32,8 +32,10 @@ pub const MAX_DATAGRAM: usize = 1536;
 pub const MAX_DURATION_S: u64 = 86_400;
 /// Addresses remembered per traced device (a NAT may move it while traced).
 const MAX_PEERS: usize = 4;
-/// Addresses remembered for answers to traced messages from elsewhere.
+/// Addresses remembered for answers to traced messages from elsewhere, and for how long: the
+/// answer to a request waits for its write, and an observe request follows a bind's answer.
 const MAX_ANSWERING: usize = 256;
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,7 +89,7 @@ struct Traces {
     by_peer: HashMap<SocketAddr, DeviceId>,
     /// Addresses a traced device's message came from that are not (yet) where it is served
     /// (a bind, a refusal, a DTLS session's first record): what is sent there next answers it.
-    answering: HashMap<SocketAddr, DeviceId>,
+    answering: HashMap<SocketAddr, (DeviceId, std::time::Instant)>,
 }
 
 impl Traces {
@@ -113,7 +115,7 @@ impl Traces {
 
     fn remove(&mut self, device: DeviceId) -> Option<Trace> {
         let trace = self.by_device.remove(&device)?;
-        self.answering.retain(|_, d| *d != device);
+        self.answering.retain(|_, (d, _)| *d != device);
         for p in &trace.peers {
             if self.by_peer.get(p) == Some(&device) {
                 self.by_peer.remove(p);
@@ -236,34 +238,57 @@ impl Tracer {
     /// `device`'s trace with only the entries after `after`, if it is traced.
     pub fn read(&self, device: DeviceId, after: u64, now: UnixMs) -> Option<Trace> {
         let t = self.lock();
-        let trace = t.by_device.get(&device).filter(|tr| tr.until > now)?;
-        let entries = trace.entries.iter().filter(|e| e.seq > after).cloned().collect();
-        Some(Trace { entries, ..trace.clone() })
+        let tr = t.by_device.get(&device).filter(|tr| tr.until > now)?;
+        Some(Trace {
+            started: tr.started,
+            until: tr.until,
+            dropped: tr.dropped,
+            entries: tr.entries.iter().filter(|e| e.seq > after).cloned().collect(),
+            next_seq: tr.next_seq,
+            peers: tr.peers.clone(),
+        })
     }
 
     /// `device` was heard from `peer`, and answers go there now.
     pub fn seen(&self, device: DeviceId, peer: SocketAddr) {
-        if self.active() {
-            self.lock().remember(device, peer);
+        if !self.active() {
+            return;
+        }
+        let mut t = self.lock();
+        if t.by_device.contains_key(&device) {
+            t.remember(device, peer);
+        } else if let Some(previous) = t.by_peer.get(&peer).copied() {
+            // Another device answers from a traced one's old address now (a NAT reused the port).
+            t.by_peer.remove(&peer);
+            if let Some(trace) = t.by_device.get_mut(&previous) {
+                trace.peers.retain(|p| *p != peer);
+            }
         }
     }
 
     /// A message heard, once handled.
     pub fn heard(&self, h: Heard<'_>) {
         let mut t = self.lock();
-        let traced = |d: Option<DeviceId>| d.filter(|d| t.by_device.contains_key(d));
-        let Some(device) =
-            traced(h.note.device.get()).or_else(|| traced(h.authenticated)).or_else(|| t.by_peer.get(&h.peer).copied())
-        else {
-            return;
+        let named = h.note.device.get().or(h.authenticated);
+        let device = match named {
+            // Named by the request or its session: that device's, traced or not.
+            Some(d) if t.by_device.contains_key(&d) => d,
+            Some(_) => return,
+            None => match t.by_peer.get(&h.peer) {
+                Some(d) => *d,
+                None => return,
+            },
         };
         let authenticated = h.authenticated == Some(device);
         let outcome = h.note.outcome.get();
         if !t.by_peer.contains_key(&h.peer) {
+            let until = h.now.instant + ANSWER_WITHIN;
             if t.answering.len() >= MAX_ANSWERING {
-                t.answering.clear();
+                t.answering.retain(|_, (_, until)| *until > h.now.instant);
             }
-            t.answering.insert(h.peer, device);
+            if t.answering.len() < MAX_ANSWERING {
+                t.answering.insert(h.peer, (device, until));
+            }
         }
         push(&mut t, device, h.now, Direction::In, h.port, h.peer, authenticated, h.datagram, outcome);
     }
@@ -271,7 +296,8 @@ impl Tracer {
     /// A message sent to `peer`.
     pub fn sent(&self, now: Now, port: &'static str, peer: SocketAddr, datagram: &[u8]) {
         let mut t = self.lock();
-        if let Some(device) = t.by_peer.get(&peer).or_else(|| t.answering.get(&peer)).copied() {
+        let answering = t.answering.get(&peer).filter(|(_, until)| *until > now.instant).map(|(d, _)| d);
+        if let Some(device) = t.by_peer.get(&peer).or(answering).copied() {
             push(&mut t, device, now, Direction::Out, port, peer, false, datagram, None);
         }
     }
@@ -444,7 +470,7 @@ fn describe(n: OptionNumber, value: &[u8]) -> DecodedOption {
         OptionNumber::URI_QUERY => ("Uri-Query", false),
         OptionNumber::ACCEPT => ("Accept", true),
         OptionNumber::BLOCK2 => ("Block2", true),
-        OptionNumber(27) => ("Block1", true),
+        OptionNumber::BLOCK1 => ("Block1", true),
         OptionNumber::SIZE2 => ("Size2", true),
         OptionNumber::PROXY_URI => ("Proxy-Uri", false),
         OptionNumber::PROXY_SCHEME => ("Proxy-Scheme", false),
@@ -512,6 +538,12 @@ mod tests {
         let t = tracer.read(dev, 0, UnixMs(1_000_100)).unwrap();
         let e: Vec<_> = t.entries.iter().collect();
         assert_eq!(e.len(), 4);
+        // Another device accepted from the traced one's old address: its traffic is its own, and
+        // a request its session names is not the traced device's.
+        tracer.seen(other, home);
+        tracer.sent(at(start, 61), "coap", home, &ack);
+        tracer.heard(Heard { authenticated: Some(other), ..heard(at(start, 62), moved, &request, &Note::default()) });
+        assert_eq!(tracer.read(dev, 0, UnixMs(1_000_100)).unwrap().entries.len(), 4);
         assert_eq!((e[0].seq, e[0].direction, e[0].outcome), (1, Direction::In, None));
         let d = e[0].decode();
         assert_eq!((d.mtype, d.code.as_str(), d.code_name, d.message_id), ("CON", "0.02", "POST", 0x1234));

@@ -1,7 +1,7 @@
 //! Uplinks per product per minute over the last day, for the console's fleet chart. Counted
-//! where uplinks are accepted, without a lock: each minute's bucket holds its minute and its
-//! count in one atomic word, so a bucket a day old restarts at the first uplink of its new
-//! minute. The recent minutes are stored every few seconds (a crash loses at most that much of
+//! where uplinks are accepted (a read lock finds the product's buckets): each minute's bucket
+//! holds its minute and its count in one atomic word, updated without a lock, so a bucket a day
+//! old restarts at the first uplink of its new minute. The recent minutes are stored every few seconds (a crash loses at most that much of
 //! the chart, never data) and read back at start.
 
 use std::collections::HashMap;
@@ -68,6 +68,8 @@ impl Series {
 #[derive(Default)]
 pub struct Activity {
     products: RwLock<HashMap<ProductKey, Arc<Series>>>,
+    /// The minute of the last flush: the day's oldest minutes are deleted once per minute.
+    flushed: std::sync::atomic::AtomicU32,
 }
 
 fn key(pk: &ProductKey, m: Minute) -> Vec<u8> {
@@ -127,6 +129,7 @@ impl Activity {
     /// and the deletion of the minutes that just left the day.
     pub fn flush(&self, now: UnixMs) -> Vec<Op> {
         let m = Minute::of(now);
+        let new_minute = self.flushed.swap(m.0, Ordering::Relaxed) != m.0;
         let mut ops = Vec::new();
         for (pk, series) in read(&self.products).iter() {
             for minute in [Minute(m.0.saturating_sub(1)), m] {
@@ -135,8 +138,10 @@ impl Activity {
                     ops.push(Op::Put { cf: CF_ACTIVITY, key: key(pk, minute), value: count.to_be_bytes().to_vec() });
                 }
             }
-            for gone in [MINUTES, MINUTES + 1] {
-                ops.push(Op::Delete { cf: CF_ACTIVITY, key: key(pk, Minute(m.0.saturating_sub(gone))) });
+            if new_minute {
+                for gone in [MINUTES, MINUTES + 1] {
+                    ops.push(Op::Delete { cf: CF_ACTIVITY, key: key(pk, Minute(m.0.saturating_sub(gone))) });
+                }
             }
         }
         ops

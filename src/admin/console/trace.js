@@ -116,9 +116,8 @@ function clockMs(iso) {
   return `${d.toLocaleTimeString([], { hour12: false })}.${String(d.getMilliseconds()).padStart(3, '0')}`;
 }
 
-// code_name is either a method ("POST") or a response that already starts with its code ("2.04 Changed").
 function codeText(e) {
-  return e.code_name?.startsWith(e.code) ? e.code_name : `${e.code} ${e.code_name ?? ''}`.trim();
+  return `${e.code} ${e.code_name ?? ''}`.trim();
 }
 
 function summary(options) {
