@@ -2,16 +2,8 @@
 
 mod common;
 
-use common::{AliDevice, Server, TOKEN};
-use nbhub::client::ClientError;
+use common::{AliDevice, Server, TOKEN, api_error};
 use serde_json::{Value, json};
-
-fn status(r: Result<Value, ClientError>) -> (u16, String) {
-    match r {
-        Err(ClientError::Api { status, message, .. }) => (status, message),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 fn raw(server: &Server, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -85,9 +77,9 @@ fn products_round_trip_and_conflict() {
     assert_eq!(generated["product_key"].as_str().unwrap().len(), 11);
     assert_eq!(generated["awake_window_s"], 20);
     assert_eq!(generated["dynamic_registration"], false);
-    let (code, _) = status(admin.post("/api/v1/products", &json!({"name": "again", "product_key": "a1Water0001"})));
+    let (code, _) = api_error(admin.post("/api/v1/products", &json!({"name": "again", "product_key": "a1Water0001"})));
     assert_eq!(code, 409);
-    assert_eq!(status(admin.get("/api/v1/products/nope")).0, 404);
+    assert_eq!(api_error(admin.get("/api/v1/products/nope")).0, 404);
     assert_eq!(admin.get("/api/v1/products").unwrap()["products"].as_array().unwrap().len(), 2);
 }
 
@@ -97,19 +89,19 @@ fn bad_bodies_name_the_field() {
     // reads the 413 instead of hitting a closed connection mid-send.
     let server = Server::start_with(&[("NBHUB_ADMIN_MAX_BODY_BYTES", "1024")]);
     let admin = server.admin();
-    let (code, msg) = status(admin.post("/api/v1/products", &json!({})));
+    let (code, msg) = api_error(admin.post("/api/v1/products", &json!({})));
     assert_eq!(code, 400);
     assert!(msg.contains("name"), "{msg}");
-    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "colour": "red"})));
+    let (code, msg) = api_error(admin.post("/api/v1/products", &json!({"name": "x", "colour": "red"})));
     assert_eq!(code, 400);
     assert!(msg.contains("colour"), "{msg}");
-    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "product_key": "bad key!"})));
+    let (code, msg) = api_error(admin.post("/api/v1/products", &json!({"name": "x", "product_key": "bad key!"})));
     assert_eq!(code, 400);
     assert!(msg.contains("product key"), "{msg}");
-    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "ota_protocol": "tftp"})));
+    let (code, msg) = api_error(admin.post("/api/v1/products", &json!({"name": "x", "ota_protocol": "tftp"})));
     assert_eq!(code, 400);
     assert!(msg.contains("ota_protocol"), "{msg}");
-    let (code, msg) = status(admin.post("/api/v1/products", &json!({"name": "x", "awake_window_s": 0})));
+    let (code, msg) = api_error(admin.post("/api/v1/products", &json!({"name": "x", "awake_window_s": 0})));
     assert_eq!(code, 400);
     assert!(msg.contains("awake_window_s"), "{msg}");
     let (code, body) = raw(&server, "POST", "/api/v1/products", Some(TOKEN), Some("{\"name\":"));
@@ -145,12 +137,12 @@ fn devices_create_show_patch_delete() {
         .unwrap();
     assert_eq!(fixed["device_secret"], "s3cr3t");
     assert!(fixed["node_id"].is_null());
-    assert_eq!(status(admin.post("/api/v1/products/prod1/devices", &json!({"device_name": "meter-1"}))).0, 409);
-    assert_eq!(status(admin.post("/api/v1/products/prod1/devices", &json!({"node_id": "861234567890123"}))).0, 409);
-    let (code, msg) = status(admin.post("/api/v1/products/prod1/devices", &json!({"psk_hex": "xyz"})));
+    assert_eq!(api_error(admin.post("/api/v1/products/prod1/devices", &json!({"device_name": "meter-1"}))).0, 409);
+    assert_eq!(api_error(admin.post("/api/v1/products/prod1/devices", &json!({"node_id": "861234567890123"}))).0, 409);
+    let (code, msg) = api_error(admin.post("/api/v1/products/prod1/devices", &json!({"psk_hex": "xyz"})));
     assert_eq!(code, 400);
     assert!(msg.contains("psk_hex"), "{msg}");
-    assert_eq!(status(admin.post("/api/v1/products/nope/devices", &json!({}))).0, 404);
+    assert_eq!(api_error(admin.post("/api/v1/products/nope/devices", &json!({}))).0, 404);
 
     let shown = admin.get("/api/v1/products/prod1/devices/meter-1").unwrap();
     assert_eq!(
@@ -167,7 +159,7 @@ fn devices_create_show_patch_delete() {
         .unwrap();
     assert_eq!(patched["enabled"], false);
     assert_eq!(patched["radio"], json!({"rsrp": -98.5, "sinr": 12.0, "cell_id": "46000-1234"}));
-    let (code, msg) = status(admin.patch("/api/v1/products/prod1/devices/meter-1", &json!({"radio": {"rsrp": 20}})));
+    let (code, msg) = api_error(admin.patch("/api/v1/products/prod1/devices/meter-1", &json!({"radio": {"rsrp": 20}})));
     assert_eq!(code, 400);
     assert!(msg.contains("rsrp"), "{msg}");
     let list = admin.get("/api/v1/products/prod1/devices?limit=1").unwrap();
@@ -178,8 +170,8 @@ fn devices_create_show_patch_delete() {
     assert!(rest["next"].is_null());
 
     assert_eq!(admin.delete("/api/v1/products/prod1/devices/meter-1").unwrap(), Value::Null);
-    assert_eq!(status(admin.get("/api/v1/products/prod1/devices/meter-1")).0, 404);
-    assert_eq!(status(admin.delete("/api/v1/products/prod1/devices/meter-1")).0, 404);
+    assert_eq!(api_error(admin.get("/api/v1/products/prod1/devices/meter-1")).0, 404);
+    assert_eq!(api_error(admin.delete("/api/v1/products/prod1/devices/meter-1")).0, 404);
     // the node id is free again
     admin.post("/api/v1/products/prod1/devices", &json!({"node_id": "861234567890123"})).unwrap();
 }
@@ -208,9 +200,9 @@ fn messages_page_with_cursors() {
     let last = admin.get(&format!("{base}?limit=10&after={}", second["next"].as_str().unwrap())).unwrap();
     assert_eq!(last["messages"].as_array().unwrap().len(), 1);
     assert!(last["next"].is_null());
-    assert_eq!(status(admin.get(&format!("{base}?limit=1001"))).0, 400);
-    assert_eq!(status(admin.get(&format!("{base}?after=abc"))).0, 400);
-    assert_eq!(status(admin.get(&format!("/api/v1/products/{pk}/devices/ghost/messages"))).0, 404);
+    assert_eq!(api_error(admin.get(&format!("{base}?limit=1001"))).0, 400);
+    assert_eq!(api_error(admin.get(&format!("{base}?after=abc"))).0, 400);
+    assert_eq!(api_error(admin.get(&format!("/api/v1/products/{pk}/devices/ghost/messages"))).0, 404);
 }
 
 #[test]

@@ -53,13 +53,6 @@ fn b64(data: &[u8]) -> String {
     STANDARD.encode(data)
 }
 
-fn api_error(r: Result<Value, ClientError>) -> (u16, String) {
-    match r {
-        Err(ClientError::Api { status, message, .. }) => (status, message),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
-
 /// A product and one Huawei device (node id `node`) on it.
 fn huawei_product(server: &Server, name: &str, nodes: &[&str]) -> (String, Vec<String>) {
     let admin = server.admin();

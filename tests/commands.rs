@@ -13,17 +13,6 @@ use nbhub::client::ClientError;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType};
 use serde_json::{Value, json};
 
-/// A Huawei device with a node id and a PSK (its DTLS identity is the node id, as on LiteOS) in a
-/// new product; its product key and name.
-fn huawei_psk_device(server: &Server, node: &str, psk: &[u8]) -> (String, String) {
-    let admin = server.admin();
-    let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
-    let pk = p["product_key"].as_str().unwrap().to_string();
-    let body = json!({"node_id": node, "psk_hex": hex::encode(psk)});
-    let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &body).unwrap();
-    (pk, d["device_name"].as_str().unwrap().to_string())
-}
-
 fn b64(data: &[u8]) -> String {
     STANDARD.encode(data)
 }
@@ -365,7 +354,7 @@ fn a_huawei_device_inside_dtls_binds_reports_and_gets_commands() {
     let admin = server.admin();
     let psk = b"0123456789abcdef";
     let node = "861234567890008";
-    let (pk, dn) = huawei_psk_device(&server, node, psk);
+    let (pk, dn) = server.huawei_psk_device(node, psk, json!({"name": "secure meters"}));
     let (pk, dn) = (pk.as_str(), dn.as_str());
     admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": "861234567890009"})).unwrap();
 
@@ -395,7 +384,7 @@ fn a_dtls_device_behind_a_new_nat_port_handshakes_again_and_its_commands_follow(
     let server = Server::start_with(&[("NBHUB_ADMIN_CLOCK_CONTROL", "true"), ("NBHUB_COAP_SOCKETS_PER_PORT", "1")]);
     let psk = b"0123456789abcdef";
     let node = "861234567890011";
-    let (pk, dn) = huawei_psk_device(&server, node, psk);
+    let (pk, dn) = server.huawei_psk_device(node, psk, json!({"name": "secure meters"}));
     let (pk, dn) = (pk.as_str(), dn.as_str());
     let session = || {
         let socket = nbhub::dtls::client::DtlsClient::bind(server.endpoints.dtls);

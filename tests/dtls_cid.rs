@@ -12,16 +12,6 @@ use serde_json::json;
 
 const PSK: &[u8] = b"0123456789abcdef";
 
-/// A Huawei device with a raw PSK in a product of its own.
-fn psk_device(server: &Server, node: &str) -> (String, String) {
-    let admin = server.admin();
-    let p = admin.post("/api/v1/products", &json!({"name": "meters with CID"})).unwrap();
-    let pk = p["product_key"].as_str().unwrap().to_string();
-    let d =
-        admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node, "psk_hex": hex::encode(PSK)}));
-    (pk, d.unwrap()["device_name"].as_str().unwrap().to_string())
-}
-
 fn at_port(d: &serde_json::Value, port: u16) -> bool {
     d["address"].as_str().is_some_and(|a| a.ends_with(&format!(":{port}")))
 }
@@ -41,7 +31,7 @@ fn a_session_with_a_cid_follows_its_device_to_a_new_port_without_a_handshake() {
         ("861234567890103", "PSK-AES128-CBC-SHA256", "0a0b0c0d"),
     ];
     for (i, (node, suite, cid)) in cases.into_iter().enumerate() {
-        let (pk, dn) = psk_device(&server, node);
+        let (pk, dn) = server.huawei_psk_device(node, PSK, json!({"name": "meters with CID"}));
         let client = CidClient::connect(server.endpoints.dtls, node, PSK, suite, cid);
         assert!(client.cid, "{suite}: the server agreed to a CID");
         let first_port = client.port;
@@ -81,7 +71,7 @@ fn a_session_with_a_cid_follows_its_device_to_a_new_port_without_a_handshake() {
 fn a_client_that_offers_no_cid_is_served_as_before() {
     let server = Server::start();
     let node = "861234567890104";
-    let (pk, dn) = psk_device(&server, node);
+    let (pk, dn) = server.huawei_psk_device(node, PSK, json!({"name": "meters with CID"}));
     let client = CidClient::connect(server.endpoints.dtls, node, PSK, "PSK-AES128-CCM-8", "none");
     assert!(!client.cid);
     let mut dev = HuaweiDevice::over(client, node);
@@ -100,7 +90,7 @@ fn a_client_that_offers_no_cid_is_served_as_before() {
 fn sessions_survive_kill_9_and_records_from_before_the_crash_are_refused() {
     let mut server = Server::start_with(&[("NBHUB_STORE_SECRETS_KEY", &"5a".repeat(32))]);
     let node = "861234567890105";
-    let (pk, dn) = psk_device(&server, node);
+    let (pk, dn) = server.huawei_psk_device(node, PSK, json!({"name": "meters with CID"}));
     let mut dev =
         HuaweiDevice::over(CidClient::connect(server.endpoints.dtls, node, PSK, "PSK-AES128-CCM-8", "c11d"), node);
     dev.bind();
@@ -108,7 +98,7 @@ fn sessions_survive_kill_9_and_records_from_before_the_crash_are_refused() {
     server.wait_device(&pk, &dn, |d| d["status"] == "online");
     // A device without CID on OpenSSL's client, whose session is found by its address.
     let plain_node = "861234567890106";
-    let (plain_pk, plain_dn) = psk_device(&server, plain_node);
+    let (plain_pk, plain_dn) = server.huawei_psk_device(plain_node, PSK, json!({"name": "meters with CID"}));
     let socket = nbhub::dtls::client::DtlsClient::bind(server.endpoints.dtls);
     let mut plain = nbhub::dtls::client::DtlsClient::psk(socket, plain_node, PSK, "PSK-AES128-GCM-SHA256");
     plain.handshake(None, Duration::from_secs(10)).expect("handshake");
@@ -154,7 +144,7 @@ fn sessions_survive_kill_9_and_records_from_before_the_crash_are_refused() {
 fn a_wrong_key_with_a_cid_is_refused_and_changes_nothing() {
     let server = Server::start();
     let node = "861234567890107";
-    psk_device(&server, node);
+    server.huawei_psk_device(node, PSK, json!({"name": "meters with CID"}));
     let out = std::process::Command::new(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cid-client/nbhub-cid-client"),
     )

@@ -12,16 +12,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::*;
-use nbhub::client::ClientError;
 use nbhub::coap::message::{Code, MessageBuilder, MessageType};
 use serde_json::{Value, json};
-
-fn api_error(r: Result<Value, ClientError>) -> (u16, String) {
-    match r {
-        Err(ClientError::Api { status, message, .. }) => (status, message),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 #[test]
 fn desired_state_is_versioned_limited_and_durable() {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::*;
-use nbhub::client::ClientError;
 use nbhub::coap::message::MessageType;
 use serde_json::{Value, json};
 
@@ -21,25 +20,12 @@ fn entries(t: &Value) -> &Vec<Value> {
     t["entries"].as_array().unwrap()
 }
 
-/// The API's refusal: its status and body text.
-fn refused(r: Result<Value, ClientError>) -> (u16, String) {
-    match r {
-        Err(ClientError::Api { status, message, .. }) => (status, message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
 #[test]
 fn a_dtls_devices_exchanges_are_traced_with_its_identity_until_the_trace_ends() {
     let server = Server::start_with(&[("NBHUB_ADMIN_CLOCK_CONTROL", "true")]);
     let admin = server.admin();
     let (psk, node) = (b"0123456789abcdef", "861234567890041");
-    let p = admin.post("/api/v1/products", &json!({"name": "secure meters"})).unwrap();
-    let pk = p["product_key"].as_str().unwrap().to_string();
-    let d = admin
-        .post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node, "psk_hex": hex::encode(psk)}))
-        .unwrap();
-    let dn = d["device_name"].as_str().unwrap().to_string();
+    let (pk, dn) = server.huawei_psk_device(node, psk, json!({"name": "secure meters"}));
 
     // Started before the device was ever heard from: its session names it.
     let t = admin.put(&trace_path(&pk, &dn), &json!({"duration_s": 60})).unwrap();
@@ -82,7 +68,7 @@ fn a_dtls_devices_exchanges_are_traced_with_its_identity_until_the_trace_ends() 
 
     // Its time up, the trace is gone and nothing more is kept.
     server.advance_clock(Duration::from_secs(61));
-    let (status, message) = refused(admin.get(&trace_path(&pk, &dn)));
+    let (status, message) = api_error(admin.get(&trace_path(&pk, &dn)));
     assert_eq!(status, 404);
     assert!(message.contains("not being traced"), "{message}");
     dev.report_confirmed(b"after the trace");
@@ -122,12 +108,12 @@ fn a_copy_from_elsewhere_is_kept_with_its_refusal_and_the_api_refuses_what_it_mu
     assert_eq!(server.stored(&pk, &dn).len(), 1, "the copy changed nothing");
 
     // Bad requests change nothing.
-    let (status, message) = refused(admin.put(&path, &json!({"duration_s": 0})));
+    let (status, message) = api_error(admin.put(&path, &json!({"duration_s": 0})));
     assert_eq!(status, 400);
     assert!(message.contains("duration_s"), "{message}");
-    assert_eq!(refused(admin.put(&path, &json!({"duration_s": 600, "x": 1}))).0, 400);
-    assert_eq!(refused(admin.put(&trace_path(&pk, "nobody"), &json!({"duration_s": 5}))).0, 404);
-    assert_eq!(refused(admin.get(&format!("{path}?after=x"))).0, 400);
+    assert_eq!(api_error(admin.put(&path, &json!({"duration_s": 600, "x": 1}))).0, 400);
+    assert_eq!(api_error(admin.put(&trace_path(&pk, "nobody"), &json!({"duration_s": 5}))).0, 404);
+    assert_eq!(api_error(admin.get(&format!("{path}?after=x"))).0, 400);
     assert_eq!(entries(&admin.get(&path).unwrap()).len(), entries(&t).len());
 
     // At most 32 devices at once.
@@ -137,11 +123,11 @@ fn a_copy_from_elsewhere_is_kept_with_its_refusal_and_the_api_refuses_what_it_mu
         admin.put(&trace_path(&pk, d["device_name"].as_str().unwrap()), &json!({"duration_s": 60})).unwrap();
     }
     admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"device_name": "one-too-many"})).unwrap();
-    let (status, message) = refused(admin.put(&trace_path(&pk, "one-too-many"), &json!({"duration_s": 60})));
+    let (status, message) = api_error(admin.put(&trace_path(&pk, "one-too-many"), &json!({"duration_s": 60})));
     assert_eq!(status, 429);
     assert!(message.contains("32 devices are traced already"), "{message}");
 
     admin.delete(&path).unwrap();
-    assert_eq!(refused(admin.delete(&path)).0, 404);
+    assert_eq!(api_error(admin.delete(&path)).0, 404);
     admin.put(&trace_path(&pk, "one-too-many"), &json!({"duration_s": 60})).expect("room for one again");
 }

@@ -203,11 +203,20 @@ impl Server {
     /// Creates `product` and a Huawei device on it with node id `node`; returns (product key,
     /// device name).
     pub fn huawei_device(&self, node: &str, product: Value) -> (String, String) {
+        self.huawei_device_with(product, json!({"node_id": node}))
+    }
+
+    /// Like [`Server::huawei_device`], with a PSK for DTLS (its identity is the node id, as on
+    /// LiteOS).
+    pub fn huawei_psk_device(&self, node: &str, psk: &[u8], product: Value) -> (String, String) {
+        self.huawei_device_with(product, json!({"node_id": node, "psk_hex": hex::encode(psk)}))
+    }
+
+    fn huawei_device_with(&self, product: Value, device: Value) -> (String, String) {
         let admin = self.admin();
         let p = admin.post("/api/v1/products", &product).expect("create product");
         let pk = p["product_key"].as_str().unwrap().to_string();
-        let d =
-            admin.post(&format!("/api/v1/products/{pk}/devices"), &json!({"node_id": node})).expect("create device");
+        let d = admin.post(&format!("/api/v1/products/{pk}/devices"), &device).expect("create device");
         (pk, d["device_name"].as_str().unwrap().to_string())
     }
 
@@ -843,6 +852,14 @@ impl Delivery {
 }
 
 /// A loopback TCP port nothing listens on yet (for a subscriber or broker that starts later).
+/// An admin API refusal's status and message (panics on anything else).
+pub fn api_error<T: std::fmt::Debug>(r: Result<T, nbhub::client::ClientError>) -> (u16, String) {
+    match r {
+        Err(nbhub::client::ClientError::Api { status, message, .. }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
 pub fn reserve_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
