@@ -63,6 +63,11 @@ fn an_operator_finds_a_device_traces_it_commands_it_and_runs_a_campaign() {
         b.eval("return document.querySelectorAll('#uplinks-chart path, #uplinks-chart polyline').length", json!([]));
     assert!(drawn.as_u64().unwrap() > 0, "the uplinks chart is drawn");
     b.screenshot("fleet");
+    let activity = server.admin().get(&format!("/api/v1/products/{pk}/activity?minutes=5")).unwrap();
+    assert_eq!((activity["total"].as_u64(), activity["counts"]["online"].as_u64()), (Some(1), Some(1)), "{activity}");
+    let minutes = activity["uplinks_per_minute"].as_array().unwrap();
+    assert_eq!(minutes.len(), 5);
+    assert_eq!(minutes.iter().map(|m| m["count"].as_u64().unwrap()).sum::<u64>(), 1, "the one report: {activity}");
 
     // Device: its details and message, then a trace, then a command it takes on its next report.
     b.click(&format!("{row} a.device-link"));
@@ -199,6 +204,33 @@ fn campaign(server: &Server, b: &Browser, console: &str) {
     let t: Value = task(server, task_id.as_str().unwrap());
     assert_eq!(t["counts"]["succeeded"], 12, "{t}");
     b.screenshot("campaign-finished");
+}
+
+/// The fleet chart's minutes are stored as they go: after a kill -9 the uplinks acknowledged
+/// before it are still counted.
+#[test]
+fn uplinks_per_minute_survive_a_kill_9() {
+    let mut server = Server::start();
+    let node = "861234567890778";
+    let (pk, _) = server.huawei_device(node, json!({"name": "meters"}));
+    let mut dev = HuaweiDevice::new(server.endpoints.coap, node);
+    dev.bind();
+    for i in 0..3 {
+        dev.report_confirmed(format!("reading {i}").as_bytes());
+    }
+    let path = format!("/api/v1/products/{pk}/activity?minutes=10");
+    let sum = |a: &Value| {
+        a["uplinks_per_minute"].as_array().unwrap().iter().map(|m| m["count"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert_eq!(sum(&server.admin().get(&path).unwrap()), 3);
+    // Stored every 5 s.
+    std::thread::sleep(Duration::from_secs(6));
+    server.kill9();
+    server.restart();
+    assert_eq!(sum(&server.admin().get(&path).unwrap()), 3, "counted again after the restart");
+    let (status, message) = api_error(server.admin().get(&format!("/api/v1/products/{pk}/activity?minutes=0")));
+    assert_eq!(status, 400);
+    assert!(message.contains("minutes"), "{message}");
 }
 
 /// A distribution task of 4 devices to a second instance, in batches of 2: its page shows the

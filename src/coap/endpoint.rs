@@ -148,8 +148,10 @@ impl<R: Resources> Endpoint<R> {
         // Once handled, so the device is known even when this is its first word from a new address.
         if let Some((tracer, port)) = self.tracing() {
             tracer.heard(Heard { now, port, peer, authenticated, datagram: data, note: &note });
+            for t in &out.transmits[from..] {
+                tracer.sent(now, port, t.peer, &t.data);
+            }
         }
-        self.trace_sent(now, out, from);
     }
 
     fn dispatch(
